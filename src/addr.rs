@@ -1,0 +1,248 @@
+//! Addresses as the user types them (CONTRACT: "Addresses"), parsed once at the edge.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+/// Why an address was rejected; the message names the text as typed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid address {text:?}: {reason}")]
+pub struct AddrError {
+    text: String,
+    reason: String,
+}
+
+fn addr_error(text: &str, reason: impl Into<String>) -> AddrError {
+    AddrError {
+        text: text.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses `HOST:PORT` or `[V6]:PORT` where HOST is an IP literal or `localhost`.
+///
+/// # Errors
+///
+/// An unbracketed IPv6 literal, a host that is not an IP literal or `localhost`, or a
+/// port that is not a number from 0 to 65535.
+pub fn parse_ip_port(text: &str) -> Result<SocketAddr, AddrError> {
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, port) = rest
+            .split_once("]:")
+            .ok_or_else(|| addr_error(text, "expected [V6]:PORT"))?;
+        let ip: std::net::Ipv6Addr = host
+            .parse()
+            .map_err(|_| addr_error(text, format!("{host:?} is not an IPv6 address")))?;
+        (IpAddr::V6(ip), port)
+    } else {
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| addr_error(text, "expected HOST:PORT"))?;
+        if host.contains(':') {
+            return Err(addr_error(
+                text,
+                "an IPv6 address needs brackets, as in [::1]:7007",
+            ));
+        }
+        let ip = if host.eq_ignore_ascii_case("localhost") {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            host.parse().map_err(|_| {
+                addr_error(
+                    text,
+                    format!("{host:?} is not an IP address or \"localhost\""),
+                )
+            })?
+        };
+        (ip, port)
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| addr_error(text, format!("{port:?} is not a port number (0-65535)")))?;
+    Ok(SocketAddr::new(host, port))
+}
+
+/// Where a server listens (`--tcp`, `--udp`, `--unix`, `--unix-dgram`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenSpec {
+    /// A TCP listener.
+    Tcp(SocketAddr),
+    /// A UDP socket.
+    Udp(SocketAddr),
+    /// A Unix stream listener at an absolute or relative path.
+    Unix(PathBuf),
+    /// A Unix datagram socket.
+    UnixDatagram(PathBuf),
+}
+
+/// A peer to talk to (`client`, `bench`): `tcp://`, `udp://`, `unix://`, `unix-dgram://`,
+/// or a bare `HOST:PORT`, which means TCP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// TCP to this address.
+    Tcp(SocketAddr),
+    /// UDP to this address.
+    Udp(SocketAddr),
+    /// A Unix stream socket.
+    Unix(PathBuf),
+    /// A Unix datagram socket.
+    UnixDatagram(PathBuf),
+}
+
+impl Endpoint {
+    /// Parses an endpoint as typed on the command line.
+    ///
+    /// Hosts may be names here, resolved as `nc` would; the first address wins.
+    ///
+    /// # Errors
+    ///
+    /// An unknown scheme, a relative Unix path, or an address that does not resolve.
+    pub fn parse(text: &str) -> Result<Endpoint, AddrError> {
+        if let Some(path) = text.strip_prefix("unix-dgram://") {
+            return Ok(Endpoint::UnixDatagram(absolute_path(text, path)?));
+        }
+        if let Some(path) = text.strip_prefix("unix://") {
+            return Ok(Endpoint::Unix(absolute_path(text, path)?));
+        }
+        if let Some(rest) = text.strip_prefix("udp://") {
+            return Ok(Endpoint::Udp(resolve(text, rest)?));
+        }
+        let rest = text.strip_prefix("tcp://").unwrap_or(text);
+        if rest.contains("://") {
+            return Err(addr_error(
+                text,
+                "unknown scheme; use tcp://, udp://, unix:// or unix-dgram://",
+            ));
+        }
+        Ok(Endpoint::Tcp(resolve(text, rest)?))
+    }
+
+    /// Whether this endpoint carries datagrams.
+    pub fn is_datagram(&self) -> bool {
+        matches!(self, Endpoint::Udp(_) | Endpoint::UnixDatagram(_))
+    }
+}
+
+fn absolute_path(text: &str, path: &str) -> Result<PathBuf, AddrError> {
+    if path.starts_with('/') {
+        Ok(PathBuf::from(path))
+    } else {
+        Err(addr_error(
+            text,
+            "a Unix socket path must be absolute, as in unix:///tmp/reverb.sock",
+        ))
+    }
+}
+
+fn resolve(text: &str, host_port: &str) -> Result<SocketAddr, AddrError> {
+    match parse_ip_port(host_port) {
+        Ok(addr) => Ok(addr),
+        Err(literal_error) => {
+            if host_port.starts_with('[') || host_port.matches(':').count() != 1 {
+                return Err(AddrError {
+                    text: text.to_string(),
+                    ..literal_error
+                });
+            }
+            let mut addrs = host_port
+                .to_socket_addrs()
+                .map_err(|e| addr_error(text, e.to_string()))?;
+            addrs
+                .next()
+                .ok_or_else(|| addr_error(text, "the name resolved to no address"))
+        }
+    }
+}
+
+/// Formats a socket address as the contract prints it: `[v6]:port` keeps its brackets.
+fn fmt_ip(addr: &SocketAddr, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    write!(f, "{addr}")
+}
+
+fn fmt_path(path: &Path, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    write!(f, "{}", path.display())
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => {
+                f.write_str("tcp://")?;
+                fmt_ip(addr, f)
+            }
+            Endpoint::Udp(addr) => {
+                f.write_str("udp://")?;
+                fmt_ip(addr, f)
+            }
+            Endpoint::Unix(path) => {
+                f.write_str("unix://")?;
+                fmt_path(path, f)
+            }
+            Endpoint::UnixDatagram(path) => {
+                f.write_str("unix-dgram://")?;
+                fmt_path(path, f)
+            }
+        }
+    }
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let endpoint = match self {
+            ListenSpec::Tcp(addr) => Endpoint::Tcp(*addr),
+            ListenSpec::Udp(addr) => Endpoint::Udp(*addr),
+            ListenSpec::Unix(path) => Endpoint::Unix(path.clone()),
+            ListenSpec::UnixDatagram(path) => Endpoint::UnixDatagram(path.clone()),
+        };
+        endpoint.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            parse_ip_port("127.0.0.1:7007"),
+            Ok("127.0.0.1:7007".parse().unwrap())
+        );
+        assert_eq!(
+            parse_ip_port("localhost:0"),
+            Ok("127.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(parse_ip_port("[::1]:9"), Ok("[::1]:9".parse().unwrap()));
+        assert!(
+            parse_ip_port("::1:7007")
+                .unwrap_err()
+                .to_string()
+                .contains("brackets")
+        );
+        assert!(parse_ip_port("127.0.0.1:70000").is_err());
+        assert!(parse_ip_port("example.com:80").is_err());
+        assert!(parse_ip_port("7007").is_err());
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            Endpoint::parse("127.0.0.1:1"),
+            Ok(Endpoint::Tcp("127.0.0.1:1".parse().unwrap()))
+        );
+        assert_eq!(
+            Endpoint::parse("udp://[::1]:5").unwrap().to_string(),
+            "udp://[::1]:5"
+        );
+        assert_eq!(
+            Endpoint::parse("unix:///tmp/x.sock"),
+            Ok(Endpoint::Unix("/tmp/x.sock".into()))
+        );
+        assert_eq!(
+            Endpoint::parse("unix-dgram:///tmp/d").unwrap().to_string(),
+            "unix-dgram:///tmp/d"
+        );
+        assert!(Endpoint::parse("unix://relative").is_err());
+        assert!(Endpoint::parse("http://127.0.0.1:1").is_err());
+    }
+}

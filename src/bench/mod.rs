@@ -1,0 +1,1 @@
+//! `reverb bench`: a verifying load generator (issue 6 builds it).

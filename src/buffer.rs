@@ -1,0 +1,178 @@
+//! `WriteBuffer`: the only place where bytes owed to a peer wait.
+//!
+//! Every model writes the same way: offer [`WriteBuffer::unsent`] to the kernel, then call
+//! [`WriteBuffer::advance`] with the count the kernel took. The kernel may take fewer bytes
+//! than offered (a short write); the rest stays here until the socket is writable again.
+//! The seeds called `send()` and dropped whatever it did not take; this type makes that
+//! mistake impossible to write without ignoring a return value.
+//!
+//! The buffer is bounded: once [`WriteBuffer::is_full`] says so, the model stops reading
+//! from that peer until it reads its replies (backpressure). A model asks
+//! [`WriteBuffer::room`] how much it may read, so one read's replies never push the buffer
+//! far past its bound.
+
+/// Bytes owed to one peer, at most about `max_bytes` of them.
+#[derive(Debug)]
+pub struct WriteBuffer {
+    /// Owed bytes are `bytes[start..]`; the sent prefix is reclaimed lazily so that an
+    /// `advance` after a short write costs no copy.
+    bytes: Vec<u8>,
+    start: usize,
+    max_bytes: usize,
+}
+
+impl WriteBuffer {
+    /// An empty buffer that reports full at `max_bytes` owed bytes (at least one byte).
+    pub fn new(max_bytes: usize) -> Self {
+        WriteBuffer {
+            bytes: Vec::new(),
+            start: 0,
+            max_bytes: max_bytes.max(1),
+        }
+    }
+
+    /// Appends bytes owed to the peer.
+    ///
+    /// This never refuses: the protocol core has already produced the reply. Callers keep
+    /// the total bounded by reading at most [`WriteBuffer::room`] bytes at a time.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start == self.bytes.len() {
+            // Everything before was sent: reuse the allocation from its start.
+            self.bytes.clear();
+            self.start = 0;
+        } else if self.start > 0 && self.start >= self.bytes.len() / 2 {
+            // More than half is already sent: compact instead of growing.
+            self.bytes.drain(..self.start);
+            self.start = 0;
+        }
+        self.bytes.extend_from_slice(bytes);
+    }
+
+    /// The owed bytes, in order: what to offer the kernel next.
+    pub fn unsent(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+
+    /// Records that the kernel took the first `written` bytes of [`WriteBuffer::unsent`].
+    ///
+    /// # Panics
+    ///
+    /// Panics if `written` is more than is owed: that would mean the caller counted bytes
+    /// the kernel was never offered.
+    pub fn advance(&mut self, written: usize) {
+        assert!(
+            written <= self.len(),
+            "advance({written}) past the {} owed bytes",
+            self.len()
+        );
+        self.start += written;
+        if self.start == self.bytes.len() {
+            self.bytes.clear();
+            self.start = 0;
+            // A burst may have grown the allocation far past the bound; give it back.
+            if self.bytes.capacity() > 2 * self.max_bytes {
+                self.bytes.shrink_to(self.max_bytes);
+            }
+        }
+    }
+
+    /// How many bytes are owed.
+    pub fn len(&self) -> usize {
+        self.bytes.len() - self.start
+    }
+
+    /// Whether nothing is owed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the owed bytes reached the bound: stop reading this peer until it drains.
+    pub fn is_full(&self) -> bool {
+        self.len() >= self.max_bytes
+    }
+
+    /// How many more bytes fit under the bound.
+    pub fn room(&self) -> usize {
+        self.max_bytes.saturating_sub(self.len())
+    }
+
+    /// The bound this buffer was made with.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Heap bytes held by this buffer, for memory accounting in tests.
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn short_writes_keep_order() {
+        let mut out = WriteBuffer::new(16);
+        out.push(b"hello ");
+        out.push(b"world");
+        assert_eq!(out.unsent(), b"hello world");
+        out.advance(3);
+        assert_eq!(out.unsent(), b"lo world");
+        out.push(b"!");
+        out.advance(2);
+        assert_eq!(out.unsent(), b" world!");
+        out.advance(7);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn full_at_the_bound() {
+        let mut out = WriteBuffer::new(4);
+        out.push(b"abc");
+        assert!(!out.is_full());
+        assert_eq!(out.room(), 1);
+        out.push(b"d");
+        assert!(out.is_full());
+        assert_eq!(out.room(), 0);
+        out.advance(1);
+        assert!(!out.is_full());
+    }
+
+    #[test]
+    #[should_panic(expected = "past the")]
+    fn advance_past_owed_panics() {
+        let mut out = WriteBuffer::new(4);
+        out.push(b"ab");
+        out.advance(3);
+    }
+
+    proptest! {
+        /// Random pushes and partial writes deliver exactly the pushed bytes, in order, and
+        /// the allocation stays within a small multiple of what is owed plus the bound.
+        #[test]
+        fn push_advance_preserves_bytes(
+            max in 1usize..256,
+            ops in proptest::collection::vec((proptest::collection::vec(any::<u8>(), 0..64), 0usize..80), 0..200)
+        ) {
+            let mut out = WriteBuffer::new(max);
+            let mut pushed = Vec::new();
+            let mut written = Vec::new();
+            for (bytes, take) in ops {
+                if out.room() > 0 {
+                    let n = bytes.len().min(out.room());
+                    out.push(&bytes[..n]);
+                    pushed.extend_from_slice(&bytes[..n]);
+                }
+                let n = take.min(out.len());
+                written.extend_from_slice(&out.unsent()[..n]);
+                out.advance(n);
+                prop_assert!(out.len() <= max);
+                prop_assert!(out.capacity() <= 4 * max + 128);
+            }
+            written.extend_from_slice(out.unsent());
+            prop_assert_eq!(written, pushed);
+        }
+    }
+}

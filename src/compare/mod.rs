@@ -1,0 +1,1 @@
+//! `reverb compare`: every model measured side by side (issue 7 builds it).

@@ -1,0 +1,357 @@
+//! The `reverb` binary: parses the command line, maps errors to the contract's exit codes
+//! (1: could not run, 2: usage, 3: bench found wrong bytes), and calls the library.
+
+use anyhow::Result;
+use clap::{Args, CommandFactory, Parser, Subcommand, error::ErrorKind};
+use reverb::addr::{Endpoint, ListenSpec, parse_ip_port};
+use reverb::models::{self, Model};
+use reverb::protocol::{Protocol, ProtocolKind};
+use reverb::server::{Limits, Listeners, Shutdown};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "reverb",
+    version,
+    about = "An echo-server toolkit: every I/O model, one protocol core"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve echo (or lines, or until-quit) on TCP, UDP and Unix sockets.
+    Serve(ServeArgs),
+    /// Talk to a server: interactive on a terminal, nc-style with a pipe.
+    Client(ClientArgs),
+    /// Load a server with verified echoes and report throughput and latency.
+    Bench(BenchArgs),
+    /// Run every model side by side and compare them.
+    Compare(CompareArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Listen on TCP (HOST:PORT or [V6]:PORT; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", value_parser = parse_ip_port)]
+    tcp: Vec<std::net::SocketAddr>,
+    /// Answer datagrams on UDP.
+    #[arg(long, value_name = "ADDR", value_parser = parse_ip_port)]
+    udp: Vec<std::net::SocketAddr>,
+    /// Listen on a Unix stream socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    unix: Vec<PathBuf>,
+    /// Answer datagrams on a Unix datagram socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    unix_dgram: Vec<PathBuf>,
+    /// The I/O model.
+    #[arg(long, default_value = "epoll", value_parser = parse_model)]
+    model: Model,
+    /// Worker threads (pool) or event loops (epoll, async, tokio, uring).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    threads: Option<u32>,
+    /// What to answer.
+    #[arg(long, default_value = "echo", value_parser = parse_protocol)]
+    protocol: ProtocolKind,
+    /// Put TEXT in front of every reply unit (not with stream echo).
+    #[arg(long, value_name = "TEXT")]
+    prefix: Option<String>,
+    /// Send TEXT first on every new stream connection.
+    #[arg(long, value_name = "TEXT")]
+    greeting: Option<String>,
+    /// With lines: a line equal to WORD makes its handler panic (tests isolation).
+    #[arg(long, value_name = "WORD")]
+    panic_on: Option<String>,
+    /// At most N stream connections at once.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_conns: Option<u64>,
+    /// Close a stream connection that sent nothing for SECS.
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
+    idle_timeout: Option<Duration>,
+    /// Bytes held for one connection before it stops being read (e.g. 262144, 256K, 1M).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "256K")]
+    max_buffer: usize,
+    /// After SIGTERM/SIGINT, how long owed replies may take.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "5")]
+    drain_timeout: Duration,
+    /// Log each connection (debug level).
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// tcp://HOST:PORT, udp://HOST:PORT, unix:///path, unix-dgram:///path, or HOST:PORT.
+    #[arg(value_parser = parse_endpoint)]
+    addr: Endpoint,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The server to load.
+    #[arg(value_parser = parse_endpoint)]
+    addr: Endpoint,
+    /// Connections.
+    #[arg(long, default_value_t = 10)]
+    conns: u32,
+    /// Bytes per message.
+    #[arg(long, default_value_t = 64)]
+    size: u32,
+    /// Messages in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    depth: u32,
+    /// Measured seconds.
+    #[arg(long, default_value = "10", value_parser = parse_positive_secs)]
+    duration: Duration,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    warmup: Duration,
+    /// Open loop: total messages per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Client threads, each its own event loop.
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// Comma-separated models (default: all available).
+    #[arg(long, value_delimiter = ',', value_parser = parse_model)]
+    models: Vec<Model>,
+    /// Comma-separated connection counts.
+    #[arg(long, value_delimiter = ',')]
+    conns: Vec<u32>,
+    /// Bytes per message.
+    #[arg(long)]
+    size: Option<u32>,
+    /// Messages in flight per connection.
+    #[arg(long)]
+    depth: Option<u32>,
+    /// Measured seconds per point.
+    #[arg(long, value_parser = parse_positive_secs)]
+    duration: Option<Duration>,
+    /// Where compare.json, compare.md and compare.svg go.
+    #[arg(long, default_value = "compare-out")]
+    out: PathBuf,
+}
+
+fn parse_model(text: &str) -> Result<Model, String> {
+    Model::from_name(text).ok_or_else(|| {
+        let names: Vec<_> = Model::ALL.iter().map(|m| m.name()).collect();
+        format!(
+            "unknown model {text:?}; expected one of {}",
+            names.join(", ")
+        )
+    })
+}
+
+fn parse_protocol(text: &str) -> Result<ProtocolKind, String> {
+    match text {
+        "echo" => Ok(ProtocolKind::Echo),
+        "lines" => Ok(ProtocolKind::Lines),
+        "until-quit" => Ok(ProtocolKind::UntilQuit),
+        _ => Err(format!(
+            "unknown protocol {text:?}; expected echo, lines or until-quit"
+        )),
+    }
+}
+
+fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    Endpoint::parse(text).map_err(|e| e.to_string())
+}
+
+fn parse_secs(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is not a valid duration"))
+}
+
+fn parse_positive_secs(text: &str) -> Result<Duration, String> {
+    let duration = parse_secs(text)?;
+    if duration.is_zero() {
+        return Err("must be more than 0 seconds".to_string());
+    }
+    Ok(duration)
+}
+
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let multiplier: usize = match unit {
+        "" | "B" => 1,
+        "K" | "k" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use K, M or G)")),
+    };
+    let count: usize = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a byte count"))?;
+    let bytes = count
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes == 0 {
+        return Err("must be at least 1 byte".to_string());
+    }
+    Ok(bytes)
+}
+
+/// A usage error after parsing: the contract's exit 2, with usage.
+fn usage_error(message: impl std::fmt::Display) -> ! {
+    let mut command = Cli::command();
+    command.error(ErrorKind::ArgumentConflict, message).exit()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Client(args) => client(args),
+        Command::Bench(_) => fail("bench is not built yet (issue 6)"),
+        Command::Compare(_) => fail("compare is not built yet (issue 7)"),
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("reverb: {message}");
+    ExitCode::from(1)
+}
+
+fn init_logging(verbose: bool) {
+    let level = if verbose {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    std::panic::set_hook(Box::new(|info| {
+        tracing::warn!("panic: {info}");
+    }));
+}
+
+fn listen_specs(args: &ServeArgs) -> Vec<ListenSpec> {
+    // Flag order matters for the readiness lines; clap keeps each flag's own order, and
+    // the flags' relative order is recovered from their indices.
+    let matches = Cli::command().get_matches();
+    let Some(("serve", serve)) = matches.subcommand() else {
+        return Vec::new();
+    };
+    let mut indexed = Vec::new();
+    let mut push = |name: &str, make: &dyn Fn(usize) -> ListenSpec| {
+        if let Some(indices) = serve.indices_of(name) {
+            for (n, index) in indices.enumerate() {
+                indexed.push((index, make(n)));
+            }
+        }
+    };
+    push("tcp", &|n| ListenSpec::Tcp(args.tcp[n]));
+    push("udp", &|n| ListenSpec::Udp(args.udp[n]));
+    push("unix", &|n| ListenSpec::Unix(args.unix[n].clone()));
+    push("unix_dgram", &|n| {
+        ListenSpec::UnixDatagram(args.unix_dgram[n].clone())
+    });
+    indexed.sort_by_key(|(index, _)| *index);
+    let mut specs: Vec<ListenSpec> = indexed.into_iter().map(|(_, spec)| spec).collect();
+    if specs.is_empty() {
+        let default = std::net::SocketAddr::from(([127, 0, 0, 1], 7007));
+        specs = vec![ListenSpec::Tcp(default), ListenSpec::Udp(default)];
+    }
+    specs
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let specs = listen_specs(&args);
+    let has_stream = specs
+        .iter()
+        .any(|s| matches!(s, ListenSpec::Tcp(_) | ListenSpec::Unix(_)));
+    if args.prefix.is_some() && args.protocol == ProtocolKind::Echo && has_stream {
+        usage_error(
+            "--prefix cannot be used with --protocol echo on a stream listener \
+             (the kernel's segmentation would decide where prefixes go); use --protocol lines",
+        );
+    }
+    if args.panic_on.is_some() && args.protocol != ProtocolKind::Lines {
+        usage_error("--panic-on works only with --protocol lines");
+    }
+    if args
+        .panic_on
+        .as_deref()
+        .is_some_and(|w| w.is_empty() || w.contains('\n'))
+    {
+        usage_error("--panic-on WORD must be non-empty and contain no newline");
+    }
+    init_logging(args.verbose);
+    if let Err(e) = args.model.check_available() {
+        return fail(e);
+    }
+    if let Err(e) = reverb::sys::raise_open_file_limit() {
+        tracing::warn!("cannot raise the open-file limit: {e}");
+    }
+    let mut protocol = Protocol::new(args.protocol, args.max_buffer);
+    if let Some(prefix) = &args.prefix {
+        protocol = protocol.with_prefix(prefix.as_bytes());
+    }
+    if let Some(greeting) = &args.greeting {
+        protocol = protocol.with_greeting(greeting.as_bytes());
+    }
+    if let Some(word) = &args.panic_on {
+        protocol = protocol.with_panic_on(word.as_bytes());
+    }
+    let limits = Limits {
+        max_conns: args.max_conns.map(|n| n as usize),
+        idle_timeout: args.idle_timeout,
+        max_buffer_bytes: args.max_buffer,
+        drain_timeout: args.drain_timeout,
+    };
+    // Signals first: a SIGTERM that arrives while binding still means "stop cleanly".
+    let shutdown = match Shutdown::new().and_then(|s| s.fire_on_signals().map(|()| s)) {
+        Ok(shutdown) => shutdown,
+        Err(e) => return fail(format!("cannot set up signal handling: {e}")),
+    };
+    let listeners = match Listeners::bind(&specs, limits, args.model.wants_reuseport()) {
+        Ok(listeners) => listeners,
+        Err(e) => return fail(e),
+    };
+    {
+        let mut stdout = std::io::stdout().lock();
+        for name in listeners.names() {
+            if writeln!(stdout, "listening {name}").is_err() {
+                break;
+            }
+        }
+        let _ = stdout.flush();
+    }
+    tracing::info!("serving with model {}", args.model);
+    let threads = args.threads.map(|n| n as usize);
+    match models::run(args.model, listeners, protocol, shutdown, threads) {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn client(args: ClientArgs) -> ExitCode {
+    match reverb::client::run(&args.addr) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}

@@ -1,0 +1,218 @@
+//! Process per connection: `fork(2)` a child for every client.
+//!
+//! Technique: a single-threaded parent waits on every listener with `poll(2)`, accepts,
+//! and forks; the child serves that one client and exits (`socketserver.ForkingTCPServer`,
+//! seed 001, step 4). Datagrams get a child each too, as `ForkingUDPServer` does.
+//! Cost: a fork per client (page tables copied, copy-on-write faults) and a process each.
+//! Limit: processes are the heaviest unit of concurrency; the parent must reap every child
+//! (or zombies pile up) and must stay single-threaded to fork safely.
+
+use crate::server::threaded_io::{is_per_peer_datagram_error, serve_connection};
+use crate::server::{
+    ACCEPT_PAUSE, AcceptAction, Admission, DATAGRAM_BUFFER_BYTES, DatagramReplier, Listeners,
+    Protocol, ServeError, Shutdown, accept_action, log_accept_pause, log_over_limit,
+    log_send_failure,
+};
+use crate::sys::poll::{self, POLLIN};
+use crate::sys::process::{self, Forked};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsFd;
+use std::panic::{self, AssertUnwindSafe};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How often the parent wakes to reap children when nothing else happens; a zombie waits
+/// at most this long.
+const REAP_INTERVAL: Duration = Duration::from_millis(200);
+/// After the drain timeout, children still running get this long to die after SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves every listener with a child per connection until `shutdown` fires, then waits
+/// for the children to drain.
+///
+/// # Errors
+///
+/// A listener that broke, or `fork` refusing (for example: the process has threads).
+pub fn run(
+    mut listeners: Listeners,
+    protocol: Protocol,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
+    for listener in &listeners.streams {
+        listener.set_nonblocking(true)?;
+    }
+    for socket in &listeners.datagrams {
+        socket.set_nonblocking(true)?;
+    }
+    // Each child holds its place under --max-conns until the parent reaps it.
+    let mut children: HashMap<libc::pid_t, Option<Admission>> = HashMap::new();
+    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
+    let mut replier = DatagramReplier::new(protocol.clone());
+    loop {
+        reap(&mut children)?;
+        let mut entries: Vec<_> = listeners
+            .streams
+            .iter()
+            .map(|l| poll::entry(l.as_fd(), POLLIN))
+            .chain(
+                listeners
+                    .datagrams
+                    .iter()
+                    .map(|d| poll::entry(d.as_fd(), POLLIN)),
+            )
+            .collect();
+        entries.push(poll::entry(shutdown.fd(), POLLIN));
+        poll::poll(&mut entries, Some(REAP_INTERVAL))?;
+        if entries.last().is_some_and(|e| e.revents != 0) {
+            break;
+        }
+        let streams = listeners.streams.len();
+        for (index, entry) in entries[..entries.len() - 1].iter().enumerate() {
+            if entry.revents == 0 {
+                continue;
+            }
+            if index < streams {
+                accept_one(&mut listeners, index, &protocol, &shutdown, &mut children)?;
+            } else {
+                answer_one(
+                    &mut listeners,
+                    index - streams,
+                    &mut replier,
+                    &mut buf,
+                    &mut children,
+                )?;
+            }
+        }
+    }
+    drain_children(&mut children, listeners.limits.drain_timeout)?;
+    Ok(())
+}
+
+fn accept_one(
+    listeners: &mut Listeners,
+    index: usize,
+    protocol: &Protocol,
+    shutdown: &Shutdown,
+    children: &mut HashMap<libc::pid_t, Option<Admission>>,
+) -> io::Result<()> {
+    let listener = &listeners.streams[index];
+    let (stream, peer) = match listener.accept() {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            return match accept_action(&e) {
+                AcceptAction::Wait | AcceptAction::Retry => Ok(()),
+                AcceptAction::Pause => {
+                    log_accept_pause(listener.name(), &e);
+                    thread::sleep(ACCEPT_PAUSE);
+                    Ok(())
+                }
+                AcceptAction::Fail => Err(e),
+            };
+        }
+    };
+    let Some(admission) = listeners.counter.admit() else {
+        log_over_limit(&peer, listeners.counter.max_conns().unwrap_or(0));
+        return Ok(());
+    };
+    match process::fork()? {
+        Forked::Child => {
+            let limits = listeners.limits.clone();
+            close_listeners(listeners);
+            run_child(|| serve_connection(stream, peer, protocol, &limits, shutdown))
+        }
+        Forked::Parent(pid) => {
+            tracing::debug!("child {pid} serves {peer}");
+            // The child has its own copy; the parent's must close, or the peer would never
+            // see EOF after the child exits.
+            drop(stream);
+            children.insert(pid, Some(admission));
+            Ok(())
+        }
+    }
+}
+
+fn answer_one(
+    listeners: &mut Listeners,
+    index: usize,
+    replier: &mut DatagramReplier,
+    buf: &mut [u8],
+    children: &mut HashMap<libc::pid_t, Option<Admission>>,
+) -> io::Result<()> {
+    let (n, peer) = match listeners.datagrams[index].recv_from(buf) {
+        Ok(received) => received,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || is_per_peer_datagram_error(&e) => {
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    match process::fork()? {
+        Forked::Child => {
+            let socket = listeners.datagrams.swap_remove(index);
+            close_listeners(listeners);
+            run_child(|| {
+                if let Some(reply) = replier.reply(&peer, &buf[..n]) {
+                    if let Err(e) = socket.send_to(reply, &peer) {
+                        log_send_failure(&peer, &e);
+                    }
+                }
+            })
+        }
+        Forked::Parent(pid) => {
+            children.insert(pid, None);
+            Ok(())
+        }
+    }
+}
+
+/// In a child: closes the inherited listeners so that only the parent holds them, and a
+/// child that outlives the parent does not keep the port bound. The Unix socket files are
+/// left alone: the parent owns them.
+fn close_listeners(listeners: &mut Listeners) {
+    listeners.streams.clear();
+    listeners.datagrams.clear();
+}
+
+/// Runs the child's work and exits without unwinding into the parent's stack frames,
+/// whose destructors (removing socket files, joining nothing) belong to the parent.
+fn run_child(work: impl FnOnce()) -> ! {
+    let code = match panic::catch_unwind(AssertUnwindSafe(work)) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    };
+    process::exit_now(code)
+}
+
+fn reap(children: &mut HashMap<libc::pid_t, Option<Admission>>) -> io::Result<()> {
+    while let Some(pid) = process::reap_child()? {
+        children.remove(&pid);
+    }
+    Ok(())
+}
+
+/// Children heard the shutdown through the shared eventfd; wait for them to finish, and
+/// kill those still running after the drain timeout.
+fn drain_children(
+    children: &mut HashMap<libc::pid_t, Option<Admission>>,
+    drain_timeout: Duration,
+) -> io::Result<()> {
+    let deadline = Instant::now() + drain_timeout;
+    let mut killed_at: Option<Instant> = None;
+    while !children.is_empty() {
+        reap(children)?;
+        let now = Instant::now();
+        if killed_at.is_none() && now >= deadline {
+            tracing::warn!("killing {} children still draining", children.len());
+            for &pid in children.keys() {
+                let _ = process::kill(pid, libc::SIGKILL);
+            }
+            killed_at = Some(now);
+        }
+        if killed_at.is_some_and(|at| now >= at + KILL_GRACE) {
+            tracing::error!("{} children did not exit after SIGKILL", children.len());
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}

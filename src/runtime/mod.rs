@@ -1,0 +1,1 @@
+//! reverb's own async runtime, from scratch (issue 5 builds it).

@@ -1,0 +1,86 @@
+//! Answering datagrams: the reflection guard, the protocol's one reply, panic isolation.
+
+use super::Peer;
+use super::connection::{HandlerPanicked, catch_datagram_panic};
+use crate::protocol::Protocol;
+use std::net::{IpAddr, SocketAddr};
+
+/// Whether an echo may answer a datagram from `peer`.
+///
+/// Spoofed sources are how echo servers become reflectors: a datagram "from" another
+/// echo's port 7 (or any port below 1024) starts a loop between the two, and one "from" a
+/// broadcast or multicast address multiplies the reply. Such datagrams are dropped.
+pub fn datagram_source_allowed(peer: &Peer) -> bool {
+    match peer {
+        Peer::Unix(_) => true,
+        Peer::Ip(addr) => is_ip_source_allowed(addr),
+    }
+}
+
+fn is_ip_source_allowed(addr: &SocketAddr) -> bool {
+    if addr.port() < 1024 {
+        return false;
+    }
+    match addr.ip() {
+        IpAddr::V4(ip) => !(ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified()),
+        IpAddr::V6(ip) => {
+            if let Some(v4) = ip.to_ipv4_mapped() {
+                return is_ip_source_allowed(&SocketAddr::new(IpAddr::V4(v4), addr.port()));
+            }
+            !(ip.is_multicast() || ip.is_unspecified())
+        }
+    }
+}
+
+/// Turns datagrams into replies for one socket, reusing one reply buffer.
+#[derive(Debug)]
+pub struct DatagramReplier {
+    protocol: Protocol,
+    reply: Vec<u8>,
+}
+
+impl DatagramReplier {
+    /// A replier speaking `protocol`.
+    pub fn new(protocol: Protocol) -> Self {
+        DatagramReplier {
+            protocol,
+            reply: Vec::new(),
+        }
+    }
+
+    /// The reply owed to `peer` for `datagram`, or `None` when it gets none (a guarded
+    /// source, or a handler that panicked; both are logged).
+    pub fn reply(&mut self, peer: &Peer, datagram: &[u8]) -> Option<&[u8]> {
+        if !datagram_source_allowed(peer) {
+            tracing::debug!("dropping a datagram from {peer}: reflection guard");
+            return None;
+        }
+        let DatagramReplier { protocol, reply } = self;
+        match catch_datagram_panic(peer, || protocol.reply_to_datagram(datagram, reply)) {
+            Ok(()) => Some(&self.reply),
+            Err(HandlerPanicked) => None,
+        }
+    }
+}
+
+/// Logs a reply that could not be sent; the socket keeps serving others.
+pub fn log_send_failure(peer: &Peer, error: &std::io::Error) {
+    tracing::warn!("cannot answer the datagram from {peer}: {error}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reflection_guard() {
+        let allowed = |s: &str| is_ip_source_allowed(&s.parse().unwrap());
+        assert!(allowed("127.0.0.1:40000"));
+        assert!(allowed("[::1]:40000"));
+        assert!(!allowed("127.0.0.1:7"));
+        assert!(!allowed("255.255.255.255:40000"));
+        assert!(!allowed("224.0.0.1:40000"));
+        assert!(!allowed("[ff02::1]:40000"));
+        assert!(!allowed("[::ffff:255.255.255.255]:40000"));
+    }
+}

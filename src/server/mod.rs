@@ -1,0 +1,168 @@
+//! What every model receives: bound [`Listeners`] with their [`Limits`], the [`Protocol`]
+//! to speak, and a [`Shutdown`] handle; plus the pieces two or more models share.
+//!
+//! A model is a function `run(listeners, protocol, shutdown) -> Result<(), ServeError>`
+//! (see `crate::models`). Sockets arrive bound and listening, so a test can bind port 0
+//! and the binary can print its `listening` lines before the model starts.
+
+mod connection;
+mod datagram;
+mod listeners;
+mod shutdown;
+pub mod threaded_io;
+
+pub use crate::protocol::Protocol;
+pub use connection::{Connection, HandlerPanicked};
+pub use datagram::{DatagramReplier, datagram_source_allowed, log_send_failure};
+pub use listeners::{
+    Admission, ConnectionCounter, DatagramSocket, Listeners, Peer, Stream, StreamListener,
+};
+pub use shutdown::Shutdown;
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default `--max-buffer`: bytes owed to one peer before the server stops reading it.
+pub const DEFAULT_MAX_BUFFER_BYTES: usize = 256 * 1024;
+/// Default `--drain-timeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long accepting pauses when the process is out of descriptors (EMFILE, ENFILE), so
+/// that a full descriptor table never turns the accept loop into a spin.
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Bytes a model reads from a stream at once; also the largest UDP payload (65,507) fits.
+pub const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Receive buffer for datagrams: a UDP payload is at most 65,507 bytes, and Unix datagrams
+/// are limited by the socket's send buffer (212,992 bytes by default), so nothing is
+/// truncated.
+pub const DATAGRAM_BUFFER_BYTES: usize = 256 * 1024;
+
+/// The operator's limits, the same for every model.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// At most this many stream connections at once (`--max-conns`); `None`: no limit.
+    pub max_conns: Option<usize>,
+    /// Close a stream connection that sent nothing for this long (`--idle-timeout`).
+    pub idle_timeout: Option<Duration>,
+    /// Bytes owed to one peer before the server stops reading it (`--max-buffer`).
+    pub max_buffer_bytes: usize,
+    /// After SIGTERM, how long owed replies may take before connections are cut.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_conns: None,
+            idle_timeout: None,
+            max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// Why a server could not start or had to stop; each names the address or path as typed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Binding or listening failed (in use, permission denied, ...).
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address as the user wrote it, with its scheme.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Another server is listening on this Unix socket path.
+    #[error("cannot bind {addr}: address in use (a server is listening on {})", path.display())]
+    UnixPathInUse {
+        /// The address as the user wrote it.
+        addr: String,
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The path exists and is not a socket; it is never deleted.
+    #[error("cannot bind {addr}: {} exists and is not a socket (not removing it)", path.display())]
+    NotASocket {
+        /// The address as the user wrote it.
+        addr: String,
+        /// The path.
+        path: PathBuf,
+    },
+    /// The model cannot run on this kernel (io_uring disabled, ...).
+    #[error("model {model} is unavailable here: {source}")]
+    ModelUnavailable {
+        /// The model's name.
+        model: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// The model's issue has not landed yet.
+    #[error("model {model} is not built yet")]
+    NotBuilt {
+        /// The model's name.
+        model: &'static str,
+    },
+    /// The server failed while running.
+    #[error("server failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What an accept loop does about an error from `accept`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptAction {
+    /// Nothing more is queued right now (`EAGAIN`): wait for readiness.
+    Wait,
+    /// The connection died in the queue or a signal interrupted: accept again at once.
+    Retry,
+    /// Out of descriptors or memory: log, pause accepting for [`ACCEPT_PAUSE`], go on.
+    Pause,
+    /// The listener itself is broken: the server fails.
+    Fail,
+}
+
+/// Sorts an `accept` error; mini-redis backs off on every error alike, which turns a
+/// harmless `ECONNABORTED` into a stall and a broken listener into endless retries.
+pub fn accept_action(error: &io::Error) -> AcceptAction {
+    if error.kind() == io::ErrorKind::WouldBlock {
+        return AcceptAction::Wait;
+    }
+    match error.raw_os_error() {
+        Some(
+            libc::ECONNABORTED
+            | libc::EINTR
+            | libc::EPROTO
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH
+            | libc::EPERM
+            | libc::ECONNRESET,
+        ) => AcceptAction::Retry,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptAction::Pause,
+        _ => AcceptAction::Fail,
+    }
+}
+
+/// Logs an accept error that leads to a pause, once per pause.
+pub fn log_accept_pause(listener: &str, error: &io::Error) {
+    tracing::warn!(
+        "accept on {listener} failed: {error}; pausing accepts for {} ms",
+        ACCEPT_PAUSE.as_millis()
+    );
+}
+
+/// Logs a connection refused by `--max-conns`.
+pub fn log_over_limit(peer: &Peer, max_conns: usize) {
+    tracing::warn!("refusing {peer}: already {max_conns} connections open (--max-conns)");
+}
+
+/// Logs a connection closed by `--idle-timeout`.
+pub fn log_idle(peer: &Peer, idle_timeout: Duration) {
+    tracing::info!(
+        "closing {peer}: idle for {:.1} s (--idle-timeout)",
+        idle_timeout.as_secs_f64()
+    );
+}

@@ -1,0 +1,296 @@
+//! Serving from threads and processes: the code `blocking`, `threaded`, `pool` and
+//! `forking` share. Those models differ only in *who* runs [`serve_connection`]: the
+//! accepting thread itself, a new thread, a pooled worker, or a forked child. That is the
+//! lesson of Python's `socketserver` too: one handler, many server classes.
+//!
+//! A thread here blocks in `poll(2)` on its one socket *and* the shutdown eventfd, rather
+//! than in `read(2)` alone: a thread stuck in `read` cannot hear SIGTERM, cannot send a
+//! reply while the peer is still sending, and cannot time out an idle peer.
+
+use super::{
+    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DatagramReplier,
+    DatagramSocket, Limits, Peer, READ_BUFFER_BYTES, Shutdown, Stream, StreamListener,
+    accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
+};
+use crate::protocol::Protocol;
+use crate::sys::poll::{self, POLLERR, POLLHUP, POLLIN, POLLOUT};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+/// What woke a thread that waited for one descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The descriptor is ready.
+    Ready,
+    /// Shutdown fired.
+    Shutdown,
+    /// The timeout passed.
+    Timeout,
+}
+
+/// Sleeps until `fd` has one of `events`, shutdown fires, or `timeout` passes.
+///
+/// # Errors
+///
+/// The OS error of `poll`.
+pub fn wait_for(
+    fd: BorrowedFd<'_>,
+    events: i16,
+    shutdown: &Shutdown,
+    timeout: Option<Duration>,
+) -> io::Result<Wake> {
+    let mut entries = [poll::entry(fd, events), poll::entry(shutdown.fd(), POLLIN)];
+    if poll::poll(&mut entries, timeout)? == 0 {
+        return Ok(Wake::Timeout);
+    }
+    if entries[1].revents != 0 {
+        return Ok(Wake::Shutdown);
+    }
+    Ok(Wake::Ready)
+}
+
+/// Accepts connections until shutdown fires, handing each admitted one to `dispatch`.
+///
+/// Connections past `--max-conns` are accepted and closed at once, so the client reads
+/// EOF instead of waiting in the backlog.
+///
+/// # Errors
+///
+/// A listener error that is not about one connection (see `server::accept_action`).
+pub fn accept_until_shutdown(
+    listener: &StreamListener,
+    counter: &ConnectionCounter,
+    shutdown: &Shutdown,
+    mut dispatch: impl FnMut(Stream, Peer, Admission),
+) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    loop {
+        if wait_for(listener.as_fd(), POLLIN, shutdown, None)? == Wake::Shutdown {
+            return Ok(());
+        }
+        match listener.accept() {
+            Ok((stream, peer)) => match counter.admit() {
+                Some(admission) => {
+                    tracing::debug!("accepted {peer} on {}", listener.name());
+                    dispatch(stream, peer, admission);
+                }
+                None => log_over_limit(&peer, counter.max_conns().unwrap_or(0)),
+            },
+            Err(e) => match accept_action(&e) {
+                AcceptAction::Wait | AcceptAction::Retry => {}
+                AcceptAction::Pause => {
+                    log_accept_pause(listener.name(), &e);
+                    if wait_for(shutdown.fd(), POLLIN, shutdown, Some(ACCEPT_PAUSE))?
+                        != Wake::Timeout
+                    {
+                        return Ok(());
+                    }
+                }
+                AcceptAction::Fail => return Err(e),
+            },
+        }
+    }
+}
+
+/// Serves one stream connection on the calling thread until the peer is done, its
+/// handler panics, it idles out, or shutdown's drain ends; errors are logged, not returned.
+pub fn serve_connection(
+    stream: Stream,
+    peer: Peer,
+    protocol: &Protocol,
+    limits: &Limits,
+    shutdown: &Shutdown,
+) {
+    let mut connection = Connection::new(protocol, peer, limits.max_buffer_bytes);
+    if let Err(e) = drive(&stream, &mut connection, limits, shutdown) {
+        tracing::debug!("connection {} ended: {e}", connection.peer());
+    }
+}
+
+fn drive(
+    stream: &Stream,
+    connection: &mut Connection,
+    limits: &Limits,
+    shutdown: &Shutdown,
+) -> io::Result<()> {
+    stream.set_nonblocking(true)?;
+    let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    let mut last_input = Instant::now();
+    let mut drain_deadline: Option<Instant> = None;
+    if shutdown.is_fired() {
+        connection.stop_reading();
+        drain_deadline = Some(Instant::now() + limits.drain_timeout);
+    }
+    loop {
+        flush(stream, connection)?;
+        if connection.is_finished() {
+            // Everything owed was sent: the peer reads EOF after the last reply.
+            let _ = stream.shutdown_write();
+            return Ok(());
+        }
+        let mut events = 0;
+        if connection.wants_read() {
+            events |= POLLIN;
+        }
+        if connection.wants_write() {
+            events |= POLLOUT;
+        }
+        let idle_deadline = limits
+            .idle_timeout
+            .filter(|_| connection.wants_read())
+            .map(|idle| last_input + idle);
+        let deadline = match (idle_deadline, drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let mut entries = [
+            poll::entry(stream.as_fd(), events),
+            if drain_deadline.is_none() {
+                poll::entry(shutdown.fd(), POLLIN)
+            } else {
+                poll::unused_entry()
+            },
+        ];
+        poll::poll(&mut entries, timeout)?;
+        let now = Instant::now();
+        if entries[1].revents != 0 {
+            // Shutdown: read nothing more, send what is owed within the drain timeout.
+            connection.stop_reading();
+            drain_deadline = Some(now + limits.drain_timeout);
+            continue;
+        }
+        if drain_deadline.is_some_and(|d| now >= d) {
+            tracing::warn!(
+                "closing {}: drain timeout with {} bytes still owed",
+                connection.peer(),
+                connection.owed()
+            );
+            return Ok(());
+        }
+        if idle_deadline.is_some_and(|d| now >= d) {
+            log_idle(connection.peer(), limits.idle_timeout.unwrap_or_default());
+            return Ok(());
+        }
+        if entries[0].revents & (POLLIN | POLLHUP | POLLERR) != 0 && connection.wants_read() {
+            if read_available(stream, connection, &mut buf)? {
+                last_input = now;
+            }
+        } else if entries[0].revents & (POLLHUP | POLLERR) != 0 && !connection.wants_write() {
+            // Nothing to read or write, yet the socket reports an error or hang-up: the
+            // peer is gone, and waiting again would spin.
+            return Ok(());
+        }
+    }
+}
+
+/// Reads what the kernel has (as far as the bound allows); returns whether any input or
+/// EOF arrived.
+///
+/// # Errors
+///
+/// A read error (the peer reset), or a handler panic turned into an error to close.
+pub fn read_available(
+    stream: &Stream,
+    connection: &mut Connection,
+    buf: &mut [u8],
+) -> io::Result<bool> {
+    let mut got_input = false;
+    loop {
+        let limit = connection.read_limit(buf.len());
+        if limit == 0 {
+            return Ok(got_input);
+        }
+        let result = match stream.read(&mut buf[..limit]) {
+            Ok(0) => connection.receive_eof(),
+            Ok(n) => connection.receive(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(got_input),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        got_input = true;
+        result.map_err(|_| io::Error::other("handler panicked"))?;
+    }
+}
+
+/// Writes owed bytes until none are left or the kernel's send buffer is full.
+///
+/// # Errors
+///
+/// A write error (the peer reset or went away).
+pub fn flush(stream: &Stream, connection: &mut Connection) -> io::Result<()> {
+    while connection.wants_write() {
+        match stream.write(connection.unsent()) {
+            // The kernel may take fewer bytes than offered; the rest waits for writable.
+            Ok(written) => connection.advance(written),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Answers datagrams on `socket` from the calling thread until shutdown fires.
+///
+/// Each datagram is answered in microseconds, so one thread per socket serves it; a
+/// thread per datagram (as socketserver's ThreadingUDPServer does) would cost more than
+/// the work it runs.
+///
+/// # Errors
+///
+/// A receive error that is not about one datagram.
+pub fn serve_datagrams(
+    socket: &DatagramSocket,
+    protocol: &Protocol,
+    shutdown: &Shutdown,
+) -> io::Result<()> {
+    socket.set_nonblocking(true)?;
+    let mut replier = DatagramReplier::new(protocol.clone());
+    let mut buf = vec![0u8; super::DATAGRAM_BUFFER_BYTES];
+    loop {
+        if wait_for(socket.as_fd(), POLLIN, shutdown, None)? == Wake::Shutdown {
+            return Ok(());
+        }
+        answer_pending_datagrams(socket, &mut replier, &mut buf)?;
+    }
+}
+
+/// Answers every datagram queued on a non-blocking `socket`.
+///
+/// # Errors
+///
+/// A receive error other than "nothing queued" or an ICMP-reported error of an earlier
+/// send (which Linux delivers on the next receive, and which concerns one peer only).
+pub fn answer_pending_datagrams(
+    socket: &DatagramSocket,
+    replier: &mut DatagramReplier,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    loop {
+        let (n, peer) = match socket.recv_from(buf) {
+            Ok(received) => received,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if is_per_peer_datagram_error(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(reply) = replier.reply(&peer, &buf[..n]) {
+            if let Err(e) = socket.send_to(reply, &peer) {
+                log_send_failure(&peer, &e);
+            }
+        }
+    }
+}
+
+/// Errors a datagram socket reports about one earlier peer, not about itself.
+pub fn is_per_peer_datagram_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
+}

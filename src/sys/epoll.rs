@@ -1,0 +1,147 @@
+//! Bindings to epoll (Linux): an interest list in the kernel, and a wait that returns only
+//! the descriptors that are ready.
+//!
+//! Each registration carries a caller-chosen `u64` token (a slab index), returned with its
+//! events, so the loop finds the connection without searching. Interest flags are the
+//! kernel's (`EPOLLIN`, `EPOLLOUT`, `EPOLLET`, ...), re-exported here.
+
+use super::{cvt, cvt_r};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+pub use libc::{
+    EPOLLERR, EPOLLET, EPOLLEXCLUSIVE, EPOLLHUP, EPOLLIN, EPOLLONESHOT, EPOLLOUT, EPOLLRDHUP,
+    epoll_event,
+};
+
+/// An epoll instance.
+#[derive(Debug)]
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+/// A buffer of events filled by [`Epoll::wait`].
+#[derive(Debug)]
+pub struct Events {
+    list: Vec<epoll_event>,
+    len: usize,
+}
+
+impl Events {
+    /// Room for `capacity` events per wait.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Events {
+            list: vec![epoll_event { events: 0, u64: 0 }; capacity.max(1)],
+            len: 0,
+        }
+    }
+
+    /// The `(token, events)` pairs of the last wait.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.list[..self.len].iter().map(|e| (e.u64, e.events))
+    }
+
+    /// How many events the last wait returned.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the last wait returned no events (it timed out).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// How many events one wait can return.
+    pub fn capacity(&self) -> usize {
+        self.list.len()
+    }
+}
+
+impl Epoll {
+    /// A new epoll instance (close-on-exec).
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `epoll_create1`.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd.
+        let raw = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: `raw` was just returned by epoll_create1 and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Epoll { fd })
+    }
+
+    fn control(
+        &self,
+        op: libc::c_int,
+        fd: BorrowedFd<'_>,
+        token: u64,
+        events: u32,
+    ) -> io::Result<()> {
+        let mut event = epoll_event { events, u64: token };
+        // SAFETY: `event` is a valid epoll_event for the call (the kernel copies it);
+        // both fds are open for the duration of the call (owned / borrowed).
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd.as_raw_fd(), &mut event) })?;
+        Ok(())
+    }
+
+    /// Starts watching `fd` for `events`, reporting them with `token`.
+    ///
+    /// The caller removes `fd` with [`Epoll::delete`] before closing it, or closes it
+    /// knowing the kernel drops a closed fd's registration (when no dup of it remains).
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `epoll_ctl`, e.g. `EEXIST` when already added.
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_ADD, fd, token, events)
+    }
+
+    /// Changes the events watched for `fd` (and its token).
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `epoll_ctl`, e.g. `ENOENT` when not added.
+    pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_MOD, fd, token, events)
+    }
+
+    /// Stops watching `fd`.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `epoll_ctl`, e.g. `ENOENT` when not added.
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    /// Waits until at least one watched fd is ready or `timeout` passes (`None`: no
+    /// timeout), filling `events`; returns how many are ready.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `epoll_wait`, other than `EINTR` (retried).
+    pub fn wait(&self, events: &mut Events, timeout: Option<Duration>) -> io::Result<usize> {
+        let timeout_ms = super::poll::timeout_ms(timeout);
+        let capacity = i32::try_from(events.list.len()).unwrap_or(i32::MAX);
+        // SAFETY: `events.list` is valid for `capacity` writable epoll_event structs for
+        // the duration of the call; `self.fd` is an open epoll fd.
+        let n = cvt_r(|| unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.list.as_mut_ptr(),
+                capacity,
+                timeout_ms,
+            )
+        })?;
+        events.len = n as usize;
+        Ok(events.len)
+    }
+}
+
+impl std::os::fd::AsFd for Epoll {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}

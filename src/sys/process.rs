@@ -1,0 +1,89 @@
+//! Processes for the `forking` model: `fork(2)`, `waitpid(2)`, `kill(2)`, `_exit(2)`.
+
+use super::cvt;
+use std::io;
+
+/// Which side of a fork this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forked {
+    /// The new process.
+    Child,
+    /// The original process; the child's pid.
+    Parent(libc::pid_t),
+}
+
+/// How many threads this process has, from `/proc/self/status`.
+///
+/// # Errors
+///
+/// When `/proc` cannot be read or has no `Threads:` line.
+pub fn thread_count() -> io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|count| count.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Threads: line in /proc/self/status"))
+}
+
+/// Forks this process.
+///
+/// Refuses when the process has more than one thread: the child would hold copies of
+/// locks (the allocator's, the logger's) that other threads may own at that instant,
+/// and could deadlock on its first allocation.
+///
+/// # Errors
+///
+/// `fork`'s OS error, or an error when the process is multi-threaded.
+pub fn fork() -> io::Result<Forked> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "refusing to fork a process with {threads} threads"
+        )));
+    }
+    // SAFETY: the process has exactly one thread (checked above), so the child inherits
+    // no lock held by another thread and may allocate and log like any process.
+    let pid = cvt(unsafe { libc::fork() })?;
+    Ok(if pid == 0 {
+        Forked::Child
+    } else {
+        Forked::Parent(pid)
+    })
+}
+
+/// Reaps one exited child without waiting; `None` when no child has exited.
+///
+/// # Errors
+///
+/// `waitpid`'s OS error; `ECHILD` (no children at all) is reported as `None`.
+pub fn reap_child() -> io::Result<Option<libc::pid_t>> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid, writable int for the duration of the call.
+    match cvt(unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) }) {
+        Ok(0) => Ok(None),
+        Ok(pid) => Ok(Some(pid)),
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends `signal` to process `pid`.
+///
+/// # Errors
+///
+/// `kill`'s OS error, e.g. `ESRCH` when the process is gone.
+pub fn kill(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill takes no pointers; a stale pid yields ESRCH, not undefined behaviour.
+    cvt(unsafe { libc::kill(pid, signal) })?;
+    Ok(())
+}
+
+/// Ends this process at once with `code`, running no destructors.
+///
+/// A forked child uses this so that it never runs the parent's cleanup, such as removing
+/// the Unix socket files the parent still serves.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit takes no pointers and never returns.
+    unsafe { libc::_exit(code) }
+}

@@ -1,0 +1,1 @@
+//! Bindings for `select(2)` (the select model builds them).

@@ -1,0 +1,1 @@
+//! Bindings for io_uring (the uring model builds them).
