@@ -211,11 +211,40 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
 /// A usage error after parsing: the contract's exit 2, with usage.
 fn usage_error(message: impl std::fmt::Display) -> ! {
     let mut command = Cli::command();
-    command.error(ErrorKind::ArgumentConflict, message).exit()
+    command.build();
+    let error = match command.find_subcommand_mut("serve") {
+        Some(serve) => serve.error(ErrorKind::ArgumentConflict, message),
+        None => command.error(ErrorKind::ArgumentConflict, message),
+    };
+    exit_with_usage(error)
+}
+
+/// Prints a parse error followed by the usage of the subcommand at fault, and exits 2
+/// (help and version requests print and exit 0 as usual).
+fn exit_with_usage(error: clap::Error) -> ! {
+    if !error.use_stderr() {
+        error.exit();
+    }
+    let _ = error.print();
+    let rendered = error.render().to_string();
+    if !rendered.contains("Usage:") {
+        let mut command = Cli::command();
+        command.build();
+        let name = std::env::args().nth(1).unwrap_or_default();
+        let usage = match command.find_subcommand_mut(&name) {
+            Some(sub) => sub.render_usage(),
+            None => command.render_usage(),
+        };
+        eprintln!("\n{usage}");
+    }
+    std::process::exit(2)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => exit_with_usage(e),
+    };
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Client(args) => client(args),
