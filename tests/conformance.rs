@@ -35,5 +35,6 @@ conformance! {
         idle_timeout,
         shutdown_drains,
         drain_timeout_bounds_shutdown,
+        out_of_descriptors_pauses,
     ],
 }

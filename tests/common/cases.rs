@@ -154,6 +154,7 @@ pub fn unread_flood_bounded(model: &str) {
         "the whole flood was absorbed without backpressure"
     );
     let during = server.rss_kib();
+    eprintln!("{model}: server RSS {before} KiB before, {during} KiB during a 64 MiB unread flood");
     assert!(
         during < before + 16 * 1024,
         "server RSS grew from {before} KiB to {during} KiB while the client did not read"
@@ -428,4 +429,39 @@ impl Server {
     pub fn connect_conn(&self) -> Conn {
         Conn::Tcp(self.connect_tcp())
     }
+}
+
+/// Out of descriptors: accept fails with EMFILE; the server logs, pauses accepting, does
+/// not spin, keeps serving, and accepts the waiting clients once descriptors free up.
+pub fn out_of_descriptors_pauses(model: &str) {
+    let server = Server::start_with_fd_limit(model, &["--tcp", "127.0.0.1:0"], 48);
+    let addr = format!("tcp://{}", server.addr("tcp"));
+    // More clients than descriptors: the kernel completes their handshakes in the backlog.
+    let mut conns: Vec<Conn> = (0..60).map(|_| Conn::connect(&addr).unwrap()).collect();
+    // A serial model holds one connection at a time; a forking parent hands each one to a
+    // child and closes its own copy: neither runs out.
+    if !is_serial(model) && model != "forking" {
+        server.wait_for_log("pausing accepts");
+        let cpu_before = server.cpu_time();
+        thread::sleep(Duration::from_secs(1));
+        let spent = server.cpu_time() - cpu_before;
+        assert!(
+            spent < Duration::from_millis(300),
+            "{spent:?} of CPU in 1 s: spinning"
+        );
+    }
+    // Everyone is served eventually, in order of freed descriptors.
+    for (n, conn) in conns.iter_mut().enumerate() {
+        conn.write_all(b"x").unwrap();
+        conn.shutdown_write();
+        let (got, error) = conn.read_to_end_lossy();
+        assert!(
+            error.is_none() && got == b"x",
+            "client {n}: {got:?} {error:?}"
+        );
+    }
+    drop(conns);
+    let got = round_trip(Conn::connect(&addr).unwrap(), b"after".to_vec());
+    assert_eq!(got, b"after");
+    server.stop();
 }

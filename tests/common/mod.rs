@@ -51,12 +51,27 @@ impl Server {
     /// Starts `reverb serve --model MODEL ARGS...` and waits for its `listening` lines
     /// (one per listener flag in `args`).
     pub fn start(model: &str, args: &[&str]) -> Server {
+        Server::spawn(reverb(), model, args)
+    }
+
+    /// Starts the server with its open-file limit (soft and hard) set to `limit`.
+    pub fn start_with_fd_limit(model: &str, args: &[&str], limit: u32) -> Server {
+        let mut command = Command::new("bash");
+        command.args([
+            "-c",
+            &format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_reverb"),
+        ]);
+        Server::spawn(command, model, args)
+    }
+
+    fn spawn(mut command: Command, model: &str, args: &[&str]) -> Server {
         let listeners = args
             .iter()
             .filter(|a| matches!(**a, "--tcp" | "--udp" | "--unix" | "--unix-dgram"))
             .count();
         assert!(listeners > 0, "tests name their listeners");
-        let mut child = reverb()
+        let mut child = command
             .arg("serve")
             .args(["--model", model])
             .args(args)
@@ -208,6 +223,16 @@ impl Server {
             "",
             "stdout holds only listening lines"
         );
+    }
+
+    /// CPU time (user + system) the server process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // USER_HZ is 100 on Linux.
+        Duration::from_millis(ticks * 10)
     }
 
     /// Resident memory of the server and all its child processes, in KiB.
