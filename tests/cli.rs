@@ -295,3 +295,69 @@ fn client_reads_until_server_closes_after_quit() {
     assert_eq!(output.stdout, b"hi\na\nquit\n");
     server.stop();
 }
+
+#[test]
+fn interactive_client_prompts_and_exits() {
+    // `script` gives the client a terminal on stdin, as a person at a keyboard would.
+    let server = Server::start(
+        "threaded",
+        &["--tcp", "127.0.0.1:0", "--greeting", "welcome\n"],
+    );
+    let command = format!(
+        "{} client {}",
+        env!("CARGO_BIN_EXE_reverb"),
+        server.addrs[0]
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux runs the client on a terminal");
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"hello\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"exit\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    let screen = String::from_utf8_lossy(&output.stdout).replace('\r', "");
+    assert!(output.status.success(), "{screen}");
+    assert!(
+        screen.starts_with("welcome\n> hello\nhello\n> exit"),
+        "the greeting, a prompt, the echo, a prompt: {screen:?}"
+    );
+    server.stop();
+}
+
+#[test]
+fn forking_reaps_every_child() {
+    let server = Server::start("forking", &["--tcp", "127.0.0.1:0"]);
+    for n in 0..20u64 {
+        let input = common::pattern(1000, n);
+        let got = common::round_trip(
+            common::Conn::connect(&server.addrs[0]).unwrap(),
+            input.clone(),
+        );
+        assert!(got == input);
+    }
+    let children = || -> Vec<String> {
+        let list = std::fs::read_to_string(format!(
+            "/proc/{}/task/{}/children",
+            server.pid(),
+            server.pid()
+        ))
+        .unwrap_or_default();
+        list.split_whitespace().map(str::to_string).collect()
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while !children().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "children left unreaped (zombies): {:?}",
+            children()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.stop();
+}
