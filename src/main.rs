@@ -2,7 +2,7 @@
 //! (1: could not run, 2: usage, 3: bench found wrong bytes), and calls the library.
 
 use anyhow::Result;
-use clap::{Args, CommandFactory, Parser, Subcommand, error::ErrorKind};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, error::ErrorKind};
 use reverb::addr::{Endpoint, ListenSpec, parse_ip_port};
 use reverb::models::{self, Model};
 use reverb::protocol::{Protocol, ProtocolKind};
@@ -241,12 +241,18 @@ fn exit_with_usage(error: clap::Error) -> ! {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => exit_with_usage(e),
-    };
+    let matches = Cli::command()
+        .try_get_matches()
+        .unwrap_or_else(|e| exit_with_usage(e));
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| exit_with_usage(e));
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => {
+            let specs = match matches.subcommand_matches("serve") {
+                Some(serve_matches) => listen_specs(&args, serve_matches),
+                None => Vec::new(),
+            };
+            serve(args, specs)
+        }
         Command::Client(args) => client(args),
         Command::Bench(_) => fail("bench is not built yet (issue 6)"),
         Command::Compare(_) => fail("compare is not built yet (issue 7)"),
@@ -275,13 +281,9 @@ fn init_logging(verbose: bool) {
     }));
 }
 
-fn listen_specs(args: &ServeArgs) -> Vec<ListenSpec> {
-    // Flag order matters for the readiness lines; clap keeps each flag's own order, and
-    // the flags' relative order is recovered from their indices.
-    let matches = Cli::command().get_matches();
-    let Some(("serve", serve)) = matches.subcommand() else {
-        return Vec::new();
-    };
+/// The listeners in the order their flags were given, which the readiness lines follow;
+/// clap keeps each flag's values in order, and their indices give the order across flags.
+fn listen_specs(args: &ServeArgs, serve: &clap::ArgMatches) -> Vec<ListenSpec> {
     let mut indexed = Vec::new();
     let mut push = |name: &str, make: &dyn Fn(usize) -> ListenSpec| {
         if let Some(indices) = serve.indices_of(name) {
@@ -305,8 +307,7 @@ fn listen_specs(args: &ServeArgs) -> Vec<ListenSpec> {
     specs
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
-    let specs = listen_specs(&args);
+fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
     let has_stream = specs
         .iter()
         .any(|s| matches!(s, ListenSpec::Tcp(_) | ListenSpec::Unix(_)));
