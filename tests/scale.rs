@@ -3,102 +3,13 @@
 //! `select` must survive descriptors past FD_SETSIZE (closing those connections, never
 //! leaving them hanging or corrupting its fd sets); `poll` has no such cap.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use common::Server;
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// Every read in these tests gives up after this long instead of hanging.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A `reverb serve` process, killed if the test fails before it is stopped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    /// Collects the server's log as it is written, so the pipe never fills up.
-    log: Option<thread::JoinHandle<String>>,
-}
-
-impl Server {
-    fn start(model: &str) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_reverb"))
-            .args(["serve", "--model", model, "--tcp", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start reverb serve");
-        let mut stderr = child.stderr.take().expect("piped stderr");
-        let log = thread::spawn(move || {
-            let mut log = String::new();
-            let _ = stderr.read_to_string(&mut log);
-            log
-        });
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (sender, receiver) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = sender.send(line);
-        });
-        let line = receiver
-            .recv_timeout(READ_TIMEOUT)
-            .expect("server printed its listening line in time");
-        let addr = line
-            .trim()
-            .strip_prefix("listening tcp://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .expect("a socket address");
-        Server {
-            child,
-            addr,
-            log: Some(log),
-        }
-    }
-
-    fn connect(&self) -> TcpStream {
-        let stream = TcpStream::connect(self.addr).expect("connect");
-        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-        stream
-    }
-
-    /// SIGTERM, then the exit status must be 0 within the drain timeout; returns the log.
-    fn stop(mut self) -> String {
-        send_sigterm(self.child.id());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let log = self.log.take().and_then(|log| log.join().ok());
-                let log = log.unwrap_or_default();
-                assert!(status.success(), "server exited with {status}; log:\n{log}");
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not exit after SIGTERM"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Sends SIGTERM through kill(1): `unsafe` is denied outside `src/sys/`, tests included.
-fn send_sigterm(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -TERM {pid} failed");
-}
 
 /// Each of `connections` sends a distinct line and must get exactly it back.
 fn assert_all_echo(connections: &mut [TcpStream]) {
@@ -126,8 +37,8 @@ fn raise_limit_to(needed: u64) {
 fn select_closes_connections_past_fd_setsize_and_serves_the_rest() {
     raise_limit_to(2_000);
     let started = Instant::now();
-    let server = Server::start("select");
-    let mut connections: Vec<TcpStream> = (0..1_100).map(|_| server.connect()).collect();
+    let server = Server::start("select", &["--tcp", "127.0.0.1:0"]);
+    let mut connections: Vec<TcpStream> = (0..1_100).map(|_| server.connect_tcp()).collect();
 
     // The server holds fewer than a dozen descriptors of its own, so the first 1,000
     // connections are below 1,024 and must be served.
@@ -149,7 +60,7 @@ fn select_closes_connections_past_fd_setsize_and_serves_the_rest() {
     connections.drain(..20);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let mut fresh = [server.connect()];
+        let mut fresh = [server.connect_tcp()];
         fresh[0].write_all(b"0000000\n").unwrap();
         let mut reply = [0u8; 8];
         if fresh[0].read_exact(&mut reply).is_ok() {
@@ -174,8 +85,8 @@ fn select_closes_connections_past_fd_setsize_and_serves_the_rest() {
 fn poll_serves_five_thousand_connections() {
     raise_limit_to(11_000);
     let started = Instant::now();
-    let server = Server::start("poll");
-    let mut connections: Vec<TcpStream> = (0..5_000).map(|_| server.connect()).collect();
+    let server = Server::start("poll", &["--tcp", "127.0.0.1:0"]);
+    let mut connections: Vec<TcpStream> = (0..5_000).map(|_| server.connect_tcp()).collect();
     assert_all_echo(&mut connections);
     // Twice, so every connection is served again after all were open at once.
     assert_all_echo(&mut connections);
