@@ -8,6 +8,7 @@
 mod connection;
 mod datagram;
 mod listeners;
+pub mod readiness;
 mod shutdown;
 pub mod threaded_io;
 
