@@ -7,8 +7,10 @@
 
 mod connection;
 mod datagram;
+pub mod idle_wheel;
 mod listeners;
 mod shutdown;
+pub mod slab;
 pub mod threaded_io;
 
 pub use crate::protocol::Protocol;
