@@ -177,7 +177,7 @@ mod tests {
     #[test]
     fn spare_is_lent_and_returned() {
         let mut spare = Vec::with_capacity(64);
-        let mut out = WriteBuffer::new(16);
+        let mut out = WriteBuffer::new(1024);
         out.lend_spare(&mut spare);
         assert_eq!(spare.capacity(), 0);
         assert!(out.capacity() >= 64);
