@@ -53,6 +53,9 @@ struct Interest {
     /// The task to wake at the next edge; one waiter per direction, as with asyncio's
     /// `add_reader`.
     waker: Option<Waker>,
+    /// The peer closed or the socket failed: every later call returns at once (EOF or the
+    /// error), so the flag stays set; there will be no further edge to set it again.
+    is_final: bool,
 }
 
 impl Source {
@@ -84,11 +87,11 @@ impl Reactor {
         let both_ready = Source {
             read: Interest {
                 is_ready: true,
-                waker: None,
+                ..Interest::default()
             },
             write: Interest {
                 is_ready: true,
-                waker: None,
+                ..Interest::default()
             },
         };
         let key = sources.insert(both_ready);
@@ -131,13 +134,15 @@ impl Reactor {
         Poll::Pending
     }
 
-    /// A system call said `WouldBlock`: wait for the next edge before trying again.
+    /// A system call said `WouldBlock` (or proved the kernel has nothing more): wait for
+    /// the next edge before trying again.
     ///
     /// No edge can slip in between: events are only read in [`Reactor::wait`], on this
     /// same thread, never while a task is being polled.
     pub(crate) fn clear_ready(&self, key: u64, direction: Direction) {
         if let Some(source) = self.sources.borrow_mut().get_mut(key) {
-            source.interest(direction).is_ready = false;
+            let interest = source.interest(direction);
+            interest.is_ready = interest.is_final;
         }
     }
 
@@ -158,7 +163,11 @@ impl Reactor {
                 continue;
             };
             // An error or hang-up must wake both sides: the next system call reports it.
+            // A FIN that came with the last bytes has no edge of its own, so "closed" is
+            // remembered apart from "ready" (a short read must not hide the EOF after it).
             let flags = flags as i32;
+            source.read.is_final |= flags & (EPOLLRDHUP | EPOLLHUP | EPOLLERR) != 0;
+            source.write.is_final |= flags & (EPOLLHUP | EPOLLERR) != 0;
             if flags & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR) != 0 {
                 wake(&mut source.read);
             }

@@ -304,3 +304,31 @@ fn thousands_of_tasks_over_socket_pairs() {
         assert_eq!(runtime.counts(), (0, 0));
     });
 }
+
+#[test]
+fn eof_after_a_short_read_is_seen() {
+    within(Duration::from_secs(10), || {
+        let runtime = Runtime::new().unwrap();
+        let (ours, theirs) = unix::UnixStream::pair().unwrap();
+        let (got, eof) = runtime
+            .block_on(async {
+                let stream = UnixStream::new(ours)?;
+                let peer = UnixStream::new(theirs)?;
+                // Let the loop see the write edge of `peer` and park once.
+                sleep(Duration::from_millis(10)).await;
+                peer.write_all(b"abc").await?;
+                peer.shutdown(std::net::Shutdown::Write)?;
+                // The loop takes the one edge for bytes and FIN before the read below.
+                sleep(Duration::from_millis(10)).await;
+                let mut buf = [0u8; 64];
+                let got = stream.read(&mut buf).await?;
+                // The model's trick: a short read emptied the socket, so skip the EAGAIN.
+                stream.clear_ready(Direction::Read);
+                let eof = stream.read(&mut buf).await?;
+                io::Result::Ok((got, eof))
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!((got, eof), (3, 0));
+    });
+}
