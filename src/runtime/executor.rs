@@ -39,7 +39,6 @@ pub(crate) fn current() -> Option<Rc<Core>> {
 }
 
 /// Everything one runtime owns; shared (`Rc`) by its sockets, timers and join handles.
-#[derive(Debug)]
 pub(crate) struct Core {
     pub(crate) reactor: Reactor,
     pub(crate) timers: RefCell<Timers>,
@@ -48,7 +47,7 @@ pub(crate) struct Core {
     tasks: RefCell<Slab<Task>>,
     queue: Arc<Queue>,
     /// Woken when the last task ends (see [`Runtime::wait_for_tasks`]).
-    all_done: RefCell<Option<Waker>>,
+    all_done: Cell<Option<Waker>>,
 }
 
 struct Task {
@@ -57,21 +56,14 @@ struct Task {
     waker: Arc<TaskWaker>,
 }
 
-impl std::fmt::Debug for Task {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Task").field("waker", &self.waker).finish()
-    }
-}
-
 /// The run queue: keys of tasks to poll; the only part of a runtime other threads touch.
-#[derive(Debug)]
 struct Queue {
     state: Mutex<QueueState>,
     /// Written when a task is woken while the loop sleeps, to end the `epoll_wait`.
     wake_fd: EventFd,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct QueueState {
     ready: VecDeque<u64>,
     /// The loop is (about to be) asleep in `epoll_wait` and must be woken through `wake_fd`.
@@ -86,7 +78,6 @@ impl Queue {
 }
 
 /// What a [`Waker`] is here: made once per task, so a wake-up allocates nothing.
-#[derive(Debug)]
 struct TaskWaker {
     key: u64,
     /// The key is in the queue (or the task is about to be polled): don't queue it twice.
@@ -130,7 +121,6 @@ impl TaskWaker {
 
 /// A single-threaded async runtime: [`Runtime::block_on`] runs a future and every task it
 /// [`spawn`]s on the calling thread.
-#[derive(Debug)]
 pub struct Runtime {
     core: Rc<Core>,
 }
@@ -153,7 +143,7 @@ impl Runtime {
                 state: Mutex::default(),
                 wake_fd,
             }),
-            all_done: RefCell::new(None),
+            all_done: Cell::new(None),
         };
         Ok(Runtime {
             core: Rc::new(core),
@@ -210,7 +200,7 @@ impl Runtime {
             if core.tasks.borrow().len() == 0 {
                 return Poll::Ready(());
             }
-            *core.all_done.borrow_mut() = Some(cx.waker().clone());
+            core.all_done.set(Some(cx.waker().clone()));
             Poll::Pending
         }))
     }
@@ -284,25 +274,26 @@ impl Core {
                 true
             }
         };
-        let mut tasks = self.tasks.borrow_mut();
-        if is_finished {
-            tasks.remove(key);
-        } else if let Some(task) = tasks.get_mut(key) {
-            task.future = Some(future);
-            return;
+        if !is_finished {
+            if let Some(task) = self.tasks.borrow_mut().get_mut(key) {
+                task.future = Some(future);
+                return;
+            }
         }
-        let is_empty = tasks.len() == 0;
-        drop(tasks);
+        self.remove(key);
         // Dropped outside the borrow: its sockets and timers deregister themselves.
         drop(future);
-        if is_empty {
-            self.wake_if_all_done();
-        }
     }
 
-    fn wake_if_all_done(&self) {
-        if let Some(waker) = self.all_done.borrow_mut().take() {
-            waker.wake();
+    /// Ends the task `key` (dropping its future, if not running), and wakes
+    /// [`Runtime::wait_for_tasks`] if it was the last.
+    fn remove(&self, key: u64) {
+        let task = self.tasks.borrow_mut().remove(key);
+        drop(task);
+        if self.tasks.borrow().len() == 0 {
+            if let Some(waker) = self.all_done.take() {
+                waker.wake();
+            }
         }
     }
 
@@ -342,11 +333,7 @@ pub fn spawn<F: Future + 'static>(future: F) -> JoinHandle<F::Output> {
 }
 
 fn spawn_on<F: Future + 'static>(core: &Rc<Core>, future: F) -> JoinHandle<F::Output> {
-    let state = Rc::new(RefCell::new(JoinState {
-        output: None,
-        is_done: false,
-        waiter: None,
-    }));
+    let state = Rc::new(RefCell::new(JoinState::default()));
     let completion = Completion(state.clone());
     let task = async move {
         let output = future.await;
@@ -397,7 +384,6 @@ pub async fn yield_now() {
     .await;
 }
 
-#[derive(Debug)]
 struct JoinState<T> {
     output: Option<T>,
     is_done: bool,
@@ -407,6 +393,16 @@ struct JoinState<T> {
 /// Owned by the task; dropped when it finishes, panics or is aborted, and tells the
 /// [`JoinHandle`] so in every case.
 struct Completion<T>(Rc<RefCell<JoinState<T>>>);
+
+impl<T> Default for JoinState<T> {
+    fn default() -> Self {
+        JoinState {
+            output: None,
+            is_done: false,
+            waiter: None,
+        }
+    }
+}
 
 impl<T> Drop for Completion<T> {
     fn drop(&mut self) {
@@ -423,7 +419,6 @@ impl<T> Drop for Completion<T> {
 
 /// Awaits a spawned task's output: `Some(output)`, or `None` if the task panicked or was
 /// aborted. Dropping the handle detaches the task; it keeps running.
-#[derive(Debug)]
 pub struct JoinHandle<T> {
     key: u64,
     state: Rc<RefCell<JoinState<T>>>,
@@ -434,17 +429,7 @@ impl<T> JoinHandle<T> {
     /// Cancels the task: its future is dropped now (its sockets leave epoll, its timers
     /// go), and the handle then yields `None`.
     pub fn abort(&self) {
-        let task = self.core.tasks.borrow_mut().remove(self.key);
-        let is_empty = self.core.tasks.borrow().len() == 0;
-        drop(task);
-        if is_empty {
-            self.core.wake_if_all_done();
-        }
-    }
-
-    /// Whether the task has finished, panicked or been aborted.
-    pub fn is_finished(&self) -> bool {
-        self.state.borrow().is_done
+        self.core.remove(self.key);
     }
 }
 

@@ -58,25 +58,22 @@ pub mod timer;
 mod tests;
 
 pub use executor::{JoinHandle, Runtime, spawn, wake_all, yield_now};
-pub use net::{
-    Async, ByteStream, Datagram, Listener, TcpListener, TcpStream, UdpSocket, UnixDatagram,
-    UnixListener, UnixStream,
-};
+pub use net::{Async, TcpListener, TcpStream, UdpSocket, UnixDatagram, UnixListener, UnixStream};
 pub use reactor::Direction;
 pub use timer::{Elapsed, Timer, now, sleep, timeout};
+
+use std::task::{Context, Waker};
 
 /// Values in reusable slots, each named by a key that packs the slot's index (low 32 bits)
 /// and its generation (high 32 bits). Freeing a slot bumps its generation, so a key that
 /// outlived its value (an old epoll token, a late waker) finds nothing instead of the
 /// slot's next owner: async-io's stale-event guard, and mio's `Token`.
-#[derive(Debug)]
 pub(crate) struct Slab<T> {
     slots: Vec<Slot<T>>,
     free: Vec<u32>,
     len: usize,
 }
 
-#[derive(Debug)]
 struct Slot<T> {
     generation: u32,
     value: Option<T>,
@@ -146,6 +143,17 @@ impl<T> Slab<T> {
 impl<T> Default for Slab<T> {
     fn default() -> Self {
         Slab::new()
+    }
+}
+
+/// Remembers the waker of the task polling with `cx`. A task is polled with the same waker
+/// each time, so usually this is a comparison and no clone.
+fn store_waker(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    if !slot
+        .as_ref()
+        .is_some_and(|waker| waker.will_wake(cx.waker()))
+    {
+        *slot = Some(cx.waker().clone());
     }
 }
 

@@ -1,41 +1,39 @@
-//! Async sockets: [`Async`] wraps any socket, registers it with the reactor once, and turns
+//! Async sockets: [`Async`] wraps a socket, registers it with the reactor once, and turns
 //! each non-blocking system call into a future that waits for readiness on `WouldBlock`.
 //!
-//! The same few traits describe std's sockets and reverb's own `server` types, so one
-//! wrapper serves TCP, UDP and Unix sockets alike:
-//! [`Listener`] (`accept`), [`ByteStream`] (`read`, `write`), [`Datagram`]
-//! (`recv_from`, `send_to`).
+//! reverb's `server` types already put TCP and Unix behind one type each, so three
+//! wrappers cover all four transports: listeners ([`Async::accept`]), streams
+//! ([`Async::read`], [`Async::write_all`]) and datagram sockets ([`Async::recv_from`]).
+//! [`Async::read_with`] turns any other non-blocking call into a future.
 
 use super::executor::{Core, current};
 use super::reactor::Direction;
 use crate::server::{DatagramSocket, Peer, Stream, StreamListener};
 use socket2::SockRef;
 use std::future::poll_fn;
-use std::io::{self, Read, Write};
-use std::net::{self, SocketAddr};
+use std::io;
+use std::net;
 use std::os::fd::AsFd;
-use std::os::unix::net as unix;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
 /// An async TCP listener.
-pub type TcpListener = Async<net::TcpListener>;
+pub type TcpListener = Async<StreamListener>;
+/// An async Unix stream listener (the same type: `StreamListener` covers both).
+pub type UnixListener = Async<StreamListener>;
 /// An async TCP stream.
-pub type TcpStream = Async<net::TcpStream>;
-/// An async UDP socket.
-pub type UdpSocket = Async<net::UdpSocket>;
-/// An async Unix stream listener.
-pub type UnixListener = Async<unix::UnixListener>;
+pub type TcpStream = Async<Stream>;
 /// An async Unix stream.
-pub type UnixStream = Async<unix::UnixStream>;
+pub type UnixStream = Async<Stream>;
+/// An async UDP socket.
+pub type UdpSocket = Async<DatagramSocket>;
 /// An async Unix datagram socket.
-pub type UnixDatagram = Async<unix::UnixDatagram>;
+pub type UnixDatagram = Async<DatagramSocket>;
 
 /// A non-blocking socket registered with the current runtime's reactor.
 ///
 /// One task may wait to read and one to write at a time (a second waiter in the same
 /// direction replaces the first, which then relies on being polled again).
-#[derive(Debug)]
 pub struct Async<T: AsFd> {
     io: T,
     key: u64,
@@ -128,62 +126,11 @@ impl<T: AsFd> Drop for Async<T> {
     }
 }
 
-/// A listening socket.
-pub trait Listener: AsFd {
-    /// The connected socket `accept` returns.
-    type Stream: AsFd;
-    /// The peer's address.
-    type Addr;
-    /// One non-blocking `accept`.
-    ///
-    /// # Errors
-    ///
-    /// The OS error of `accept`.
-    fn accept_now(&self) -> io::Result<(Self::Stream, Self::Addr)>;
-}
-
-/// A connected byte stream.
-pub trait ByteStream: AsFd {
-    /// One `read` into `buf`; `Ok(0)` is the peer's EOF.
-    ///
-    /// # Errors
-    ///
-    /// The OS error of `read`.
-    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize>;
-    /// One `write` of a prefix of `bytes`; returns its length.
-    ///
-    /// # Errors
-    ///
-    /// The OS error of `write`.
-    fn write_now(&self, bytes: &[u8]) -> io::Result<usize>;
-}
-
-/// A datagram socket.
-pub trait Datagram: AsFd {
-    /// A sender's or receiver's address.
-    type Addr;
-    /// Receives one datagram; returns its length and sender.
-    ///
-    /// # Errors
-    ///
-    /// The OS error of `recvfrom`.
-    fn recv_now(&self, buf: &mut [u8]) -> io::Result<(usize, Self::Addr)>;
-    /// Sends `datagram` to `addr` as one datagram.
-    ///
-    /// # Errors
-    ///
-    /// The OS error of `sendto`.
-    fn send_now(&self, datagram: &[u8], addr: &Self::Addr) -> io::Result<usize>;
-}
-
-/// What `accept` yields: the new connection, already registered, and its peer.
-pub type Accepted<L> = (Async<<L as Listener>::Stream>, <L as Listener>::Addr);
-
-impl<L: Listener> Async<L> {
+impl Async<StreamListener> {
     /// Polls for one connection, registered with this runtime on arrival.
-    pub fn poll_accept(&self, cx: &Context<'_>) -> Poll<io::Result<Accepted<L>>> {
-        self.poll_io(cx, Direction::Read, L::accept_now)
-            .map(|accepted| accepted.and_then(|(stream, addr)| Ok((Async::new(stream)?, addr))))
+    pub fn poll_accept(&self, cx: &Context<'_>) -> Poll<io::Result<(Async<Stream>, Peer)>> {
+        let accepted = self.poll_io(cx, Direction::Read, StreamListener::accept);
+        accepted.map(|accepted| accepted.and_then(|(stream, peer)| Ok((Async::new(stream)?, peer))))
     }
 
     /// Accepts one connection.
@@ -191,19 +138,19 @@ impl<L: Listener> Async<L> {
     /// # Errors
     ///
     /// The OS error of `accept` (sort it with `server::accept_action`) or of registering.
-    pub async fn accept(&self) -> io::Result<Accepted<L>> {
+    pub async fn accept(&self) -> io::Result<(Async<Stream>, Peer)> {
         poll_fn(|cx| self.poll_accept(cx)).await
     }
 }
 
-impl<S: ByteStream> Async<S> {
+impl Async<Stream> {
     /// Reads into `buf`; `Ok(0)` is the peer's EOF.
     ///
     /// # Errors
     ///
     /// The OS error of `read`, e.g. a reset.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_with(|io| io.read_now(buf)).await
+        self.read_with(|stream| stream.read(buf)).await
     }
 
     /// Writes a prefix of `bytes`, as much as the kernel takes; returns its length.
@@ -212,7 +159,7 @@ impl<S: ByteStream> Async<S> {
     ///
     /// The OS error of `write`, e.g. a broken pipe.
     pub async fn write(&self, bytes: &[u8]) -> io::Result<usize> {
-        self.write_with(|io| io.write_now(bytes)).await
+        self.write_with(|stream| stream.write(bytes)).await
     }
 
     /// Writes all of `bytes`, waiting for room as often as the kernel takes only part.
@@ -231,99 +178,23 @@ impl<S: ByteStream> Async<S> {
     }
 }
 
-impl<D: Datagram> Async<D> {
+impl Async<DatagramSocket> {
     /// Receives one datagram into `buf`; returns its length and sender.
     ///
     /// # Errors
     ///
     /// The OS error of `recvfrom`.
-    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, D::Addr)> {
-        self.read_with(|io| io.recv_now(buf)).await
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, Peer)> {
+        self.read_with(|socket| socket.recv_from(buf)).await
     }
 
-    /// Sends `datagram` to `addr` as one datagram.
+    /// Sends `datagram` to `peer` as one datagram.
     ///
     /// # Errors
     ///
     /// The OS error of `sendto`.
-    pub async fn send_to(&self, datagram: &[u8], addr: &D::Addr) -> io::Result<usize> {
-        self.write_with(|io| io.send_now(datagram, addr)).await
-    }
-}
-
-macro_rules! byte_stream {
-    ($($t:ty),*) => {$(
-        impl ByteStream for $t {
-            fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
-                (&*self).read(buf)
-            }
-            fn write_now(&self, bytes: &[u8]) -> io::Result<usize> {
-                (&*self).write(bytes)
-            }
-        }
-    )*};
-}
-byte_stream!(net::TcpStream, unix::UnixStream);
-
-impl ByteStream for Stream {
-    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read(buf)
-    }
-    fn write_now(&self, bytes: &[u8]) -> io::Result<usize> {
-        self.write(bytes)
-    }
-}
-
-impl Listener for net::TcpListener {
-    type Stream = net::TcpStream;
-    type Addr = SocketAddr;
-    fn accept_now(&self) -> io::Result<(net::TcpStream, SocketAddr)> {
-        self.accept()
-    }
-}
-
-impl Listener for unix::UnixListener {
-    type Stream = unix::UnixStream;
-    type Addr = unix::SocketAddr;
-    fn accept_now(&self) -> io::Result<(unix::UnixStream, unix::SocketAddr)> {
-        self.accept()
-    }
-}
-
-impl Listener for StreamListener {
-    type Stream = Stream;
-    type Addr = Peer;
-    fn accept_now(&self) -> io::Result<(Stream, Peer)> {
-        self.accept()
-    }
-}
-
-impl Datagram for net::UdpSocket {
-    type Addr = SocketAddr;
-    fn recv_now(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        self.recv_from(buf)
-    }
-    fn send_now(&self, datagram: &[u8], addr: &SocketAddr) -> io::Result<usize> {
-        self.send_to(datagram, addr)
-    }
-}
-
-impl Datagram for unix::UnixDatagram {
-    type Addr = unix::SocketAddr;
-    fn recv_now(&self, buf: &mut [u8]) -> io::Result<(usize, unix::SocketAddr)> {
-        self.recv_from(buf)
-    }
-    fn send_now(&self, datagram: &[u8], addr: &unix::SocketAddr) -> io::Result<usize> {
-        self.send_to_addr(datagram, addr)
-    }
-}
-
-impl Datagram for DatagramSocket {
-    type Addr = Peer;
-    fn recv_now(&self, buf: &mut [u8]) -> io::Result<(usize, Peer)> {
-        self.recv_from(buf)
-    }
-    fn send_now(&self, datagram: &[u8], peer: &Peer) -> io::Result<usize> {
-        self.send_to(datagram, peer)
+    pub async fn send_to(&self, datagram: &[u8], peer: &Peer) -> io::Result<usize> {
+        self.write_with(|socket| socket.send_to(datagram, peer))
+            .await
     }
 }

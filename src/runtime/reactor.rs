@@ -32,21 +32,16 @@ pub enum Direction {
 }
 
 /// One epoll instance and the state of everything registered with it.
-#[derive(Debug)]
 pub(crate) struct Reactor {
     epoll: Epoll,
     events: RefCell<Events>,
     sources: RefCell<Slab<Source>>,
 }
 
-/// One registered fd: readiness and waiter for each direction.
-#[derive(Debug, Default)]
-struct Source {
-    read: Interest,
-    write: Interest,
-}
+/// One registered fd: readiness and waiter for each direction (indexed by [`Direction`]).
+type Source = [Interest; 2];
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Interest {
     /// The last edge said ready, and no system call has said `WouldBlock` since.
     is_ready: bool,
@@ -56,15 +51,6 @@ struct Interest {
     /// The peer closed or the socket failed: every later call returns at once (EOF or the
     /// error), so the flag stays set; there will be no further edge to set it again.
     is_final: bool,
-}
-
-impl Source {
-    fn interest(&mut self, direction: Direction) -> &mut Interest {
-        match direction {
-            Direction::Read => &mut self.read,
-            Direction::Write => &mut self.write,
-        }
-    }
 }
 
 impl Reactor {
@@ -84,17 +70,11 @@ impl Reactor {
     pub(crate) fn register(&self, fd: BorrowedFd<'_>) -> io::Result<u64> {
         let mut sources = self.sources.borrow_mut();
         // Optimistic: try the system call first, and wait only once it says WouldBlock.
-        let both_ready = Source {
-            read: Interest {
-                is_ready: true,
-                ..Interest::default()
-            },
-            write: Interest {
-                is_ready: true,
-                ..Interest::default()
-            },
+        let ready = || Interest {
+            is_ready: true,
+            ..Interest::default()
         };
-        let key = sources.insert(both_ready);
+        let key = sources.insert([ready(), ready()]);
         let events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
         if let Err(e) = self.epoll.add(fd, key, events as u32) {
             sources.remove(key);
@@ -119,18 +99,11 @@ impl Reactor {
         let Some(source) = sources.get_mut(key) else {
             return Poll::Ready(());
         };
-        let interest = source.interest(direction);
+        let interest = &mut source[direction as usize];
         if interest.is_ready {
             return Poll::Ready(());
         }
-        // A task is polled with the same waker each time: skip the clone then.
-        if !interest
-            .waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            interest.waker = Some(cx.waker().clone());
-        }
+        super::store_waker(&mut interest.waker, cx);
         Poll::Pending
     }
 
@@ -141,7 +114,7 @@ impl Reactor {
     /// same thread, never while a task is being polled.
     pub(crate) fn clear_ready(&self, key: u64, direction: Direction) {
         if let Some(source) = self.sources.borrow_mut().get_mut(key) {
-            let interest = source.interest(direction);
+            let interest = &mut source[direction as usize];
             interest.is_ready = interest.is_final;
         }
     }
@@ -166,13 +139,14 @@ impl Reactor {
             // A FIN that came with the last bytes has no edge of its own, so "closed" is
             // remembered apart from "ready" (a short read must not hide the EOF after it).
             let flags = flags as i32;
-            source.read.is_final |= flags & (EPOLLRDHUP | EPOLLHUP | EPOLLERR) != 0;
-            source.write.is_final |= flags & (EPOLLHUP | EPOLLERR) != 0;
+            let [read, write] = source;
+            read.is_final |= flags & (EPOLLRDHUP | EPOLLHUP | EPOLLERR) != 0;
+            write.is_final |= flags & (EPOLLHUP | EPOLLERR) != 0;
             if flags & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR) != 0 {
-                wake(&mut source.read);
+                wake(read);
             }
             if flags & (EPOLLOUT | EPOLLHUP | EPOLLERR) != 0 {
-                wake(&mut source.write);
+                wake(write);
             }
         }
         Ok(is_woken)

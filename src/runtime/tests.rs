@@ -2,6 +2,7 @@
 //! tasks, and a stress test where wakes race polls.
 
 use super::*;
+use crate::server::Stream;
 use std::cell::Cell;
 use std::future::poll_fn;
 use std::io;
@@ -205,7 +206,7 @@ fn abort_cancels_the_task_and_deregisters_its_socket() {
     let guard = DropFlag(dropped.clone());
     let handle = runtime.spawn(async move {
         let _guard = guard;
-        let stream = UnixStream::new(ours)?;
+        let stream = UnixStream::new(Stream::Unix(ours))?;
         let mut buf = [0u8; 16];
         stream.read(&mut buf).await
     });
@@ -229,7 +230,7 @@ fn dropping_the_runtime_cancels_its_tasks() {
     let guard = DropFlag(dropped.clone());
     runtime.spawn(async move {
         let _guard = guard;
-        let stream = UnixStream::new(ours)?;
+        let stream = UnixStream::new(Stream::Unix(ours))?;
         stream.read(&mut [0u8; 16]).await
     });
     runtime.block_on(async {}).unwrap();
@@ -271,7 +272,7 @@ fn thousands_of_tasks_over_socket_pairs() {
                     let (server, client) = unix::UnixStream::pair()?;
                     // An echo task per connection, as the async model runs them.
                     spawn(async move {
-                        let server = UnixStream::new(server)?;
+                        let server = UnixStream::new(Stream::Unix(server))?;
                         let mut buf = [0u8; 64];
                         loop {
                             match server.read(&mut buf).await? {
@@ -280,7 +281,7 @@ fn thousands_of_tasks_over_socket_pairs() {
                             }
                         }
                     });
-                    clients.push(UnixStream::new(client)?);
+                    clients.push(UnixStream::new(Stream::Unix(client))?);
                 }
                 let mut echoed = 0;
                 for (i, client) in clients.iter().enumerate() {
@@ -312,8 +313,8 @@ fn eof_after_a_short_read_is_seen() {
         let (ours, theirs) = unix::UnixStream::pair().unwrap();
         let (got, eof) = runtime
             .block_on(async {
-                let stream = UnixStream::new(ours)?;
-                let peer = UnixStream::new(theirs)?;
+                let stream = UnixStream::new(Stream::Unix(ours))?;
+                let peer = UnixStream::new(Stream::Unix(theirs))?;
                 // Let the loop see the write edge of `peer` and park once.
                 sleep(Duration::from_millis(10)).await;
                 peer.write_all(b"abc").await?;

@@ -17,14 +17,14 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// Every timer of one runtime.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Timers {
     slots: Slab<TimerSlot>,
     /// `(when, key)`, earliest first; an entry whose slot moved on is skipped when popped.
     heap: BinaryHeap<Reverse<(Instant, u64)>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct TimerSlot {
     deadline: Option<Instant>,
     /// The heap entry that speaks for this slot; `None`: no entry.
@@ -89,7 +89,6 @@ impl Timers {
 /// A deadline that wakes the task awaiting it; reusable through [`Timer::reset`].
 ///
 /// Must be created and used inside a runtime's `block_on`.
-#[derive(Debug)]
 pub struct Timer {
     key: u64,
     core: Rc<Core>,
@@ -123,9 +122,7 @@ impl Timer {
         if slot.has_fired {
             return Poll::Ready(());
         }
-        if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            slot.waker = Some(cx.waker().clone());
-        }
+        super::store_waker(&mut slot.waker, cx);
         Poll::Pending
     }
 }
