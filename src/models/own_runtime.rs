@@ -20,6 +20,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::Shutdown as Half;
 use std::rc::Rc;
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::task::Poll;
 use std::thread;
 
@@ -77,10 +78,14 @@ pub fn run(
         ),
     );
     let (limits, counter) = (&listeners.limits, &listeners.counter);
+    // No loop accepts before every loop has its epoll and eventfd: a busy first loop could
+    // otherwise use up the descriptors the others still need to start.
+    let started = Gate::new(sockets.len());
     thread::scope(|scope| {
         let mut threads = Vec::new();
         for (index, (streams, datagrams)) in sockets.into_iter().enumerate() {
             let state = (protocol.clone(), limits.clone(), counter.clone(), &shutdown);
+            let started = &started;
             let spawned = thread::Builder::new()
                 .name(format!("reverb-async-{index}"))
                 .spawn_scoped(scope, move || {
@@ -91,13 +96,16 @@ pub fn run(
                         counter,
                         is_draining: Cell::new(false),
                     };
-                    serve_loop(streams, datagrams, Rc::new(state), shutdown)
+                    let runtime = Runtime::new();
+                    started.arrive_and_wait();
+                    serve_loop(runtime?, streams, datagrams, Rc::new(state), shutdown)
                 });
             match spawned {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     // The loops already running must still hear shutdown before we return.
                     shutdown.fire();
+                    started.open();
                     return Err(e.into());
                 }
             }
@@ -113,14 +121,48 @@ pub fn run(
     })
 }
 
+/// A barrier the spawning thread can also open, should a thread fail to start.
+struct Gate {
+    waiting_for: Mutex<usize>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn new(count: usize) -> Self {
+        Gate {
+            waiting_for: Mutex::new(count),
+            opened: Condvar::new(),
+        }
+    }
+
+    fn arrive_and_wait(&self) {
+        let mut waiting_for = self
+            .waiting_for
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *waiting_for = waiting_for.saturating_sub(1);
+        self.opened.notify_all();
+        let waiting = self.opened.wait_while(waiting_for, |n| *n > 0);
+        drop(waiting.unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn open(&self) {
+        *self
+            .waiting_for
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = 0;
+        self.opened.notify_all();
+    }
+}
+
 /// One runtime: a task per listener and datagram socket, then a task per connection.
 fn serve_loop(
+    runtime: Runtime,
     streams: Vec<StreamListener>,
     datagrams: Vec<DatagramSocket>,
     state: Rc<Loop>,
     shutdown: &Shutdown,
 ) -> io::Result<()> {
-    let runtime = Runtime::new()?;
     let servers = runtime.block_on(async {
         let mut servers = Vec::new();
         for listener in streams {
