@@ -18,6 +18,7 @@ use std::net::{Shutdown as Direction, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{self, UnixStream};
+use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -77,12 +78,17 @@ pub fn run(
         sockets.push((streams, datagrams.collect::<io::Result<Vec<_>>>()?));
     }
     let (protocol, shutdown, listeners) = (&protocol, &shutdown, &listeners);
+    // Every loop makes its ring before any loop accepts, so a flood of connections that
+    // exhausts descriptors cannot starve another loop's setup.
+    let setup_done = &Barrier::new(loops);
     thread::scope(|scope| {
         let handles: Vec<_> = sockets
             .into_iter()
             .map(|(streams, datagrams)| {
                 scope.spawn(move || {
-                    let result = Loop::new(listeners, protocol, shutdown, streams, datagrams)
+                    let event_loop = Loop::new(listeners, protocol, shutdown, streams, datagrams);
+                    setup_done.wait();
+                    let result = event_loop
                         .and_then(|event_loop| event_loop.serve().map_err(ServeError::Io));
                     if result.is_err() {
                         // One loop failed: the others stop too, and drain.
