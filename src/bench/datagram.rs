@@ -130,7 +130,11 @@ struct Connection {
     next: u64,
     /// The oldest message not yet answered or lost; the window is `oldest..next`.
     oldest: u64,
-    /// Message `m` lives at `m % len` while it is in the window.
+    /// At most this many messages span the window.
+    window: u64,
+    /// Message `m` lives at `m % len`; there are twice `window` slots, so an answered
+    /// message stays recognisable (a duplicate of it is caught) for a window's worth of
+    /// further sends.
     slots: Box<[Slot]>,
 }
 
@@ -141,7 +145,7 @@ impl Connection {
     }
 
     fn has_room(&self) -> bool {
-        self.next - self.oldest < self.slots.len() as u64
+        self.next - self.oldest < self.window
     }
 
     /// Moves `oldest` past answered and lost messages.
@@ -210,7 +214,8 @@ pub(super) fn run_worker(plan: &Plan, ids: &[u32]) -> io::Result<Tally> {
                     wants_write: false,
                     next: 0,
                     oldest: 0,
-                    slots: vec![free; window].into_boxed_slice(),
+                    window: window as u64,
+                    slots: vec![free; 2 * window].into_boxed_slice(),
                 });
             }
             Err(e) => {
