@@ -240,9 +240,9 @@ fn bad_address_is_a_usage_error() {
 
 #[derive(Clone, Copy, Debug)]
 enum DatagramFault {
-    CorruptOne,
-    DuplicateOne,
-    DropOne,
+    Corrupt,
+    Duplicate,
+    Drop,
 }
 
 /// Answers each datagram, except the 20th of each sender, which gets `fault`.
@@ -258,11 +258,11 @@ fn faulty_udp_server(fault: DatagramFault) -> SocketAddr {
             let datagram = &mut buf[..n];
             if *count == 20 {
                 match fault {
-                    DatagramFault::CorruptOne => datagram[n - 1] ^= 1,
-                    DatagramFault::DuplicateOne => {
+                    DatagramFault::Corrupt => datagram[n - 1] ^= 1,
+                    DatagramFault::Duplicate => {
                         let _ = socket.send_to(datagram, peer);
                     }
-                    DatagramFault::DropOne => continue,
+                    DatagramFault::Drop => continue,
                 }
             }
             let _ = socket.send_to(datagram, peer);
@@ -273,7 +273,7 @@ fn faulty_udp_server(fault: DatagramFault) -> SocketAddr {
 
 #[test]
 fn corrupted_datagram_is_caught() {
-    let addr = faulty_udp_server(DatagramFault::CorruptOne);
+    let addr = faulty_udp_server(DatagramFault::Corrupt);
     let outcome = bench(&format!("udp://{addr}"), &[]);
     assert_eq!(outcome.code, 3, "{}", outcome.stdout);
     assert!(outcome.json()["mismatches"].as_u64().unwrap() >= 1);
@@ -281,7 +281,7 @@ fn corrupted_datagram_is_caught() {
 
 #[test]
 fn duplicated_datagram_is_caught() {
-    let addr = faulty_udp_server(DatagramFault::DuplicateOne);
+    let addr = faulty_udp_server(DatagramFault::Duplicate);
     let outcome = bench(&format!("udp://{addr}"), &["--depth", "4"]);
     assert_eq!(outcome.code, 3, "{}", outcome.stdout);
     assert!(
@@ -293,7 +293,7 @@ fn duplicated_datagram_is_caught() {
 
 #[test]
 fn lost_datagrams_are_counted_not_errors() {
-    let addr = faulty_udp_server(DatagramFault::DropOne);
+    let addr = faulty_udp_server(DatagramFault::Drop);
     let outcome = bench(&format!("udp://{addr}"), &["--depth", "2"]);
     assert_eq!(outcome.code, 0, "{}", outcome.stdout);
     let report = outcome.json();
