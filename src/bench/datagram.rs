@@ -8,7 +8,9 @@
 //! that is counted late. Loss is not an error: wrong, duplicated or never-sent datagrams are.
 
 use super::content::Content;
-use super::{DATAGRAM_LOSS_TIMEOUT, MAX_DATAGRAM_BYTES, PUBLISH_EVERY_NS, Plan, Tally, Timeline};
+use super::{
+    AlignedBuf, DATAGRAM_LOSS_TIMEOUT, MAX_DATAGRAM_BYTES, PUBLISH_EVERY_NS, Plan, Tally, Timeline,
+};
 use crate::addr::Endpoint;
 use crate::sys::epoll::{EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Epoll, Events};
 use std::io;
@@ -166,7 +168,7 @@ struct Worker<'a> {
     epoll: Epoll,
     connections: Vec<Connection>,
     tally: Tally,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     unpublished: u64,
     /// Lost messages since the start; those answered late are subtracted at the end.
     declared_lost: u64,
@@ -189,7 +191,7 @@ pub(super) fn run_worker(plan: &Plan, ids: &[u32]) -> io::Result<Tally> {
         epoll,
         connections: Vec::with_capacity(ids.len()),
         tally,
-        buf: vec![0; MAX_DATAGRAM_BYTES + 1],
+        buf: AlignedBuf::new(MAX_DATAGRAM_BYTES + 1),
         unpublished: 0,
         declared_lost: 0,
     };
