@@ -3,7 +3,7 @@
 //! Every client thread runs its own epoll loop over its share of the connections. Each
 //! connection keeps `depth` messages in flight (closed loop) or sends on a fixed schedule
 //! (open loop, `rate`), and every byte that comes back is checked against what was sent at
-//! that stream position ([`content`]), so reordered, duplicated, corrupted, missing and extra
+//! that stream position (`content.rs`), so reordered, duplicated, corrupted, missing and extra
 //! bytes are all caught. Round-trip times go into an HDR histogram.
 //!
 //! Timeline, shared by all threads: connect everything, then load for `warmup` (replies
@@ -174,8 +174,8 @@ pub struct Progress {
     pub verified: u64,
 }
 
-/// How often the progress callback is called.
-const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the progress callback of [`run_with_progress`] is called.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Runs the benchmark against `endpoint` and returns its report.
 ///
