@@ -102,7 +102,7 @@ struct BenchArgs {
     /// Bytes per message.
     #[arg(long, default_value_t = 64)]
     size: u32,
-    /// Messages in flight per connection.
+    /// Messages in flight per connection (closed loop).
     #[arg(long, default_value_t = 1)]
     depth: u32,
     /// Measured seconds.
@@ -111,8 +111,8 @@ struct BenchArgs {
     /// Seconds of load before measuring.
     #[arg(long, default_value = "1", value_parser = parse_secs)]
     warmup: Duration,
-    /// Open loop: total messages per second.
-    #[arg(long)]
+    /// Open loop: total messages per second, latency counted from each scheduled send.
+    #[arg(long, value_name = "MSGS_PER_S")]
     rate: Option<f64>,
     /// Client threads, each its own event loop.
     #[arg(long, default_value_t = 1)]
@@ -254,7 +254,7 @@ fn main() -> ExitCode {
             serve(args, specs)
         }
         Command::Client(args) => client(args),
-        Command::Bench(_) => fail("bench is not built yet (issue 6)"),
+        Command::Bench(args) => bench(args),
         Command::Compare(_) => fail("compare is not built yet (issue 7)"),
     }
 }
@@ -384,4 +384,69 @@ fn client(args: ClientArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    let config = reverb::bench::BenchConfig {
+        conns: args.conns,
+        size: args.size as usize,
+        depth: args.depth,
+        duration: args.duration,
+        warmup: args.warmup,
+        rate: args.rate,
+        threads: args.threads,
+        ..reverb::bench::BenchConfig::default()
+    };
+    if let Err(e) = config.validate(&args.addr) {
+        usage_error(e);
+    }
+    if let Err(e) = reverb::sys::raise_open_file_limit() {
+        eprintln!("reverb: cannot raise the open-file limit: {e}");
+    }
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(progress_bar);
+    let result = reverb::bench::run_with_progress(&args.addr, &config, |progress| {
+        if let Some(bar) = &bar {
+            let total = progress.total.as_millis().max(1) as u64;
+            bar.set_position((progress.elapsed.as_millis() as u64).min(total));
+            bar.set_length(total);
+            let phase = match progress.phase {
+                reverb::bench::Phase::Warmup => "warmup",
+                reverb::bench::Phase::Measuring => "measuring",
+                reverb::bench::Phase::Draining => "draining",
+            };
+            bar.set_message(format!("{phase}, {} verified", progress.verified));
+        }
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => return fail(format!("bench {}: {e}", args.addr)),
+    };
+    let text = if args.json {
+        report.to_json() + "\n"
+    } else {
+        report.to_table()
+    };
+    let mut stdout = std::io::stdout().lock();
+    if stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        return ExitCode::from(1);
+    }
+    ExitCode::from(report.exit_code())
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(1);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {elapsed_precise} {msg}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
 }

@@ -27,7 +27,7 @@ fn cli_name(module: &str) -> String {
 }
 
 conformance! {
-    models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, own_runtime, tokio],
+    models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, own_runtime, tokio, uring],
     cases: [
         echo_byte_exact,
         every_stream_transport,

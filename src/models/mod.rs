@@ -100,7 +100,10 @@ impl Model {
 
     /// Whether the model wants TCP listeners that can get SO_REUSEPORT siblings.
     pub fn wants_reuseport(self) -> bool {
-        matches!(self, Model::Epoll | Model::Async | Model::Tokio)
+        matches!(
+            self,
+            Model::Epoll | Model::Async | Model::Tokio | Model::Uring
+        )
     }
 
     /// Checks, before anything is bound, that the model can run here.
@@ -111,6 +114,9 @@ impl Model {
     pub fn check_available(self) -> Result<(), ServeError> {
         if !self.is_built() {
             return Err(ServeError::NotBuilt { model: self.name() });
+        }
+        if self == Model::Uring {
+            uring::check_available()?;
         }
         Ok(())
     }

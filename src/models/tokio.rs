@@ -21,7 +21,7 @@ use crate::sys::async_fd;
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use tokio::io::{AsyncWrite, AsyncWriteExt, Interest, unix::AsyncFd};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
@@ -68,18 +68,30 @@ pub fn run(
         limits: listeners.limits.clone(),
         counter: listeners.counter.clone(),
     });
+    // Every loop makes its descriptors (runtime, registrations) before any loop accepts,
+    // so a flood of connections that exhausts descriptors cannot starve a loop's setup.
+    let setup_done = Barrier::new(loops);
     let results: Vec<io::Result<()>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (sources.into_iter().enumerate())
             .map(|(index, (streams, datagrams))| {
-                let (shared, shutdown) = (shared.clone(), shutdown.clone());
+                let (shared, shutdown, setup_done) =
+                    (shared.clone(), shutdown.clone(), &setup_done);
                 std::thread::Builder::new()
                     .name(format!("reverb-tokio-{index}"))
                     .spawn_scoped(scope, move || {
                         let runtime = tokio::runtime::Builder::new_current_thread()
                             .enable_all()
-                            .build()?;
-                        let result =
-                            runtime.block_on(serve_loop(streams, datagrams, shared, &shutdown));
+                            .build();
+                        let runtime = match runtime {
+                            Ok(runtime) => runtime,
+                            Err(e) => {
+                                setup_done.wait();
+                                return Err(e);
+                            }
+                        };
+                        let result = runtime.block_on(serve_loop(
+                            streams, datagrams, shared, &shutdown, setup_done,
+                        ));
                         if result.is_err() {
                             shutdown.fire();
                         }
@@ -114,36 +126,22 @@ async fn serve_loop(
     datagrams: Vec<DatagramSocket>,
     shared: Arc<Shared>,
     shutdown: &Shutdown,
+    setup_done: &Barrier,
 ) -> io::Result<()> {
+    let setup = adopt(streams, datagrams, shutdown);
+    // Nothing else runs on this thread yet, so blocking here stalls no task.
+    setup_done.wait();
+    let (acceptors, datagrams, fired) = setup?;
     // Tasks watch `stop`; each connection holds a `done` sender, so when the receiver sees
     // every sender dropped, every connection has finished (mini-redis's shutdown_complete).
     let (stop_tx, stop) = watch::channel(false);
     let (done_tx, mut done) = mpsc::channel::<()>(1);
     let mut tasks = JoinSet::new();
-    for listener in streams {
-        listener.set_nonblocking(true)?;
+    for (name, acceptor) in acceptors {
         let (shared, stop, done_tx) = (shared.clone(), stop.clone(), done_tx.clone());
-        let name = listener.name().to_string();
-        match listener.into_std() {
-            Ok(tcp) => {
-                let tcp = TcpListener::from_std(tcp)?;
-                tasks.spawn(accept_loop(name, Acceptor::Tcp(tcp), shared, stop, done_tx));
-            }
-            Err(unix) => {
-                let unix = UnixListener::from_std(unix)?;
-                tasks.spawn(accept_loop(
-                    name,
-                    Acceptor::Unix(unix),
-                    shared,
-                    stop,
-                    done_tx,
-                ));
-            }
-        }
+        tasks.spawn(accept_loop(name, acceptor, shared, stop, done_tx));
     }
-    for socket in datagrams {
-        socket.set_nonblocking(true)?;
-        let readiness = async_fd::watch(socket.as_fd().try_clone_to_owned()?, Interest::READABLE)?;
+    for (socket, readiness) in datagrams {
         tasks.spawn(answer_datagrams(
             socket,
             readiness,
@@ -152,7 +150,6 @@ async fn serve_loop(
         ));
     }
     drop(done_tx);
-    let fired = async_fd::watch(shutdown.fd().try_clone_to_owned()?, Interest::READABLE)?;
     let mut result = Ok(());
     tokio::select! {
         ready = fired.readable() => drop(ready?),
@@ -166,6 +163,38 @@ async fn serve_loop(
     let margin = shared.limits.drain_timeout + ACCEPT_PAUSE;
     let _ = tokio::time::timeout(margin, done.recv()).await;
     result
+}
+
+type Adopted = (
+    Vec<(String, Acceptor)>,
+    Vec<(DatagramSocket, AsyncFd<OwnedFd>)>,
+    AsyncFd<OwnedFd>,
+);
+
+/// Hands this loop's sockets and the shutdown eventfd to the runtime's reactor.
+fn adopt(
+    streams: Vec<StreamListener>,
+    datagrams: Vec<DatagramSocket>,
+    shutdown: &Shutdown,
+) -> io::Result<Adopted> {
+    let fired = async_fd::watch(shutdown.fd().try_clone_to_owned()?, Interest::READABLE)?;
+    let mut acceptors = Vec::new();
+    for listener in streams {
+        listener.set_nonblocking(true)?;
+        let name = listener.name().to_string();
+        let acceptor = match listener.into_std() {
+            Ok(tcp) => Acceptor::Tcp(TcpListener::from_std(tcp)?),
+            Err(unix) => Acceptor::Unix(UnixListener::from_std(unix)?),
+        };
+        acceptors.push((name, acceptor));
+    }
+    let mut watched = Vec::new();
+    for socket in datagrams {
+        socket.set_nonblocking(true)?;
+        let readiness = async_fd::watch(socket.as_fd().try_clone_to_owned()?, Interest::READABLE)?;
+        watched.push((socket, readiness));
+    }
+    Ok((acceptors, watched, fired))
 }
 
 enum Acceptor {

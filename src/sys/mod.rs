@@ -11,6 +11,7 @@ pub mod epoll;
 pub mod eventfd;
 pub mod poll;
 pub mod process;
+pub mod rusage;
 pub mod select;
 pub mod signal;
 pub mod uring;
