@@ -72,7 +72,7 @@ struct QueueState {
 
 impl Queue {
     fn lock(&self) -> MutexGuard<'_, QueueState> {
-        // A panic never happens while the lock is held; if one did, the queue is still valid.
+        // Nothing panics while holding it; if something did, the queue is still valid.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -138,7 +138,7 @@ impl Runtime {
             reactor,
             timers: RefCell::new(Timers::default()),
             now: Cell::new(Instant::now()),
-            tasks: RefCell::new(Slab::new()),
+            tasks: RefCell::default(),
             queue: Arc::new(Queue {
                 state: Mutex::default(),
                 wake_fd,
@@ -158,7 +158,7 @@ impl Runtime {
     ///
     /// The OS error of `epoll_wait` or of the eventfd.
     pub fn block_on<F: Future>(&self, future: F) -> io::Result<F::Output> {
-        let _enter = Enter::new(&self.core);
+        let _enter = Enter(CURRENT.replace(Some(self.core.clone())));
         let mut future = pin!(future);
         let main = Arc::new(TaskWaker {
             key: MAIN_KEY,
@@ -197,7 +197,7 @@ impl Runtime {
     pub fn wait_for_tasks(&self) -> io::Result<()> {
         let core = self.core.clone();
         self.block_on(poll_fn(move |cx| {
-            if core.tasks.borrow().len() == 0 {
+            if core.tasks.borrow().is_empty() {
                 return Poll::Ready(());
             }
             core.all_done.set(Some(cx.waker().clone()));
@@ -207,7 +207,8 @@ impl Runtime {
 
     /// Spawns `future` as a task of this runtime; it first runs inside `block_on`.
     pub fn spawn<F: Future + 'static>(&self, future: F) -> JoinHandle<F::Output> {
-        spawn_on(&self.core, future)
+        let _enter = Enter(CURRENT.replace(Some(self.core.clone())));
+        spawn(future)
     }
 
     /// How many tasks exist, and how many fds the reactor watches (for tests).
@@ -228,20 +229,11 @@ impl Drop for Runtime {
 }
 
 /// Makes a runtime current on this thread for the length of a `block_on`.
-struct Enter {
-    previous: Option<Rc<Core>>,
-}
-
-impl Enter {
-    fn new(core: &Rc<Core>) -> Self {
-        let previous = CURRENT.replace(Some(core.clone()));
-        Enter { previous }
-    }
-}
+struct Enter(Option<Rc<Core>>);
 
 impl Drop for Enter {
     fn drop(&mut self) {
-        CURRENT.set(self.previous.take());
+        CURRENT.set(self.0.take());
     }
 }
 
@@ -290,7 +282,7 @@ impl Core {
     fn remove(&self, key: u64) {
         let task = self.tasks.borrow_mut().remove(key);
         drop(task);
-        if self.tasks.borrow().len() == 0 {
+        if self.tasks.borrow().is_empty() {
             if let Some(waker) = self.all_done.take() {
                 waker.wake();
             }
@@ -329,18 +321,18 @@ impl Core {
 /// Outside a runtime's `block_on`: there is no loop to run the task.
 pub fn spawn<F: Future + 'static>(future: F) -> JoinHandle<F::Output> {
     let core = current().expect("spawn called outside a runtime's block_on");
-    spawn_on(&core, future)
-}
-
-fn spawn_on<F: Future + 'static>(core: &Rc<Core>, future: F) -> JoinHandle<F::Output> {
-    let state = Rc::new(RefCell::new(JoinState::default()));
+    let state = Rc::new(RefCell::new(JoinState {
+        output: None,
+        is_done: false,
+        waiter: None,
+    }));
     let completion = Completion(state.clone());
     let task = async move {
         let output = future.await;
         completion.0.borrow_mut().output = Some(output);
     };
     let mut tasks = core.tasks.borrow_mut();
-    let key = tasks.next_key();
+    let key = tasks.vacant_token();
     let waker = Arc::new(TaskWaker {
         key,
         is_queued: AtomicBool::new(false),
@@ -352,19 +344,18 @@ fn spawn_on<F: Future + 'static>(core: &Rc<Core>, future: F) -> JoinHandle<F::Ou
     });
     drop(tasks);
     waker.wake_by_ref();
-    JoinHandle {
-        key,
-        state,
-        core: core.clone(),
-    }
+    JoinHandle { key, state, core }
 }
 
 /// Wakes every task of the current runtime, to make each re-check a shared condition
 /// (the model's "shutdown began" flag). Spurious wake-ups are harmless by contract.
 pub fn wake_all() {
     if let Some(core) = current() {
-        for task in core.tasks.borrow().values() {
-            task.waker.wake_by_ref();
+        let mut tasks = core.tasks.borrow_mut();
+        for key in tasks.tokens() {
+            if let Some(task) = tasks.get_mut(key) {
+                task.waker.wake_by_ref();
+            }
         }
     }
 }
@@ -393,16 +384,6 @@ struct JoinState<T> {
 /// Owned by the task; dropped when it finishes, panics or is aborted, and tells the
 /// [`JoinHandle`] so in every case.
 struct Completion<T>(Rc<RefCell<JoinState<T>>>);
-
-impl<T> Default for JoinState<T> {
-    fn default() -> Self {
-        JoinState {
-            output: None,
-            is_done: false,
-            waiter: None,
-        }
-    }
-}
 
 impl<T> Drop for Completion<T> {
     fn drop(&mut self) {

@@ -62,89 +62,8 @@ pub use net::{Async, TcpListener, TcpStream, UdpSocket, UnixDatagram, UnixListen
 pub use reactor::Direction;
 pub use timer::{Elapsed, Timer, now, sleep, timeout};
 
+use crate::server::slab::Slab;
 use std::task::{Context, Waker};
-
-/// Values in reusable slots, each named by a key that packs the slot's index (low 32 bits)
-/// and its generation (high 32 bits). Freeing a slot bumps its generation, so a key that
-/// outlived its value (an old epoll token, a late waker) finds nothing instead of the
-/// slot's next owner: async-io's stale-event guard, and mio's `Token`.
-pub(crate) struct Slab<T> {
-    slots: Vec<Slot<T>>,
-    free: Vec<u32>,
-    len: usize,
-}
-
-struct Slot<T> {
-    generation: u32,
-    value: Option<T>,
-}
-
-impl<T> Slab<T> {
-    pub(crate) const fn new() -> Self {
-        Slab {
-            slots: Vec::new(),
-            free: Vec::new(),
-            len: 0,
-        }
-    }
-
-    /// The key the next [`Slab::insert`] will return.
-    pub(crate) fn next_key(&self) -> u64 {
-        match self.free.last() {
-            Some(&index) => key(index, self.slots[index as usize].generation),
-            None => key(self.slots.len() as u32, 0),
-        }
-    }
-
-    pub(crate) fn insert(&mut self, value: T) -> u64 {
-        let index = self.free.pop().unwrap_or_else(|| {
-            self.slots.push(Slot {
-                generation: 0,
-                value: None,
-            });
-            (self.slots.len() - 1) as u32
-        });
-        let slot = &mut self.slots[index as usize];
-        slot.value = Some(value);
-        self.len += 1;
-        key(index, slot.generation)
-    }
-
-    pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut T> {
-        let slot = self.slots.get_mut(key as u32 as usize)?;
-        if slot.generation != (key >> 32) as u32 {
-            return None;
-        }
-        slot.value.as_mut()
-    }
-
-    pub(crate) fn remove(&mut self, key: u64) -> Option<T> {
-        let index = key as u32;
-        let slot = self.slots.get_mut(index as usize)?;
-        if slot.generation != (key >> 32) as u32 {
-            return None;
-        }
-        let value = slot.value.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
-        self.free.push(index);
-        self.len -= 1;
-        Some(value)
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
-    pub(crate) fn values(&self) -> impl Iterator<Item = &T> {
-        self.slots.iter().filter_map(|slot| slot.value.as_ref())
-    }
-}
-
-impl<T> Default for Slab<T> {
-    fn default() -> Self {
-        Slab::new()
-    }
-}
 
 /// Remembers the waker of the task polling with `cx`. A task is polled with the same waker
 /// each time, so usually this is a comparison and no clone.
@@ -155,8 +74,4 @@ fn store_waker(slot: &mut Option<Waker>, cx: &Context<'_>) {
     {
         *slot = Some(cx.waker().clone());
     }
-}
-
-fn key(index: u32, generation: u32) -> u64 {
-    (u64::from(generation) << 32) | u64::from(index)
 }

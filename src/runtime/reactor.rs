@@ -62,7 +62,7 @@ impl Reactor {
         Ok(Reactor {
             epoll,
             events: RefCell::new(Events::with_capacity(EVENTS_PER_WAIT)),
-            sources: RefCell::new(Slab::new()),
+            sources: RefCell::default(),
         })
     }
 

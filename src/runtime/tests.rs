@@ -204,12 +204,12 @@ fn abort_cancels_the_task_and_deregisters_its_socket() {
     let (ours, theirs) = unix::UnixStream::pair().unwrap();
     let dropped = Rc::new(Cell::new(false));
     let guard = DropFlag(dropped.clone());
-    let handle = runtime.spawn(async move {
+    let reader = async move {
         let _guard = guard;
         let stream = UnixStream::new(Stream::Unix(ours))?;
-        let mut buf = [0u8; 16];
-        stream.read(&mut buf).await
-    });
+        stream.read(&mut [0u8; 16]).await
+    };
+    let handle = runtime.spawn(reader);
     // Let the task start and park in its read.
     runtime
         .block_on(async { sleep(Duration::from_millis(20)).await })
@@ -228,12 +228,16 @@ fn dropping_the_runtime_cancels_its_tasks() {
     let runtime = Runtime::new().unwrap();
     let (ours, _theirs) = unix::UnixStream::pair().unwrap();
     let guard = DropFlag(dropped.clone());
-    runtime.spawn(async move {
-        let _guard = guard;
-        let stream = UnixStream::new(Stream::Unix(ours))?;
-        stream.read(&mut [0u8; 16]).await
-    });
-    runtime.block_on(async {}).unwrap();
+    runtime
+        .block_on(async {
+            spawn(async move {
+                let _guard = guard;
+                let stream = UnixStream::new(Stream::Unix(ours))?;
+                stream.read(&mut [0u8; 16]).await
+            });
+            sleep(Duration::from_millis(10)).await;
+        })
+        .unwrap();
     assert!(!dropped.get());
     drop(runtime);
     assert!(dropped.get());
@@ -331,5 +335,43 @@ fn eof_after_a_short_read_is_seen() {
             .unwrap()
             .unwrap();
         assert_eq!((got, eof), (3, 0));
+    });
+}
+
+/// CPU time this thread has used (user + system), from `/proc/thread-self/stat`.
+fn thread_cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<u64> = after_name
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    // Clock ticks are 10 ms on Linux (USER_HZ = 100).
+    Duration::from_millis((fields[0] + fields[1]) * 10)
+}
+
+#[test]
+fn an_idle_runtime_sleeps() {
+    within(Duration::from_secs(10), || {
+        let runtime = Runtime::new().unwrap();
+        let (ours, _theirs) = unix::UnixStream::pair().unwrap();
+        let before = thread_cpu_time();
+        runtime
+            .block_on(async {
+                let stream = UnixStream::new(Stream::Unix(ours)).unwrap();
+                let reader = spawn(async move { stream.read(&mut [0u8; 16]).await });
+                // A socket with nothing to read and a timer far away: nothing to do.
+                sleep(Duration::from_millis(500)).await;
+                reader.abort();
+            })
+            .unwrap();
+        let spent = thread_cpu_time() - before;
+        assert!(
+            spent <= Duration::from_millis(50),
+            "{spent:?} of CPU while idle"
+        );
     });
 }

@@ -79,6 +79,17 @@ impl<T> Slab<T> {
         Some(value)
     }
 
+    /// The token the next [`Slab::insert`] will return, for a value that must know its own
+    /// token (a task's waker).
+    pub fn vacant_token(&self) -> Token {
+        match self.free.last() {
+            Some(&index) => {
+                (u64::from(self.slots[index as usize].generation) << 32) | u64::from(index)
+            }
+            None => (1 << 32) | self.slots.len() as u64,
+        }
+    }
+
     /// The tokens of every stored value.
     pub fn tokens(&self) -> Vec<Token> {
         self.slots
