@@ -18,6 +18,7 @@ use crate::server::{
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
+use std::mem::take;
 use std::net::Shutdown as Half;
 use std::rc::Rc;
 use std::sync::{Condvar, Mutex, PoisonError};
@@ -61,41 +62,32 @@ pub fn run(
     let loops = threads.unwrap_or_else(super::default_loops).max(1);
     // Loop 0 serves the bound sockets themselves; the others get SO_REUSEPORT siblings
     // (their own accept queues) for TCP, and second descriptors for the rest.
-    let mut sockets = Vec::with_capacity(loops);
+    let mut sockets = vec![(take(&mut listeners.streams), take(&mut listeners.datagrams))];
     for _ in 1..loops {
-        let streams = listeners.streams.iter().map(StreamListener::sibling);
-        let datagrams = listeners.datagrams.iter().map(DatagramSocket::try_clone);
-        sockets.push((
-            streams.collect::<io::Result<_>>()?,
-            datagrams.collect::<io::Result<_>>()?,
-        ));
+        let (streams, datagrams) = &sockets[0];
+        let streams = streams
+            .iter()
+            .map(StreamListener::sibling)
+            .collect::<io::Result<_>>()?;
+        let datagrams = datagrams.iter().map(DatagramSocket::try_clone);
+        sockets.push((streams, datagrams.collect::<io::Result<_>>()?));
     }
-    sockets.insert(
-        0,
-        (
-            std::mem::take(&mut listeners.streams),
-            std::mem::take(&mut listeners.datagrams),
-        ),
-    );
-    let (limits, counter) = (&listeners.limits, &listeners.counter);
     // No loop accepts before every loop has its epoll and eventfd: a busy first loop could
     // otherwise use up the descriptors the others still need to start.
-    let started = Gate::new(sockets.len());
+    let started = Gate::new(loops);
     thread::scope(|scope| {
         let mut threads = Vec::new();
         for (index, (streams, datagrams)) in sockets.into_iter().enumerate() {
-            let state = (protocol.clone(), limits.clone(), counter.clone(), &shutdown);
-            let started = &started;
+            let state = Loop {
+                protocol: protocol.clone(),
+                limits: listeners.limits.clone(),
+                counter: listeners.counter.clone(),
+                is_draining: Cell::new(false),
+            };
+            let (started, shutdown) = (&started, &shutdown);
             let spawned = thread::Builder::new()
                 .name(format!("reverb-async-{index}"))
                 .spawn_scoped(scope, move || {
-                    let (protocol, limits, counter, shutdown) = state;
-                    let state = Loop {
-                        protocol,
-                        limits,
-                        counter,
-                        is_draining: Cell::new(false),
-                    };
                     let runtime = Runtime::new();
                     started.arrive_and_wait();
                     serve_loop(runtime?, streams, datagrams, Rc::new(state), shutdown)
@@ -110,12 +102,11 @@ pub fn run(
                 }
             }
         }
+        // Every loop is joined before the first error is returned.
         let mut result = Ok(());
         for thread in threads {
-            let outcome = thread
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("a loop panicked")));
-            result = result.and(outcome);
+            let panicked = |_| Err(io::Error::other("an event loop panicked"));
+            result = result.and(thread.join().unwrap_or_else(panicked));
         }
         result.map_err(ServeError::from)
     })
