@@ -261,7 +261,9 @@ async fn drive(stream: Stream, connection: &mut Connection, state: &Loop) -> io:
             return Ok(());
         }
         steps += 1;
-        if steps % STEPS_PER_TURN == 0 {
+        if steps > STEPS_PER_TURN {
+            // Input keeps coming without a pause: let the other connections run.
+            steps = 0;
             runtime::yield_now().await;
         }
         let step = poll_fn(|cx| {
@@ -283,8 +285,12 @@ async fn drive(stream: Stream, connection: &mut Connection, state: &Loop) -> io:
             }
             if connection.wants_read() {
                 let read = stream.poll_io(cx, Direction::Read, |s| read_into(s, connection));
-                return read.map(Step::Read);
+                if let Poll::Ready(read) = read {
+                    return Poll::Ready(Step::Read(read));
+                }
             }
+            // Parked: a request-reply connection never uses up its turn.
+            steps = 0;
             Poll::Pending
         })
         .await;
@@ -357,11 +363,15 @@ async fn datagram_loop(socket: Async<DatagramSocket>, state: Rc<Loop>) -> io::Re
     let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
     let mut answered = 0usize;
     loop {
-        let received = poll_fn(|cx| match state.is_draining.get() {
-            true => Poll::Ready(None),
-            false => socket
-                .poll_io(cx, Direction::Read, |s| s.recv_from(&mut buf))
-                .map(Some),
+        let received = poll_fn(|cx| {
+            if state.is_draining.get() {
+                return Poll::Ready(None);
+            }
+            let received = socket.poll_io(cx, Direction::Read, |s| s.recv_from(&mut buf));
+            if received.is_pending() {
+                answered = 0;
+            }
+            received.map(Some)
         })
         .await;
         let (n, peer) = match received {
@@ -376,7 +386,8 @@ async fn datagram_loop(socket: Async<DatagramSocket>, state: Rc<Loop>) -> io::Re
             }
         }
         answered += 1;
-        if answered % STEPS_PER_TURN == 0 {
+        if answered > STEPS_PER_TURN {
+            answered = 0;
             runtime::yield_now().await;
         }
     }
