@@ -302,9 +302,8 @@ impl Core {
                 Some(Duration::ZERO)
             }
         };
-        let waited = self.reactor.wait(timeout);
-        self.queue.lock().is_sleeping = false;
-        if waited? {
+        let awake = || self.queue.lock().is_sleeping = false;
+        if self.reactor.wait(timeout, awake)? {
             self.queue.wake_fd.drain()?;
         }
         let now = Instant::now();

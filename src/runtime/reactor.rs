@@ -121,9 +121,14 @@ impl Reactor {
 
     /// Sleeps in `epoll_wait` until an fd changes or `timeout` passes, then marks what
     /// became ready and wakes its waiters. Returns whether the eventfd was among them.
-    pub(crate) fn wait(&self, timeout: Option<Duration>) -> io::Result<bool> {
+    ///
+    /// `awake` runs as soon as `epoll_wait` returns, before any waker: the executor marks
+    /// itself awake there, so the wakes below need no eventfd write.
+    pub(crate) fn wait(&self, timeout: Option<Duration>, awake: impl FnOnce()) -> io::Result<bool> {
         let mut events = self.events.borrow_mut();
-        self.epoll.wait(&mut events, timeout)?;
+        let waited = self.epoll.wait(&mut events, timeout);
+        awake();
+        waited?;
         let mut is_woken = false;
         let mut sources = self.sources.borrow_mut();
         for (token, flags) in events.iter() {
