@@ -335,7 +335,27 @@ struct Timeline {
     drain_until: u64,
 }
 
+/// The longest epoll wait, so phase edges are noticed promptly.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+/// How often a client thread adds its verified count to the shared progress counter.
+const PUBLISH_EVERY_NS: u64 = 50_000_000;
 impl Timeline {
+    /// How long a client loop may wait in epoll at `now`: until the next phase edge or
+    /// open-loop send (`next_due`), at most [`MAX_WAIT`].
+    fn wait_timeout(&self, now: u64, next_due: u64) -> Duration {
+        let edge = [
+            self.measure_from,
+            self.measure_until,
+            self.drain_until,
+            next_due,
+        ]
+        .into_iter()
+        .filter(|&t| t > now)
+        .min()
+        .unwrap_or(now);
+        Duration::from_nanos(edge - now).min(MAX_WAIT)
+    }
+
     /// Whether new messages may still be sent at `now`.
     fn is_sending(&self, now: u64) -> bool {
         now < self.measure_until
