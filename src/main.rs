@@ -2,7 +2,7 @@
 //! (1: could not run, 2: usage, 3: bench found wrong bytes), and calls the library.
 
 use anyhow::Result;
-use clap::{Args, CommandFactory, Parser, Subcommand, error::ErrorKind};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, error::ErrorKind};
 use reverb::addr::{Endpoint, ListenSpec, parse_ip_port};
 use reverb::models::{self, Model};
 use reverb::protocol::{Protocol, ProtocolKind};
@@ -211,13 +211,48 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
 /// A usage error after parsing: the contract's exit 2, with usage.
 fn usage_error(message: impl std::fmt::Display) -> ! {
     let mut command = Cli::command();
-    command.error(ErrorKind::ArgumentConflict, message).exit()
+    command.build();
+    let error = match command.find_subcommand_mut("serve") {
+        Some(serve) => serve.error(ErrorKind::ArgumentConflict, message),
+        None => command.error(ErrorKind::ArgumentConflict, message),
+    };
+    exit_with_usage(error)
+}
+
+/// Prints a parse error followed by the usage of the subcommand at fault, and exits 2
+/// (help and version requests print and exit 0 as usual).
+fn exit_with_usage(error: clap::Error) -> ! {
+    if !error.use_stderr() {
+        error.exit();
+    }
+    let _ = error.print();
+    let rendered = error.render().to_string();
+    if !rendered.contains("Usage:") {
+        let mut command = Cli::command();
+        command.build();
+        let name = std::env::args().nth(1).unwrap_or_default();
+        let usage = match command.find_subcommand_mut(&name) {
+            Some(sub) => sub.render_usage(),
+            None => command.render_usage(),
+        };
+        eprintln!("\n{usage}");
+    }
+    std::process::exit(2)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command()
+        .try_get_matches()
+        .unwrap_or_else(|e| exit_with_usage(e));
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| exit_with_usage(e));
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => {
+            let specs = match matches.subcommand_matches("serve") {
+                Some(serve_matches) => listen_specs(&args, serve_matches),
+                None => Vec::new(),
+            };
+            serve(args, specs)
+        }
         Command::Client(args) => client(args),
         Command::Bench(args) => bench(args),
         Command::Compare(_) => fail("compare is not built yet (issue 7)"),
@@ -246,13 +281,9 @@ fn init_logging(verbose: bool) {
     }));
 }
 
-fn listen_specs(args: &ServeArgs) -> Vec<ListenSpec> {
-    // Flag order matters for the readiness lines; clap keeps each flag's own order, and
-    // the flags' relative order is recovered from their indices.
-    let matches = Cli::command().get_matches();
-    let Some(("serve", serve)) = matches.subcommand() else {
-        return Vec::new();
-    };
+/// The listeners in the order their flags were given, which the readiness lines follow;
+/// clap keeps each flag's values in order, and their indices give the order across flags.
+fn listen_specs(args: &ServeArgs, serve: &clap::ArgMatches) -> Vec<ListenSpec> {
     let mut indexed = Vec::new();
     let mut push = |name: &str, make: &dyn Fn(usize) -> ListenSpec| {
         if let Some(indices) = serve.indices_of(name) {
@@ -276,8 +307,7 @@ fn listen_specs(args: &ServeArgs) -> Vec<ListenSpec> {
     specs
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
-    let specs = listen_specs(&args);
+fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
     let has_stream = specs
         .iter()
         .any(|s| matches!(s, ListenSpec::Tcp(_) | ListenSpec::Unix(_)));

@@ -1,0 +1,363 @@
+//! Black-box tests of the `reverb` binary: exit codes, messages, stdout discipline, the
+//! Unix path rules, and the client in piped mode.
+
+mod common;
+
+use common::{PATIENCE, Server, exists, reverb, temp_socket_path};
+use std::io::Write;
+use std::net::{TcpListener, UdpSocket};
+use std::os::unix::net::UnixListener;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn run(args: &[&str]) -> Output {
+    reverb()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run reverb")
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_usage_error(args: &[&str], mentions: &str) {
+    let output = run(args);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(mentions),
+        "{args:?} should mention {mentions:?}: {stderr}"
+    );
+    assert!(stderr.contains("Usage"), "usage shown: {stderr}");
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn bad_flags_exit_2_with_usage() {
+    assert_usage_error(&["serve", "--model", "nope"], "unknown model \"nope\"");
+    assert_usage_error(&["serve", "--tcp", "::1:7007"], "brackets");
+    assert_usage_error(&["serve", "--tcp", "127.0.0.1:99999"], "port");
+    assert_usage_error(&["serve", "--tcp", "example.com:1"], "example.com");
+    assert_usage_error(&["serve", "--protocol", "chat"], "unknown protocol");
+    assert_usage_error(&["serve", "--prefix", "x"], "--prefix");
+    assert_usage_error(
+        &["serve", "--protocol", "echo", "--panic-on", "boom"],
+        "--panic-on",
+    );
+    assert_usage_error(&["serve", "--threads", "0"], "0");
+    assert_usage_error(&["serve", "--max-buffer", "0"], "at least 1 byte");
+    assert_usage_error(&["serve", "--max-buffer", "12Q"], "unit");
+    assert_usage_error(&["serve", "--idle-timeout", "soon"], "seconds");
+    assert_usage_error(&["serve", "--bogus"], "--bogus");
+    assert_usage_error(&["client", "http://127.0.0.1:1"], "scheme");
+    assert_usage_error(&["client", "unix://relative.sock"], "absolute");
+}
+
+#[test]
+fn prefix_with_echo_is_fine_on_datagrams_only() {
+    let server = Server::start("threaded", &["--udp", "127.0.0.1:0", "--prefix", "> "]);
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    socket.send_to(b"hi", server.addr("udp")).unwrap();
+    let mut buf = [0u8; 16];
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"> hi");
+    server.stop();
+}
+
+#[test]
+fn address_in_use_exits_1_naming_it() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = run(&["serve", "--model", "threaded", "--tcp", &addr]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("tcp://{addr}")), "{stderr}");
+    assert!(stderr.to_lowercase().contains("in use"), "{stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "no listening line for a failed start"
+    );
+}
+
+#[test]
+fn readiness_lines_in_flag_order_and_nothing_else() {
+    let path = temp_socket_path("order");
+    let path_arg = path.to_str().unwrap();
+    let server = Server::start(
+        "threaded",
+        &[
+            "--udp",
+            "localhost:0",
+            "--unix",
+            path_arg,
+            "--tcp",
+            "127.0.0.1:0",
+            "--tcp",
+            "[::1]:0",
+        ],
+    );
+    assert_eq!(server.addrs.len(), 4);
+    assert!(
+        server.addrs[0].starts_with("udp://127.0.0.1:"),
+        "{:?}",
+        server.addrs
+    );
+    assert!(!server.addrs[0].ends_with(":0"), "port 0 is resolved");
+    assert_eq!(server.addrs[1], format!("unix://{path_arg}"));
+    assert!(server.addrs[2].starts_with("tcp://127.0.0.1:"));
+    assert!(server.addrs[3].starts_with("tcp://[::1]:"));
+    server.stop();
+}
+
+#[test]
+fn default_listeners_are_loopback_7007() {
+    let mut child = reverb()
+        .args(["serve", "--model", "threaded"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
+    let second = lines.next().unwrap().unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert_eq!(first, "listening tcp://127.0.0.1:7007");
+    assert_eq!(second, "listening udp://127.0.0.1:7007");
+    assert!(status.success());
+}
+
+#[test]
+fn unix_path_rules() {
+    // A path that is not a socket is never deleted.
+    let path = temp_socket_path("file");
+    std::fs::write(&path, b"precious").unwrap();
+    let path_arg = path.to_str().unwrap();
+    let output = run(&["serve", "--model", "threaded", "--unix", path_arg]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(path_arg) && stderr.contains("not a socket"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    std::fs::remove_file(&path).unwrap();
+
+    // A live socket is in use.
+    let live = UnixListener::bind(&path).unwrap();
+    let output = run(&["serve", "--model", "threaded", "--unix", path_arg]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(path_arg) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    assert!(exists(&path), "a live socket is left alone");
+
+    // A stale one (nobody listening) is replaced, and removed at exit.
+    drop(live);
+    assert!(exists(&path), "closing a listener leaves its file behind");
+    let server = Server::start("threaded", &["--unix", path_arg]);
+    let got = common::round_trip(
+        common::Conn::connect(&server.addrs[0]).unwrap(),
+        b"stale replaced".to_vec(),
+    );
+    assert_eq!(got, b"stale replaced");
+    server.stop();
+    assert!(!exists(&path), "removed at exit");
+}
+
+#[test]
+fn sigint_also_stops_cleanly() {
+    let server = Server::start("pool", &["--tcp", "127.0.0.1:0"]);
+    let pid = server.pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let mut server = server;
+    let status = server.wait_exit(PATIENCE).expect("exits on SIGINT");
+    assert!(status.success());
+}
+
+fn client(addr: &str, input: &[u8]) -> Output {
+    let mut child = reverb()
+        .args(["client", addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    // Feed stdin from a thread: the client's stdout must be drained meanwhile, or a
+    // large echo fills both pipes and everyone waits.
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < PATIENCE {
+            std::thread::sleep(Duration::from_millis(50));
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                return true;
+            }
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        false
+    });
+    let output = child.wait_with_output().unwrap();
+    let _ = feeder.join();
+    drop(watchdog);
+    output
+}
+
+#[test]
+fn piped_client_gets_everything_back() {
+    let path = temp_socket_path("client");
+    let dgram = temp_socket_path("client-dgram");
+    let server = Server::start(
+        "threaded",
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--udp",
+            "[::1]:0",
+            "--unix",
+            path.to_str().unwrap(),
+            "--unix-dgram",
+            dgram.to_str().unwrap(),
+        ],
+    );
+    let big: Vec<u8> = common::pattern(3 << 20, 7);
+    for addr in [server.addrs[0].clone(), server.addrs[2].clone()] {
+        let output = client(&addr, &big);
+        assert!(output.status.success(), "{addr}: {}", stderr_of(&output));
+        assert!(
+            output.stdout == big,
+            "{addr}: {} bytes back",
+            output.stdout.len()
+        );
+    }
+    let bare = server.addr("tcp");
+    let output = client(&bare, b"hello\n");
+    assert_eq!(output.stdout, b"hello\n", "a bare HOST:PORT is TCP");
+    for addr in [server.addrs[1].clone(), server.addrs[3].clone()] {
+        let lines = b"one\ntwo\n\nlast without newline";
+        let output = client(&addr, lines);
+        assert!(output.status.success(), "{addr}: {}", stderr_of(&output));
+        assert_eq!(output.stdout, lines, "{addr}: stdout equals stdin");
+    }
+    server.stop();
+}
+
+#[test]
+fn client_that_cannot_connect_exits_1_with_one_line() {
+    let free = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let output = client(&format!("tcp://{addr}"), b"x");
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&addr) && stderr.contains("cannot connect"),
+        "{stderr}"
+    );
+    let output = client("unix:///nonexistent/reverb.sock", b"x");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr_of(&output).contains("/nonexistent/reverb.sock"));
+}
+
+#[test]
+fn client_reads_until_server_closes_after_quit() {
+    let server = Server::start(
+        "threaded",
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "until-quit",
+            "--greeting",
+            "hi\n",
+        ],
+    );
+    let output = client(&server.addrs[0], b"a\nquit\nignored\n");
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(output.stdout, b"hi\na\nquit\n");
+    server.stop();
+}
+
+#[test]
+fn interactive_client_prompts_and_exits() {
+    // `script` gives the client a terminal on stdin, as a person at a keyboard would.
+    let server = Server::start(
+        "threaded",
+        &["--tcp", "127.0.0.1:0", "--greeting", "welcome\n"],
+    );
+    let command = format!(
+        "{} client {}",
+        env!("CARGO_BIN_EXE_reverb"),
+        server.addrs[0]
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux runs the client on a terminal");
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"hello\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"exit\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    let screen = String::from_utf8_lossy(&output.stdout).replace('\r', "");
+    assert!(output.status.success(), "{screen}");
+    assert!(
+        screen.starts_with("welcome\n> hello\nhello\n> exit"),
+        "the greeting, a prompt, the echo, a prompt: {screen:?}"
+    );
+    server.stop();
+}
+
+#[test]
+fn forking_reaps_every_child() {
+    let server = Server::start("forking", &["--tcp", "127.0.0.1:0"]);
+    for n in 0..20u64 {
+        let input = common::pattern(1000, n);
+        let got = common::round_trip(
+            common::Conn::connect(&server.addrs[0]).unwrap(),
+            input.clone(),
+        );
+        assert!(got == input);
+    }
+    let children = || -> Vec<String> {
+        let list = std::fs::read_to_string(format!(
+            "/proc/{}/task/{}/children",
+            server.pid(),
+            server.pid()
+        ))
+        .unwrap_or_default();
+        list.split_whitespace().map(str::to_string).collect()
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while !children().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "children left unreaped (zombies): {:?}",
+            children()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.stop();
+}

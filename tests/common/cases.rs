@@ -1,0 +1,467 @@
+//! The conformance cases: what every model must do, stated once.
+//!
+//! Each function takes a model name, starts that model, checks one behaviour over real
+//! sockets, and stops the server with SIGTERM expecting exit 0.
+
+use super::*;
+use std::net::UdpSocket;
+use std::os::unix::net::UnixDatagram;
+
+/// Models that serve one client at a time per listener.
+fn is_serial(model: &str) -> bool {
+    model == "blocking"
+}
+
+/// 1 MiB of random bytes comes back byte-exact, then EOF after our half-close.
+pub fn echo_byte_exact(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0"]);
+    let input = pattern(1 << 20, 1);
+    let got = round_trip(server.connect_conn(), input.clone());
+    assert!(got == input, "{} bytes back, not the 1 MiB sent", got.len());
+    server.stop();
+}
+
+/// IPv6 and Unix stream listeners echo too, and the socket file goes away at exit.
+pub fn every_stream_transport(model: &str) {
+    let path = temp_socket_path(model);
+    let path_arg = path.to_str().unwrap().to_string();
+    let server = Server::start(model, &["--tcp", "[::1]:0", "--unix", &path_arg]);
+    assert!(
+        server.addrs[0].starts_with("tcp://[::1]:"),
+        "{:?}",
+        server.addrs
+    );
+    for addr in server.addrs.clone() {
+        let input = pattern(100_000, 2);
+        let got = round_trip(Conn::connect(&addr).expect("connect"), input.clone());
+        assert!(got == input, "{addr}: echo differs");
+    }
+    assert!(exists(&path));
+    server.stop();
+    assert!(!exists(&path), "the Unix socket file is removed at exit");
+}
+
+/// UDP and Unix datagrams: each comes back whole, up to the 65,507-byte UDP maximum.
+pub fn datagram_each(model: &str) {
+    let path = temp_socket_path(model);
+    let path_arg = path.to_str().unwrap().to_string();
+    let server = Server::start(
+        model,
+        &[
+            "--udp",
+            "127.0.0.1:0",
+            "--unix-dgram",
+            &path_arg,
+            "--protocol",
+            "lines",
+            "--prefix",
+            "> ",
+        ],
+    );
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    udp.connect(server.addr("udp")).unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    for size in [0usize, 1, 1000, 65_505] {
+        let datagram = pattern(size, size as u64);
+        udp.send(&datagram).unwrap();
+        let n = udp.recv(&mut buf).expect("udp reply");
+        assert_eq!(n, size + 2, "one whole reply per datagram");
+        assert!(buf[..2] == *b"> " && buf[2..n] == datagram[..]);
+    }
+    let own = temp_socket_path("client");
+    let unix = UnixDatagram::bind(&own).unwrap();
+    unix.set_read_timeout(Some(PATIENCE)).unwrap();
+    unix.connect(&path).unwrap();
+    let datagram = pattern(100_000, 9);
+    unix.send(&datagram).unwrap();
+    let n = unix.recv(&mut buf[..]).expect("unix datagram reply");
+    assert!(n == 100_002 && buf[2..n] == datagram[..]);
+    let _ = std::fs::remove_file(&own);
+    server.stop();
+    assert!(!exists(&path));
+}
+
+/// After the client half-closes, every owed reply arrives, then the server's EOF.
+pub fn half_close_drains(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "lines",
+            "--prefix",
+            "P ",
+        ],
+    );
+    let mut conn = server.connect_conn();
+    conn.write_all(b"one\ntwo\nthree-without-newline").unwrap();
+    conn.shutdown_write();
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(got, b"P one\nP two\nP three-without-newline");
+    server.stop();
+}
+
+/// A client with a tiny receive buffer forces short writes; nothing is lost.
+pub fn short_writes_lose_nothing(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--max-buffer", "64K"]);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = server.addr("tcp").parse().unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let conn = Conn::Tcp(socket.into());
+    conn.set_timeouts(PATIENCE);
+    let input = pattern(4 << 20, 3);
+    let got = round_trip(conn, input.clone());
+    assert!(got == input, "{} bytes back of {}", got.len(), input.len());
+    server.stop();
+}
+
+/// A client that sends 64 MiB without reading leaves the server's memory bounded, and
+/// afterwards gets every byte back.
+pub fn unread_flood_bounded(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0"]);
+    let before = server.rss_kib();
+    let mut conn = server.connect_conn();
+    let total = 64 << 20;
+    let input = Arc::new(pattern(total, 4));
+    let mut writer = conn.try_clone();
+    writer.set_timeouts(Duration::from_secs(60));
+    let to_send = input.clone();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let progress = sent.clone();
+    let sender = thread::spawn(move || {
+        for chunk in to_send.chunks(64 * 1024) {
+            writer.write_all(chunk).expect("send");
+            progress.fetch_add(chunk.len(), Ordering::Relaxed);
+        }
+        writer.shutdown_write();
+    });
+    // Wait until the sender is stuck: the server stopped reading us.
+    let mut last = usize::MAX;
+    loop {
+        thread::sleep(Duration::from_millis(300));
+        let now = sent.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(
+        last < total,
+        "the whole flood was absorbed without backpressure"
+    );
+    let during = server.rss_kib();
+    eprintln!("{model}: server RSS {before} KiB before, {during} KiB during a 64 MiB unread flood");
+    assert!(
+        during < before + 16 * 1024,
+        "server RSS grew from {before} KiB to {during} KiB while the client did not read"
+    );
+    let mut got = vec![0u8; total];
+    conn.set_timeouts(Duration::from_secs(60));
+    conn.read_exact(&mut got).expect("every byte comes back");
+    assert!(got == *input, "the flood came back altered");
+    sender.join().expect("sender");
+    assert!(conn.sees_close_within(PATIENCE), "EOF after the flood");
+    server.stop();
+}
+
+/// A handler panic closes only its own connection, is logged with the peer's address,
+/// and the server keeps serving everyone else and every later client.
+pub fn panic_is_isolated(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "lines",
+            "--panic-on",
+            "boom",
+        ],
+    );
+    let concurrent = !is_serial(model);
+    let mut calm = server.connect_conn();
+    if concurrent {
+        calm.write_all(b"before\n").unwrap();
+        assert_eq!(calm.read_exactly(7), b"before\n");
+    }
+    let mut victim = server.connect_conn();
+    if !concurrent {
+        calm.write_all(b"before\n").unwrap();
+        assert_eq!(calm.read_exactly(7), b"before\n");
+        calm.shutdown_write();
+        assert!(calm.sees_close_within(PATIENCE));
+    }
+    let victim_addr = match &victim {
+        Conn::Tcp(s) => s.local_addr().unwrap().to_string(),
+        Conn::Unix(_) => unreachable!(),
+    };
+    victim.write_all(b"fine\n").unwrap();
+    assert_eq!(victim.read_exactly(5), b"fine\n");
+    victim.write_all(b"boom\n").unwrap();
+    assert!(
+        victim.sees_close_within(PATIENCE),
+        "the panicking connection is closed"
+    );
+    if concurrent {
+        calm.write_all(b"after\n").unwrap();
+        assert_eq!(
+            calm.read_exactly(6),
+            b"after\n",
+            "the other connection lives on"
+        );
+    }
+    let later = round_trip(server.connect_conn(), b"later\n".to_vec());
+    assert_eq!(later, b"later\n");
+    server.wait_for_log(&victim_addr);
+    server.wait_for_log("panicked");
+    server.stop();
+}
+
+/// The greeting comes first, before any reply.
+pub fn greeting_first(model: &str) {
+    let server = Server::start(
+        model,
+        &["--tcp", "127.0.0.1:0", "--greeting", "欢迎访问服务器!\n"],
+    );
+    let got = round_trip(server.connect_conn(), b"hi".to_vec());
+    assert_eq!(got, "欢迎访问服务器!\nhi".as_bytes());
+    server.stop();
+}
+
+/// `until-quit` answers once, with the prefix, when the input ends with `quit\n`, and
+/// closes; also at a half-close.
+pub fn until_quit(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "until-quit",
+            "--prefix",
+            "got:",
+        ],
+    );
+    let mut conn = server.connect_conn();
+    conn.write_all(b"a\nb").unwrap();
+    thread::sleep(Duration::from_millis(50));
+    conn.write_all(b"\nquit\n").unwrap();
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(got, b"got:a\nb\nquit\n");
+    let got = round_trip(server.connect_conn(), b"no quit here".to_vec());
+    assert_eq!(got, b"got:no quit here");
+    server.stop();
+}
+
+/// Many clients at once all get their own bytes back (serial models: one after another).
+pub fn many_clients(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0"]);
+    let addr = format!("tcp://{}", server.addr("tcp"));
+    if is_serial(model) {
+        for n in 0..10u64 {
+            let input = pattern(10_000, n);
+            let got = round_trip(Conn::connect(&addr).unwrap(), input.clone());
+            assert!(got == input);
+        }
+    } else {
+        // All 50 connect first, so the model must hold them all open at once.
+        let conns: Vec<Conn> = (0..50).map(|_| Conn::connect(&addr).unwrap()).collect();
+        let workers: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(n, conn)| {
+                thread::spawn(move || {
+                    let input = pattern(64 * 1024, n as u64 + 100);
+                    round_trip(conn, input.clone()) == input
+                })
+            })
+            .collect();
+        for worker in workers {
+            assert!(worker.join().unwrap(), "a client got wrong bytes");
+        }
+    }
+    server.stop();
+}
+
+/// `--max-conns 2`: a third connection is closed at once, and logged; once one leaves,
+/// a new one is served.
+pub fn max_conns(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--max-conns", "2"]);
+    let mut first = server.connect_conn();
+    first.write_all(b"1").unwrap();
+    assert_eq!(first.read_exactly(1), b"1");
+    let mut second = server.connect_conn();
+    if !is_serial(model) {
+        second.write_all(b"2").unwrap();
+        assert_eq!(second.read_exactly(1), b"2");
+        let mut third = server.connect_conn();
+        assert!(
+            third.sees_close_within(PATIENCE),
+            "the third connection is refused"
+        );
+        server.wait_for_log("max-conns");
+    }
+    drop(first);
+    drop(second);
+    // The server notices the departures asynchronously; retry briefly.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut conn = server.connect_conn();
+        conn.write_all(b"again").unwrap();
+        let mut buf = [0u8; 5];
+        if conn.read_exact(&mut buf).is_ok() {
+            assert_eq!(&buf, b"again");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no place freed after clients left"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    server.stop();
+}
+
+/// `--idle-timeout 1`: a silent connection is closed between 1 s and 2 s; a talkative
+/// one is not.
+pub fn idle_timeout(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--idle-timeout", "1"]);
+    let mut talkative = if is_serial(model) {
+        None
+    } else {
+        Some(server.connect_conn())
+    };
+    let mut silent = server.connect_conn();
+    let start = Instant::now();
+    if let Some(conn) = talkative.as_mut() {
+        for _ in 0..6 {
+            conn.write_all(b"x").unwrap();
+            assert_eq!(conn.read_exactly(1), b"x");
+            thread::sleep(Duration::from_millis(300));
+        }
+    }
+    assert!(
+        silent.sees_close_within(Duration::from_secs(3)),
+        "idle connection closed"
+    );
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(950) && waited <= Duration::from_millis(2600),
+        "closed after {waited:?}, not within 1..2 s"
+    );
+    if let Some(mut conn) = talkative {
+        conn.write_all(b"y").unwrap();
+        assert_eq!(
+            conn.read_exactly(1),
+            b"y",
+            "an active connection stays open"
+        );
+    }
+    server.stop();
+}
+
+/// SIGTERM: replies owed for bytes already received still arrive, then EOF, exit 0, and
+/// nothing new is accepted.
+pub fn shutdown_drains(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "5"]);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = server.addr("tcp").parse().unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut conn = Conn::Tcp(socket.into());
+    conn.set_timeouts(PATIENCE);
+    // Less than --max-buffer, so the server reads it all and owes it all.
+    let input = pattern(200_000, 5);
+    conn.write_all(&input).unwrap();
+    thread::sleep(Duration::from_millis(500));
+    server.terminate();
+    thread::sleep(Duration::from_millis(200));
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(error.is_none(), "{error:?}");
+    assert!(
+        got == input,
+        "{} of {} owed bytes arrived",
+        got.len(),
+        input.len()
+    );
+    let mut server = server;
+    let status = server.wait_exit(PATIENCE).expect("exits after draining");
+    assert!(status.success(), "exit {status}; {}", server.stderr());
+}
+
+/// SIGTERM with a client that never reads: the server gives up after --drain-timeout.
+pub fn drain_timeout_bounds_shutdown(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "1"]);
+    let mut conn = server.connect_conn();
+    let mut writer = conn.try_clone();
+    writer.set_timeouts(Duration::from_secs(5));
+    let sender = thread::spawn(move || {
+        let chunk = vec![7u8; 64 * 1024];
+        // Stops when the server goes away or the write times out.
+        for _ in 0..1024 {
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(700));
+    let start = Instant::now();
+    server.terminate();
+    let mut server = server;
+    let status = server.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert!(status.success(), "exit {status}; {}", server.stderr());
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(3500),
+        "took {took:?} with a 1 s drain"
+    );
+    let _ = conn.read_to_end_lossy();
+    let _ = sender.join();
+}
+
+impl Server {
+    /// Connects to the first TCP listener as a [`Conn`].
+    pub fn connect_conn(&self) -> Conn {
+        Conn::Tcp(self.connect_tcp())
+    }
+}
+
+/// Out of descriptors: accept fails with EMFILE; the server logs, pauses accepting, does
+/// not spin, keeps serving, and accepts the waiting clients once descriptors free up.
+pub fn out_of_descriptors_pauses(model: &str) {
+    let server = Server::start_with_fd_limit(model, &["--tcp", "127.0.0.1:0"], 48);
+    let addr = format!("tcp://{}", server.addr("tcp"));
+    // More clients than descriptors: the kernel completes their handshakes in the backlog.
+    let mut conns: Vec<Conn> = (0..60).map(|_| Conn::connect(&addr).unwrap()).collect();
+    // A serial model holds one connection at a time; a forking parent hands each one to a
+    // child and closes its own copy: neither runs out.
+    if !is_serial(model) && model != "forking" {
+        server.wait_for_log("pausing accepts");
+        let cpu_before = server.cpu_time();
+        thread::sleep(Duration::from_secs(1));
+        let spent = server.cpu_time() - cpu_before;
+        assert!(
+            spent < Duration::from_millis(300),
+            "{spent:?} of CPU in 1 s: spinning"
+        );
+    }
+    // Everyone is served eventually, in order of freed descriptors.
+    for (n, conn) in conns.iter_mut().enumerate() {
+        conn.write_all(b"x").unwrap();
+        conn.shutdown_write();
+        let (got, error) = conn.read_to_end_lossy();
+        assert!(
+            error.is_none() && got == b"x",
+            "client {n}: {got:?} {error:?}"
+        );
+    }
+    drop(conns);
+    let got = round_trip(Conn::connect(&addr).unwrap(), b"after".to_vec());
+    assert_eq!(got, b"after");
+    server.stop();
+}

@@ -1,0 +1,416 @@
+//! Shared test machinery: start the real `reverb` binary, read its `listening` lines
+//! instead of sleeping, talk to it over real sockets, stop it with SIGTERM.
+//!
+//! Every blocking read here has a timeout, so a broken model fails a test instead of
+//! hanging CI.
+
+#![allow(dead_code)]
+
+pub mod cases;
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The default patience for anything a server should do promptly.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The binary under test.
+pub fn reverb() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_reverb"))
+}
+
+/// A running `reverb serve`.
+pub struct Server {
+    child: Option<Child>,
+    /// The `listening` lines' addresses, in order (`tcp://127.0.0.1:41234`, ...).
+    pub addrs: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    stdout_rest: Arc<Mutex<String>>,
+}
+
+/// A fresh path for a Unix socket in the temp dir.
+pub fn temp_socket_path(tag: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "reverb-test-{}-{}-{}.sock",
+        std::process::id(),
+        tag,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+impl Server {
+    /// Starts `reverb serve --model MODEL ARGS...` and waits for its `listening` lines
+    /// (one per listener flag in `args`).
+    pub fn start(model: &str, args: &[&str]) -> Server {
+        Server::spawn(reverb(), model, args)
+    }
+
+    /// Starts the server with its open-file limit (soft and hard) set to `limit`.
+    pub fn start_with_fd_limit(model: &str, args: &[&str], limit: u32) -> Server {
+        let mut command = Command::new("bash");
+        command.args([
+            "-c",
+            &format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_reverb"),
+        ]);
+        Server::spawn(command, model, args)
+    }
+
+    fn spawn(mut command: Command, model: &str, args: &[&str]) -> Server {
+        let listeners = args
+            .iter()
+            .filter(|a| matches!(**a, "--tcp" | "--udp" | "--unix" | "--unix-dgram"))
+            .count();
+        assert!(listeners > 0, "tests name their listeners");
+        let mut child = command
+            .arg("serve")
+            .args(["--model", model])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn reverb");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr_sink = stderr.clone();
+        let mut err = child.stderr.take().expect("stderr piped");
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                stderr_sink
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let (lines_tx, lines_rx) = mpsc::channel();
+        let stdout_rest = Arc::new(Mutex::new(String::new()));
+        let rest_sink = stdout_rest.clone();
+        let out = child.stdout.take().expect("stdout piped");
+        thread::spawn(move || {
+            let mut seen = 0;
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if seen < listeners {
+                    seen += 1;
+                    let _ = lines_tx.send(line);
+                } else {
+                    rest_sink.lock().unwrap().push_str(&line);
+                }
+            }
+        });
+        let mut addrs = Vec::new();
+        let deadline = Instant::now() + PATIENCE;
+        while addrs.len() < listeners {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines_rx.recv_timeout(left) {
+                Ok(line) => {
+                    let addr = line
+                        .strip_prefix("listening ")
+                        .unwrap_or_else(|| panic!("unexpected stdout line {line:?}"));
+                    addrs.push(addr.to_string());
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "{model}: no listening lines within {PATIENCE:?}; stderr:\n{}",
+                        stderr.lock().unwrap()
+                    );
+                }
+            }
+        }
+        Server {
+            child: Some(child),
+            addrs,
+            stderr,
+            stdout_rest,
+        }
+    }
+
+    /// The address of the first listener with this scheme, without the scheme
+    /// (`127.0.0.1:41234` or `/tmp/x.sock`).
+    pub fn addr(&self, scheme: &str) -> String {
+        let prefix = format!("{scheme}://");
+        self.addrs
+            .iter()
+            .find_map(|a| a.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {scheme} listener in {:?}", self.addrs))
+            .to_string()
+    }
+
+    /// Connects to the first TCP listener.
+    pub fn connect_tcp(&self) -> TcpStream {
+        let stream = TcpStream::connect(self.addr("tcp")).expect("connect");
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.set_write_timeout(Some(PATIENCE)).unwrap();
+        stream
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Everything the server logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the server's log contains `needle`; fails the test after `PATIENCE`.
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {needle:?}:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits up to `timeout` for the server to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then asserts a clean exit (0) within `PATIENCE`, and that stdout held
+    /// nothing but the `listening` lines.
+    pub fn stop(mut self) {
+        self.terminate();
+        let status = self.wait_exit(PATIENCE);
+        let stderr = self.stderr();
+        let status = status.unwrap_or_else(|| panic!("no exit after SIGTERM; stderr:\n{stderr}"));
+        assert!(
+            status.success(),
+            "exit {status} after SIGTERM; stderr:\n{stderr}"
+        );
+        assert_eq!(
+            *self.stdout_rest.lock().unwrap(),
+            "",
+            "stdout holds only listening lines"
+        );
+    }
+
+    /// CPU time (user + system) the server process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // USER_HZ is 100 on Linux.
+        Duration::from_millis(ticks * 10)
+    }
+
+    /// Resident memory of the server and all its child processes, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        tree_rss_kib(self.pid())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn tree_rss_kib(pid: u32) -> u64 {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let children: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .map(tree_rss_kib)
+        .sum();
+    own + children
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// A stream to a server, TCP or Unix, with timeouts set.
+pub enum Conn {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix.
+    Unix(UnixStream),
+}
+
+impl Conn {
+    /// Connects to `tcp://...` or `unix://...` as printed by the server.
+    pub fn connect(addr: &str) -> io::Result<Conn> {
+        let conn = if let Some(path) = addr.strip_prefix("unix://") {
+            Conn::Unix(UnixStream::connect(path)?)
+        } else {
+            let target = addr.strip_prefix("tcp://").unwrap_or(addr);
+            Conn::Tcp(TcpStream::connect(target)?)
+        };
+        conn.set_timeouts(PATIENCE);
+        Ok(conn)
+    }
+
+    /// Sets read and write timeouts.
+    pub fn set_timeouts(&self, timeout: Duration) {
+        match self {
+            Conn::Tcp(s) => {
+                s.set_read_timeout(Some(timeout)).unwrap();
+                s.set_write_timeout(Some(timeout)).unwrap();
+            }
+            Conn::Unix(s) => {
+                s.set_read_timeout(Some(timeout)).unwrap();
+                s.set_write_timeout(Some(timeout)).unwrap();
+            }
+        }
+    }
+
+    /// A second handle, for a writer thread.
+    pub fn try_clone(&self) -> Conn {
+        match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone().unwrap()),
+            Conn::Unix(s) => Conn::Unix(s.try_clone().unwrap()),
+        }
+    }
+
+    /// Half-closes our sending side.
+    pub fn shutdown_write(&self) {
+        match self {
+            Conn::Tcp(s) => s.shutdown(Shutdown::Write).unwrap(),
+            Conn::Unix(s) => s.shutdown(Shutdown::Write).unwrap(),
+        }
+    }
+
+    /// Reads until EOF (or error), returning what arrived.
+    pub fn read_to_end_lossy(&mut self) -> (Vec<u8>, Option<io::Error>) {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match self.read(&mut buf) {
+                Ok(0) => return (got, None),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (got, Some(e)),
+            }
+        }
+    }
+
+    /// Reads exactly `len` bytes.
+    pub fn read_exactly(&mut self, len: usize) -> Vec<u8> {
+        let mut got = vec![0u8; len];
+        self.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("reading {len} bytes: {e}"));
+        got
+    }
+
+    /// Whether the server closed: EOF (or a reset) within `timeout`, with no data first.
+    pub fn sees_close_within(&mut self, timeout: Duration) -> bool {
+        self.set_timeouts(timeout);
+        let mut buf = [0u8; 1];
+        let closed = match self.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+        };
+        self.set_timeouts(PATIENCE);
+        closed
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends `input` from a thread, half-closes, and reads everything back until EOF.
+pub fn round_trip(mut conn: Conn, input: Vec<u8>) -> Vec<u8> {
+    let mut writer = conn.try_clone();
+    let sender = thread::spawn(move || {
+        writer.write_all(&input).expect("send");
+        writer.shutdown_write();
+    });
+    let (got, error) = conn.read_to_end_lossy();
+    sender.join().expect("sender");
+    if let Some(e) = error {
+        panic!("reading the reply after {} bytes: {e}", got.len());
+    }
+    got
+}
+
+/// Whether `path` exists (as anything).
+pub fn exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}

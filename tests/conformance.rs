@@ -1,0 +1,40 @@
+//! One conformance list, run against every model: `cargo test blocking::` runs one model.
+
+mod common;
+
+macro_rules! conformance {
+    (models: [$($model:ident),* $(,)?], cases: $cases:tt $(,)?) => {
+        $(conformance!(@one $model, $cases);)*
+    };
+    (@one $model:ident, [$($case:ident),* $(,)?]) => {
+        mod $model {
+            $(
+                #[test]
+                fn $case() {
+                    super::common::cases::$case(&stringify!($model).replace('_', "-"));
+                }
+            )*
+        }
+    };
+}
+
+conformance! {
+    models: [blocking, threaded, pool, forking],
+    cases: [
+        echo_byte_exact,
+        every_stream_transport,
+        datagram_each,
+        half_close_drains,
+        short_writes_lose_nothing,
+        unread_flood_bounded,
+        panic_is_isolated,
+        greeting_first,
+        until_quit,
+        many_clients,
+        max_conns,
+        idle_timeout,
+        shutdown_drains,
+        drain_timeout_bounds_shutdown,
+        out_of_descriptors_pauses,
+    ],
+}
