@@ -75,7 +75,10 @@ impl Server {
     pub fn start(exe: &Path, model: Model) -> Result<Server, StartError> {
         let mut child = Command::new(exe)
             .args(["serve", "--model", model.name(), "--tcp", "127.0.0.1:0"])
-            .args(["--drain-timeout", &SERVER_DRAIN_TIMEOUT.as_secs().to_string()])
+            .args([
+                "--drain-timeout",
+                &SERVER_DRAIN_TIMEOUT.as_secs().to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -100,7 +100,10 @@ fn children(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();
     for task in tasks.flatten() {
         if let Ok(list) = fs::read_to_string(task.path().join("children")) {
-            found.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            found.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
         }
     }
     found
