@@ -3,6 +3,9 @@
 //! CPU is `utime + stime` (fields 14 and 15 of `/proc/PID/stat`) over all its threads, plus
 //! `cutime + cstime` (16, 17) for children it has reaped, plus the same for children still
 //! alive (found through `/proc/PID/task/*/children`), so `forking` pays for its children.
+//! A live child's time is the larger of its `stat` fields and the sum of its threads'
+//! `schedstat` (nanoseconds): `stat` truncates each process to whole clock ticks, and a
+//! hundred forked children using 7 ms each would otherwise add up to zero.
 //! Memory is the proportional set size (`Pss` in `smaps_rollup`) summed over the tree:
 //! pages shared by a forked parent and its children are counted once in total, not once
 //! per process. Where `smaps_rollup` is missing, `VmRSS` is used instead.
@@ -35,7 +38,7 @@ pub struct Usage {
 pub fn usage(pid: u32) -> io::Result<Usage> {
     let ticks = clock_ticks_per_second();
     let root = cpu_ticks(pid, true)?;
-    let mut total_ticks = root;
+    let mut child_nanos: u128 = 0;
     let mut memory_bytes = memory(pid).unwrap_or(0);
     let mut processes = 1;
     let mut frontier = vec![pid];
@@ -46,7 +49,8 @@ pub fn usage(pid: u32) -> io::Result<Usage> {
                 // A child that exits between the listing and this read is skipped: its
                 // time reaches the parent's cutime once it is reaped.
                 if let Ok(child_ticks) = cpu_ticks(child, true) {
-                    total_ticks += child_ticks;
+                    let child_ns = u128::from(child_ticks) * 1_000_000_000 / u128::from(ticks);
+                    child_nanos += child_ns.max(u128::from(scheduled_ns(child)));
                     memory_bytes += memory(child).unwrap_or(0);
                     processes += 1;
                     next.push(child);
@@ -58,7 +62,7 @@ pub fn usage(pid: u32) -> io::Result<Usage> {
         }
         frontier = next;
     }
-    let nanos = u128::from(total_ticks) * 1_000_000_000 / u128::from(ticks);
+    let nanos = u128::from(root) * 1_000_000_000 / u128::from(ticks) + child_nanos;
     Ok(Usage {
         cpu: Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)),
         memory_bytes,
@@ -89,6 +93,19 @@ fn parse_stat_ticks(stat: &str, with_reaped: bool) -> Option<u64> {
     } else {
         Some(own)
     }
+}
+
+/// Nanoseconds `pid`'s live threads have run, from `/proc/PID/task/*/schedstat` (its
+/// first field); 0 where the kernel keeps no schedstat.
+fn scheduled_ns(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Live children of `pid`, over all its threads (a child belongs to the thread that
