@@ -466,6 +466,10 @@ fn compare(args: CompareArgs) -> ExitCode {
     if let Err(e) = config.validate() {
         usage_error(e);
     }
+    // Fail before a minute of measuring, not after it.
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        return fail(format!("cannot create {}: {e}", args.out.display()));
+    }
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(progress_bar);
     let result = reverb::compare::run_with_progress(&config, |progress| {
         if let Some(bar) = &bar {

@@ -115,6 +115,7 @@ fn short_compare_of_three_models_writes_valid_files() {
     // threaded answers everyone, even the descriptor probe's 1100 connections.
     let threaded = model(&report, "threaded");
     assert_eq!(threaded["limits"], serde_json::json!([]), "{threaded:#}");
+    assert!(stdout.contains("none found (1100 clients held open, all served)"));
     assert_eq!(threaded["descriptor_probe"]["answered"], 1100);
     // pool's size (16 by default) is found by measurement.
     let pool = model(&report, "pool");

@@ -64,6 +64,8 @@ pub enum Stopped {
     Failed(Option<i32>),
     /// Did not exit within [`STOP_TIMEOUT`] of SIGTERM and was killed.
     Killed,
+    /// Had already exited before it was asked to stop (`None`: killed by a signal).
+    DiedEarly(Option<i32>),
 }
 
 impl Server {
@@ -155,7 +157,7 @@ impl Server {
     /// SIGTERM, then up to [`STOP_TIMEOUT`] for a clean exit, then SIGKILL.
     pub fn stop(&mut self) -> Stopped {
         if let Ok(Some(status)) = self.child.try_wait() {
-            return stopped(status);
+            return Stopped::DiedEarly(status.code());
         }
         let _ = process::kill(self.pid() as libc::pid_t, libc::SIGTERM);
         match self.wait_for_exit(STOP_TIMEOUT) {

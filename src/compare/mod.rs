@@ -521,6 +521,8 @@ fn measure_model<F: FnMut(&Progress)>(
         Stopped::Failed(Some(code)) => format!("exit {code}"),
         Stopped::Failed(None) => "killed by a signal".to_string(),
         Stopped::Killed => "killed".to_string(),
+        Stopped::DiedEarly(Some(code)) => format!("died early, exit {code}"),
+        Stopped::DiedEarly(None) => "died early, by a signal".to_string(),
     };
     let mut limits = describe_limits(&result, stopped);
     limits.append(&mut result.limits);
@@ -728,6 +730,12 @@ fn describe_limits(result: &ModelResult, stopped: Stopped) -> Vec<String> {
         Stopped::Killed => limits.push(format!(
             "ignored SIGTERM for {} s (killed)",
             child::STOP_TIMEOUT.as_secs()
+        )),
+        // A point that hung has already said so; its server was killed on purpose.
+        Stopped::DiedEarly(_) if limits.iter().any(|l| l.starts_with("hung")) => {}
+        Stopped::DiedEarly(code) => limits.push(format!(
+            "the server died during the run ({})",
+            code.map_or("killed by a signal".to_string(), |c| format!("exit {c}"))
         )),
     }
     limits

@@ -172,6 +172,16 @@ fn row(model: &ModelResult, point: Option<&Point>, is_first: bool) -> [String; 9
     let mut limit: Vec<String> = Vec::new();
     if is_first {
         limit.extend(model.limits.iter().cloned());
+        if model.limits.is_empty() {
+            let held = [model.descriptor_probe, model.concurrency_probe]
+                .into_iter()
+                .flatten()
+                .map(|found| found.conns)
+                .max();
+            if let Some(held) = held {
+                limit.push(format!("none found ({held} clients held open, all served)"));
+            }
+        }
     }
     if let Some(note) = point.and_then(|p| p.note.clone()) {
         limit.push(format!("at {} conns: {note}", point.map_or(0, |p| p.conns)));
