@@ -35,8 +35,8 @@ pub struct Server {
 pub enum StartError {
     /// It exited (or closed stdout) before listening; the reason is its last stderr line.
     Exited(String),
-    /// It printed nothing usable within [`START_TIMEOUT`]; it has been killed.
-    TimedOut,
+    /// It printed nothing usable within the start timeout; it has been killed.
+    TimedOut(Duration),
     /// It could not be spawned at all.
     Spawn(io::Error),
 }
@@ -45,10 +45,10 @@ impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StartError::Exited(reason) => f.write_str(reason),
-            StartError::TimedOut => write!(
+            StartError::TimedOut(timeout) => write!(
                 f,
-                "printed no listening line within {} s",
-                START_TIMEOUT.as_secs()
+                "printed no listening line within {:.1} s",
+                timeout.as_secs_f64()
             ),
             StartError::Spawn(e) => write!(f, "cannot start: {e}"),
         }
@@ -69,12 +69,13 @@ pub enum Stopped {
 }
 
 impl Server {
-    /// Starts `exe serve --model MODEL --tcp 127.0.0.1:0` and waits for its address.
+    /// Starts `exe serve --model MODEL --tcp 127.0.0.1:0` and waits up to `timeout` for
+    /// its address.
     ///
     /// # Errors
     ///
     /// See [`StartError`]; in every case no child is left running.
-    pub fn start(exe: &Path, model: Model) -> Result<Server, StartError> {
+    pub fn start(exe: &Path, model: Model, timeout: Duration) -> Result<Server, StartError> {
         let mut child = Command::new(exe)
             .args(["serve", "--model", model.name(), "--tcp", "127.0.0.1:0"])
             .args([
@@ -112,7 +113,7 @@ impl Server {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             stderr,
         };
-        match listening.recv_timeout(START_TIMEOUT) {
+        match listening.recv_timeout(timeout) {
             Ok(line) => match parse_listening(&line) {
                 Some(addr) => {
                     server.addr = addr;
@@ -136,7 +137,7 @@ impl Server {
             }
             Err(RecvTimeoutError::Timeout) => {
                 server.stop();
-                Err(StartError::TimedOut)
+                Err(StartError::TimedOut(timeout))
             }
         }
     }

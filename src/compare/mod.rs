@@ -85,6 +85,8 @@ pub struct CompareConfig {
     pub descriptor_probe_conns: Option<usize>,
     /// Pin the server and the load to different CPUs when there are two or more.
     pub pin: bool,
+    /// How long a server may take to print its `listening` line.
+    pub start_timeout: Duration,
 }
 
 impl CompareConfig {
@@ -100,6 +102,7 @@ impl CompareConfig {
             server_exe,
             descriptor_probe_conns: Some(DESCRIPTOR_PROBE_CONNS),
             pin: true,
+            start_timeout: child::START_TIMEOUT,
         }
     }
 
@@ -460,7 +463,8 @@ fn measure_model<F: FnMut(&Progress)>(
     tracker: &mut Tracker<'_, F>,
 ) -> Result<ModelResult, String> {
     tracker.report(model, "starting".to_string(), None);
-    let mut server = Server::start(&config.server_exe, model).map_err(|e| e.to_string())?;
+    let mut server = Server::start(&config.server_exe, model, config.start_timeout)
+        .map_err(|e| e.to_string())?;
     pinning.pin_server(server.pid());
     let mut result = ModelResult {
         model: model.name().to_string(),
@@ -771,6 +775,41 @@ fn describe_probe(found: &ProbeResult, is_descriptor_probe: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_that_do_not_start_are_skipped_with_their_reason() {
+        let dir = std::env::temp_dir().join(format!("reverb-compare-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let silent = dir.join("silent.sh");
+        std::fs::write(&silent, "#!/bin/sh\nexec sleep 30\n").expect("write script");
+        let failing = dir.join("failing.sh");
+        std::fs::write(
+            &failing,
+            "#!/bin/sh\necho 'reverb: cannot bind: no' >&2\nexit 1\n",
+        )
+        .expect("write script");
+        for script in [&silent, &failing] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(script, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        for (exe, reason) in [
+            (&silent, "printed no listening line within 0.5 s"),
+            (&failing, "cannot bind: no"),
+        ] {
+            let mut config = CompareConfig::new(exe.clone());
+            config.models = vec![Model::Threaded];
+            config.start_timeout = Duration::from_millis(500);
+            let started = Instant::now();
+            let report = run(&config).expect("run");
+            assert!(started.elapsed() < Duration::from_secs(8), "bounded");
+            assert!(report.models.is_empty());
+            assert_eq!(report.skipped.len(), 1, "{:?}", report.skipped);
+            assert_eq!(report.skipped[0].model, "threaded");
+            assert_eq!(report.skipped[0].reason, reason);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn probe(conns: usize, answered: usize, closed: usize, waiting: usize) -> ProbeResult {
         ProbeResult {
