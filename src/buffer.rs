@@ -76,6 +76,32 @@ impl WriteBuffer {
         }
     }
 
+    /// Lends `spare`'s allocation to this buffer while it holds none, so that the next
+    /// [`WriteBuffer::push`] costs no allocation. An event loop keeps one spare and lends
+    /// it to whichever connection it is serving.
+    pub fn lend_spare(&mut self, spare: &mut Vec<u8>) {
+        if self.bytes.capacity() == 0 {
+            spare.clear();
+            std::mem::swap(&mut self.bytes, spare);
+            self.start = 0;
+        }
+    }
+
+    /// Once nothing is owed, hands the allocation back to `spare` (or frees it when the
+    /// spare already has one), so that an idle connection holds no heap bytes here.
+    pub fn return_spare(&mut self, spare: &mut Vec<u8>) {
+        if !self.is_empty() || self.bytes.capacity() == 0 {
+            return;
+        }
+        if spare.capacity() == 0 {
+            std::mem::swap(&mut self.bytes, spare);
+            spare.clear();
+        } else {
+            self.bytes = Vec::new();
+        }
+        self.start = 0;
+    }
+
     /// How many bytes are owed.
     pub fn len(&self) -> usize {
         self.bytes.len() - self.start
@@ -146,6 +172,26 @@ mod tests {
         let mut out = WriteBuffer::new(4);
         out.push(b"ab");
         out.advance(3);
+    }
+
+    #[test]
+    fn spare_is_lent_and_returned() {
+        let mut spare = Vec::with_capacity(64);
+        let mut out = WriteBuffer::new(1024);
+        out.lend_spare(&mut spare);
+        assert_eq!(spare.capacity(), 0);
+        assert!(out.capacity() >= 64);
+        out.push(b"abc");
+        out.return_spare(&mut spare);
+        assert_eq!(
+            spare.capacity(),
+            0,
+            "nothing is returned while bytes are owed"
+        );
+        out.advance(3);
+        out.return_spare(&mut spare);
+        assert!(spare.capacity() >= 64);
+        assert_eq!(out.capacity(), 0, "an empty buffer holds no allocation");
     }
 
     proptest! {

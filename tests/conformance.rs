@@ -19,7 +19,7 @@ macro_rules! conformance {
 }
 
 conformance! {
-    models: [blocking, threaded, pool, forking],
+    models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, tokio, uring],
     cases: [
         echo_byte_exact,
         every_stream_transport,

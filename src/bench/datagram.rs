@@ -8,7 +8,9 @@
 //! that is counted late. Loss is not an error: wrong, duplicated or never-sent datagrams are.
 
 use super::content::Content;
-use super::{DATAGRAM_LOSS_TIMEOUT, MAX_DATAGRAM_BYTES, PUBLISH_EVERY_NS, Plan, Tally, Timeline};
+use super::{
+    AlignedBuf, DATAGRAM_LOSS_TIMEOUT, MAX_DATAGRAM_BYTES, PUBLISH_EVERY_NS, Plan, Tally, Timeline,
+};
 use crate::addr::Endpoint;
 use crate::sys::epoll::{EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Epoll, Events};
 use std::io;
@@ -130,7 +132,11 @@ struct Connection {
     next: u64,
     /// The oldest message not yet answered or lost; the window is `oldest..next`.
     oldest: u64,
-    /// Message `m` lives at `m % len` while it is in the window.
+    /// At most this many messages span the window.
+    window: u64,
+    /// Message `m` lives at `m % len`; there are twice `window` slots, so an answered
+    /// message stays recognisable (a duplicate of it is caught) for a window's worth of
+    /// further sends.
     slots: Box<[Slot]>,
 }
 
@@ -141,7 +147,7 @@ impl Connection {
     }
 
     fn has_room(&self) -> bool {
-        self.next - self.oldest < self.slots.len() as u64
+        self.next - self.oldest < self.window
     }
 
     /// Moves `oldest` past answered and lost messages.
@@ -162,7 +168,7 @@ struct Worker<'a> {
     epoll: Epoll,
     connections: Vec<Connection>,
     tally: Tally,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     unpublished: u64,
     /// Lost messages since the start; those answered late are subtracted at the end.
     declared_lost: u64,
@@ -185,7 +191,7 @@ pub(super) fn run_worker(plan: &Plan, ids: &[u32]) -> io::Result<Tally> {
         epoll,
         connections: Vec::with_capacity(ids.len()),
         tally,
-        buf: vec![0; MAX_DATAGRAM_BYTES + 1],
+        buf: AlignedBuf::new(MAX_DATAGRAM_BYTES + 1),
         unpublished: 0,
         declared_lost: 0,
     };
@@ -210,7 +216,8 @@ pub(super) fn run_worker(plan: &Plan, ids: &[u32]) -> io::Result<Tally> {
                     wants_write: false,
                     next: 0,
                     oldest: 0,
-                    slots: vec![free; window].into_boxed_slice(),
+                    window: window as u64,
+                    slots: vec![free; 2 * window].into_boxed_slice(),
                 });
             }
             Err(e) => {

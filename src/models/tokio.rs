@@ -1,20 +1,411 @@
-//! `tokio` model: not built yet; its issue replaces this file.
+//! `tokio`: the mainstream async stack; a task per connection on one runtime per loop.
+//!
+//! Technique: a current-thread runtime per loop, each with its own SO_REUSEPORT listener;
+//! a task per connection runs `readable().await`, one read, `write(..).await` + `advance`.
+//! Cost: a task switch and a waker per readiness on top of `epoll`'s system calls.
+//! Limit: a handler that blocks stalls every task of its loop; datagrams are served by loop 0.
+//!
+//! Why runtimes per loop rather than one multi-thread runtime: see docs/benchmarks.md,
+//! "Readiness ladder". Datagram sockets are served by loop 0 only: tokio registers
+//! descriptors edge-triggered without EPOLLEXCLUSIVE, so a socket shared by every loop
+//! would wake every loop for each datagram. They are driven through `AsyncFd` over the
+//! shared `DatagramSocket`, which already knows every peer kind (abstract Unix names too).
 
-use crate::server::{Listeners, Protocol, ServeError, Shutdown};
+use crate::server::threaded_io::is_per_peer_datagram_error;
+use crate::server::{
+    ACCEPT_PAUSE, AcceptAction, Admission, Connection, DATAGRAM_BUFFER_BYTES, DatagramReplier,
+    DatagramSocket, Limits, Listeners, Peer, Protocol, READ_BUFFER_BYTES, ServeError, Shutdown,
+    StreamListener, accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
+};
+use crate::sys::async_fd;
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Barrier};
+use tokio::io::{AsyncWrite, AsyncWriteExt, Interest, unix::AsyncFd};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep, sleep_until};
 
 /// Whether this model has landed.
-pub const IS_BUILT: bool = false;
+pub const IS_BUILT: bool = true;
 
-/// Placeholder until the model lands.
+thread_local! {
+    /// The one read buffer of each loop's thread: a connection borrows it for one read
+    /// and hands it back before it awaits, so 10,000 connections share it.
+    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUFFER_BYTES]);
+    /// The output allocation lent to whichever connection is producing replies.
+    static SPARE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Serves every listener with `threads` runtimes until `shutdown` fires and drains.
 ///
 /// # Errors
 ///
-/// Always [`ServeError::NotBuilt`].
+/// Building a runtime or adopting a socket failed, or a listener broke.
 pub fn run(
-    _listeners: Listeners,
-    _protocol: Protocol,
-    _shutdown: Shutdown,
-    _threads: Option<usize>,
+    mut listeners: Listeners,
+    protocol: Protocol,
+    shutdown: Shutdown,
+    threads: Option<usize>,
 ) -> Result<(), ServeError> {
-    Err(ServeError::NotBuilt { model: "tokio" })
+    let loops = threads.unwrap_or_else(super::default_loops).max(1);
+    let mut streams = std::mem::take(&mut listeners.streams);
+    let mut datagrams = std::mem::take(&mut listeners.datagrams);
+    let mut sources = Vec::with_capacity(loops);
+    for _ in 1..loops {
+        let siblings = streams.iter().map(StreamListener::sibling);
+        sources.push((siblings.collect::<io::Result<Vec<_>>>()?, Vec::new()));
+    }
+    // Loop 0 takes the originals (every socket of a SO_REUSEPORT group gets connections).
+    sources.insert(
+        0,
+        (std::mem::take(&mut streams), std::mem::take(&mut datagrams)),
+    );
+    let shared = Arc::new(Shared {
+        protocol,
+        limits: listeners.limits.clone(),
+        counter: listeners.counter.clone(),
+    });
+    // Every loop makes its descriptors (runtime, registrations) before any loop accepts,
+    // so a flood of connections that exhausts descriptors cannot starve a loop's setup.
+    let setup_done = Barrier::new(loops);
+    let results: Vec<io::Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (sources.into_iter().enumerate())
+            .map(|(index, (streams, datagrams))| {
+                let (shared, shutdown, setup_done) =
+                    (shared.clone(), shutdown.clone(), &setup_done);
+                std::thread::Builder::new()
+                    .name(format!("reverb-tokio-{index}"))
+                    .spawn_scoped(scope, move || {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build();
+                        let runtime = match runtime {
+                            Ok(runtime) => runtime,
+                            Err(e) => {
+                                setup_done.wait();
+                                return Err(e);
+                            }
+                        };
+                        let result = runtime.block_on(serve_loop(
+                            streams, datagrams, shared, &shutdown, setup_done,
+                        ));
+                        if result.is_err() {
+                            shutdown.fire();
+                        }
+                        result
+                    })
+            })
+            .collect();
+        (handles.into_iter())
+            .map(|handle| {
+                handle?
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("event loop panicked")))
+            })
+            .collect()
+    });
+    // Dropping the listeners removes the Unix socket files, once every loop is done.
+    drop(listeners);
+    results.into_iter().collect::<io::Result<()>>()?;
+    Ok(())
+}
+
+/// What every task of every loop reads.
+struct Shared {
+    protocol: Protocol,
+    limits: Limits,
+    counter: crate::server::ConnectionCounter,
+}
+
+/// One loop: accept and answer until shutdown, then wait for every connection's drain.
+async fn serve_loop(
+    streams: Vec<StreamListener>,
+    datagrams: Vec<DatagramSocket>,
+    shared: Arc<Shared>,
+    shutdown: &Shutdown,
+    setup_done: &Barrier,
+) -> io::Result<()> {
+    let setup = adopt(streams, datagrams, shutdown);
+    // Nothing else runs on this thread yet, so blocking here stalls no task.
+    setup_done.wait();
+    let (acceptors, datagrams, fired) = setup?;
+    // Tasks watch `stop`; each connection holds a `done` sender, so when the receiver sees
+    // every sender dropped, every connection has finished (mini-redis's shutdown_complete).
+    let (stop_tx, stop) = watch::channel(false);
+    let (done_tx, mut done) = mpsc::channel::<()>(1);
+    let mut tasks = JoinSet::new();
+    for (name, acceptor) in acceptors {
+        let (shared, stop, done_tx) = (shared.clone(), stop.clone(), done_tx.clone());
+        tasks.spawn(accept_loop(name, acceptor, shared, stop, done_tx));
+    }
+    for (socket, readiness) in datagrams {
+        tasks.spawn(answer_datagrams(
+            socket,
+            readiness,
+            shared.protocol.clone(),
+            stop.clone(),
+        ));
+    }
+    drop(done_tx);
+    let mut result = Ok(());
+    tokio::select! {
+        ready = fired.readable() => drop(ready?),
+        Some(joined) = tasks.join_next() => result = joined.map_err(io::Error::other).and_then(|r| r),
+    }
+    // Stop accepting and reading; connections flush within the drain timeout themselves.
+    let _ = stop_tx.send(true);
+    while let Some(joined) = tasks.join_next().await {
+        result = result.and(joined.map_err(io::Error::other).and_then(|r| r));
+    }
+    let margin = shared.limits.drain_timeout + ACCEPT_PAUSE;
+    let _ = tokio::time::timeout(margin, done.recv()).await;
+    result
+}
+
+type Adopted = (
+    Vec<(String, Acceptor)>,
+    Vec<(DatagramSocket, AsyncFd<OwnedFd>)>,
+    AsyncFd<OwnedFd>,
+);
+
+/// Hands this loop's sockets and the shutdown eventfd to the runtime's reactor.
+fn adopt(
+    streams: Vec<StreamListener>,
+    datagrams: Vec<DatagramSocket>,
+    shutdown: &Shutdown,
+) -> io::Result<Adopted> {
+    let fired = async_fd::watch(shutdown.fd().try_clone_to_owned()?, Interest::READABLE)?;
+    let mut acceptors = Vec::new();
+    for listener in streams {
+        listener.set_nonblocking(true)?;
+        let name = listener.name().to_string();
+        let acceptor = match listener.into_std() {
+            Ok(tcp) => Acceptor::Tcp(TcpListener::from_std(tcp)?),
+            Err(unix) => Acceptor::Unix(UnixListener::from_std(unix)?),
+        };
+        acceptors.push((name, acceptor));
+    }
+    let mut watched = Vec::new();
+    for socket in datagrams {
+        socket.set_nonblocking(true)?;
+        let readiness = async_fd::watch(socket.as_fd().try_clone_to_owned()?, Interest::READABLE)?;
+        watched.push((socket, readiness));
+    }
+    Ok((acceptors, watched, fired))
+}
+
+enum Acceptor {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+async fn accept_loop(
+    name: String,
+    acceptor: Acceptor,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) -> io::Result<()> {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            accepted = accept(&acceptor) => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Some(admission) = shared.counter.admit() else {
+                    log_over_limit(&peer, shared.counter.max_conns().unwrap_or(0));
+                    continue;
+                };
+                tracing::debug!("accepted {peer} on {name}");
+                let task = (shared.clone(), stop.clone(), done.clone(), admission);
+                match stream {
+                    Accepted::Tcp(s) => tokio::spawn(serve(s, peer, task)),
+                    Accepted::Unix(s) => tokio::spawn(serve(s, peer, task)),
+                };
+            }
+            Err(e) => match accept_action(&e) {
+                AcceptAction::Wait | AcceptAction::Retry => {}
+                AcceptAction::Pause => {
+                    log_accept_pause(&name, &e);
+                    tokio::select! {
+                        _ = stop.changed() => return Ok(()),
+                        () = sleep(ACCEPT_PAUSE) => {}
+                    }
+                }
+                AcceptAction::Fail => return Err(e),
+            },
+        }
+    }
+}
+
+enum Accepted {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+async fn accept(acceptor: &Acceptor) -> io::Result<(Accepted, Peer)> {
+    Ok(match acceptor {
+        Acceptor::Tcp(listener) => {
+            let (stream, addr) = listener.accept().await?;
+            // Replies are small; Nagle would hold them for the peer's ACK.
+            let _ = stream.set_nodelay(true);
+            (Accepted::Tcp(stream), Peer::Ip(addr))
+        }
+        Acceptor::Unix(listener) => {
+            let (stream, addr) = listener.accept().await?;
+            (Accepted::Unix(stream), Peer::Unix(addr.into()))
+        }
+    })
+}
+
+/// A connected tokio stream; both kinds offer the same calls.
+trait Socket: AsyncWrite + Unpin + Send {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// One read; a short read also clears the readiness, so the next `readable` sleeps
+    /// instead of costing a `read` that returns `EAGAIN` (tokio's own `poll_read` does so).
+    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+macro_rules! impl_socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                <$t>::readable(self)
+            }
+            fn read_once(&self, buf: &mut [u8]) -> io::Result<usize> {
+                let (len, mut taken) = (buf.len(), 0);
+                let read = self.try_io(Interest::READABLE, || {
+                    taken = self.try_read(buf)?;
+                    if taken > 0 && taken < len {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(taken)
+                });
+                match read {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && taken > 0 => Ok(taken),
+                    other => other,
+                }
+            }
+        }
+    };
+}
+impl_socket!(TcpStream);
+impl_socket!(UnixStream);
+
+type TaskContext = (
+    Arc<Shared>,
+    watch::Receiver<bool>,
+    mpsc::Sender<()>,
+    Admission,
+);
+
+/// One connection's task; its errors end only this connection.
+async fn serve<S: Socket>(mut stream: S, peer: Peer, context: TaskContext) {
+    let (shared, mut stop, _done, _admission) = context;
+    let mut connection = Connection::new(&shared.protocol, peer, shared.limits.max_buffer_bytes);
+    if let Err(e) = drive(&mut stream, &mut connection, &shared.limits, &mut stop).await {
+        tracing::debug!("connection {} ended: {e}", connection.peer());
+    }
+}
+
+async fn drive<S: Socket>(
+    stream: &mut S,
+    connection: &mut Connection,
+    limits: &Limits,
+    stop: &mut watch::Receiver<bool>,
+) -> io::Result<()> {
+    let mut last_input = Instant::now();
+    // One timer per connection, re-armed lazily when it fires early (not on every read).
+    let idle_timer = sleep(limits.idle_timeout.unwrap_or_default());
+    tokio::pin!(idle_timer);
+    let mut drain_deadline = None;
+    loop {
+        // A cheap check each turn: a busy peer keeps the I/O branches ready, so the
+        // select below might never look at `stop`.
+        if drain_deadline.is_none() && stop.has_changed().unwrap_or(true) {
+            connection.stop_reading();
+            drain_deadline = Some(Instant::now() + limits.drain_timeout);
+        }
+        if connection.wants_write() {
+            tokio::select! {
+                biased;
+                // The kernel may take fewer bytes than offered; the rest is written next turn.
+                written = stream.write(connection.unsent()) => connection.advance(written?),
+                _ = stop.changed(), if drain_deadline.is_none() => {}
+                () = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
+                    tracing::warn!("closing {}: drain timeout with {} bytes still owed", connection.peer(), connection.owed());
+                    return Ok(());
+                }
+            }
+            continue;
+        }
+        SPARE.with_borrow_mut(|spare| connection.return_spare(spare));
+        if connection.is_finished() {
+            // Everything owed was sent: the peer reads EOF after the last reply.
+            let _ = stream.shutdown().await;
+            return Ok(());
+        }
+        tokio::select! {
+            biased;
+            ready = stream.readable() => ready?,
+            _ = stop.changed(), if drain_deadline.is_none() => continue,
+            () = &mut idle_timer, if limits.idle_timeout.is_some() => {
+                let idle = limits.idle_timeout.unwrap_or_default();
+                if Instant::now() >= last_input + idle {
+                    log_idle(connection.peer(), idle);
+                    return Ok(());
+                }
+                idle_timer.as_mut().reset(last_input + idle);
+                continue;
+            }
+        }
+        let got_input = READ_BUF.with_borrow_mut(|buf| {
+            let limit = connection.read_limit(buf.len());
+            SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
+            let received = match stream.read_once(&mut buf[..limit]) {
+                Ok(0) => connection.receive_eof(),
+                Ok(n) => connection.receive(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            received.map_err(|_| io::Error::other("handler panicked"))?;
+            Ok(true)
+        })?;
+        if got_input && limits.idle_timeout.is_some() {
+            last_input = Instant::now();
+        }
+    }
+}
+
+/// Answers datagrams on `socket`; `readiness` watches a duplicate of its descriptor.
+async fn answer_datagrams(
+    socket: DatagramSocket,
+    readiness: AsyncFd<OwnedFd>,
+    protocol: Protocol,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let mut replier = DatagramReplier::new(protocol);
+    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
+    loop {
+        let mut ready = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            ready = readiness.readable() => ready?,
+        };
+        let (n, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {
+            Ok(Ok(received)) => received,
+            Ok(Err(e)) if is_per_peer_datagram_error(&e) => continue,
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        };
+        if let Some(reply) = replier.reply(&peer, &buf[..n]) {
+            // A full send buffer drops this one reply, as a lost datagram would.
+            if let Err(e) = socket.send_to(reply, &peer) {
+                log_send_failure(&peer, &e);
+            }
+        }
+    }
 }

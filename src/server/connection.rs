@@ -120,6 +120,18 @@ impl Connection {
         self.out.advance(written);
     }
 
+    /// Lends an event loop's spare output allocation to this connection (see
+    /// [`WriteBuffer::lend_spare`]), so replies need no allocation of their own.
+    pub fn lend_spare(&mut self, spare: &mut Vec<u8>) {
+        self.out.lend_spare(spare);
+    }
+
+    /// Gives the output allocation back once nothing is owed (see
+    /// [`WriteBuffer::return_spare`]).
+    pub fn return_spare(&mut self, spare: &mut Vec<u8>) {
+        self.out.return_spare(spare);
+    }
+
     /// Bytes owed now.
     pub fn owed(&self) -> usize {
         self.out.len()

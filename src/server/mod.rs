@@ -7,8 +7,11 @@
 
 mod connection;
 mod datagram;
+pub mod idle_wheel;
 mod listeners;
+pub mod readiness;
 mod shutdown;
+pub mod slab;
 pub mod threaded_io;
 
 pub use crate::protocol::Protocol;

@@ -7,6 +7,7 @@
 #![allow(unsafe_code)]
 
 pub mod affinity;
+pub mod async_fd;
 pub mod epoll;
 pub mod eventfd;
 pub mod poll;

@@ -1,0 +1,143 @@
+//! `IdleWheel`: `--idle-timeout` for thousands of connections without looking at each one
+//! every tick.
+//!
+//! Time is cut into ticks of [`IDLE_TICK`]. Each connection sits in exactly one slot of a
+//! circular wheel, the slot of the tick at which it may first be idle. A read only stamps
+//! the connection's last-input tick (no wheel operation); when the slot comes round, the
+//! owner re-checks each entry lazily: idle entries are closed, the others move to the slot
+//! of their real deadline. So each connection is looked at about once per idle timeout.
+
+use super::slab::Token;
+use std::time::{Duration, Instant};
+
+/// Granularity of idle deadlines. A connection is closed between the timeout and the
+/// timeout plus two ticks after its last input, inside the contract's one second.
+pub const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// A wheel of connection tokens keyed by the tick at which they may be idle.
+#[derive(Debug)]
+pub struct IdleWheel {
+    start: Instant,
+    /// Ticks from a last input to the tick at which that connection is surely idle.
+    idle_ticks: u32,
+    /// `slots[t % len]` holds the tokens due at tick `t`, for every `t` within one turn.
+    slots: Vec<Vec<Token>>,
+    /// Every tick up to this one has been expired.
+    expired_tick: u32,
+    len: usize,
+}
+
+impl IdleWheel {
+    /// A wheel for `idle_timeout`, counting ticks from now.
+    pub fn new(idle_timeout: Duration) -> Self {
+        let tick_ms = IDLE_TICK.as_millis();
+        let ticks = idle_timeout.as_millis().div_ceil(tick_ms);
+        // One tick more: the last input may have come at the very end of its tick.
+        let idle_ticks = u32::try_from(ticks + 1).unwrap_or(u32::MAX / 2);
+        IdleWheel {
+            start: Instant::now(),
+            idle_ticks,
+            slots: (0..idle_ticks as usize + 2).map(|_| Vec::new()).collect(),
+            expired_tick: 0,
+            len: 0,
+        }
+    }
+
+    /// The tick `now` falls in.
+    pub fn tick_at(&self, now: Instant) -> u32 {
+        let elapsed = now.saturating_duration_since(self.start);
+        u32::try_from(elapsed.as_millis() / IDLE_TICK.as_millis()).unwrap_or(u32::MAX)
+    }
+
+    /// The tick at which a connection whose last input came during `last_input_tick` is idle.
+    pub fn deadline(&self, last_input_tick: u32) -> u32 {
+        last_input_tick.saturating_add(self.idle_ticks)
+    }
+
+    /// Watches `token`, whose last input came during `last_input_tick` (at most the last
+    /// expired tick).
+    pub fn insert(&mut self, token: Token, last_input_tick: u32) {
+        // Deadlines stay within one turn ahead, so every slot holds a single tick's tokens.
+        let deadline = self.deadline(last_input_tick).clamp(
+            self.expired_tick.saturating_add(1),
+            self.expired_tick.saturating_add(self.idle_ticks),
+        );
+        let turn = self.slots.len();
+        self.slots[deadline as usize % turn].push(token);
+        self.len += 1;
+    }
+
+    /// Expires every tick up to `now_tick`. For each token due, `check` returns the
+    /// connection's last-input tick to keep watching it, or `None` when it was closed (idle
+    /// or already gone).
+    pub fn expire(&mut self, now_tick: u32, mut check: impl FnMut(Token) -> Option<u32>) {
+        let turn = self.slots.len();
+        let first = self.expired_tick.saturating_add(1);
+        // After a long stall, one pass over the whole wheel covers every tick.
+        let first = first.max(now_tick.saturating_sub(turn as u32 - 1));
+        self.expired_tick = now_tick;
+        for tick in first..=now_tick {
+            let due = std::mem::take(&mut self.slots[tick as usize % turn]);
+            self.len -= due.len();
+            for &token in &due {
+                if let Some(last_input_tick) = check(token) {
+                    self.insert(token, last_input_tick);
+                }
+            }
+            // Keep the slot's allocation for its next turn if it is still empty.
+            let slot = &mut self.slots[tick as usize % turn];
+            if slot.is_empty() {
+                *slot = due;
+                slot.clear();
+            }
+        }
+    }
+
+    /// How long until the next tick, if anything is watched; `None` lets the loop sleep.
+    pub fn time_to_next_tick(&self, now: Instant) -> Option<Duration> {
+        if self.len == 0 {
+            return None;
+        }
+        let next = self.start + IDLE_TICK * (self.tick_at(now) + 1);
+        Some(next.saturating_duration_since(now))
+    }
+
+    /// Whether a connection with `last_input_tick` is idle at `now_tick`.
+    pub fn is_idle(&self, last_input_tick: u32, now_tick: u32) -> bool {
+        now_tick >= self.deadline(last_input_tick)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closes_only_after_the_deadline_and_rechecks_lazily() {
+        let mut wheel = IdleWheel::new(Duration::from_secs(1));
+        let idle_ticks = wheel.idle_ticks;
+        let mut last_input = [0u32, 0];
+        let mut closed = Vec::new();
+        wheel.insert(10, 0);
+        wheel.insert(11, 0);
+        last_input[1] = 3; // connection 11 sent something at tick 3
+        let mut checks = 0;
+        for now in 1..=(idle_ticks + 5) {
+            wheel.expire(now, |token| {
+                checks += 1;
+                let last = last_input[(token - 10) as usize];
+                if now >= last + idle_ticks {
+                    closed.push((token, now));
+                    None
+                } else {
+                    Some(last)
+                }
+            });
+        }
+        assert_eq!(closed, vec![(10, idle_ticks), (11, idle_ticks + 3)]);
+        assert_eq!(
+            checks, 3,
+            "one early check for the busy connection, no scans"
+        );
+    }
+}
