@@ -94,7 +94,7 @@ impl CompareReport {
         }
         out += "\n";
         out += &self.footer();
-        out += "\n![msgs/s and p99 against connections](compare.svg)\n";
+        out += "\n![msgs/s, p99 and server CPU per message against connections](compare.svg)\n";
         out
     }
 
