@@ -11,10 +11,13 @@
 //! lost. Level-triggered lets us read once per wake-up, as the C yardstick does, and makes
 //! backpressure a matter of dropping EPOLLIN from the interest when the write buffer fills.
 //!
-//! Loops: each loop has its own SO_REUSEPORT sibling of every TCP listener, so the kernel
-//! spreads connections over the loops with no shared accept queue; Unix listeners and
-//! datagram sockets are shared by every loop with EPOLLEXCLUSIVE, so a ready socket wakes
-//! one loop, not all (docs/benchmarks.md, "Readiness ladder", has the measurements).
+//! Loops: every loop watches the same listeners (one accept queue) with EPOLLEXCLUSIVE, so
+//! a connection wakes one idle loop, not all; after accepting, a loop re-adds the listener
+//! to move to the back of the wake-up queue, which spreads connections round the loops.
+//! SO_REUSEPORT siblings spread as evenly and cost no more per message, but each has its own
+//! queue: out of descriptors, a connection can wait in one loop's queue while the other
+//! loop takes every freed descriptor (conformance `out_of_descriptors_pauses` hangs). Datagram
+//! sockets are shared by every loop the same way. Measurements: docs/benchmarks.md.
 
 use crate::server::event_loops::{LoopSources, run_on_threads, split_sources};
 use crate::server::idle_wheel::IdleWheel;

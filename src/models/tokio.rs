@@ -1,11 +1,12 @@
 //! `tokio`: the mainstream async stack; a task per connection on one runtime per loop.
 //!
-//! Technique: a current-thread runtime per loop, each with its own SO_REUSEPORT listener;
+//! Technique: a current-thread runtime per loop, all accepting from the same listeners;
 //! a task per connection runs `readable().await`, one read, `write(..).await` + `advance`.
 //! Cost: a task switch and a waker per readiness on top of `epoll`'s system calls.
 //! Limit: a handler that blocks stalls every task of its loop; datagrams are served by loop 0.
 //!
-//! Why runtimes per loop rather than one multi-thread runtime: see docs/benchmarks.md,
+//! Why a current-thread runtime per loop rather than one multi-thread runtime, and why
+//! the loops share one accept queue rather than SO_REUSEPORT siblings: docs/benchmarks.md,
 //! "Readiness ladder". Datagram sockets are served by loop 0 only: tokio registers
 //! descriptors edge-triggered without EPOLLEXCLUSIVE, so a socket shared by every loop
 //! would wake every loop for each datagram. They are driven through `AsyncFd` over the
