@@ -272,8 +272,9 @@ impl Worker<'_> {
         if !is_open_loop {
             for index in 0..self.connections.len() {
                 if self.connections[index].stream.is_some() {
+                    let now = self.plan.now_ns();
                     for _ in 0..self.plan.config.depth {
-                        self.connections[index].queue(timeline.start);
+                        self.connections[index].queue(now);
                     }
                     self.flush(index);
                 }
