@@ -26,7 +26,7 @@
 //!    as "ready" both ways: we try the system call before we wait for it.
 //! 2. **The task parks.** `read` is a future. Polled, it called `read(2)`, which said
 //!    `EAGAIN` (`WouldBlock`): the reactor cleared the slot's read flag and stored the
-//!    task's [`Waker`](std::task::Waker) there, and the future returned `Pending`. The
+//!    task's [`Waker`] there, and the future returned `Pending`. The
 //!    executor put the task's boxed future back in its slab slot and moved on.
 //! 3. **The loop sleeps.** With no task queued, the executor asks the timers for the next
 //!    deadline and calls `epoll_wait` with it (`Reactor::wait`).
