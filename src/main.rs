@@ -96,26 +96,26 @@ struct BenchArgs {
     /// The server to load.
     #[arg(value_parser = parse_endpoint)]
     addr: Endpoint,
-    /// Connections.
-    #[arg(long, default_value_t = 10)]
+    /// Connections (for datagrams: sockets).
+    #[arg(long, value_name = "N", default_value_t = 10)]
     conns: u32,
-    /// Bytes per message.
-    #[arg(long, default_value_t = 64)]
-    size: u32,
+    /// Bytes per message (e.g. 64, 1K, 1M).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "64")]
+    size: usize,
     /// Messages in flight per connection (closed loop).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "D", default_value_t = 1)]
     depth: u32,
     /// Measured seconds.
-    #[arg(long, default_value = "10", value_parser = parse_positive_secs)]
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_positive_secs)]
     duration: Duration,
-    /// Seconds of load before measuring.
-    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    /// Seconds of load before measuring (verified, not counted).
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
     warmup: Duration,
     /// Open loop: total messages per second, latency counted from each scheduled send.
     #[arg(long, value_name = "MSGS_PER_S")]
     rate: Option<f64>,
     /// Client threads, each its own event loop.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "T", default_value_t = 1)]
     threads: u32,
     /// One JSON object on stdout.
     #[arg(long)]
@@ -389,7 +389,7 @@ fn client(args: ClientArgs) -> ExitCode {
 fn bench(args: BenchArgs) -> ExitCode {
     let config = reverb::bench::BenchConfig {
         conns: args.conns,
-        size: args.size as usize,
+        size: args.size,
         depth: args.depth,
         duration: args.duration,
         warmup: args.warmup,

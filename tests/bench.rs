@@ -89,6 +89,7 @@ enum StreamFault {
     DuplicateByte,
     SwapBytes,
     CloseEarly,
+    Reset,
     NeverAnswer,
 }
 
@@ -131,6 +132,11 @@ fn serve_faulty(mut stream: TcpStream, fault: StreamFault) {
                 }
                 StreamFault::CloseEarly if at == FAULT_AT => {
                     let _ = stream.write_all(&out);
+                    return;
+                }
+                StreamFault::Reset if at == FAULT_AT => {
+                    // Linger 0: closing sends RST instead of FIN.
+                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                     return;
                 }
                 _ => out.push(byte),
@@ -179,6 +185,11 @@ fn swapped_bytes_are_caught() {
 #[test]
 fn early_close_is_caught() {
     assert_caught(StreamFault::CloseEarly, "closed the connection");
+}
+
+#[test]
+fn reset_is_caught() {
+    assert_caught(StreamFault::Reset, "read failed");
 }
 
 #[test]

@@ -180,7 +180,8 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Runs the benchmark against `endpoint` and returns its report.
 ///
 /// Connection failures, resets and wrong bytes are not errors here: they are counted in the
-/// report (see [`BenchReport::exit_code`]).
+/// report (see [`BenchReport::exit_code`]). Each connection is a descriptor: a caller that
+/// opens many should raise its open-file limit first (`sys::raise_open_file_limit`).
 ///
 /// # Errors
 ///
@@ -265,23 +266,27 @@ fn watch<T>(
     handles: &[thread::ScopedJoinHandle<'_, T>],
     progress: &mut impl FnMut(Progress),
 ) -> CpuWindow {
-    let mut cpu = CpuWindow::default();
-    let mut at_start = None;
+    // Each snapshot is taken once (`Some`), even if reading the CPU time failed (`Some(None)`).
+    let mut at_start: Option<Option<Duration>> = None;
+    let mut window_cpu: Option<Option<f64>> = None;
     let total = Duration::from_nanos(timeline.measure_until - timeline.start);
     loop {
         let now = plan.now_ns();
         if at_start.is_none() && now >= timeline.measure_from {
-            at_start = crate::sys::rusage::process_cpu_time().ok();
+            at_start = Some(crate::sys::rusage::process_cpu_time().ok());
         }
-        if cpu.seconds.is_none() && now >= timeline.measure_until {
+        if window_cpu.is_none() && now >= timeline.measure_until {
             let at_end = crate::sys::rusage::process_cpu_time().ok();
-            cpu.seconds = at_start.zip(at_end).map(|(a, b)| (b - a).as_secs_f64());
-            if at_start.is_none() {
-                cpu.seconds = Some(0.0);
-            }
+            let used = at_start
+                .flatten()
+                .zip(at_end)
+                .map(|(a, b)| b.saturating_sub(a));
+            window_cpu = Some(used.map(|d| d.as_secs_f64()));
         }
         if handles.iter().all(|h| h.is_finished()) {
-            return cpu;
+            return CpuWindow {
+                seconds: window_cpu.flatten(),
+            };
         }
         let phase = if now < timeline.measure_from {
             Phase::Warmup

@@ -1,27 +1,29 @@
 //! `tokio`: the mainstream async stack; a task per connection on one runtime per loop.
 //!
-//! Technique: a current-thread runtime per loop, each with its own SO_REUSEPORT listener;
+//! Technique: a current-thread runtime per loop, all accepting from the same listeners;
 //! a task per connection runs `readable().await`, one read, `write(..).await` + `advance`.
 //! Cost: a task switch and a waker per readiness on top of `epoll`'s system calls.
 //! Limit: a handler that blocks stalls every task of its loop; datagrams are served by loop 0.
 //!
-//! Why runtimes per loop rather than one multi-thread runtime: see docs/benchmarks.md,
+//! Why a current-thread runtime per loop rather than one multi-thread runtime, and why
+//! the loops share one accept queue rather than SO_REUSEPORT siblings: docs/benchmarks.md,
 //! "Readiness ladder". Datagram sockets are served by loop 0 only: tokio registers
 //! descriptors edge-triggered without EPOLLEXCLUSIVE, so a socket shared by every loop
 //! would wake every loop for each datagram. They are driven through `AsyncFd` over the
 //! shared `DatagramSocket`, which already knows every peer kind (abstract Unix names too).
 
+use crate::server::event_loops::{LoopSources, run_on_threads, split_sources};
 use crate::server::threaded_io::is_per_peer_datagram_error;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, DATAGRAM_BUFFER_BYTES, DatagramReplier,
     DatagramSocket, Limits, Listeners, Peer, Protocol, READ_BUFFER_BYTES, ServeError, Shutdown,
-    StreamListener, accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
+    accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
 };
 use crate::sys::async_fd;
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use tokio::io::{AsyncWrite, AsyncWriteExt, Interest, unix::AsyncFd};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
@@ -51,65 +53,35 @@ pub fn run(
     threads: Option<usize>,
 ) -> Result<(), ServeError> {
     let loops = threads.unwrap_or_else(super::default_loops).max(1);
-    let mut streams = std::mem::take(&mut listeners.streams);
-    let mut datagrams = std::mem::take(&mut listeners.datagrams);
-    let mut sources = Vec::with_capacity(loops);
-    for _ in 1..loops {
-        let siblings = streams.iter().map(StreamListener::sibling);
-        sources.push((siblings.collect::<io::Result<Vec<_>>>()?, Vec::new()));
-    }
-    // Loop 0 takes the originals (every socket of a SO_REUSEPORT group gets connections).
-    sources.insert(
-        0,
-        (std::mem::take(&mut streams), std::mem::take(&mut datagrams)),
-    );
+    let sources = split_sources(&mut listeners, loops, false)?;
     let shared = Arc::new(Shared {
         protocol,
         limits: listeners.limits.clone(),
         counter: listeners.counter.clone(),
     });
-    // Every loop makes its descriptors (runtime, registrations) before any loop accepts,
-    // so a flood of connections that exhausts descriptors cannot starve a loop's setup.
-    let setup_done = Barrier::new(loops);
-    let results: Vec<io::Result<()>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (sources.into_iter().enumerate())
-            .map(|(index, (streams, datagrams))| {
-                let (shared, shutdown, setup_done) =
-                    (shared.clone(), shutdown.clone(), &setup_done);
-                std::thread::Builder::new()
-                    .name(format!("reverb-tokio-{index}"))
-                    .spawn_scoped(scope, move || {
-                        let runtime = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build();
-                        let runtime = match runtime {
-                            Ok(runtime) => runtime,
-                            Err(e) => {
-                                setup_done.wait();
-                                return Err(e);
-                            }
-                        };
-                        let result = runtime.block_on(serve_loop(
-                            streams, datagrams, shared, &shutdown, setup_done,
-                        ));
-                        if result.is_err() {
-                            shutdown.fire();
-                        }
-                        result
-                    })
-            })
-            .collect();
-        (handles.into_iter())
-            .map(|handle| {
-                handle?
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("event loop panicked")))
-            })
-            .collect()
-    });
+    // Every descriptor a loop needs is made now: once loop 0 accepts, the process may run
+    // out of them, and a loop that cannot start would stop the whole server.
+    let mut prepared = Vec::with_capacity(sources.len());
+    for sources in sources {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let shutdown_fd = shutdown.fd().try_clone_to_owned()?;
+        let datagram_fds = (sources.datagrams.iter())
+            .map(|socket| socket.as_fd().try_clone_to_owned())
+            .collect::<io::Result<_>>()?;
+        prepared.push((runtime, sources, shutdown_fd, datagram_fds));
+    }
+    run_on_threads(
+        "tokio",
+        prepared,
+        &shutdown,
+        |(runtime, sources, fired, fds)| {
+            runtime.block_on(serve_loop(sources, fired, fds, shared.clone()))
+        },
+    )?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
     drop(listeners);
-    results.into_iter().collect::<io::Result<()>>()?;
     Ok(())
 }
 
@@ -121,27 +93,44 @@ struct Shared {
 }
 
 /// One loop: accept and answer until shutdown, then wait for every connection's drain.
+///
+/// `shutdown_fd` is a duplicate of the shutdown eventfd, `datagram_fds` duplicates of the
+/// datagram sockets, made before the loop started (see `run`).
 async fn serve_loop(
-    streams: Vec<StreamListener>,
-    datagrams: Vec<DatagramSocket>,
+    LoopSources { streams, datagrams }: LoopSources,
+    shutdown_fd: OwnedFd,
+    datagram_fds: Vec<OwnedFd>,
     shared: Arc<Shared>,
-    shutdown: &Shutdown,
-    setup_done: &Barrier,
 ) -> io::Result<()> {
-    let setup = adopt(streams, datagrams, shutdown);
-    // Nothing else runs on this thread yet, so blocking here stalls no task.
-    setup_done.wait();
-    let (acceptors, datagrams, fired) = setup?;
     // Tasks watch `stop`; each connection holds a `done` sender, so when the receiver sees
     // every sender dropped, every connection has finished (mini-redis's shutdown_complete).
     let (stop_tx, stop) = watch::channel(false);
     let (done_tx, mut done) = mpsc::channel::<()>(1);
     let mut tasks = JoinSet::new();
-    for (name, acceptor) in acceptors {
+    for listener in streams {
+        listener.set_nonblocking(true)?;
         let (shared, stop, done_tx) = (shared.clone(), stop.clone(), done_tx.clone());
-        tasks.spawn(accept_loop(name, acceptor, shared, stop, done_tx));
+        let name = listener.name().to_string();
+        match listener.into_std() {
+            Ok(tcp) => {
+                let tcp = TcpListener::from_std(tcp)?;
+                tasks.spawn(accept_loop(name, Acceptor::Tcp(tcp), shared, stop, done_tx));
+            }
+            Err(unix) => {
+                let unix = UnixListener::from_std(unix)?;
+                tasks.spawn(accept_loop(
+                    name,
+                    Acceptor::Unix(unix),
+                    shared,
+                    stop,
+                    done_tx,
+                ));
+            }
+        }
     }
-    for (socket, readiness) in datagrams {
+    for (socket, fd) in datagrams.into_iter().zip(datagram_fds) {
+        socket.set_nonblocking(true)?;
+        let readiness = async_fd::watch(fd, Interest::READABLE)?;
         tasks.spawn(answer_datagrams(
             socket,
             readiness,
@@ -150,6 +139,7 @@ async fn serve_loop(
         ));
     }
     drop(done_tx);
+    let fired = async_fd::watch(shutdown_fd, Interest::READABLE)?;
     let mut result = Ok(());
     tokio::select! {
         ready = fired.readable() => drop(ready?),
@@ -163,38 +153,6 @@ async fn serve_loop(
     let margin = shared.limits.drain_timeout + ACCEPT_PAUSE;
     let _ = tokio::time::timeout(margin, done.recv()).await;
     result
-}
-
-type Adopted = (
-    Vec<(String, Acceptor)>,
-    Vec<(DatagramSocket, AsyncFd<OwnedFd>)>,
-    AsyncFd<OwnedFd>,
-);
-
-/// Hands this loop's sockets and the shutdown eventfd to the runtime's reactor.
-fn adopt(
-    streams: Vec<StreamListener>,
-    datagrams: Vec<DatagramSocket>,
-    shutdown: &Shutdown,
-) -> io::Result<Adopted> {
-    let fired = async_fd::watch(shutdown.fd().try_clone_to_owned()?, Interest::READABLE)?;
-    let mut acceptors = Vec::new();
-    for listener in streams {
-        listener.set_nonblocking(true)?;
-        let name = listener.name().to_string();
-        let acceptor = match listener.into_std() {
-            Ok(tcp) => Acceptor::Tcp(TcpListener::from_std(tcp)?),
-            Err(unix) => Acceptor::Unix(UnixListener::from_std(unix)?),
-        };
-        acceptors.push((name, acceptor));
-    }
-    let mut watched = Vec::new();
-    for socket in datagrams {
-        socket.set_nonblocking(true)?;
-        let readiness = async_fd::watch(socket.as_fd().try_clone_to_owned()?, Interest::READABLE)?;
-        watched.push((socket, readiness));
-    }
-    Ok((acceptors, watched, fired))
 }
 
 enum Acceptor {
