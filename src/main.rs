@@ -255,7 +255,7 @@ fn main() -> ExitCode {
         }
         Command::Client(args) => client(args),
         Command::Bench(args) => bench(args),
-        Command::Compare(_) => fail("compare is not built yet (issue 7)"),
+        Command::Compare(args) => compare(args),
     }
 }
 
@@ -436,6 +436,80 @@ fn bench(args: BenchArgs) -> ExitCode {
         .is_err()
     {
         return ExitCode::from(1);
+    }
+    ExitCode::from(report.exit_code())
+}
+
+fn compare(args: CompareArgs) -> ExitCode {
+    let server_exe = match std::env::current_exe() {
+        Ok(path) => path,
+        Err(e) => {
+            return fail(format!(
+                "cannot find the reverb binary for the servers: {e}"
+            ));
+        }
+    };
+    let mut config = reverb::compare::CompareConfig::new(server_exe);
+    config.models = args.models;
+    if !args.conns.is_empty() {
+        config.conns = args.conns;
+    }
+    if let Some(size) = args.size {
+        config.size = size as usize;
+    }
+    if let Some(depth) = args.depth {
+        config.depth = depth;
+    }
+    if let Some(duration) = args.duration {
+        config.duration = duration;
+    }
+    if let Err(e) = config.validate() {
+        usage_error(e);
+    }
+    // Fail before a minute of measuring, not after it.
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        return fail(format!("cannot create {}: {e}", args.out.display()));
+    }
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(progress_bar);
+    let result = reverb::compare::run_with_progress(&config, |progress| {
+        if let Some(bar) = &bar {
+            bar.set_length(progress.steps.max(1) as u64);
+            bar.set_position(progress.step as u64);
+            let phase = match progress.bench.map(|b| b.phase) {
+                Some(reverb::bench::Phase::Warmup) => ", warmup",
+                Some(reverb::bench::Phase::Measuring) => ", measuring",
+                Some(reverb::bench::Phase::Draining) => ", draining",
+                None => "",
+            };
+            bar.set_message(format!("{}: {}{phase}", progress.model, progress.activity));
+        }
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let mut report = match result {
+        Ok(report) => report,
+        Err(e) => return fail(format!("compare: {e}")),
+    };
+    report.command = Some(
+        std::iter::once("reverb".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    let mut stdout = std::io::stdout().lock();
+    if stdout
+        .write_all(report.to_table().as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        return ExitCode::from(1);
+    }
+    if let Err(e) = report.write_files(&args.out) {
+        return fail(e);
+    }
+    if report.models.is_empty() {
+        return fail("compare: no model could be measured");
     }
     ExitCode::from(report.exit_code())
 }

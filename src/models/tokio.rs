@@ -1,21 +1,23 @@
 //! `tokio`: the mainstream async stack; a task per connection on one runtime per loop.
 //!
-//! Technique: a current-thread runtime per loop, each with its own SO_REUSEPORT listener;
+//! Technique: a current-thread runtime per loop, all accepting from the same listeners;
 //! a task per connection runs `readable().await`, one read, `write(..).await` + `advance`.
 //! Cost: a task switch and a waker per readiness on top of `epoll`'s system calls.
 //! Limit: a handler that blocks stalls every task of its loop; datagrams are served by loop 0.
 //!
-//! Why runtimes per loop rather than one multi-thread runtime: see docs/benchmarks.md,
+//! Why a current-thread runtime per loop rather than one multi-thread runtime, and why
+//! the loops share one accept queue rather than SO_REUSEPORT siblings: docs/benchmarks.md,
 //! "Readiness ladder". Datagram sockets are served by loop 0 only: tokio registers
 //! descriptors edge-triggered without EPOLLEXCLUSIVE, so a socket shared by every loop
 //! would wake every loop for each datagram. They are driven through `AsyncFd` over the
 //! shared `DatagramSocket`, which already knows every peer kind (abstract Unix names too).
 
+use crate::server::event_loops::{LoopSources, run_on_threads, split_sources};
 use crate::server::threaded_io::is_per_peer_datagram_error;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, DATAGRAM_BUFFER_BYTES, DatagramReplier,
     DatagramSocket, Limits, Listeners, Peer, Protocol, READ_BUFFER_BYTES, ServeError, Shutdown,
-    StreamListener, accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
+    accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
 };
 use crate::sys::async_fd;
 use std::cell::RefCell;
@@ -51,53 +53,35 @@ pub fn run(
     threads: Option<usize>,
 ) -> Result<(), ServeError> {
     let loops = threads.unwrap_or_else(super::default_loops).max(1);
-    let mut streams = std::mem::take(&mut listeners.streams);
-    let mut datagrams = std::mem::take(&mut listeners.datagrams);
-    let mut sources = Vec::with_capacity(loops);
-    for _ in 1..loops {
-        let siblings = streams.iter().map(StreamListener::sibling);
-        sources.push((siblings.collect::<io::Result<Vec<_>>>()?, Vec::new()));
-    }
-    // Loop 0 takes the originals (every socket of a SO_REUSEPORT group gets connections).
-    sources.insert(
-        0,
-        (std::mem::take(&mut streams), std::mem::take(&mut datagrams)),
-    );
+    let sources = split_sources(&mut listeners, loops, false)?;
     let shared = Arc::new(Shared {
         protocol,
         limits: listeners.limits.clone(),
         counter: listeners.counter.clone(),
     });
-    let results: Vec<io::Result<()>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (sources.into_iter().enumerate())
-            .map(|(index, (streams, datagrams))| {
-                let (shared, shutdown) = (shared.clone(), shutdown.clone());
-                std::thread::Builder::new()
-                    .name(format!("reverb-tokio-{index}"))
-                    .spawn_scoped(scope, move || {
-                        let runtime = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()?;
-                        let result =
-                            runtime.block_on(serve_loop(streams, datagrams, shared, &shutdown));
-                        if result.is_err() {
-                            shutdown.fire();
-                        }
-                        result
-                    })
-            })
-            .collect();
-        (handles.into_iter())
-            .map(|handle| {
-                handle?
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("event loop panicked")))
-            })
-            .collect()
-    });
+    // Every descriptor a loop needs is made now: once loop 0 accepts, the process may run
+    // out of them, and a loop that cannot start would stop the whole server.
+    let mut prepared = Vec::with_capacity(sources.len());
+    for sources in sources {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let shutdown_fd = shutdown.fd().try_clone_to_owned()?;
+        let datagram_fds = (sources.datagrams.iter())
+            .map(|socket| socket.as_fd().try_clone_to_owned())
+            .collect::<io::Result<_>>()?;
+        prepared.push((runtime, sources, shutdown_fd, datagram_fds));
+    }
+    run_on_threads(
+        "tokio",
+        prepared,
+        &shutdown,
+        |(runtime, sources, fired, fds)| {
+            runtime.block_on(serve_loop(sources, fired, fds, shared.clone()))
+        },
+    )?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
     drop(listeners);
-    results.into_iter().collect::<io::Result<()>>()?;
     Ok(())
 }
 
@@ -109,11 +93,14 @@ struct Shared {
 }
 
 /// One loop: accept and answer until shutdown, then wait for every connection's drain.
+///
+/// `shutdown_fd` is a duplicate of the shutdown eventfd, `datagram_fds` duplicates of the
+/// datagram sockets, made before the loop started (see `run`).
 async fn serve_loop(
-    streams: Vec<StreamListener>,
-    datagrams: Vec<DatagramSocket>,
+    LoopSources { streams, datagrams }: LoopSources,
+    shutdown_fd: OwnedFd,
+    datagram_fds: Vec<OwnedFd>,
     shared: Arc<Shared>,
-    shutdown: &Shutdown,
 ) -> io::Result<()> {
     // Tasks watch `stop`; each connection holds a `done` sender, so when the receiver sees
     // every sender dropped, every connection has finished (mini-redis's shutdown_complete).
@@ -141,9 +128,9 @@ async fn serve_loop(
             }
         }
     }
-    for socket in datagrams {
+    for (socket, fd) in datagrams.into_iter().zip(datagram_fds) {
         socket.set_nonblocking(true)?;
-        let readiness = async_fd::watch(socket.as_fd().try_clone_to_owned()?, Interest::READABLE)?;
+        let readiness = async_fd::watch(fd, Interest::READABLE)?;
         tasks.spawn(answer_datagrams(
             socket,
             readiness,
@@ -152,7 +139,7 @@ async fn serve_loop(
         ));
     }
     drop(done_tx);
-    let fired = async_fd::watch(shutdown.fd().try_clone_to_owned()?, Interest::READABLE)?;
+    let fired = async_fd::watch(shutdown_fd, Interest::READABLE)?;
     let mut result = Ok(());
     tokio::select! {
         ready = fired.readable() => drop(ready?),

@@ -7,6 +7,7 @@
 
 mod connection;
 mod datagram;
+pub mod event_loops;
 pub mod idle_wheel;
 mod listeners;
 pub mod readiness;
