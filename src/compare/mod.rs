@@ -489,6 +489,8 @@ fn measure_model<F: FnMut(&Progress)>(
 
     let mut was_killed = false;
     for &conns in &config.conns {
+        // Again: a thread started while the first pinning walked the list kept the old set.
+        pinning.pin_server(server.pid());
         let point = measure_point(config, conns, &server, model, tracker);
         tracker.step += 1;
         was_killed = point.note.as_deref().is_some_and(|n| n.starts_with(HUNG));
