@@ -215,8 +215,7 @@ pub fn render(report: &CompareReport) -> String {
             (p.msgs_per_s > 0.0).then_some(p.msgs_per_s)
         }),
         ("p99 round trip (µs, lower is better)", |p| {
-            let answered = p.bench.as_ref().is_some_and(|b| b.msgs > 0);
-            (answered && p.p99_us > 0.0).then_some(p.p99_us)
+            (p.msgs_per_s > 0.0 && p.p99_us > 0.0).then_some(p.p99_us)
         }),
         ("server CPU per message (µs, lower is better)", |p| {
             p.cpu_us_per_msg.filter(|v| *v > 0.0)
