@@ -281,7 +281,8 @@ impl Worker<'_> {
             }
         }
         let mut events = Events::with_capacity(1024);
-        let mut last_publish = timeline.start;
+        // The first iteration checks for live connections.
+        let mut last_publish = timeline.start.saturating_sub(PUBLISH_EVERY_NS);
         loop {
             let now = self.plan.now_ns();
             let mut next_due = u64::MAX;
@@ -291,6 +292,10 @@ impl Worker<'_> {
             if now - last_publish >= PUBLISH_EVERY_NS {
                 self.publish();
                 last_publish = now;
+                // Every connection failed or closed: nothing is left to wait for.
+                if self.connections.iter().all(|c| c.stream.is_none()) {
+                    break;
+                }
             }
             if !timeline.is_sending(now) {
                 let is_done = self
