@@ -23,12 +23,13 @@ use crate::sys::async_fd;
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::Arc;
 use tokio::io::{AsyncWrite, AsyncWriteExt, Interest, unix::AsyncFd};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, Sleep, sleep};
 
 /// Whether this model has landed.
 pub const IS_BUILT: bool = true;
@@ -280,22 +281,28 @@ async fn drive<S: Socket>(
     // One timer per connection, re-armed lazily when it fires early (not on every read).
     let idle_timer = sleep(limits.idle_timeout.unwrap_or_default());
     tokio::pin!(idle_timer);
-    let mut drain_deadline = None;
+    // Made once: a fresh `changed()` or timer per message would cost a lock or a clock read.
+    let mut watcher = stop.clone();
+    let stopped = async move { drop(watcher.changed().await) };
+    tokio::pin!(stopped);
+    let mut drain_timer: Option<Pin<Box<Sleep>>> = None;
     loop {
         // A cheap check each turn: a busy peer keeps the I/O branches ready, so the
-        // select below might never look at `stop`.
-        if drain_deadline.is_none() && stop.has_changed().unwrap_or(true) {
+        // selects below might never poll `stopped`.
+        if drain_timer.is_none() && stop.has_changed().unwrap_or(true) {
             connection.stop_reading();
-            drain_deadline = Some(Instant::now() + limits.drain_timeout);
+            drain_timer = Some(Box::pin(sleep(limits.drain_timeout)));
         }
+        let is_draining = drain_timer.is_some();
         if connection.wants_write() {
             tokio::select! {
                 biased;
                 // The kernel may take fewer bytes than offered; the rest is written next turn.
                 written = stream.write(connection.unsent()) => connection.advance(written?),
-                _ = stop.changed(), if drain_deadline.is_none() => {}
-                () = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
-                    tracing::warn!("closing {}: drain timeout with {} bytes still owed", connection.peer(), connection.owed());
+                () = &mut stopped, if !is_draining => {}
+                () = expire(drain_timer.as_mut()), if is_draining => {
+                    let (peer, owed) = (connection.peer(), connection.owed());
+                    tracing::warn!("closing {peer}: drain timeout with {owed} bytes still owed");
                     return Ok(());
                 }
             }
@@ -310,7 +317,7 @@ async fn drive<S: Socket>(
         tokio::select! {
             biased;
             ready = stream.readable() => ready?,
-            _ = stop.changed(), if drain_deadline.is_none() => continue,
+            () = &mut stopped, if !is_draining => continue,
             () = &mut idle_timer, if limits.idle_timeout.is_some() => {
                 let idle = limits.idle_timeout.unwrap_or_default();
                 if Instant::now() >= last_input + idle {
@@ -336,6 +343,14 @@ async fn drive<S: Socket>(
         if got_input && limits.idle_timeout.is_some() {
             last_input = Instant::now();
         }
+    }
+}
+
+/// Waits for `timer`, or forever when there is none.
+async fn expire(timer: Option<&mut Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.await,
+        None => std::future::pending().await,
     }
 }
 
