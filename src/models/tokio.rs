@@ -21,11 +21,13 @@ use crate::server::{
 };
 use crate::sys::async_fd;
 use std::cell::RefCell;
+use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use tokio::io::{AsyncWrite, AsyncWriteExt, Interest, unix::AsyncFd};
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, unix::AsyncFd};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -221,39 +223,30 @@ async fn accept(acceptor: &Acceptor) -> io::Result<(Accepted, Peer)> {
     })
 }
 
-/// A connected tokio stream; both kinds offer the same calls.
-trait Socket: AsyncWrite + Unpin + Send {
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
-    /// One read; a short read also clears the readiness, so the next `readable` sleeps
-    /// instead of costing a `read` that returns `EAGAIN` (tokio's own `poll_read` does so).
-    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize>;
-}
+/// A connected tokio stream, TCP or Unix.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
 
-macro_rules! impl_socket {
-    ($t:ty) => {
-        impl Socket for $t {
-            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-                <$t>::readable(self)
-            }
-            fn read_once(&self, buf: &mut [u8]) -> io::Result<usize> {
-                let (len, mut taken) = (buf.len(), 0);
-                let read = self.try_io(Interest::READABLE, || {
-                    taken = self.try_read(buf)?;
-                    if taken > 0 && taken < len {
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(taken)
-                });
-                match read {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && taken > 0 => Ok(taken),
-                    other => other,
-                }
-            }
-        }
-    };
+/// Reads once into the loop's shared buffer and feeds the protocol; pending until the
+/// socket is readable. tokio's `poll_read` keeps one waker slot per socket (no waiter
+/// list) and treats a short read as "drained", so no `read` returns `EAGAIN`.
+fn poll_receive<S: Socket>(
+    cx: &mut Context<'_>,
+    stream: &mut S,
+    connection: &mut Connection,
+) -> Poll<io::Result<()>> {
+    READ_BUF.with_borrow_mut(|buf| {
+        let limit = connection.read_limit(buf.len());
+        let mut input = ReadBuf::new(&mut buf[..limit]);
+        ready!(Pin::new(stream).poll_read(cx, &mut input))?;
+        SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
+        let received = match input.filled() {
+            [] => connection.receive_eof(),
+            bytes => connection.receive(bytes),
+        };
+        Poll::Ready(received.map_err(|_| io::Error::other("handler panicked")))
+    })
 }
-impl_socket!(TcpStream);
-impl_socket!(UnixStream);
 
 type TaskContext = (
     Arc<Shared>,
@@ -316,7 +309,7 @@ async fn drive<S: Socket>(
         }
         tokio::select! {
             biased;
-            ready = stream.readable() => ready?,
+            received = poll_fn(|cx| poll_receive(cx, stream, connection)) => received?,
             () = &mut stopped, if !is_draining => continue,
             () = &mut idle_timer, if limits.idle_timeout.is_some() => {
                 let idle = limits.idle_timeout.unwrap_or_default();
@@ -328,19 +321,7 @@ async fn drive<S: Socket>(
                 continue;
             }
         }
-        let got_input = READ_BUF.with_borrow_mut(|buf| {
-            let limit = connection.read_limit(buf.len());
-            SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-            let received = match stream.read_once(&mut buf[..limit]) {
-                Ok(0) => connection.receive_eof(),
-                Ok(n) => connection.receive(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            received.map_err(|_| io::Error::other("handler panicked"))?;
-            Ok(true)
-        })?;
-        if got_input && limits.idle_timeout.is_some() {
+        if limits.idle_timeout.is_some() {
             last_input = Instant::now();
         }
     }
