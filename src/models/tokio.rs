@@ -13,6 +13,7 @@
 //! shared `DatagramSocket`, which already knows every peer kind (abstract Unix names too).
 
 use crate::server::event_loops::{LoopSources, run_on_threads, split_sources};
+use crate::server::stop_signal::StopSignal;
 use crate::server::threaded_io::is_per_peer_datagram_error;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, DATAGRAM_BUFFER_BYTES, DatagramReplier,
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, unix::AsyncFd};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep, sleep};
 
@@ -107,7 +108,7 @@ async fn serve_loop(
 ) -> io::Result<()> {
     // Tasks watch `stop`; each connection holds a `done` sender, so when the receiver sees
     // every sender dropped, every connection has finished (mini-redis's shutdown_complete).
-    let (stop_tx, stop) = watch::channel(false);
+    let stop = Arc::new(StopSignal::default());
     let (done_tx, mut done) = mpsc::channel::<()>(1);
     let mut tasks = JoinSet::new();
     for listener in streams {
@@ -149,7 +150,7 @@ async fn serve_loop(
         Some(joined) = tasks.join_next() => result = joined.map_err(io::Error::other).and_then(|r| r),
     }
     // Stop accepting and reading; connections flush within the drain timeout themselves.
-    let _ = stop_tx.send(true);
+    stop.fire();
     while let Some(joined) = tasks.join_next().await {
         result = result.and(joined.map_err(io::Error::other).and_then(|r| r));
     }
@@ -167,12 +168,12 @@ async fn accept_loop(
     name: String,
     acceptor: Acceptor,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    stop: Arc<StopSignal>,
     done: mpsc::Sender<()>,
 ) -> io::Result<()> {
     loop {
         let accepted = tokio::select! {
-            _ = stop.changed() => return Ok(()),
+            () = stop.wait() => return Ok(()),
             accepted = accept(&acceptor) => accepted,
         };
         match accepted {
@@ -193,7 +194,7 @@ async fn accept_loop(
                 AcceptAction::Pause => {
                     log_accept_pause(&name, &e);
                     tokio::select! {
-                        _ = stop.changed() => return Ok(()),
+                        () = stop.wait() => return Ok(()),
                         () = sleep(ACCEPT_PAUSE) => {}
                     }
                 }
@@ -248,18 +249,13 @@ fn poll_receive<S: Socket>(
     })
 }
 
-type TaskContext = (
-    Arc<Shared>,
-    watch::Receiver<bool>,
-    mpsc::Sender<()>,
-    Admission,
-);
+type TaskContext = (Arc<Shared>, Arc<StopSignal>, mpsc::Sender<()>, Admission);
 
 /// One connection's task; its errors end only this connection.
 async fn serve<S: Socket>(mut stream: S, peer: Peer, context: TaskContext) {
-    let (shared, mut stop, _done, _admission) = context;
+    let (shared, stop, _done, _admission) = context;
     let mut connection = Connection::new(&shared.protocol, peer, shared.limits.max_buffer_bytes);
-    if let Err(e) = drive(&mut stream, &mut connection, &shared.limits, &mut stop).await {
+    if let Err(e) = drive(&mut stream, &mut connection, &shared.limits, &stop).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }
 }
@@ -268,21 +264,20 @@ async fn drive<S: Socket>(
     stream: &mut S,
     connection: &mut Connection,
     limits: &Limits,
-    stop: &mut watch::Receiver<bool>,
+    stop: &StopSignal,
 ) -> io::Result<()> {
     let mut last_input = Instant::now();
     // One timer per connection, re-armed lazily when it fires early (not on every read).
     let idle_timer = sleep(limits.idle_timeout.unwrap_or_default());
     tokio::pin!(idle_timer);
-    // Made once: a fresh `changed()` or timer per message would cost a lock or a clock read.
-    let mut watcher = stop.clone();
-    let stopped = async move { drop(watcher.changed().await) };
+    // Made once: a fresh wait or timer per message would cost a lock or a clock read.
+    let stopped = stop.wait();
     tokio::pin!(stopped);
     let mut drain_timer: Option<Pin<Box<Sleep>>> = None;
     loop {
         // A cheap check each turn: a busy peer keeps the I/O branches ready, so the
         // selects below might never poll `stopped`.
-        if drain_timer.is_none() && stop.has_changed().unwrap_or(true) {
+        if drain_timer.is_none() && stop.is_fired() {
             connection.stop_reading();
             drain_timer = Some(Box::pin(sleep(limits.drain_timeout)));
         }
@@ -340,13 +335,13 @@ async fn answer_datagrams(
     socket: DatagramSocket,
     readiness: AsyncFd<OwnedFd>,
     protocol: Protocol,
-    mut stop: watch::Receiver<bool>,
+    stop: Arc<StopSignal>,
 ) -> io::Result<()> {
     let mut replier = DatagramReplier::new(protocol);
     let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
     loop {
         let mut ready = tokio::select! {
-            _ = stop.changed() => return Ok(()),
+            () = stop.wait() => return Ok(()),
             ready = readiness.readable() => ready?,
         };
         let (n, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {

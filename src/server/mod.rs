@@ -12,6 +12,7 @@ pub mod idle_wheel;
 mod listeners;
 mod shutdown;
 pub mod slab;
+pub mod stop_signal;
 pub mod threaded_io;
 
 pub use crate::protocol::Protocol;
