@@ -86,3 +86,33 @@ impl Drop for StopWait<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn fire_wakes_a_parked_waiter_and_later_waits_finish_at_once() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let signal = Arc::new(StopSignal::default());
+            let waiter = tokio::spawn({
+                let signal = signal.clone();
+                async move { signal.wait().await }
+            });
+            tokio::task::yield_now().await;
+            assert!(!waiter.is_finished(), "nothing fired yet");
+            signal.fire();
+            tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+                .await
+                .expect("the waiter woke")
+                .expect("the waiter did not panic");
+            signal.wait().await;
+            assert!(signal.wakers.lock().expect("no poison").is_empty());
+        });
+    }
+}
