@@ -11,15 +11,23 @@ macro_rules! conformance {
             $(
                 #[test]
                 fn $case() {
-                    super::common::cases::$case(&stringify!($model).replace('_', "-"));
+                    super::common::cases::$case(&super::cli_name(stringify!($model)));
                 }
             )*
         }
     };
 }
 
+/// The `--model` value for a module name: `own_runtime` is `async` (a keyword in Rust).
+fn cli_name(module: &str) -> String {
+    match module {
+        "own_runtime" => "async".to_string(),
+        other => other.replace('_', "-"),
+    }
+}
+
 conformance! {
-    models: [blocking, threaded, pool, forking, epoll, tokio],
+    models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, own_runtime, tokio, uring],
     cases: [
         echo_byte_exact,
         every_stream_transport,

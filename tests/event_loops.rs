@@ -72,3 +72,13 @@ fn tokio_two_loops() {
 fn tokio_max_conns_across_loops() {
     max_conns_across_loops("tokio");
 }
+
+#[test]
+fn async_two_loops() {
+    fifty_clients_over_loops("async", "2");
+}
+
+#[test]
+fn async_max_conns_across_loops() {
+    max_conns_across_loops("async");
+}

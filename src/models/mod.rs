@@ -100,7 +100,7 @@ impl Model {
 
     /// Whether the model wants TCP listeners that can get SO_REUSEPORT siblings.
     pub fn wants_reuseport(self) -> bool {
-        false
+        matches!(self, Model::Async | Model::Uring)
     }
 
     /// Checks, before anything is bound, that the model can run here.
@@ -111,6 +111,9 @@ impl Model {
     pub fn check_available(self) -> Result<(), ServeError> {
         if !self.is_built() {
             return Err(ServeError::NotBuilt { model: self.name() });
+        }
+        if self == Model::Uring {
+            uring::check_available()?;
         }
         Ok(())
     }

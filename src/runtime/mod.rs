@@ -1,1 +1,162 @@
-//! reverb's own async runtime, from scratch (issue 5 builds it).
+//! Our own async runtime, from scratch: a reactor, an executor and timers on `std::task`.
+//!
+//! The tutorial ends with asyncio: coroutines on an epoll selector. This module is that
+//! layer in Rust, small enough to read in one sitting and with no `unsafe` (wakers come
+//! from [`std::task::Wake`] on an `Arc`, pinning from `Box::pin` and `pin!`). It talks to
+//! the OS only through `crate::sys`.
+//!
+//! | file          | what it owns                                                            |
+//! |---------------|-------------------------------------------------------------------------|
+//! | `reactor.rs`  | one epoll instance; per registered fd, "ready?" flags and a waker each for reading and writing |
+//! | `executor.rs` | the tasks, the run queue their wakers push to, and the loop: run, then sleep in the reactor |
+//! | `timer.rs`    | deadlines in a binary heap; [`Timer`], [`sleep`], [`timeout`]           |
+//! | `net.rs`      | [`Async`]: a non-blocking socket registered with the reactor; TCP, UDP and Unix aliases |
+//!
+//! One [`Runtime`] runs on one thread and its tasks never leave it (so they need not be
+//! `Send`); a server runs one runtime per core. Wakers alone cross threads: waking a task
+//! from anywhere is always safe.
+//!
+//! # Following one byte
+//!
+//! A client sends `x` to an echo task that is waiting in `stream.read(&mut buf).await`.
+//!
+//! 1. **Registration.** When the task wrapped its socket in [`Async::new`], the socket was
+//!    made non-blocking and added to epoll *once*, edge-triggered, for reading and writing,
+//!    with the key of its slot in the reactor's slab as the epoll token. The slot starts
+//!    as "ready" both ways: we try the system call before we wait for it.
+//! 2. **The task parks.** `read` is a future. Polled, it called `read(2)`, which said
+//!    `EAGAIN` (`WouldBlock`): the reactor cleared the slot's read flag and stored the
+//!    task's [`Waker`] there, and the future returned `Pending`. The
+//!    executor put the task's boxed future back in its slab slot and moved on.
+//! 3. **The loop sleeps.** With no task queued, the executor asks the timers for the next
+//!    deadline and calls `epoll_wait` with it (`Reactor::wait`).
+//! 4. **The byte arrives.** The kernel queues `x` on the socket and reports an edge:
+//!    `epoll_wait` returns the token. The reactor looks the slot up (a stale token whose
+//!    slot was reused is ignored), sets its read flag, and calls the stored waker.
+//! 5. **The waker.** A waker is an `Arc<TaskWaker>`: a task key, an "already queued" flag,
+//!    and the run queue. Waking pushes the key onto the queue, once; if the loop were
+//!    asleep (woken from another thread), it would also write the runtime's eventfd.
+//! 6. **The task runs.** The executor pops the key, takes the future out of its slot and
+//!    polls it with that same waker. `read` sees the flag set, calls `read(2)` again, gets
+//!    `x`, and returns `Ready(Ok(1))`: the `async fn` continues after its `.await`.
+//! 7. **And back out.** The task awaits `stream.write_all(&buf[..1])`: the write flag is
+//!    still set from registration, `write(2)` takes the byte at once, and the future is
+//!    ready without ever parking. Had the send buffer been full, the same dance (flag
+//!    cleared, waker stored, `EPOLLOUT` edge, wake, poll) would have run for writing.
+//!
+//! Edge-triggered epoll reports a change once; the cached flags remember it until a system
+//! call says `WouldBlock`, so nothing is lost and no `epoll_ctl` is needed per operation.
+//! A task may be polled when nothing changed (a spurious wake-up); every future here
+//! re-checks its condition, as the `Future` contract requires.
+
+pub mod executor;
+pub mod net;
+pub mod reactor;
+pub mod timer;
+
+#[cfg(test)]
+mod tests;
+
+pub use executor::{JoinHandle, Runtime, spawn, wake_all, yield_now};
+pub use net::{Async, TcpListener, TcpStream, UdpSocket, UnixDatagram, UnixListener, UnixStream};
+pub use reactor::Direction;
+pub use timer::{Elapsed, Timer, now, sleep, timeout};
+
+use std::task::{Context, Waker};
+
+/// Values in reusable slots, each named by a key that packs the slot's index (low 32 bits)
+/// and its generation (high 32 bits). Freeing a slot bumps its generation, so a key that
+/// outlived its value (an old epoll token, a late waker) finds nothing instead of the
+/// slot's next owner: async-io's stale-event guard, and mio's `Token`.
+pub(crate) struct Slab<T> {
+    slots: Vec<Slot<T>>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+struct Slot<T> {
+    generation: u32,
+    value: Option<T>,
+}
+
+impl<T> Slab<T> {
+    pub(crate) const fn new() -> Self {
+        Slab {
+            slots: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// The key the next [`Slab::insert`] will return.
+    pub(crate) fn next_key(&self) -> u64 {
+        match self.free.last() {
+            Some(&index) => key(index, self.slots[index as usize].generation),
+            None => key(self.slots.len() as u32, 0),
+        }
+    }
+
+    pub(crate) fn insert(&mut self, value: T) -> u64 {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Slot {
+                generation: 0,
+                value: None,
+            });
+            (self.slots.len() - 1) as u32
+        });
+        let slot = &mut self.slots[index as usize];
+        slot.value = Some(value);
+        self.len += 1;
+        key(index, slot.generation)
+    }
+
+    pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut T> {
+        let slot = self.slots.get_mut(key as u32 as usize)?;
+        if slot.generation != (key >> 32) as u32 {
+            return None;
+        }
+        slot.value.as_mut()
+    }
+
+    pub(crate) fn remove(&mut self, key: u64) -> Option<T> {
+        let index = key as u32;
+        let slot = self.slots.get_mut(index as usize)?;
+        if slot.generation != (key >> 32) as u32 {
+            return None;
+        }
+        let value = slot.value.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(index);
+        self.len -= 1;
+        Some(value)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().filter_map(|slot| slot.value.as_ref())
+    }
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab::new()
+    }
+}
+
+/// Remembers the waker of the task polling with `cx`. A task is polled with the same waker
+/// each time, so usually this is a comparison and no clone.
+fn store_waker(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    if !slot
+        .as_ref()
+        .is_some_and(|waker| waker.will_wake(cx.waker()))
+    {
+        *slot = Some(cx.waker().clone());
+    }
+}
+
+fn key(index: u32, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | u64::from(index)
+}

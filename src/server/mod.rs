@@ -10,6 +10,7 @@ mod datagram;
 pub mod event_loops;
 pub mod idle_wheel;
 mod listeners;
+pub mod readiness;
 mod shutdown;
 pub mod slab;
 pub mod stop_signal;

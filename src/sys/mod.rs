@@ -6,11 +6,13 @@
 //! `io::Error::last_os_error()` through [`cvt`], and [`cvt_r`] retries `EINTR` in one place.
 #![allow(unsafe_code)]
 
+pub mod affinity;
 pub mod async_fd;
 pub mod epoll;
 pub mod eventfd;
 pub mod poll;
 pub mod process;
+pub mod rusage;
 pub mod select;
 pub mod signal;
 pub mod uring;

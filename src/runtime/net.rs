@@ -1,0 +1,200 @@
+//! Async sockets: [`Async`] wraps a socket, registers it with the reactor once, and turns
+//! each non-blocking system call into a future that waits for readiness on `WouldBlock`.
+//!
+//! reverb's `server` types already put TCP and Unix behind one type each, so three
+//! wrappers cover all four transports: listeners ([`Async::accept`]), streams
+//! ([`Async::read`], [`Async::write_all`]) and datagram sockets ([`Async::recv_from`]).
+//! [`Async::read_with`] turns any other non-blocking call into a future.
+
+use super::executor::{Core, current};
+use super::reactor::Direction;
+use crate::server::{DatagramSocket, Peer, Stream, StreamListener};
+use socket2::SockRef;
+use std::future::poll_fn;
+use std::io;
+use std::net;
+use std::os::fd::AsFd;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+/// An async TCP listener.
+pub type TcpListener = Async<StreamListener>;
+/// An async Unix stream listener (the same type: `StreamListener` covers both).
+pub type UnixListener = Async<StreamListener>;
+/// An async TCP stream.
+pub type TcpStream = Async<Stream>;
+/// An async Unix stream.
+pub type UnixStream = Async<Stream>;
+/// An async UDP socket.
+pub type UdpSocket = Async<DatagramSocket>;
+/// An async Unix datagram socket.
+pub type UnixDatagram = Async<DatagramSocket>;
+
+/// A non-blocking socket registered with the current runtime's reactor.
+///
+/// One task may wait to read and one to write at a time (a second waiter in the same
+/// direction replaces the first, which then relies on being polled again).
+pub struct Async<T: AsFd> {
+    io: T,
+    key: u64,
+    core: Rc<Core>,
+}
+
+impl<T: AsFd> Async<T> {
+    /// Makes `io` non-blocking and registers it with the current runtime.
+    ///
+    /// # Errors
+    ///
+    /// Outside a runtime's `block_on`, or the OS error of `ioctl`/`epoll_ctl`.
+    pub fn new(io: T) -> io::Result<Self> {
+        let core = current().ok_or_else(|| io::Error::other("no runtime on this thread"))?;
+        SockRef::from(&io).set_nonblocking(true)?;
+        let key = core.reactor.register(io.as_fd())?;
+        Ok(Async { io, key, core })
+    }
+
+    /// The socket itself, for calls that never block (options, addresses).
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+
+    /// Runs `op` once `direction` is ready, again after each `WouldBlock` and readiness
+    /// edge, until it returns something else.
+    pub fn poll_io<R>(
+        &self,
+        cx: &Context<'_>,
+        direction: Direction,
+        mut op: impl FnMut(&T) -> io::Result<R>,
+    ) -> Poll<io::Result<R>> {
+        loop {
+            if self
+                .core
+                .reactor
+                .poll_ready(self.key, direction, cx)
+                .is_pending()
+            {
+                return Poll::Pending;
+            }
+            match op(&self.io) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.core.reactor.clear_ready(self.key, direction);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    /// Forgets the cached readiness, as a `WouldBlock` would. Call it when a call proved
+    /// the kernel has nothing more (a short read took all queued bytes), which saves the
+    /// system call that would only say `WouldBlock`; the next edge sets it again.
+    pub fn clear_ready(&self, direction: Direction) {
+        self.core.reactor.clear_ready(self.key, direction);
+    }
+
+    /// Waits until `op` stops saying `WouldBlock` for reading.
+    ///
+    /// # Errors
+    ///
+    /// Whatever `op` returns other than `WouldBlock`.
+    pub async fn read_with<R>(&self, mut op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
+        poll_fn(|cx| self.poll_io(cx, Direction::Read, &mut op)).await
+    }
+
+    /// Waits until `op` stops saying `WouldBlock` for writing.
+    ///
+    /// # Errors
+    ///
+    /// Whatever `op` returns other than `WouldBlock`.
+    pub async fn write_with<R>(&self, mut op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
+        poll_fn(|cx| self.poll_io(cx, Direction::Write, &mut op)).await
+    }
+
+    /// Shuts down one or both directions (`Write`: the peer reads EOF after what was sent).
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `shutdown`, e.g. `ENOTCONN`.
+    pub fn shutdown(&self, how: net::Shutdown) -> io::Result<()> {
+        SockRef::from(&self.io).shutdown(how)
+    }
+}
+
+impl<T: AsFd> Drop for Async<T> {
+    fn drop(&mut self) {
+        self.core.reactor.deregister(self.key, self.io.as_fd());
+    }
+}
+
+impl Async<StreamListener> {
+    /// Polls for one connection, registered with this runtime on arrival.
+    pub fn poll_accept(&self, cx: &Context<'_>) -> Poll<io::Result<(Async<Stream>, Peer)>> {
+        let accepted = self.poll_io(cx, Direction::Read, StreamListener::accept);
+        accepted.map(|accepted| accepted.and_then(|(stream, peer)| Ok((Async::new(stream)?, peer))))
+    }
+
+    /// Accepts one connection.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `accept` (sort it with `server::accept_action`) or of registering.
+    pub async fn accept(&self) -> io::Result<(Async<Stream>, Peer)> {
+        poll_fn(|cx| self.poll_accept(cx)).await
+    }
+}
+
+impl Async<Stream> {
+    /// Reads into `buf`; `Ok(0)` is the peer's EOF.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `read`, e.g. a reset.
+    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_with(|stream| stream.read(buf)).await
+    }
+
+    /// Writes a prefix of `bytes`, as much as the kernel takes; returns its length.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `write`, e.g. a broken pipe.
+    pub async fn write(&self, bytes: &[u8]) -> io::Result<usize> {
+        self.write_with(|stream| stream.write(bytes)).await
+    }
+
+    /// Writes all of `bytes`, waiting for room as often as the kernel takes only part.
+    ///
+    /// # Errors
+    ///
+    /// As [`Async::write`]; `WriteZero` if the kernel took nothing.
+    pub async fn write_all(&self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            match self.write(bytes).await? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                written => bytes = &bytes[written..],
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Async<DatagramSocket> {
+    /// Receives one datagram into `buf`; returns its length and sender.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `recvfrom`.
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, Peer)> {
+        self.read_with(|socket| socket.recv_from(buf)).await
+    }
+
+    /// Sends `datagram` to `peer` as one datagram.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `sendto`.
+    pub async fn send_to(&self, datagram: &[u8], peer: &Peer) -> io::Result<usize> {
+        self.write_with(|socket| socket.send_to(datagram, peer))
+            .await
+    }
+}
