@@ -46,18 +46,22 @@ for config in $CONFIGS; do
 done
 
 echo
-printf '%-12s %14s %14s %10s %12s %12s %10s\n' config echoload_msg/s reverb_msg/s ratio \
-    echoload_us/m reverb_us/m cpu_ratio
+# Ratios are taken per repetition (each reverb run against the echoload run just before
+# it, so both saw the same machine load), then the median over repetitions.
+printf '%-12s %12s %12s %9s %11s %11s %9s\n' config echoload_m/s reverb_m/s rate_ratio \
+    echoload_us reverb_us cpu_ratio
 for config in $CONFIGS; do
     python3 - "$results" "$config" <<'PY'
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 config = sys.argv[2]
-def med(tool, col):
-    return statistics.median(float(r[col]) for r in rows if r[0] == config and r[1] == tool)
-e_rate, r_rate = med("echoload", 2), med("reverb", 2)
-e_cpu, r_cpu = med("echoload", 3), med("reverb", 3)
-print(f"{config:<12} {e_rate:14.0f} {r_rate:14.0f} {r_rate / e_rate:10.3f} {e_cpu:12.3f} {r_cpu:12.3f} {r_cpu / e_cpu:10.3f}")
+e = [r for r in rows if r[0] == config and r[1] == "echoload"]
+r = [r for r in rows if r[0] == config and r[1] == "reverb"]
+med = statistics.median
+rate = med(float(b[2]) / float(a[2]) for a, b in zip(e, r))
+cpu = med(float(b[3]) / float(a[3]) for a, b in zip(e, r))
+print(f"{config:<12} {med(float(x[2]) for x in e):12.0f} {med(float(x[2]) for x in r):12.0f} "
+      f"{rate:9.3f} {med(float(x[3]) for x in e):11.3f} {med(float(x[3]) for x in r):11.3f} {cpu:9.3f}")
 PY
 done
 rm -f "$results"

@@ -24,7 +24,10 @@ reverb=target/release/reverb
 results=$(mktemp)
 trap 'rm -f "$results"; [[ -n ${server:-} ]] && kill "$server" 2>/dev/null || true' EXIT
 
-port_base=$((20000 + RANDOM % 20000))
+# A port nobody holds right now (other agents share this machine).
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
 # start_server NAME PORT: starts the server pinned to CPU 0, sets $server.
 start_server() {
@@ -50,7 +53,7 @@ for rep in $(seq "$repeats"); do
         read -r conns size depth <<<"$config"
         for name in "$model" "$baseline"; do
             n=$((n + 1))
-            port=$((port_base + n))
+            port=$(free_port)
             start_server "$name" "$port"
             line=$(taskset -c 1 "$out/echoload" --port "$port" --conns "$conns" --size "$size" \
                 --depth "$depth" --warmup 1 --duration "$duration" --pid "$server")

@@ -96,26 +96,26 @@ struct BenchArgs {
     /// The server to load.
     #[arg(value_parser = parse_endpoint)]
     addr: Endpoint,
-    /// Connections.
-    #[arg(long, default_value_t = 10)]
+    /// Connections (for datagrams: sockets).
+    #[arg(long, value_name = "N", default_value_t = 10)]
     conns: u32,
-    /// Bytes per message.
-    #[arg(long, default_value_t = 64)]
-    size: u32,
+    /// Bytes per message (e.g. 64, 1K, 1M).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "64")]
+    size: usize,
     /// Messages in flight per connection (closed loop).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "D", default_value_t = 1)]
     depth: u32,
     /// Measured seconds.
-    #[arg(long, default_value = "10", value_parser = parse_positive_secs)]
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_positive_secs)]
     duration: Duration,
-    /// Seconds of load before measuring.
-    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    /// Seconds of load before measuring (verified, not counted).
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
     warmup: Duration,
     /// Open loop: total messages per second, latency counted from each scheduled send.
     #[arg(long, value_name = "MSGS_PER_S")]
     rate: Option<f64>,
     /// Client threads, each its own event loop.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "T", default_value_t = 1)]
     threads: u32,
     /// One JSON object on stdout.
     #[arg(long)]
@@ -255,7 +255,7 @@ fn main() -> ExitCode {
         }
         Command::Client(args) => client(args),
         Command::Bench(args) => bench(args),
-        Command::Compare(_) => fail("compare is not built yet (issue 7)"),
+        Command::Compare(args) => compare(args),
     }
 }
 
@@ -389,7 +389,7 @@ fn client(args: ClientArgs) -> ExitCode {
 fn bench(args: BenchArgs) -> ExitCode {
     let config = reverb::bench::BenchConfig {
         conns: args.conns,
-        size: args.size as usize,
+        size: args.size,
         depth: args.depth,
         duration: args.duration,
         warmup: args.warmup,
@@ -436,6 +436,80 @@ fn bench(args: BenchArgs) -> ExitCode {
         .is_err()
     {
         return ExitCode::from(1);
+    }
+    ExitCode::from(report.exit_code())
+}
+
+fn compare(args: CompareArgs) -> ExitCode {
+    let server_exe = match std::env::current_exe() {
+        Ok(path) => path,
+        Err(e) => {
+            return fail(format!(
+                "cannot find the reverb binary for the servers: {e}"
+            ));
+        }
+    };
+    let mut config = reverb::compare::CompareConfig::new(server_exe);
+    config.models = args.models;
+    if !args.conns.is_empty() {
+        config.conns = args.conns;
+    }
+    if let Some(size) = args.size {
+        config.size = size as usize;
+    }
+    if let Some(depth) = args.depth {
+        config.depth = depth;
+    }
+    if let Some(duration) = args.duration {
+        config.duration = duration;
+    }
+    if let Err(e) = config.validate() {
+        usage_error(e);
+    }
+    // Fail before a minute of measuring, not after it.
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        return fail(format!("cannot create {}: {e}", args.out.display()));
+    }
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(progress_bar);
+    let result = reverb::compare::run_with_progress(&config, |progress| {
+        if let Some(bar) = &bar {
+            bar.set_length(progress.steps.max(1) as u64);
+            bar.set_position(progress.step as u64);
+            let phase = match progress.bench.map(|b| b.phase) {
+                Some(reverb::bench::Phase::Warmup) => ", warmup",
+                Some(reverb::bench::Phase::Measuring) => ", measuring",
+                Some(reverb::bench::Phase::Draining) => ", draining",
+                None => "",
+            };
+            bar.set_message(format!("{}: {}{phase}", progress.model, progress.activity));
+        }
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let mut report = match result {
+        Ok(report) => report,
+        Err(e) => return fail(format!("compare: {e}")),
+    };
+    report.command = Some(
+        std::iter::once("reverb".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    let mut stdout = std::io::stdout().lock();
+    if stdout
+        .write_all(report.to_table().as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        return ExitCode::from(1);
+    }
+    if let Err(e) = report.write_files(&args.out) {
+        return fail(e);
+    }
+    if report.models.is_empty() {
+        return fail("compare: no model could be measured");
     }
     ExitCode::from(report.exit_code())
 }

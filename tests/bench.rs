@@ -87,8 +87,10 @@ enum StreamFault {
     DropByte,
     CorruptByte,
     DuplicateByte,
+    ExtraByte,
     SwapBytes,
     CloseEarly,
+    Reset,
     NeverAnswer,
 }
 
@@ -124,6 +126,8 @@ fn serve_faulty(mut stream: TcpStream, fault: StreamFault) {
                 StreamFault::DropByte if at == FAULT_AT => {}
                 StreamFault::CorruptByte if at == FAULT_AT => out.push(byte ^ 0x20),
                 StreamFault::DuplicateByte if at == FAULT_AT => out.extend([byte, byte]),
+                // The last byte of message 15 (64-byte messages), then one nobody sent.
+                StreamFault::ExtraByte if at == 1023 => out.extend([byte, 0]),
                 StreamFault::SwapBytes if at == FAULT_AT => held = Some(byte),
                 StreamFault::SwapBytes if at == FAULT_AT + 1 => {
                     out.push(byte);
@@ -131,6 +135,11 @@ fn serve_faulty(mut stream: TcpStream, fault: StreamFault) {
                 }
                 StreamFault::CloseEarly if at == FAULT_AT => {
                     let _ = stream.write_all(&out);
+                    return;
+                }
+                StreamFault::Reset if at == FAULT_AT => {
+                    // Linger 0: closing sends RST instead of FIN.
+                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                     return;
                 }
                 _ => out.push(byte),
@@ -172,6 +181,14 @@ fn duplicated_byte_is_caught() {
 }
 
 #[test]
+fn extra_byte_is_caught() {
+    assert_caught(
+        StreamFault::ExtraByte,
+        "never sent (after byte 0 of message 16)",
+    );
+}
+
+#[test]
 fn swapped_bytes_are_caught() {
     assert_caught(StreamFault::SwapBytes, "byte 40 of message 15");
 }
@@ -179,6 +196,11 @@ fn swapped_bytes_are_caught() {
 #[test]
 fn early_close_is_caught() {
     assert_caught(StreamFault::CloseEarly, "closed the connection");
+}
+
+#[test]
+fn reset_is_caught() {
+    assert_caught(StreamFault::Reset, "read failed");
 }
 
 #[test]

@@ -180,7 +180,8 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Runs the benchmark against `endpoint` and returns its report.
 ///
 /// Connection failures, resets and wrong bytes are not errors here: they are counted in the
-/// report (see [`BenchReport::exit_code`]).
+/// report (see [`BenchReport::exit_code`]). Each connection is a descriptor: a caller that
+/// opens many should raise its open-file limit first (`sys::raise_open_file_limit`).
 ///
 /// # Errors
 ///
@@ -265,23 +266,27 @@ fn watch<T>(
     handles: &[thread::ScopedJoinHandle<'_, T>],
     progress: &mut impl FnMut(Progress),
 ) -> CpuWindow {
-    let mut cpu = CpuWindow::default();
-    let mut at_start = None;
+    // Each snapshot is taken once (`Some`), even if reading the CPU time failed (`Some(None)`).
+    let mut at_start: Option<Option<Duration>> = None;
+    let mut window_cpu: Option<Option<f64>> = None;
     let total = Duration::from_nanos(timeline.measure_until - timeline.start);
     loop {
         let now = plan.now_ns();
         if at_start.is_none() && now >= timeline.measure_from {
-            at_start = crate::sys::rusage::process_cpu_time().ok();
+            at_start = Some(crate::sys::rusage::process_cpu_time().ok());
         }
-        if cpu.seconds.is_none() && now >= timeline.measure_until {
+        if window_cpu.is_none() && now >= timeline.measure_until {
             let at_end = crate::sys::rusage::process_cpu_time().ok();
-            cpu.seconds = at_start.zip(at_end).map(|(a, b)| (b - a).as_secs_f64());
-            if at_start.is_none() {
-                cpu.seconds = Some(0.0);
-            }
+            let used = at_start
+                .flatten()
+                .zip(at_end)
+                .map(|(a, b)| b.saturating_sub(a));
+            window_cpu = Some(used.map(|d| d.as_secs_f64()));
         }
         if handles.iter().all(|h| h.is_finished()) {
-            return cpu;
+            return CpuWindow {
+                seconds: window_cpu.flatten(),
+            };
         }
         let phase = if now < timeline.measure_from {
             Phase::Warmup
@@ -551,5 +556,86 @@ impl std::ops::Deref for AlignedBuf {
 impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// A plain echo server on a free port, a thread per connection.
+    fn echo_server() -> Endpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                thread::spawn(move || {
+                    let mut buf = [0; 4096];
+                    while let Ok(n @ 1..) = stream.read(&mut buf) {
+                        if stream.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Endpoint::Tcp(addr)
+    }
+
+    #[test]
+    fn library_run_reports_and_calls_progress() {
+        let config = BenchConfig {
+            conns: 3,
+            size: 100,
+            depth: 2,
+            duration: Duration::from_millis(300),
+            warmup: Duration::from_millis(100),
+            threads: 2,
+            ..BenchConfig::default()
+        };
+        let mut phases = Vec::new();
+        let report =
+            run_with_progress(&echo_server(), &config, |p| phases.push(p.phase)).expect("run");
+        assert!(report.is_clean(), "{report:?}");
+        assert!(report.msgs > 0);
+        assert_eq!(report.conns_established, 3);
+        assert_eq!(report.threads, 2);
+        assert!(report.latency_us.p50 > 0.0);
+        assert!(report.latency_us.p50 <= report.latency_us.p99);
+        assert!(report.client_cpu_s.is_some());
+        assert!(phases.contains(&Phase::Warmup) && phases.contains(&Phase::Measuring));
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let udp = Endpoint::Udp("127.0.0.1:9".parse().expect("addr"));
+        let small = BenchConfig {
+            size: 4,
+            ..BenchConfig::default()
+        };
+        assert!(small.validate(&udp).is_err());
+        let error = run(&udp, &small).expect_err("size 4 on udp");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        let tcp = Endpoint::Tcp("127.0.0.1:9".parse().expect("addr"));
+        assert!(small.validate(&tcp).is_ok());
+        for bad in [
+            BenchConfig {
+                conns: 0,
+                ..BenchConfig::default()
+            },
+            BenchConfig {
+                depth: 0,
+                ..BenchConfig::default()
+            },
+            BenchConfig {
+                rate: Some(-1.0),
+                ..BenchConfig::default()
+            },
+        ] {
+            assert!(bad.validate(&tcp).is_err());
+        }
     }
 }

@@ -1,7 +1,6 @@
 //! The bench's result: counts, rates and latency percentiles, as JSON or a human table.
 
 use super::{CpuWindow, Plan, RATE_REACHED_SHARE, Tally};
-use crate::addr::Endpoint;
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -175,11 +174,6 @@ impl BenchReport {
     }
 }
 
-/// Describes an endpoint as the report names it.
-fn endpoint_name(endpoint: &Endpoint) -> String {
-    endpoint.to_string()
-}
-
 pub(super) fn build(plan: &Plan, tally: Tally, cpu: CpuWindow) -> BenchReport {
     let config = &plan.config;
     let duration_s = config.duration.as_secs_f64();
@@ -199,7 +193,7 @@ pub(super) fn build(plan: &Plan, tally: Tally, cpu: CpuWindow) -> BenchReport {
         }
     };
     BenchReport {
-        endpoint: endpoint_name(&plan.endpoint),
+        endpoint: plan.endpoint.to_string(),
         conns: config.conns,
         conns_established: tally.established,
         size: config.size,
@@ -226,5 +220,70 @@ pub(super) fn build(plan: &Plan, tally: Tally, cpu: CpuWindow) -> BenchReport {
             .filter(|_| tally.msgs > 0)
             .map(|s| s * 1e6 / tally.msgs as f64),
         problems: tally.problems,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> BenchReport {
+        BenchReport {
+            endpoint: "tcp://127.0.0.1:7".to_string(),
+            conns: 2,
+            conns_established: 2,
+            size: 64,
+            depth: 1,
+            threads: 1,
+            warmup_s: 1.0,
+            duration_s: 10.0,
+            rate: None,
+            rate_reached: None,
+            msgs: 1000,
+            msgs_per_s: 100.0,
+            bytes_per_s: 6400.0,
+            errors: 0,
+            mismatches: 0,
+            lost: 3,
+            late: 0,
+            latency_us: LatencySummary::default(),
+            error_detail: ErrorDetail::default(),
+            client_cpu_s: None,
+            client_cpu_us_per_msg: None,
+            problems: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn json_has_every_contract_field() {
+        let json: serde_json::Value = serde_json::from_str(&report().to_json()).unwrap();
+        for field in [
+            "msgs",
+            "msgs_per_s",
+            "bytes_per_s",
+            "conns",
+            "size",
+            "depth",
+            "duration_s",
+            "errors",
+            "mismatches",
+            "lost",
+        ] {
+            assert!(json[field].is_number(), "{field}");
+        }
+        for p in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(json["latency_us"][p].is_number(), "{p}");
+        }
+    }
+
+    #[test]
+    fn exit_code_ignores_lost_datagrams_only() {
+        let mut r = report();
+        assert_eq!(r.exit_code(), 0);
+        r.mismatches = 1;
+        assert_eq!(r.exit_code(), 3);
+        r.mismatches = 0;
+        r.errors = 1;
+        assert_eq!(r.exit_code(), 3);
     }
 }

@@ -11,11 +11,15 @@
 //! lost. Level-triggered lets us read once per wake-up, as the C yardstick does, and makes
 //! backpressure a matter of dropping EPOLLIN from the interest when the write buffer fills.
 //!
-//! Loops: each loop has its own SO_REUSEPORT sibling of every TCP listener, so the kernel
-//! spreads connections over the loops with no shared accept queue; Unix listeners and
-//! datagram sockets are shared by every loop with EPOLLEXCLUSIVE, so a ready socket wakes
-//! one loop, not all (docs/benchmarks.md, "Readiness ladder", has the measurements).
+//! Loops: every loop watches the same listeners (one accept queue) with EPOLLEXCLUSIVE, so
+//! a connection wakes one idle loop, not all; after accepting, a loop re-adds the listener
+//! to move to the back of the wake-up queue, which spreads connections round the loops.
+//! SO_REUSEPORT siblings spread as evenly and cost no more per message, but each has its own
+//! queue: out of descriptors, a connection can wait in one loop's queue while the other
+//! loop takes every freed descriptor (conformance `out_of_descriptors_pauses` hangs). Datagram
+//! sockets are shared by every loop the same way. Measurements: docs/benchmarks.md.
 
+use crate::server::event_loops::{LoopSources, run_on_threads, split_sources};
 use crate::server::idle_wheel::IdleWheel;
 use crate::server::slab::{Slab, Token};
 use crate::server::threaded_io::is_per_peer_datagram_error;
@@ -28,7 +32,7 @@ use crate::server::{
 use crate::sys::epoll::{self, Epoll, Events};
 use std::io;
 use std::os::fd::AsFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Whether this model has landed.
 pub const IS_BUILT: bool = true;
@@ -60,63 +64,21 @@ pub fn run(
     threads: Option<usize>,
 ) -> Result<(), ServeError> {
     let loops = threads.unwrap_or_else(super::default_loops).max(1);
-    let mut streams = std::mem::take(&mut listeners.streams);
-    let mut datagrams = std::mem::take(&mut listeners.datagrams);
-    let mut sources = Vec::with_capacity(loops);
-    for _ in 1..loops {
-        sources.push((
-            streams
-                .iter()
-                .map(StreamListener::sibling)
-                .collect::<io::Result<Vec<_>>>()?,
-            datagrams
-                .iter()
-                .map(DatagramSocket::try_clone)
-                .collect::<io::Result<Vec<_>>>()?,
-        ));
-    }
-    // Loop 0 takes the originals: with SO_REUSEPORT the kernel queues connections on
-    // every socket of the group, so none of them may go unserved.
-    sources.insert(
-        0,
-        (std::mem::take(&mut streams), std::mem::take(&mut datagrams)),
-    );
     let mut event_loops = Vec::with_capacity(loops);
-    for (index, (streams, datagrams)) in sources.into_iter().enumerate() {
+    for sources in split_sources(&mut listeners, loops, true)? {
         event_loops.push(EventLoop::new(
-            index, streams, datagrams, &listeners, &protocol, &shutdown,
+            sources,
+            loops > 1,
+            &listeners,
+            &protocol,
+            &shutdown,
         )?);
     }
-    let results: Vec<io::Result<()>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = event_loops
-            .into_iter()
-            .map(|event_loop| {
-                let shutdown = shutdown.clone();
-                std::thread::Builder::new()
-                    .name(format!("reverb-epoll-{}", event_loop.index))
-                    .spawn_scoped(scope, move || {
-                        let result = event_loop.run(&shutdown);
-                        if result.is_err() {
-                            // The server failed: let the other loops drain and stop.
-                            shutdown.fire();
-                        }
-                        result
-                    })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| match handle {
-                Ok(handle) => handle
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("event loop panicked"))),
-                Err(e) => Err(e),
-            })
-            .collect()
-    });
+    run_on_threads("epoll", event_loops, &shutdown, |event_loop| {
+        event_loop.run(&shutdown)
+    })?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
     drop(listeners);
-    results.into_iter().collect::<io::Result<()>>()?;
     Ok(())
 }
 
@@ -133,7 +95,6 @@ struct Entry {
 
 /// One reactor: its epoll instance, its sockets, its connections.
 struct EventLoop {
-    index: usize,
     epoll: Epoll,
     streams: Vec<StreamListener>,
     datagrams: Vec<DatagramSocket>,
@@ -152,13 +113,14 @@ struct EventLoop {
     accept_paused_until: Option<Instant>,
     /// Set once shutdown fired: owed bytes are flushed until then.
     drain_deadline: Option<Instant>,
+    /// Whether other loops accept from the same listeners (one shared accept queue).
+    is_sharing_listeners: bool,
 }
 
 impl EventLoop {
     fn new(
-        index: usize,
-        streams: Vec<StreamListener>,
-        datagrams: Vec<DatagramSocket>,
+        LoopSources { streams, datagrams }: LoopSources,
+        is_sharing_listeners: bool,
         listeners: &Listeners,
         protocol: &Protocol,
         shutdown: &Shutdown,
@@ -171,7 +133,6 @@ impl EventLoop {
             DATAGRAM_BUFFER_BYTES
         };
         let event_loop = EventLoop {
-            index,
             epoll,
             streams,
             datagrams,
@@ -185,6 +146,7 @@ impl EventLoop {
             counter: listeners.counter.clone(),
             accept_paused_until: None,
             drain_deadline: None,
+            is_sharing_listeners,
         };
         for socket in &event_loop.datagrams {
             socket.set_nonblocking(true)?;
@@ -228,55 +190,72 @@ impl EventLoop {
     fn run(mut self, shutdown: &Shutdown) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_PER_WAIT);
         loop {
-            let now = Instant::now();
-            let timeouts = [
-                self.idle
-                    .as_ref()
-                    .and_then(|wheel| wheel.time_to_next_tick(now)),
-                self.accept_paused_until
-                    .map(|t| t.saturating_duration_since(now)),
-                self.drain_deadline
-                    .map(|t| t.saturating_duration_since(now)),
-            ];
-            self.epoll
-                .wait(&mut events, timeouts.into_iter().flatten().min())?;
-            let now = Instant::now();
-            let now_tick = self.expire_idle(now);
+            // The clock is read only while something is timed: a busy loop without
+            // --idle-timeout pays no clock reads.
+            let is_timed = self.idle.is_some()
+                || self.accept_paused_until.is_some()
+                || self.drain_deadline.is_some();
+            let timeout = is_timed.then(|| self.timeout(Instant::now())).flatten();
+            self.epoll.wait(&mut events, timeout)?;
+            let now = is_timed.then(Instant::now);
+            let now_tick = now.map_or(0, |now| self.expire_idle(now));
             for (token, readiness) in events.iter() {
                 match token {
-                    SHUTDOWN_TOKEN => self.begin_drain(shutdown, now)?,
+                    SHUTDOWN_TOKEN => self.begin_drain(shutdown)?,
                     _ if token >> 32 != 0 => self.serve(token, readiness, now_tick),
                     // Listeners and datagram sockets are out of the set once draining;
                     // this event came in the same batch as the shutdown.
                     _ if self.drain_deadline.is_some() => {}
                     _ if (token as usize) <= self.streams.len() => {
-                        self.accept_ready(token as usize - 1, now, now_tick)?;
+                        let index = token as usize - 1;
+                        self.accept_ready(index, now_tick)?;
+                        if self.is_sharing_listeners && self.accept_paused_until.is_none() {
+                            // EPOLLEXCLUSIVE wakes the first idle epoll on the listener's
+                            // wait queue; re-adding moves this loop to the back, so new
+                            // connections go round the loops instead of all to loop 0.
+                            let fd = self.streams[index].as_fd();
+                            self.epoll.delete(fd)?;
+                            self.epoll.add(fd, token, EPOLLIN | EPOLLEXCLUSIVE)?;
+                        }
                     }
                     _ => self.answer_datagrams(token as usize - 1 - self.streams.len())?,
                 }
             }
+            if self.drain_deadline.is_some() && self.connections.is_empty() {
+                return Ok(());
+            }
+            let Some(now) = now else { continue };
             if self.accept_paused_until.is_some_and(|t| now >= t) {
                 self.accept_paused_until = None;
                 self.watch_sources(false)?;
             }
-            if let Some(deadline) = self.drain_deadline {
-                if self.connections.is_empty() {
-                    return Ok(());
-                }
-                if now >= deadline {
-                    for token in self.connections.tokens() {
-                        if let Some(entry) = self.connections.remove(token) {
-                            tracing::warn!(
-                                "closing {}: drain timeout with {} bytes still owed",
-                                entry.connection.peer(),
-                                entry.connection.owed()
-                            );
-                        }
+            if self.drain_deadline.is_some_and(|t| now >= t) {
+                for token in self.connections.tokens() {
+                    if let Some(entry) = self.connections.remove(token) {
+                        let (peer, owed) = (entry.connection.peer(), entry.connection.owed());
+                        tracing::warn!(
+                            "closing {peer}: drain timeout with {owed} bytes still owed"
+                        );
                     }
-                    return Ok(());
                 }
+                return Ok(());
             }
         }
+    }
+
+    /// How long the loop may sleep: until the next idle tick, the end of an accept pause,
+    /// or the drain deadline, whichever comes first.
+    fn timeout(&self, now: Instant) -> Option<Duration> {
+        let idle = self
+            .idle
+            .as_ref()
+            .and_then(|wheel| wheel.time_to_next_tick(now));
+        let deadlines = [self.accept_paused_until, self.drain_deadline];
+        let until = deadlines
+            .into_iter()
+            .flatten()
+            .map(|t| t.saturating_duration_since(now));
+        idle.into_iter().chain(until).min()
     }
 
     /// Closes connections that idled out; returns the current tick.
@@ -305,7 +284,7 @@ impl EventLoop {
         now_tick
     }
 
-    fn accept_ready(&mut self, index: usize, now: Instant, now_tick: u32) -> io::Result<()> {
+    fn accept_ready(&mut self, index: usize, now_tick: u32) -> io::Result<()> {
         for _ in 0..BATCH {
             let listener = &self.streams[index];
             match listener.accept() {
@@ -352,7 +331,7 @@ impl EventLoop {
                         // would spin; take every listener out of the set for a while.
                         log_accept_pause(listener.name(), &e);
                         self.unwatch_listeners();
-                        self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                        self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                         return Ok(());
                     }
                     AcceptAction::Fail => return Err(e),
@@ -426,7 +405,7 @@ impl EventLoop {
     }
 
     /// Shutdown fired: stop accepting and reading, flush what is owed.
-    fn begin_drain(&mut self, shutdown: &Shutdown, now: Instant) -> io::Result<()> {
+    fn begin_drain(&mut self, shutdown: &Shutdown) -> io::Result<()> {
         // The eventfd stays readable forever: stop watching it, or every wait returns at once.
         self.epoll.delete(shutdown.fd())?;
         self.unwatch_listeners();
@@ -434,7 +413,7 @@ impl EventLoop {
             let _ = self.epoll.delete(socket.as_fd());
         }
         self.accept_paused_until = None;
-        self.drain_deadline = Some(now + self.limits.drain_timeout);
+        self.drain_deadline = Some(Instant::now() + self.limits.drain_timeout);
         for token in self.connections.tokens() {
             if let Some(entry) = self.connections.get_mut(token) {
                 entry.connection.stop_reading();

@@ -100,10 +100,7 @@ impl Model {
 
     /// Whether the model wants TCP listeners that can get SO_REUSEPORT siblings.
     pub fn wants_reuseport(self) -> bool {
-        matches!(
-            self,
-            Model::Epoll | Model::Async | Model::Tokio | Model::Uring
-        )
+        matches!(self, Model::Async | Model::Uring)
     }
 
     /// Checks, before anything is bound, that the model can run here.

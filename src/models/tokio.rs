@@ -1,32 +1,38 @@
 //! `tokio`: the mainstream async stack; a task per connection on one runtime per loop.
 //!
-//! Technique: a current-thread runtime per loop, each with its own SO_REUSEPORT listener;
+//! Technique: a current-thread runtime per loop, all accepting from the same listeners;
 //! a task per connection runs `readable().await`, one read, `write(..).await` + `advance`.
 //! Cost: a task switch and a waker per readiness on top of `epoll`'s system calls.
 //! Limit: a handler that blocks stalls every task of its loop; datagrams are served by loop 0.
 //!
-//! Why runtimes per loop rather than one multi-thread runtime: see docs/benchmarks.md,
+//! Why a current-thread runtime per loop rather than one multi-thread runtime, and why
+//! the loops share one accept queue rather than SO_REUSEPORT siblings: docs/benchmarks.md,
 //! "Readiness ladder". Datagram sockets are served by loop 0 only: tokio registers
 //! descriptors edge-triggered without EPOLLEXCLUSIVE, so a socket shared by every loop
 //! would wake every loop for each datagram. They are driven through `AsyncFd` over the
 //! shared `DatagramSocket`, which already knows every peer kind (abstract Unix names too).
 
+use crate::server::event_loops::{LoopSources, run_on_threads, split_sources};
+use crate::server::stop_signal::StopSignal;
 use crate::server::threaded_io::is_per_peer_datagram_error;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, DATAGRAM_BUFFER_BYTES, DatagramReplier,
     DatagramSocket, Limits, Listeners, Peer, Protocol, READ_BUFFER_BYTES, ServeError, Shutdown,
-    StreamListener, accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
+    accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
 };
 use crate::sys::async_fd;
 use std::cell::RefCell;
+use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Barrier};
-use tokio::io::{AsyncWrite, AsyncWriteExt, Interest, unix::AsyncFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, unix::AsyncFd};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, Sleep, sleep};
 
 /// Whether this model has landed.
 pub const IS_BUILT: bool = true;
@@ -51,65 +57,35 @@ pub fn run(
     threads: Option<usize>,
 ) -> Result<(), ServeError> {
     let loops = threads.unwrap_or_else(super::default_loops).max(1);
-    let mut streams = std::mem::take(&mut listeners.streams);
-    let mut datagrams = std::mem::take(&mut listeners.datagrams);
-    let mut sources = Vec::with_capacity(loops);
-    for _ in 1..loops {
-        let siblings = streams.iter().map(StreamListener::sibling);
-        sources.push((siblings.collect::<io::Result<Vec<_>>>()?, Vec::new()));
-    }
-    // Loop 0 takes the originals (every socket of a SO_REUSEPORT group gets connections).
-    sources.insert(
-        0,
-        (std::mem::take(&mut streams), std::mem::take(&mut datagrams)),
-    );
+    let sources = split_sources(&mut listeners, loops, false)?;
     let shared = Arc::new(Shared {
         protocol,
         limits: listeners.limits.clone(),
         counter: listeners.counter.clone(),
     });
-    // Every loop makes its descriptors (runtime, registrations) before any loop accepts,
-    // so a flood of connections that exhausts descriptors cannot starve a loop's setup.
-    let setup_done = Barrier::new(loops);
-    let results: Vec<io::Result<()>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (sources.into_iter().enumerate())
-            .map(|(index, (streams, datagrams))| {
-                let (shared, shutdown, setup_done) =
-                    (shared.clone(), shutdown.clone(), &setup_done);
-                std::thread::Builder::new()
-                    .name(format!("reverb-tokio-{index}"))
-                    .spawn_scoped(scope, move || {
-                        let runtime = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build();
-                        let runtime = match runtime {
-                            Ok(runtime) => runtime,
-                            Err(e) => {
-                                setup_done.wait();
-                                return Err(e);
-                            }
-                        };
-                        let result = runtime.block_on(serve_loop(
-                            streams, datagrams, shared, &shutdown, setup_done,
-                        ));
-                        if result.is_err() {
-                            shutdown.fire();
-                        }
-                        result
-                    })
-            })
-            .collect();
-        (handles.into_iter())
-            .map(|handle| {
-                handle?
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("event loop panicked")))
-            })
-            .collect()
-    });
+    // Every descriptor a loop needs is made now: once loop 0 accepts, the process may run
+    // out of them, and a loop that cannot start would stop the whole server.
+    let mut prepared = Vec::with_capacity(sources.len());
+    for sources in sources {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let shutdown_fd = shutdown.fd().try_clone_to_owned()?;
+        let datagram_fds = (sources.datagrams.iter())
+            .map(|socket| socket.as_fd().try_clone_to_owned())
+            .collect::<io::Result<_>>()?;
+        prepared.push((runtime, sources, shutdown_fd, datagram_fds));
+    }
+    run_on_threads(
+        "tokio",
+        prepared,
+        &shutdown,
+        |(runtime, sources, fired, fds)| {
+            runtime.block_on(serve_loop(sources, fired, fds, shared.clone()))
+        },
+    )?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
     drop(listeners);
-    results.into_iter().collect::<io::Result<()>>()?;
     Ok(())
 }
 
@@ -121,27 +97,44 @@ struct Shared {
 }
 
 /// One loop: accept and answer until shutdown, then wait for every connection's drain.
+///
+/// `shutdown_fd` is a duplicate of the shutdown eventfd, `datagram_fds` duplicates of the
+/// datagram sockets, made before the loop started (see `run`).
 async fn serve_loop(
-    streams: Vec<StreamListener>,
-    datagrams: Vec<DatagramSocket>,
+    LoopSources { streams, datagrams }: LoopSources,
+    shutdown_fd: OwnedFd,
+    datagram_fds: Vec<OwnedFd>,
     shared: Arc<Shared>,
-    shutdown: &Shutdown,
-    setup_done: &Barrier,
 ) -> io::Result<()> {
-    let setup = adopt(streams, datagrams, shutdown);
-    // Nothing else runs on this thread yet, so blocking here stalls no task.
-    setup_done.wait();
-    let (acceptors, datagrams, fired) = setup?;
     // Tasks watch `stop`; each connection holds a `done` sender, so when the receiver sees
     // every sender dropped, every connection has finished (mini-redis's shutdown_complete).
-    let (stop_tx, stop) = watch::channel(false);
+    let stop = Arc::new(StopSignal::default());
     let (done_tx, mut done) = mpsc::channel::<()>(1);
     let mut tasks = JoinSet::new();
-    for (name, acceptor) in acceptors {
+    for listener in streams {
+        listener.set_nonblocking(true)?;
         let (shared, stop, done_tx) = (shared.clone(), stop.clone(), done_tx.clone());
-        tasks.spawn(accept_loop(name, acceptor, shared, stop, done_tx));
+        let name = listener.name().to_string();
+        match listener.into_std() {
+            Ok(tcp) => {
+                let tcp = TcpListener::from_std(tcp)?;
+                tasks.spawn(accept_loop(name, Acceptor::Tcp(tcp), shared, stop, done_tx));
+            }
+            Err(unix) => {
+                let unix = UnixListener::from_std(unix)?;
+                tasks.spawn(accept_loop(
+                    name,
+                    Acceptor::Unix(unix),
+                    shared,
+                    stop,
+                    done_tx,
+                ));
+            }
+        }
     }
-    for (socket, readiness) in datagrams {
+    for (socket, fd) in datagrams.into_iter().zip(datagram_fds) {
+        socket.set_nonblocking(true)?;
+        let readiness = async_fd::watch(fd, Interest::READABLE)?;
         tasks.spawn(answer_datagrams(
             socket,
             readiness,
@@ -150,51 +143,20 @@ async fn serve_loop(
         ));
     }
     drop(done_tx);
+    let fired = async_fd::watch(shutdown_fd, Interest::READABLE)?;
     let mut result = Ok(());
     tokio::select! {
         ready = fired.readable() => drop(ready?),
         Some(joined) = tasks.join_next() => result = joined.map_err(io::Error::other).and_then(|r| r),
     }
     // Stop accepting and reading; connections flush within the drain timeout themselves.
-    let _ = stop_tx.send(true);
+    stop.fire();
     while let Some(joined) = tasks.join_next().await {
         result = result.and(joined.map_err(io::Error::other).and_then(|r| r));
     }
     let margin = shared.limits.drain_timeout + ACCEPT_PAUSE;
     let _ = tokio::time::timeout(margin, done.recv()).await;
     result
-}
-
-type Adopted = (
-    Vec<(String, Acceptor)>,
-    Vec<(DatagramSocket, AsyncFd<OwnedFd>)>,
-    AsyncFd<OwnedFd>,
-);
-
-/// Hands this loop's sockets and the shutdown eventfd to the runtime's reactor.
-fn adopt(
-    streams: Vec<StreamListener>,
-    datagrams: Vec<DatagramSocket>,
-    shutdown: &Shutdown,
-) -> io::Result<Adopted> {
-    let fired = async_fd::watch(shutdown.fd().try_clone_to_owned()?, Interest::READABLE)?;
-    let mut acceptors = Vec::new();
-    for listener in streams {
-        listener.set_nonblocking(true)?;
-        let name = listener.name().to_string();
-        let acceptor = match listener.into_std() {
-            Ok(tcp) => Acceptor::Tcp(TcpListener::from_std(tcp)?),
-            Err(unix) => Acceptor::Unix(UnixListener::from_std(unix)?),
-        };
-        acceptors.push((name, acceptor));
-    }
-    let mut watched = Vec::new();
-    for socket in datagrams {
-        socket.set_nonblocking(true)?;
-        let readiness = async_fd::watch(socket.as_fd().try_clone_to_owned()?, Interest::READABLE)?;
-        watched.push((socket, readiness));
-    }
-    Ok((acceptors, watched, fired))
 }
 
 enum Acceptor {
@@ -206,12 +168,12 @@ async fn accept_loop(
     name: String,
     acceptor: Acceptor,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    stop: Arc<StopSignal>,
     done: mpsc::Sender<()>,
 ) -> io::Result<()> {
     loop {
         let accepted = tokio::select! {
-            _ = stop.changed() => return Ok(()),
+            () = stop.wait() => return Ok(()),
             accepted = accept(&acceptor) => accepted,
         };
         match accepted {
@@ -232,7 +194,7 @@ async fn accept_loop(
                 AcceptAction::Pause => {
                     log_accept_pause(&name, &e);
                     tokio::select! {
-                        _ = stop.changed() => return Ok(()),
+                        () = stop.wait() => return Ok(()),
                         () = sleep(ACCEPT_PAUSE) => {}
                     }
                 }
@@ -262,52 +224,38 @@ async fn accept(acceptor: &Acceptor) -> io::Result<(Accepted, Peer)> {
     })
 }
 
-/// A connected tokio stream; both kinds offer the same calls.
-trait Socket: AsyncWrite + Unpin + Send {
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
-    /// One read; a short read also clears the readiness, so the next `readable` sleeps
-    /// instead of costing a `read` that returns `EAGAIN` (tokio's own `poll_read` does so).
-    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize>;
+/// A connected tokio stream, TCP or Unix.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
+
+/// Reads once into the loop's shared buffer and feeds the protocol; pending until the
+/// socket is readable. tokio's `poll_read` keeps one waker slot per socket (no waiter
+/// list) and treats a short read as "drained", so no `read` returns `EAGAIN`.
+fn poll_receive<S: Socket>(
+    cx: &mut Context<'_>,
+    stream: &mut S,
+    connection: &mut Connection,
+) -> Poll<io::Result<()>> {
+    READ_BUF.with_borrow_mut(|buf| {
+        let limit = connection.read_limit(buf.len());
+        let mut input = ReadBuf::new(&mut buf[..limit]);
+        ready!(Pin::new(stream).poll_read(cx, &mut input))?;
+        SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
+        let received = match input.filled() {
+            [] => connection.receive_eof(),
+            bytes => connection.receive(bytes),
+        };
+        Poll::Ready(received.map_err(|_| io::Error::other("handler panicked")))
+    })
 }
 
-macro_rules! impl_socket {
-    ($t:ty) => {
-        impl Socket for $t {
-            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-                <$t>::readable(self)
-            }
-            fn read_once(&self, buf: &mut [u8]) -> io::Result<usize> {
-                let (len, mut taken) = (buf.len(), 0);
-                let read = self.try_io(Interest::READABLE, || {
-                    taken = self.try_read(buf)?;
-                    if taken > 0 && taken < len {
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(taken)
-                });
-                match read {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && taken > 0 => Ok(taken),
-                    other => other,
-                }
-            }
-        }
-    };
-}
-impl_socket!(TcpStream);
-impl_socket!(UnixStream);
-
-type TaskContext = (
-    Arc<Shared>,
-    watch::Receiver<bool>,
-    mpsc::Sender<()>,
-    Admission,
-);
+type TaskContext = (Arc<Shared>, Arc<StopSignal>, mpsc::Sender<()>, Admission);
 
 /// One connection's task; its errors end only this connection.
 async fn serve<S: Socket>(mut stream: S, peer: Peer, context: TaskContext) {
-    let (shared, mut stop, _done, _admission) = context;
+    let (shared, stop, _done, _admission) = context;
     let mut connection = Connection::new(&shared.protocol, peer, shared.limits.max_buffer_bytes);
-    if let Err(e) = drive(&mut stream, &mut connection, &shared.limits, &mut stop).await {
+    if let Err(e) = drive(&mut stream, &mut connection, &shared.limits, &stop).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }
 }
@@ -316,28 +264,33 @@ async fn drive<S: Socket>(
     stream: &mut S,
     connection: &mut Connection,
     limits: &Limits,
-    stop: &mut watch::Receiver<bool>,
+    stop: &StopSignal,
 ) -> io::Result<()> {
     let mut last_input = Instant::now();
     // One timer per connection, re-armed lazily when it fires early (not on every read).
     let idle_timer = sleep(limits.idle_timeout.unwrap_or_default());
     tokio::pin!(idle_timer);
-    let mut drain_deadline = None;
+    // Made once: a fresh wait or timer per message would cost a lock or a clock read.
+    let stopped = stop.wait();
+    tokio::pin!(stopped);
+    let mut drain_timer: Option<Pin<Box<Sleep>>> = None;
     loop {
         // A cheap check each turn: a busy peer keeps the I/O branches ready, so the
-        // select below might never look at `stop`.
-        if drain_deadline.is_none() && stop.has_changed().unwrap_or(true) {
+        // selects below might never poll `stopped`.
+        if drain_timer.is_none() && stop.is_fired() {
             connection.stop_reading();
-            drain_deadline = Some(Instant::now() + limits.drain_timeout);
+            drain_timer = Some(Box::pin(sleep(limits.drain_timeout)));
         }
+        let is_draining = drain_timer.is_some();
         if connection.wants_write() {
             tokio::select! {
                 biased;
                 // The kernel may take fewer bytes than offered; the rest is written next turn.
                 written = stream.write(connection.unsent()) => connection.advance(written?),
-                _ = stop.changed(), if drain_deadline.is_none() => {}
-                () = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
-                    tracing::warn!("closing {}: drain timeout with {} bytes still owed", connection.peer(), connection.owed());
+                () = &mut stopped, if !is_draining => {}
+                () = expire(drain_timer.as_mut()), if is_draining => {
+                    let (peer, owed) = (connection.peer(), connection.owed());
+                    tracing::warn!("closing {peer}: drain timeout with {owed} bytes still owed");
                     return Ok(());
                 }
             }
@@ -351,8 +304,8 @@ async fn drive<S: Socket>(
         }
         tokio::select! {
             biased;
-            ready = stream.readable() => ready?,
-            _ = stop.changed(), if drain_deadline.is_none() => continue,
+            received = poll_fn(|cx| poll_receive(cx, stream, connection)) => received?,
+            () = &mut stopped, if !is_draining => continue,
             () = &mut idle_timer, if limits.idle_timeout.is_some() => {
                 let idle = limits.idle_timeout.unwrap_or_default();
                 if Instant::now() >= last_input + idle {
@@ -363,21 +316,17 @@ async fn drive<S: Socket>(
                 continue;
             }
         }
-        let got_input = READ_BUF.with_borrow_mut(|buf| {
-            let limit = connection.read_limit(buf.len());
-            SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-            let received = match stream.read_once(&mut buf[..limit]) {
-                Ok(0) => connection.receive_eof(),
-                Ok(n) => connection.receive(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            received.map_err(|_| io::Error::other("handler panicked"))?;
-            Ok(true)
-        })?;
-        if got_input && limits.idle_timeout.is_some() {
+        if limits.idle_timeout.is_some() {
             last_input = Instant::now();
         }
+    }
+}
+
+/// Waits for `timer`, or forever when there is none.
+async fn expire(timer: Option<&mut Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -386,13 +335,13 @@ async fn answer_datagrams(
     socket: DatagramSocket,
     readiness: AsyncFd<OwnedFd>,
     protocol: Protocol,
-    mut stop: watch::Receiver<bool>,
+    stop: Arc<StopSignal>,
 ) -> io::Result<()> {
     let mut replier = DatagramReplier::new(protocol);
     let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
     loop {
         let mut ready = tokio::select! {
-            _ = stop.changed() => return Ok(()),
+            () = stop.wait() => return Ok(()),
             ready = readiness.readable() => ready?,
         };
         let (n, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {

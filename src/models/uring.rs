@@ -77,19 +77,18 @@ pub fn run(
             .map(|d| d.as_fd().try_clone_to_owned());
         sockets.push((streams, datagrams.collect::<io::Result<Vec<_>>>()?));
     }
+    let barrier = &Barrier::new(sockets.len());
     let (protocol, shutdown, listeners) = (&protocol, &shutdown, &listeners);
-    // Every loop makes its ring before any loop accepts, so a flood of connections that
-    // exhausts descriptors cannot starve another loop's setup.
-    let setup_done = &Barrier::new(loops);
     thread::scope(|scope| {
         let handles: Vec<_> = sockets
             .into_iter()
             .map(|(streams, datagrams)| {
                 scope.spawn(move || {
                     let event_loop = Loop::new(listeners, protocol, shutdown, streams, datagrams);
-                    setup_done.wait();
-                    let result = event_loop
-                        .and_then(|event_loop| event_loop.serve().map_err(ServeError::Io));
+                    // Every ring (and its descriptor) exists before any loop accepts, so
+                    // accepted connections cannot use up the descriptors a ring needs.
+                    barrier.wait();
+                    let result = event_loop.and_then(|l| l.serve().map_err(ServeError::Io));
                     if result.is_err() {
                         // One loop failed: the others stop too, and drain.
                         shutdown.fire();
@@ -116,6 +115,8 @@ struct Conn {
     key: Key,
     connection: Connection,
     last_input: Instant,
+    /// Listed in `Loop::dirty`, to be pumped after this batch.
+    is_dirty: bool,
     _admission: Admission,
 }
 
@@ -144,10 +145,14 @@ struct Loop<'a> {
     datagrams: Vec<DatagramSocket>,
     /// Connections by slot index (`Key::index`).
     conns: Vec<Option<Conn>>,
+    /// Connections touched by this batch of completions (see `Loop::mark`).
+    dirty: Vec<Key>,
     shutdown: Key,
     /// Set when shutdown fired: stop accepting, send what is owed until then.
     drain_deadline: Option<Instant>,
     next_idle_scan: Instant,
+    /// The time when the last wait returned: one clock read per batch of completions.
+    now: Instant,
 }
 
 impl<'a> Loop<'a> {
@@ -195,15 +200,18 @@ impl<'a> Loop<'a> {
             counter: &listeners.counter,
             listeners: listeners_here,
             conns: Vec::new(),
+            dirty: Vec::new(),
             shutdown,
             drain_deadline: None,
             next_idle_scan: Instant::now(),
+            now: Instant::now(),
         })
     }
 
     fn serve(mut self) -> io::Result<()> {
         loop {
-            let now = Instant::now();
+            self.now = Instant::now();
+            let now = self.now;
             self.on_timers(now);
             let timeout = match self.drain_deadline {
                 Some(deadline) if self.ring.live_slots() == 0 || now >= deadline + CANCEL_GRACE => {
@@ -216,6 +224,7 @@ impl<'a> Loop<'a> {
                     .map(|at| at.saturating_duration_since(now)),
             };
             self.ring.wait(timeout)?;
+            self.now = Instant::now();
             while let Some(completion) = self.ring.next_completion() {
                 match completion {
                     Completion::Accepted {
@@ -232,6 +241,9 @@ impl<'a> Loop<'a> {
                     Completion::Readable { .. } => self.start_drain(),
                 }
             }
+            for key in std::mem::take(&mut self.dirty) {
+                self.pump(key);
+            }
         }
     }
 
@@ -239,11 +251,7 @@ impl<'a> Loop<'a> {
     /// or the drain deadline.
     fn next_deadline(&self) -> Option<Instant> {
         let pauses = self.listeners.iter().filter_map(|l| l.paused_until);
-        let idle_scan = self
-            .limits
-            .idle_timeout
-            .filter(|_| self.conns.iter().any(Option::is_some))
-            .map(|_| self.next_idle_scan);
+        let idle_scan = self.limits.idle_timeout.map(|_| self.next_idle_scan);
         pauses.chain(idle_scan).chain(self.drain_deadline).min()
     }
 
@@ -300,7 +308,7 @@ impl<'a> Loop<'a> {
                 AcceptAction::Wait | AcceptAction::Retry => {}
                 AcceptAction::Pause => {
                     log_accept_pause(self.listeners[at].name, &e);
-                    self.listeners[at].paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    self.listeners[at].paused_until = Some(self.now + ACCEPT_PAUSE);
                 }
                 AcceptAction::Fail => return Err(e),
             },
@@ -330,15 +338,15 @@ impl<'a> Loop<'a> {
         self.conns[key.index()] = Some(Conn {
             key,
             connection,
-            last_input: Instant::now(),
+            last_input: self.now,
+            is_dirty: false,
             _admission: admission,
         });
         self.pump(key);
     }
 
     fn conn(&mut self, key: Key) -> Option<&mut Conn> {
-        let slot = self.conns.get_mut(key.index())?;
-        slot.as_mut().filter(|conn| conn.key == key)
+        conn_of(&mut self.conns, key)
     }
 
     fn close(&mut self, key: Key) {
@@ -349,7 +357,7 @@ impl<'a> Loop<'a> {
     }
 
     fn on_receive(&mut self, key: Key, result: io::Result<usize>) {
-        let Some(conn) = self.conns.get_mut(key.index()).and_then(Option::as_mut) else {
+        let Some(conn) = conn_of(&mut self.conns, key) else {
             return;
         };
         let handled = match result {
@@ -358,16 +366,16 @@ impl<'a> Loop<'a> {
             Ok(_) => conn.connection.receive(self.ring.received()),
             // ENOBUFS: every provided buffer was in use; ECANCELED: drain stopped reading.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::ECANCELED)) => {
-                return self.pump(key);
+                return self.mark(key);
             }
             Err(e) => {
                 tracing::debug!("connection {} ended: {e}", conn.connection.peer());
                 return self.close(key);
             }
         };
-        conn.last_input = Instant::now();
+        conn.last_input = self.now;
         match handled {
-            Ok(()) => self.pump(key),
+            Ok(()) => self.mark(key),
             // The handler panicked (already logged): close this connection only.
             Err(_) => self.close(key),
         }
@@ -385,15 +393,25 @@ impl<'a> Loop<'a> {
                 return self.close(key);
             }
         }
-        self.pump(key);
+        self.mark(key);
+    }
+
+    /// Remembers to pump `key` once this batch of completions is handled, so that all the
+    /// input a batch brought leaves in one send per connection, not one per completion.
+    fn mark(&mut self, key: Key) {
+        if let Some(conn) = self.conn(key).filter(|conn| !conn.is_dirty) {
+            conn.is_dirty = true;
+            self.dirty.push(key);
+        }
     }
 
     /// Starts what the connection needs next: a send of what is owed, a receive of what
     /// fits under `--max-buffer`, or, once it is finished, the close.
     fn pump(&mut self, key: Key) {
-        let Some(conn) = self.conns.get_mut(key.index()).and_then(Option::as_mut) else {
+        let Some(conn) = conn_of(&mut self.conns, key) else {
             return;
         };
+        conn.is_dirty = false;
         if conn.connection.wants_write() && !self.ring.is_sending(key) {
             self.ring.send(key, conn.connection.unsent());
         }
@@ -462,7 +480,7 @@ impl<'a> Loop<'a> {
         if self.drain_deadline.is_some() {
             return;
         }
-        self.drain_deadline = Some(Instant::now() + self.limits.drain_timeout);
+        self.drain_deadline = Some(self.now + self.limits.drain_timeout);
         let listeners = self.listeners.iter().map(|l| l.key);
         let others: Vec<Key> = listeners
             .chain(self.datagrams.iter().map(|d| d.key))
@@ -480,6 +498,12 @@ impl<'a> Loop<'a> {
             self.pump(key);
         }
     }
+}
+
+/// The connection in `key`'s slot, unless the slot holds a newer one.
+fn conn_of(conns: &mut [Option<Conn>], key: Key) -> Option<&mut Conn> {
+    let slot = conns.get_mut(key.index())?;
+    slot.as_mut().filter(|conn| conn.key == key)
 }
 
 /// Wraps an accepted descriptor: TCP gets `TCP_NODELAY` (Nagle would hold back small

@@ -7,11 +7,13 @@
 
 mod connection;
 mod datagram;
+pub mod event_loops;
 pub mod idle_wheel;
 mod listeners;
 pub mod readiness;
 mod shutdown;
 pub mod slab;
+pub mod stop_signal;
 pub mod threaded_io;
 
 pub use crate::protocol::Protocol;

@@ -338,6 +338,10 @@ impl ReadinessServer {
 
     /// Reads what a ready connection sent and sends what it is owed; closes it when it is
     /// finished or failed.
+    ///
+    /// A slot emptied earlier in the turn is skipped. Within a turn, listeners are served
+    /// before connections, so no slot is refilled before its stale readiness arrives; if a
+    /// model ever reorders that, the new connection costs one read that finds `WouldBlock`.
     fn serve_ready(&mut self, Token(slot): Token, ready: Ready) {
         let Some(Some(entry)) = self.entries.get_mut(slot) else {
             return;

@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 
 /// Receive buffers in the provided-buffer ring (a power of two), and their size: a 1 KiB
 /// echo fits one buffer, and every connection of a busy loop can have one in a batch.
-const PROVIDED_BUFFERS: u16 = 1024;
+const PROVIDED_BUFFERS: u16 = 128;
 /// Bytes per provided buffer.
-const PROVIDED_BUFFER_BYTES: usize = 4096;
+const PROVIDED_BUFFER_BYTES: usize = 8192;
 /// The id of our one buffer group.
 const BUFFER_GROUP: u16 = 1;
 /// Submission queue entries; more are kept in a backlog until the kernel takes them.
