@@ -96,17 +96,9 @@ fn poll_serves_five_thousand_connections() {
 
 #[test]
 fn async_serves_five_thousand_connections() {
-    raise_limit_to(11_000);
-    let started = Instant::now();
-    let server = Server::start("async", &["--threads", "2", "--tcp", "127.0.0.1:0"]);
-    let mut connections: Vec<TcpStream> = (0..5_000).map(|_| server.connect_tcp()).collect();
-    assert_all_echo(&mut connections);
-    assert_all_echo(&mut connections);
-    drop(connections);
-    server.stop();
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        started.elapsed()
-    );
+    with_server("async", 11_000, |server| {
+        let mut connections: Vec<TcpStream> = (0..5_000).map(|_| server.connect_tcp()).collect();
+        assert_all_echo(&mut connections);
+        assert_all_echo(&mut connections);
+    });
 }

@@ -66,18 +66,14 @@ impl<T: AsFd> Async<T> {
         direction: Direction,
         mut op: impl FnMut(&T) -> io::Result<R>,
     ) -> Poll<io::Result<R>> {
+        let reactor = &self.core.reactor;
         loop {
-            if self
-                .core
-                .reactor
-                .poll_ready(self.key, direction, cx)
-                .is_pending()
-            {
+            if reactor.poll_ready(self.key, direction, cx).is_pending() {
                 return Poll::Pending;
             }
             match op(&self.io) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.core.reactor.clear_ready(self.key, direction);
+                    reactor.clear_ready(self.key, direction);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 result => return Poll::Ready(result),

@@ -24,9 +24,8 @@ pub(crate) struct Timers {
     heap: BinaryHeap<Reverse<(Instant, u64)>>,
 }
 
-#[derive(Default)]
 struct TimerSlot {
-    deadline: Option<Instant>,
+    deadline: Instant,
     /// The heap entry that speaks for this slot; `None`: no entry.
     queued_at: Option<Instant>,
     has_fired: bool,
@@ -55,19 +54,15 @@ impl Timers {
                 continue;
             }
             slot.queued_at = None;
-            match slot.deadline {
-                Some(deadline) if deadline <= now => {
-                    slot.has_fired = true;
-                    if let Some(waker) = slot.waker.take() {
-                        waker.wake();
-                    }
+            if slot.deadline <= now {
+                slot.has_fired = true;
+                if let Some(waker) = slot.waker.take() {
+                    waker.wake();
                 }
+            } else {
                 // The deadline moved later since this entry was queued.
-                Some(deadline) => {
-                    slot.queued_at = Some(deadline);
-                    self.heap.push(Reverse((deadline, key)));
-                }
-                None => {}
+                slot.queued_at = Some(slot.deadline);
+                self.heap.push(Reverse((slot.deadline, key)));
             }
         }
     }
@@ -76,7 +71,7 @@ impl Timers {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
         };
-        slot.deadline = Some(deadline);
+        slot.deadline = deadline;
         slot.has_fired = false;
         // Only an earlier deadline needs a new entry; a later one is found by the old.
         if slot.queued_at.is_none_or(|queued| deadline < queued) {
@@ -102,7 +97,12 @@ impl Timer {
     /// Outside a runtime's `block_on`: there is no loop to fire it.
     pub fn at(deadline: Instant) -> Timer {
         let core = current().expect("a Timer needs a runtime: create it inside block_on");
-        let key = core.timers.borrow_mut().slots.insert(TimerSlot::default());
+        let key = core.timers.borrow_mut().slots.insert(TimerSlot {
+            deadline,
+            queued_at: None,
+            has_fired: false,
+            waker: None,
+        });
         let mut timer = Timer { key, core };
         timer.reset(deadline);
         timer
