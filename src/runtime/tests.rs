@@ -375,3 +375,38 @@ fn an_idle_runtime_sleeps() {
         );
     });
 }
+
+#[test]
+fn write_all_survives_short_writes() {
+    const BYTES: usize = 4 << 20;
+    within(Duration::from_secs(30), || {
+        let runtime = Runtime::new().unwrap();
+        let (writer, reader) = unix::UnixStream::pair().unwrap();
+        let got = runtime
+            .block_on(async {
+                let writer = UnixStream::new(Stream::Unix(writer))?;
+                let reader = UnixStream::new(Stream::Unix(reader))?;
+                let sent: Vec<u8> = (0..BYTES).map(|i| (i % 251) as u8).collect();
+                // Far more than a socket buffer: the kernel takes it in pieces, and the
+                // writer parks on EPOLLOUT until the reader makes room.
+                let expected = sent.clone();
+                let writing = spawn(async move {
+                    writer.write_all(&sent).await?;
+                    writer.shutdown(std::net::Shutdown::Write)
+                });
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match reader.read(&mut buf).await? {
+                        0 => break,
+                        n => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                writing.await.unwrap()?;
+                io::Result::Ok(got == expected)
+            })
+            .unwrap()
+            .unwrap();
+        assert!(got, "the bytes read differ from the bytes written");
+    });
+}
