@@ -325,10 +325,11 @@ pub fn spawn<F: Future + 'static>(future: F) -> JoinHandle<F::Output> {
         is_done: false,
         waiter: None,
     }));
-    let completion = Completion(state.clone());
-    let task = async move {
-        let output = future.await;
-        completion.0.borrow_mut().output = Some(output);
+    // Boxed apart from its wrapper: an `async move { future.await }` wrapper would hold
+    // the future twice (as captured and as awaited) and double every task's memory.
+    let task = Joined {
+        future: Box::pin(future),
+        state: state.clone(),
     };
     let mut tasks = core.tasks.borrow_mut();
     let key = tasks.vacant_token();
@@ -380,14 +381,27 @@ struct JoinState<T> {
     waiter: Option<Waker>,
 }
 
-/// Owned by the task; dropped when it finishes, panics or is aborted, and tells the
-/// [`JoinHandle`] so in every case.
-struct Completion<T>(Rc<RefCell<JoinState<T>>>);
+/// A spawned future and where its output goes. Dropped when the task finishes, panics
+/// or is aborted, and tells the [`JoinHandle`] so in every case.
+struct Joined<F: Future> {
+    future: Pin<Box<F>>,
+    state: Rc<RefCell<JoinState<F::Output>>>,
+}
 
-impl<T> Drop for Completion<T> {
+impl<F: Future> Future for Joined<F> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let output = std::task::ready!(self.future.as_mut().poll(cx));
+        self.state.borrow_mut().output = Some(output);
+        Poll::Ready(())
+    }
+}
+
+impl<F: Future> Drop for Joined<F> {
     fn drop(&mut self) {
         let waiter = {
-            let mut state = self.0.borrow_mut();
+            let mut state = self.state.borrow_mut();
             state.is_done = true;
             state.waiter.take()
         };
