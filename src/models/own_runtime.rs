@@ -36,6 +36,9 @@ thread_local! {
     /// to its `Connection` without awaiting in between, so tasks can share it and an idle
     /// connection holds no read buffer at all.
     static READ_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUFFER_BYTES]);
+    /// The output allocation lent to whichever connection is producing replies, and taken
+    /// back once they are sent, so an idle connection holds no output buffer either.
+    static SPARE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// What every task of one runtime shares.
@@ -324,6 +327,8 @@ async fn drive(stream: Stream, connection: &mut Connection, state: &Loop) -> io:
                 connection.advance(written);
                 if written < offered {
                     stream.clear_ready(Direction::Write);
+                } else {
+                    SPARE.with_borrow_mut(|spare| connection.return_spare(spare));
                 }
             }
             Step::Read(read) => {
@@ -348,6 +353,7 @@ fn read_into(stream: &Stream, connection: &mut Connection) -> io::Result<(usize,
     READ_BUFFER.with_borrow_mut(|buf| {
         let limit = connection.read_limit(buf.len());
         let got = stream.read(&mut buf[..limit])?;
+        SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
         let received = match got {
             0 => connection.receive_eof(),
             n => connection.receive(&buf[..n]),
