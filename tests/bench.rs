@@ -87,6 +87,7 @@ enum StreamFault {
     DropByte,
     CorruptByte,
     DuplicateByte,
+    ExtraByte,
     SwapBytes,
     CloseEarly,
     Reset,
@@ -125,6 +126,8 @@ fn serve_faulty(mut stream: TcpStream, fault: StreamFault) {
                 StreamFault::DropByte if at == FAULT_AT => {}
                 StreamFault::CorruptByte if at == FAULT_AT => out.push(byte ^ 0x20),
                 StreamFault::DuplicateByte if at == FAULT_AT => out.extend([byte, byte]),
+                // The last byte of message 15 (64-byte messages), then one nobody sent.
+                StreamFault::ExtraByte if at == 1023 => out.extend([byte, 0]),
                 StreamFault::SwapBytes if at == FAULT_AT => held = Some(byte),
                 StreamFault::SwapBytes if at == FAULT_AT + 1 => {
                     out.push(byte);
@@ -175,6 +178,14 @@ fn corrupted_byte_is_caught() {
 #[test]
 fn duplicated_byte_is_caught() {
     assert_caught(StreamFault::DuplicateByte, "byte 41 of message 15");
+}
+
+#[test]
+fn extra_byte_is_caught() {
+    assert_caught(
+        StreamFault::ExtraByte,
+        "never sent (after byte 0 of message 16)",
+    );
 }
 
 #[test]

@@ -162,8 +162,8 @@ fn short_compare_of_three_models_writes_valid_files() {
     let svg = std::fs::read_to_string(dir.join("compare.svg")).expect("compare.svg");
     assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
     assert!(svg.trim_end().ends_with("</svg>"));
-    // One line per model in each of the two panels.
-    assert_eq!(svg.matches("<polyline").count(), 6, "{svg}");
+    // One line per model in each of the three panels (msgs/s, p99, CPU per message).
+    assert_eq!(svg.matches("<polyline").count(), 9, "{svg}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -242,7 +242,8 @@ impl Worker<'_> {
     fn run(&mut self, timeline: &Timeline) -> io::Result<()> {
         let is_open_loop = self.plan.config.rate.is_some();
         let mut events = Events::with_capacity(1024);
-        let mut last_publish = timeline.start;
+        // The first iteration checks for live connections.
+        let mut last_publish = timeline.start.saturating_sub(PUBLISH_EVERY_NS);
         let mut last_scan = timeline.start;
         loop {
             let now = self.plan.now_ns();
@@ -262,6 +263,10 @@ impl Worker<'_> {
             if now - last_publish >= PUBLISH_EVERY_NS {
                 self.publish();
                 last_publish = now;
+                // Every connection failed or closed: nothing is left to wait for.
+                if self.connections.iter().all(|c| c.socket.is_none()) {
+                    break;
+                }
             }
             if !timeline.is_sending(now) {
                 let is_done = self

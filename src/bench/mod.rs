@@ -558,3 +558,84 @@ impl std::ops::DerefMut for AlignedBuf {
         &mut self.storage[self.start..self.start + self.len]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// A plain echo server on a free port, a thread per connection.
+    fn echo_server() -> Endpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                thread::spawn(move || {
+                    let mut buf = [0; 4096];
+                    while let Ok(n @ 1..) = stream.read(&mut buf) {
+                        if stream.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Endpoint::Tcp(addr)
+    }
+
+    #[test]
+    fn library_run_reports_and_calls_progress() {
+        let config = BenchConfig {
+            conns: 3,
+            size: 100,
+            depth: 2,
+            duration: Duration::from_millis(300),
+            warmup: Duration::from_millis(100),
+            threads: 2,
+            ..BenchConfig::default()
+        };
+        let mut phases = Vec::new();
+        let report =
+            run_with_progress(&echo_server(), &config, |p| phases.push(p.phase)).expect("run");
+        assert!(report.is_clean(), "{report:?}");
+        assert!(report.msgs > 0);
+        assert_eq!(report.conns_established, 3);
+        assert_eq!(report.threads, 2);
+        assert!(report.latency_us.p50 > 0.0);
+        assert!(report.latency_us.p50 <= report.latency_us.p99);
+        assert!(report.client_cpu_s.is_some());
+        assert!(phases.contains(&Phase::Warmup) && phases.contains(&Phase::Measuring));
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let udp = Endpoint::Udp("127.0.0.1:9".parse().expect("addr"));
+        let small = BenchConfig {
+            size: 4,
+            ..BenchConfig::default()
+        };
+        assert!(small.validate(&udp).is_err());
+        let error = run(&udp, &small).expect_err("size 4 on udp");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        let tcp = Endpoint::Tcp("127.0.0.1:9".parse().expect("addr"));
+        assert!(small.validate(&tcp).is_ok());
+        for bad in [
+            BenchConfig {
+                conns: 0,
+                ..BenchConfig::default()
+            },
+            BenchConfig {
+                depth: 0,
+                ..BenchConfig::default()
+            },
+            BenchConfig {
+                rate: Some(-1.0),
+                ..BenchConfig::default()
+            },
+        ] {
+            assert!(bad.validate(&tcp).is_err());
+        }
+    }
+}

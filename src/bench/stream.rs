@@ -281,7 +281,8 @@ impl Worker<'_> {
             }
         }
         let mut events = Events::with_capacity(1024);
-        let mut last_publish = timeline.start;
+        // The first iteration checks for live connections.
+        let mut last_publish = timeline.start.saturating_sub(PUBLISH_EVERY_NS);
         loop {
             let now = self.plan.now_ns();
             let mut next_due = u64::MAX;
@@ -291,6 +292,10 @@ impl Worker<'_> {
             if now - last_publish >= PUBLISH_EVERY_NS {
                 self.publish();
                 last_publish = now;
+                // Every connection failed or closed: nothing is left to wait for.
+                if self.connections.iter().all(|c| c.stream.is_none()) {
+                    break;
+                }
             }
             if !timeline.is_sending(now) {
                 let is_done = self
@@ -485,18 +490,26 @@ impl Worker<'_> {
         let is_sending = timeline.is_sending(now);
         let mut at = 0;
         while at < n {
-            if connection.received_message >= connection.queued {
+            // An echo cannot return a byte before it was sent: only sent bytes are expected.
+            let sent_ahead = if connection.received_message < connection.sent_message {
+                size - connection.received_offset
+            } else {
+                connection
+                    .sent_offset
+                    .saturating_sub(connection.received_offset)
+            };
+            if sent_ahead == 0 {
                 let (id, extra) = (connection.id, n - at);
                 self.tally.mismatches += 1;
                 self.tally.note(format!(
                     "connection {id}: {extra} byte(s) came back that were never sent \
-                     (after message {})",
-                    connection.received_message
+                     (after byte {} of message {})",
+                    connection.received_offset, connection.received_message
                 ));
                 self.close(index);
                 return;
             }
-            let take = (size - connection.received_offset).min(n - at);
+            let take = sent_ahead.min(n - at);
             let got = &self.read_buf[at..at + take];
             let (message, offset) = (connection.received_message, connection.received_offset);
             if let Some((wrong, expected)) = self.content.check(connection.id, message, offset, got)

@@ -53,7 +53,7 @@ pub const DESCRIPTOR_PROBE_CONNS: usize = 1100;
 /// How long the probes wait for answers.
 pub const PROBE_WAIT: Duration = Duration::from_secs(1);
 /// The descriptor probe's wait: a thousand forks or threads take a moment.
-pub const DESCRIPTOR_PROBE_WAIT: Duration = Duration::from_secs(3);
+pub const DESCRIPTOR_PROBE_WAIT: Duration = Duration::from_secs(2);
 /// After a point's window, how long replies still owed are awaited. A model serving fewer
 /// clients than connected leaves the rest waiting; this bounds that wait.
 pub const POINT_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -489,6 +489,8 @@ fn measure_model<F: FnMut(&Progress)>(
 
     let mut was_killed = false;
     for &conns in &config.conns {
+        // Again: a thread started while the first pinning walked the list kept the old set.
+        pinning.pin_server(server.pid());
         let point = measure_point(config, conns, &server, model, tracker);
         tracker.step += 1;
         was_killed = point.note.as_deref().is_some_and(|n| n.starts_with(HUNG));

@@ -10,6 +10,13 @@ use std::time::{Duration, Instant};
 
 /// How long one connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// After the minimum wait, the probe goes on while answers keep coming: it ends once none
+/// has come for this long.
+const QUIET: Duration = Duration::from_millis(500);
+/// However answers trickle in, the probe ends after this many times its minimum wait.
+const MAX_WAIT_FACTOR: u32 = 5;
+/// How often the probe checks whether it may end.
+const POLL_SLICE: Duration = Duration::from_millis(50);
 
 /// What happened to connections held open together, each sending one message.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -46,9 +53,11 @@ pub fn open_idle(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpStream>> {
         .collect()
 }
 
-/// Opens `count` connections, then sends one short, distinct message on each and waits up
-/// to `wait` for the answers, all connections staying open meanwhile. The probe ends early
-/// once every connection is answered or closed.
+/// Opens `count` connections, then sends one short, distinct message on each and waits for
+/// the answers, all connections staying open meanwhile. The probe ends once every
+/// connection is answered or closed; otherwise after `wait`, or later while answers are
+/// still arriving (a busy machine answers slowly, a model that serves N at a time stops
+/// answering), but never after `MAX_WAIT_FACTOR` times `wait`.
 ///
 /// # Errors
 ///
@@ -58,8 +67,10 @@ pub fn hold_open(addr: SocketAddr, count: usize, wait: Duration) -> io::Result<P
         conns: count,
         ..ProbeResult::default()
     };
+    let started = Instant::now();
+    let hard_deadline = started + wait * MAX_WAIT_FACTOR;
     // Connecting is bounded too: a server that stops accepting must not stall the run.
-    let connect_deadline = Instant::now() + wait + CONNECT_TIMEOUT;
+    let connect_deadline = hard_deadline;
     let mut streams = Vec::with_capacity(count);
     for _ in 0..count {
         let left = connect_deadline.saturating_duration_since(Instant::now());
@@ -95,16 +106,20 @@ pub fn hold_open(addr: SocketAddr, count: usize, wait: Duration) -> io::Result<P
         }
     }
 
-    let deadline = Instant::now() + wait;
+    let waited_from = Instant::now();
+    let mut last_progress = waited_from;
     let mut buf = [0u8; 64];
     loop {
         let open = entries.iter().filter(|e| e.fd >= 0).count();
-        let left = deadline.saturating_duration_since(Instant::now());
-        if open == 0 || left.is_zero() {
+        let now = Instant::now();
+        let is_quiet = now >= waited_from + wait && now >= last_progress + QUIET;
+        if open == 0 || is_quiet || now >= hard_deadline.max(waited_from + wait) {
             result.waiting = open;
             break;
         }
-        poll::poll(&mut entries, Some(left))?;
+        if poll::poll(&mut entries, Some(POLL_SLICE))? > 0 {
+            last_progress = Instant::now();
+        }
         for (index, entry) in entries.iter_mut().enumerate() {
             if entry.fd < 0 || entry.revents & (POLLIN | POLLHUP | POLLERR) == 0 {
                 continue;

@@ -94,7 +94,7 @@ impl CompareReport {
         }
         out += "\n";
         out += &self.footer();
-        out += "\n![msgs/s and p99 against connections](compare.svg)\n";
+        out += "\n![msgs/s, p99 and server CPU per message against connections](compare.svg)\n";
         out
     }
 
@@ -212,7 +212,7 @@ fn row(model: &ModelResult, point: Option<&Point>, is_first: bool) -> [String; 9
             limit.join("; "),
         ];
     };
-    let has_answers = point.bench.as_ref().is_some_and(|b| b.msgs > 0);
+    let has_answers = point.msgs_per_s > 0.0;
     [
         name,
         point.conns.to_string(),
@@ -241,5 +241,116 @@ fn format_latency(us: f64) -> String {
         format!("{us:.1}")
     } else {
         format!("{us:.0}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Machine, ModelResult, Point, ProbeResult, Settings, Skipped};
+    use super::*;
+
+    fn point(conns: u32, msgs_per_s: f64, unanswered_conns: u64, note: Option<&str>) -> Point {
+        Point {
+            conns,
+            msgs_per_s,
+            p50_us: 40.0,
+            p99_us: 95.5,
+            server_cpu_percent: Some(50.0),
+            cpu_us_per_msg: Some(12.34),
+            memory_bytes: Some(2 * 1048576),
+            processes: 1,
+            unanswered_conns,
+            note: note.map(str::to_string),
+            bench: None,
+        }
+    }
+
+    fn report() -> CompareReport {
+        let all_served = ProbeResult {
+            conns: 1100,
+            connected: 1100,
+            answered: 1100,
+            ..ProbeResult::default()
+        };
+        CompareReport {
+            settings: Settings {
+                conns: vec![1, 10],
+                size: 64,
+                depth: 1,
+                duration_s: 1.0,
+                warmup_s: 0.25,
+                idle_conns: 10,
+                idle_window_s: 1.0,
+                descriptor_probe_conns: Some(1100),
+            },
+            machine: Machine {
+                cpus: 2,
+                server_cpu: Some(0),
+                load_cpu: Some(1),
+                kernel: "6.1".to_string(),
+                loadavg_at_start: "0.50 0.40 0.30 1/100 42".to_string(),
+            },
+            models: vec![
+                ModelResult {
+                    model: "blocking".to_string(),
+                    idle_cpu_percent: Some(0.0),
+                    idle_memory_bytes: Some(1 << 20),
+                    points: vec![
+                        point(1, 20000.0, 0, None),
+                        point(10, 19000.0, 9, Some("1 of 10 clients answered")),
+                    ],
+                    concurrency_probe: None,
+                    descriptor_probe: None,
+                    limits: vec!["serves 1 of 10 clients at a time; the others wait".into()],
+                    stopped: "clean".to_string(),
+                },
+                ModelResult {
+                    model: "epoll".to_string(),
+                    idle_cpu_percent: Some(0.1),
+                    idle_memory_bytes: Some(1 << 20),
+                    points: vec![point(1, 25000.0, 0, None), point(10, 90000.0, 0, None)],
+                    concurrency_probe: None,
+                    descriptor_probe: Some(all_served),
+                    limits: Vec::new(),
+                    stopped: "clean".to_string(),
+                },
+            ],
+            skipped: vec![Skipped {
+                model: "uring".to_string(),
+                reason: "io_uring is disabled".to_string(),
+            }],
+            elapsed_s: 12.0,
+            command: Some("reverb compare --conns 1,10".to_string()),
+        }
+    }
+
+    #[test]
+    fn table_has_a_row_per_point_and_says_what_is_missing() {
+        let table = report().to_table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("model"), "{table}");
+        assert!(lines[1].starts_with("blocking"));
+        assert!(lines[1].ends_with("serves 1 of 10 clients at a time; the others wait"));
+        assert!(lines[2].ends_with("at 10 conns: 1 of 10 clients answered"));
+        assert!(lines[3].contains("none found (1100 clients held open, all served)"));
+        // Numbers line up under their headers (right-aligned).
+        let column_end = lines[0].find("msgs/s").expect("header") + "msgs/s".len();
+        assert_eq!(&lines[1][column_end - 5..column_end], "20000");
+        assert_eq!(&lines[4][column_end - 5..column_end], "90000");
+        assert!(table.contains("skipped: uring (io_uring is disabled)"));
+    }
+
+    #[test]
+    fn markdown_and_svg() {
+        let report = report();
+        let markdown = report.to_markdown();
+        assert!(markdown.contains("Made with `reverb compare --conns 1,10`."));
+        assert!(markdown.contains("| blocking | 1 | 20000 | 95.5 | 50 | 12.3 | 2.0 | 0.0 |"));
+        assert!(markdown.contains("load average at start 0.50 0.40 0.30."));
+        let svg = super::super::svg::render(&report);
+        assert_eq!(svg.matches("<polyline").count(), 6);
+        // blocking at 10 connections left clients unanswered: a hollow marker.
+        assert!(svg.contains(r##"fill="#ffffff" stroke="#d62728""##));
+        assert!(svg.contains("<title>epoll at 10 conns: 90k</title>"));
     }
 }

@@ -1,5 +1,7 @@
-//! `compare.svg`, written by hand: throughput and p99 latency against connection count,
-//! one line per model, side by side. An axis is logarithmic when its values span more than
+//! `compare.svg`, written by hand: throughput, p99 latency and server CPU per message
+//! against connection count, one line per model, side by side. CPU per message is the
+//! panel to trust on a busy machine: it does not depend on the share of a core the server
+//! got. An axis is logarithmic when its values span more than
 //! [`LOG_SPAN`]; otherwise it is linear from zero, which reads more easily.
 
 use super::{CompareReport, ModelResult, Point};
@@ -8,11 +10,11 @@ use std::fmt::Write as _;
 
 /// Above this max/min ratio an axis goes logarithmic.
 const LOG_SPAN: f64 = 20.0;
-const WIDTH: f64 = 1040.0;
+const WIDTH: f64 = 1160.0;
 const PLOT_TOP: f64 = 90.0;
 const PLOT_BOTTOM: f64 = 390.0;
-const PANEL_LEFT: [f64; 2] = [90.0, 610.0];
-const PANEL_WIDTH: f64 = 400.0;
+const PANEL_LEFT: [f64; 3] = [70.0, 455.0, 840.0];
+const PANEL_WIDTH: f64 = 280.0;
 const LEGEND_TOP: f64 = 455.0;
 const LEGEND_COLUMNS: usize = 6;
 const LEGEND_COLUMN_WIDTH: f64 = 155.0;
@@ -208,13 +210,15 @@ pub fn render(report: &CompareReport) -> String {
     );
 
     let conns: Vec<f64> = s.conns.iter().map(|&c| f64::from(c)).collect();
-    let panels: [(&str, ValueOf); 2] = [
+    let panels: [(&str, ValueOf); 3] = [
         ("throughput (msgs/s, higher is better)", |p| {
             (p.msgs_per_s > 0.0).then_some(p.msgs_per_s)
         }),
         ("p99 round trip (µs, lower is better)", |p| {
-            let answered = p.bench.as_ref().is_some_and(|b| b.msgs > 0);
-            (answered && p.p99_us > 0.0).then_some(p.p99_us)
+            (p.msgs_per_s > 0.0 && p.p99_us > 0.0).then_some(p.p99_us)
+        }),
+        ("server CPU per message (µs, lower is better)", |p| {
+            p.cpu_us_per_msg.filter(|v| *v > 0.0)
         }),
     ];
     for (panel, (title, value_of)) in panels.into_iter().enumerate() {
@@ -240,7 +244,7 @@ fn draw_axes(svg: &mut String, title: &str, x: &Scale, y: &Scale, conns: &[f64])
     let (left, right) = (x.from, x.to);
     let _ = writeln!(
         svg,
-        r#"<text x="{}" y="{}" font-size="14" font-weight="bold" text-anchor="middle">{}</text>"#,
+        r#"<text x="{}" y="{}" font-size="13.5" font-weight="bold" text-anchor="middle">{}</text>"#,
         (left + right) / 2.0,
         PLOT_TOP - 14.0,
         escape(title)
@@ -280,10 +284,14 @@ fn draw_axes(svg: &mut String, title: &str, x: &Scale, y: &Scale, conns: &[f64])
     );
     let _ = writeln!(
         svg,
-        r##"<text x="{}" y="{}" fill="#333333" text-anchor="middle">connections (log scale){}</text>"##,
+        r##"<text x="{}" y="{}" fill="#333333" text-anchor="middle">connections{}</text>"##,
         (left + right) / 2.0,
         PLOT_BOTTOM + 38.0,
-        if y.is_log { "; y axis log scale" } else { "" }
+        if y.is_log {
+            " (log-log)"
+        } else {
+            " (log scale)"
+        }
     );
 }
 

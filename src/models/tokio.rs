@@ -13,6 +13,7 @@
 //! shared `DatagramSocket`, which already knows every peer kind (abstract Unix names too).
 
 use crate::server::event_loops::{LoopSources, run_on_threads, split_sources};
+use crate::server::stop_signal::StopSignal;
 use crate::server::threaded_io::is_per_peer_datagram_error;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, DATAGRAM_BUFFER_BYTES, DatagramReplier,
@@ -21,14 +22,17 @@ use crate::server::{
 };
 use crate::sys::async_fd;
 use std::cell::RefCell;
+use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::Arc;
-use tokio::io::{AsyncWrite, AsyncWriteExt, Interest, unix::AsyncFd};
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, unix::AsyncFd};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, Sleep, sleep};
 
 /// Whether this model has landed.
 pub const IS_BUILT: bool = true;
@@ -104,7 +108,7 @@ async fn serve_loop(
 ) -> io::Result<()> {
     // Tasks watch `stop`; each connection holds a `done` sender, so when the receiver sees
     // every sender dropped, every connection has finished (mini-redis's shutdown_complete).
-    let (stop_tx, stop) = watch::channel(false);
+    let stop = Arc::new(StopSignal::default());
     let (done_tx, mut done) = mpsc::channel::<()>(1);
     let mut tasks = JoinSet::new();
     for listener in streams {
@@ -146,7 +150,7 @@ async fn serve_loop(
         Some(joined) = tasks.join_next() => result = joined.map_err(io::Error::other).and_then(|r| r),
     }
     // Stop accepting and reading; connections flush within the drain timeout themselves.
-    let _ = stop_tx.send(true);
+    stop.fire();
     while let Some(joined) = tasks.join_next().await {
         result = result.and(joined.map_err(io::Error::other).and_then(|r| r));
     }
@@ -164,12 +168,12 @@ async fn accept_loop(
     name: String,
     acceptor: Acceptor,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    stop: Arc<StopSignal>,
     done: mpsc::Sender<()>,
 ) -> io::Result<()> {
     loop {
         let accepted = tokio::select! {
-            _ = stop.changed() => return Ok(()),
+            () = stop.wait() => return Ok(()),
             accepted = accept(&acceptor) => accepted,
         };
         match accepted {
@@ -190,7 +194,7 @@ async fn accept_loop(
                 AcceptAction::Pause => {
                     log_accept_pause(&name, &e);
                     tokio::select! {
-                        _ = stop.changed() => return Ok(()),
+                        () = stop.wait() => return Ok(()),
                         () = sleep(ACCEPT_PAUSE) => {}
                     }
                 }
@@ -220,52 +224,38 @@ async fn accept(acceptor: &Acceptor) -> io::Result<(Accepted, Peer)> {
     })
 }
 
-/// A connected tokio stream; both kinds offer the same calls.
-trait Socket: AsyncWrite + Unpin + Send {
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
-    /// One read; a short read also clears the readiness, so the next `readable` sleeps
-    /// instead of costing a `read` that returns `EAGAIN` (tokio's own `poll_read` does so).
-    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize>;
+/// A connected tokio stream, TCP or Unix.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
+
+/// Reads once into the loop's shared buffer and feeds the protocol; pending until the
+/// socket is readable. tokio's `poll_read` keeps one waker slot per socket (no waiter
+/// list) and treats a short read as "drained", so no `read` returns `EAGAIN`.
+fn poll_receive<S: Socket>(
+    cx: &mut Context<'_>,
+    stream: &mut S,
+    connection: &mut Connection,
+) -> Poll<io::Result<()>> {
+    READ_BUF.with_borrow_mut(|buf| {
+        let limit = connection.read_limit(buf.len());
+        let mut input = ReadBuf::new(&mut buf[..limit]);
+        ready!(Pin::new(stream).poll_read(cx, &mut input))?;
+        SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
+        let received = match input.filled() {
+            [] => connection.receive_eof(),
+            bytes => connection.receive(bytes),
+        };
+        Poll::Ready(received.map_err(|_| io::Error::other("handler panicked")))
+    })
 }
 
-macro_rules! impl_socket {
-    ($t:ty) => {
-        impl Socket for $t {
-            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-                <$t>::readable(self)
-            }
-            fn read_once(&self, buf: &mut [u8]) -> io::Result<usize> {
-                let (len, mut taken) = (buf.len(), 0);
-                let read = self.try_io(Interest::READABLE, || {
-                    taken = self.try_read(buf)?;
-                    if taken > 0 && taken < len {
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(taken)
-                });
-                match read {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && taken > 0 => Ok(taken),
-                    other => other,
-                }
-            }
-        }
-    };
-}
-impl_socket!(TcpStream);
-impl_socket!(UnixStream);
-
-type TaskContext = (
-    Arc<Shared>,
-    watch::Receiver<bool>,
-    mpsc::Sender<()>,
-    Admission,
-);
+type TaskContext = (Arc<Shared>, Arc<StopSignal>, mpsc::Sender<()>, Admission);
 
 /// One connection's task; its errors end only this connection.
 async fn serve<S: Socket>(mut stream: S, peer: Peer, context: TaskContext) {
-    let (shared, mut stop, _done, _admission) = context;
+    let (shared, stop, _done, _admission) = context;
     let mut connection = Connection::new(&shared.protocol, peer, shared.limits.max_buffer_bytes);
-    if let Err(e) = drive(&mut stream, &mut connection, &shared.limits, &mut stop).await {
+    if let Err(e) = drive(&mut stream, &mut connection, &shared.limits, &stop).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }
 }
@@ -274,28 +264,33 @@ async fn drive<S: Socket>(
     stream: &mut S,
     connection: &mut Connection,
     limits: &Limits,
-    stop: &mut watch::Receiver<bool>,
+    stop: &StopSignal,
 ) -> io::Result<()> {
     let mut last_input = Instant::now();
     // One timer per connection, re-armed lazily when it fires early (not on every read).
     let idle_timer = sleep(limits.idle_timeout.unwrap_or_default());
     tokio::pin!(idle_timer);
-    let mut drain_deadline = None;
+    // Made once: a fresh wait or timer per message would cost a lock or a clock read.
+    let stopped = stop.wait();
+    tokio::pin!(stopped);
+    let mut drain_timer: Option<Pin<Box<Sleep>>> = None;
     loop {
         // A cheap check each turn: a busy peer keeps the I/O branches ready, so the
-        // select below might never look at `stop`.
-        if drain_deadline.is_none() && stop.has_changed().unwrap_or(true) {
+        // selects below might never poll `stopped`.
+        if drain_timer.is_none() && stop.is_fired() {
             connection.stop_reading();
-            drain_deadline = Some(Instant::now() + limits.drain_timeout);
+            drain_timer = Some(Box::pin(sleep(limits.drain_timeout)));
         }
+        let is_draining = drain_timer.is_some();
         if connection.wants_write() {
             tokio::select! {
                 biased;
                 // The kernel may take fewer bytes than offered; the rest is written next turn.
                 written = stream.write(connection.unsent()) => connection.advance(written?),
-                _ = stop.changed(), if drain_deadline.is_none() => {}
-                () = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
-                    tracing::warn!("closing {}: drain timeout with {} bytes still owed", connection.peer(), connection.owed());
+                () = &mut stopped, if !is_draining => {}
+                () = expire(drain_timer.as_mut()), if is_draining => {
+                    let (peer, owed) = (connection.peer(), connection.owed());
+                    tracing::warn!("closing {peer}: drain timeout with {owed} bytes still owed");
                     return Ok(());
                 }
             }
@@ -309,8 +304,8 @@ async fn drive<S: Socket>(
         }
         tokio::select! {
             biased;
-            ready = stream.readable() => ready?,
-            _ = stop.changed(), if drain_deadline.is_none() => continue,
+            received = poll_fn(|cx| poll_receive(cx, stream, connection)) => received?,
+            () = &mut stopped, if !is_draining => continue,
             () = &mut idle_timer, if limits.idle_timeout.is_some() => {
                 let idle = limits.idle_timeout.unwrap_or_default();
                 if Instant::now() >= last_input + idle {
@@ -321,21 +316,17 @@ async fn drive<S: Socket>(
                 continue;
             }
         }
-        let got_input = READ_BUF.with_borrow_mut(|buf| {
-            let limit = connection.read_limit(buf.len());
-            SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-            let received = match stream.read_once(&mut buf[..limit]) {
-                Ok(0) => connection.receive_eof(),
-                Ok(n) => connection.receive(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            received.map_err(|_| io::Error::other("handler panicked"))?;
-            Ok(true)
-        })?;
-        if got_input && limits.idle_timeout.is_some() {
+        if limits.idle_timeout.is_some() {
             last_input = Instant::now();
         }
+    }
+}
+
+/// Waits for `timer`, or forever when there is none.
+async fn expire(timer: Option<&mut Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -344,13 +335,13 @@ async fn answer_datagrams(
     socket: DatagramSocket,
     readiness: AsyncFd<OwnedFd>,
     protocol: Protocol,
-    mut stop: watch::Receiver<bool>,
+    stop: Arc<StopSignal>,
 ) -> io::Result<()> {
     let mut replier = DatagramReplier::new(protocol);
     let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
     loop {
         let mut ready = tokio::select! {
-            _ = stop.changed() => return Ok(()),
+            () = stop.wait() => return Ok(()),
             ready = readiness.readable() => ready?,
         };
         let (n, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {

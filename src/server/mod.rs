@@ -13,6 +13,7 @@ mod listeners;
 pub mod readiness;
 mod shutdown;
 pub mod slab;
+pub mod stop_signal;
 pub mod threaded_io;
 
 pub use crate::protocol::Protocol;

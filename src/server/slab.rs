@@ -56,6 +56,15 @@ impl<T> Slab<T> {
     }
 
     /// The value for `token`, or `None` when that value was removed (a stale token).
+    pub fn get(&self, token: Token) -> Option<&T> {
+        let slot = self.slots.get((token & 0xffff_ffff) as usize)?;
+        if u64::from(slot.generation) != token >> 32 {
+            return None;
+        }
+        slot.value.as_ref()
+    }
+
+    /// The value for `token`, mutably, or `None` when that value was removed.
     pub fn get_mut(&mut self, token: Token) -> Option<&mut T> {
         let slot = self.slots.get_mut((token & 0xffff_ffff) as usize)?;
         if u64::from(slot.generation) != token >> 32 {
