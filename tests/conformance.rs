@@ -42,6 +42,7 @@ conformance! {
         max_conns,
         idle_timeout,
         shutdown_drains,
+        shutdown_closes_idle_at_once,
         drain_timeout_bounds_shutdown,
         out_of_descriptors_pauses,
     ],

@@ -283,8 +283,9 @@ async fn drive<S: Socket>(
     let mut drain_deadline = None;
     loop {
         // A cheap check each turn: a busy peer keeps the I/O branches ready, so the
-        // select below might never look at `stop`.
-        if drain_deadline.is_none() && stop.has_changed().unwrap_or(true) {
+        // select below might never look at `stop`. Read the value, not `has_changed`:
+        // once a select below has seen `changed()`, the change counts as seen.
+        if drain_deadline.is_none() && (*stop.borrow() || stop.has_changed().is_err()) {
             connection.stop_reading();
             drain_deadline = Some(Instant::now() + limits.drain_timeout);
         }

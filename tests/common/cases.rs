@@ -394,6 +394,29 @@ pub fn shutdown_drains(model: &str) {
     assert!(status.success(), "exit {status}; {}", server.stderr());
 }
 
+/// SIGTERM with an idle connection that is owed nothing: it is closed at once, not held
+/// for the whole --drain-timeout (tokio once waited until the runtime was dropped).
+pub fn shutdown_closes_idle_at_once(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "5"]);
+    let mut conn = server.connect_conn();
+    conn.write_all(b"x").unwrap();
+    assert_eq!(conn.read_exactly(1), b"x");
+    let start = Instant::now();
+    server.terminate();
+    assert!(
+        conn.sees_close_within(Duration::from_secs(2)),
+        "an idle connection stays open after SIGTERM"
+    );
+    let mut server = server;
+    let status = server.wait_exit(Duration::from_secs(3)).expect("exits");
+    assert!(status.success(), "exit {status}; {}", server.stderr());
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "took {took:?} with nothing owed and a 5 s drain"
+    );
+}
+
 /// SIGTERM with a client that never reads: the server gives up after --drain-timeout.
 pub fn drain_timeout_bounds_shutdown(model: &str) {
     let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "1"]);
