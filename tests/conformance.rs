@@ -32,6 +32,7 @@ conformance! {
         echo_byte_exact,
         every_stream_transport,
         datagram_each,
+        datagram_no_reply_cases,
         half_close_drains,
         short_writes_lose_nothing,
         unread_flood_bounded,
