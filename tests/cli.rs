@@ -113,6 +113,35 @@ fn readiness_lines_in_flag_order_and_nothing_else() {
 }
 
 #[test]
+fn readiness_names_relative_unix_paths_absolutely() {
+    // `unix://` addresses are absolute, so a script can pass the line to `reverb client`.
+    let dir = std::env::temp_dir();
+    let stream = format!("reverb-test-{}-relative.sock", std::process::id());
+    let datagram = format!("reverb-test-{}-relative-d.sock", std::process::id());
+    let server = Server::start_in_dir(
+        &dir,
+        "threaded",
+        &["--unix", &stream, "--unix-dgram", &datagram],
+    );
+    let stream_path = dir.join(&stream);
+    let datagram_path = dir.join(&datagram);
+    assert_eq!(
+        server.addrs,
+        [
+            format!("unix://{}", stream_path.display()),
+            format!("unix-dgram://{}", datagram_path.display())
+        ]
+    );
+    for addr in &server.addrs {
+        let output = client(addr, b"relative\n");
+        assert!(output.status.success(), "{addr}: {}", stderr_of(&output));
+        assert_eq!(output.stdout, b"relative\n");
+    }
+    server.stop();
+    assert!(!exists(&stream_path) && !exists(&datagram_path));
+}
+
+#[test]
 fn default_listeners_are_loopback_7007() {
     let mut child = reverb()
         .args(["serve", "--model", "threaded"])
