@@ -289,6 +289,55 @@ fn piped_client_gets_everything_back() {
 }
 
 #[test]
+fn client_blames_stdout_not_the_server_when_its_reader_goes() {
+    use std::io::Read;
+    let server = Server::start("threaded", &["--tcp", "127.0.0.1:0"]);
+    let addr = server.addrs[0].clone();
+    let mut child = reverb()
+        .args(["client", &addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&common::pattern(4 << 20, 3));
+    });
+    // `| head -c 10`: read a little, then stop reading for good.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 10];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the client kept running after its stdout closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let _ = feeder.join();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot write to stdout") && !stderr.contains(&addr),
+        "{stderr}"
+    );
+    server.stop();
+}
+
+#[test]
 fn client_that_cannot_connect_exits_1_with_one_line() {
     let free = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = free.local_addr().unwrap().to_string();
