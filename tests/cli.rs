@@ -353,6 +353,19 @@ fn client_that_cannot_connect_exits_1_with_one_line() {
     let output = client("unix:///nonexistent/reverb.sock", b"x");
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr_of(&output).contains("/nonexistent/reverb.sock"));
+    // A name that does not resolve cannot be connected to either (glibc rejects the empty
+    // label without asking DNS, so this stays fast offline); a malformed one is usage.
+    for addr in ["a..b:7", "udp://a..b:7"] {
+        let output = client(addr, b"x");
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{addr}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("cannot connect to {addr}:")),
+            "{stderr}"
+        );
+    }
+    assert_usage_error(&["client", "a..b:port"], "a..b:port");
 }
 
 #[test]
