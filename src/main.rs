@@ -87,8 +87,8 @@ struct ServeArgs {
 #[derive(Args)]
 struct ClientArgs {
     /// tcp://HOST:PORT, udp://HOST:PORT, unix:///path, unix-dgram:///path, or HOST:PORT.
-    #[arg(value_parser = parse_endpoint)]
-    addr: Endpoint,
+    // Parsed in `client`: a name that does not resolve is "cannot connect" (exit 1).
+    addr: String,
 }
 
 #[derive(Args)]
@@ -215,6 +215,17 @@ fn usage_error(message: impl std::fmt::Display) -> ! {
     let error = match command.find_subcommand_mut("serve") {
         Some(serve) => serve.error(ErrorKind::ArgumentConflict, message),
         None => command.error(ErrorKind::ArgumentConflict, message),
+    };
+    exit_with_usage(error)
+}
+
+/// A bad client address: the contract's exit 2, with the client's usage.
+fn client_usage_error(message: impl std::fmt::Display) -> ! {
+    let mut command = Cli::command();
+    command.build();
+    let error = match command.find_subcommand_mut("client") {
+        Some(client) => client.error(ErrorKind::ValueValidation, message),
+        None => command.error(ErrorKind::ValueValidation, message),
     };
     exit_with_usage(error)
 }
@@ -380,7 +391,14 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
 }
 
 fn client(args: ClientArgs) -> ExitCode {
-    match reverb::client::run(&args.addr) {
+    let endpoint = match Endpoint::parse(&args.addr) {
+        Ok(endpoint) => endpoint,
+        Err(e) if e.is_lookup_failure() => {
+            return fail(format!("cannot connect to {}: {}", args.addr, e.reason()));
+        }
+        Err(e) => client_usage_error(e),
+    };
+    match reverb::client::run(&endpoint) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
