@@ -287,8 +287,24 @@ fn init_logging(verbose: bool) {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // One line per panic. A protocol handler's panic is reported again, with the peer's
+    // address, by the connection that caught it, so its location goes to debug; any other
+    // panic is a bug in reverb and is logged as an error.
     std::panic::set_hook(Box::new(|info| {
-        tracing::warn!("panic: {info}");
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        let at = info
+            .location()
+            .map_or_else(String::new, |at| format!(" at {}:{}", at.file(), at.line()));
+        if reverb::server::is_in_handler() {
+            tracing::debug!("handler panic{at}: {message}");
+        } else {
+            tracing::error!("panic{at}: {message}");
+        }
     }));
 }
 
