@@ -10,12 +10,27 @@ use std::path::{Path, PathBuf};
 pub struct AddrError {
     text: String,
     reason: String,
+    is_lookup_failure: bool,
+}
+
+impl AddrError {
+    /// Whether the text was well formed but its host name did not resolve: for a client,
+    /// that is "cannot connect" (exit 1), not a usage error.
+    pub fn is_lookup_failure(&self) -> bool {
+        self.is_lookup_failure
+    }
+
+    /// Why the text was rejected, without the text itself.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
 }
 
 fn addr_error(text: &str, reason: impl Into<String>) -> AddrError {
     AddrError {
         text: text.to_string(),
         reason: reason.into(),
+        is_lookup_failure: false,
     }
 }
 
@@ -144,12 +159,28 @@ fn resolve(text: &str, host_port: &str) -> Result<SocketAddr, AddrError> {
                     ..literal_error
                 });
             }
+            let lookup_error = |reason: String| AddrError {
+                is_lookup_failure: true,
+                ..addr_error(text, reason)
+            };
+            // The port must be a number before a failed lookup can be blamed on the name.
+            if parse_ip_port(&format!(
+                "0.0.0.0:{}",
+                host_port.rsplit(':').next().unwrap_or("")
+            ))
+            .is_err()
+            {
+                return Err(AddrError {
+                    text: text.to_string(),
+                    ..literal_error
+                });
+            }
             let mut addrs = host_port
                 .to_socket_addrs()
-                .map_err(|e| addr_error(text, e.to_string()))?;
+                .map_err(|e| lookup_error(e.to_string()))?;
             addrs
                 .next()
-                .ok_or_else(|| addr_error(text, "the name resolved to no address"))
+                .ok_or_else(|| lookup_error("the name resolved to no address".to_string()))
         }
     }
 }
@@ -244,5 +275,12 @@ mod tests {
         );
         assert!(Endpoint::parse("unix://relative").is_err());
         assert!(Endpoint::parse("http://127.0.0.1:1").is_err());
+        assert!(Endpoint::parse("a..b:7").unwrap_err().is_lookup_failure());
+        assert!(
+            !Endpoint::parse("a..b:port")
+                .unwrap_err()
+                .is_lookup_failure()
+        );
+        assert!(!Endpoint::parse("::1:7").unwrap_err().is_lookup_failure());
     }
 }

@@ -43,6 +43,12 @@ pub enum ClientError {
         /// The OS error.
         source: io::Error,
     },
+    /// Writing to our own stdout failed (say, `| head` stopped reading): not the server's fault.
+    #[error("cannot write to stdout: {source}")]
+    Stdout {
+        /// The OS error.
+        source: io::Error,
+    },
     /// Some datagrams got no reply in time.
     #[error("{missing} datagram(s) to {addr} got no reply within {} s", DATAGRAM_REPLY_TIMEOUT.as_secs())]
     NoReply {
@@ -64,9 +70,12 @@ pub fn run(endpoint: &Endpoint) -> Result<(), ClientError> {
         addr: addr.clone(),
         source,
     };
-    let io_error = |source| ClientError::Io {
-        addr: addr.clone(),
-        source,
+    let io_error = |source: io::Error| match into_stdout_error(source) {
+        Ok(source) => ClientError::Stdout { source },
+        Err(source) => ClientError::Io {
+            addr: addr.clone(),
+            source,
+        },
     };
     let interactive = io::stdin().is_terminal();
     match endpoint {
@@ -98,6 +107,34 @@ pub fn run(endpoint: &Endpoint) -> Result<(), ClientError> {
             let missing = run_datagrams(&DatagramConn::Unix(socket), interactive, &addr)?;
             no_reply_check(&addr, missing)
         }
+    }
+}
+
+/// Marks an error of our own stdout as it travels through `io::Result`s.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct StdoutFailed(io::Error);
+
+fn stdout_error(source: io::Error) -> io::Error {
+    io::Error::new(source.kind(), StdoutFailed(source))
+}
+
+/// The stdout error inside `error`, or `error` itself when it came from elsewhere.
+fn into_stdout_error(error: io::Error) -> Result<io::Error, io::Error> {
+    if !error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<StdoutFailed>())
+    {
+        return Err(error);
+    }
+    let kind = error.kind();
+    match error
+        .into_inner()
+        .map(|inner| inner.downcast::<StdoutFailed>())
+    {
+        Some(Ok(marked)) => Ok(marked.0),
+        Some(Err(other)) => Err(io::Error::new(kind, other)),
+        None => Err(io::Error::from(kind)),
     }
 }
 
@@ -190,8 +227,8 @@ fn run_stream_piped(mut conn: StreamConn) -> io::Result<()> {
         match conn.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                stdout.write_all(&buf[..n])?;
-                stdout.flush()?;
+                stdout.write_all(&buf[..n]).map_err(stdout_error)?;
+                stdout.flush().map_err(stdout_error)?;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -225,8 +262,8 @@ fn run_stream_interactive(mut conn: StreamConn) -> io::Result<()> {
     let stdin = io::stdin();
     let mut line = String::new();
     loop {
-        stdout.write_all(b"> ")?;
-        stdout.flush()?;
+        stdout.write_all(b"> ").map_err(stdout_error)?;
+        stdout.flush().map_err(stdout_error)?;
         line.clear();
         if stdin.lock().read_line(&mut line)? == 0 {
             let _ = conn.shutdown_write();
@@ -256,8 +293,8 @@ fn print_reply(
         match conn.read(&mut buf) {
             Ok(0) => return Ok(false),
             Ok(n) => {
-                out.write_all(&buf[..n])?;
-                out.flush()?;
+                out.write_all(&buf[..n]).map_err(stdout_error)?;
+                out.flush().map_err(stdout_error)?;
                 wait = REPLY_QUIET;
             }
             Err(e)
@@ -306,6 +343,7 @@ fn run_datagrams(conn: &DatagramConn, interactive: bool, addr: &str) -> Result<u
         addr: addr.to_string(),
         source,
     };
+    let stdout_failed = |source| ClientError::Stdout { source };
     conn.set_read_timeout(Some(DATAGRAM_REPLY_TIMEOUT))
         .map_err(io_error)?;
     let mut stdin = io::stdin().lock();
@@ -315,8 +353,8 @@ fn run_datagrams(conn: &DatagramConn, interactive: bool, addr: &str) -> Result<u
     let mut missing = 0;
     loop {
         if interactive {
-            stdout.write_all(b"> ").map_err(io_error)?;
-            stdout.flush().map_err(io_error)?;
+            stdout.write_all(b"> ").map_err(stdout_failed)?;
+            stdout.flush().map_err(stdout_failed)?;
         }
         line.clear();
         if stdin.read_until(b'\n', &mut line).map_err(io_error)? == 0 {
@@ -337,8 +375,8 @@ fn run_datagrams(conn: &DatagramConn, interactive: bool, addr: &str) -> Result<u
         conn.send(&line).map_err(io_error)?;
         match conn.recv(&mut reply) {
             Ok(n) => {
-                stdout.write_all(&reply[..n]).map_err(io_error)?;
-                stdout.flush().map_err(io_error)?;
+                stdout.write_all(&reply[..n]).map_err(stdout_failed)?;
+                stdout.flush().map_err(stdout_failed)?;
             }
             Err(e)
                 if matches!(

@@ -87,8 +87,8 @@ struct ServeArgs {
 #[derive(Args)]
 struct ClientArgs {
     /// tcp://HOST:PORT, udp://HOST:PORT, unix:///path, unix-dgram:///path, or HOST:PORT.
-    #[arg(value_parser = parse_endpoint)]
-    addr: Endpoint,
+    // Parsed in `client`: a name that does not resolve is "cannot connect" (exit 1).
+    addr: String,
 }
 
 #[derive(Args)]
@@ -219,6 +219,17 @@ fn usage_error(message: impl std::fmt::Display) -> ! {
     exit_with_usage(error)
 }
 
+/// A bad client address: the contract's exit 2, with the client's usage.
+fn client_usage_error(message: impl std::fmt::Display) -> ! {
+    let mut command = Cli::command();
+    command.build();
+    let error = match command.find_subcommand_mut("client") {
+        Some(client) => client.error(ErrorKind::ValueValidation, message),
+        None => command.error(ErrorKind::ValueValidation, message),
+    };
+    exit_with_usage(error)
+}
+
 /// Prints a parse error followed by the usage of the subcommand at fault, and exits 2
 /// (help and version requests print and exit 0 as usual).
 fn exit_with_usage(error: clap::Error) -> ! {
@@ -276,8 +287,24 @@ fn init_logging(verbose: bool) {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // One line per panic. A protocol handler's panic is reported again, with the peer's
+    // address, by the connection that caught it, so its location goes to debug; any other
+    // panic is a bug in reverb and is logged as an error.
     std::panic::set_hook(Box::new(|info| {
-        tracing::warn!("panic: {info}");
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        let at = info
+            .location()
+            .map_or_else(String::new, |at| format!(" at {}:{}", at.file(), at.line()));
+        if reverb::server::is_in_handler() {
+            tracing::debug!("handler panic{at}: {message}");
+        } else {
+            tracing::error!("panic{at}: {message}");
+        }
     }));
 }
 
@@ -380,7 +407,14 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
 }
 
 fn client(args: ClientArgs) -> ExitCode {
-    match reverb::client::run(&args.addr) {
+    let endpoint = match Endpoint::parse(&args.addr) {
+        Ok(endpoint) => endpoint,
+        Err(e) if e.is_lookup_failure() => {
+            return fail(format!("cannot connect to {}: {}", args.addr, e.reason()));
+        }
+        Err(e) => client_usage_error(e),
+    };
+    match reverb::client::run(&endpoint) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }

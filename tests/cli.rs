@@ -113,6 +113,35 @@ fn readiness_lines_in_flag_order_and_nothing_else() {
 }
 
 #[test]
+fn readiness_names_relative_unix_paths_absolutely() {
+    // `unix://` addresses are absolute, so a script can pass the line to `reverb client`.
+    let dir = std::env::temp_dir();
+    let stream = format!("reverb-test-{}-relative.sock", std::process::id());
+    let datagram = format!("reverb-test-{}-relative-d.sock", std::process::id());
+    let server = Server::start_in_dir(
+        &dir,
+        "threaded",
+        &["--unix", &stream, "--unix-dgram", &datagram],
+    );
+    let stream_path = dir.join(&stream);
+    let datagram_path = dir.join(&datagram);
+    assert_eq!(
+        server.addrs,
+        [
+            format!("unix://{}", stream_path.display()),
+            format!("unix-dgram://{}", datagram_path.display())
+        ]
+    );
+    for addr in &server.addrs {
+        let output = client(addr, b"relative\n");
+        assert!(output.status.success(), "{addr}: {}", stderr_of(&output));
+        assert_eq!(output.stdout, b"relative\n");
+    }
+    server.stop();
+    assert!(!exists(&stream_path) && !exists(&datagram_path));
+}
+
+#[test]
 fn default_listeners_are_loopback_7007() {
     let mut child = reverb()
         .args(["serve", "--model", "threaded"])
@@ -260,6 +289,55 @@ fn piped_client_gets_everything_back() {
 }
 
 #[test]
+fn client_blames_stdout_not_the_server_when_its_reader_goes() {
+    use std::io::Read;
+    let server = Server::start("threaded", &["--tcp", "127.0.0.1:0"]);
+    let addr = server.addrs[0].clone();
+    let mut child = reverb()
+        .args(["client", &addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&common::pattern(4 << 20, 3));
+    });
+    // `| head -c 10`: read a little, then stop reading for good.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 10];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the client kept running after its stdout closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let _ = feeder.join();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot write to stdout") && !stderr.contains(&addr),
+        "{stderr}"
+    );
+    server.stop();
+}
+
+#[test]
 fn client_that_cannot_connect_exits_1_with_one_line() {
     let free = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = free.local_addr().unwrap().to_string();
@@ -275,6 +353,19 @@ fn client_that_cannot_connect_exits_1_with_one_line() {
     let output = client("unix:///nonexistent/reverb.sock", b"x");
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr_of(&output).contains("/nonexistent/reverb.sock"));
+    // A name that does not resolve cannot be connected to either (glibc rejects the empty
+    // label without asking DNS, so this stays fast offline); a malformed one is usage.
+    for addr in ["a..b:7", "udp://a..b:7"] {
+        let output = client(addr, b"x");
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{addr}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("cannot connect to {addr}:")),
+            "{stderr}"
+        );
+    }
+    assert_usage_error(&["client", "a..b:port"], "a..b:port");
 }
 
 #[test]

@@ -82,3 +82,18 @@ fn async_two_loops() {
 fn async_max_conns_across_loops() {
     max_conns_across_loops("async");
 }
+
+#[test]
+fn uring_two_loops() {
+    fifty_clients_over_loops("uring", "2");
+}
+
+#[test]
+fn uring_three_loops() {
+    fifty_clients_over_loops("uring", "3");
+}
+
+#[test]
+fn uring_max_conns_across_loops() {
+    max_conns_across_loops("uring");
+}

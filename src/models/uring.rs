@@ -97,16 +97,11 @@ pub fn run(
                 })
             })
             .collect();
-        let mut first_error = Ok(());
-        for handle in handles {
-            let result = handle
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            if first_error.is_ok() {
-                first_error = result;
-            }
-        }
-        first_error
+        // Join every loop; the first error wins.
+        let results = handles
+            .into_iter()
+            .map(|handle| (handle.join()).unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        results.fold(Ok(()), Result::and)
     })
 }
 

@@ -6,6 +6,7 @@
 use super::Peer;
 use crate::buffer::WriteBuffer;
 use crate::protocol::{Flow, Protocol, Session};
+use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
 
 /// The connection's handler panicked; it was logged, and the model should close it.
@@ -143,8 +144,26 @@ impl Connection {
     }
 }
 
+thread_local! {
+    /// Whether this thread is inside a protocol handler right now.
+    static IS_IN_HANDLER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread is running a protocol handler: a panic hook uses it to tell
+/// an isolated handler panic (reported with its peer when caught) from a bug in reverb.
+pub fn is_in_handler() -> bool {
+    IS_IN_HANDLER.with(Cell::get)
+}
+
 /// Runs a protocol handler, turning a panic into a logged [`HandlerPanicked`].
 fn catch_handler_panic<T>(peer: &Peer, handler: impl FnOnce() -> T) -> Result<T, HandlerPanicked> {
+    IS_IN_HANDLER.with(|flag| flag.set(true));
+    let result = catch_unwind_logged(peer, handler);
+    IS_IN_HANDLER.with(|flag| flag.set(false));
+    result
+}
+
+fn catch_unwind_logged<T>(peer: &Peer, handler: impl FnOnce() -> T) -> Result<T, HandlerPanicked> {
     // The session is dropped with the connection after a panic, so no broken state is
     // ever observed; that is why asserting unwind safety is sound here.
     panic::catch_unwind(AssertUnwindSafe(handler)).map_err(|payload| {

@@ -437,10 +437,11 @@ impl Listeners {
                     listeners
                         .unix_paths
                         .push(guard_for(path).map_err(bind_error)?);
-                    listeners.names.push(addr.clone());
+                    let name = ListenSpec::Unix(absolute_or_as_typed(path)).to_string();
+                    listeners.names.push(name.clone());
                     listeners.streams.push(StreamListener {
                         socket: ListenerSocket::Unix(listener),
-                        name: addr.clone(),
+                        name,
                         reuseport_addr: None,
                     });
                 }
@@ -450,7 +451,8 @@ impl Listeners {
                     listeners
                         .unix_paths
                         .push(guard_for(path).map_err(bind_error)?);
-                    listeners.names.push(addr.clone());
+                    let name = ListenSpec::UnixDatagram(absolute_or_as_typed(path));
+                    listeners.names.push(name.to_string());
                     listeners.datagrams.push(DatagramSocket::Unix(socket));
                 }
             }
@@ -471,6 +473,12 @@ impl Listeners {
             .chain(self.datagrams.iter().map(|d| d.as_fd().as_raw_fd()))
             .collect()
     }
+}
+
+/// The path a readiness line names: absolute, as `unix:///abs/path` addresses are, so a
+/// script can hand it to `reverb client` (errors still name the path as typed).
+fn absolute_or_as_typed(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 fn domain_of(addr: &SocketAddr) -> Domain {

@@ -17,7 +17,7 @@ pub mod stop_signal;
 pub mod threaded_io;
 
 pub use crate::protocol::Protocol;
-pub use connection::{Connection, HandlerPanicked};
+pub use connection::{Connection, HandlerPanicked, is_in_handler};
 pub use datagram::{DatagramReplier, datagram_source_allowed, log_send_failure};
 pub use listeners::{
     Admission, ConnectionCounter, DatagramSocket, Listeners, Peer, Stream, StreamListener,

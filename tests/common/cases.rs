@@ -82,6 +82,63 @@ pub fn datagram_each(model: &str) {
     assert!(!exists(&path));
 }
 
+/// Datagrams that get no reply leave the socket serving: a datagram equal to the
+/// `--panic-on` word (logged with its sender), one from an unnamed Unix socket, and one
+/// from a source port below 1024 (the reflection guard; only tried where we may bind it).
+pub fn datagram_no_reply_cases(model: &str) {
+    let path = temp_socket_path(model);
+    let path_arg = path.to_str().unwrap().to_string();
+    let server = Server::start(
+        model,
+        &[
+            "--udp",
+            "127.0.0.1:0",
+            "--unix-dgram",
+            &path_arg,
+            "--protocol",
+            "lines",
+            "--panic-on",
+            "boom",
+        ],
+    );
+    let silence = Duration::from_millis(300);
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.connect(server.addr("udp")).unwrap();
+    let mut buf = [0u8; 64];
+    for word in [&b"boom\n"[..], b"boom"] {
+        udp.send(word).unwrap();
+        udp.set_read_timeout(Some(silence)).unwrap();
+        assert!(udp.recv(&mut buf).is_err(), "{word:?} got a reply");
+    }
+    // Logged with the sender's address.
+    server.wait_for_log(&format!(
+        "handler for {} panicked",
+        udp.local_addr().unwrap()
+    ));
+    let unnamed = UnixDatagram::unbound().unwrap();
+    unnamed.send_to(b"anonymous\n", &path).unwrap();
+    if let Ok(low) = UdpSocket::bind("127.0.0.1:1000") {
+        low.send_to(b"spoofed\n", server.addr("udp")).unwrap();
+        low.set_read_timeout(Some(silence)).unwrap();
+        assert!(
+            low.recv(&mut buf).is_err(),
+            "a port-1000 source got a reply"
+        );
+    }
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    udp.send(b"after\n").unwrap();
+    let n = udp.recv(&mut buf).expect("udp still answers");
+    assert_eq!(&buf[..n], b"after\n");
+    let own = temp_socket_path("client");
+    let unix = UnixDatagram::bind(&own).unwrap();
+    unix.set_read_timeout(Some(PATIENCE)).unwrap();
+    unix.send_to(b"named\n", &path).unwrap();
+    let n = unix.recv(&mut buf).expect("unix datagram still answers");
+    assert_eq!(&buf[..n], b"named\n");
+    let _ = std::fs::remove_file(&own);
+    server.stop();
+}
+
 /// After the client half-closes, every owed reply arrives, then the server's EOF.
 pub fn half_close_drains(model: &str) {
     let server = Server::start(
@@ -392,6 +449,29 @@ pub fn shutdown_drains(model: &str) {
     let mut server = server;
     let status = server.wait_exit(PATIENCE).expect("exits after draining");
     assert!(status.success(), "exit {status}; {}", server.stderr());
+}
+
+/// SIGTERM with an idle connection that is owed nothing: it is closed at once, not held
+/// for the whole --drain-timeout (tokio once waited until the runtime was dropped).
+pub fn shutdown_closes_idle_at_once(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "5"]);
+    let mut conn = server.connect_conn();
+    conn.write_all(b"x").unwrap();
+    assert_eq!(conn.read_exactly(1), b"x");
+    let start = Instant::now();
+    server.terminate();
+    assert!(
+        conn.sees_close_within(Duration::from_secs(2)),
+        "an idle connection stays open after SIGTERM"
+    );
+    let mut server = server;
+    let status = server.wait_exit(Duration::from_secs(3)).expect("exits");
+    assert!(status.success(), "exit {status}; {}", server.stderr());
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "took {took:?} with nothing owed and a 5 s drain"
+    );
 }
 
 /// SIGTERM with a client that never reads: the server gives up after --drain-timeout.

@@ -65,6 +65,13 @@ impl Server {
         Server::spawn(command, model, args)
     }
 
+    /// Starts the server in the working directory `dir` (for relative paths).
+    pub fn start_in_dir(dir: &Path, model: &str, args: &[&str]) -> Server {
+        let mut command = reverb();
+        command.current_dir(dir);
+        Server::spawn(command, model, args)
+    }
+
     fn spawn(mut command: Command, model: &str, args: &[&str]) -> Server {
         let listeners = args
             .iter()
