@@ -19,7 +19,7 @@ REVERB=${REVERB:-target/release/reverb}
 PORT=${PORT:-17070}
 CONFIGS=${CONFIGS:-"1:64:1 50:1024:1 50:1024:8"}
 
-make -s -C /work/shared/yardstick OUT="$OUT" >/dev/null
+make -s -C ../shared/yardstick OUT="$OUT" >/dev/null
 [ -x "$REVERB" ] || cargo build --release --quiet
 
 taskset -c 0 "$OUT/c-epoll-echo" "$PORT" 127.0.0.1 >/dev/null 2>&1 &

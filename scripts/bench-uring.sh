@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 CONNS=$1 SIZE=$2 DEPTH=$3 REPS=${4:-5} DURATION=${5:-2}
 OUT=${YARDSTICK_OUT:-/tmp/yardstick}
 REVERB=${REVERB:-target/release/reverb}
-make -s -C /work/shared/yardstick OUT="$OUT" >/dev/null
+make -s -C ../shared/yardstick OUT="$OUT" >/dev/null
 [ -x "$REVERB" ] || cargo build --release --quiet
 RUNS=$(mktemp)
 LISTEN=$(mktemp)
