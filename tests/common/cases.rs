@@ -164,12 +164,7 @@ pub fn half_close_drains(model: &str) {
 /// A client with a tiny receive buffer forces short writes; nothing is lost.
 pub fn short_writes_lose_nothing(model: &str) {
     let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--max-buffer", "64K"]);
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let addr: std::net::SocketAddr = server.addr("tcp").parse().unwrap();
-    socket.connect(&addr.into()).unwrap();
-    let conn = Conn::Tcp(socket.into());
-    conn.set_timeouts(PATIENCE);
+    let conn = server.connect_slow_reader();
     let input = pattern(4 << 20, 3);
     let got = round_trip(conn, input.clone());
     assert!(got == input, "{} bytes back of {}", got.len(), input.len());
@@ -422,16 +417,10 @@ pub fn idle_timeout(model: &str) {
     server.stop();
 }
 
-/// SIGTERM: replies owed for bytes already received still arrive, then EOF, exit 0, and
-/// nothing new is accepted.
+/// SIGTERM: replies owed for bytes already received still arrive, then EOF, and exit 0.
 pub fn shutdown_drains(model: &str) {
     let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "5"]);
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let addr: std::net::SocketAddr = server.addr("tcp").parse().unwrap();
-    socket.connect(&addr.into()).unwrap();
-    let mut conn = Conn::Tcp(socket.into());
-    conn.set_timeouts(PATIENCE);
+    let mut conn = server.connect_slow_reader();
     // Less than --max-buffer, so the server reads it all and owes it all.
     let input = pattern(200_000, 5);
     conn.write_all(&input).unwrap();
@@ -508,6 +497,19 @@ impl Server {
     /// Connects to the first TCP listener as a [`Conn`].
     pub fn connect_conn(&self) -> Conn {
         Conn::Tcp(self.connect_tcp())
+    }
+
+    /// Connects with a 4 KiB receive buffer, so the server meets short writes and a full
+    /// socket long before its own bound.
+    pub fn connect_slow_reader(&self) -> Conn {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let addr: std::net::SocketAddr = self.addr("tcp").parse().unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let conn = Conn::Tcp(socket.into());
+        conn.set_timeouts(PATIENCE);
+        conn
     }
 }
 
