@@ -176,14 +176,7 @@ struct Worker<'a> {
 
 /// Opens a socket per id, waits at the start gate, runs the load, returns the counts.
 pub(super) fn run_worker(plan: &Plan, ids: &[u32]) -> io::Result<Tally> {
-    let setup = Epoll::new().and_then(|epoll| Ok((epoll, Tally::new()?)));
-    let (epoll, tally) = match setup {
-        Ok(parts) => parts,
-        Err(e) => {
-            let _ = plan.gate.arrive_and_wait();
-            return Err(e);
-        }
-    };
+    let (epoll, tally) = plan.prepare_worker()?;
     let window = plan.config.window() as usize;
     let mut worker = Worker {
         plan,

@@ -373,6 +373,16 @@ impl Timeline {
 }
 
 impl Plan {
+    /// A client thread's epoll and counters. When they cannot be made, the thread still
+    /// arrives at the start gate, so the other threads are not held there.
+    fn prepare_worker(&self) -> io::Result<(crate::sys::epoll::Epoll, Tally)> {
+        let setup = crate::sys::epoll::Epoll::new().and_then(|epoll| Ok((epoll, Tally::new()?)));
+        if setup.is_err() {
+            let _ = self.gate.arrive_and_wait();
+        }
+        setup
+    }
+
     fn now_ns(&self) -> u64 {
         self.base.elapsed().as_nanos() as u64
     }

@@ -106,15 +106,7 @@ struct Worker<'a> {
 /// Connects `ids` to the plan's endpoint, waits at the start gate, runs the load, and
 /// returns this thread's counts.
 pub(super) fn run_worker(plan: &Plan, ids: &[u32]) -> io::Result<Tally> {
-    let setup = Epoll::new().and_then(|epoll| Ok((epoll, Tally::new()?)));
-    let (epoll, tally) = match setup {
-        Ok(parts) => parts,
-        Err(e) => {
-            // Arrive anyway, so the other threads are not held at the gate.
-            let _ = plan.gate.arrive_and_wait();
-            return Err(e);
-        }
-    };
+    let (epoll, tally) = plan.prepare_worker()?;
     let mut worker = Worker {
         plan,
         content: &plan.content,
