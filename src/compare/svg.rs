@@ -308,11 +308,7 @@ fn draw_series(svg: &mut String, model: &ModelResult, x: &Scale, y: &Scale, valu
             .iter()
             .map(|(p, v)| format!("{:.1},{:.1}", x.at(f64::from(p.conns)), y.at(*v)))
             .collect();
-        let dash_attribute = if dash.is_empty() {
-            String::new()
-        } else {
-            format!(r#" stroke-dasharray="{dash}""#)
-        };
+        let dash_attribute = dash_attribute(dash);
         let _ = writeln!(
             svg,
             r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2.2"{dash_attribute}/>"#,
@@ -338,6 +334,15 @@ fn draw_series(svg: &mut String, model: &ModelResult, x: &Scale, y: &Scale, valu
     }
 }
 
+/// The SVG attribute that draws a line dashed, or nothing for a solid one.
+fn dash_attribute(dash: &str) -> String {
+    if dash.is_empty() {
+        String::new()
+    } else {
+        format!(r#" stroke-dasharray="{dash}""#)
+    }
+}
+
 fn draw_legend(svg: &mut String, models: &[ModelResult]) {
     let legend_width = models.len().clamp(1, LEGEND_COLUMNS) as f64 * LEGEND_COLUMN_WIDTH;
     let start = (WIDTH - legend_width) / 2.0;
@@ -347,11 +352,7 @@ fn draw_legend(svg: &mut String, models: &[ModelResult]) {
         let row = (index / LEGEND_COLUMNS) as f64;
         let lx = start + column * LEGEND_COLUMN_WIDTH;
         let ly = LEGEND_TOP + row * LEGEND_ROW_HEIGHT;
-        let dash_attribute = if dash.is_empty() {
-            String::new()
-        } else {
-            format!(r#" stroke-dasharray="{dash}""#)
-        };
+        let dash_attribute = dash_attribute(dash);
         let _ = writeln!(
             svg,
             r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{colour}" stroke-width="3"{dash_attribute}/>"#,
