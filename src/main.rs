@@ -6,7 +6,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, error::Erro
 use reverb::addr::{Endpoint, ListenSpec, parse_ip_port};
 use reverb::models::{self, Model};
 use reverb::protocol::{Protocol, ProtocolKind};
-use reverb::server::{Limits, Listeners, Shutdown};
+use reverb::server::{Limits, Listeners, RunOptions, Shutdown};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -382,7 +382,7 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         Ok(shutdown) => shutdown,
         Err(e) => return fail(format!("cannot set up signal handling: {e}")),
     };
-    let listeners = match Listeners::bind(&specs, limits, args.model.wants_reuseport()) {
+    let listeners = match Listeners::bind(&specs, limits, args.model.accept_queues()) {
         Ok(listeners) => listeners,
         Err(e) => return fail(e),
     };
@@ -396,8 +396,10 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         let _ = stdout.flush();
     }
     tracing::info!("serving with model {}", args.model);
-    let threads = args.threads.map(|n| n as usize);
-    match models::run(args.model, listeners, protocol, shutdown, threads) {
+    let options = RunOptions {
+        threads: args.threads.map(|n| n as usize),
+    };
+    match models::run(args.model, listeners, protocol, shutdown, options) {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
