@@ -14,7 +14,8 @@ use super::{
 use super::{index_of, index_u32};
 use crate::addr::Endpoint;
 use crate::slab::Token;
-use crate::sys::epoll::{EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Epoll, Events};
+use crate::sys::Interest;
+use crate::sys::epoll::{Epoll, Events, Trigger};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -193,7 +194,7 @@ pub(super) fn run_worker(plan: &Plan, ids: &[u32]) -> io::Result<Tally> {
     for &id in ids {
         let token = Token::reserved(index_u32(worker.connections.len()));
         let opened = open(&plan.endpoint, id).and_then(|socket| {
-            worker.epoll.add(socket.fd(), token, EPOLLIN as u32)?;
+            (worker.epoll).add(socket.fd(), token, Interest::READABLE, Trigger::Level)?;
             Ok(socket)
         });
         match opened {
@@ -278,16 +279,16 @@ impl Worker<'_> {
             let next_scan = last_scan + LOSS_SCAN_EVERY_NS;
             let timeout = timeline.wait_timeout(now, next_due.min(next_scan));
             self.epoll.wait_precise(&mut events, Some(timeout))?;
-            for (token, flags) in events.iter() {
-                let index = index_of(token);
-                if flags & EPOLLOUT as u32 != 0 {
+            for event in events.iter() {
+                let index = index_of(event.token);
+                if event.writable && !event.is_write_closed {
                     self.set_interest(index, false);
                     let now = self.plan.now_ns();
                     if timeline.is_sending(now) {
                         self.send_ready(index, timeline, now);
                     }
                 }
-                if flags & (EPOLLIN | EPOLLERR | EPOLLHUP) as u32 != 0 {
+                if event.readable {
                     self.on_readable(index, timeline);
                 }
             }
@@ -453,17 +454,18 @@ impl Worker<'_> {
             return;
         }
         if let Some(socket) = &connection.socket {
-            let events = if wants_write {
-                EPOLLIN | EPOLLOUT
+            let interest = if wants_write {
+                Interest::BOTH
             } else {
-                EPOLLIN
+                Interest::READABLE
             };
             if self
                 .epoll
                 .modify(
                     socket.fd(),
                     Token::reserved(index_u32(index)),
-                    events as u32,
+                    interest,
+                    Trigger::Level,
                 )
                 .is_ok()
             {

@@ -10,7 +10,8 @@ use super::{AlignedBuf, MAX_WAIT, PUBLISH_EVERY_NS, Plan, Tally, Timeline};
 use super::{index_of, index_u32};
 use crate::addr::Endpoint;
 use crate::slab::Token;
-use crate::sys::epoll::{EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Epoll, Events};
+use crate::sys::Interest;
+use crate::sys::epoll::{Epoll, Events, Trigger};
 use socket2::{Domain, SockAddr, Socket, Type};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -62,7 +63,7 @@ struct Connection {
     /// `None` once the connection is closed (failed, wrong bytes, or finished).
     stream: Option<Stream>,
     is_connecting: bool,
-    /// Whether EPOLLOUT is in the registered interest.
+    /// Whether writable is in the registered interest.
     wants_write: bool,
     /// Messages queued for sending so far.
     queued: u64,
@@ -174,8 +175,13 @@ impl Worker<'_> {
         for &id in ids {
             let opened = open(&self.plan.endpoint, deadline).and_then(|(stream, is_connecting)| {
                 let token = Token::reserved(index_u32(self.connections.len()));
-                let events = if is_connecting { EPOLLOUT } else { EPOLLIN };
-                self.epoll.add(stream.fd(), token, events as u32)?;
+                let interest = if is_connecting {
+                    Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                self.epoll
+                    .add(stream.fd(), token, interest, Trigger::Level)?;
                 Ok((stream, is_connecting))
             });
             match opened {
@@ -213,7 +219,8 @@ impl Worker<'_> {
             {
                 break;
             }
-            for (token, _) in events.iter() {
+            for event in events.iter() {
+                let token = event.token;
                 let Some(connection) = self.connections.get_mut(index_of(token)) else {
                     continue;
                 };
@@ -302,12 +309,12 @@ impl Worker<'_> {
             }
             let timeout = timeline.wait_timeout(now, next_due);
             self.epoll.wait_precise(&mut events, Some(timeout))?;
-            for (token, flags) in events.iter() {
-                let index = index_of(token);
-                if flags & EPOLLOUT as u32 != 0 {
+            for event in events.iter() {
+                let index = index_of(event.token);
+                if event.writable && !event.is_write_closed {
                     self.flush(index);
                 }
-                if flags & (EPOLLIN | EPOLLERR | EPOLLHUP) as u32 != 0 {
+                if event.readable {
                     self.on_readable(index, timeline);
                 }
             }
@@ -362,17 +369,18 @@ impl Worker<'_> {
     fn set_interest(&mut self, index: usize, wants_write: bool) {
         let connection = &mut self.connections[index];
         if let Some(stream) = &connection.stream {
-            let events = if wants_write {
-                EPOLLIN | EPOLLOUT
+            let interest = if wants_write {
+                Interest::BOTH
             } else {
-                EPOLLIN
+                Interest::READABLE
             };
             if self
                 .epoll
                 .modify(
                     stream.fd(),
                     Token::reserved(index_u32(index)),
-                    events as u32,
+                    interest,
+                    Trigger::Level,
                 )
                 .is_ok()
             {

@@ -44,19 +44,45 @@ impl IdleWheel {
     }
 
     /// The tick `now` falls in.
-    pub fn tick_at(&self, now: Instant) -> u32 {
-        let elapsed = now.saturating_duration_since(self.start);
-        u32::try_from(elapsed.as_millis() / IDLE_TICK.as_millis()).unwrap_or(u32::MAX)
+    fn tick_at(&self, now: Instant) -> u32 {
+        tick_between(self.start, now)
+    }
+
+    /// Watches `token`, whose last input came at `last_input` (no later than the last
+    /// expiry).
+    pub fn insert_at(&mut self, token: Token, last_input: Instant) {
+        self.insert(token, self.tick_at(last_input));
+    }
+
+    /// Expires every tick up to `now`. For each token due, `last_input` says when its
+    /// connection last had input (`None`: it is gone). Tokens idle for the timeout are
+    /// pushed to `idle` and no longer watched; the others wait for their real deadline.
+    pub fn expire_idle(
+        &mut self,
+        now: Instant,
+        mut last_input: impl FnMut(Token) -> Option<Instant>,
+        idle: &mut Vec<Token>,
+    ) {
+        let (start, idle_ticks) = (self.start, self.idle_ticks);
+        let now_tick = tick_between(start, now);
+        self.expire(now_tick, |token| {
+            let last_input_tick = tick_between(start, last_input(token)?);
+            if now_tick >= last_input_tick.saturating_add(idle_ticks) {
+                idle.push(token);
+                return None;
+            }
+            Some(last_input_tick)
+        });
     }
 
     /// The tick at which a connection whose last input came during `last_input_tick` is idle.
-    pub fn deadline(&self, last_input_tick: u32) -> u32 {
+    fn deadline(&self, last_input_tick: u32) -> u32 {
         last_input_tick.saturating_add(self.idle_ticks)
     }
 
     /// Watches `token`, whose last input came during `last_input_tick` (at most the last
     /// expired tick).
-    pub fn insert(&mut self, token: Token, last_input_tick: u32) {
+    fn insert(&mut self, token: Token, last_input_tick: u32) {
         // Deadlines stay within one turn ahead, so every slot holds a single tick's tokens.
         let deadline = self.deadline(last_input_tick).clamp(
             self.expired_tick.saturating_add(1),
@@ -70,7 +96,7 @@ impl IdleWheel {
     /// Expires every tick up to `now_tick`. For each token due, `check` returns the
     /// connection's last-input tick to keep watching it, or `None` when it was closed (idle
     /// or already gone).
-    pub fn expire(&mut self, now_tick: u32, mut check: impl FnMut(Token) -> Option<u32>) {
+    fn expire(&mut self, now_tick: u32, mut check: impl FnMut(Token) -> Option<u32>) {
         let turn = self.slots.len();
         let first = self.expired_tick.saturating_add(1);
         // After a long stall, one pass over the whole wheel covers every tick.
@@ -101,6 +127,12 @@ impl IdleWheel {
         let next = self.start + IDLE_TICK * (self.tick_at(now) + 1);
         Some(next.saturating_duration_since(now))
     }
+}
+
+/// The tick `at` falls in, counting from `start`.
+fn tick_between(start: Instant, at: Instant) -> u32 {
+    let elapsed = at.saturating_duration_since(start);
+    u32::try_from(elapsed.as_millis() / IDLE_TICK.as_millis()).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
