@@ -11,8 +11,7 @@
 //!
 //! Idle timeouts: a scan of every connection per pass, which the pass already pays.
 
-use crate::server::event_loops::LoopSources;
-use crate::server::readiness::{IdleCheck, Interest, LoopConfig, ReadinessCore};
+use crate::server::readiness::{IdleCheck, Interest, ReadinessCore};
 use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use crate::slab::Token;
 use std::thread;
@@ -29,11 +28,10 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _options: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let config = LoopConfig::new(&listeners, protocol, shutdown);
-    let sources = LoopSources::take_all(&mut listeners);
-    let mut core = ReadinessCore::new(sources, config, IdleCheck::Scan)?;
+    let mut core = ReadinessCore::single_loop(&mut listeners, protocol, shutdown, IdleCheck::Scan)?;
+    let RunOptions { threads: _ } = options;
     // The sources of one pass, taken before serving any: closing a connection empties its
     // slab slot, so this list is never edited while it is walked (the tutorial's
     // non-blocking server removed clients from the list it was iterating and skipped the

@@ -42,8 +42,8 @@ pub fn run(
     shutdown: Shutdown,
     options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
     let config = LoopConfig::new(&listeners, protocol, shutdown.clone());
+    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
     let sources = split_sources(&mut listeners, loops, true)?;
     let start = |_, sources: LoopSources| {
         let core = ReadinessCore::new(sources, config.clone(), IdleCheck::Wheel)?;

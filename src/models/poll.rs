@@ -10,8 +10,7 @@
 //!
 //! Idle timeouts: a scan of every connection per turn, which the rebuild already pays.
 
-use crate::server::event_loops::LoopSources;
-use crate::server::readiness::{IdleCheck, Interest, LoopConfig, ReadinessCore};
+use crate::server::readiness::{IdleCheck, Interest, ReadinessCore};
 use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use crate::slab::Token;
 use crate::sys::poll::{self, pollfd};
@@ -27,14 +26,13 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _options: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let config = LoopConfig::new(&listeners, protocol, shutdown);
-    let sources = LoopSources::take_all(&mut listeners);
-    let mut core = ReadinessCore::new(sources, config, IdleCheck::Scan)?;
     // `entries[i]` is the descriptor of `tokens[i]`; both are rebuilt every turn.
     let mut entries: Vec<pollfd> = Vec::new();
     let mut tokens: Vec<Token> = Vec::new();
+    let RunOptions { threads: _ } = options;
+    let mut core = ReadinessCore::single_loop(&mut listeners, protocol, shutdown, IdleCheck::Scan)?;
     while !core.is_finished() {
         entries.clear();
         tokens.clear();

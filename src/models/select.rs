@@ -9,8 +9,7 @@
 //!
 //! Idle timeouts: a scan of every connection per turn, which the rebuild already pays.
 
-use crate::server::event_loops::LoopSources;
-use crate::server::readiness::{IdleCheck, Interest, LoopConfig, ReadinessCore};
+use crate::server::readiness::{IdleCheck, Interest, ReadinessCore};
 use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use crate::slab::Token;
 use crate::sys::select::{FD_SETSIZE, FdSet, select};
@@ -29,17 +28,16 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _options: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let config = LoopConfig::new(&listeners, protocol, shutdown);
-    let sources = LoopSources::take_all(&mut listeners);
-    let mut core = ReadinessCore::new(sources, config, IdleCheck::Scan)?;
-    // Connections are refused at accept: passing their fd to FD_SET would write outside
-    // the bitmap, and leaving them unwatched would hang their clients.
-    core.refuse_fds_from(FD_SETSIZE, "FD_SETSIZE");
     let (mut read, mut write) = (FdSet::new(), FdSet::new());
     // The sources watched this turn, each with its descriptor, to find them in the sets.
     let mut watched: Vec<(Token, RawFd)> = Vec::new();
+    let RunOptions { threads: _ } = options;
+    let mut core = ReadinessCore::single_loop(&mut listeners, protocol, shutdown, IdleCheck::Scan)?;
+    // Connections are refused at accept: passing their fd to FD_SET would write outside
+    // the bitmap, and leaving them unwatched would hang their clients.
+    core.refuse_fds_from(FD_SETSIZE, "FD_SETSIZE");
     while !core.is_finished() {
         read.clear();
         write.clear();

@@ -156,6 +156,21 @@ impl ReadinessCore {
         })
     }
 
+    /// The one loop of a single-threaded model: every socket of `listeners`.
+    ///
+    /// # Errors
+    ///
+    /// As [`ReadinessCore::new`].
+    pub fn single_loop(
+        listeners: &mut Listeners,
+        protocol: Protocol,
+        shutdown: Shutdown,
+        idle: IdleCheck,
+    ) -> io::Result<Self> {
+        let config = LoopConfig::new(listeners, protocol, shutdown);
+        ReadinessCore::new(LoopSources::take_all(listeners), config, idle)
+    }
+
     /// Closes every accepted connection whose descriptor is `limit` or more, logging it
     /// with `name` (the mechanism's constant, `FD_SETSIZE`), instead of serving it.
     pub fn refuse_fds_from(&mut self, limit: usize, name: &'static str) {
