@@ -82,6 +82,18 @@ impl<T: AsFd> Async<T> {
         }
     }
 
+    /// Waits until `direction` is ready, without any system call, so the task holds no
+    /// buffer while it waits (tokio's `readable()`; follow it with [`Async::try_read`]).
+    /// Readiness is cached, so this may be `Ready` at once and the call after it still say
+    /// `WouldBlock`.
+    pub async fn ready(&self, direction: Direction) {
+        poll_fn(|cx| {
+            std::task::ready!(self.core.poll_budget(cx));
+            self.core.reactor.poll_ready(self.key, direction, cx)
+        })
+        .await;
+    }
+
     /// Forgets the cached readiness, as a `WouldBlock` would. Call it when a call proved
     /// the kernel has nothing more (a short read took all queued bytes), which saves the
     /// system call that would only say `WouldBlock`; the next edge sets it again.
@@ -157,6 +169,29 @@ impl Async<Stream> {
             self.clear_ready(Direction::Read);
         }
         Ok(got)
+    }
+
+    /// Reads into `buf` now, without waiting: `WouldBlock` when nothing is queued, and the
+    /// next [`Async::ready`] then waits for the next edge. A short read clears readiness
+    /// too, as in [`Async::read`].
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock`, or the OS error of `read`.
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.io.read(buf) {
+            Ok(got) if got == 0 || got == buf.len() => Ok(got),
+            Ok(got) => {
+                self.clear_ready(Direction::Read);
+                Ok(got)
+            }
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.clear_ready(Direction::Read);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Writes a prefix of `bytes`, as much as the kernel takes; returns its length.
