@@ -67,6 +67,18 @@ impl DatagramReplier {
     }
 }
 
+/// Errors a datagram socket reports about one earlier peer, not about itself.
+pub fn is_per_peer_datagram_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
+}
+
 /// At most one line a second tells of dropped replies, however many are dropped: a peer
 /// that never reads its replies must not flood the log (nor slow the loop with logging).
 pub const DROPPED_REPLY_LOG_INTERVAL: Duration = Duration::from_secs(1);
