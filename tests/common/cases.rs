@@ -640,8 +640,10 @@ pub fn datagram_full_peer_does_not_stall(model: &str) {
     let silent_name = silent_path.display().to_string();
     let lines = server.stderr();
     let about_silent = lines.lines().filter(|l| l.contains(&silent_name)).count();
+    // forking answers each datagram in a new child, which starts counting afresh.
+    let most = if model == "forking" { 30 } else { 2 };
     assert!(
-        (1..=2).contains(&about_silent),
+        (1..=most).contains(&about_silent),
         "{about_silent} log lines about the peer that never reads (at most one a second):\n{lines}"
     );
     drop(silent);
