@@ -19,27 +19,22 @@
 //! task starts waiting for input, so time spent waiting to send (a peer that does not
 //! read its replies) never counts as idle.
 
+use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::runtime::{self, Async, Direction, Runtime, Timer};
-use crate::server::threaded_io::is_per_peer_datagram_error;
+use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, DatagramSocket, Limits, Listeners, Peer, Protocol, READ_BUFFER_BYTES,
-    ServeError, Shutdown, Stream, StreamListener, accept_action, log_accept_pause, log_idle,
+    DatagramReplier, Limits, Listeners, Protocol, READ_BUFFER_BYTES, RunOptions, ServeError,
+    Shutdown, accept_action, is_per_peer_datagram_error, log_accept_pause, log_idle,
     log_over_limit, log_send_failure,
 };
 use std::cell::{Cell, RefCell};
 use std::future::{Future, poll_fn};
 use std::io;
-use std::mem::take;
 use std::net::Shutdown as Half;
 use std::pin::pin;
 use std::rc::Rc;
-use std::sync::{Condvar, Mutex, PoisonError};
 use std::task::Poll;
-use std::thread;
-
-/// Whether this model has landed.
-pub const IS_BUILT: bool = true;
 
 thread_local! {
     /// The one read buffer of a runtime thread. A task takes it only once its socket is
@@ -62,7 +57,7 @@ struct Loop {
     is_cut: Cell<bool>,
 }
 
-/// Serves every listener on `threads` runtimes until `shutdown` fires, then drains.
+/// Serves every listener on `--threads` runtimes until `shutdown` fires, then drains.
 ///
 /// # Errors
 ///
@@ -71,102 +66,33 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    threads: Option<usize>,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = threads.unwrap_or_else(super::default_loops).max(1);
-    // Loop 0 serves the bound sockets themselves; the others get SO_REUSEPORT siblings
-    // (their own accept queues) for TCP, and second descriptors for the rest.
-    let mut sockets = vec![(take(&mut listeners.streams), take(&mut listeners.datagrams))];
-    for _ in 1..loops {
-        let (streams, datagrams) = &sockets[0];
-        let streams = streams
-            .iter()
-            .map(StreamListener::sibling)
-            .collect::<io::Result<_>>()?;
-        let datagrams = datagrams.iter().map(DatagramSocket::try_clone);
-        sockets.push((streams, datagrams.collect::<io::Result<_>>()?));
-    }
-    // No loop accepts before every loop has its epoll and eventfd: a busy first loop could
-    // otherwise use up the descriptors the others still need to start.
-    let started = Gate::new(loops);
-    thread::scope(|scope| {
-        let mut threads = Vec::new();
-        for (index, (streams, datagrams)) in sockets.into_iter().enumerate() {
-            let state = Loop {
-                protocol: protocol.clone(),
-                limits: listeners.limits.clone(),
-                counter: listeners.counter.clone(),
-                is_draining: Cell::new(false),
-                is_cut: Cell::new(false),
-            };
-            let (started, shutdown) = (&started, &shutdown);
-            let spawned = thread::Builder::new()
-                .name(format!("reverb-async-{index}"))
-                .spawn_scoped(scope, move || {
-                    let runtime = Runtime::new();
-                    started.arrive_and_wait();
-                    serve_loop(runtime?, streams, datagrams, Rc::new(state), shutdown)
-                });
-            match spawned {
-                Ok(thread) => threads.push(thread),
-                Err(e) => {
-                    // The loops already running must still hear shutdown before we return.
-                    shutdown.fire();
-                    started.open();
-                    return Err(e.into());
-                }
-            }
-        }
-        // Every loop is joined before the first error is returned.
-        let mut result = Ok(());
-        for thread in threads {
-            let panicked = |_| Err(io::Error::other("an event loop panicked"));
-            result = result.and(thread.join().unwrap_or_else(panicked));
-        }
-        result.map_err(ServeError::from)
-    })
-}
-
-/// A barrier the spawning thread can also open, should a thread fail to start.
-struct Gate {
-    waiting_for: Mutex<usize>,
-    opened: Condvar,
-}
-
-impl Gate {
-    fn new(count: usize) -> Self {
-        Gate {
-            waiting_for: Mutex::new(count),
-            opened: Condvar::new(),
-        }
-    }
-
-    fn arrive_and_wait(&self) {
-        let mut waiting_for = self
-            .waiting_for
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *waiting_for = waiting_for.saturating_sub(1);
-        self.opened.notify_all();
-        let waiting = self.opened.wait_while(waiting_for, |n| *n > 0);
-        drop(waiting.unwrap_or_else(PoisonError::into_inner));
-    }
-
-    fn open(&self) {
-        *self
-            .waiting_for
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = 0;
-        self.opened.notify_all();
-    }
+    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
+    // Every loop also answers datagrams, from duplicates of the same sockets.
+    let sources = split_sources(&mut listeners, loops, true)?;
+    let state = |_| Loop {
+        protocol: protocol.clone(),
+        limits: listeners.limits.clone(),
+        counter: listeners.counter.clone(),
+        is_draining: Cell::new(false),
+        is_cut: Cell::new(false),
+    };
+    run_loops(
+        "async",
+        sources,
+        &shutdown,
+        |index, sources| Ok((Runtime::new()?, sources, Rc::new(state(index)))),
+        |(runtime, sources, state)| serve_loop(&runtime, sources, &state, &shutdown),
+    )?;
+    Ok(())
 }
 
 /// One runtime: a task per listener and datagram socket, then a task per connection.
 fn serve_loop(
-    runtime: Runtime,
-    streams: Vec<StreamListener>,
-    datagrams: Vec<DatagramSocket>,
-    state: Rc<Loop>,
+    runtime: &Runtime,
+    LoopSources { streams, datagrams }: LoopSources,
+    state: &Rc<Loop>,
     shutdown: &Shutdown,
 ) -> io::Result<()> {
     runtime.block_on(async {
