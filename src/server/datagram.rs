@@ -3,6 +3,7 @@
 use super::Peer;
 use super::connection::{HandlerPanicked, catch_datagram_panic};
 use crate::protocol::Protocol;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 
 /// Whether an echo may answer a datagram from `peer`.
@@ -61,6 +62,18 @@ impl DatagramReplier {
             Err(HandlerPanicked) => None,
         }
     }
+}
+
+/// Errors a datagram socket reports about one earlier peer, not about itself.
+pub fn is_per_peer_datagram_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
 }
 
 /// Logs a reply that could not be sent; the socket keeps serving others.
