@@ -123,6 +123,11 @@ fn tokio_loop_that_cannot_start() {
 }
 
 #[test]
+fn uring_loop_that_cannot_start() {
+    loop_that_cannot_start_stops_the_server("uring");
+}
+
+#[test]
 fn epoll_two_loops() {
     fifty_clients_over_loops("epoll", "2");
 }
