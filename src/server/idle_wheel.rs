@@ -44,7 +44,7 @@ impl IdleWheel {
     }
 
     /// The tick `now` falls in.
-    fn tick_at(&self, now: Instant) -> u32 {
+    pub fn tick_at(&self, now: Instant) -> u32 {
         tick_between(self.start, now)
     }
 
@@ -76,13 +76,13 @@ impl IdleWheel {
     }
 
     /// The tick at which a connection whose last input came during `last_input_tick` is idle.
-    fn deadline(&self, last_input_tick: u32) -> u32 {
+    pub fn deadline(&self, last_input_tick: u32) -> u32 {
         last_input_tick.saturating_add(self.idle_ticks)
     }
 
     /// Watches `token`, whose last input came during `last_input_tick` (at most the last
     /// expired tick).
-    fn insert(&mut self, token: Token, last_input_tick: u32) {
+    pub fn insert(&mut self, token: Token, last_input_tick: u32) {
         // Deadlines stay within one turn ahead, so every slot holds a single tick's tokens.
         let deadline = self.deadline(last_input_tick).clamp(
             self.expired_tick.saturating_add(1),
@@ -96,7 +96,7 @@ impl IdleWheel {
     /// Expires every tick up to `now_tick`. For each token due, `check` returns the
     /// connection's last-input tick to keep watching it, or `None` when it was closed (idle
     /// or already gone).
-    fn expire(&mut self, now_tick: u32, mut check: impl FnMut(Token) -> Option<u32>) {
+    pub fn expire(&mut self, now_tick: u32, mut check: impl FnMut(Token) -> Option<u32>) {
         let turn = self.slots.len();
         let first = self.expired_tick.saturating_add(1);
         // After a long stall, one pass over the whole wheel covers every tick.

@@ -98,9 +98,7 @@ impl LoopLog {
                 tracing::debug!("dropping a datagram from {peer}: reflection guard");
             }
             DatagramDrop::HandlerPanicked => {}
-            DatagramDrop::SendFailed(e) => {
-                tracing::warn!("cannot answer the datagram from {peer}: {e}");
-            }
+            DatagramDrop::SendFailed(e) => super::datagram::log_dropped_reply(peer, e),
         }
     }
 
