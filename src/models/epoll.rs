@@ -64,11 +64,7 @@ fn serve_loop(epoll: &Epoll, mut core: ReadinessCore, is_sharing: bool) -> io::R
         epoll.wait(&mut events, core.timeout())?;
         core.expire();
         for event in events.iter() {
-            let ready = Interest {
-                readable: event.readable,
-                writable: event.writable,
-            };
-            core.handle(event.token, ready)?;
+            core.handle(event.token, event.ready())?;
             if is_sharing && core.is_listener(event.token) && core.is_accepting() {
                 // EPOLLEXCLUSIVE wakes the first idle epoll on the listener's wait queue;
                 // re-adding moves this loop to the back, so new connections go round the

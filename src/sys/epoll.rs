@@ -45,6 +45,14 @@ pub struct Event {
 }
 
 impl Event {
+    /// Readable and writable as one [`Interest`].
+    pub fn ready(&self) -> Interest {
+        Interest {
+            readable: self.readable,
+            writable: self.writable,
+        }
+    }
+
     fn decode(event: &epoll_event) -> Event {
         let flags = event.events as libc::c_int;
         let failed = flags & (EPOLLHUP | EPOLLERR) != 0;
