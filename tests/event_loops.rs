@@ -113,6 +113,11 @@ fn epoll_loop_that_cannot_start() {
 }
 
 #[test]
+fn async_loop_that_cannot_start() {
+    loop_that_cannot_start_stops_the_server("async");
+}
+
+#[test]
 fn tokio_loop_that_cannot_start() {
     loop_that_cannot_start_stops_the_server("tokio");
 }
