@@ -11,7 +11,11 @@ macro_rules! conformance {
             $(
                 #[test]
                 fn $case() {
-                    super::common::cases::$case(&super::cli_name(stringify!($model)));
+                    super::common::run_case(
+                        &super::cli_name(stringify!($model)),
+                        stringify!($case),
+                        super::common::cases::$case,
+                    );
                 }
             )*
         }
@@ -37,6 +41,7 @@ conformance! {
         lines_wait_for_newline,
         short_writes_lose_nothing,
         unread_flood_bounded,
+        prefix_flood_bounded,
         panic_is_isolated,
         greeting_first,
         until_quit,
