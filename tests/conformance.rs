@@ -52,5 +52,6 @@ conformance! {
         shutdown_closes_idle_at_once,
         drain_timeout_bounds_shutdown,
         out_of_descriptors_pauses,
+        datagram_full_peer_does_not_stall,
     ],
 }
