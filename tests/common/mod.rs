@@ -91,7 +91,7 @@ thread_local! {
 /// Runs `case` for `model` on its own thread with a watchdog: a case that does not finish
 /// within [`CASE_DEADLINE`] fails with its name and its servers' logs, and its servers are
 /// killed (which also unblocks the case's own reads and writes).
-pub fn run_case(model: &str, name: &str, case: fn(&str)) {
+pub fn run_case(model: &str, name: &str, case: impl FnOnce(&str) + Send + 'static) {
     let servers: CaseServers = Arc::default();
     let registry = servers.clone();
     let model_name = model.to_string();
@@ -100,7 +100,8 @@ pub fn run_case(model: &str, name: &str, case: fn(&str)) {
         .name(format!("{model}::{name}"))
         .spawn(move || {
             CASE_SERVERS.with(|slot| *slot.borrow_mut() = Some(registry));
-            let result = std::panic::catch_unwind(|| case(&model_name));
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&model_name)));
             let _ = done_tx.send(result);
         })
         .expect("spawn the case thread");
