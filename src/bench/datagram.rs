@@ -132,8 +132,10 @@ impl DatagramConn {
     /// datagrams are not counted lost; the failure is the error.
     fn fail(&mut self, io: &mut Io<'_>, what: &str, error: &io::Error) -> Flow {
         io.tally.errors.reset += 1;
-        io.tally
-            .note(format!("connection {}: {what} failed: {error}", self.id.slot));
+        io.tally.note(format!(
+            "connection {}: {what} failed: {error}",
+            self.id.slot
+        ));
         self.oldest = self.next;
         Flow::Closed
     }
@@ -143,7 +145,8 @@ impl DatagramConn {
         let timeout_ns = DATAGRAM_LOSS_TIMEOUT.as_nanos() as u64;
         for message in self.oldest..self.next {
             let slot = self.slot(message);
-            if slot.state == SlotState::Outstanding && slot.sent_ns.saturating_add(timeout_ns) <= now
+            if slot.state == SlotState::Outstanding
+                && slot.sent_ns.saturating_add(timeout_ns) <= now
             {
                 slot.state = SlotState::Lost;
                 io.tally.lost += 1;
@@ -222,7 +225,11 @@ impl Conn for DatagramConn {
             ));
             return self.open_flow();
         };
-        if !io.plan.content.datagram_matches(self.id.content, message, datagram) {
+        if !io
+            .plan
+            .content
+            .datagram_matches(self.id.content, message, datagram)
+        {
             io.tally.mismatches += 1;
             let size = io.plan.content.size();
             io.tally.note(format!(

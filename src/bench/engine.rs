@@ -336,20 +336,19 @@ impl<C: Conn> Worker<'_, C> {
 
     /// A connecting socket reported an event (or reached its deadline).
     fn finish_connect(&mut self, index: usize, now: u64, is_deadline: bool) {
-        let State::Connecting(conn) = std::mem::replace(&mut self.entries[index].state, State::Closed)
+        let State::Connecting(conn) =
+            std::mem::replace(&mut self.entries[index].state, State::Closed)
         else {
             return;
         };
         match conn.connect_state() {
-            Ok(true) => {
-                match self.epoll.modify(conn.fd(), index as u64, EPOLLIN as u32) {
-                    Ok(()) => self.established(index, conn, now),
-                    Err(e) => {
-                        let _ = self.epoll.delete(conn.fd());
-                        self.connect_failed(index, &e);
-                    }
+            Ok(true) => match self.epoll.modify(conn.fd(), index as u64, EPOLLIN as u32) {
+                Ok(()) => self.established(index, conn, now),
+                Err(e) => {
+                    let _ = self.epoll.delete(conn.fd());
+                    self.connect_failed(index, &e);
                 }
-            }
+            },
             Ok(false) if !is_deadline => self.entries[index].state = State::Connecting(conn),
             result => {
                 let _ = self.epoll.delete(conn.fd());

@@ -6,8 +6,8 @@
 //! agent was measuring, and agents whose windows do not overlap are named. Errors,
 //! mismatches and problems are kept per agent.
 
-use super::report::{AgentSummary, BenchReport, IntervalReport, LatencySummary, decode_histogram};
 use super::report::encode_histogram;
+use super::report::{AgentSummary, BenchReport, IntervalReport, LatencySummary, decode_histogram};
 use super::{ConnectSummary, MAX_PROBLEMS};
 use std::path::{Path, PathBuf};
 
@@ -55,12 +55,11 @@ pub fn merge(paths: &[PathBuf]) -> Result<BenchReport, MergeError> {
             path: path.clone(),
             source,
         })?;
-        let report: BenchReport = serde_json::from_str(text.trim()).map_err(|e| {
-            MergeError::Invalid {
+        let report: BenchReport =
+            serde_json::from_str(text.trim()).map_err(|e| MergeError::Invalid {
                 path: path.clone(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         reports.push((path.as_path(), report));
     }
     merge_reports(&reports)
@@ -102,7 +101,10 @@ fn merge_reports(reports: &[(&Path, BenchReport)]) -> Result<BenchReport, MergeE
         histogram
             .add(&other)
             .map_err(|e| invalid(path, format!("histogram cannot be merged: {e:?}")))?;
-        connect_histogram = match (connect_histogram, decode_histogram(&report.connect.histogram_ns)) {
+        connect_histogram = match (
+            connect_histogram,
+            decode_histogram(&report.connect.histogram_ns),
+        ) {
             (Some(mut mine), Ok(theirs)) => mine.add(&theirs).ok().map(|()| mine),
             _ => None,
         };
@@ -116,7 +118,10 @@ fn merge_reports(reports: &[(&Path, BenchReport)]) -> Result<BenchReport, MergeE
         merged.window_start_unix_s = later(merged.window_start_unix_s, report.window_start_unix_s);
         merged.window_end_unix_s = earlier(merged.window_end_unix_s, report.window_end_unix_s);
         merged.rate = merged.rate.zip(report.rate).map(|(a, b)| a + b);
-        merged.rate_reached = merged.rate_reached.zip(report.rate_reached).map(|(a, b)| a && b);
+        merged.rate_reached = merged
+            .rate_reached
+            .zip(report.rate_reached)
+            .map(|(a, b)| a && b);
         merged.msgs += report.msgs;
         merged.msgs_per_s += report.msgs_per_s;
         merged.bytes_per_s += report.bytes_per_s;
@@ -126,7 +131,10 @@ fn merge_reports(reports: &[(&Path, BenchReport)]) -> Result<BenchReport, MergeE
         merged.late += report.late;
         merged.error_detail.add(&report.error_detail);
         add_connect(&mut merged.connect, &report.connect);
-        merged.client_cpu_s = merged.client_cpu_s.zip(report.client_cpu_s).map(|(a, b)| a + b);
+        merged.client_cpu_s = merged
+            .client_cpu_s
+            .zip(report.client_cpu_s)
+            .map(|(a, b)| a + b);
         if merged.stopped.is_none() {
             merged.stopped.clone_from(&report.stopped);
         }
@@ -190,7 +198,10 @@ fn merge_reports(reports: &[(&Path, BenchReport)]) -> Result<BenchReport, MergeE
     Ok(merged)
 }
 
-fn set_interval_histogram(interval: &mut IntervalReport, histogram: Option<&hdrhistogram::Histogram<u64>>) {
+fn set_interval_histogram(
+    interval: &mut IntervalReport,
+    histogram: Option<&hdrhistogram::Histogram<u64>>,
+) {
     if let Some(h) = histogram {
         interval.latency_us = LatencySummary::of(h);
         interval.histogram_ns = encode_histogram(h);

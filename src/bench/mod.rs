@@ -27,6 +27,7 @@ mod merge;
 mod report;
 mod slo;
 mod source;
+mod start;
 mod stream;
 mod tally;
 mod transport;
@@ -38,6 +39,7 @@ pub use report::{
 };
 pub use slo::{Slo, SloReport, SloStep, search_rate};
 pub use source::parse_sources;
+pub use start::{AGENT_INDEX_VARIABLE, agent_from_env, parse_start_at};
 
 use crate::addr::Endpoint;
 use content::Content;
@@ -219,7 +221,11 @@ impl BenchConfig {
                     ));
                 }
             };
-            if let Some(other) = self.sources.iter().find(|s| s.is_ipv4() != target.is_ipv4()) {
+            if let Some(other) = self
+                .sources
+                .iter()
+                .find(|s| s.is_ipv4() != target.is_ipv4())
+            {
                 return fail(format!(
                     "--source {other} is not of the same IP family as {endpoint}"
                 ));
@@ -250,6 +256,19 @@ pub enum Phase {
     Measuring,
     /// After the window, awaiting outstanding replies.
     Draining,
+}
+
+impl Phase {
+    /// The phase in a word or two, for a progress line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::Waiting => "waiting for the start time",
+            Phase::Warmup => "warmup",
+            Phase::Measuring => "measuring",
+            Phase::Draining => "draining",
+        }
+    }
 }
 
 /// A progress snapshot, given to the callback of [`run_with_progress`] about ten times a
@@ -372,11 +391,11 @@ fn watch<T>(
     };
     // Connecting: until every worker has arrived at the gate (or all have gone home).
     let start_ns = loop {
-        if plan.gate.arrived() >= handles.len() || handles.iter().all(|h| h.is_finished()) {
+        progress(snapshot(Phase::Connecting, Duration::ZERO, Duration::ZERO));
+        let is_through = plan.gate.wait_arrivals(handles.len(), PROGRESS_INTERVAL);
+        if is_through || handles.iter().all(|h| h.is_finished()) {
             break plan.start_ns();
         }
-        progress(snapshot(Phase::Connecting, Duration::ZERO, Duration::ZERO));
-        thread::sleep(PROGRESS_INTERVAL);
     };
     watched.connect_phase = Some(Duration::from_nanos(plan.now_ns()));
     while plan.now_ns() < start_ns {
@@ -586,6 +605,7 @@ impl StartGate {
     fn arrive_and_wait(&self) -> Option<u64> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.arrived += 1;
+        self.changed.notify_all();
         loop {
             if state.is_aborted {
                 return None;
@@ -600,12 +620,14 @@ impl StartGate {
         }
     }
 
-    /// How many workers have arrived.
-    fn arrived(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .arrived
+    /// Waits up to `timeout` for `workers` to have arrived; returns whether they have.
+    fn wait_arrivals(&self, workers: usize, timeout: Duration) -> bool {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |state| state.arrived < workers)
+            .unwrap_or_else(PoisonError::into_inner);
+        state.arrived >= workers
     }
 
     /// Lets every worker go, starting the load at `start`.

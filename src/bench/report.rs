@@ -501,7 +501,11 @@ fn intervals(plan: &Plan, tally: &mut Tally, duration_s: f64) -> Vec<IntervalRep
             start_s,
             duration_s: length,
             msgs,
-            msgs_per_s: if length > 0.0 { msgs as f64 / length } else { 0.0 },
+            msgs_per_s: if length > 0.0 {
+                msgs as f64 / length
+            } else {
+                0.0
+            },
             connects,
             latency_us,
             histogram_ns,

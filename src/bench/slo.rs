@@ -55,7 +55,9 @@ impl std::str::FromStr for Slo {
             percentile /= 10f64.powi(digits.len() as i32 - 2);
         }
         if !(percentile > 0.0 && percentile <= 100.0) {
-            return Err(format!("{name:?}: the percentile must be above 0 and at most 100"));
+            return Err(format!(
+                "{name:?}: the percentile must be above 0 and at most 100"
+            ));
         }
         let split = time
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -251,7 +253,15 @@ mod tests {
         assert_eq!(slo.bound, Duration::from_micros(250));
         let slo: Slo = "p99.99=1.5s".parse().unwrap();
         assert!((slo.percentile - 99.99).abs() < 1e-9);
-        for bad in ["99=1ms", "p99", "p99=1", "p99=1 parsec", "p0=1ms", "p101=1ms", "p99=0ms"] {
+        for bad in [
+            "99=1ms",
+            "p99",
+            "p99=1",
+            "p99=1 parsec",
+            "p0=1ms",
+            "p101=1ms",
+            "p99=0ms",
+        ] {
             assert!(bad.parse::<Slo>().is_err(), "{bad}");
         }
     }

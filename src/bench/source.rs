@@ -36,7 +36,9 @@ pub fn parse_sources(text: &str) -> Result<Vec<IpAddr>, String> {
                 return Err(format!("the range {item:?} runs backwards"));
             }
             if (last - first) as usize >= MAX_SOURCES {
-                return Err(format!("the range {item:?} has more than {MAX_SOURCES} addresses"));
+                return Err(format!(
+                    "the range {item:?} has more than {MAX_SOURCES} addresses"
+                ));
             }
             sources.extend((first..=last).map(|a| IpAddr::V4(Ipv4Addr::from(a))));
         } else {
@@ -61,7 +63,10 @@ mod tests {
     fn lists_and_ranges() {
         let s = parse_sources("127.0.0.2-127.0.0.4,::1,10.0.0.1").unwrap();
         let text: Vec<String> = s.iter().map(ToString::to_string).collect();
-        assert_eq!(text, ["127.0.0.2", "127.0.0.3", "127.0.0.4", "::1", "10.0.0.1"]);
+        assert_eq!(
+            text,
+            ["127.0.0.2", "127.0.0.3", "127.0.0.4", "::1", "10.0.0.1"]
+        );
         assert!(parse_sources("127.0.0.9-127.0.0.2").is_err());
         assert!(parse_sources("127.0.0.1,").is_err());
         assert!(parse_sources("localhost").is_err());

@@ -242,7 +242,8 @@ impl Conn for StreamConn {
             let take = sent_ahead.min(n - at);
             let got = &io.read_buf[at..at + take];
             let (message, offset) = (self.received_message, self.received_offset);
-            if let Some((wrong, expected)) = io.plan.content.check(self.id.content, message, offset, got)
+            if let Some((wrong, expected)) =
+                io.plan.content.check(self.id.content, message, offset, got)
             {
                 let was = got[wrong];
                 io.tally.mismatches += 1;

@@ -25,14 +25,17 @@ impl Stream {
     pub fn open(endpoint: &Endpoint, source: Option<IpAddr>) -> io::Result<Opened<Stream>> {
         match endpoint {
             Endpoint::Tcp(addr) => {
-                let socket = Socket::new(Domain::for_address(*addr), Type::STREAM.nonblocking(), None)?;
+                let socket =
+                    Socket::new(Domain::for_address(*addr), Type::STREAM.nonblocking(), None)?;
                 socket.set_tcp_nodelay(true)?;
                 if let Some(ip) = source {
                     socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
                 }
                 match socket.connect(&SockAddr::from(*addr)) {
                     Ok(()) => Ok(Opened::Established(Stream::Tcp(socket.into()))),
-                    Err(e) if is_in_progress(&e) => Ok(Opened::Connecting(Stream::Tcp(socket.into()))),
+                    Err(e) if is_in_progress(&e) => {
+                        Ok(Opened::Connecting(Stream::Tcp(socket.into())))
+                    }
                     Err(e) => Err(e),
                 }
             }
