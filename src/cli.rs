@@ -204,8 +204,8 @@ pub struct BenchArgs {
     pub conn_lifetime: Option<u64>,
     /// Spread connections over these local addresses: ADDR[,ADDR...] or a range
     /// such as 127.0.0.2-127.0.0.9.
-    #[arg(long, value_name = "ADDRS", value_parser = reverb::bench::parse_sources)]
-    pub source: Option<Vec<std::net::IpAddr>>,
+    #[arg(long, value_name = "ADDRS", value_parser = parse_sources)]
+    pub source: Option<Sources>,
     /// Search for the highest open-loop rate whose latency percentile stays within a
     /// bound, e.g. p99=1ms or p99.9=500us.
     #[arg(long, value_name = "pNN=TIME")]
@@ -217,6 +217,14 @@ pub struct BenchArgs {
     /// (2026-11-29T16:30:00Z); lets several agents start together.
     #[arg(long, value_name = "TIME", value_parser = reverb::bench::parse_start_at)]
     pub start_at: Option<std::time::SystemTime>,
+}
+
+/// `--source`'s addresses (a type of its own, so clap takes the list as one value).
+#[derive(Clone, Debug)]
+pub struct Sources(pub Vec<std::net::IpAddr>);
+
+fn parse_sources(text: &str) -> Result<Sources, String> {
+    reverb::bench::parse_sources(text).map(Sources)
 }
 
 #[derive(Subcommand)]
@@ -249,7 +257,7 @@ impl BenchArgs {
             connect_timeout: self.connect_timeout,
             connect_rate: self.connect_rate,
             conn_lifetime: self.conn_lifetime,
-            sources: self.source.clone().unwrap_or_default(),
+            sources: self.source.clone().map(|s| s.0).unwrap_or_default(),
             interval: self.interval,
             start_at: self.start_at,
             agent,

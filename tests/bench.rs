@@ -537,3 +537,6 @@ fn client_keeps_working() {
     assert!(child.wait().expect("wait").success());
     assert_eq!(out, "hello\nworld\n");
 }
+
+#[path = "bench/connect.rs"]
+mod connect;

@@ -276,12 +276,14 @@ impl<C: Conn> Worker<'_, C> {
                 // A steady ramp: falling behind allows one connect to catch up, not a burst.
                 self.next_open_ns = self.next_open_ns.max(now.saturating_sub(interval)) + interval;
             }
-            self.open(index, now);
+            self.open(index);
         }
     }
 
-    fn open(&mut self, index: usize, now: u64) {
+    fn open(&mut self, index: usize) {
         let plan = self.plan;
+        // Each connect's own time: a batch of them takes a while.
+        let now = plan.now_ns();
         let entry = &mut self.entries[index];
         let since = *entry.since_ns.get_or_insert(now);
         let id = ConnId {
@@ -293,7 +295,11 @@ impl<C: Conn> Worker<'_, C> {
         let source = (!sources.is_empty()).then(|| sources[self.next_source % sources.len()]);
         self.next_source = self.next_source.wrapping_add(1);
         let timeout_ns = plan.config.connect_timeout.as_nanos() as u64;
-        match C::open(plan, id, source) {
+        let opened = C::open(plan, id, source);
+        if matches!(opened, Ok(Opened::Connecting(_) | Opened::Established(_))) {
+            plan.open_now.fetch_add(1, Ordering::Relaxed);
+        }
+        match opened {
             Ok(Opened::Busy) if now.saturating_sub(since) < timeout_ns => {
                 self.to_open.push(Reverse((now + RETRY_NS, index)));
             }
@@ -306,13 +312,13 @@ impl<C: Conn> Worker<'_, C> {
                         self.deadlines
                             .push_back((since + timeout_ns, index, generation));
                     }
-                    Err(e) => self.connect_failed(index, &e),
+                    Err(e) => self.socket_failed(index, conn, &e),
                 }
             }
             Ok(Opened::Established(conn)) => {
                 match self.epoll.add(conn.fd(), index as u64, EPOLLIN as u32) {
                     Ok(()) => self.established(index, conn, now),
-                    Err(e) => self.connect_failed(index, &e),
+                    Err(e) => self.socket_failed(index, conn, &e),
                 }
             }
             Err(e) => self.connect_failed(index, &e),
@@ -344,19 +350,22 @@ impl<C: Conn> Worker<'_, C> {
         match conn.connect_state() {
             Ok(true) => match self.epoll.modify(conn.fd(), index as u64, EPOLLIN as u32) {
                 Ok(()) => self.established(index, conn, now),
-                Err(e) => {
-                    let _ = self.epoll.delete(conn.fd());
-                    self.connect_failed(index, &e);
-                }
+                Err(e) => self.socket_failed(index, conn, &e),
             },
             Ok(false) if !is_deadline => self.entries[index].state = State::Connecting(conn),
             result => {
-                let _ = self.epoll.delete(conn.fd());
-                drop(conn);
                 let error = result.err().unwrap_or_else(timed_out);
-                self.connect_failed(index, &error);
+                self.socket_failed(index, conn, &error);
             }
         }
+    }
+
+    /// A socket that was opened did not become a connection: close it, count the failure.
+    fn socket_failed(&mut self, index: usize, conn: C, error: &io::Error) {
+        let _ = self.epoll.delete(conn.fd());
+        drop(conn);
+        self.plan.open_now.fetch_sub(1, Ordering::Relaxed);
+        self.connect_failed(index, error);
     }
 
     fn established(&mut self, index: usize, mut conn: C, now: u64) {
@@ -369,7 +378,6 @@ impl<C: Conn> Worker<'_, C> {
         let timeline = self.is_loading.then_some(&self.io.timeline);
         self.io.tally.connected(timeline, now, now - since);
         plan.established.fetch_add(1, Ordering::Relaxed);
-        plan.open_now.fetch_add(1, Ordering::Relaxed);
         if self.is_loading {
             let flow = conn.start(&mut self.io, now);
             self.entries[index].state = State::Open(conn);
@@ -494,6 +502,7 @@ impl<C: Conn> Worker<'_, C> {
             // Still connecting when the run ended: neither established nor failed.
             State::Connecting(conn) => {
                 let _ = self.epoll.delete(conn.fd());
+                self.plan.open_now.fetch_sub(1, Ordering::Relaxed);
             }
             State::Closed => {}
         }
