@@ -538,5 +538,9 @@ fn client_keeps_working() {
     assert_eq!(out, "hello\nworld\n");
 }
 
+#[path = "bench/agents.rs"]
+mod agents;
 #[path = "bench/connect.rs"]
 mod connect;
+#[path = "bench/series.rs"]
+mod series;

@@ -26,7 +26,7 @@ mod engine;
 mod merge;
 mod report;
 mod slo;
-mod source;
+pub mod source;
 mod start;
 mod stream;
 mod tally;

@@ -66,7 +66,8 @@ pub(super) fn encode_histogram(histogram: &Histogram<u64>) -> String {
     }
 }
 
-/// Reads a histogram written by [`encode_histogram`] (or any HdrHistogram tool).
+/// Reads a histogram in HdrHistogram's compressed base64 encoding (the report's, or any
+/// HdrHistogram tool's).
 ///
 /// # Errors
 ///
@@ -546,7 +547,8 @@ fn stopped_line(plan: &Plan, resource: Exhausted, open: u64) -> String {
 
 pub(super) fn build(plan: &Plan, mut tally: Tally, watched: &Watched) -> BenchReport {
     let config = &plan.config;
-    let timeline = watched.timeline;
+    // With no connection established the load never ran, whatever the timeline says.
+    let timeline = watched.timeline.filter(|_| tally.opened > 0);
     let end_ns = watched.end_ns.unwrap_or_else(|| plan.now_ns());
     let duration_s = timeline.map_or(0.0, |t| {
         let end = end_ns.min(t.measure_until);
