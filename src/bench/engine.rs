@@ -10,7 +10,8 @@
 //! opening connections and goes on with those it has.
 
 use super::tally::{Exhausted, Tally};
-use super::{AlignedBuf, MAX_WAIT, PUBLISH_EVERY_NS, Plan, Timeline};
+use super::{AlignedBuf, MAX_WAIT, PUBLISH_EVERY_NS, Plan, Timeline, index_of, index_u32};
+use crate::slab::Token;
 use crate::sys::epoll::{EPOLLIN, EPOLLOUT, Epoll, Events};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -305,7 +306,7 @@ impl<C: Conn> Worker<'_, C> {
             }
             Ok(Opened::Busy) => self.connect_failed(index, &timed_out()),
             Ok(Opened::Connecting(conn)) => {
-                match self.epoll.add(conn.fd(), index as u64, EPOLLOUT as u32) {
+                match self.epoll.add(conn.fd(), token(index), EPOLLOUT as u32) {
                     Ok(()) => {
                         let generation = entry.generation;
                         entry.state = State::Connecting(conn);
@@ -316,7 +317,7 @@ impl<C: Conn> Worker<'_, C> {
                 }
             }
             Ok(Opened::Established(conn)) => {
-                match self.epoll.add(conn.fd(), index as u64, EPOLLIN as u32) {
+                match self.epoll.add(conn.fd(), token(index), EPOLLIN as u32) {
                     Ok(()) => self.established(index, conn, now),
                     Err(e) => self.socket_failed(index, conn, &e),
                 }
@@ -348,7 +349,7 @@ impl<C: Conn> Worker<'_, C> {
             return;
         };
         match conn.connect_state() {
-            Ok(true) => match self.epoll.modify(conn.fd(), index as u64, EPOLLIN as u32) {
+            Ok(true) => match self.epoll.modify(conn.fd(), token(index), EPOLLIN as u32) {
                 Ok(()) => self.established(index, conn, now),
                 Err(e) => self.socket_failed(index, conn, &e),
             },
@@ -426,7 +427,7 @@ impl<C: Conn> Worker<'_, C> {
     fn dispatch(&mut self, events: &Events) {
         let now = self.plan.now_ns();
         for (token, flags) in events.iter() {
-            let index = token as usize;
+            let index = index_of(token);
             let Some(entry) = self.entries.get_mut(index) else {
                 continue;
             };
@@ -485,7 +486,7 @@ impl<C: Conn> Worker<'_, C> {
             };
             if self
                 .epoll
-                .modify(conn.fd(), index as u64, interest as u32)
+                .modify(conn.fd(), token(index), interest as u32)
                 .is_ok()
             {
                 entry.wants_write = wants_write;
@@ -532,7 +533,7 @@ impl<C: Conn> Worker<'_, C> {
             };
             if entry.is_parked {
                 entry.is_parked = false;
-                if let Err(e) = self.epoll.add(conn.fd(), index as u64, EPOLLIN as u32) {
+                if let Err(e) = self.epoll.add(conn.fd(), token(index), EPOLLIN as u32) {
                     self.io.tally.errors.reset += 1;
                     let slot = entry.slot;
                     self.io.tally.note(format!("connection {slot}: {e}"));
@@ -620,6 +621,11 @@ impl<C: Conn> Worker<'_, C> {
         }
         Ok(())
     }
+}
+
+/// The epoll token of connection slot `index` of a worker.
+fn token(index: usize) -> Token {
+    Token::reserved(index_u32(index))
 }
 
 fn timed_out() -> io::Error {

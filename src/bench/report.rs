@@ -127,18 +127,16 @@ pub struct ConnectErrors {
 impl ConnectErrors {
     /// Counts `error` under its cause; says which resource ran out, if one did.
     pub(super) fn count(&mut self, error: &io::Error) -> Option<Exhausted> {
-        match error.raw_os_error() {
-            Some(libc::EMFILE | libc::ENFILE) => {
-                self.out_of_descriptors += 1;
-                return Some(Exhausted::Descriptors);
-            }
-            Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE) => {
+        use crate::sys::errno::{EMFILE, ENFILE};
+        if matches!(error.raw_os_error(), Some(EMFILE | ENFILE)) {
+            self.out_of_descriptors += 1;
+            return Some(Exhausted::Descriptors);
+        }
+        match error.kind() {
+            io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse => {
                 self.out_of_ports += 1;
                 return Some(Exhausted::Ports);
             }
-            _ => {}
-        }
-        match error.kind() {
             io::ErrorKind::ConnectionRefused => self.refused += 1,
             io::ErrorKind::TimedOut => self.timed_out += 1,
             _ => self.other += 1,
@@ -702,6 +700,36 @@ mod tests {
         }
         let back = decode_histogram(&encode_histogram(&h)).unwrap();
         assert_eq!(back, h);
+    }
+
+    #[test]
+    fn connect_errors_are_sorted_by_cause() {
+        let mut errors = ConnectErrors::default();
+        let emfile = io::Error::from_raw_os_error(crate::sys::errno::EMFILE);
+        assert_eq!(errors.count(&emfile), Some(Exhausted::Descriptors));
+        let ports = io::Error::from(io::ErrorKind::AddrNotAvailable);
+        assert_eq!(errors.count(&ports), Some(Exhausted::Ports));
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(errors.count(&refused), None);
+        assert_eq!(
+            errors.count(&io::Error::from(io::ErrorKind::TimedOut)),
+            None
+        );
+        assert_eq!(errors.count(&io::Error::other("odd")), None);
+        assert_eq!(
+            errors,
+            ConnectErrors {
+                refused: 1,
+                timed_out: 1,
+                out_of_descriptors: 1,
+                out_of_ports: 1,
+                other: 1
+            }
+        );
+        assert_eq!(
+            errors.describe(),
+            "1 timed out, 1 refused, 1 out of descriptors, 1 out of ports, 1 other"
+        );
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl Stream {
 
 /// `EINPROGRESS`: a non-blocking TCP connect has started.
 fn is_in_progress(error: &io::Error) -> bool {
-    error.raw_os_error() == Some(libc::EINPROGRESS)
+    error.raw_os_error() == Some(crate::sys::errno::EINPROGRESS)
 }
 
 /// A datagram connection's socket, connected to the server.
