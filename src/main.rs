@@ -82,6 +82,20 @@ struct ServeArgs {
     /// Log each connection (debug level).
     #[arg(short, long)]
     verbose: bool,
+    /// Serve /metrics, /healthz and /readyz over HTTP on ADDR (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR", value_parser = parse_ip_port)]
+    metrics: Option<std::net::SocketAddr>,
+    /// Log lines as text, or as one JSON object per line (both on stderr).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: timestamp, level, message and the event's fields.
+    Json,
 }
 
 #[derive(Args)]
@@ -275,18 +289,28 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
-fn init_logging(verbose: bool) {
+fn init_logging(verbose: bool, format: LogFormat) {
     let level = if verbose {
         tracing::Level::DEBUG
     } else {
         tracing::Level::INFO
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(level)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Flattened, so a line reads {"timestamp":..,"level":..,"message":..,"peer":..}.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
     // One line per panic. A protocol handler's panic is reported again, with the peer's
     // address, by the connection that caught it, so its location goes to debug; any other
     // panic is a bug in reverb and is logged as an error.
@@ -354,7 +378,7 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
     {
         usage_error("--panic-on WORD must be non-empty and contain no newline");
     }
-    init_logging(args.verbose);
+    init_logging(args.verbose, args.log_format);
     if let Err(e) = args.model.check_available() {
         return fail(e);
     }
@@ -386,9 +410,21 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         Ok(listeners) => listeners,
         Err(e) => return fail(e),
     };
+    let metrics = match args.metrics {
+        Some(addr) => match start_metrics(addr, args.model, &shutdown) {
+            Ok(started) => Some(started),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    // Ready before the readiness lines, so whoever reads them finds /readyz agreeing.
+    if let Some((metrics, _)) = &metrics {
+        metrics.set_ready(true);
+    }
     {
         let mut stdout = std::io::stdout().lock();
-        for name in listeners.names() {
+        let metrics_name = metrics.as_ref().map(|(_, addr)| format!("http://{addr}"));
+        for name in listeners.names().iter().chain(&metrics_name) {
             if writeln!(stdout, "listening {name}").is_err() {
                 break;
             }
@@ -404,6 +440,28 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         }
         Err(e) => fail(e),
     }
+}
+
+/// Binds the metrics endpoint and starts answering it: on a thread, or from a helper
+/// process for `forking`, whose parent must stay single-threaded.
+fn start_metrics(
+    addr: std::net::SocketAddr,
+    model: Model,
+    shutdown: &Shutdown,
+) -> Result<(reverb::metrics::Metrics, std::net::SocketAddr), String> {
+    let cannot = |e: std::io::Error| format!("cannot serve metrics on http://{addr}: {e}");
+    let metrics = reverb::metrics::Metrics::new().map_err(cannot)?;
+    let server = reverb::metrics::MetricsServer::bind(addr).map_err(cannot)?;
+    let bound = server.local_addr().map_err(cannot)?;
+    let shutdown = shutdown.clone();
+    let is_draining: reverb::metrics::Probe = Box::new(move || shutdown.is_fired());
+    if model == Model::Forking {
+        server.spawn_process(metrics, is_draining)
+    } else {
+        server.spawn(metrics, is_draining)
+    }
+    .map_err(cannot)?;
+    Ok((metrics, bound))
 }
 
 fn client(args: ClientArgs) -> ExitCode {

@@ -14,6 +14,7 @@ pub mod poll;
 pub mod process;
 pub mod rusage;
 pub mod select;
+pub mod shared_memory;
 pub mod signal;
 pub mod uring;
 

@@ -75,7 +75,12 @@ impl Server {
     fn spawn(mut command: Command, model: &str, args: &[&str]) -> Server {
         let listeners = args
             .iter()
-            .filter(|a| matches!(**a, "--tcp" | "--udp" | "--unix" | "--unix-dgram"))
+            .filter(|a| {
+                matches!(
+                    **a,
+                    "--tcp" | "--udp" | "--unix" | "--unix-dgram" | "--metrics"
+                )
+            })
             .count();
         assert!(listeners > 0, "tests name their listeners");
         let mut child = command
