@@ -34,6 +34,7 @@ conformance! {
         datagram_each,
         datagram_no_reply_cases,
         half_close_drains,
+        lines_wait_for_newline,
         short_writes_lose_nothing,
         unread_flood_bounded,
         panic_is_isolated,

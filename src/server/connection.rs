@@ -61,12 +61,14 @@ impl Connection {
     }
 
     /// How many bytes to read at most now, given a read buffer of `buf_len` bytes: as many
-    /// as fit under the bound once the protocol has expanded them, and 0 when none do.
+    /// as fit under the bound, with the bytes the protocol holds counted against it, once
+    /// the protocol has expanded them; 0 when reading is off.
     pub fn read_limit(&self, buf_len: usize) -> usize {
         if !self.wants_read() {
             return 0;
         }
-        (self.out.room() / self.session.max_expansion()).clamp(1, buf_len)
+        let room = self.out.room().saturating_sub(self.session.held_bytes());
+        (room / self.session.max_expansion()).clamp(1, buf_len)
     }
 
     /// Feeds bytes the peer sent to the protocol.

@@ -161,6 +161,45 @@ pub fn half_close_drains(model: &str) {
     server.stop();
 }
 
+/// `lines` answers a line only once its newline has arrived, whatever the model; only a
+/// line longer than `--max-buffer` comes back in pieces before its newline.
+pub fn lines_wait_for_newline(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "lines",
+            "--prefix",
+            "You Got ",
+            "--max-buffer",
+            "16K",
+        ],
+    );
+    let mut conn = server.connect_conn();
+    conn.write_all(b"spl").unwrap();
+    assert!(
+        conn.receives_nothing_within(Duration::from_millis(300)),
+        "a partial line was answered before its newline"
+    );
+    conn.write_all(b"it\n").unwrap();
+    assert_eq!(conn.read_exactly(14), b"You Got split\n");
+    let long = vec![b'y'; 100_000];
+    conn.write_all(&long).unwrap();
+    let first = conn.read_exactly(8 + 16 * 1024);
+    assert!(
+        first[..8] == *b"You Got " && first[8..].iter().all(|&b| b == b'y'),
+        "a line past --max-buffer comes back in pieces before its newline"
+    );
+    conn.write_all(b"\n").unwrap();
+    let rest = conn.read_exactly(long.len() - 16 * 1024 + 1);
+    assert!(rest[..rest.len() - 1].iter().all(|&b| b == b'y') && rest.ends_with(b"\n"));
+    conn.shutdown_write();
+    assert!(conn.sees_close_within(PATIENCE));
+    server.stop();
+}
+
 /// A client with a tiny receive buffer forces short writes; nothing is lost.
 pub fn short_writes_lose_nothing(model: &str) {
     let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--max-buffer", "64K"]);
