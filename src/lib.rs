@@ -32,4 +32,5 @@ pub mod models;
 pub mod protocol;
 pub mod runtime;
 pub mod server;
+pub mod service;
 pub mod sys;

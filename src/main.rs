@@ -135,10 +135,19 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         Ok(shutdown) => shutdown,
         Err(e) => return fail(format!("cannot set up signal handling: {e}")),
     };
-    let listeners = match Listeners::bind(&specs, limits, args.model.wants_reuseport()) {
-        Ok(listeners) => listeners,
+    // Socket activation: the service manager's sockets replace the listener flags.
+    let listeners = match reverb::service::passed_listeners(limits.clone()) {
+        Ok(Some(listeners)) => listeners,
+        Ok(None) => match Listeners::bind(&specs, limits, args.model.wants_reuseport()) {
+            Ok(listeners) => listeners,
+            Err(e) => return fail(e),
+        },
         Err(e) => return fail(e),
     };
+    let notifier = reverb::service::Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!("cannot reach the service manager's NOTIFY_SOCKET: {e}");
+        reverb::service::Notifier::disconnected()
+    });
     let metrics = match args.metrics {
         Some(addr) => match start_metrics(addr, args.model, &shutdown) {
             Ok(started) => Some(started),
@@ -159,6 +168,12 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
             }
         }
         let _ = stdout.flush();
+    }
+    if let Err(e) = notifier
+        .ready()
+        .and_then(|()| notifier.stopping_on_signals())
+    {
+        tracing::warn!("cannot notify the service manager: {e}");
     }
     tracing::info!("serving with model {}", args.model);
     let threads = args.threads.map(|n| n as usize);

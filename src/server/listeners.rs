@@ -120,15 +120,15 @@ impl AsFd for Stream {
 /// A listening stream socket.
 #[derive(Debug)]
 pub struct StreamListener {
-    socket: ListenerSocket,
+    pub(super) socket: ListenerSocket,
     /// The bound address, as printed in the `listening` line.
-    name: String,
+    pub(super) name: String,
     /// Set when siblings are separate SO_REUSEPORT sockets with their own accept queues.
-    reuseport_addr: Option<SocketAddr>,
+    pub(super) reuseport_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
-enum ListenerSocket {
+pub(super) enum ListenerSocket {
     Tcp(TcpListener),
     Unix(UnixListener),
 }
@@ -384,7 +384,7 @@ pub struct Listeners {
     /// Open connections against `--max-conns`, shared by every thread of the model.
     pub counter: ConnectionCounter,
     /// Every bound address in flag order, as the `listening` lines print it.
-    names: Vec<String>,
+    pub(super) names: Vec<String>,
     unix_paths: Vec<UnixPathGuard>,
 }
 
@@ -399,14 +399,7 @@ impl Listeners {
     ///
     /// The first spec that cannot be bound, naming it as the user typed it.
     pub fn bind(specs: &[ListenSpec], limits: Limits, reuseport: bool) -> Result<Self, ServeError> {
-        let mut listeners = Listeners {
-            streams: Vec::new(),
-            datagrams: Vec::new(),
-            counter: ConnectionCounter::new(limits.max_conns),
-            limits,
-            names: Vec::new(),
-            unix_paths: Vec::new(),
-        };
+        let mut listeners = Listeners::empty(limits);
         for spec in specs {
             let addr = spec.to_string();
             let bind_error = |source| ServeError::Bind {
@@ -458,6 +451,18 @@ impl Listeners {
             }
         }
         Ok(listeners)
+    }
+
+    /// No listener yet.
+    pub(super) fn empty(limits: Limits) -> Self {
+        Listeners {
+            streams: Vec::new(),
+            datagrams: Vec::new(),
+            counter: ConnectionCounter::new(limits.max_conns),
+            limits,
+            names: Vec::new(),
+            unix_paths: Vec::new(),
+        }
     }
 
     /// Every bound address in flag order, e.g. `tcp://127.0.0.1:41234`.

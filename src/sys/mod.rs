@@ -6,6 +6,7 @@
 //! `io::Error::last_os_error()` through [`cvt`], and [`cvt_r`] retries `EINTR` in one place.
 #![allow(unsafe_code)]
 
+pub mod activation;
 pub mod affinity;
 pub mod async_fd;
 pub mod epoll;
