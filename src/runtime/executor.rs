@@ -7,9 +7,9 @@
 //! from another thread ends the sleep. Nothing spins: an idle runtime is a thread asleep
 //! in `epoll_wait`.
 
-use super::Slab;
 use super::reactor::Reactor;
 use super::timer::Timers;
+use crate::slab::{Slab, Token};
 use crate::sys::eventfd::EventFd;
 use std::any::Any;
 use std::cell::{Cell, RefCell};
@@ -26,7 +26,11 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 /// The run-queue key of `block_on`'s own future, which no slab key can equal.
-const MAIN_KEY: u64 = u64::MAX;
+const MAIN_KEY: Token = Token::reserved(0);
+/// I/O operations a task may complete in one poll before its next one returns `Pending`
+/// (tokio's cooperative budget): a peer that floods a connection keeps its socket ready,
+/// and without a budget its task would never give the others a turn.
+const OPERATIONS_PER_TURN: u32 = 16;
 
 thread_local! {
     /// The runtime inside whose `block_on` this thread is, for [`spawn`] and `Async::new`.
@@ -48,6 +52,8 @@ pub(crate) struct Core {
     queue: Arc<Queue>,
     /// Woken when the last task ends (see [`Runtime::wait_for_tasks`]).
     all_done: Cell<Option<Waker>>,
+    /// What is left of [`OPERATIONS_PER_TURN`] for the task being polled.
+    budget: Cell<u32>,
 }
 
 struct Task {
@@ -65,7 +71,7 @@ struct Queue {
 
 #[derive(Default)]
 struct QueueState {
-    ready: VecDeque<u64>,
+    ready: VecDeque<Token>,
     /// The loop is (about to be) asleep in `epoll_wait` and must be woken through `wake_fd`.
     is_sleeping: bool,
 }
@@ -79,7 +85,7 @@ impl Queue {
 
 /// What a [`Waker`] is here: made once per task, so a wake-up allocates nothing.
 struct TaskWaker {
-    key: u64,
+    key: Token,
     /// The key is in the queue (or the task is about to be polled): don't queue it twice.
     is_queued: AtomicBool,
     queue: Arc<Queue>,
@@ -144,6 +150,7 @@ impl Runtime {
                 wake_fd,
             }),
             all_done: Cell::new(None),
+            budget: Cell::new(OPERATIONS_PER_TURN),
         };
         Ok(Runtime {
             core: Rc::new(core),
@@ -178,6 +185,7 @@ impl Runtime {
                     continue;
                 }
                 main.start_poll();
+                self.core.budget.set(OPERATIONS_PER_TURN);
                 if let Poll::Ready(output) = future.as_mut().poll(&mut Context::from_waker(&waker))
                 {
                     // Keys not yet run stay queued for the next `block_on`.
@@ -195,14 +203,7 @@ impl Runtime {
     ///
     /// As [`Runtime::block_on`].
     pub fn wait_for_tasks(&self) -> io::Result<()> {
-        let core = self.core.clone();
-        self.block_on(poll_fn(move |cx| {
-            if core.tasks.borrow().is_empty() {
-                return Poll::Ready(());
-            }
-            core.all_done.set(Some(cx.waker().clone()));
-            Poll::Pending
-        }))
+        self.block_on(all_tasks_done())
     }
 
     /// Spawns `future` as a task of this runtime; it first runs inside `block_on`.
@@ -239,7 +240,7 @@ impl Drop for Enter {
 
 impl Core {
     /// Polls the task `key` once, isolating a panic to that task.
-    fn run(&self, key: u64) {
+    fn run(&self, key: Token) {
         let (mut future, waker) = {
             let mut tasks = self.tasks.borrow_mut();
             // Gone (finished or aborted since it was woken), or already running.
@@ -252,6 +253,7 @@ impl Core {
             task.waker.start_poll();
             (future, Waker::from(task.waker.clone()))
         };
+        self.budget.set(OPERATIONS_PER_TURN);
         // The slab is not borrowed while the task runs, so it may spawn or abort tasks.
         let polled = panic::catch_unwind(AssertUnwindSafe(|| {
             future.as_mut().poll(&mut Context::from_waker(&waker))
@@ -277,9 +279,25 @@ impl Core {
         drop(future);
     }
 
+    /// Takes one I/O operation from the polled task's budget; `Pending` when none is left,
+    /// after queueing the task again behind the others (every later operation in this
+    /// poll is `Pending` too, so the task yields at its next `.await`).
+    pub(crate) fn poll_budget(&self, cx: &Context<'_>) -> Poll<()> {
+        match self.budget.get() {
+            0 => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            left => {
+                self.budget.set(left - 1);
+                Poll::Ready(())
+            }
+        }
+    }
+
     /// Ends the task `key` (dropping its future, if not running), and wakes
     /// [`Runtime::wait_for_tasks`] if it was the last.
-    fn remove(&self, key: u64) {
+    fn remove(&self, key: Token) {
         let task = self.tasks.borrow_mut().remove(key);
         drop(task);
         if self.tasks.borrow().is_empty() {
@@ -345,6 +363,22 @@ pub fn spawn<F: Future + 'static>(future: F) -> JoinHandle<F::Output> {
     drop(tasks);
     waker.wake_by_ref();
     JoinHandle { key, state, core }
+}
+
+/// Waits until every task spawned on the current runtime has finished (the future
+/// given to `block_on` is not one of them). Outside a runtime: at once.
+pub async fn all_tasks_done() {
+    let Some(core) = current() else {
+        return;
+    };
+    poll_fn(|cx| {
+        if core.tasks.borrow().is_empty() {
+            return Poll::Ready(());
+        }
+        core.all_done.set(Some(cx.waker().clone()));
+        Poll::Pending
+    })
+    .await;
 }
 
 /// Wakes every task of the current runtime, to make each re-check a shared condition
@@ -414,7 +448,7 @@ impl<F: Future> Drop for Joined<F> {
 /// Awaits a spawned task's output: `Some(output)`, or `None` if the task panicked or was
 /// aborted. Dropping the handle detaches the task; it keeps running.
 pub struct JoinHandle<T> {
-    key: u64,
+    key: Token,
     state: Rc<RefCell<JoinState<T>>>,
     core: Rc<Core>,
 }

@@ -1,8 +1,8 @@
 //! Listeners from socket activation: the sockets a service manager bound and passed.
 
-use super::listeners::{ListenerSocket, Listeners, StreamListener};
-use super::{DatagramSocket, Limits, ServeError};
+use super::{Limits, Listeners, ServeError};
 use crate::addr::ListenSpec;
+use crate::net::{DatagramSocket, StreamListener};
 use crate::sys::activation::PassedFd;
 use socket2::{Domain, Socket, Type};
 use std::io;
@@ -53,7 +53,7 @@ impl Listeners {
                     let listener: TcpListener = socket.into();
                     let local = listener.local_addr().map_err(fail)?;
                     let name = format!("tcp://{local}");
-                    listeners.push_stream(name, ListenerSocket::Tcp(listener));
+                    listeners.push_stream(StreamListener::from_tcp(listener, name));
                 }
                 (true, _, Type::DGRAM) => {
                     let socket: UdpSocket = socket.into();
@@ -64,7 +64,7 @@ impl Listeners {
                     let listener: UnixListener = socket.into();
                     let local = listener.local_addr().map_err(fail)?;
                     let name = unix_name(&local, false);
-                    listeners.push_stream(name, ListenerSocket::Unix(listener));
+                    listeners.push_stream(StreamListener::from_unix(listener, name));
                 }
                 (_, true, Type::DGRAM) => {
                     let socket: UnixDatagram = socket.into();
@@ -78,13 +78,9 @@ impl Listeners {
         Ok(listeners)
     }
 
-    fn push_stream(&mut self, name: String, socket: ListenerSocket) {
-        self.names.push(name.clone());
-        self.streams.push(StreamListener {
-            socket,
-            name,
-            reuseport_addr: None,
-        });
+    fn push_stream(&mut self, listener: StreamListener) {
+        self.names.push(listener.name().to_string());
+        self.streams.push(listener);
     }
 
     fn push_datagram(&mut self, name: String, socket: DatagramSocket) {

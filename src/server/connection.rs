@@ -139,11 +139,6 @@ impl Connection {
     pub fn owed(&self) -> usize {
         self.out.len()
     }
-
-    /// Heap bytes held for this connection's output.
-    pub fn buffer_capacity(&self) -> usize {
-        self.out.capacity()
-    }
 }
 
 thread_local! {

@@ -10,6 +10,7 @@ pub mod activation;
 pub mod affinity;
 pub mod async_fd;
 pub mod epoll;
+pub mod errno;
 pub mod eventfd;
 pub mod poll;
 pub mod process;
