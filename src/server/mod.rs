@@ -6,6 +6,7 @@
 //! bind port 0 and the binary can print its `listening` lines before the model starts.
 
 mod accept;
+mod activation;
 mod connection;
 mod datagram;
 pub mod event_loops;
