@@ -24,10 +24,8 @@ use crate::server::{
 };
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
-use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring, probe};
-use socket2::SockRef;
+use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};
 use std::io;
-use std::net::Shutdown as Direction;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -36,18 +34,6 @@ use std::time::{Duration, Instant};
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// The most one receive may be armed for; the output buffer's room usually decides.
 const MAX_RECEIVE_BUDGET_BYTES: usize = 1 << 30;
-
-/// Checks that io_uring works here, before anything is bound.
-///
-/// # Errors
-///
-/// [`ServeError::ModelUnavailable`], saying why.
-pub fn check_available() -> Result<(), ServeError> {
-    probe().map_err(|source| ServeError::ModelUnavailable {
-        model: "uring",
-        source,
-    })
-}
 
 /// Serves every listener from `options.threads` rings (default: one per core) until
 /// `shutdown` fires and the drain ends.
@@ -255,9 +241,8 @@ impl<'a> Loop<'a> {
             return Ok(());
         };
         let (name, mut is_paused) = (name.clone(), false);
-        match result.map(|fd| Stream::from_accepted(fd, *is_tcp)) {
-            Ok(Ok((stream, peer))) => self.admit(stream, peer, &name),
-            Ok(Err(e)) => tracing::debug!("a connection on {name} vanished: {e}"),
+        match result.and_then(|fd| Stream::from_accepted(fd, *is_tcp)) {
+            Ok((stream, peer)) => self.admit(stream, peer, &name),
             Err(e) => match accept_action(&e) {
                 AcceptAction::Wait | AcceptAction::Retry => {}
                 AcceptAction::Pause => {
@@ -370,9 +355,7 @@ impl<'a> Loop<'a> {
         }
         if conn.connection.is_finished() && !self.ring.is_sending(token) {
             // Everything owed was sent: the peer reads EOF after the last reply.
-            if let Some(fd) = self.ring.fd(token) {
-                let _ = SockRef::from(&fd).shutdown(Direction::Write);
-            }
+            self.ring.shutdown_write(token);
             self.close(token);
         }
     }
