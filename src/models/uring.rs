@@ -192,7 +192,8 @@ impl<'a> Loop<'a> {
 
     fn on_timers(&mut self) {
         let now = self.now;
-        for (_, token) in self.paused.extract_if(.., |(until, _)| now >= *until) {
+        while let Some(at) = self.paused.iter().position(|(until, _)| now >= *until) {
+            let (_, token) = self.paused.swap_remove(at);
             self.ring.arm_accept(token);
         }
         if let Some(mut wheel) = self.idle.take() {
