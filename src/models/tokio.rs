@@ -9,14 +9,13 @@
 //! Not `read(&mut buf).await`: as the `async` model explains (a buffer per waiting task),
 //! a task polls `poll_read` with its loop's one buffer and hands the bytes over at once.
 //! Idle timeout: one tokio timer per connection, moved only when it fires early.
-//!
-//! Why a current-thread runtime per loop, and one accept queue rather than SO_REUSEPORT
-//! siblings: docs/benchmarks.md, "Readiness ladder". Datagrams go to loop 0 only: tokio
-//! registers descriptors edge-triggered without EPOLLEXCLUSIVE, so a shared socket would
-//! wake every loop per datagram. `AsyncFd` watches a duplicate of each `DatagramSocket`,
-//! which already knows every peer kind (abstract Unix names too).
+//! Why one current-thread runtime per loop, sharing one accept queue: docs/benchmarks.md,
+//! "Readiness ladder". Listeners and datagram sockets stay reverb's own types (they know
+//! every address kind, abstract Unix names too), watched through `AsyncFd` on a duplicate;
+//! datagrams go to loop 0 only, since tokio registers without EPOLLEXCLUSIVE and a shared
+//! socket would wake every loop per datagram.
 
-use crate::net::{DatagramSocket, Peer, StreamListener};
+use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::stop_signal::StopSignal;
 use crate::server::{
@@ -29,12 +28,12 @@ use crate::sys::async_fd;
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, unix::AsyncFd};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep, sleep, timeout};
@@ -51,7 +50,7 @@ thread_local! {
 ///
 /// # Errors
 ///
-/// Building a runtime or adopting a socket failed, or a listener broke.
+/// Building a runtime or watching a socket failed, or a listener broke.
 pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
@@ -62,37 +61,56 @@ pub fn run(
     let sources = split_sources(&mut listeners, loops, false)?;
     let (limits, counter) = (&listeners.limits, &listeners.counter);
     // Every descriptor a loop needs is made in its setup, before the start gate opens.
-    let setup = |_, sources: LoopSources| {
+    let setup = |_, LoopSources { streams, datagrams }| {
         let mut runtime = tokio::runtime::Builder::new_current_thread();
         let runtime = runtime.enable_all().build()?;
-        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned();
-        let fds = sources.datagrams.iter().map(|s| dup(s.as_fd()));
-        let fds = fds.collect::<io::Result<Vec<_>>>()?;
-        let state = Arc::new(Loop {
+        let sockets = (streams.into_iter().map(Source::Stream))
+            .chain(datagrams.into_iter().map(Source::Datagram));
+        let sockets = sockets.map(|socket| socket.watchable());
+        let sockets = sockets.collect::<io::Result<Vec<_>>>()?;
+        let state = Loop {
             protocol: protocol.clone(),
             limits: limits.clone(),
             counter: counter.clone(),
             draining: StopSignal::default(),
             cut: StopSignal::default(),
-        });
-        io::Result::Ok((runtime, sources, dup(shutdown.fd())?, fds, state))
+        };
+        io::Result::Ok((
+            runtime,
+            sockets,
+            shutdown.fd().try_clone_to_owned()?,
+            Arc::new(state),
+        ))
     };
     run_loops(
         "tokio",
         sources,
         &shutdown,
         setup,
-        |(runtime, sources, fired, fds, state)| {
-            runtime.block_on(serve_loop(sources, fired, fds, state))
-        },
+        |(runtime, sockets, fired, state)| runtime.block_on(serve_loop(sockets, fired, state)),
     )?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
     drop(listeners);
     Ok(())
 }
 
-/// Held by every connection task; the loop knows all have ended when the last is dropped.
-type Done = mpsc::Sender<()>;
+/// A socket a loop watches for readability.
+enum Source {
+    Stream(StreamListener),
+    Datagram(DatagramSocket),
+}
+
+impl Source {
+    /// Makes the socket non-blocking and duplicates its descriptor for tokio to watch
+    /// (readiness belongs to the open file description, which both share).
+    fn watchable(self) -> io::Result<(OwnedFd, Source)> {
+        let fd = match &self {
+            Source::Stream(listener) => listener.set_nonblocking(true).map(|()| listener.as_fd()),
+            Source::Datagram(socket) => socket.set_nonblocking(true).map(|()| socket.as_fd()),
+        };
+        Ok((fd?.try_clone_to_owned()?, self))
+    }
+}
 
 /// What every task of one loop reads.
 struct Loop {
@@ -105,25 +123,26 @@ struct Loop {
     cut: StopSignal,
 }
 
+/// Held by every connection task: the loop knows all have ended when the last is dropped
+/// (mini-redis's shutdown_complete).
+type Done = mpsc::Sender<()>;
+
 /// One loop: accept and answer until shutdown, then wait for every connection's drain.
-///
-/// `fired` duplicates the shutdown eventfd, `datagram_fds` the datagram sockets.
 async fn serve_loop(
-    LoopSources { streams, datagrams }: LoopSources,
+    sockets: Vec<(OwnedFd, Source)>,
     fired: OwnedFd,
-    datagram_fds: Vec<OwnedFd>,
     state: Arc<Loop>,
 ) -> io::Result<()> {
-    // Each connection holds a `done` sender, so when the receiver sees every sender
-    // dropped, every connection has finished (mini-redis's shutdown_complete).
     let (done_tx, mut done) = mpsc::channel::<()>(1);
     let mut tasks = JoinSet::new();
-    for listener in streams {
-        tasks.spawn(accept_loop(listener, state.clone(), done_tx.clone()));
-    }
-    for (socket, fd) in datagrams.into_iter().zip(datagram_fds) {
+    for (fd, socket) in sockets {
         let readiness = async_fd::watch(fd, Interest::READABLE)?;
-        tasks.spawn(answer_datagrams(socket, readiness, state.clone()));
+        tasks.spawn(serve_socket(
+            socket,
+            readiness,
+            state.clone(),
+            done_tx.clone(),
+        ));
     }
     drop(done_tx);
     let fired = async_fd::watch(fired, Interest::READABLE)?;
@@ -148,78 +167,84 @@ async fn serve_loop(
     result
 }
 
-/// Accepts connections until shutdown, spawning a task for each admitted one.
-async fn accept_loop(
-    listener: StreamListener,
+/// Accepts connections (spawning a task for each admitted one) or answers datagrams on
+/// `socket` until shutdown; `readiness` watches a duplicate of its descriptor.
+async fn serve_socket(
+    socket: Source,
+    readiness: AsyncFd<OwnedFd>,
     state: Arc<Loop>,
-    done: mpsc::Sender<()>,
+    done: Done,
 ) -> io::Result<()> {
-    let name = listener.name().to_string();
-    listener.set_nonblocking(true)?;
-    let acceptor = match listener.into_std() {
-        Ok(tcp) => Acceptor::Tcp(TcpListener::from_std(tcp)?),
-        Err(unix) => Acceptor::Unix(UnixListener::from_std(unix)?),
-    };
+    let mut replier = DatagramReplier::new(state.protocol.clone());
+    let mut buf = Vec::new();
     loop {
-        let accepted = tokio::select! {
+        let mut ready = tokio::select! {
             () = state.draining.wait() => return Ok(()),
-            accepted = acceptor.accept() => accepted,
+            ready = readiness.readable() => ready?,
         };
-        match accepted {
-            Ok((stream, peer)) => match state.counter.admit() {
-                Some(admission) => {
-                    tracing::debug!("accepted {peer} on {name}");
-                    let held = (admission, done.clone());
-                    let task = serve(stream, peer, held, state.clone());
-                    tokio::spawn(task);
-                }
-                None => log_over_limit(&peer, state.counter.max_conns().unwrap_or(0)),
+        match &socket {
+            Source::Stream(listener) => match ready.try_io(|_| listener.accept()) {
+                Ok(Ok((stream, peer))) => admit(stream, peer, listener.name(), &state, &done),
+                Ok(Err(e)) => match accept_action(&e) {
+                    AcceptAction::Wait | AcceptAction::Retry => {}
+                    AcceptAction::Pause => {
+                        log_accept_pause(listener.name(), &e);
+                        tokio::select! {
+                            () = state.draining.wait() => return Ok(()),
+                            () = sleep(ACCEPT_PAUSE) => {}
+                        }
+                    }
+                    AcceptAction::Fail => return Err(e),
+                },
+                Err(_would_block) => {}
             },
-            Err(e) => match accept_action(&e) {
-                AcceptAction::Wait | AcceptAction::Retry => {}
-                AcceptAction::Pause => {
-                    log_accept_pause(&name, &e);
-                    tokio::select! {
-                        () = state.draining.wait() => return Ok(()),
-                        () = sleep(ACCEPT_PAUSE) => {}
+            Source::Datagram(socket) => {
+                buf.resize(DATAGRAM_BUFFER_BYTES, 0);
+                let (n, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {
+                    Ok(Ok(received)) => received,
+                    Ok(Err(e)) if is_per_peer_datagram_error(&e) => continue,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_would_block) => continue,
+                };
+                if let Some(reply) = replier.reply(&peer, &buf[..n]) {
+                    // A full send buffer drops this one reply, as a lost datagram would.
+                    if let Err(e) = socket.send_to(reply, &peer) {
+                        log_send_failure(&peer, &e);
                     }
                 }
-                AcceptAction::Fail => return Err(e),
-            },
+            }
         }
     }
-}
-
-/// A listener as tokio's type for its transport.
-enum Acceptor {
-    Tcp(TcpListener),
-    Unix(UnixListener),
 }
 
 /// A connected tokio stream, TCP or Unix.
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
 
-impl Acceptor {
-    async fn accept(&self) -> io::Result<(Box<dyn Socket>, Peer)> {
-        Ok(match self {
-            Acceptor::Tcp(listener) => {
-                let (stream, addr) = listener.accept().await?;
-                // Replies are small; Nagle would hold them for the peer's ACK.
-                let _ = stream.set_nodelay(true);
-                (Box::new(stream), Peer::Ip(addr))
-            }
-            Acceptor::Unix(listener) => {
-                let (stream, addr) = listener.accept().await?;
-                (Box::new(stream), Peer::Unix(addr.into()))
-            }
-        })
+/// Hands an accepted connection to tokio and spawns its task, if `--max-conns` admits it.
+fn admit(stream: Stream, peer: Peer, listener: &str, state: &Arc<Loop>, done: &Done) {
+    let Some(admission) = state.counter.admit() else {
+        return log_over_limit(&peer, state.counter.max_conns().unwrap_or(0));
+    };
+    tracing::debug!("accepted {peer} on {listener}");
+    let adopted = stream.set_nonblocking(true).and_then(|()| match stream {
+        Stream::Tcp(s) => Ok(Box::new(TcpStream::from_std(s)?) as Box<dyn Socket>),
+        Stream::Unix(s) => Ok(Box::new(UnixStream::from_std(s)?) as Box<dyn Socket>),
+    });
+    match adopted {
+        Ok(stream) => drop(tokio::spawn(serve(
+            stream,
+            peer,
+            state.clone(),
+            (admission, done.clone()),
+        ))),
+        Err(e) => tracing::warn!("closing {peer}: tokio cannot watch it: {e}"),
     }
 }
 
 /// One connection's task: sends what is owed, reads, hands the bytes over, until the
 /// connection is finished. Its errors end only this connection.
-async fn serve(stream: Box<dyn Socket>, peer: Peer, _held: (Admission, Done), state: Arc<Loop>) {
+async fn serve(stream: Box<dyn Socket>, peer: Peer, state: Arc<Loop>, _held: (Admission, Done)) {
     let mut connection = Connection::new(&state.protocol, peer, state.limits.max_buffer_bytes);
     if let Err(e) = converse(stream, &mut connection, &state).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
@@ -231,7 +256,6 @@ async fn converse(
     connection: &mut Connection,
     state: &Loop,
 ) -> io::Result<()> {
-    let stream = &mut stream;
     let idle_timeout = state.limits.idle_timeout;
     let mut idle = pin!(sleep(idle_timeout.unwrap_or_default()));
     // Made once: a fresh wait per message would take a lock.
@@ -262,7 +286,7 @@ async fn converse(
         let idle_at = idle_timeout.map(|timeout| Instant::now() + timeout);
         tokio::select! {
             biased;
-            received = poll_fn(|cx| poll_receive(cx, stream, connection)) => received?,
+            received = poll_fn(|cx| poll_receive(cx, &mut stream, connection)) => received?,
             // Shutdown began: stop reading at the top of the loop.
             () = &mut draining => {}
             () = idle_expired(idle.as_mut(), idle_at) => {
@@ -279,18 +303,16 @@ async fn idle_expired(mut timer: Pin<&mut Sleep>, deadline: Option<Instant>) {
     let Some(deadline) = deadline else {
         return std::future::pending().await;
     };
-    loop {
+    while timer.deadline() < deadline {
         timer.as_mut().await;
-        if timer.deadline() >= deadline {
-            return;
-        }
         timer.as_mut().reset(deadline);
     }
+    timer.await;
 }
 
 /// Reads once into the loop's shared buffer and feeds the protocol; pending until the
-/// socket is readable. tokio's `poll_read` keeps one waker slot per socket (no waiter
-/// list) and treats a short read as "drained", so no `read` returns `EAGAIN`.
+/// socket is readable. tokio's `poll_read` treats a short read as "drained", so no
+/// `read` returns `EAGAIN`.
 fn poll_receive(
     cx: &mut Context<'_>,
     stream: &mut Box<dyn Socket>,
@@ -307,33 +329,4 @@ fn poll_receive(
         };
         Poll::Ready(received.map_err(|_| io::Error::other("handler panicked")))
     })
-}
-
-/// Answers datagrams on `socket`; `readiness` watches a duplicate of its descriptor.
-async fn answer_datagrams(
-    socket: DatagramSocket,
-    readiness: AsyncFd<OwnedFd>,
-    state: Arc<Loop>,
-) -> io::Result<()> {
-    socket.set_nonblocking(true)?;
-    let mut replier = DatagramReplier::new(state.protocol.clone());
-    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
-    loop {
-        let mut ready = tokio::select! {
-            () = state.draining.wait() => return Ok(()),
-            ready = readiness.readable() => ready?,
-        };
-        let (n, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {
-            Ok(Ok(received)) => received,
-            Ok(Err(e)) if is_per_peer_datagram_error(&e) => continue,
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => continue,
-        };
-        if let Some(reply) = replier.reply(&peer, &buf[..n]) {
-            // A full send buffer drops this one reply, as a lost datagram would.
-            if let Err(e) = socket.send_to(reply, &peer) {
-                log_send_failure(&peer, &e);
-            }
-        }
-    }
 }
