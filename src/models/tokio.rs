@@ -8,7 +8,7 @@
 //!
 //! Not `read(&mut buf).await`: as the `async` model explains (a buffer per waiting task),
 //! a task polls `poll_read` with its loop's one buffer and hands the bytes over at once.
-//! Idle timeout: one tokio timer per connection, moved only when it fires early.
+//! Idle timeout: one tokio timer per connection, reset whenever it starts waiting for input.
 //! Why one current-thread runtime per loop, sharing one accept queue: docs/benchmarks.md,
 //! "Readiness ladder". Listeners and datagram sockets stay reverb's own types (they know
 //! every address kind, abstract Unix names too), watched through `AsyncFd` on a duplicate;
@@ -36,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, unix::A
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, Sleep, sleep, timeout};
+use tokio::time::{Instant, sleep, timeout};
 
 thread_local! {
     /// The one read buffer of each loop's thread: a connection borrows it for one read
@@ -66,28 +66,25 @@ pub fn run(
         let runtime = runtime.enable_all().build()?;
         let sockets = (streams.into_iter().map(Source::Stream))
             .chain(datagrams.into_iter().map(Source::Datagram));
-        let sockets = sockets.map(|socket| socket.watchable());
-        let sockets = sockets.collect::<io::Result<Vec<_>>>()?;
-        let state = Loop {
-            protocol: protocol.clone(),
-            limits: limits.clone(),
-            counter: counter.clone(),
-            draining: StopSignal::default(),
-            cut: StopSignal::default(),
-        };
-        io::Result::Ok((
-            runtime,
-            sockets,
-            shutdown.fd().try_clone_to_owned()?,
-            Arc::new(state),
-        ))
+        let sockets = sockets.map(Source::watchable).collect::<io::Result<_>>()?;
+        let fired = shutdown.fd().try_clone_to_owned()?;
+        io::Result::Ok((runtime, sockets, fired))
     };
     run_loops(
         "tokio",
         sources,
         &shutdown,
         setup,
-        |(runtime, sockets, fired, state)| runtime.block_on(serve_loop(sockets, fired, state)),
+        |(runtime, sockets, fired)| {
+            let state = Arc::new(Loop {
+                protocol: protocol.clone(),
+                limits: limits.clone(),
+                counter: counter.clone(),
+                draining: StopSignal::default(),
+                cut: StopSignal::default(),
+            });
+            runtime.block_on(serve_loop(sockets, fired, state))
+        },
     )?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
     drop(listeners);
@@ -283,31 +280,20 @@ async fn converse(
             let _ = stream.shutdown().await;
             return Ok(());
         }
-        let idle_at = idle_timeout.map(|timeout| Instant::now() + timeout);
+        if let Some(timeout) = idle_timeout {
+            idle.as_mut().reset(Instant::now() + timeout);
+        }
         tokio::select! {
             biased;
             received = poll_fn(|cx| poll_receive(cx, &mut stream, connection)) => received?,
             // Shutdown began: stop reading at the top of the loop.
             () = &mut draining => {}
-            () = idle_expired(idle.as_mut(), idle_at) => {
+            () = &mut idle, if idle_timeout.is_some() => {
                 log_idle(connection.peer(), idle_timeout.unwrap_or_default());
                 return Ok(());
             }
         }
     }
-}
-
-/// Completes at `deadline` (never when `None`). The timer is moved only when it fires
-/// before `deadline`: a reset per message would cost a timer-wheel update.
-async fn idle_expired(mut timer: Pin<&mut Sleep>, deadline: Option<Instant>) {
-    let Some(deadline) = deadline else {
-        return std::future::pending().await;
-    };
-    while timer.deadline() < deadline {
-        timer.as_mut().await;
-        timer.as_mut().reset(deadline);
-    }
-    timer.await;
 }
 
 /// Reads once into the loop's shared buffer and feeds the protocol; pending until the
