@@ -2,10 +2,11 @@
 //! exit codes of docs/cli.md (1: could not run, 2: usage, 3: bench found wrong bytes).
 //! The flags themselves are declared in `cli.rs`.
 
+mod bench_cli;
 mod cli;
 
 use clap::{CommandFactory, FromArgMatches, error::ErrorKind};
-use cli::{BenchArgs, Cli, ClientArgs, Command, CompareArgs, ServeArgs};
+use cli::{Cli, ClientArgs, Command, CompareArgs, ServeArgs};
 use reverb::addr::{Endpoint, ListenSpec};
 use reverb::models;
 use reverb::server::{Listeners, RunOptions, Shutdown};
@@ -15,7 +16,11 @@ use std::time::Duration;
 
 /// A usage error found after parsing: the contract's exit 2, with the usage of
 /// `subcommand`, the one that was run.
-fn usage_error(subcommand: &str, message: impl std::fmt::Display, hint: Option<&str>) -> ! {
+pub(crate) fn usage_error(
+    subcommand: &str,
+    message: impl std::fmt::Display,
+    hint: Option<&str>,
+) -> ! {
     let message = match hint {
         Some(hint) => format!("{message}\n  tip: {hint}"),
         None => message.to_string(),
@@ -63,7 +68,7 @@ fn main() -> ExitCode {
             serve(args, specs)
         }
         Command::Client(args) => client(args),
-        Command::Bench(args) => bench(args),
+        Command::Bench(args) => bench_cli::run(args),
         Command::Compare(args) => compare(args),
         Command::Generate(args) => {
             let mut stdout = std::io::stdout().lock();
@@ -75,7 +80,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn fail(message: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("reverb: {message}");
     ExitCode::from(1)
 }
@@ -171,51 +176,6 @@ fn client(args: ClientArgs) -> ExitCode {
     }
 }
 
-fn bench(args: BenchArgs) -> ExitCode {
-    let config = args.config();
-    if let Err(e) = config.validate(&args.addr) {
-        usage_error("bench", e, None);
-    }
-    if let Err(e) = reverb::sys::raise_open_file_limit() {
-        eprintln!("reverb: cannot raise the open-file limit: {e}");
-    }
-    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(progress_bar);
-    let result = reverb::bench::run_with_progress(&args.addr, &config, |progress| {
-        if let Some(bar) = &bar {
-            let total = progress.total.as_millis().max(1) as u64;
-            bar.set_position((progress.elapsed.as_millis() as u64).min(total));
-            bar.set_length(total);
-            let phase = match progress.phase {
-                reverb::bench::Phase::Warmup => "warmup",
-                reverb::bench::Phase::Measuring => "measuring",
-                reverb::bench::Phase::Draining => "draining",
-            };
-            bar.set_message(format!("{phase}, {} verified", progress.verified));
-        }
-    });
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    let report = match result {
-        Ok(report) => report,
-        Err(e) => return fail(format!("bench {}: {e}", args.addr)),
-    };
-    let text = if args.json {
-        report.to_json() + "\n"
-    } else {
-        report.to_table()
-    };
-    let mut stdout = std::io::stdout().lock();
-    if stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
-        return ExitCode::from(1);
-    }
-    ExitCode::from(report.exit_code())
-}
-
 fn compare(args: CompareArgs) -> ExitCode {
     let server_exe = match std::env::current_exe() {
         Ok(path) => path,
@@ -238,12 +198,9 @@ fn compare(args: CompareArgs) -> ExitCode {
         if let Some(bar) = &bar {
             bar.set_length(progress.steps.max(1) as u64);
             bar.set_position(progress.step as u64);
-            let phase = match progress.bench.map(|b| b.phase) {
-                Some(reverb::bench::Phase::Warmup) => ", warmup",
-                Some(reverb::bench::Phase::Measuring) => ", measuring",
-                Some(reverb::bench::Phase::Draining) => ", draining",
-                None => "",
-            };
+            let phase = progress
+                .bench
+                .map_or(String::new(), |b| format!(", {}", b.phase.name()));
             bar.set_message(format!("{}: {}{phase}", progress.model, progress.activity));
         }
     });
@@ -277,7 +234,7 @@ fn compare(args: CompareArgs) -> ExitCode {
     ExitCode::from(report.exit_code())
 }
 
-fn progress_bar() -> indicatif::ProgressBar {
+pub(crate) fn progress_bar() -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(1);
     if let Ok(style) =
         indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {elapsed_precise} {msg}")
