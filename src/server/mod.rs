@@ -149,6 +149,12 @@ pub fn log_over_limit(peer: &Peer, max_conns: usize) {
     LoopLog::default().closed(peer, &CloseReason::OverLimit(max_conns));
 }
 
+/// Logs a connection cut because `--drain-timeout` passed with `owed` bytes unsent (for
+/// models that have no [`LoopLog`] yet).
+pub fn log_drain_cut(peer: &Peer, owed: usize) {
+    LoopLog::default().closed(peer, &CloseReason::DrainTimeout { owed });
+}
+
 /// Logs a connection closed by `--idle-timeout` (for models that have no [`LoopLog`] yet).
 pub fn log_idle(peer: &Peer, idle_timeout: Duration) {
     LoopLog::default().closed(peer, &CloseReason::Idle(idle_timeout));
