@@ -122,11 +122,6 @@ impl WriteBuffer {
         self.max_bytes.saturating_sub(self.len())
     }
 
-    /// The bound this buffer was made with.
-    pub fn max_bytes(&self) -> usize {
-        self.max_bytes
-    }
-
     /// Heap bytes held by this buffer, for memory accounting in tests.
     pub fn capacity(&self) -> usize {
         self.bytes.capacity()
