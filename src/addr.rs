@@ -322,6 +322,71 @@ mod tests {
     }
 
     #[test]
+    fn kinds_and_spellings() {
+        for (text, is_datagram) in [
+            ("tcp://127.0.0.1:1", false),
+            ("127.0.0.1:1", false),
+            ("udp://127.0.0.1:1", true),
+            ("unix:///tmp/s", false),
+            ("unix-dgram:///tmp/d", true),
+        ] {
+            assert_eq!(
+                Endpoint::parse(text).unwrap().is_datagram(),
+                is_datagram,
+                "{text}"
+            );
+        }
+        let specs = [
+            (ListenSpec::Tcp("[::1]:7".parse().unwrap()), "tcp://[::1]:7"),
+            (
+                ListenSpec::Udp("127.0.0.1:7".parse().unwrap()),
+                "udp://127.0.0.1:7",
+            ),
+            (ListenSpec::Unix("/tmp/s".into()), "unix:///tmp/s"),
+            (
+                ListenSpec::UnixDatagram("/tmp/d".into()),
+                "unix-dgram:///tmp/d",
+            ),
+        ];
+        for (spec, printed) in specs {
+            assert_eq!(spec.to_string(), printed);
+        }
+        // The port is judged first, whatever the host.
+        assert!(
+            parse_ip_port("foo:abc")
+                .unwrap_err()
+                .reason()
+                .contains("port \"abc\"")
+        );
+        assert!(
+            parse_ip_port("[::1]:abc")
+                .unwrap_err()
+                .reason()
+                .contains("port \"abc\"")
+        );
+        assert!(
+            parse_ip_port(":7")
+                .unwrap_err()
+                .reason()
+                .contains("host is missing")
+        );
+        assert!(
+            parse_ip_port("[::1]")
+                .unwrap_err()
+                .reason()
+                .contains("[V6]:PORT")
+        );
+        assert_eq!(
+            parse_ip_port("LocalHost:1"),
+            Ok("127.0.0.1:1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_ip_port("[::ffff:127.0.0.1]:0"),
+            Ok("[::ffff:127.0.0.1]:0".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn errors_name_the_address_as_typed() {
         for text in [
             "udp://::1:7",
