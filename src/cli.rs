@@ -114,6 +114,28 @@ pub struct ServeArgs {
     /// Log each connection (debug level) on stderr
     #[arg(short, long)]
     pub verbose: bool,
+    /// Serve /metrics, /healthz and /readyz over HTTP on ADDR (e.g. 127.0.0.1:9100)
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr, help_heading = "Operations")]
+    pub metrics: Option<SocketAddr>,
+    /// Log lines as text, or as one JSON object per line (both on stderr)
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Operations")]
+    pub log_format: LogFormat,
+}
+
+/// `--metrics ADDR`: `HOST:PORT` as for `--tcp`, or the `http://HOST:PORT` its readiness
+/// line prints.
+fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
+    reverb::addr::parse_ip_port(text.strip_prefix("http://").unwrap_or(text))
+        .map_err(|e| e.to_string())
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: timestamp, level, message and the event's fields.
+    Json,
 }
 
 impl ServeArgs {

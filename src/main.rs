@@ -6,9 +6,9 @@ mod bench_cli;
 mod cli;
 
 use clap::{CommandFactory, FromArgMatches, error::ErrorKind};
-use cli::{Cli, ClientArgs, Command, CompareArgs, ServeArgs};
+use cli::{Cli, ClientArgs, Command, CompareArgs, LogFormat, ServeArgs};
 use reverb::addr::{Endpoint, ListenSpec};
-use reverb::models;
+use reverb::models::{self, Model};
 use reverb::server::{Listeners, RunOptions, Shutdown};
 use std::io::Write;
 use std::process::ExitCode;
@@ -85,18 +85,28 @@ pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
-fn init_logging(verbose: bool) {
+fn init_logging(verbose: bool, format: LogFormat) {
     let level = if verbose {
         tracing::Level::DEBUG
     } else {
         tracing::Level::INFO
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(level)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Flattened, so a line reads {"timestamp":..,"level":..,"message":..,"peer":..}.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
     // One line per panic. A protocol handler's panic is reported again, with the peer's
     // address, by the connection that caught it, so its location goes to debug; any other
     // panic is a bug in reverb and is logged as an error.
@@ -122,7 +132,7 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
     if let Err(e) = reverb::flags::check_serve(&args.flags(&specs)) {
         usage_error("serve", &e.message, Some(&e.hint));
     }
-    init_logging(args.verbose);
+    init_logging(args.verbose, args.log_format);
     if let Err(e) = args.model.check_available() {
         return fail(e);
     }
@@ -136,18 +146,46 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         Ok(shutdown) => shutdown,
         Err(e) => return fail(format!("cannot set up signal handling: {e}")),
     };
-    let listeners = match Listeners::bind(&specs, limits, args.model.accept_queues()) {
-        Ok(listeners) => listeners,
+    // Socket activation: the service manager's sockets replace the listener flags.
+    let listeners = match reverb::service::passed_listeners(limits.clone()) {
+        Ok(Some(listeners)) => listeners,
+        Ok(None) => match Listeners::bind(&specs, limits, args.model.accept_queues()) {
+            Ok(listeners) => listeners,
+            Err(e) => return fail(e),
+        },
         Err(e) => return fail(e),
     };
+    let notifier = reverb::service::Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!("cannot reach the service manager's NOTIFY_SOCKET: {e}");
+        reverb::service::Notifier::disconnected()
+    });
+    let metrics = match args.metrics {
+        Some(addr) => match start_metrics(addr, args.model, &shutdown) {
+            Ok(started) => Some(started),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    // Ready before the readiness lines, so whoever reads them finds /readyz agreeing.
+    if let Some((metrics, _)) = &metrics {
+        metrics.set_ready(true);
+    }
     {
         let mut stdout = std::io::stdout().lock();
-        for name in listeners.names() {
+        let metrics_name = metrics.as_ref().map(|(_, addr)| format!("http://{addr}"));
+        for name in listeners.names().iter().chain(&metrics_name) {
             if writeln!(stdout, "listening {name}").is_err() {
                 break;
             }
         }
         let _ = stdout.flush();
+    }
+    // STOPPING=1 is armed first: a manager may send SIGTERM as soon as it reads READY=1.
+    if let Err(e) = notifier
+        .stopping_on_signals()
+        .and_then(|()| notifier.ready())
+    {
+        tracing::warn!("cannot notify the service manager: {e}");
     }
     tracing::info!("serving with model {}", args.model);
     let options = RunOptions {
@@ -162,6 +200,28 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
     }
 }
 
+/// Binds the metrics endpoint and starts answering it: on a thread, or from a helper
+/// process for `forking`, whose parent must stay single-threaded.
+fn start_metrics(
+    addr: std::net::SocketAddr,
+    model: Model,
+    shutdown: &Shutdown,
+) -> Result<(reverb::metrics::Metrics, std::net::SocketAddr), String> {
+    let cannot = |e: std::io::Error| format!("cannot serve metrics on http://{addr}: {e}");
+    let metrics = reverb::metrics::Metrics::new().map_err(cannot)?;
+    let server = reverb::metrics::MetricsServer::bind(addr).map_err(cannot)?;
+    let bound = server.local_addr().map_err(cannot)?;
+    let shutdown = shutdown.clone();
+    let is_draining: reverb::metrics::Probe = Box::new(move || shutdown.is_fired());
+    if model == Model::Forking {
+        server.spawn_process(metrics, is_draining)
+    } else {
+        server.spawn(metrics, is_draining)
+    }
+    .map_err(cannot)?;
+    Ok((metrics, bound))
+}
+
 fn client(args: ClientArgs) -> ExitCode {
     let endpoint = match Endpoint::parse(&args.addr) {
         Ok(endpoint) => endpoint,
@@ -172,6 +232,8 @@ fn client(args: ClientArgs) -> ExitCode {
     };
     match reverb::client::run(&endpoint) {
         Ok(()) => ExitCode::SUCCESS,
+        // Ctrl-C: the shell's convention for a program ended by SIGINT (128 + 2).
+        Err(reverb::client::ClientError::Interrupted) => ExitCode::from(130),
         Err(e) => fail(e),
     }
 }
@@ -225,8 +287,17 @@ fn compare(args: CompareArgs) -> ExitCode {
     {
         return ExitCode::from(1);
     }
-    if let Err(e) = report.write_files(&args.out) {
-        return fail(e);
+    match report.write_files(&args.out) {
+        Ok(written) => {
+            let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            if writeln!(stdout, "\nwrote {}", names.join(", "))
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
+                return ExitCode::from(1);
+            }
+        }
+        Err(e) => return fail(e),
     }
     if report.models.is_empty() {
         return fail("compare: no model could be measured");

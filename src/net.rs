@@ -69,17 +69,19 @@ impl Stream {
     ///
     /// # Errors
     ///
-    /// The OS error of `getpeername`: the peer is already gone.
+    /// `ECONNABORTED` when the peer is already gone (`getpeername` failed), as `accept`
+    /// reports a connection that died in the queue.
     pub fn from_accepted(fd: OwnedFd, is_tcp: bool) -> io::Result<(Stream, Peer)> {
+        let aborted = |_| io::Error::from_raw_os_error(crate::sys::errno::ECONNABORTED);
         if is_tcp {
             let stream = TcpStream::from(fd);
             // Nodelay failing leaves a working, if slower, connection.
             let _ = stream.set_nodelay(true);
-            let peer = stream.peer_addr()?;
+            let peer = stream.peer_addr().map_err(aborted)?;
             return Ok((Stream::Tcp(stream), Peer::Ip(peer)));
         }
         let stream = UnixStream::from(fd);
-        let peer = stream.peer_addr()?;
+        let peer = stream.peer_addr().map_err(aborted)?;
         Ok((Stream::Unix(stream), Peer::Unix(peer)))
     }
 
@@ -223,6 +225,17 @@ impl StreamListener {
             name: format!("tcp://{local}"),
             reuseport_addr: reuseport.then_some(local),
         })
+    }
+
+    /// Wraps a listening TCP socket bound by someone else (socket activation); `name` is
+    /// its address as the `listening` line prints it. It gets no siblings with queues of
+    /// their own: its owner did not set SO_REUSEPORT.
+    pub fn from_tcp(listener: TcpListener, name: String) -> StreamListener {
+        StreamListener {
+            socket: ListenerSocket::Tcp(listener),
+            name,
+            reuseport_addr: None,
+        }
     }
 
     /// Wraps a bound Unix listener; `name` is its address as the `listening` line prints it.

@@ -5,6 +5,7 @@
 //! ServeError>` (see `crate::models`). Sockets arrive bound and listening, so a test can
 //! bind port 0 and the binary can print its `listening` lines before the model starts.
 
+mod activation;
 mod connection;
 mod datagram;
 pub mod event_loops;
@@ -184,6 +185,11 @@ pub fn log_accept_pause(listener: &str, error: &io::Error) {
 /// Logs a connection refused by `--max-conns`.
 pub fn log_over_limit(peer: &Peer, max_conns: usize) {
     tracing::warn!("refusing {peer}: already {max_conns} connections open (--max-conns)");
+}
+
+/// Logs a connection cut because `--drain-timeout` passed with `owed` bytes unsent.
+pub fn log_drain_cut(peer: &Peer, owed: usize) {
+    tracing::warn!("closing {peer}: drain timeout with {owed} bytes still owed");
 }
 
 /// Logs a connection closed by `--idle-timeout`.
