@@ -26,6 +26,7 @@ pub mod bench;
 pub mod buffer;
 pub mod client;
 pub mod compare;
+pub mod flags;
 pub mod layer;
 pub mod models;
 pub mod protocol;

@@ -1,230 +1,29 @@
-//! The `reverb` binary: parses the command line, maps errors to the contract's exit codes
-//! (1: could not run, 2: usage, 3: bench found wrong bytes), and calls the library.
+//! The `reverb` binary: dispatches each subcommand to the library and maps errors to the
+//! exit codes of docs/cli.md (1: could not run, 2: usage, 3: bench found wrong bytes).
+//! The flags themselves are declared in `cli.rs`.
 
-use anyhow::Result;
-use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, error::ErrorKind};
-use reverb::addr::{Endpoint, ListenSpec, parse_ip_port};
-use reverb::models::{self, Model};
-use reverb::protocol::{Protocol, ProtocolKind};
-use reverb::server::{Limits, Listeners, Shutdown};
+mod cli;
+
+use clap::{CommandFactory, FromArgMatches, error::ErrorKind};
+use cli::{BenchArgs, Cli, ClientArgs, Command, CompareArgs, ServeArgs};
+use reverb::addr::{Endpoint, ListenSpec};
+use reverb::models;
+use reverb::server::{Listeners, Shutdown};
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-#[derive(Parser)]
-#[command(
-    name = "reverb",
-    version,
-    about = "An echo-server toolkit: every I/O model, one protocol core"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Serve echo (or lines, or until-quit) on TCP, UDP and Unix sockets.
-    Serve(ServeArgs),
-    /// Talk to a server: interactive on a terminal, nc-style with a pipe.
-    Client(ClientArgs),
-    /// Load a server with verified echoes and report throughput and latency.
-    Bench(BenchArgs),
-    /// Run every model side by side and compare them.
-    Compare(CompareArgs),
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Listen on TCP (HOST:PORT or [V6]:PORT; port 0 picks a free one).
-    #[arg(long, value_name = "ADDR", value_parser = parse_ip_port)]
-    tcp: Vec<std::net::SocketAddr>,
-    /// Answer datagrams on UDP.
-    #[arg(long, value_name = "ADDR", value_parser = parse_ip_port)]
-    udp: Vec<std::net::SocketAddr>,
-    /// Listen on a Unix stream socket at PATH.
-    #[arg(long, value_name = "PATH")]
-    unix: Vec<PathBuf>,
-    /// Answer datagrams on a Unix datagram socket at PATH.
-    #[arg(long, value_name = "PATH")]
-    unix_dgram: Vec<PathBuf>,
-    /// The I/O model.
-    #[arg(long, default_value = "epoll", value_parser = parse_model)]
-    model: Model,
-    /// Worker threads (pool) or event loops (epoll, async, tokio, uring).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
-    threads: Option<u32>,
-    /// What to answer.
-    #[arg(long, default_value = "echo", value_parser = parse_protocol)]
-    protocol: ProtocolKind,
-    /// Put TEXT in front of every reply unit (not with stream echo).
-    #[arg(long, value_name = "TEXT")]
-    prefix: Option<String>,
-    /// Send TEXT first on every new stream connection.
-    #[arg(long, value_name = "TEXT")]
-    greeting: Option<String>,
-    /// With lines: a line equal to WORD makes its handler panic (tests isolation).
-    #[arg(long, value_name = "WORD")]
-    panic_on: Option<String>,
-    /// At most N stream connections at once.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    max_conns: Option<u64>,
-    /// Close a stream connection that sent nothing for SECS.
-    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
-    idle_timeout: Option<Duration>,
-    /// Bytes held for one connection before it stops being read (e.g. 262144, 256K, 1M).
-    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "256K")]
-    max_buffer: usize,
-    /// After SIGTERM/SIGINT, how long owed replies may take.
-    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "5")]
-    drain_timeout: Duration,
-    /// Log each connection (debug level).
-    #[arg(short, long)]
-    verbose: bool,
-}
-
-#[derive(Args)]
-struct ClientArgs {
-    /// tcp://HOST:PORT, udp://HOST:PORT, unix:///path, unix-dgram:///path, or HOST:PORT.
-    // Parsed in `client`: a name that does not resolve is "cannot connect" (exit 1).
-    addr: String,
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    /// The server to load.
-    #[arg(value_parser = parse_endpoint)]
-    addr: Endpoint,
-    /// Connections (for datagrams: sockets).
-    #[arg(long, value_name = "N", default_value_t = 10)]
-    conns: u32,
-    /// Bytes per message (e.g. 64, 1K, 1M).
-    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "64")]
-    size: usize,
-    /// Messages in flight per connection (closed loop).
-    #[arg(long, value_name = "D", default_value_t = 1)]
-    depth: u32,
-    /// Measured seconds.
-    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_positive_secs)]
-    duration: Duration,
-    /// Seconds of load before measuring (verified, not counted).
-    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
-    warmup: Duration,
-    /// Open loop: total messages per second, latency counted from each scheduled send.
-    #[arg(long, value_name = "MSGS_PER_S")]
-    rate: Option<f64>,
-    /// Client threads, each its own event loop.
-    #[arg(long, value_name = "T", default_value_t = 1)]
-    threads: u32,
-    /// One JSON object on stdout.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-struct CompareArgs {
-    /// Comma-separated models (default: all available).
-    #[arg(long, value_delimiter = ',', value_parser = parse_model)]
-    models: Vec<Model>,
-    /// Comma-separated connection counts.
-    #[arg(long, value_delimiter = ',')]
-    conns: Vec<u32>,
-    /// Bytes per message.
-    #[arg(long)]
-    size: Option<u32>,
-    /// Messages in flight per connection.
-    #[arg(long)]
-    depth: Option<u32>,
-    /// Measured seconds per point.
-    #[arg(long, value_parser = parse_positive_secs)]
-    duration: Option<Duration>,
-    /// Where compare.json, compare.md and compare.svg go.
-    #[arg(long, default_value = "compare-out")]
-    out: PathBuf,
-}
-
-fn parse_model(text: &str) -> Result<Model, String> {
-    Model::from_name(text).ok_or_else(|| {
-        let names: Vec<_> = Model::ALL.iter().map(|m| m.name()).collect();
-        format!(
-            "unknown model {text:?}; expected one of {}",
-            names.join(", ")
-        )
-    })
-}
-
-fn parse_protocol(text: &str) -> Result<ProtocolKind, String> {
-    match text {
-        "echo" => Ok(ProtocolKind::Echo),
-        "lines" => Ok(ProtocolKind::Lines),
-        "until-quit" => Ok(ProtocolKind::UntilQuit),
-        _ => Err(format!(
-            "unknown protocol {text:?}; expected echo, lines or until-quit"
-        )),
-    }
-}
-
-fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
-    Endpoint::parse(text).map_err(|e| e.to_string())
-}
-
-fn parse_secs(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is not a valid duration"))
-}
-
-fn parse_positive_secs(text: &str) -> Result<Duration, String> {
-    let duration = parse_secs(text)?;
-    if duration.is_zero() {
-        return Err("must be more than 0 seconds".to_string());
-    }
-    Ok(duration)
-}
-
-fn parse_bytes(text: &str) -> Result<usize, String> {
-    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((at, _)) => text.split_at(at),
-        None => (text, ""),
-    };
-    let multiplier: usize = match unit {
-        "" | "B" => 1,
-        "K" | "k" | "KiB" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use K, M or G)")),
-    };
-    let count: usize = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a byte count"))?;
-    let bytes = count
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("{text:?} is too large"))?;
-    if bytes == 0 {
-        return Err("must be at least 1 byte".to_string());
-    }
-    Ok(bytes)
-}
-
-/// A usage error after parsing: the contract's exit 2, with usage.
-fn usage_error(message: impl std::fmt::Display) -> ! {
+/// A usage error found after parsing: the contract's exit 2, with the usage of
+/// `subcommand`, the one that was run.
+fn usage_error(subcommand: &str, message: impl std::fmt::Display, hint: Option<&str>) -> ! {
     let mut command = Cli::command();
     command.build();
-    let error = match command.find_subcommand_mut("serve") {
-        Some(serve) => serve.error(ErrorKind::ArgumentConflict, message),
-        None => command.error(ErrorKind::ArgumentConflict, message),
+    let message = match hint {
+        Some(hint) => format!("{message}\n\n  tip: {hint}"),
+        None => message.to_string(),
     };
-    exit_with_usage(error)
-}
-
-/// A bad client address: the contract's exit 2, with the client's usage.
-fn client_usage_error(message: impl std::fmt::Display) -> ! {
-    let mut command = Cli::command();
-    command.build();
-    let error = match command.find_subcommand_mut("client") {
-        Some(client) => client.error(ErrorKind::ValueValidation, message),
+    let error = match command.find_subcommand_mut(subcommand) {
+        Some(sub) => sub.error(ErrorKind::ValueValidation, message),
         None => command.error(ErrorKind::ValueValidation, message),
     };
     exit_with_usage(error)
@@ -259,7 +58,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
             let specs = match matches.subcommand_matches("serve") {
-                Some(serve_matches) => listen_specs(&args, serve_matches),
+                Some(serve_matches) => args.listen_specs(serve_matches),
                 None => Vec::new(),
             };
             serve(args, specs)
@@ -308,51 +107,9 @@ fn init_logging(verbose: bool) {
     }));
 }
 
-/// The listeners in the order their flags were given, which the readiness lines follow;
-/// clap keeps each flag's values in order, and their indices give the order across flags.
-fn listen_specs(args: &ServeArgs, serve: &clap::ArgMatches) -> Vec<ListenSpec> {
-    let mut indexed = Vec::new();
-    let mut push = |name: &str, make: &dyn Fn(usize) -> ListenSpec| {
-        if let Some(indices) = serve.indices_of(name) {
-            for (n, index) in indices.enumerate() {
-                indexed.push((index, make(n)));
-            }
-        }
-    };
-    push("tcp", &|n| ListenSpec::Tcp(args.tcp[n]));
-    push("udp", &|n| ListenSpec::Udp(args.udp[n]));
-    push("unix", &|n| ListenSpec::Unix(args.unix[n].clone()));
-    push("unix_dgram", &|n| {
-        ListenSpec::UnixDatagram(args.unix_dgram[n].clone())
-    });
-    indexed.sort_by_key(|(index, _)| *index);
-    let mut specs: Vec<ListenSpec> = indexed.into_iter().map(|(_, spec)| spec).collect();
-    if specs.is_empty() {
-        let default = std::net::SocketAddr::from(([127, 0, 0, 1], 7007));
-        specs = vec![ListenSpec::Tcp(default), ListenSpec::Udp(default)];
-    }
-    specs
-}
-
 fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
-    let has_stream = specs
-        .iter()
-        .any(|s| matches!(s, ListenSpec::Tcp(_) | ListenSpec::Unix(_)));
-    if args.prefix.is_some() && args.protocol == ProtocolKind::Echo && has_stream {
-        usage_error(
-            "--prefix cannot be used with --protocol echo on a stream listener \
-             (the kernel's segmentation would decide where prefixes go); use --protocol lines",
-        );
-    }
-    if args.panic_on.is_some() && args.protocol != ProtocolKind::Lines {
-        usage_error("--panic-on works only with --protocol lines");
-    }
-    if args
-        .panic_on
-        .as_deref()
-        .is_some_and(|w| w.is_empty() || w.contains('\n'))
-    {
-        usage_error("--panic-on WORD must be non-empty and contain no newline");
+    if let Err(e) = reverb::flags::check_serve(&args.flags(&specs)) {
+        usage_error("serve", &e.message, Some(&e.hint));
     }
     init_logging(args.verbose);
     if let Err(e) = args.model.check_available() {
@@ -361,22 +118,8 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
     if let Err(e) = reverb::sys::raise_open_file_limit() {
         tracing::warn!("cannot raise the open-file limit: {e}");
     }
-    let mut protocol = Protocol::new(args.protocol, args.max_buffer);
-    if let Some(prefix) = &args.prefix {
-        protocol = protocol.with_prefix(prefix.as_bytes());
-    }
-    if let Some(greeting) = &args.greeting {
-        protocol = protocol.with_greeting(greeting.as_bytes());
-    }
-    if let Some(word) = &args.panic_on {
-        protocol = protocol.with_panic_on(word.as_bytes());
-    }
-    let limits = Limits {
-        max_conns: args.max_conns.map(|n| n as usize),
-        idle_timeout: args.idle_timeout,
-        max_buffer_bytes: args.max_buffer,
-        drain_timeout: args.drain_timeout,
-    };
+    let protocol = args.protocol();
+    let limits = args.limits();
     // Signals first: a SIGTERM that arrives while binding still means "stop cleanly".
     let shutdown = match Shutdown::new().and_then(|s| s.fire_on_signals().map(|()| s)) {
         Ok(shutdown) => shutdown,
@@ -412,7 +155,7 @@ fn client(args: ClientArgs) -> ExitCode {
         Err(e) if e.is_lookup_failure() => {
             return fail(format!("cannot connect to {}: {}", args.addr, e.reason()));
         }
-        Err(e) => client_usage_error(e),
+        Err(e) => usage_error("client", e, None),
     };
     match reverb::client::run(&endpoint) {
         Ok(()) => ExitCode::SUCCESS,
@@ -421,18 +164,9 @@ fn client(args: ClientArgs) -> ExitCode {
 }
 
 fn bench(args: BenchArgs) -> ExitCode {
-    let config = reverb::bench::BenchConfig {
-        conns: args.conns,
-        size: args.size,
-        depth: args.depth,
-        duration: args.duration,
-        warmup: args.warmup,
-        rate: args.rate,
-        threads: args.threads,
-        ..reverb::bench::BenchConfig::default()
-    };
+    let config = args.config();
     if let Err(e) = config.validate(&args.addr) {
-        usage_error(e);
+        usage_error("bench", e, None);
     }
     if let Err(e) = reverb::sys::raise_open_file_limit() {
         eprintln!("reverb: cannot raise the open-file limit: {e}");
@@ -483,22 +217,9 @@ fn compare(args: CompareArgs) -> ExitCode {
             ));
         }
     };
-    let mut config = reverb::compare::CompareConfig::new(server_exe);
-    config.models = args.models;
-    if !args.conns.is_empty() {
-        config.conns = args.conns;
-    }
-    if let Some(size) = args.size {
-        config.size = size as usize;
-    }
-    if let Some(depth) = args.depth {
-        config.depth = depth;
-    }
-    if let Some(duration) = args.duration {
-        config.duration = duration;
-    }
+    let config = args.config(server_exe);
     if let Err(e) = config.validate() {
-        usage_error(e);
+        usage_error("compare", e, None);
     }
     // Fail before a minute of measuring, not after it.
     if let Err(e) = std::fs::create_dir_all(&args.out) {

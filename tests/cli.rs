@@ -36,7 +36,12 @@ fn assert_usage_error(args: &[&str], mentions: &str) {
 
 #[test]
 fn bad_flags_exit_2_with_usage() {
-    assert_usage_error(&["serve", "--model", "nope"], "unknown model \"nope\"");
+    assert_usage_error(&["serve", "--model", "nope"], "unknown model");
+    assert_usage_error(&["serve", "--model", "nope"], "nope");
+    assert_usage_error(
+        &["bench", "127.0.0.1:1", "--conns", "0"],
+        "Usage: reverb bench",
+    );
     assert_usage_error(&["serve", "--tcp", "::1:7007"], "brackets");
     assert_usage_error(&["serve", "--tcp", "127.0.0.1:99999"], "port");
     assert_usage_error(&["serve", "--tcp", "example.com:1"], "example.com");

@@ -1,0 +1,254 @@
+//! The command line as clap sees it: every subcommand, flag, default and value name.
+//!
+//! Values are parsed by [`reverb::flags`] and [`reverb::addr`], and the rules between flags
+//! live in [`reverb::flags::check_serve`], so the library's tests cover them; this file only
+//! declares the flags and turns them into the library's types.
+
+use clap::{Args, Parser, Subcommand};
+use reverb::addr::{Endpoint, ListenSpec, parse_ip_port};
+use reverb::flags::{
+    ServeFlags, parse_bytes, parse_model, parse_positive_secs, parse_protocol, parse_secs,
+};
+use reverb::models::Model;
+use reverb::protocol::{Protocol, ProtocolKind};
+use reverb::server::Limits;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "reverb",
+    version,
+    about = "An echo-server toolkit: every I/O model, one protocol core"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve echo (or lines, or until-quit) on TCP, UDP and Unix sockets.
+    Serve(ServeArgs),
+    /// Talk to a server: interactive on a terminal, nc-style with a pipe.
+    Client(ClientArgs),
+    /// Load a server with verified echoes and report throughput and latency.
+    Bench(BenchArgs),
+    /// Run every model side by side and compare them.
+    Compare(CompareArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Listen on TCP (HOST:PORT or [V6]:PORT; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", value_parser = parse_ip_port)]
+    pub tcp: Vec<SocketAddr>,
+    /// Answer datagrams on UDP.
+    #[arg(long, value_name = "ADDR", value_parser = parse_ip_port)]
+    pub udp: Vec<SocketAddr>,
+    /// Listen on a Unix stream socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    pub unix: Vec<PathBuf>,
+    /// Answer datagrams on a Unix datagram socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    pub unix_dgram: Vec<PathBuf>,
+    /// The I/O model.
+    #[arg(long, value_name = "MODEL", default_value = "epoll", value_parser = parse_model)]
+    pub model: Model,
+    /// Worker threads (pool) or event loops (epoll, async, tokio, uring).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub threads: Option<u32>,
+    /// What to answer.
+    #[arg(long, value_name = "PROTOCOL", default_value = "echo", value_parser = parse_protocol)]
+    pub protocol: ProtocolKind,
+    /// Put TEXT in front of every reply unit (not with stream echo).
+    #[arg(long, value_name = "TEXT")]
+    pub prefix: Option<String>,
+    /// Send TEXT first on every new stream connection.
+    #[arg(long, value_name = "TEXT")]
+    pub greeting: Option<String>,
+    /// With lines: a line equal to WORD makes its handler panic (tests isolation).
+    #[arg(long, value_name = "WORD")]
+    pub panic_on: Option<String>,
+    /// At most N stream connections at once.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_conns: Option<u64>,
+    /// Close a stream connection that sent nothing for SECS.
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
+    pub idle_timeout: Option<Duration>,
+    /// Bytes held for one connection before it stops being read (e.g. 262144, 256K, 1M).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "256K")]
+    pub max_buffer: usize,
+    /// After SIGTERM/SIGINT, how long owed replies may take.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "5")]
+    pub drain_timeout: Duration,
+    /// Log each connection (debug level).
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+impl ServeArgs {
+    /// The listeners in the order their flags were given, which the readiness lines follow;
+    /// clap keeps each flag's values in order, and their indices give the order across flags.
+    /// No listener flag at all means TCP and UDP on 127.0.0.1:7007.
+    pub fn listen_specs(&self, matches: &clap::ArgMatches) -> Vec<ListenSpec> {
+        let mut indexed = Vec::new();
+        let mut push = |name: &str, make: &dyn Fn(usize) -> ListenSpec| {
+            if let Some(indices) = matches.indices_of(name) {
+                for (n, index) in indices.enumerate() {
+                    indexed.push((index, make(n)));
+                }
+            }
+        };
+        push("tcp", &|n| ListenSpec::Tcp(self.tcp[n]));
+        push("udp", &|n| ListenSpec::Udp(self.udp[n]));
+        push("unix", &|n| ListenSpec::Unix(self.unix[n].clone()));
+        push("unix_dgram", &|n| {
+            ListenSpec::UnixDatagram(self.unix_dgram[n].clone())
+        });
+        indexed.sort_by_key(|(index, _)| *index);
+        let mut specs: Vec<ListenSpec> = indexed.into_iter().map(|(_, spec)| spec).collect();
+        if specs.is_empty() {
+            let default = SocketAddr::from(([127, 0, 0, 1], 7007));
+            specs = vec![ListenSpec::Tcp(default), ListenSpec::Udp(default)];
+        }
+        specs
+    }
+
+    /// The flags whose combinations [`reverb::flags::check_serve`] judges.
+    pub fn flags<'a>(&'a self, listeners: &'a [ListenSpec]) -> ServeFlags<'a> {
+        ServeFlags {
+            protocol: self.protocol,
+            prefix: self.prefix.as_deref(),
+            panic_on: self.panic_on.as_deref(),
+            listeners,
+        }
+    }
+
+    /// The protocol core configured by `--protocol`, `--prefix`, `--greeting`, `--panic-on`.
+    pub fn protocol(&self) -> Protocol {
+        let mut protocol = Protocol::new(self.protocol, self.max_buffer);
+        if let Some(prefix) = &self.prefix {
+            protocol = protocol.with_prefix(prefix.as_bytes());
+        }
+        if let Some(greeting) = &self.greeting {
+            protocol = protocol.with_greeting(greeting.as_bytes());
+        }
+        if let Some(word) = &self.panic_on {
+            protocol = protocol.with_panic_on(word.as_bytes());
+        }
+        protocol
+    }
+
+    /// The limits every model applies.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_conns: self.max_conns.map(|n| n as usize),
+            idle_timeout: self.idle_timeout,
+            max_buffer_bytes: self.max_buffer,
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct ClientArgs {
+    /// tcp://HOST:PORT, udp://HOST:PORT, unix:///path, unix-dgram:///path, or HOST:PORT.
+    // Parsed in `client`: a name that does not resolve is "cannot connect" (exit 1).
+    pub addr: String,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The server to load.
+    #[arg(value_parser = parse_endpoint)]
+    pub addr: Endpoint,
+    /// Connections (for datagrams: sockets).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub conns: u32,
+    /// Bytes per message (e.g. 64, 1K, 1M).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "64")]
+    pub size: usize,
+    /// Messages in flight per connection (closed loop).
+    #[arg(long, value_name = "D", default_value_t = 1)]
+    pub depth: u32,
+    /// Measured seconds.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_positive_secs)]
+    pub duration: Duration,
+    /// Seconds of load before measuring (verified, not counted).
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
+    pub warmup: Duration,
+    /// Open loop: total messages per second, latency counted from each scheduled send.
+    #[arg(long, value_name = "MSGS_PER_S")]
+    pub rate: Option<f64>,
+    /// Client threads, each its own event loop.
+    #[arg(long, value_name = "T", default_value_t = 1)]
+    pub threads: u32,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchArgs {
+    /// The bench engine's configuration.
+    pub fn config(&self) -> reverb::bench::BenchConfig {
+        reverb::bench::BenchConfig {
+            conns: self.conns,
+            size: self.size,
+            depth: self.depth,
+            duration: self.duration,
+            warmup: self.warmup,
+            rate: self.rate,
+            threads: self.threads,
+            ..reverb::bench::BenchConfig::default()
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Comma-separated models (default: all available).
+    #[arg(long, value_delimiter = ',', value_parser = parse_model)]
+    pub models: Vec<Model>,
+    /// Comma-separated connection counts.
+    #[arg(long, value_delimiter = ',')]
+    pub conns: Vec<u32>,
+    /// Bytes per message.
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Messages in flight per connection.
+    #[arg(long)]
+    pub depth: Option<u32>,
+    /// Measured seconds per point.
+    #[arg(long, value_parser = parse_positive_secs)]
+    pub duration: Option<Duration>,
+    /// Where compare.json, compare.md and compare.svg go.
+    #[arg(long, default_value = "compare-out")]
+    pub out: PathBuf,
+}
+
+impl CompareArgs {
+    /// The comparison's configuration; `server_exe` is the binary each model runs as.
+    pub fn config(&self, server_exe: PathBuf) -> reverb::compare::CompareConfig {
+        let mut config = reverb::compare::CompareConfig::new(server_exe);
+        config.models = self.models.clone();
+        if !self.conns.is_empty() {
+            config.conns = self.conns.clone();
+        }
+        if let Some(size) = self.size {
+            config.size = size as usize;
+        }
+        if let Some(depth) = self.depth {
+            config.depth = depth;
+        }
+        if let Some(duration) = self.duration {
+            config.duration = duration;
+        }
+        config
+    }
+}
+
+fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    Endpoint::parse(text).map_err(|e| e.to_string())
+}
