@@ -9,11 +9,15 @@ use reverb::addr::{Endpoint, ListenSpec, parse_ip_port};
 use reverb::flags::{
     ServeFlags, parse_bytes, parse_model, parse_positive_secs, parse_protocol, parse_secs,
 };
+use reverb::layer::StreamLayers;
+use reverb::layer::greeting::Greeting;
+use reverb::layer::tls::{TlsConfig, TlsSetupError};
 use reverb::models::Model;
 use reverb::protocol::{Protocol, ProtocolKind};
 use reverb::server::Limits;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -30,7 +34,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Serve echo (or lines, or until-quit) on TCP, UDP and Unix sockets.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Talk to a server: interactive on a terminal, nc-style with a pipe.
     Client(ClientArgs),
     /// Load a server with verified echoes and report throughput and latency.
@@ -65,9 +69,10 @@ pub struct ServeArgs {
     /// Put TEXT in front of every reply unit (not with stream echo).
     #[arg(long, value_name = "TEXT")]
     pub prefix: Option<String>,
-    /// Send TEXT first on every new stream connection.
-    #[arg(long, value_name = "TEXT")]
-    pub greeting: Option<String>,
+    /// Send TEXT first on every new stream connection; {peer} and {local} are replaced by
+    /// the client's address and the address it reached, {{ and }} are literal braces.
+    #[arg(long, value_name = "TEXT", value_parser = parse_greeting)]
+    pub greeting: Option<Greeting>,
     /// With lines: a line equal to WORD makes its handler panic (tests isolation).
     #[arg(long, value_name = "WORD")]
     pub panic_on: Option<String>,
@@ -83,6 +88,30 @@ pub struct ServeArgs {
     /// After SIGTERM/SIGINT, how long owed replies may take.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "5")]
     pub drain_timeout: Duration,
+    /// Every stream connection must start with a PROXY protocol v1 or v2 header; the
+    /// client address it carries is the peer from then on.
+    #[arg(long)]
+    pub proxy_protocol: bool,
+    /// Seconds from accept to a complete PROXY header before the connection is closed.
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value = "5")]
+    pub proxy_timeout: Duration,
+    /// Speak TLS on every stream listener with this PEM certificate chain (needs --tls-key).
+    #[arg(
+        long,
+        value_name = "PEM",
+        requires = "tls_key",
+        conflicts_with = "tls_self_signed"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Speak TLS with a throwaway certificate made at start; its SHA-256 fingerprint is logged.
+    #[arg(long)]
+    pub tls_self_signed: bool,
+    /// Seconds from accept to a finished TLS handshake before the connection is closed.
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value = "10")]
+    pub tls_handshake_timeout: Duration,
     /// Log each connection (debug level).
     #[arg(short, long)]
     pub verbose: bool,
@@ -132,18 +161,35 @@ impl ServeArgs {
         if let Some(prefix) = &self.prefix {
             protocol = protocol.with_prefix(prefix.as_bytes());
         }
-        if let Some(greeting) = &self.greeting {
-            protocol = protocol.with_greeting(greeting.as_bytes());
-        }
         if let Some(word) = &self.panic_on {
             protocol = protocol.with_panic_on(word.as_bytes());
         }
         protocol
     }
 
-    /// The limits every model applies.
-    pub fn limits(&self) -> Limits {
+    /// The TLS configuration, if any: certificate files loaded, or a throwaway made.
+    pub fn tls(&self) -> Result<Option<TlsConfig>, TlsSetupError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => TlsConfig::from_pem_files(cert, key).map(Some),
+            _ if self.tls_self_signed => TlsConfig::self_signed().map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The limits every model applies, with `tls` from [`ServeArgs::tls`].
+    pub fn limits(&self, tls: Option<TlsConfig>) -> Limits {
         Limits {
+            layers: StreamLayers {
+                proxy_protocol: self.proxy_protocol,
+                proxy_timeout: self.proxy_timeout,
+                tls,
+                tls_handshake_timeout: self.tls_handshake_timeout,
+                greeting: self
+                    .greeting
+                    .clone()
+                    .filter(|greeting| !greeting.is_empty())
+                    .map(Arc::new),
+            },
             max_conns: self.max_conns.map(|n| n as usize),
             idle_timeout: self.idle_timeout,
             max_buffer_bytes: self.max_buffer,
@@ -251,4 +297,9 @@ impl CompareArgs {
 
 fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
     Endpoint::parse(text).map_err(|e| e.to_string())
+}
+
+/// `--greeting`: a template with `{peer}`, `{local}`, `{{` and `}}`.
+fn parse_greeting(text: &str) -> Result<Greeting, String> {
+    Greeting::parse(text).map_err(|e| e.to_string())
 }

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
                 Some(serve_matches) => args.listen_specs(serve_matches),
                 None => Vec::new(),
             };
-            serve(args, specs)
+            serve(*args, specs)
         }
         Command::Client(args) => client(args),
         Command::Bench(args) => bench(args),
@@ -119,7 +119,19 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         tracing::warn!("cannot raise the open-file limit: {e}");
     }
     let protocol = args.protocol();
-    let limits = args.limits();
+    let tls = match args.tls() {
+        Ok(tls) => tls,
+        Err(e) => return fail(e),
+    };
+    if let Some(tls) = &tls
+        && args.tls_self_signed
+    {
+        tracing::info!(
+            "TLS with a self-signed certificate for localhost, 127.0.0.1 and ::1; SHA-256 fingerprint {}",
+            tls.fingerprint()
+        );
+    }
+    let limits = args.limits(tls);
     // Signals first: a SIGTERM that arrives while binding still means "stop cleanly".
     let shutdown = match Shutdown::new().and_then(|s| s.fire_on_signals().map(|()| s)) {
         Ok(shutdown) => shutdown,

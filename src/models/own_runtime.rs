@@ -20,6 +20,7 @@ use std::future::poll_fn;
 use std::io;
 use std::mem::take;
 use std::net::Shutdown as Half;
+use std::os::fd::AsFd;
 use std::rc::Rc;
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::task::Poll;
@@ -231,7 +232,7 @@ async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Re
 /// One connection's task; its errors are logged here and never reach the loop.
 async fn serve_connection(stream: Stream, peer: Peer, admission: Admission, state: Rc<Loop>) {
     let _admission = admission;
-    let mut connection = Connection::new(&state.protocol, peer, state.limits.max_buffer_bytes);
+    let mut connection = Connection::new(&state.protocol, peer, &state.limits, stream.as_fd());
     if let Err(e) = drive(stream, &mut connection, &state).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }

@@ -225,8 +225,8 @@ async fn accept(acceptor: &Acceptor) -> io::Result<(Accepted, Peer)> {
 }
 
 /// A connected tokio stream, TCP or Unix.
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
+trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + AsFd + Unpin + Send> Socket for S {}
 
 /// Reads once into the loop's shared buffer and feeds the protocol; pending until the
 /// socket is readable. tokio's `poll_read` keeps one waker slot per socket (no waiter
@@ -254,7 +254,7 @@ type TaskContext = (Arc<Shared>, Arc<StopSignal>, mpsc::Sender<()>, Admission);
 /// One connection's task; its errors end only this connection.
 async fn serve<S: Socket>(mut stream: S, peer: Peer, context: TaskContext) {
     let (shared, stop, _done, _admission) = context;
-    let mut connection = Connection::new(&shared.protocol, peer, shared.limits.max_buffer_bytes);
+    let mut connection = Connection::new(&shared.protocol, peer, &shared.limits, stream.as_fd());
     if let Err(e) = drive(&mut stream, &mut connection, &shared.limits, &stop).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }

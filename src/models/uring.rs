@@ -325,7 +325,7 @@ impl<'a> Loop<'a> {
             return log_over_limit(&peer, self.counter.max_conns().unwrap_or(0));
         };
         tracing::debug!("accepted {peer} on {}", listener.name);
-        let connection = Connection::new(self.protocol, peer, self.limits.max_buffer_bytes);
+        let connection = Connection::new(self.protocol, peer, self.limits, fd.as_fd());
         let key = self.ring.add(fd);
         if self.conns.len() <= key.index() {
             self.conns.resize_with(key.index() + 1, || None);

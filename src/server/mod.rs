@@ -11,6 +11,7 @@ pub mod event_loops;
 pub mod idle_wheel;
 mod listeners;
 pub mod readiness;
+pub mod setup_deadline;
 mod shutdown;
 pub mod slab;
 pub mod stop_signal;
@@ -42,7 +43,7 @@ pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// truncated.
 pub const DATAGRAM_BUFFER_BYTES: usize = 256 * 1024;
 
-/// The operator's limits, the same for every model.
+/// The operator's limits and stream settings, the same for every model.
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// At most this many stream connections at once (`--max-conns`); `None`: no limit.
@@ -53,6 +54,9 @@ pub struct Limits {
     pub max_buffer_bytes: usize,
     /// After SIGTERM, how long owed replies may take before connections are cut.
     pub drain_timeout: Duration,
+    /// What stream connections put between socket and session: PROXY header, TLS,
+    /// greeting template.
+    pub layers: crate::layer::StreamLayers,
 }
 
 impl Default for Limits {
@@ -62,6 +66,7 @@ impl Default for Limits {
             idle_timeout: None,
             max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            layers: crate::layer::StreamLayers::default(),
         }
     }
 }

@@ -102,7 +102,7 @@ pub fn serve_connection(
     limits: &Limits,
     shutdown: &Shutdown,
 ) {
-    let mut connection = Connection::new(protocol, peer, limits.max_buffer_bytes);
+    let mut connection = Connection::new(protocol, peer, limits, stream.as_fd());
     if let Err(e) = drive(&stream, &mut connection, limits, shutdown) {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }
