@@ -35,7 +35,8 @@ macro_rules! tls_cases {
 tls_cases! {
     models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, own_runtime, tokio, uring],
     cases: [python_payload_half_close, python_unread_flood_bounded, openssl_s_client_until_quit,
-            garbage_handshake_closes_only_that_connection, haproxy_send_proxy_v1_and_v2],
+            garbage_handshake_closes_only_that_connection, haproxy_send_proxy_v1_and_v2,
+            proxy_header_refusals_and_deadline, tls_handshake_deadline],
 }
 
 /// The `--model` value for a module name: `own_runtime` is `async` (a keyword in Rust).
@@ -430,4 +431,210 @@ fn haproxy_send_proxy_v1_and_v2(model: &str) {
         server.wait_for_log(&format!("handler for {me} panicked"));
     }
     server.stop();
+}
+
+/// Seconds until the server closes `stream` (EOF or reset), at most `limit`.
+fn seconds_until_closed(stream: &mut TcpStream, since: Instant, limit: Duration) -> f64 {
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return since.elapsed().as_secs_f64(),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A request that is not a PROXY header is refused at once, a header trickled slower than
+/// `--proxy-timeout` is cut at the deadline (a slowloris cannot push it back), each with
+/// one log line naming the socket's peer; a v2 LOCAL header (a load balancer's health
+/// check) is served with the real addresses, undisturbed by the others.
+fn proxy_header_refusals_and_deadline(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--proxy-protocol",
+            "--proxy-timeout",
+            "1",
+            "--greeting",
+            "{peer}\n",
+        ],
+    );
+    let addr = server.addr("tcp");
+    let health_check = || {
+        let local = TcpStream::connect(&addr).expect("connect");
+        local.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        header.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+        (&local).write_all(&header).expect("v2 LOCAL header");
+        local
+    };
+    // `blocking` serves one client at a time, so there it comes after the others.
+    let mut early = (model != "blocking").then(health_check);
+
+    let mut http = TcpStream::connect(&addr).expect("connect");
+    let http_peer = http.local_addr().unwrap();
+    let start = Instant::now();
+    http.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("send");
+    let refused_after = seconds_until_closed(&mut http, start, PATIENCE);
+    assert!(
+        refused_after < 0.9,
+        "a non-header is refused at once, not after {refused_after} s"
+    );
+
+    let mut slow = TcpStream::connect(&addr).expect("connect");
+    let slow_peer = slow.local_addr().unwrap();
+    let start = Instant::now();
+    let mut trickle = slow.try_clone().expect("clone");
+    let trickler = thread::spawn(move || {
+        for byte in b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n" {
+            if trickle.write_all(&[*byte]).is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let cut_after = seconds_until_closed(&mut slow, start, PATIENCE);
+    let _ = trickler.join();
+    assert!(
+        (0.9..5.0).contains(&cut_after),
+        "{model}: the trickled header was cut after {cut_after} s, not at the 1 s deadline"
+    );
+    server.wait_for_log(&format!("closing {http_peer}: no PROXY protocol header: "));
+    server.wait_for_log(&format!(
+        "closing {slow_peer}: no PROXY protocol header within 1.0 s of accept"
+    ));
+
+    let mut local = early.take().unwrap_or_else(health_check);
+    let mut reader = BufReader::new(local.try_clone().expect("clone"));
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).expect("greeting");
+    assert_eq!(greeting, format!("{}\n", local.local_addr().unwrap()));
+    local.write_all(b"still here").expect("send");
+    local.shutdown(Shutdown::Write).expect("half-close");
+    let mut back = Vec::new();
+    reader.read_to_end(&mut back).expect("echo");
+    assert_eq!(back, b"still here");
+    let log = server.stderr();
+    assert_eq!(
+        log.matches(&http_peer.to_string()).count(),
+        1,
+        "one line per refusal:\n{log}"
+    );
+    assert_eq!(
+        log.matches(&slow_peer.to_string()).count(),
+        1,
+        "one line per refusal:\n{log}"
+    );
+    server.stop();
+}
+
+/// A client that connects and never finishes its TLS handshake is cut at
+/// `--tls-handshake-timeout` with one log line; others are served meanwhile.
+fn tls_handshake_deadline(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--tls-self-signed",
+            "--tls-handshake-timeout",
+            "1",
+        ],
+    );
+    let mut stalled = TcpStream::connect(server.addr("tcp")).expect("connect");
+    let stalled_peer = stalled.local_addr().unwrap();
+    let start = Instant::now();
+    // Half a ClientHello record header, then nothing.
+    stalled.write_all(&[0x16, 0x03, 0x01]).expect("send");
+    if have("python3", &["--version"]) {
+        let (ok, line) = run_peer(&["payload", &server.addr("tcp"), "1.3", "65536"]);
+        assert!(ok, "{model}: {line}");
+    }
+    let cut_after = seconds_until_closed(&mut stalled, start, PATIENCE);
+    assert!(
+        (0.9..5.0).contains(&cut_after),
+        "{model}: the stalled handshake was cut after {cut_after} s, not at the 1 s deadline"
+    );
+    server.wait_for_log(&format!(
+        "closing {stalled_peer}: TLS handshake not finished within 1.0 s of accept"
+    ));
+    assert_eq!(
+        server.stderr().matches(&stalled_peer.to_string()).count(),
+        1
+    );
+    server.stop();
+}
+
+/// Runs `reverb serve ARGS` expecting it to exit at once; returns (code, stderr).
+fn serve_fails(args: &[&str]) -> (Option<i32>, String) {
+    let child = common::reverb()
+        .arg("serve")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn reverb");
+    let mut child = child;
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "serve {args:?} did not exit");
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr);
+    (status.code(), stderr)
+}
+
+#[test]
+fn bad_certificate_or_key_files_exit_1_naming_the_file() {
+    let dir = std::env::temp_dir().join(format!("reverb-tls-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let missing = dir.join("missing.pem");
+    let g = garbage.display().to_string();
+    let m = missing.display().to_string();
+    let cases = [
+        (vec!["--tls-cert", &m, "--tls-key", &g], "cannot read", &m),
+        (
+            vec!["--tls-cert", &g, "--tls-key", &g],
+            "no certificate found",
+            &g,
+        ),
+    ];
+    for (flags, what, file) in cases {
+        let mut args = vec!["--tcp", "127.0.0.1:0"];
+        args.extend(flags);
+        let (code, stderr) = serve_fails(&args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(what) && stderr.contains(file.as_str()),
+            "{stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+    let (code, stderr) = serve_fails(&["--tcp", "127.0.0.1:0", "--tls-cert", &g]);
+    assert_eq!(code, Some(2), "--tls-cert needs --tls-key: {stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_greeting_with_an_unknown_placeholder_is_a_usage_error() {
+    let (code, stderr) = serve_fails(&["--tcp", "127.0.0.1:0", "--greeting", "hi {user}"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("{user}") && stderr.contains("{peer}"),
+        "{stderr}"
+    );
 }
