@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # async (one binary) vs tokio (another binary), alternating, server CPU 0, echoload CPU 1.
 #   ASYNC_BIN=... TOKIO_BIN=... REPEATS=3 DURATION=3 scripts/async-vs-tokio.sh
-# Needs the yardstick: make -C ../shared/yardstick OUT=/tmp/yardstick. Prints CPU per
-# message and p99 per model and configuration, medians over REPEATS.
+# Builds the yardstick (bench/) and a release reverb. Prints CPU per message and p99 per
+# model and configuration, medians over REPEATS.
 set -uo pipefail
+cd "$(dirname "$0")/.."
+source scripts/yardstick.sh
+cargo build --release --quiet
 async_bin=${ASYNC_BIN:-target/release/reverb}
 tokio_bin=${TOKIO_BIN:-target/release/reverb}
 for rep in $(seq ${REPEATS:-3}); do
@@ -17,7 +20,7 @@ for rep in $(seq ${REPEATS:-3}); do
       server=$!
       for _ in $(seq 50); do [[ -s $out ]] && break; sleep 0.1; done
       port=$(sed -n 's#^listening tcp://127.0.0.1:##p' $out)
-      line=$(taskset -c 1 /tmp/yardstick/echoload --port $port --conns $conns --size $size \
+      line=$(taskset -c 1 $YARDSTICK/echoload --port $port --conns $conns --size $size \
           --depth $depth --warmup 1 --duration ${DURATION:-3} --pid $server)
       kill -TERM $server; wait $server 2>/dev/null; rm -f $out
       echo "$rep $model $conns $depth $line"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every performance target of issues 4, 5, 6 and 8 in one run, on a quiet machine:
-# each script alternates the two programs it compares, pinned as ../shared/yardstick's
-# README says (server CPU 0, load CPU 1), and prints medians of per-repeat ratios.
+# Every performance comparison in docs/benchmarks.md in one run, on a quiet machine:
+# each script alternates the two programs it compares, pinned as bench/README.md says
+# (server CPU 0, load CPU 1), and prints medians of per-repeat ratios.
 #
 #   scripts/bench-all.sh [REPEATS] [DURATION_S]       (about 10 minutes with 5 3)
 set -euo pipefail
@@ -10,20 +10,20 @@ secs=${2:-3}
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 echo "### start $(date -u +%FT%TZ) $(uptime)"
-echo "### epoll vs c-epoll-echo (issue 4: <= 1.05)"
+echo "### epoll vs c-epoll-echo (target <= 1.05)"
 scripts/bench.sh epoll "$repeats" "$secs"
-echo "### tokio vs epoll (issue 4: <= 1.05)"
+echo "### tokio vs epoll (target <= 1.05)"
 BASELINE=epoll scripts/bench.sh tokio "$repeats" "$secs"
-echo "### async vs tokio (issue 5: <= 1.10)"
+echo "### async vs tokio (target <= 1.10)"
 BASELINE=tokio scripts/bench.sh async "$repeats" "$secs"
-echo "### uring vs c-epoll-echo (issue 8: <= 0.90)"
+echo "### uring vs c-epoll-echo (target <= 0.90)"
 for config in "50 1024 1" "50 1024 8" "500 1024 1"; do
     # shellcheck disable=SC2086
     scripts/bench-uring.sh $config "$repeats" 2
 done
-echo "### reverb bench vs echoload (issue 6: CPU <= 1.10, msgs/s within 5 %)"
+echo "### reverb bench vs echoload (target: CPU <= 1.10, msgs/s within 5 %)"
 scripts/bench-client.sh "$repeats" "$secs"
-echo "### memory per idle connection (issues 4 and 5: <= 4 KiB)"
+echo "### memory per idle connection (target <= 4 KiB)"
 for model in epoll async tokio; do
     scripts/idle-rss.sh "$model" 10000 1024
 done

@@ -4,8 +4,8 @@
 # the two generators alternated within each repetition.
 #
 # Usage: scripts/bench-client.sh [REPS] [DURATION_S]
-# Env:   YARDSTICK_OUT (default /tmp/yardstick), REVERB (default target/release/reverb),
-#        PORT (default 17070), CONFIGS ("conns:size:depth ...", default the three)
+# Env:   YARDSTICK_OUT (default target/yardstick), REVERB (default target/release/reverb),
+#        PORT (default 17070), CONFIGS ("conns:size:depth ...", default three configurations)
 # Prints one line per run, then per configuration the medians and the ratios
 # reverb/echoload of msgs/s and of client CPU per message.
 set -euo pipefail
@@ -14,12 +14,12 @@ cd "$(dirname "$0")/.."
 REPS=${1:-3}
 DURATION=${2:-4}
 WARMUP=1
-OUT=${YARDSTICK_OUT:-/tmp/yardstick}
 REVERB=${REVERB:-target/release/reverb}
 PORT=${PORT:-17070}
 CONFIGS=${CONFIGS:-"1:64:1 50:1024:1 50:1024:8"}
 
-make -s -C ../shared/yardstick OUT="$OUT" >/dev/null
+source scripts/yardstick.sh
+OUT=$YARDSTICK
 [ -x "$REVERB" ] || cargo build --release --quiet
 
 taskset -c 0 "$OUT/c-epoll-echo" "$PORT" 127.0.0.1 >/dev/null 2>&1 &

@@ -4,16 +4,16 @@
 # alternated within each repetition, server CPU per message from echoload's --pid.
 #
 # Usage: scripts/bench-uring.sh CONNS SIZE DEPTH [REPS] [DURATION_S]
-# Env:   YARDSTICK_OUT (default /tmp/yardstick), REVERB (default target/release/reverb)
+# Env:   YARDSTICK_OUT (default target/yardstick), REVERB (default target/release/reverb)
 # Prints each server's per-run CPU µs per message, then the per-repetition ratios
 # uring / c-epoll and their median (runs without a CPU reading are skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CONNS=$1 SIZE=$2 DEPTH=$3 REPS=${4:-5} DURATION=${5:-2}
-OUT=${YARDSTICK_OUT:-/tmp/yardstick}
 REVERB=${REVERB:-target/release/reverb}
-make -s -C ../shared/yardstick OUT="$OUT" >/dev/null
+source scripts/yardstick.sh
+OUT=$YARDSTICK
 [ -x "$REVERB" ] || cargo build --release --quiet
 RUNS=$(mktemp)
 LISTEN=$(mktemp)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Server CPU per message of one reverb model against the C yardstick, measured in the
-# same run, alternating the two servers (see ../shared/yardstick/README.md).
+# same run, alternating the two servers (see bench/README.md).
 #
 #   scripts/bench.sh MODEL [REPEATS] [DURATION_S]     e.g. scripts/bench.sh epoll 3 3
 #
@@ -8,7 +8,8 @@
 # c=50 s=1024 depth 8, c=500 s=1024 depth 1) and each repeat, both servers are measured
 # back to back; the table shows the median server CPU per message of each and the ratio
 # of the medians (model / c-epoll-echo). Extra reverb flags: REVERB_FLAGS (default
-# "--threads 1"). BASELINE=epoll compares against another reverb model instead of C.
+# "--threads 1"). BASELINE=epoll compares against another reverb model instead of C, and
+# BASELINE=tokio-echo against the plain tokio echo server in bench/tokio-echo.
 set -euo pipefail
 
 model=${1:?usage: scripts/bench.sh MODEL [REPEATS] [DURATION_S]}
@@ -17,8 +18,9 @@ duration=${3:-3}
 flags=${REVERB_FLAGS:---threads 1}
 baseline=${BASELINE:-c-epoll-echo}
 cd "$(dirname "$0")/.."
-out=${YARDSTICK_OUT:-/tmp/yardstick}
-make -s -C ../shared/yardstick OUT="$out" >&2
+source scripts/yardstick.sh
+out=$YARDSTICK
+[[ $baseline == tokio-echo ]] && build_tokio_echo
 cargo build --release --quiet
 reverb=target/release/reverb
 results=$(mktemp)
@@ -33,6 +35,8 @@ free_port() {
 start_server() {
     if [[ $1 == c-epoll-echo ]]; then
         taskset -c 0 "$out/c-epoll-echo" "$2" 127.0.0.1 &
+    elif [[ $1 == tokio-echo ]]; then
+        taskset -c 0 "$TOKIO_ECHO" --port "$2" --runtime current &
     else
         # shellcheck disable=SC2086
         taskset -c 0 "$reverb" serve --model "$1" $flags --tcp "127.0.0.1:$2" >/dev/null &

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # p99 at c=500 s=1024 depth 1, async vs tokio, alternating; server CPU 0, load CPU 1.
+# Builds the yardstick (bench/) and a release reverb.
 set -uo pipefail
+cd "$(dirname "$0")/.."
+source scripts/yardstick.sh
+cargo build --release --quiet
 reverb=${REVERB:-target/release/reverb}
 conns=${CONNS:-500}; depth=${DEPTH:-1}
 for rep in $(seq ${REPEATS:-3}); do
@@ -10,7 +14,7 @@ for rep in $(seq ${REPEATS:-3}); do
     server=$!
     for _ in $(seq 50); do [[ -s $out ]] && break; sleep 0.1; done
     port=$(sed -n 's#^listening tcp://127.0.0.1:##p' $out)
-    line=$(taskset -c 1 /tmp/yardstick/echoload --port $port --conns $conns --size 1024 --depth $depth --warmup 1 --duration 3 --pid $server)
+    line=$(taskset -c 1 $YARDSTICK/echoload --port $port --conns $conns --size 1024 --depth $depth --warmup 1 --duration 3 --pid $server)
     kill -TERM $server; wait $server 2>/dev/null
     rm -f $out
     echo "$rep $model $line"

@@ -3,7 +3,7 @@
 //! Every model writes the same way: offer [`WriteBuffer::unsent`] to the kernel, then call
 //! [`WriteBuffer::advance`] with the count the kernel took. The kernel may take fewer bytes
 //! than offered (a short write); the rest stays here until the socket is writable again.
-//! The seeds called `send()` and dropped whatever it did not take; this type makes that
+//! The tutorials called `send()` and dropped whatever it did not take; this type makes that
 //! mistake impossible to write without ignoring a return value.
 //!
 //! The buffer is bounded: once [`WriteBuffer::is_full`] says so, the model stops reading

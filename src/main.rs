@@ -8,7 +8,7 @@ use clap::{CommandFactory, FromArgMatches, error::ErrorKind};
 use cli::{BenchArgs, Cli, ClientArgs, Command, CompareArgs, ServeArgs};
 use reverb::addr::{Endpoint, ListenSpec};
 use reverb::models;
-use reverb::server::{Listeners, Shutdown};
+use reverb::server::{Listeners, RunOptions, Shutdown};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -137,7 +137,7 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         Ok(shutdown) => shutdown,
         Err(e) => return fail(format!("cannot set up signal handling: {e}")),
     };
-    let listeners = match Listeners::bind(&specs, limits, args.model.wants_reuseport()) {
+    let listeners = match Listeners::bind(&specs, limits, args.model.accept_queues()) {
         Ok(listeners) => listeners,
         Err(e) => return fail(e),
     };
@@ -151,8 +151,10 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         let _ = stdout.flush();
     }
     tracing::info!("serving with model {}", args.model);
-    let threads = args.threads.map(|n| n as usize);
-    match models::run(args.model, listeners, protocol, shutdown, threads) {
+    let options = RunOptions {
+        threads: args.threads.map(|n| n as usize),
+    };
+    match models::run(args.model, listeners, protocol, shutdown, options) {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS

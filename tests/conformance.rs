@@ -34,6 +34,7 @@ conformance! {
         datagram_each,
         datagram_no_reply_cases,
         half_close_drains,
+        lines_wait_for_newline,
         short_writes_lose_nothing,
         unread_flood_bounded,
         panic_is_isolated,
@@ -46,5 +47,6 @@ conformance! {
         shutdown_closes_idle_at_once,
         drain_timeout_bounds_shutdown,
         out_of_descriptors_pauses,
+        datagram_full_peer_does_not_stall,
     ],
 }

@@ -3,9 +3,11 @@
 
 mod common;
 
-use common::{Conn, PATIENCE, Server, pattern, round_trip};
-use std::io::Write;
+use common::{Conn, PATIENCE, Server, pattern, reverb, round_trip};
+use std::io::{Read, Write};
+use std::process::Stdio;
 use std::thread;
+use std::time::{Duration, Instant};
 
 /// 50 clients connected at once over 2 (or 3) loops each get their own bytes back; with
 /// SO_REUSEPORT siblings the kernel spreads them, so every loop must be serving.
@@ -46,6 +48,73 @@ fn max_conns_across_loops(model: &str) {
         );
     }
     server.stop();
+}
+
+/// How long a server whose loop cannot start may take to exit.
+const START_FAILURE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Loop 1 of 3 cannot be set up (the loop helper's hidden test hook): the loops already
+/// built must stop, and `serve` exits 1 within [`START_FAILURE_LIMIT`] with one error line
+/// that names the loop.
+fn loop_that_cannot_start_stops_the_server(model: &str) {
+    let mut child = reverb()
+        .args([
+            "serve",
+            "--model",
+            model,
+            "--threads",
+            "3",
+            "--tcp",
+            "127.0.0.1:0",
+        ])
+        .env("REVERB_TEST_FAIL_LOOP", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("reverb starts");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waitpid") {
+            break status;
+        }
+        if started.elapsed() > START_FAILURE_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{model}: still running {START_FAILURE_LIMIT:?} after loop 1 failed to start");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stderr);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "{model}: exit status; stderr: {stderr}"
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("reverb: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{model}: one error line; stderr: {stderr}");
+    assert!(
+        errors[0].contains(&format!("cannot start {model} loop 1")),
+        "{model}: the line names the loop: {}",
+        errors[0]
+    );
+}
+
+#[test]
+fn epoll_loop_that_cannot_start() {
+    loop_that_cannot_start_stops_the_server("epoll");
+}
+
+#[test]
+fn tokio_loop_that_cannot_start() {
+    loop_that_cannot_start_stops_the_server("tokio");
 }
 
 #[test]

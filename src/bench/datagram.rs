@@ -11,7 +11,9 @@ use super::content::Content;
 use super::{
     AlignedBuf, DATAGRAM_LOSS_TIMEOUT, MAX_DATAGRAM_BYTES, PUBLISH_EVERY_NS, Plan, Tally, Timeline,
 };
+use super::{index_of, index_u32};
 use crate::addr::Endpoint;
+use crate::slab::Token;
 use crate::sys::epoll::{EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Epoll, Events};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -189,7 +191,7 @@ pub(super) fn run_worker(plan: &Plan, ids: &[u32]) -> io::Result<Tally> {
         declared_lost: 0,
     };
     for &id in ids {
-        let token = worker.connections.len() as u64;
+        let token = Token::reserved(index_u32(worker.connections.len()));
         let opened = open(&plan.endpoint, id).and_then(|socket| {
             worker.epoll.add(socket.fd(), token, EPOLLIN as u32)?;
             Ok(socket)
@@ -277,7 +279,7 @@ impl Worker<'_> {
             let timeout = timeline.wait_timeout(now, next_due.min(next_scan));
             self.epoll.wait_precise(&mut events, Some(timeout))?;
             for (token, flags) in events.iter() {
-                let index = token as usize;
+                let index = index_of(token);
                 if flags & EPOLLOUT as u32 != 0 {
                     self.set_interest(index, false);
                     let now = self.plan.now_ns();
@@ -458,7 +460,11 @@ impl Worker<'_> {
             };
             if self
                 .epoll
-                .modify(socket.fd(), index as u64, events as u32)
+                .modify(
+                    socket.fd(),
+                    Token::reserved(index_u32(index)),
+                    events as u32,
+                )
                 .is_ok()
             {
                 connection.wants_write = wants_write;

@@ -569,6 +569,17 @@ impl std::ops::DerefMut for AlignedBuf {
     }
 }
 
+/// A worker's connection `index` as an epoll token: workers keep connections in a plain
+/// vector, so their tokens are reserved ones (no slab generation).
+fn index_u32(index: usize) -> u32 {
+    u32::try_from(index).expect("fewer than 2^32 connections per worker")
+}
+
+/// The connection index a token from [`index_u32`] names.
+fn index_of(token: crate::slab::Token) -> usize {
+    token.reserved_index().unwrap_or(usize::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,9 @@
 
 use super::content::Content;
 use super::{AlignedBuf, MAX_WAIT, PUBLISH_EVERY_NS, Plan, Tally, Timeline};
+use super::{index_of, index_u32};
 use crate::addr::Endpoint;
+use crate::slab::Token;
 use crate::sys::epoll::{EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Epoll, Events};
 use socket2::{Domain, SockAddr, Socket, Type};
 use std::io::{self, Read, Write};
@@ -133,7 +135,7 @@ fn open(endpoint: &Endpoint, deadline: std::time::Instant) -> io::Result<(Stream
             socket.set_tcp_nodelay(true)?;
             let is_connecting = match socket.connect(&SockAddr::from(*addr)) {
                 Ok(()) => false,
-                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
+                Err(e) if e.raw_os_error() == Some(crate::sys::errno::EINPROGRESS) => true,
                 Err(e) => return Err(e),
             };
             Ok((Stream::Tcp(socket.into()), is_connecting))
@@ -171,7 +173,7 @@ impl Worker<'_> {
         let window = config.window() as usize;
         for &id in ids {
             let opened = open(&self.plan.endpoint, deadline).and_then(|(stream, is_connecting)| {
-                let token = self.connections.len() as u64;
+                let token = Token::reserved(index_u32(self.connections.len()));
                 let events = if is_connecting { EPOLLOUT } else { EPOLLIN };
                 self.epoll.add(stream.fd(), token, events as u32)?;
                 Ok((stream, is_connecting))
@@ -212,7 +214,7 @@ impl Worker<'_> {
                 break;
             }
             for (token, _) in events.iter() {
-                let Some(connection) = self.connections.get_mut(token as usize) else {
+                let Some(connection) = self.connections.get_mut(index_of(token)) else {
                     continue;
                 };
                 if !connection.is_connecting {
@@ -230,11 +232,11 @@ impl Worker<'_> {
                 match error {
                     None => {
                         self.tally.established += 1;
-                        self.set_interest(token as usize, false);
+                        self.set_interest(index_of(token), false);
                     }
                     Some(e) => {
                         let id = connection.id;
-                        self.close(token as usize);
+                        self.close(index_of(token));
                         self.connect_failed(id, &e);
                     }
                 }
@@ -301,7 +303,7 @@ impl Worker<'_> {
             let timeout = timeline.wait_timeout(now, next_due);
             self.epoll.wait_precise(&mut events, Some(timeout))?;
             for (token, flags) in events.iter() {
-                let index = token as usize;
+                let index = index_of(token);
                 if flags & EPOLLOUT as u32 != 0 {
                     self.flush(index);
                 }
@@ -367,7 +369,11 @@ impl Worker<'_> {
             };
             if self
                 .epoll
-                .modify(stream.fd(), index as u64, events as u32)
+                .modify(
+                    stream.fd(),
+                    Token::reserved(index_u32(index)),
+                    events as u32,
+                )
                 .is_ok()
             {
                 connection.wants_write = wants_write;

@@ -160,7 +160,7 @@ impl Server {
         if let Ok(Some(status)) = self.child.try_wait() {
             return Stopped::DiedEarly(status.code());
         }
-        let _ = process::kill(self.pid() as libc::pid_t, libc::SIGTERM);
+        let _ = process::kill(self.pid() as process::Pid, process::SIGTERM);
         match self.wait_for_exit(STOP_TIMEOUT) {
             Some(status) => stopped(status),
             None => {

@@ -323,17 +323,7 @@ pub fn run_with_progress(
     // The probes hold over a thousand sockets in this process.
     let _ = crate::sys::raise_open_file_limit();
     let mut skipped = Vec::new();
-    let mut models = Vec::new();
-    for model in config.chosen_models() {
-        if model.is_built() {
-            models.push(model);
-        } else {
-            skipped.push(Skipped {
-                model: model.name().to_string(),
-                reason: "not built yet".to_string(),
-            });
-        }
-    }
+    let models = config.chosen_models();
     let pinning = Pinning::choose(config.pin);
     let machine = Machine {
         cpus: pinning.allowed.len(),
@@ -595,7 +585,10 @@ fn measure_point<F: FnMut(&Progress)>(
         scope.spawn(move || {
             if let Err(mpsc::RecvTimeoutError::Timeout) = watched.recv_timeout(bound) {
                 was_killed.store(true, Ordering::SeqCst);
-                let _ = crate::sys::process::kill(pid as libc::pid_t, libc::SIGKILL);
+                let _ = crate::sys::process::kill(
+                    pid as crate::sys::process::Pid,
+                    crate::sys::process::SIGKILL,
+                );
             }
         });
         let activity = format!("{conns} conns");

@@ -6,8 +6,8 @@
 //! Limit: serial. While one client is connected, every other client waits in the kernel's
 //! accept backlog, and a client that never leaves blocks the listener forever.
 
-use crate::server::threaded_io::{accept_until_shutdown, serve_connection, serve_datagrams};
-use crate::server::{Listeners, Protocol, ServeError, Shutdown};
+use crate::server::one_socket::{accept_until_shutdown, serve_connection, serve_datagrams};
+use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use std::thread;
 
 /// Serves each listener serially on its own thread until `shutdown` fires.
@@ -15,7 +15,12 @@ use std::thread;
 /// # Errors
 ///
 /// A listener that broke (see `server::accept_action`).
-pub fn run(listeners: Listeners, protocol: Protocol, shutdown: Shutdown) -> Result<(), ServeError> {
+pub fn run(
+    listeners: Listeners,
+    protocol: Protocol,
+    shutdown: Shutdown,
+    _options: RunOptions,
+) -> Result<(), ServeError> {
     let Listeners {
         streams,
         datagrams,

@@ -10,12 +10,9 @@
 //! turn, but with nothing else runnable the yield returns at once: still 100% of a core.
 
 use crate::server::readiness::{ReadinessServer, Ready, Source};
-use crate::server::{Listeners, Protocol, ServeError, Shutdown};
+use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use std::thread;
 use std::time::Instant;
-
-/// Whether this model has landed.
-pub const IS_BUILT: bool = true;
 
 /// Every source is tried as if the kernel had said it was ready: the try is the poll.
 const TRY_EVERYTHING: Ready = Ready {
@@ -35,7 +32,7 @@ pub fn run(
     listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _threads: Option<usize>,
+    _options: RunOptions,
 ) -> Result<(), ServeError> {
     let mut server = ReadinessServer::new(listeners, protocol, shutdown)?;
     // The sources of one pass, taken before serving any: closing a connection empties its

@@ -19,23 +19,20 @@
 //! loop takes every freed descriptor (conformance `out_of_descriptors_pauses` hangs). Datagram
 //! sockets are shared by every loop the same way. Measurements: docs/benchmarks.md.
 
-use crate::server::event_loops::{LoopSources, run_on_threads, split_sources};
+use crate::net::{DatagramSocket, Stream, StreamListener};
+use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
-use crate::server::slab::{Slab, Token};
-use crate::server::threaded_io::is_per_peer_datagram_error;
+use crate::server::is_per_peer_datagram_error;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, DatagramSocket, Limits, Listeners, Protocol, READ_BUFFER_BYTES, ServeError,
-    Shutdown, Stream, StreamListener, accept_action, log_accept_pause, log_idle, log_over_limit,
-    log_send_failure,
+    DatagramReplier, Limits, Listeners, Protocol, READ_BUFFER_BYTES, RunOptions, ServeError,
+    Shutdown, accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
 };
+use crate::slab::{Slab, Token};
 use crate::sys::epoll::{self, Epoll, Events};
 use std::io;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
-
-/// Whether this model has landed.
-pub const IS_BUILT: bool = true;
 
 /// Events one `epoll_wait` can return.
 const EVENTS_PER_WAIT: usize = 1024;
@@ -44,13 +41,19 @@ const EVENTS_PER_WAIT: usize = 1024;
 const BATCH: usize = 64;
 /// The token of the shutdown eventfd; listeners follow it, then datagram sockets. Their
 /// generation is 0, which the slab never gives a connection.
-const SHUTDOWN_TOKEN: Token = 0;
+const SHUTDOWN_TOKEN: Token = Token::reserved(0);
 
 const EPOLLIN: u32 = epoll::EPOLLIN as u32;
 const EPOLLOUT: u32 = epoll::EPOLLOUT as u32;
 const EPOLLERR: u32 = epoll::EPOLLERR as u32;
 const EPOLLHUP: u32 = epoll::EPOLLHUP as u32;
 const EPOLLEXCLUSIVE: u32 = epoll::EPOLLEXCLUSIVE as u32;
+
+/// The token of a loop's `n`th own source (the shutdown eventfd, then listeners, then
+/// datagram sockets).
+fn reserved(n: usize) -> Token {
+    Token::reserved(u32::try_from(n).expect("fewer than 2^32 listeners"))
+}
 
 /// Serves every listener with `threads` event loops until `shutdown` fires and drains.
 ///
@@ -61,22 +64,17 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    threads: Option<usize>,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = threads.unwrap_or_else(super::default_loops).max(1);
-    let mut event_loops = Vec::with_capacity(loops);
-    for sources in split_sources(&mut listeners, loops, true)? {
-        event_loops.push(EventLoop::new(
-            sources,
-            loops > 1,
-            &listeners,
-            &protocol,
-            &shutdown,
-        )?);
-    }
-    run_on_threads("epoll", event_loops, &shutdown, |event_loop| {
-        event_loop.run(&shutdown)
-    })?;
+    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
+    let sources = split_sources(&mut listeners, loops, true)?;
+    run_loops(
+        "epoll",
+        sources,
+        &shutdown,
+        |_, sources| EventLoop::new(sources, loops > 1, &listeners, &protocol, &shutdown),
+        |event_loop| event_loop.run(&shutdown),
+    )?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
     drop(listeners);
     Ok(())
@@ -168,12 +166,12 @@ impl EventLoop {
             .take(if with_datagrams { usize::MAX } else { 0 });
         for (i, fd) in streams.enumerate() {
             self.epoll
-                .add(fd, 1 + i as Token, EPOLLIN | EPOLLEXCLUSIVE)?;
+                .add(fd, reserved(1 + i), EPOLLIN | EPOLLEXCLUSIVE)?;
         }
         for (i, fd) in datagrams.enumerate() {
             self.epoll.add(
                 fd,
-                1 + (self.streams.len() + i) as Token,
+                reserved(1 + self.streams.len() + i),
                 EPOLLIN | EPOLLEXCLUSIVE,
             )?;
         }
@@ -200,14 +198,14 @@ impl EventLoop {
             let now = is_timed.then(Instant::now);
             let now_tick = now.map_or(0, |now| self.expire_idle(now));
             for (token, readiness) in events.iter() {
-                match token {
-                    SHUTDOWN_TOKEN => self.begin_drain(shutdown)?,
-                    _ if token >> 32 != 0 => self.serve(token, readiness, now_tick),
+                match token.reserved_index() {
+                    None => self.serve(token, readiness, now_tick),
+                    Some(0) => self.begin_drain(shutdown)?,
                     // Listeners and datagram sockets are out of the set once draining;
                     // this event came in the same batch as the shutdown.
                     _ if self.drain_deadline.is_some() => {}
-                    _ if (token as usize) <= self.streams.len() => {
-                        let index = token as usize - 1;
+                    Some(source) if source <= self.streams.len() => {
+                        let index = source - 1;
                         self.accept_ready(index, now_tick)?;
                         if self.is_sharing_listeners && self.accept_paused_until.is_none() {
                             // EPOLLEXCLUSIVE wakes the first idle epoll on the listener's
@@ -218,7 +216,7 @@ impl EventLoop {
                             self.epoll.add(fd, token, EPOLLIN | EPOLLEXCLUSIVE)?;
                         }
                     }
-                    _ => self.answer_datagrams(token as usize - 1 - self.streams.len())?,
+                    Some(source) => self.answer_datagrams(source - 1 - self.streams.len())?,
                 }
             }
             if self.drain_deadline.is_some() && self.connections.is_empty() {

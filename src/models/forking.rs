@@ -7,14 +7,15 @@
 //! Limit: processes are the heaviest unit of concurrency; the parent must reap every child
 //! (or zombies pile up) and must stay single-threaded to fork safely.
 
-use crate::server::threaded_io::{is_per_peer_datagram_error, serve_connection};
+use crate::server::is_per_peer_datagram_error;
+use crate::server::one_socket::serve_connection;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, DATAGRAM_BUFFER_BYTES, DatagramReplier, Listeners,
-    Protocol, ServeError, Shutdown, accept_action, log_accept_pause, log_over_limit,
+    Protocol, RunOptions, ServeError, Shutdown, accept_action, log_accept_pause, log_over_limit,
     log_send_failure,
 };
 use crate::sys::poll::{self, POLLIN};
-use crate::sys::process::{self, Forked};
+use crate::sys::process::{self, Forked, Pid};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
@@ -38,6 +39,7 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
+    _options: RunOptions,
 ) -> Result<(), ServeError> {
     for listener in &listeners.streams {
         listener.set_nonblocking(true)?;
@@ -46,7 +48,7 @@ pub fn run(
         socket.set_nonblocking(true)?;
     }
     // Each child holds its place under --max-conns until the parent reaps it.
-    let mut children: HashMap<libc::pid_t, Option<Admission>> = HashMap::new();
+    let mut children: HashMap<Pid, Option<Admission>> = HashMap::new();
     let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
     let mut replier = DatagramReplier::new(protocol.clone());
     loop {
@@ -94,7 +96,7 @@ fn accept_one(
     index: usize,
     protocol: &Protocol,
     shutdown: &Shutdown,
-    children: &mut HashMap<libc::pid_t, Option<Admission>>,
+    children: &mut HashMap<Pid, Option<Admission>>,
 ) -> io::Result<()> {
     let listener = &listeners.streams[index];
     let (stream, peer) = match listener.accept() {
@@ -137,7 +139,7 @@ fn answer_one(
     index: usize,
     replier: &mut DatagramReplier,
     buf: &mut [u8],
-    children: &mut HashMap<libc::pid_t, Option<Admission>>,
+    children: &mut HashMap<Pid, Option<Admission>>,
 ) -> io::Result<()> {
     let (n, peer) = match listeners.datagrams[index].recv_from(buf) {
         Ok(received) => received,
@@ -183,7 +185,7 @@ fn run_child(work: impl FnOnce()) -> ! {
     process::exit_now(code)
 }
 
-fn reap(children: &mut HashMap<libc::pid_t, Option<Admission>>) -> io::Result<()> {
+fn reap(children: &mut HashMap<Pid, Option<Admission>>) -> io::Result<()> {
     while let Some(pid) = process::reap_child()? {
         children.remove(&pid);
     }
@@ -193,7 +195,7 @@ fn reap(children: &mut HashMap<libc::pid_t, Option<Admission>>) -> io::Result<()
 /// Children heard the shutdown through the shared eventfd; wait for them to finish, and
 /// kill those still running after the drain timeout.
 fn drain_children(
-    children: &mut HashMap<libc::pid_t, Option<Admission>>,
+    children: &mut HashMap<Pid, Option<Admission>>,
     drain_timeout: Duration,
 ) -> io::Result<()> {
     let deadline = Instant::now() + drain_timeout;
@@ -208,7 +210,7 @@ fn drain_children(
         if killed_at.is_none() && now >= deadline {
             tracing::warn!("killing {} children still draining", children.len());
             for &pid in children.keys() {
-                let _ = process::kill(pid, libc::SIGKILL);
+                let _ = process::kill(pid, process::SIGKILL);
             }
             killed_at = Some(now);
         }

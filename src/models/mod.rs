@@ -1,8 +1,9 @@
 //! One file per `--model`: the same protocol core served by each rung of the ladder.
 //!
 //! Every model has the same entry point,
-//! `run(listeners: Listeners, protocol: Protocol, shutdown: Shutdown) -> Result<(), ServeError>`:
-//! it serves every listener until `shutdown` fires, drains what is owed, and returns.
+//! `run(listeners: Listeners, protocol: Protocol, shutdown: Shutdown, options: RunOptions)
+//! -> Result<(), ServeError>`: it serves every listener until `shutdown` fires, drains what
+//! is owed, and returns.
 
 pub mod blocking;
 pub mod busy_poll;
@@ -16,7 +17,7 @@ pub mod threaded;
 pub mod tokio;
 pub mod uring;
 
-use crate::server::{Listeners, Protocol, ServeError, Shutdown};
+use crate::server::{AcceptQueues, Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use std::fmt;
 
 /// The I/O models, in the order of the ladder.
@@ -84,34 +85,23 @@ impl Model {
         Model::ALL.into_iter().find(|m| m.name() == name)
     }
 
-    /// Whether the model has landed (others exit 1 with "not built yet").
-    pub fn is_built(self) -> bool {
+    /// How this model's event loops share a TCP address (see [`AcceptQueues`]): `async`
+    /// and `uring` take a queue per loop, because their loops would all wake for every
+    /// connection on a shared one (edge-triggered registrations, multishot accepts), and
+    /// `EPOLLEXCLUSIVE` is not available to them.
+    pub fn accept_queues(self) -> AcceptQueues {
         match self {
-            Model::Blocking | Model::Threaded | Model::Pool | Model::Forking => true,
-            Model::BusyPoll => busy_poll::IS_BUILT,
-            Model::Select => select::IS_BUILT,
-            Model::Poll => poll::IS_BUILT,
-            Model::Epoll => epoll::IS_BUILT,
-            Model::Async => own_runtime::IS_BUILT,
-            Model::Tokio => self::tokio::IS_BUILT,
-            Model::Uring => uring::IS_BUILT,
+            Model::Async | Model::Uring => AcceptQueues::OnePerLoop,
+            _ => AcceptQueues::Shared,
         }
-    }
-
-    /// Whether the model wants TCP listeners that can get SO_REUSEPORT siblings.
-    pub fn wants_reuseport(self) -> bool {
-        matches!(self, Model::Async | Model::Uring)
     }
 
     /// Checks, before anything is bound, that the model can run here.
     ///
     /// # Errors
     ///
-    /// [`ServeError::NotBuilt`] or [`ServeError::ModelUnavailable`].
+    /// [`ServeError::ModelUnavailable`].
     pub fn check_available(self) -> Result<(), ServeError> {
-        if !self.is_built() {
-            return Err(ServeError::NotBuilt { model: self.name() });
-        }
         if self == Model::Uring {
             uring::check_available()?;
         }
@@ -127,8 +117,6 @@ impl fmt::Display for Model {
 
 /// Runs `model` over `listeners` until `shutdown` fires and the drain ends.
 ///
-/// `threads` is `--threads` (`None`: the model's default).
-///
 /// # Errors
 ///
 /// Setup failures, an unavailable model, or a listener that broke.
@@ -137,27 +125,23 @@ pub fn run(
     listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    threads: Option<usize>,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
     model.check_available()?;
-    match model {
-        Model::Blocking => blocking::run(listeners, protocol, shutdown),
-        Model::Threaded => threaded::run(listeners, protocol, shutdown),
-        Model::Pool => pool::run(
-            listeners,
-            protocol,
-            shutdown,
-            threads.unwrap_or(pool::DEFAULT_THREADS),
-        ),
-        Model::Forking => forking::run(listeners, protocol, shutdown),
-        Model::BusyPoll => busy_poll::run(listeners, protocol, shutdown, threads),
-        Model::Select => select::run(listeners, protocol, shutdown, threads),
-        Model::Poll => poll::run(listeners, protocol, shutdown, threads),
-        Model::Epoll => epoll::run(listeners, protocol, shutdown, threads),
-        Model::Async => own_runtime::run(listeners, protocol, shutdown, threads),
-        Model::Tokio => self::tokio::run(listeners, protocol, shutdown, threads),
-        Model::Uring => uring::run(listeners, protocol, shutdown, threads),
-    }
+    let run = match model {
+        Model::Blocking => blocking::run,
+        Model::Threaded => threaded::run,
+        Model::Pool => pool::run,
+        Model::Forking => forking::run,
+        Model::BusyPoll => busy_poll::run,
+        Model::Select => select::run,
+        Model::Poll => poll::run,
+        Model::Epoll => epoll::run,
+        Model::Async => own_runtime::run,
+        Model::Tokio => self::tokio::run,
+        Model::Uring => uring::run,
+    };
+    run(listeners, protocol, shutdown, options)
 }
 
 /// The default number of event loops: one per available core.

@@ -7,13 +7,14 @@
 //! readiness event; an idle connection is a boxed future of a few hundred bytes, not a stack.
 //! Limit: Linux only; a task that computes without awaiting stalls its whole runtime.
 
+use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::runtime::{self, Async, Direction, Runtime, Timer};
-use crate::server::threaded_io::is_per_peer_datagram_error;
+use crate::server::event_loops::listener_for_another_loop;
+use crate::server::is_per_peer_datagram_error;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, DatagramSocket, Limits, Listeners, Peer, Protocol, READ_BUFFER_BYTES,
-    ServeError, Shutdown, Stream, StreamListener, accept_action, log_accept_pause, log_idle,
-    log_over_limit, log_send_failure,
+    DatagramReplier, Limits, Listeners, Protocol, READ_BUFFER_BYTES, RunOptions, ServeError,
+    Shutdown, accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
 };
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -25,9 +26,6 @@ use std::rc::Rc;
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::task::Poll;
 use std::thread;
-
-/// Whether this model has landed.
-pub const IS_BUILT: bool = true;
 
 /// Steps (reads or writes) a connection task takes before it lets the others run.
 const STEPS_PER_TURN: usize = 16;
@@ -61,9 +59,9 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    threads: Option<usize>,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = threads.unwrap_or_else(super::default_loops).max(1);
+    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
     // Loop 0 serves the bound sockets themselves; the others get SO_REUSEPORT siblings
     // (their own accept queues) for TCP, and second descriptors for the rest.
     let mut sockets = vec![(take(&mut listeners.streams), take(&mut listeners.datagrams))];
@@ -71,7 +69,7 @@ pub fn run(
         let (streams, datagrams) = &sockets[0];
         let streams = streams
             .iter()
-            .map(StreamListener::sibling)
+            .map(listener_for_another_loop)
             .collect::<io::Result<_>>()?;
         let datagrams = datagrams.iter().map(DatagramSocket::try_clone);
         sockets.push((streams, datagrams.collect::<io::Result<_>>()?));

@@ -8,12 +8,9 @@
 //! cost CPU on every wake-up; `epoll` keeps the interest list in the kernel instead.
 
 use crate::server::readiness::{ReadinessServer, Ready, Source};
-use crate::server::{Listeners, Protocol, ServeError, Shutdown};
+use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use crate::sys::poll::{self, POLLERR, POLLHUP, POLLIN, POLLOUT, pollfd};
 use std::time::Instant;
-
-/// Whether this model has landed.
-pub const IS_BUILT: bool = true;
 
 /// Serves every listener from one thread until `shutdown` fires and the drain ends.
 ///
@@ -26,7 +23,7 @@ pub fn run(
     listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _threads: Option<usize>,
+    _options: RunOptions,
 ) -> Result<(), ServeError> {
     let mut server = ReadinessServer::new(listeners, protocol, shutdown)?;
     // `entries[i]` is the descriptor of `sources[i]`; both are rebuilt every turn.

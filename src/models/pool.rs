@@ -8,8 +8,9 @@
 //! unanswered, until a worker's client leaves.
 
 use super::blocking::join_all;
-use crate::server::threaded_io::{accept_until_shutdown, serve_connection, serve_datagrams};
-use crate::server::{Admission, Listeners, Peer, Protocol, ServeError, Shutdown, Stream};
+use crate::net::{Peer, Stream};
+use crate::server::one_socket::{accept_until_shutdown, serve_connection, serve_datagrams};
+use crate::server::{Admission, Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -31,7 +32,7 @@ pub fn run(
     listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    threads: usize,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
     let Listeners {
         streams,
@@ -40,6 +41,7 @@ pub fn run(
         counter,
         ..
     } = &listeners;
+    let threads = options.threads.unwrap_or(DEFAULT_THREADS);
     let (queue, jobs) = sync_channel::<Job>(QUEUE_LEN);
     let jobs = Arc::new(Mutex::new(jobs));
     thread::scope(|scope| {

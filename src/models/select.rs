@@ -7,13 +7,10 @@
 //! Limit: an fd >= FD_SETSIZE (1024) cannot be watched; that connection is logged and closed.
 
 use crate::server::readiness::{ReadinessServer, Ready, Source};
-use crate::server::{Listeners, Protocol, ServeError, Shutdown};
+use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use crate::sys::select::{FD_SETSIZE, FdSet, select};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
-
-/// Whether this model has landed.
-pub const IS_BUILT: bool = true;
 
 /// Serves every listener from one thread until `shutdown` fires and the drain ends.
 ///
@@ -28,7 +25,7 @@ pub fn run(
     listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _threads: Option<usize>,
+    _options: RunOptions,
 ) -> Result<(), ServeError> {
     let mut server = ReadinessServer::new(listeners, protocol, shutdown)?;
     // Connections are refused at accept: passing their fd to FD_SET would write outside

@@ -7,8 +7,8 @@
 //! Limit: memory and scheduler load grow with every connection; `--max-conns` is the cap.
 
 use super::blocking::join_all;
-use crate::server::threaded_io::{accept_until_shutdown, serve_connection, serve_datagrams};
-use crate::server::{Listeners, Protocol, ServeError, Shutdown};
+use crate::server::one_socket::{accept_until_shutdown, serve_connection, serve_datagrams};
+use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use std::thread;
 
 /// Stack for connection threads: the handler needs little, and the default 2 MiB of
@@ -21,7 +21,12 @@ const CONNECTION_STACK_BYTES: usize = 128 * 1024;
 /// # Errors
 ///
 /// A listener that broke.
-pub fn run(listeners: Listeners, protocol: Protocol, shutdown: Shutdown) -> Result<(), ServeError> {
+pub fn run(
+    listeners: Listeners,
+    protocol: Protocol,
+    shutdown: Shutdown,
+    _options: RunOptions,
+) -> Result<(), ServeError> {
     let Listeners {
         streams,
         datagrams,

@@ -12,12 +12,13 @@
 //! would wake every loop for each datagram. They are driven through `AsyncFd` over the
 //! shared `DatagramSocket`, which already knows every peer kind (abstract Unix names too).
 
-use crate::server::event_loops::{LoopSources, run_on_threads, split_sources};
+use crate::net::{DatagramSocket, Peer};
+use crate::server::event_loops::{LoopSources, run_loops, split_sources};
+use crate::server::is_per_peer_datagram_error;
 use crate::server::stop_signal::StopSignal;
-use crate::server::threaded_io::is_per_peer_datagram_error;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, DATAGRAM_BUFFER_BYTES, DatagramReplier,
-    DatagramSocket, Limits, Listeners, Peer, Protocol, READ_BUFFER_BYTES, ServeError, Shutdown,
+    Limits, Listeners, Protocol, READ_BUFFER_BYTES, RunOptions, ServeError, Shutdown,
     accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
 };
 use crate::sys::async_fd;
@@ -33,9 +34,6 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep, sleep};
-
-/// Whether this model has landed.
-pub const IS_BUILT: bool = true;
 
 thread_local! {
     /// The one read buffer of each loop's thread: a connection borrows it for one read
@@ -54,9 +52,9 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    threads: Option<usize>,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = threads.unwrap_or_else(super::default_loops).max(1);
+    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
     let sources = split_sources(&mut listeners, loops, false)?;
     let shared = Arc::new(Shared {
         protocol,
@@ -76,10 +74,11 @@ pub fn run(
             .collect::<io::Result<_>>()?;
         prepared.push((runtime, sources, shutdown_fd, datagram_fds));
     }
-    run_on_threads(
+    run_loops(
         "tokio",
         prepared,
         &shutdown,
+        |_, prepared| Ok(prepared),
         |(runtime, sources, fired, fds)| {
             runtime.block_on(serve_loop(sources, fired, fds, shared.clone()))
         },

@@ -6,11 +6,15 @@
 //! (`sys/uring.rs` keeps it), and every result arrives later, in another turn of the loop.
 //! Limit: Linux only; often disabled (sysctl kernel.io_uring_disabled, container seccomp).
 
+use crate::net::Peer;
+use crate::server::event_loops::listener_for_another_loop;
+use crate::server::is_per_peer_datagram_error;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Limits, Listeners, Peer, Protocol, ServeError, Shutdown, accept_action,
-    log_accept_pause, log_idle, log_over_limit, log_send_failure, threaded_io,
+    DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
+    log_accept_pause, log_idle, log_over_limit, log_send_failure,
 };
+use crate::sys::errno;
 use crate::sys::uring::{Completion, Key, Ring, probe};
 use socket2::{SockAddr, SockRef};
 use std::io;
@@ -21,9 +25,6 @@ use std::os::unix::net::{self, UnixStream};
 use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// Whether this model has landed.
-pub const IS_BUILT: bool = true;
 
 /// How often connections are checked against `--idle-timeout`.
 const IDLE_SCAN_INTERVAL: Duration = Duration::from_millis(250);
@@ -54,17 +55,16 @@ pub fn run(
     listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    threads: Option<usize>,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = threads.unwrap_or_else(super::default_loops).max(1);
+    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
     let mut sockets = Vec::new();
     for n in 0..loops {
         // Each loop gets its own SO_REUSEPORT listener for TCP (its own accept queue).
         let streams = listeners.streams.iter().map(|listener| {
             let fd = match n {
                 0 => listener.as_fd().try_clone_to_owned()?,
-                _ => listener
-                    .sibling()?
+                _ => listener_for_another_loop(listener)?
                     .into_std()
                     .map_or_else(OwnedFd::from, OwnedFd::from),
             };
@@ -360,7 +360,7 @@ impl<'a> Loop<'a> {
             // The ring's budget was the connection's read limit, so these bytes fit.
             Ok(_) => conn.connection.receive(self.ring.received()),
             // ENOBUFS: every provided buffer was in use; ECANCELED: drain stopped reading.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::ECANCELED)) => {
+            Err(e) if matches!(e.raw_os_error(), Some(errno::ENOBUFS | errno::ECANCELED)) => {
                 return self.mark(key);
             }
             Err(e) => {
@@ -433,7 +433,7 @@ impl<'a> Loop<'a> {
         match result {
             Ok(_) if self.ring.is_sending(key) => self.datagrams[at].has_pending = true,
             Ok(_) => self.answer(at),
-            Err(e) if threaded_io::is_per_peer_datagram_error(&e) => {
+            Err(e) if is_per_peer_datagram_error(&e) => {
                 self.ring.arm_datagram_receive(key);
             }
             Err(e) => return Err(e),

@@ -8,9 +8,11 @@
 //! Every model, from `blocking` to `uring`, drives these same types, so a protocol behaves
 //! identically on every rung of the ladder and the tests can state it once.
 //!
-//! Memory stays bounded whatever the peer sends: `echo` holds nothing, `lines` holds at
-//! most the length of the `--panic-on` word, and `until-quit` holds at most its hold limit
-//! before it starts streaming what it collected.
+//! Memory stays bounded whatever the peer sends: `echo` holds nothing, `lines` holds a
+//! partial line of at most its hold limit (or the `--panic-on` word, if longer) before it
+//! answers it in pieces, and `until-quit` holds at most its hold limit before it starts
+//! streaming what it collected. [`Session::held_bytes`] tells a model how much is held, so
+//! that held and owed bytes together stay within `--max-buffer`.
 
 mod echo;
 mod lines;
@@ -58,8 +60,8 @@ pub struct Protocol {
 impl Protocol {
     /// A protocol of `kind` with no prefix, greeting or panic word.
     ///
-    /// `hold_limit_bytes` bounds what `until-quit` collects before it streams (the
-    /// server's `--max-buffer`).
+    /// `hold_limit_bytes` bounds what `lines` holds of a partial line and what
+    /// `until-quit` collects before either answers in pieces (the server's `--max-buffer`).
     pub fn new(kind: ProtocolKind, hold_limit_bytes: usize) -> Self {
         Protocol {
             kind,
@@ -97,9 +99,11 @@ impl Protocol {
     pub fn new_session(&self) -> Session {
         let state = match self.kind {
             ProtocolKind::Echo => State::Echo(Echo),
-            ProtocolKind::Lines => {
-                State::Lines(Lines::new(self.prefix.clone(), self.panic_on.clone()))
-            }
+            ProtocolKind::Lines => State::Lines(Lines::new(
+                self.prefix.clone(),
+                self.panic_on.clone(),
+                self.hold_limit_bytes,
+            )),
             ProtocolKind::UntilQuit => {
                 State::UntilQuit(UntilQuit::new(self.prefix.clone(), self.hold_limit_bytes))
             }
@@ -169,7 +173,10 @@ impl Session {
     /// # Panics
     ///
     /// A `lines` session with a panic word panics on a line equal to it; the caller
-    /// isolates that panic to this connection.
+    /// isolates that panic to this connection. When it does, `out` already holds the
+    /// replies to every line before that one (in this `input` and earlier ones) and no byte
+    /// of that line's reply, so a caller that sends what is owed before closing answers
+    /// every earlier line whatever the segmentation.
     pub fn on_data(&mut self, input: &[u8], out: &mut WriteBuffer) -> Flow {
         match &mut self.state {
             State::Echo(echo) => echo.on_data(input, out),
@@ -187,9 +194,19 @@ impl Session {
         }
     }
 
+    /// Input bytes held inside the session, not yet owed to the peer (a partial line, or
+    /// what `until-quit` collected). A model counts them against the write buffer's bound.
+    pub fn held_bytes(&self) -> usize {
+        match &self.state {
+            State::Echo(_) => 0,
+            State::Lines(lines) => lines.held_bytes(),
+            State::UntilQuit(until_quit) => until_quit.held_bytes(),
+        }
+    }
+
     /// At most how many reply bytes one input byte can cause (a `\n` becomes
-    /// `PREFIX + "\n"`). Models read at most `room / max_expansion` bytes at a time so that
-    /// one read's replies stay within the write buffer's bound.
+    /// `PREFIX + "\n"`). Models read at most `(room - held) / max_expansion` bytes at a
+    /// time so that one read's replies stay within the write buffer's bound.
     pub fn max_expansion(&self) -> usize {
         self.max_expansion
     }

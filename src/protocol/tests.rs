@@ -122,29 +122,125 @@ proptest! {
         prop_assert_eq!(reply, want);
     }
 
-    /// Held bytes stay bounded: `lines` holds at most the panic word, `until-quit` at most
-    /// its hold limit plus one read.
+    /// After every read, `lines` has sent exactly the replies to the complete lines so far,
+    /// plus the current partial line only once it is longer than the hold limit (and can
+    /// no longer become the panic word): nothing of a line goes out before its newline.
     #[test]
-    fn held_bytes_stay_bounded(
-        input in proptest::collection::vec(prop_oneof![Just(b'b'), Just(b'x'), Just(b'\n')], 0..2000),
-        cuts in proptest::collection::vec(1usize..64, 1..10),
+    fn lines_answer_a_line_only_once_it_is_complete(
+        input in proptest::collection::vec(prop_oneof![Just(b'b'), Just(b'x'), Just(b'\n')], 0..400),
+        cuts in proptest::collection::vec(1usize..24, 1..10),
+        hold in 1usize..10,
+        prefix in proptest::collection::vec(any::<u8>(), 0..4),
+        has_word in any::<bool>(),
     ) {
-        let lines = Protocol::new(ProtocolKind::Lines, 64).with_panic_on(b"bbbb");
-        let mut session = lines.new_session();
+        let word = b"bbbbb";
+        let mut protocol = Protocol::new(ProtocolKind::Lines, hold).with_prefix(&prefix);
+        if has_word {
+            protocol = protocol.with_panic_on(word);
+        }
+        let mut session = protocol.new_session();
         let mut out = WriteBuffer::new(usize::MAX / 2);
-        let mut rest = &input[..];
         let mut cuts = cuts.iter().cycle();
-        while !rest.is_empty() {
-            let n = (*cuts.next().unwrap_or(&1)).min(rest.len());
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                session.on_data(&rest[..n], &mut out)
+        let mut fed = 0;
+        while fed < input.len() {
+            let n = (*cuts.next().unwrap_or(&1)).min(input.len() - fed);
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                session.on_data(&input[fed..fed + n], &mut out)
             }));
-            rest = &rest[n..];
-            if let State::Lines(state) = &session.state {
-                prop_assert!(state.held.len() <= 4);
+            let complete = input[..fed + n].iter().rposition(|&b| b == b'\n').map_or(0, |at| at + 1);
+            let mut want = expected(&protocol, b"", &prefix, &input[..complete]);
+            if result.is_err() {
+                // Panicked on the first line ending in this read that equals the word: the
+                // lines before it were answered, and nothing of it.
+                prop_assert!(has_word);
+                let mut line_start = input[..fed].iter().rposition(|&b| b == b'\n').map_or(0, |at| at + 1);
+                loop {
+                    let end = line_start + input[line_start..fed + n].iter().position(|&b| b == b'\n').expect("the panic needs a newline");
+                    if input[line_start..end] == word[..] {
+                        break;
+                    }
+                    line_start = end + 1;
+                }
+                let before = expected(&protocol, b"", &prefix, &input[..line_start]);
+                prop_assert_eq!(out.unsent(), &before[..]);
+                return Ok(());
             }
+            let partial = &input[complete..fed + n];
+            let could_be_word = has_word && word.starts_with(partial);
+            if partial.len() > hold && !could_be_word {
+                want.extend_from_slice(&prefix);
+                want.extend_from_slice(partial);
+            }
+            prop_assert_eq!(out.unsent(), &want[..], "after {} bytes", fed + n);
+            prop_assert!(session.held_bytes() <= hold.max(word.len()));
+            fed += n;
         }
     }
+}
+
+#[test]
+fn lines_hold_a_partial_line_until_its_newline() {
+    let protocol = Protocol::new(ProtocolKind::Lines, 1024).with_prefix(b"You Got ");
+    let mut session = protocol.new_session();
+    let mut out = WriteBuffer::new(1024);
+    session.on_data(b"spl", &mut out);
+    assert_eq!(out.unsent(), b"", "nothing before the newline");
+    assert_eq!(session.held_bytes(), 3);
+    session.on_data(
+        b"it
+ne", &mut out,
+    );
+    assert_eq!(out.unsent(), b"You Got split\n");
+    session.on_eof(&mut out);
+    assert_eq!(out.unsent(), b"You Got split\nYou Got ne");
+    assert_eq!(session.held_bytes(), 0);
+}
+
+#[test]
+fn lines_answer_a_line_past_the_hold_limit_in_pieces() {
+    let protocol = Protocol::new(ProtocolKind::Lines, 4).with_prefix(b"> ");
+    let mut session = protocol.new_session();
+    let mut out = WriteBuffer::new(1024);
+    session.on_data(b"abcd", &mut out);
+    assert_eq!(out.unsent(), b"", "exactly the hold limit is still held");
+    session.on_data(b"e", &mut out);
+    assert_eq!(out.unsent(), b"> abcde");
+    assert_eq!(session.held_bytes(), 0);
+    session.on_data(b"f", &mut out);
+    assert_eq!(out.unsent(), b"> abcdef", "the rest follows as it arrives");
+    session.on_data(b"\ng", &mut out);
+    assert_eq!(out.unsent(), b"> abcdef\n");
+    assert_eq!(session.held_bytes(), 1, "the next line is held again");
+}
+
+#[test]
+fn lines_hold_past_the_limit_only_what_can_still_become_the_word() {
+    let protocol = Protocol::new(ProtocolKind::Lines, 2)
+        .with_prefix(b"> ")
+        .with_panic_on(b"boom");
+    let mut session = protocol.new_session();
+    let mut out = WriteBuffer::new(1024);
+    session.on_data(b"boo", &mut out);
+    assert_eq!(out.unsent(), b"", "still the start of the word");
+    assert_eq!(session.held_bytes(), 3);
+    session.on_data(b"x", &mut out);
+    assert_eq!(out.unsent(), b"> boox", "can no longer become the word");
+    assert_eq!(session.held_bytes(), 0);
+    session.on_data(b"\nbot", &mut out);
+    assert_eq!(out.unsent(), b"> boox\n> bot");
+}
+
+#[test]
+fn until_quit_holds_exactly_its_limit() {
+    let protocol = Protocol::new(ProtocolKind::UntilQuit, 8);
+    let mut session = protocol.new_session();
+    let mut out = WriteBuffer::new(1 << 20);
+    session.on_data(&[b'x'; 8], &mut out);
+    assert_eq!(out.len(), 0, "exactly the hold limit owes nothing yet");
+    assert_eq!(session.held_bytes(), 8);
+    session.on_data(b"y", &mut out);
+    assert_eq!(out.len(), 9 - (until_quit::QUIT.len() - 1));
+    assert_eq!(session.held_bytes(), until_quit::QUIT.len() - 1);
 }
 
 #[test]

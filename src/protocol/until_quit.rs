@@ -1,7 +1,7 @@
 //! `until-quit`: collect input until it ends with `quit\n` or the peer half-closes, then
 //! send everything collected back once, as `PREFIX + all`, and close.
 //!
-//! The seed kept collecting without a bound (seed 000). Here, once more than the hold
+//! The tutorial this grew from kept collecting without a bound. Here, once more than the hold
 //! limit is collected, all but the last few bytes are streamed out early: the bytes on the
 //! wire are the same, memory stays bounded, and nothing is lost. The last
 //! `QUIT.len() - 1` bytes stay held so that a `quit\n` split across reads is still seen.
@@ -57,6 +57,11 @@ impl UntilQuit {
             self.held.drain(..send);
         }
         Flow::Continue
+    }
+
+    /// Bytes collected and not yet owed.
+    pub fn held_bytes(&self) -> usize {
+        self.held.len()
     }
 
     /// The peer half-closed: everything collected goes back.

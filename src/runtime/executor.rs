@@ -7,9 +7,9 @@
 //! from another thread ends the sleep. Nothing spins: an idle runtime is a thread asleep
 //! in `epoll_wait`.
 
-use super::Slab;
 use super::reactor::Reactor;
 use super::timer::Timers;
+use crate::slab::{Slab, Token};
 use crate::sys::eventfd::EventFd;
 use std::any::Any;
 use std::cell::{Cell, RefCell};
@@ -26,7 +26,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 /// The run-queue key of `block_on`'s own future, which no slab key can equal.
-const MAIN_KEY: u64 = u64::MAX;
+const MAIN_KEY: Token = Token::reserved(0);
 
 thread_local! {
     /// The runtime inside whose `block_on` this thread is, for [`spawn`] and `Async::new`.
@@ -65,7 +65,7 @@ struct Queue {
 
 #[derive(Default)]
 struct QueueState {
-    ready: VecDeque<u64>,
+    ready: VecDeque<Token>,
     /// The loop is (about to be) asleep in `epoll_wait` and must be woken through `wake_fd`.
     is_sleeping: bool,
 }
@@ -79,7 +79,7 @@ impl Queue {
 
 /// What a [`Waker`] is here: made once per task, so a wake-up allocates nothing.
 struct TaskWaker {
-    key: u64,
+    key: Token,
     /// The key is in the queue (or the task is about to be polled): don't queue it twice.
     is_queued: AtomicBool,
     queue: Arc<Queue>,
@@ -239,7 +239,7 @@ impl Drop for Enter {
 
 impl Core {
     /// Polls the task `key` once, isolating a panic to that task.
-    fn run(&self, key: u64) {
+    fn run(&self, key: Token) {
         let (mut future, waker) = {
             let mut tasks = self.tasks.borrow_mut();
             // Gone (finished or aborted since it was woken), or already running.
@@ -279,7 +279,7 @@ impl Core {
 
     /// Ends the task `key` (dropping its future, if not running), and wakes
     /// [`Runtime::wait_for_tasks`] if it was the last.
-    fn remove(&self, key: u64) {
+    fn remove(&self, key: Token) {
         let task = self.tasks.borrow_mut().remove(key);
         drop(task);
         if self.tasks.borrow().is_empty() {
@@ -414,7 +414,7 @@ impl<F: Future> Drop for Joined<F> {
 /// Awaits a spawned task's output: `Some(output)`, or `None` if the task panicked or was
 /// aborted. Dropping the handle detaches the task; it keeps running.
 pub struct JoinHandle<T> {
-    key: u64,
+    key: Token,
     state: Rc<RefCell<JoinState<T>>>,
     core: Rc<Core>,
 }

@@ -64,7 +64,6 @@ pub use net::{Async, TcpListener, TcpStream, UdpSocket, UnixDatagram, UnixListen
 pub use reactor::Direction;
 pub use timer::{Elapsed, Timer, now, sleep, timeout};
 
-use crate::server::slab::Slab;
 use std::task::{Context, Waker};
 
 /// Remembers the waker of the task polling with `cx`. A task is polled with the same waker

@@ -8,7 +8,8 @@
 
 use super::executor::{Core, current};
 use super::reactor::Direction;
-use crate::server::{DatagramSocket, Peer, Stream, StreamListener};
+use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
+use crate::slab::Token;
 use socket2::SockRef;
 use std::future::poll_fn;
 use std::io;
@@ -36,7 +37,7 @@ pub type UnixDatagram = Async<DatagramSocket>;
 /// direction replaces the first, which then relies on being polled again).
 pub struct Async<T: AsFd> {
     io: T,
-    key: u64,
+    key: Token,
     core: Rc<Core>,
 }
 

@@ -7,7 +7,7 @@
 //! and wakes that task. That keeps the per-operation cost at the one system call the
 //! operation needs: no `epoll_ctl` to re-arm, no `epoll_wait` before a read that succeeds.
 
-use super::Slab;
+use crate::slab::{Slab, Token};
 use crate::sys::epoll::{
     EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Epoll, Events,
 };
@@ -18,7 +18,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 /// The epoll token of the executor's eventfd, which no slab key can equal.
-const WAKE_TOKEN: u64 = u64::MAX;
+const WAKE_TOKEN: Token = Token::reserved(0);
 /// How many readiness events one `epoll_wait` can return.
 const EVENTS_PER_WAIT: usize = 1024;
 
@@ -67,7 +67,7 @@ impl Reactor {
     }
 
     /// Adds `fd` to epoll for both directions; returns its key (its epoll token).
-    pub(crate) fn register(&self, fd: BorrowedFd<'_>) -> io::Result<u64> {
+    pub(crate) fn register(&self, fd: BorrowedFd<'_>) -> io::Result<Token> {
         let mut sources = self.sources.borrow_mut();
         // Optimistic: try the system call first, and wait only once it says WouldBlock.
         let ready = || Interest {
@@ -85,7 +85,7 @@ impl Reactor {
 
     /// Removes `fd` from epoll before it closes (a dup elsewhere would otherwise keep the
     /// registration alive) and frees its slot; late events for `key` are then ignored.
-    pub(crate) fn deregister(&self, key: u64, fd: BorrowedFd<'_>) {
+    pub(crate) fn deregister(&self, key: Token, fd: BorrowedFd<'_>) {
         if let Err(e) = self.epoll.delete(fd) {
             tracing::debug!("epoll_ctl(DEL) failed for a closing socket: {e}");
         }
@@ -94,7 +94,12 @@ impl Reactor {
     }
 
     /// `Ready` if `direction` is ready; otherwise remembers `cx`'s waker for the next edge.
-    pub(crate) fn poll_ready(&self, key: u64, direction: Direction, cx: &Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_ready(
+        &self,
+        key: Token,
+        direction: Direction,
+        cx: &Context<'_>,
+    ) -> Poll<()> {
         let mut sources = self.sources.borrow_mut();
         let Some(source) = sources.get_mut(key) else {
             return Poll::Ready(());
@@ -112,7 +117,7 @@ impl Reactor {
     ///
     /// No edge can slip in between: events are only read in [`Reactor::wait`], on this
     /// same thread, never while a task is being polled.
-    pub(crate) fn clear_ready(&self, key: u64, direction: Direction) {
+    pub(crate) fn clear_ready(&self, key: Token, direction: Direction) {
         if let Some(source) = self.sources.borrow_mut().get_mut(key) {
             let interest = &mut source[direction as usize];
             interest.is_ready = interest.is_final;

@@ -2,7 +2,7 @@
 //! tasks, and a stress test where wakes race polls.
 
 use super::*;
-use crate::server::Stream;
+use crate::net::Stream;
 use std::cell::Cell;
 use std::future::poll_fn;
 use std::io;

@@ -6,8 +6,8 @@
 //! by every read): the old heap entry fires, finds the deadline moved, and re-queues
 //! itself once. So a busy connection costs no heap operation per read.
 
-use super::Slab;
 use super::executor::{Core, current};
+use crate::slab::{Slab, Token};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::future::{Future, poll_fn};
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 pub(crate) struct Timers {
     slots: Slab<TimerSlot>,
     /// `(when, key)`, earliest first; an entry whose slot moved on is skipped when popped.
-    heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    heap: BinaryHeap<Reverse<(Instant, Token)>>,
 }
 
 struct TimerSlot {
@@ -67,7 +67,7 @@ impl Timers {
         }
     }
 
-    fn reset(&mut self, key: u64, deadline: Instant) {
+    fn reset(&mut self, key: Token, deadline: Instant) {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
         };
@@ -85,7 +85,7 @@ impl Timers {
 ///
 /// Must be created and used inside a runtime's `block_on`.
 pub struct Timer {
-    key: u64,
+    key: Token,
     core: Rc<Core>,
 }
 

@@ -155,14 +155,18 @@ impl Connection {
     }
 
     /// How many bytes to read at most now, given a read buffer of `buf_len` bytes: as many
-    /// as fit under the bound once the protocol has expanded them, and 0 when none do.
+    /// as fit under the bound, with the bytes the protocol holds and the ciphertext owed
+    /// counted against it, once the protocol has expanded them; 0 when reading is off.
     /// TLS needs no margin: plaintext is never longer than the ciphertext carrying it.
     pub fn read_limit(&self, buf_len: usize) -> usize {
         if !self.wants_read() {
             return 0;
         }
         let wire = self.layers.as_ref().map_or(0, |layers| layers.wire.len());
-        let room = self.out.room().saturating_sub(wire);
+        let room = self
+            .out
+            .room()
+            .saturating_sub(self.session.held_bytes() + wire);
         (room / self.session.max_expansion()).clamp(1, buf_len)
     }
 
@@ -457,15 +461,6 @@ impl Connection {
     /// Bytes owed now (plaintext and ciphertext).
     pub fn owed(&self) -> usize {
         self.out.len() + self.layers.as_ref().map_or(0, |layers| layers.wire.len())
-    }
-
-    /// Heap bytes held for this connection's output.
-    pub fn buffer_capacity(&self) -> usize {
-        self.out.capacity()
-            + self
-                .layers
-                .as_ref()
-                .map_or(0, |layers| layers.wire.capacity())
     }
 }
 

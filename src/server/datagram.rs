@@ -3,7 +3,11 @@
 use super::Peer;
 use super::connection::{HandlerPanicked, catch_datagram_panic};
 use crate::protocol::Protocol;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Whether an echo may answer a datagram from `peer`.
 ///
@@ -63,9 +67,52 @@ impl DatagramReplier {
     }
 }
 
-/// Logs a reply that could not be sent; the socket keeps serving others.
-pub fn log_send_failure(peer: &Peer, error: &std::io::Error) {
-    tracing::warn!("cannot answer the datagram from {peer}: {error}");
+/// Errors a datagram socket reports about one earlier peer, not about itself.
+pub fn is_per_peer_datagram_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
+}
+
+/// At most one line a second tells of dropped replies, however many are dropped: a peer
+/// that never reads its replies must not flood the log (nor slow the loop with logging).
+pub const DROPPED_REPLY_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Replies dropped since the server started, across every socket and loop.
+static DROPPED_REPLIES: AtomicU64 = AtomicU64::new(0);
+/// When a dropped reply was last logged, in milliseconds after `CLOCK_START`, plus one
+/// (0: never).
+static LAST_DROP_LOG_MS: AtomicU64 = AtomicU64::new(0);
+static CLOCK_START: OnceLock<Instant> = OnceLock::new();
+
+/// Counts a reply that could not be sent and logs it, at most once per
+/// [`DROPPED_REPLY_LOG_INTERVAL`]; the socket keeps serving others.
+///
+/// Every model sends datagram replies without waiting (a full queue at one peer answers
+/// `EAGAIN` at once), so a peer that never reads loses its own replies and delays nobody.
+pub fn log_send_failure(peer: &Peer, error: &io::Error) {
+    let dropped = DROPPED_REPLIES.fetch_add(1, Ordering::Relaxed) + 1;
+    let start = *CLOCK_START.get_or_init(Instant::now);
+    let now_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+    let last_ms = LAST_DROP_LOG_MS.load(Ordering::Relaxed);
+    let interval_ms = DROPPED_REPLY_LOG_INTERVAL.as_millis() as u64;
+    let is_due = last_ms == 0 || now_ms.saturating_sub(last_ms) >= interval_ms;
+    // One thread wins the right to log this interval; the others only count.
+    if is_due
+        && LAST_DROP_LOG_MS
+            .compare_exchange(last_ms, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            "cannot answer the datagram from {peer}: {error}; reply dropped \
+             ({dropped} dropped since start, logged at most once a second)"
+        );
+    }
 }
 
 #[cfg(test)]

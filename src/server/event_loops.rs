@@ -1,8 +1,11 @@
-//! What the readiness models (`epoll`, `tokio`, ...) share about running several event
-//! loops: handing each loop its own listeners, and a thread per loop.
+//! What the multi-loop models (`epoll`, `async`, `tokio`, `uring`) share about running
+//! several event loops: handing each loop its listeners, and a thread per loop behind one
+//! start gate.
 
-use super::{DatagramSocket, Listeners, Shutdown, StreamListener};
+use super::{Listeners, Shutdown};
+use crate::net::{DatagramSocket, StreamListener};
 use std::io;
+use std::sync::{Condvar, Mutex, PoisonError};
 
 /// The sockets one event loop serves.
 #[derive(Debug, Default)]
@@ -17,7 +20,7 @@ pub struct LoopSources {
 ///
 /// Loop 0 gets the originals: with SO_REUSEPORT the kernel queues connections on every
 /// socket of the group, so none may go unserved. The others get
-/// [`StreamListener::sibling`]s, and, when `share_datagrams`, duplicates of the datagram
+/// [`listener_for_another_loop`]s, and, when `share_datagrams`, duplicates of the datagram
 /// sockets (one receive queue; otherwise only loop 0 answers datagrams).
 ///
 /// # Errors
@@ -35,7 +38,7 @@ pub fn split_sources(
         sources.push(LoopSources {
             streams: streams
                 .iter()
-                .map(StreamListener::sibling)
+                .map(listener_for_another_loop)
                 .collect::<io::Result<_>>()?,
             datagrams: if share_datagrams {
                 datagrams
@@ -51,46 +54,146 @@ pub fn split_sources(
     Ok(sources)
 }
 
-/// Runs `body` for each loop on its own thread, named `reverb-MODEL-INDEX`, and returns
-/// when all have returned. A loop that fails fires `shutdown`, so the others drain and stop
-/// and the server reports the failure instead of running on crippled.
+/// A listener on `listener`'s address for one more event loop: a sibling with its own
+/// accept queue when `listener` was bound for [`super::AcceptQueues::OnePerLoop`], else the
+/// same socket with its shared queue. The model chose when binding (`Model::accept_queues`).
 ///
 /// # Errors
 ///
-/// The first loop's error, or the OS error of spawning a thread.
-pub fn run_on_threads<T: Send>(
+/// The OS error of binding the sibling or duplicating the descriptor.
+pub fn listener_for_another_loop(listener: &StreamListener) -> io::Result<StreamListener> {
+    if listener.can_have_own_queue() {
+        listener.bind_own_queue()
+    } else {
+        listener.share_queue()
+    }
+}
+
+/// Hidden, for tests only: `REVERB_TEST_FAIL_LOOP=N` makes the setup of loop `N` fail, so
+/// a test can prove that a server whose loop cannot start exits instead of hanging.
+const FAIL_LOOP_VAR: &str = "REVERB_TEST_FAIL_LOOP";
+
+/// Starts one thread per loop, named `reverb-MODEL-INDEX`, and returns when all have
+/// returned.
+///
+/// Each thread runs `setup(index, item)` to build its loop (epoll instance, runtime,
+/// ring, ...) and then waits at a start gate: no loop serves before every loop was built,
+/// because a busy first loop could use up the descriptors the others still need. If a
+/// thread cannot be spawned or a setup fails, the gate opens with the failure, the loops
+/// already built return without serving, and the error is returned: the server stops
+/// with one line instead of running crippled or waiting for ever. A loop that fails while
+/// serving fires `shutdown`, so the others drain and stop.
+///
+/// # Errors
+///
+/// The first setup or loop error (naming the loop), or the OS error of spawning a thread.
+pub fn run_loops<T: Send, L>(
     model: &str,
-    loops: Vec<T>,
+    items: Vec<T>,
     shutdown: &Shutdown,
-    body: impl Fn(T) -> io::Result<()> + Sync,
+    setup: impl Fn(usize, T) -> io::Result<L> + Sync,
+    serve: impl Fn(L) -> io::Result<()> + Sync,
 ) -> io::Result<()> {
-    let body = &body;
+    let failing_loop = std::env::var(FAIL_LOOP_VAR)
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok());
+    let gate = StartGate::new(items.len());
+    let (gate, setup, serve) = (&gate, &setup, &serve);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = (loops.into_iter().enumerate())
-            .map(|(index, event_loop)| {
-                let spawned = std::thread::Builder::new()
-                    .name(format!("reverb-{model}-{index}"))
-                    .spawn_scoped(scope, move || {
-                        let result = body(event_loop);
-                        if result.is_err() {
-                            shutdown.fire();
-                        }
-                        result
-                    });
-                if spawned.is_err() {
-                    // The loops already running would wait for a shutdown nobody sends.
-                    shutdown.fire();
-                }
-                spawned
-            })
-            .collect();
+        let mut handles = Vec::with_capacity(items.len());
         let mut outcome = Ok(());
+        for (index, item) in items.into_iter().enumerate() {
+            let spawned = std::thread::Builder::new()
+                .name(format!("reverb-{model}-{index}"))
+                .spawn_scoped(scope, move || {
+                    let built = if failing_loop == Some(index) {
+                        Err(io::Error::other(format!("{FAIL_LOOP_VAR} is {index}")))
+                    } else {
+                        setup(index, item)
+                    };
+                    let event_loop = match built {
+                        Ok(event_loop) => event_loop,
+                        Err(e) => {
+                            gate.fail();
+                            return Err(io::Error::new(
+                                e.kind(),
+                                format!("cannot start {model} loop {index}: {e}"),
+                            ));
+                        }
+                    };
+                    if !gate.arrive_and_wait() {
+                        return Ok(());
+                    }
+                    let result = serve(event_loop);
+                    if result.is_err() {
+                        shutdown.fire();
+                    }
+                    result
+                });
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    gate.fail();
+                    outcome = Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot start a thread for {model} loop {index}: {e}"),
+                    ));
+                    break;
+                }
+            }
+        }
+        // Every started loop is joined before the first error is returned.
         for handle in handles {
-            let result = handle.and_then(|handle| {
-                (handle.join()).unwrap_or_else(|_| Err(io::Error::other("event loop panicked")))
-            });
-            outcome = outcome.and(result);
+            let result = (handle.join())
+                .unwrap_or_else(|_| Err(io::Error::other(format!("a {model} loop panicked"))));
+            if outcome.is_ok() {
+                outcome = result;
+            }
         }
         outcome
     })
+}
+
+/// Holds every loop until all are built, or lets them all go at once when one failed.
+struct StartGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+struct GateState {
+    /// Loops not yet built.
+    waiting_for: usize,
+    has_failed: bool,
+}
+
+impl StartGate {
+    fn new(loops: usize) -> Self {
+        StartGate {
+            state: Mutex::new(GateState {
+                waiting_for: loops,
+                has_failed: false,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// This loop is built; waits for the others. Returns whether every loop was built
+    /// (`false`: one failed, so this one must not serve).
+    fn arrive_and_wait(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.waiting_for = state.waiting_for.saturating_sub(1);
+        self.changed.notify_all();
+        let state = self
+            .changed
+            .wait_while(state, |s| s.waiting_for > 0 && !s.has_failed)
+            .unwrap_or_else(PoisonError::into_inner);
+        !state.has_failed
+    }
+
+    /// A loop could not be built or started: open the gate for the others to leave.
+    fn fail(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.has_failed = true;
+        self.changed.notify_all();
+    }
 }

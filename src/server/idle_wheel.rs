@@ -7,7 +7,7 @@
 //! owner re-checks each entry lazily: idle entries are closed, the others move to the slot
 //! of their real deadline. So each connection is looked at about once per idle timeout.
 
-use super::slab::Token;
+use crate::slab::Token;
 use std::time::{Duration, Instant};
 
 /// Granularity of idle deadlines. A connection is closed between the timeout and the
@@ -101,11 +101,6 @@ impl IdleWheel {
         let next = self.start + IDLE_TICK * (self.tick_at(now) + 1);
         Some(next.saturating_duration_since(now))
     }
-
-    /// Whether a connection with `last_input_tick` is idle at `now_tick`.
-    pub fn is_idle(&self, last_input_tick: u32, now_tick: u32) -> bool {
-        now_tick >= self.deadline(last_input_tick)
-    }
 }
 
 #[cfg(test)]
@@ -118,14 +113,15 @@ mod tests {
         let idle_ticks = wheel.idle_ticks;
         let mut last_input = [0u32, 0];
         let mut closed = Vec::new();
-        wheel.insert(10, 0);
-        wheel.insert(11, 0);
-        last_input[1] = 3; // connection 11 sent something at tick 3
+        let (a, b) = (Token::reserved(0), Token::reserved(1));
+        wheel.insert(a, 0);
+        wheel.insert(b, 0);
+        last_input[1] = 3; // connection b sent something at tick 3
         let mut checks = 0;
         for now in 1..=(idle_ticks + 5) {
             wheel.expire(now, |token| {
                 checks += 1;
-                let last = last_input[(token - 10) as usize];
+                let last = last_input[token.reserved_index().expect("a test token")];
                 if now >= last + idle_ticks {
                     closed.push((token, now));
                     None
@@ -134,7 +130,7 @@ mod tests {
                 }
             });
         }
-        assert_eq!(closed, vec![(10, idle_ticks), (11, idle_ticks + 3)]);
+        assert_eq!(closed, vec![(a, idle_ticks), (b, idle_ticks + 3)]);
         assert_eq!(
             checks, 3,
             "one early check for the busy connection, no scans"

@@ -1,30 +1,31 @@
 //! What every model receives: bound [`Listeners`] with their [`Limits`], the [`Protocol`]
 //! to speak, and a [`Shutdown`] handle; plus the pieces two or more models share.
 //!
-//! A model is a function `run(listeners, protocol, shutdown) -> Result<(), ServeError>`
-//! (see `crate::models`). Sockets arrive bound and listening, so a test can bind port 0
-//! and the binary can print its `listening` lines before the model starts.
+//! A model is a function `run(listeners, protocol, shutdown, options) -> Result<(),
+//! ServeError>` (see `crate::models`). Sockets arrive bound and listening, so a test can
+//! bind port 0 and the binary can print its `listening` lines before the model starts.
 
 mod connection;
 mod datagram;
 pub mod event_loops;
 pub mod idle_wheel;
 mod listeners;
+pub mod one_socket;
 pub mod readiness;
 pub mod setup_deadline;
 mod shutdown;
-pub mod slab;
 pub mod stop_signal;
-pub mod threaded_io;
 
 pub use crate::protocol::Protocol;
 pub use connection::{Connection, HandlerPanicked, is_in_handler};
-pub use datagram::{DatagramReplier, datagram_source_allowed, log_send_failure};
-pub use listeners::{
-    Admission, ConnectionCounter, DatagramSocket, Listeners, Peer, Stream, StreamListener,
+pub use datagram::{
+    DatagramReplier, datagram_source_allowed, is_per_peer_datagram_error, log_send_failure,
 };
+pub use listeners::{Admission, ConnectionCounter, Listeners};
 pub use shutdown::Shutdown;
 
+use crate::net::Peer;
+use crate::sys::errno;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -71,6 +72,33 @@ impl Default for Limits {
     }
 }
 
+/// What a model may use or ignore beyond its sockets, protocol and shutdown: the same
+/// for every model, so `main.rs`, the tests and `compare` call all models alike.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// `--threads`: worker threads (`pool`) or event loops (the multi-loop models);
+    /// `None` is the model's default, and single-threaded models ignore it.
+    pub threads: Option<usize>,
+}
+
+/// How the event loops of a multi-loop model take connections from one TCP address;
+/// `Model::accept_queues` chooses, once for every model.
+///
+/// Both spread connections evenly and cost the same per message (docs/benchmarks.md,
+/// "Accepting with several loops"). They differ when the process runs out of descriptors:
+/// with a queue per loop, a connection can wait in one loop's queue while another loop
+/// takes every freed descriptor, whereas one shared queue serves connections in arrival
+/// order. So loops share one queue wherever a connection can wake just one of them
+/// (`epoll` with `EPOLLEXCLUSIVE`) or where every loop waking costs only an `EAGAIN`
+/// (`tokio`). Unix listeners have no SO_REUSEPORT and are always shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptQueues {
+    /// Every loop accepts from the one listening socket (a second descriptor of it).
+    Shared,
+    /// Each loop gets an SO_REUSEPORT sibling with its own accept queue.
+    OnePerLoop,
+}
+
 /// Why a server could not start or had to stop; each names the address or path as typed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -106,12 +134,6 @@ pub enum ServeError {
         /// Why.
         source: io::Error,
     },
-    /// The model's issue has not landed yet.
-    #[error("model {model} is not built yet")]
-    NotBuilt {
-        /// The model's name.
-        model: &'static str,
-    },
     /// The server failed while running.
     #[error("server failed: {0}")]
     Io(#[from] io::Error),
@@ -138,20 +160,20 @@ pub fn accept_action(error: &io::Error) -> AcceptAction {
     }
     match error.raw_os_error() {
         Some(
-            libc::ECONNABORTED
-            | libc::EINTR
-            | libc::EPROTO
-            | libc::ENETDOWN
-            | libc::ENOPROTOOPT
-            | libc::EHOSTDOWN
-            | libc::ENONET
-            | libc::EHOSTUNREACH
-            | libc::EOPNOTSUPP
-            | libc::ENETUNREACH
-            | libc::EPERM
-            | libc::ECONNRESET,
+            errno::ECONNABORTED
+            | errno::EINTR
+            | errno::EPROTO
+            | errno::ENETDOWN
+            | errno::ENOPROTOOPT
+            | errno::EHOSTDOWN
+            | errno::ENONET
+            | errno::EHOSTUNREACH
+            | errno::EOPNOTSUPP
+            | errno::ENETUNREACH
+            | errno::EPERM
+            | errno::ECONNRESET,
         ) => AcceptAction::Retry,
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptAction::Pause,
+        Some(errno::EMFILE | errno::ENFILE | errno::ENOBUFS | errno::ENOMEM) => AcceptAction::Pause,
         _ => AcceptAction::Fail,
     }
 }

@@ -13,12 +13,13 @@
 //! ready sources never skips or revisits one (seed 002 removed from a list while
 //! iterating it).
 
-use super::threaded_io::{answer_pending_datagrams, flush, read_available};
+use super::one_socket::{answer_pending_datagrams, flush, read_available};
 use super::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, DATAGRAM_BUFFER_BYTES, DatagramReplier,
-    Listeners, Peer, Protocol, READ_BUFFER_BYTES, Shutdown, Stream, accept_action,
-    log_accept_pause, log_idle, log_over_limit,
+    Listeners, Protocol, READ_BUFFER_BYTES, Shutdown, accept_action, log_accept_pause, log_idle,
+    log_over_limit,
 };
+use crate::net::{Peer, Stream};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};

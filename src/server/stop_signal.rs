@@ -5,7 +5,7 @@
 //! parks: once per message. `tokio::sync::watch` (or `Notify`) takes a mutex on every such
 //! poll; a [`StopWait`] takes it only when its task's waker changes.
 
-use super::slab::{Slab, Token};
+use crate::slab::{Slab, Token};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;

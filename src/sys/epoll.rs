@@ -1,11 +1,12 @@
 //! Bindings to epoll (Linux): an interest list in the kernel, and a wait that returns only
 //! the descriptors that are ready.
 //!
-//! Each registration carries a caller-chosen `u64` token (a slab index), returned with its
+//! Each registration carries a caller-chosen [`Token`] (a slab key), returned with its
 //! events, so the loop finds the connection without searching. Interest flags are the
 //! kernel's (`EPOLLIN`, `EPOLLOUT`, `EPOLLET`, ...), re-exported here.
 
 use super::{cvt, cvt_r};
+use crate::slab::Token;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
@@ -38,8 +39,10 @@ impl Events {
     }
 
     /// The `(token, events)` pairs of the last wait.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
-        self.list[..self.len].iter().map(|e| (e.u64, e.events))
+    pub fn iter(&self) -> impl Iterator<Item = (Token, u32)> + '_ {
+        self.list[..self.len]
+            .iter()
+            .map(|e| (Token::from_raw(e.u64), e.events))
     }
 
     /// How many events the last wait returned.
@@ -76,10 +79,13 @@ impl Epoll {
         &self,
         op: libc::c_int,
         fd: BorrowedFd<'_>,
-        token: u64,
+        token: Token,
         events: u32,
     ) -> io::Result<()> {
-        let mut event = epoll_event { events, u64: token };
+        let mut event = epoll_event {
+            events,
+            u64: token.to_raw(),
+        };
         // SAFETY: `event` is a valid epoll_event for the call (the kernel copies it);
         // both fds are open for the duration of the call (owned / borrowed).
         cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd.as_raw_fd(), &mut event) })?;
@@ -94,7 +100,7 @@ impl Epoll {
     /// # Errors
     ///
     /// The OS error of `epoll_ctl`, e.g. `EEXIST` when already added.
-    pub fn add(&self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
+    pub fn add(&self, fd: BorrowedFd<'_>, token: Token, events: u32) -> io::Result<()> {
         self.control(libc::EPOLL_CTL_ADD, fd, token, events)
     }
 
@@ -103,7 +109,7 @@ impl Epoll {
     /// # Errors
     ///
     /// The OS error of `epoll_ctl`, e.g. `ENOENT` when not added.
-    pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
+    pub fn modify(&self, fd: BorrowedFd<'_>, token: Token, events: u32) -> io::Result<()> {
         self.control(libc::EPOLL_CTL_MOD, fd, token, events)
     }
 
@@ -113,7 +119,7 @@ impl Epoll {
     ///
     /// The OS error of `epoll_ctl`, e.g. `ENOENT` when not added.
     pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        self.control(libc::EPOLL_CTL_DEL, fd, 0, 0)
+        self.control(libc::EPOLL_CTL_DEL, fd, Token::reserved(0), 0)
     }
 
     /// Waits until at least one watched fd is ready or `timeout` passes (`None`: no

@@ -9,6 +9,7 @@
 pub mod affinity;
 pub mod async_fd;
 pub mod epoll;
+pub mod errno;
 pub mod eventfd;
 pub mod poll;
 pub mod process;

@@ -3,13 +3,19 @@
 use super::cvt;
 use std::io;
 
+/// A process id.
+pub type Pid = libc::pid_t;
+/// A signal number, for [`kill`].
+pub type Signal = libc::c_int;
+pub use libc::{SIGKILL, SIGTERM};
+
 /// Which side of a fork this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forked {
     /// The new process.
     Child,
     /// The original process; the child's pid.
-    Parent(libc::pid_t),
+    Parent(Pid),
 }
 
 /// How many threads this process has, from `/proc/self/status`.
@@ -57,7 +63,7 @@ pub fn fork() -> io::Result<Forked> {
 /// # Errors
 ///
 /// `waitpid`'s OS error; `ECHILD` (no children at all) is reported as `None`.
-pub fn reap_child() -> io::Result<Option<libc::pid_t>> {
+pub fn reap_child() -> io::Result<Option<Pid>> {
     let mut status = 0;
     // SAFETY: `status` is a valid, writable int for the duration of the call.
     match cvt(unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) }) {
@@ -73,7 +79,7 @@ pub fn reap_child() -> io::Result<Option<libc::pid_t>> {
 /// # Errors
 ///
 /// `kill`'s OS error, e.g. `ESRCH` when the process is gone.
-pub fn kill(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
+pub fn kill(pid: Pid, signal: Signal) -> io::Result<()> {
     // SAFETY: kill takes no pointers; a stale pid yields ESRCH, not undefined behaviour.
     cvt(unsafe { libc::kill(pid, signal) })?;
     Ok(())

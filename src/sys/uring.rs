@@ -755,7 +755,11 @@ impl Ring {
         self.start(
             key,
             Op::DatagramSend,
-            opcode::SendMsg::new(fd, header).build(),
+            // MSG_DONTWAIT: a peer whose queue is full fails this send at once (EAGAIN)
+            // instead of parking it, and with it every later reply on this socket.
+            opcode::SendMsg::new(fd, header)
+                .flags(libc::MSG_DONTWAIT as u32)
+                .build(),
         );
         true
     }

@@ -161,6 +161,45 @@ pub fn half_close_drains(model: &str) {
     server.stop();
 }
 
+/// `lines` answers a line only once its newline has arrived, whatever the model; only a
+/// line longer than `--max-buffer` comes back in pieces before its newline.
+pub fn lines_wait_for_newline(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "lines",
+            "--prefix",
+            "You Got ",
+            "--max-buffer",
+            "16K",
+        ],
+    );
+    let mut conn = server.connect_conn();
+    conn.write_all(b"spl").unwrap();
+    assert!(
+        conn.receives_nothing_within(Duration::from_millis(300)),
+        "a partial line was answered before its newline"
+    );
+    conn.write_all(b"it\n").unwrap();
+    assert_eq!(conn.read_exactly(14), b"You Got split\n");
+    let long = vec![b'y'; 100_000];
+    conn.write_all(&long).unwrap();
+    let first = conn.read_exactly(8 + 16 * 1024);
+    assert!(
+        first[..8] == *b"You Got " && first[8..].iter().all(|&b| b == b'y'),
+        "a line past --max-buffer comes back in pieces before its newline"
+    );
+    conn.write_all(b"\n").unwrap();
+    let rest = conn.read_exactly(long.len() - 16 * 1024 + 1);
+    assert!(rest[..rest.len() - 1].iter().all(|&b| b == b'y') && rest.ends_with(b"\n"));
+    conn.shutdown_write();
+    assert!(conn.sees_close_within(PATIENCE));
+    server.stop();
+}
+
 /// A client with a tiny receive buffer forces short writes; nothing is lost.
 pub fn short_writes_lose_nothing(model: &str) {
     let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--max-buffer", "64K"]);
@@ -558,5 +597,57 @@ pub fn out_of_descriptors_pauses(model: &str) {
     drop(conns);
     let got = round_trip(Conn::connect(&addr).unwrap(), b"after".to_vec());
     assert_eq!(got, b"after");
+    server.stop();
+}
+
+/// A Unix-datagram peer that never reads does not delay the replies to anyone else: a
+/// reply that cannot be queued at once is dropped (and counted), and the log says so at
+/// most once a second however many are dropped.
+pub fn datagram_full_peer_does_not_stall(model: &str) {
+    let path = temp_socket_path(model);
+    let path_arg = path.to_str().unwrap().to_string();
+    let server = Server::start(model, &["--threads", "1", "--unix-dgram", &path_arg]);
+    // The kernel queues at most net.unix.max_dgram_qlen (10 by default) datagrams for a
+    // Unix socket that does not read; the replies past that find the queue full.
+    let silent_path = temp_socket_path("silent");
+    let silent = UnixDatagram::bind(&silent_path).unwrap();
+    silent
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    for n in 0..30u8 {
+        silent
+            .send_to(&[n; 100], &path)
+            .expect("the server stopped reading while its replies could not be queued");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let other_path = temp_socket_path("other");
+    let other = UnixDatagram::bind(&other_path).unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    other
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    other
+        .send_to(b"still here", &path)
+        .expect("the server reads");
+    let mut buf = [0u8; 64];
+    let n = other
+        .recv(&mut buf)
+        .expect("a peer that never reads stalled the reply to another peer");
+    assert_eq!(&buf[..n], b"still here");
+    server.wait_for_log("dropped");
+    let silent_name = silent_path.display().to_string();
+    let lines = server.stderr();
+    let about_silent = lines.lines().filter(|l| l.contains(&silent_name)).count();
+    // forking answers each datagram in a new child, which starts counting afresh.
+    let most = if model == "forking" { 30 } else { 2 };
+    assert!(
+        (1..=most).contains(&about_silent),
+        "{about_silent} log lines about the peer that never reads (at most one a second):\n{lines}"
+    );
+    drop(silent);
+    let _ = std::fs::remove_file(&silent_path);
+    let _ = std::fs::remove_file(&other_path);
     server.stop();
 }

@@ -367,6 +367,21 @@ impl Conn {
         got
     }
 
+    /// Whether nothing at all arrives (no byte, no EOF) within `wait`.
+    pub fn receives_nothing_within(&mut self, wait: Duration) -> bool {
+        self.set_timeouts(wait);
+        let mut buf = [0u8; 1];
+        let silent = match self.read(&mut buf) {
+            Ok(_) => false,
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+        };
+        self.set_timeouts(PATIENCE);
+        silent
+    }
+
     /// Whether the server closed: EOF (or a reset) within `timeout`, with no data first.
     pub fn sees_close_within(&mut self, timeout: Duration) -> bool {
         self.set_timeouts(timeout);

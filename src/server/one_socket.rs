@@ -8,10 +8,11 @@
 //! reply while the peer is still sending, and cannot time out an idle peer.
 
 use super::{
-    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DatagramReplier,
-    DatagramSocket, Limits, Peer, READ_BUFFER_BYTES, Shutdown, Stream, StreamListener,
-    accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
+    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DatagramReplier, Limits,
+    READ_BUFFER_BYTES, Shutdown, accept_action, is_per_peer_datagram_error, log_accept_pause,
+    log_idle, log_over_limit, log_send_failure,
 };
+use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::protocol::Protocol;
 use crate::sys::poll::{self, POLLERR, POLLHUP, POLLIN, POLLOUT};
 use std::io;
@@ -281,16 +282,4 @@ pub fn answer_pending_datagrams(
             }
         }
     }
-}
-
-/// Errors a datagram socket reports about one earlier peer, not about itself.
-pub fn is_per_peer_datagram_error(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::Interrupted
-            | io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::HostUnreachable
-            | io::ErrorKind::NetworkUnreachable
-    )
 }

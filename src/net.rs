@@ -1,0 +1,389 @@
+//! Socket types every model and the runtime share: who a peer is ([`Peer`]), a connected
+//! [`Stream`], a [`StreamListener`] and a [`DatagramSocket`], each TCP/UDP or Unix alike.
+//!
+//! Binding with the command line's rules (stale Unix sockets, "address in use") lives in
+//! `server::Listeners`; these types only know the sockets themselves.
+
+use socket2::{Domain, SockAddr, Socket, Type};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{self, UnixDatagram, UnixListener, UnixStream};
+
+/// Pending connections the kernel may queue per listener before the model accepts them.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Who is at the other end of a connection or sent a datagram.
+#[derive(Clone, Debug)]
+pub enum Peer {
+    /// An IP peer.
+    Ip(SocketAddr),
+    /// A Unix socket peer; often unnamed for stream clients.
+    Unix(net::SocketAddr),
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Ip(addr) => write!(f, "{addr}"),
+            Peer::Unix(addr) => match (addr.as_pathname(), addr.as_abstract_name()) {
+                (Some(path), _) => write!(f, "unix:{}", path.display()),
+                (None, Some(name)) => write!(f, "unix:@{}", String::from_utf8_lossy(name)),
+                (None, None) => f.write_str("unix:(unnamed)"),
+            },
+        }
+    }
+}
+
+/// A connected stream, TCP or Unix; models treat both alike.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix stream.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Shuts down our sending side: the peer reads EOF after the bytes already sent.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `shutdown`, e.g. `ENOTCONN` when the peer is gone.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+
+    /// Switches between blocking and non-blocking I/O.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `fcntl`/`ioctl`.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(nonblocking),
+            Stream::Unix(s) => s.set_nonblocking(nonblocking),
+        }
+    }
+
+    /// Reads into `buf`; `Ok(0)` is the peer's EOF.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `read`, including `WouldBlock` on a non-blocking stream.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).read(buf),
+            Stream::Unix(s) => (&*s).read(buf),
+        }
+    }
+
+    /// Writes some prefix of `bytes` and returns its length; callers pass the count to
+    /// `WriteBuffer::advance`.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `write`, including `WouldBlock` on a non-blocking stream.
+    pub fn write(&self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).write(bytes),
+            Stream::Unix(s) => (&*s).write(bytes),
+        }
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+/// A listening stream socket.
+#[derive(Debug)]
+pub struct StreamListener {
+    socket: ListenerSocket,
+    /// The bound address, as printed in the `listening` line.
+    name: String,
+    /// The address of a TCP listener bound with SO_REUSEPORT, which
+    /// [`StreamListener::bind_own_queue`] binds again; `None` for every other listener.
+    reuseport_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug)]
+enum ListenerSocket {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl StreamListener {
+    /// Accepts one connection; TCP connections get `TCP_NODELAY`, because an echo's
+    /// replies are small and Nagle's algorithm would hold them back for the peer's ACK.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `accept`; sort it with `server::accept_action`.
+    pub fn accept(&self) -> io::Result<(Stream, Peer)> {
+        match &self.socket {
+            ListenerSocket::Tcp(listener) => {
+                let (stream, peer) = listener.accept()?;
+                // Nodelay failing leaves a working, if slower, connection.
+                let _ = stream.set_nodelay(true);
+                Ok((Stream::Tcp(stream), Peer::Ip(peer)))
+            }
+            ListenerSocket::Unix(listener) => {
+                let (stream, peer) = listener.accept()?;
+                Ok((Stream::Unix(stream), Peer::Unix(peer)))
+            }
+        }
+    }
+
+    /// Switches between blocking and non-blocking accepts.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `ioctl`.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        match &self.socket {
+            ListenerSocket::Tcp(l) => l.set_nonblocking(nonblocking),
+            ListenerSocket::Unix(l) => l.set_nonblocking(nonblocking),
+        }
+    }
+
+    /// The bound address, with its scheme (`tcp://127.0.0.1:41234`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A TCP listener on `addr`. With `reuseport`, the socket is bound with SO_REUSEPORT
+    /// so that [`StreamListener::bind_own_queue`] can add listeners with their own accept
+    /// queues; it is bound once without it first, so a port another server holds (even one
+    /// of ours with SO_REUSEPORT) fails with "address in use" instead of joining its group.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `socket`, `bind` or `listen`.
+    pub fn bind_tcp(addr: SocketAddr, reuseport: bool) -> io::Result<StreamListener> {
+        let plain = bind_tcp(addr, false)?;
+        let local = plain
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("bound TCP socket has no IP address"))?;
+        let socket = if reuseport {
+            drop(plain);
+            bind_tcp(local, true)?
+        } else {
+            plain
+        };
+        Ok(StreamListener {
+            socket: ListenerSocket::Tcp(socket.into()),
+            name: format!("tcp://{local}"),
+            reuseport_addr: reuseport.then_some(local),
+        })
+    }
+
+    /// Wraps a bound Unix listener; `name` is its address as the `listening` line prints it.
+    pub fn from_unix(listener: UnixListener, name: String) -> StreamListener {
+        StreamListener {
+            socket: ListenerSocket::Unix(listener),
+            name,
+            reuseport_addr: None,
+        }
+    }
+
+    /// The same listening socket under a second descriptor: both take connections from
+    /// one accept queue.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `dup`.
+    pub fn share_queue(&self) -> io::Result<StreamListener> {
+        let socket = match &self.socket {
+            ListenerSocket::Tcp(l) => ListenerSocket::Tcp(l.try_clone()?),
+            ListenerSocket::Unix(l) => ListenerSocket::Unix(l.try_clone()?),
+        };
+        Ok(StreamListener {
+            socket,
+            name: self.name.clone(),
+            reuseport_addr: self.reuseport_addr,
+        })
+    }
+
+    /// A new SO_REUSEPORT socket on this listener's address, with an accept queue of its
+    /// own; the kernel spreads new connections across the group by a hash of their
+    /// addresses.
+    ///
+    /// # Errors
+    ///
+    /// `Unsupported` unless this is a TCP listener from [`StreamListener::bind_tcp`] with
+    /// `reuseport`; else the OS error of binding the new socket.
+    pub fn bind_own_queue(&self) -> io::Result<StreamListener> {
+        let Some(addr) = self.reuseport_addr else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "only a TCP listener bound with SO_REUSEPORT can have siblings with their own queue",
+            ));
+        };
+        Ok(StreamListener {
+            socket: ListenerSocket::Tcp(bind_tcp(addr, true)?.into()),
+            name: self.name.clone(),
+            reuseport_addr: Some(addr),
+        })
+    }
+
+    /// Whether [`StreamListener::bind_own_queue`] can add a sibling with its own queue.
+    pub fn can_have_own_queue(&self) -> bool {
+        self.reuseport_addr.is_some()
+    }
+
+    /// Whether this is a TCP listener.
+    pub fn is_tcp(&self) -> bool {
+        matches!(self.socket, ListenerSocket::Tcp(_))
+    }
+
+    /// The std TCP listener, for runtimes that adopt it (tokio).
+    pub fn into_std(self) -> Result<TcpListener, UnixListener> {
+        match self.socket {
+            ListenerSocket::Tcp(l) => Ok(l),
+            ListenerSocket::Unix(l) => Err(l),
+        }
+    }
+}
+
+impl AsFd for StreamListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.socket {
+            ListenerSocket::Tcp(l) => l.as_fd(),
+            ListenerSocket::Unix(l) => l.as_fd(),
+        }
+    }
+}
+
+/// A datagram socket, UDP or Unix.
+#[derive(Debug)]
+pub enum DatagramSocket {
+    /// UDP.
+    Udp(UdpSocket),
+    /// Unix datagram.
+    Unix(UnixDatagram),
+}
+
+impl DatagramSocket {
+    /// A UDP socket bound to `addr`, and the address it got (port 0 picks one).
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `socket`, `bind` or `getsockname`.
+    pub fn bind_udp(addr: SocketAddr) -> io::Result<(DatagramSocket, SocketAddr)> {
+        let socket = Socket::new(domain_of(&addr), Type::DGRAM.cloexec(), None)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        // No SO_REUSEADDR: on UDP it would let two servers bind one port and split its traffic.
+        socket.bind(&SockAddr::from(addr))?;
+        let socket = UdpSocket::from(socket);
+        let local = socket.local_addr()?;
+        Ok((DatagramSocket::Udp(socket), local))
+    }
+
+    /// Receives one datagram into `buf`; returns its length and sender.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `recvfrom`, including `WouldBlock` on a non-blocking socket.
+    pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, Peer)> {
+        match self {
+            DatagramSocket::Udp(s) => s.recv_from(buf).map(|(n, a)| (n, Peer::Ip(a))),
+            DatagramSocket::Unix(s) => s.recv_from(buf).map(|(n, a)| (n, Peer::Unix(a))),
+        }
+    }
+
+    /// Sends `datagram` to `peer` as one datagram.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `sendto`; an unnamed Unix peer cannot be answered (`EDESTADDRREQ`
+    /// style error).
+    pub fn send_to(&self, datagram: &[u8], peer: &Peer) -> io::Result<usize> {
+        match (self, peer) {
+            (DatagramSocket::Udp(s), Peer::Ip(addr)) => s.send_to(datagram, addr),
+            (DatagramSocket::Unix(s), Peer::Unix(addr)) => {
+                if addr.is_unnamed() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrNotAvailable,
+                        "the sender's socket is unnamed, so no reply can reach it",
+                    ));
+                }
+                s.send_to_addr(datagram, addr)
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "peer address of the wrong family",
+            )),
+        }
+    }
+
+    /// Switches between blocking and non-blocking I/O.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `ioctl`.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        match self {
+            DatagramSocket::Udp(s) => s.set_nonblocking(nonblocking),
+            DatagramSocket::Unix(s) => s.set_nonblocking(nonblocking),
+        }
+    }
+
+    /// Another descriptor for the same socket (shared receive queue).
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `dup`.
+    pub fn try_clone(&self) -> io::Result<DatagramSocket> {
+        Ok(match self {
+            DatagramSocket::Udp(s) => DatagramSocket::Udp(s.try_clone()?),
+            DatagramSocket::Unix(s) => DatagramSocket::Unix(s.try_clone()?),
+        })
+    }
+}
+
+impl AsFd for DatagramSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            DatagramSocket::Udp(s) => s.as_fd(),
+            DatagramSocket::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+fn domain_of(addr: &SocketAddr) -> Domain {
+    if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    }
+}
+
+fn bind_tcp(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
+    let socket = Socket::new(domain_of(&addr), Type::STREAM.cloexec(), None)?;
+    if addr.is_ipv6() {
+        // `[::]` means IPv6 only; IPv4 is asked for with its own --tcp flag.
+        socket.set_only_v6(true)?;
+    }
+    // Lets a restarted server bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&SockAddr::from(addr))?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket)
+}
