@@ -5,7 +5,7 @@
 //! declares the flags and turns them into the library's types.
 
 use clap::{Args, Parser, Subcommand};
-use reverb::addr::{Endpoint, ListenSpec, parse_ip_port};
+use reverb::addr::{Endpoint, ListenSpec, TlsVerify, parse_ip_port};
 use reverb::flags::{
     ServeFlags, parse_bytes, parse_model, parse_positive_secs, parse_protocol, parse_secs,
 };
@@ -203,6 +203,12 @@ pub struct ClientArgs {
     /// tcp://HOST:PORT, udp://HOST:PORT, unix:///path, unix-dgram:///path, or HOST:PORT.
     // Parsed in `client`: a name that does not resolve is "cannot connect" (exit 1).
     pub addr: String,
+    /// With tls://: trust the server certificates in this PEM file instead of the system's.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+    /// With tls://: accept any server certificate (a self-signed test server).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Args)]
@@ -234,6 +240,12 @@ pub struct BenchArgs {
     /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// With tls://: trust the server certificates in this PEM file instead of the system's.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+    /// With tls://: accept any server certificate (a self-signed test server).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl BenchArgs {
@@ -302,4 +314,37 @@ fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
 /// `--greeting`: a template with `{peer}`, `{local}`, `{{` and `}}`.
 fn parse_greeting(text: &str) -> Result<Greeting, String> {
     Greeting::parse(text).map_err(|e| e.to_string())
+}
+
+/// `endpoint` with the certificate check `--ca`/`--insecure` ask for.
+///
+/// # Errors
+///
+/// A usage message when either flag is given for an address that is not `tls://`.
+pub fn with_tls_verify(
+    endpoint: Endpoint,
+    ca: Option<&PathBuf>,
+    insecure: bool,
+) -> Result<Endpoint, String> {
+    let wanted = match (ca, insecure) {
+        (Some(path), _) => Some(TlsVerify::Ca(path.clone())),
+        (None, true) => Some(TlsVerify::Insecure),
+        (None, false) => None,
+    };
+    match (endpoint, wanted) {
+        (endpoint, None) => Ok(endpoint),
+        (
+            Endpoint::Tls {
+                addr, server_name, ..
+            },
+            Some(verify),
+        ) => Ok(Endpoint::Tls {
+            addr,
+            server_name,
+            verify,
+        }),
+        (other, Some(_)) => Err(format!(
+            "--ca and --insecure apply to tls:// addresses only, not {other}"
+        )),
+    }
 }

@@ -84,6 +84,17 @@ pub fn run(endpoint: &Endpoint) -> Result<(), ClientError> {
             let _ = stream.set_nodelay(true);
             run_stream(StreamConn::Tcp(stream), interactive).map_err(io_error)
         }
+        Endpoint::Tls {
+            addr: target,
+            server_name,
+            verify,
+        } => {
+            let stream = TcpStream::connect(target).map_err(connect_error)?;
+            let _ = stream.set_nodelay(true);
+            let plain =
+                crate::tls_client::connect(stream, server_name, verify).map_err(connect_error)?;
+            run_stream(StreamConn::Unix(plain), interactive).map_err(io_error)
+        }
         Endpoint::Unix(path) => {
             let stream = UnixStream::connect(path).map_err(connect_error)?;
             run_stream(StreamConn::Unix(stream), interactive).map_err(io_error)

@@ -35,3 +35,4 @@ pub mod runtime;
 pub mod server;
 pub mod slab;
 pub mod sys;
+pub mod tls_client;

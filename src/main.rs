@@ -171,13 +171,21 @@ fn client(args: ClientArgs) -> ExitCode {
         }
         Err(e) => usage_error("client", e, None),
     };
+    let endpoint = match cli::with_tls_verify(endpoint, args.ca.as_ref(), args.insecure) {
+        Ok(endpoint) => endpoint,
+        Err(e) => usage_error("client", e, None),
+    };
     match reverb::client::run(&endpoint) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }
 
-fn bench(args: BenchArgs) -> ExitCode {
+fn bench(mut args: BenchArgs) -> ExitCode {
+    args.addr = match cli::with_tls_verify(args.addr.clone(), args.ca.as_ref(), args.insecure) {
+        Ok(endpoint) => endpoint,
+        Err(e) => usage_error("bench", e, None),
+    };
     let config = args.config();
     if let Err(e) = config.validate(&args.addr) {
         usage_error("bench", e, None);

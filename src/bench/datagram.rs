@@ -98,7 +98,7 @@ fn open(endpoint: &Endpoint, id: u32) -> io::Result<Socket> {
             socket.set_nonblocking(true)?;
             Socket::Unix { socket, _path: own }
         }
-        Endpoint::Tcp(_) | Endpoint::Unix(_) => {
+        Endpoint::Tcp(_) | Endpoint::Unix(_) | Endpoint::Tls { .. } => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a datagram endpoint",

@@ -159,6 +159,20 @@ fn open(endpoint: &Endpoint, deadline: std::time::Instant) -> io::Result<(Stream
             }
             Ok((Stream::Unix(socket.into()), false))
         }
+        Endpoint::Tls {
+            addr,
+            server_name,
+            verify,
+        } => {
+            // The handshake is made here, blocking; the engine then sees a plain stream.
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let tcp =
+                std::net::TcpStream::connect_timeout(addr, left.max(Duration::from_millis(1)))?;
+            tcp.set_nodelay(true)?;
+            let plain = crate::tls_client::connect(tcp, server_name, verify)?;
+            plain.set_nonblocking(true)?;
+            Ok((Stream::Unix(plain), false))
+        }
         Endpoint::Udp(_) | Endpoint::UnixDatagram(_) => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not a stream endpoint",
