@@ -41,6 +41,12 @@ fn addr_error(text: &str, reason: impl Into<String>) -> AddrError {
 /// An unbracketed IPv6 literal, a host that is not an IP literal or `localhost`, or a
 /// port that is not a number from 0 to 65535.
 pub fn parse_ip_port(text: &str) -> Result<SocketAddr, AddrError> {
+    // The port is judged first: in `foo:abc` the port is what is wrong, whatever the host.
+    if let Some((_, port)) = text.rsplit_once(':') {
+        if !text.ends_with(']') {
+            parse_port(text, port)?;
+        }
+    }
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
         let (host, port) = rest
             .split_once("]:")
@@ -52,7 +58,13 @@ pub fn parse_ip_port(text: &str) -> Result<SocketAddr, AddrError> {
     } else {
         let (host, port) = text
             .rsplit_once(':')
-            .ok_or_else(|| addr_error(text, "expected HOST:PORT"))?;
+            .ok_or_else(|| addr_error(text, "expected HOST:PORT, as in 127.0.0.1:7007"))?;
+        if host.is_empty() {
+            return Err(addr_error(
+                text,
+                "the host is missing; write it, as in 127.0.0.1:7007",
+            ));
+        }
         if host.contains(':') {
             return Err(addr_error(
                 text,
@@ -71,10 +83,16 @@ pub fn parse_ip_port(text: &str) -> Result<SocketAddr, AddrError> {
         };
         (ip, port)
     };
-    let port: u16 = port
-        .parse()
-        .map_err(|_| addr_error(text, format!("{port:?} is not a port number (0-65535)")))?;
-    Ok(SocketAddr::new(host, port))
+    Ok(SocketAddr::new(host, parse_port(text, port)?))
+}
+
+fn parse_port(text: &str, port: &str) -> Result<u16, AddrError> {
+    port.parse().map_err(|_| {
+        addr_error(
+            text,
+            format!("the port {port:?} is not a number from 0 to 65535"),
+        )
+    })
 }
 
 /// Where a server listens (`--tcp`, `--udp`, `--unix`, `--unix-dgram`).
@@ -187,7 +205,10 @@ fn resolve(text: &str, host_port: &str) -> Result<SocketAddr, AddrError> {
     match parse_ip_port(host_port) {
         Ok(addr) => Ok(addr),
         Err(literal_error) => {
-            if host_port.starts_with('[') || host_port.matches(':').count() != 1 {
+            if host_port.starts_with('[')
+                || host_port.starts_with(':')
+                || host_port.matches(':').count() != 1
+            {
                 return Err(AddrError {
                     text: text.to_string(),
                     ..literal_error
@@ -291,6 +312,18 @@ mod tests {
         assert!(parse_ip_port("127.0.0.1:70000").is_err());
         assert!(parse_ip_port("example.com:80").is_err());
         assert!(parse_ip_port("7007").is_err());
+        assert!(
+            parse_ip_port(":7007")
+                .unwrap_err()
+                .to_string()
+                .contains("host is missing")
+        );
+        assert!(
+            parse_ip_port("localhost:abc")
+                .unwrap_err()
+                .to_string()
+                .contains("port")
+        );
     }
 
     #[test]
@@ -320,5 +353,9 @@ mod tests {
                 .is_lookup_failure()
         );
         assert!(!Endpoint::parse("::1:7").unwrap_err().is_lookup_failure());
+        let bad_port = Endpoint::parse("foo:abc").unwrap_err();
+        assert!(bad_port.reason().contains("port \"abc\""), "{bad_port}");
+        let no_host = Endpoint::parse(":7007").unwrap_err();
+        assert!(!no_host.is_lookup_failure(), "{no_host}");
     }
 }

@@ -4,10 +4,13 @@
 //! live in [`reverb::flags::check_serve`], so the library's tests cover them; this file only
 //! declares the flags and turns them into the library's types.
 
-use clap::{Args, Parser, Subcommand};
-use reverb::addr::{Endpoint, ListenSpec, TlsVerify, parse_ip_port};
+use clap::builder::{PossibleValue, TypedValueParser};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use reverb::addr::{Endpoint, ListenSpec, TlsVerify};
 use reverb::flags::{
-    ServeFlags, parse_bytes, parse_model, parse_positive_secs, parse_protocol, parse_secs,
+    PROTOCOLS, ServeFlags, model_help, parse_bytes, parse_count, parse_model, parse_positive_count,
+    parse_positive_secs, parse_protocol, parse_secs, parse_tcp_listen, parse_threads,
+    parse_udp_listen, protocol_help, protocol_name,
 };
 use reverb::layer::StreamLayers;
 use reverb::layer::greeting::Greeting;
@@ -15,16 +18,32 @@ use reverb::layer::tls::{TlsConfig, TlsSetupError};
 use reverb::models::Model;
 use reverb::protocol::{Protocol, ProtocolKind};
 use reverb::server::Limits;
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+const SERVE_AFTER_HELP: &str = "\
+With no listener flag, serves TCP and UDP on 127.0.0.1:7007. Once every listener is bound,
+prints one 'listening ADDR' line per listener on stdout; logs go to stderr. SIGTERM or SIGINT
+drains what is owed and exits 0. Exit 1: cannot run (address in use, ...); exit 2: usage.
+
+Examples:
+  reverb serve
+  reverb serve --model uring --tcp 127.0.0.1:0
+  reverb serve --protocol lines --prefix 'You Got ' --unix /tmp/reverb.sock";
+
 #[derive(Parser)]
 #[command(
     name = "reverb",
     version,
-    about = "An echo-server toolkit: every I/O model, one protocol core"
+    about = "An echo-server toolkit: every I/O model, one protocol core",
+    long_about = "An echo-server toolkit: one protocol core (echo, lines, until-quit) served by \
+        11 I/O models, from a blocking loop to io_uring, over TCP, UDP and Unix sockets; a \
+        client, a verifying load generator and a side-by-side comparison.",
+    after_help = "Start with 'reverb serve', then 'reverb client 127.0.0.1:7007' in another \
+        terminal.\nThe full reference is docs/cli.md in the source tree, or 'reverb generate man'."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -41,78 +60,94 @@ pub enum Command {
     Bench(BenchArgs),
     /// Run every model side by side and compare them.
     Compare(CompareArgs),
+    /// Print the man page or a shell completion script.
+    Generate(GenerateArgs),
 }
 
 #[derive(Args)]
+#[command(after_help = SERVE_AFTER_HELP)]
 pub struct ServeArgs {
-    /// Listen on TCP (HOST:PORT or [V6]:PORT; port 0 picks a free one).
-    #[arg(long, value_name = "ADDR", value_parser = parse_ip_port)]
+    /// Listen on TCP at ADDR: HOST:PORT, [V6]:PORT or tcp://HOST:PORT; port 0 picks a free one
+    /// [default with no listener flag: 127.0.0.1:7007]
+    #[arg(long, value_name = "ADDR", value_parser = parse_tcp_listen, help_heading = "Listeners")]
     pub tcp: Vec<SocketAddr>,
-    /// Answer datagrams on UDP.
-    #[arg(long, value_name = "ADDR", value_parser = parse_ip_port)]
+    /// Answer datagrams on UDP at ADDR: HOST:PORT, [V6]:PORT or udp://HOST:PORT
+    /// [default with no listener flag: 127.0.0.1:7007]
+    #[arg(long, value_name = "ADDR", value_parser = parse_udp_listen, help_heading = "Listeners")]
     pub udp: Vec<SocketAddr>,
-    /// Listen on a Unix stream socket at PATH.
-    #[arg(long, value_name = "PATH")]
+    /// Listen on a Unix stream socket at PATH (a stale socket file is replaced)
+    #[arg(long, value_name = "PATH", help_heading = "Listeners")]
     pub unix: Vec<PathBuf>,
-    /// Answer datagrams on a Unix datagram socket at PATH.
-    #[arg(long, value_name = "PATH")]
+    /// Answer datagrams on a Unix datagram socket at PATH
+    #[arg(long, value_name = "PATH", help_heading = "Listeners")]
     pub unix_dgram: Vec<PathBuf>,
-    /// The I/O model.
-    #[arg(long, value_name = "MODEL", default_value = "epoll", value_parser = parse_model)]
+    /// The I/O model: how the server waits for its sockets
+    #[arg(long, value_name = "MODEL", default_value = "epoll", value_parser = ModelParser)]
     pub model: Model,
-    /// Worker threads (pool) or event loops (epoll, async, tokio, uring).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    /// Threads: the pool's size (pool, default 16) or the event loops (epoll, async, tokio,
+    /// uring; default one per core); other models ignore it
+    #[arg(long, value_name = "N", value_parser = parse_threads)]
     pub threads: Option<u32>,
-    /// What to answer.
-    #[arg(long, value_name = "PROTOCOL", default_value = "echo", value_parser = parse_protocol)]
+    /// What to answer
+    #[arg(long, value_name = "PROTOCOL", default_value = "echo", value_parser = ProtocolParser)]
     pub protocol: ProtocolKind,
-    /// Put TEXT in front of every reply unit (not with stream echo).
+    /// Put TEXT in front of every reply: each line (lines), the whole answer (until-quit),
+    /// each datagram; not with echo on a stream listener
     #[arg(long, value_name = "TEXT")]
     pub prefix: Option<String>,
-    /// Send TEXT first on every new stream connection; {peer} and {local} are replaced by
-    /// the client's address and the address it reached, {{ and }} are literal braces.
+    /// Send TEXT first on every new stream connection; {peer} and {local} become the
+    /// client's address and the address it reached, {{ and }} are literal braces
     #[arg(long, value_name = "TEXT", value_parser = parse_greeting)]
     pub greeting: Option<Greeting>,
-    /// With lines: a line equal to WORD makes its handler panic (tests isolation).
+    /// With --protocol lines: a line equal to WORD makes its connection's handler panic, to
+    /// show that the others carry on
     #[arg(long, value_name = "WORD")]
     pub panic_on: Option<String>,
-    /// At most N stream connections at once.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    /// At most N stream connections at once; the next is accepted and closed [default: no limit]
+    #[arg(long, value_name = "N", value_parser = parse_positive_count, help_heading = "Limits")]
     pub max_conns: Option<u64>,
-    /// Close a stream connection that sent nothing for SECS.
-    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
+    /// Close a stream connection that sent nothing for SECS seconds (fractions allowed)
+    /// [default: off]
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, help_heading = "Limits")]
     pub idle_timeout: Option<Duration>,
-    /// Bytes held for one connection before it stops being read (e.g. 262144, 256K, 1M).
-    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "256K")]
+    /// Bytes held for one connection before it stops being read: a count, or K, M, G (KiB)
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "256K", help_heading = "Limits")]
     pub max_buffer: usize,
-    /// After SIGTERM/SIGINT, how long owed replies may take.
-    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "5")]
+    /// After SIGTERM or SIGINT, seconds the replies still owed may take
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "5", help_heading = "Limits")]
     pub drain_timeout: Duration,
     /// Every stream connection must start with a PROXY protocol v1 or v2 header; the
-    /// client address it carries is the peer from then on.
-    #[arg(long)]
+    /// client address it carries is the peer from then on
+    #[arg(long, help_heading = "Load balancers and TLS")]
     pub proxy_protocol: bool,
-    /// Seconds from accept to a complete PROXY header before the connection is closed.
-    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value = "5")]
+    /// Seconds from accept to a complete PROXY header before the connection is closed
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value = "5", help_heading = "Load balancers and TLS")]
     pub proxy_timeout: Duration,
-    /// Speak TLS on every stream listener with this PEM certificate chain (needs --tls-key).
+    /// Speak TLS 1.2/1.3 on every stream listener with this PEM certificate chain (needs
+    /// --tls-key)
     #[arg(
         long,
         value_name = "PEM",
         requires = "tls_key",
-        conflicts_with = "tls_self_signed"
+        conflicts_with = "tls_self_signed",
+        help_heading = "Load balancers and TLS"
     )]
     pub tls_cert: Option<PathBuf>,
-    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
-    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1)
+    #[arg(
+        long,
+        value_name = "PEM",
+        requires = "tls_cert",
+        help_heading = "Load balancers and TLS"
+    )]
     pub tls_key: Option<PathBuf>,
-    /// Speak TLS with a throwaway certificate made at start; its SHA-256 fingerprint is logged.
-    #[arg(long)]
+    /// Speak TLS with a throwaway certificate made at start; its SHA-256 fingerprint is logged
+    #[arg(long, help_heading = "Load balancers and TLS")]
     pub tls_self_signed: bool,
-    /// Seconds from accept to a finished TLS handshake before the connection is closed.
-    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value = "10")]
+    /// Seconds from accept to a finished TLS handshake before the connection is closed
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value = "10", help_heading = "Load balancers and TLS")]
     pub tls_handshake_timeout: Duration,
-    /// Log each connection (debug level).
+    /// Log each connection (debug level) on stderr
     #[arg(short, long)]
     pub verbose: bool,
 }
@@ -199,9 +234,19 @@ impl ServeArgs {
 }
 
 #[derive(Args)]
+#[command(after_help = concat!(
+    "On a terminal: a '> ' prompt, one line sent at a time, its reply printed; 'exit' quits.\n",
+    "With a pipe: stdin is sent, replies go to stdout, and at stdin's end the client\n",
+    "half-closes and prints until the server closes (like nc). Exit 1: cannot connect.\n\n",
+    "Examples:\n",
+    "  reverb client 127.0.0.1:7007\n",
+    "  printf 'hello\\n' | reverb client udp://127.0.0.1:7007",
+))]
 pub struct ClientArgs {
-    /// tcp://HOST:PORT, udp://HOST:PORT, unix:///path, unix-dgram:///path, or HOST:PORT.
+    /// The server: HOST:PORT, tcp://HOST:PORT, udp://HOST:PORT, unix:///path or
+    /// unix-dgram:///path
     // Parsed in `client`: a name that does not resolve is "cannot connect" (exit 1).
+    #[arg(value_name = "ADDR")]
     pub addr: String,
     /// With tls://: trust the server certificates in this PEM file instead of the system's.
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
@@ -212,32 +257,44 @@ pub struct ClientArgs {
 }
 
 #[derive(Args)]
+#[command(after_help = concat!(
+    "Addresses:\n",
+    "  HOST:PORT, tcp://HOST:PORT    TCP (HOST: an IP, localhost, or a name; IPv6 as [::1]:7007)\n",
+    "  udp://HOST:PORT               UDP: each message is one datagram\n",
+    "  unix:///abs/path              a Unix stream socket\n",
+    "  unix-dgram:///abs/path        a Unix datagram socket\n\n",
+    "Every byte that comes back is checked. Exit 0: all correct; 3: a wrong byte or a failed\n",
+    "connection (after the results); 2: usage.\n\n",
+    "Example:\n",
+    "  reverb bench 127.0.0.1:7007 --conns 50 --size 1K --depth 8 --duration 5",
+))]
 pub struct BenchArgs {
-    /// The server to load.
-    #[arg(value_parser = parse_endpoint)]
+    /// The server to load (see Addresses below)
+    #[arg(value_name = "ADDR", value_parser = parse_endpoint)]
     pub addr: Endpoint,
-    /// Connections (for datagrams: sockets).
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    /// Connections (for datagrams: sockets)
+    #[arg(long, value_name = "N", default_value = "10", value_parser = parse_count)]
     pub conns: u32,
-    /// Bytes per message (e.g. 64, 1K, 1M).
+    /// Bytes per message: a count, or K, M (KiB)
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "64")]
     pub size: usize,
-    /// Messages in flight per connection (closed loop).
-    #[arg(long, value_name = "D", default_value_t = 1)]
+    /// Messages in flight per connection (closed loop)
+    #[arg(long, value_name = "D", default_value = "1", value_parser = parse_count)]
     pub depth: u32,
-    /// Measured seconds.
+    /// Seconds measured (fractions allowed)
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_positive_secs)]
     pub duration: Duration,
-    /// Seconds of load before measuring (verified, not counted).
+    /// Seconds of load before measuring: verified, not counted
     #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
     pub warmup: Duration,
-    /// Open loop: total messages per second, latency counted from each scheduled send.
+    /// Open loop: total messages per second, latency counted from each scheduled send
+    /// [default: closed loop]
     #[arg(long, value_name = "MSGS_PER_S")]
     pub rate: Option<f64>,
-    /// Client threads, each its own event loop.
-    #[arg(long, value_name = "T", default_value_t = 1)]
+    /// Client threads, each its own event loop
+    #[arg(long, value_name = "N", default_value = "1", value_parser = parse_count)]
     pub threads: u32,
-    /// One JSON object on stdout.
+    /// Print one JSON object on stdout instead of the table
     #[arg(long)]
     pub json: bool,
     /// With tls://: trust the server certificates in this PEM file instead of the system's.
@@ -265,24 +322,31 @@ impl BenchArgs {
 }
 
 #[derive(Args)]
+#[command(after_help = concat!(
+    "Each model runs as its own 'reverb serve' on a free loopback port, pinned to CPU 0 while\n",
+    "the load runs on CPU 1. Exit 0: measured; 1: no model could be measured; 2: usage;\n",
+    "3: a server sent wrong bytes.\n\n",
+    "Example:\n",
+    "  reverb compare --models epoll,uring --conns 1,10,100 --duration 2",
+))]
 pub struct CompareArgs {
-    /// Comma-separated models (default: all available).
-    #[arg(long, value_delimiter = ',', value_parser = parse_model)]
+    /// Models to run, comma-separated [default: every model available here]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = ModelParser)]
     pub models: Vec<Model>,
-    /// Comma-separated connection counts.
-    #[arg(long, value_delimiter = ',')]
+    /// Connection counts to measure each model at, comma-separated
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,10,100", value_parser = parse_count)]
     pub conns: Vec<u32>,
-    /// Bytes per message.
-    #[arg(long)]
-    pub size: Option<u32>,
-    /// Messages in flight per connection.
-    #[arg(long)]
-    pub depth: Option<u32>,
-    /// Measured seconds per point.
-    #[arg(long, value_parser = parse_positive_secs)]
-    pub duration: Option<Duration>,
-    /// Where compare.json, compare.md and compare.svg go.
-    #[arg(long, default_value = "compare-out")]
+    /// Bytes per message: a count, or K, M (KiB)
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "64")]
+    pub size: usize,
+    /// Messages in flight per connection
+    #[arg(long, value_name = "D", default_value = "1", value_parser = parse_count)]
+    pub depth: u32,
+    /// Seconds measured per point (fractions allowed)
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value = "1")]
+    pub duration: Duration,
+    /// Directory for compare.json, compare.md and compare.svg
+    #[arg(long, value_name = "DIR", default_value = "compare-out")]
     pub out: PathBuf,
 }
 
@@ -291,24 +355,243 @@ impl CompareArgs {
     pub fn config(&self, server_exe: PathBuf) -> reverb::compare::CompareConfig {
         let mut config = reverb::compare::CompareConfig::new(server_exe);
         config.models = self.models.clone();
-        if !self.conns.is_empty() {
-            config.conns = self.conns.clone();
-        }
-        if let Some(size) = self.size {
-            config.size = size as usize;
-        }
-        if let Some(depth) = self.depth {
-            config.depth = depth;
-        }
-        if let Some(duration) = self.duration {
-            config.duration = duration;
-        }
+        config.conns = self.conns.clone();
+        config.size = self.size;
+        config.depth = self.depth;
+        config.duration = self.duration;
         config
     }
 }
 
+#[derive(Args)]
+#[command(after_help = concat!(
+    "Examples:\n",
+    "  reverb generate man > reverb.1 && man ./reverb.1\n",
+    "  reverb generate complete-bash > /etc/bash_completion.d/reverb\n",
+    "  reverb generate complete-zsh > ~/.zfunc/_reverb\n",
+    "  reverb generate complete-fish > ~/.config/fish/completions/reverb.fish",
+))]
+pub struct GenerateArgs {
+    /// What to print on stdout
+    #[arg(value_name = "WHAT")]
+    pub what: Generated,
+}
+
+/// What `reverb generate` prints.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Generated {
+    /// The man page (roff), every subcommand in one page
+    Man,
+    /// A bash completion script
+    CompleteBash,
+    /// A zsh completion script
+    CompleteZsh,
+    /// A fish completion script
+    CompleteFish,
+}
+
 fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
-    Endpoint::parse(text).map_err(|e| e.to_string())
+    Endpoint::parse(text).map_err(|e| e.reason().to_string())
+}
+
+/// A value error laid out as clap's own: `invalid value 'V' for '--flag <NAME>': why`.
+fn value_error(
+    command: &clap::Command,
+    arg: Option<&clap::Arg>,
+    value: &OsStr,
+    why: &str,
+) -> clap::Error {
+    let flag = arg.map_or_else(|| "...".to_string(), ToString::to_string);
+    let message = format!(
+        "invalid value '{}' for '{flag}': {why}",
+        value.to_string_lossy()
+    );
+    clap::Error::raw(clap::error::ErrorKind::InvalidValue, message).with_cmd(command)
+}
+
+/// `--model`: the names, each with its technique in `--help` and in completions.
+#[derive(Clone)]
+struct ModelParser;
+
+impl TypedValueParser for ModelParser {
+    type Value = Model;
+
+    fn parse_ref(
+        &self,
+        command: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<Model, clap::Error> {
+        parse_model(&value.to_string_lossy()).map_err(|why| value_error(command, arg, value, &why))
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(Model::ALL.into_iter().map(|model| {
+            PossibleValue::new(model.name()).help(model_help(model))
+        })))
+    }
+}
+
+/// `--protocol`: the names, each with what it answers.
+#[derive(Clone)]
+struct ProtocolParser;
+
+impl TypedValueParser for ProtocolParser {
+    type Value = ProtocolKind;
+
+    fn parse_ref(
+        &self,
+        command: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<ProtocolKind, clap::Error> {
+        parse_protocol(&value.to_string_lossy())
+            .map_err(|why| value_error(command, arg, value, &why))
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(PROTOCOLS.into_iter().map(|kind| {
+            PossibleValue::new(protocol_name(kind)).help(protocol_help(kind))
+        })))
+    }
+}
+
+/// Writes what `reverb generate` was asked for, built from the same definitions as `--help`.
+///
+/// The man page holds every subcommand: the top page, then one section per subcommand with
+/// its synopsis, description and options, so `man reverb` is the whole reference.
+pub fn generate(what: Generated, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    let shell = match what {
+        Generated::Man => {
+            // `reverb help` is clap's own; the page documents it in its synopsis instead.
+            let mut command = command.disable_help_subcommand(true);
+            command.build();
+            return man_page(&command, out);
+        }
+        Generated::CompleteBash => clap_complete::Shell::Bash,
+        Generated::CompleteZsh => clap_complete::Shell::Zsh,
+        Generated::CompleteFish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut command, "reverb", out);
+    Ok(())
+}
+
+fn man_page(command: &clap::Command, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let mut top = Vec::new();
+    clap_mangen::Man::new(command.clone()).render(&mut top)?;
+    let mut top = String::from_utf8_lossy(&top).replace(".SH EXTRA", ".SH NOTES");
+    // The subcommands are sections of this page, not pages of their own.
+    for sub in command.get_subcommands() {
+        top = top.replace(
+            &format!("reverb\\-{}(1)", sub.get_name()),
+            &format!("\\fBreverb {}\\fR (below)", sub.get_name()),
+        );
+    }
+    out.write_all(top.as_bytes())?;
+    for sub in command.get_subcommands() {
+        let name = format!("reverb {}", sub.get_name());
+        let page = clap_mangen::Man::new(
+            sub.clone()
+                .bin_name(name.clone())
+                .display_name(name.clone()),
+        );
+        let mut section = Vec::new();
+        page.render_synopsis_section(&mut section)?;
+        page.render_description_section(&mut section)?;
+        page.render_options_section(&mut section)?;
+        page.render_extra_section(&mut section)?;
+        // Each subcommand is one section of the page; its own headings become subsections.
+        let section = String::from_utf8_lossy(&section)
+            .replace("\n.SH ", "\n.SS ")
+            .replace(".SH EXTRA", ".SH NOTES")
+            .replace(".SS EXTRA", ".SS NOTES");
+        let section = section
+            .strip_prefix(".SH ")
+            .map_or(section.clone(), |rest| format!(".SS {rest}"));
+        writeln!(out, ".SH \"{}\"", name.to_uppercase())?;
+        out.write_all(section.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Names the bad flag once more where clap's own suggestion would mislead.
+fn misleading_suggestion(flag: &str, subcommand: &str) -> Option<&'static str> {
+    match (subcommand, flag) {
+        ("serve", "--port" | "-p" | "--host" | "--bind" | "--listen" | "--address") => Some(
+            "the address and port go together: --tcp 127.0.0.1:PORT (and --udp 127.0.0.1:PORT)",
+        ),
+        ("client" | "bench", "--port" | "-p" | "--host") => {
+            Some("the address and port go together: 127.0.0.1:PORT")
+        }
+        _ => None,
+    }
+}
+
+/// Renders a parse error as docs/cli.md says: one `error:` line naming the flag, the value
+/// and what is accepted; at most one `tip:` line; then the usage of the subcommand that was
+/// run and where to read more.
+pub fn render_error(error: &clap::Error, subcommand: &str) -> String {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let rendered = error.render().to_string();
+    let mut lines: Vec<String> = Vec::new();
+    for line in rendered.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("Usage:") || trimmed.starts_with("For more information") {
+            break;
+        }
+        if trimmed.is_empty() {
+            continue;
+        }
+        // clap puts the accepted values on a line of their own; they belong to the error.
+        if let Some(values) = trimmed
+            .strip_prefix("[possible values: ")
+            .and_then(|rest| rest.strip_suffix(']'))
+        {
+            if let Some(first) = lines.first_mut() {
+                first.push_str(&format!("; expected one of {values}"));
+                continue;
+            }
+        }
+        if trimmed.starts_with("tip:") {
+            lines.push(format!("  {trimmed}"));
+        } else if let (true, Some(last)) = (line.starts_with(' '), lines.last_mut()) {
+            // clap lists missing arguments on lines of their own; one line says it.
+            last.push(' ');
+            last.push_str(trimmed);
+        } else {
+            lines.push(line.to_string());
+        }
+    }
+    if error.kind() == ErrorKind::UnknownArgument {
+        if let Some(ContextValue::String(flag)) = error.get(ContextKind::InvalidArg) {
+            let flag = flag.split('=').next().unwrap_or(flag);
+            if let Some(tip) = misleading_suggestion(flag, subcommand) {
+                lines.retain(|line| !line.trim_start().starts_with("tip:"));
+                lines.push(format!("  tip: {tip}"));
+            }
+        }
+    }
+    // One hint is enough: keep the first.
+    let mut seen_tip = false;
+    lines.retain(|line| {
+        let is_tip = line.trim_start().starts_with("tip:");
+        let keep = !(is_tip && seen_tip);
+        seen_tip |= is_tip;
+        keep
+    });
+    let mut command = Cli::command();
+    command.build();
+    let (usage, help) = match command.find_subcommand_mut(subcommand) {
+        Some(sub) => (sub.render_usage(), format!("reverb {subcommand} --help")),
+        None => (command.render_usage(), "reverb --help".to_string()),
+    };
+    format!(
+        "{}\n\n{usage}\n\nFor more information, try '{help}'.\n",
+        lines.join("\n")
+    )
 }
 
 /// `--greeting`: a template with `{peer}`, `{local}`, `{{` and `}}`.

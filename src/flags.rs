@@ -96,6 +96,115 @@ pub const PROTOCOLS: [ProtocolKind; 3] = [
     ProtocolKind::UntilQuit,
 ];
 
+/// One line per model for `serve --help`: the technique, and what `--threads` means for it.
+pub fn model_help(model: Model) -> &'static str {
+    match model {
+        Model::Blocking => {
+            "accept, serve that client to the end, accept again: one client at a time"
+        }
+        Model::Threaded => "a thread per connection",
+        Model::Pool => "a fixed pool of worker threads; --threads sets its size (default 16)",
+        Model::Forking => "a process per connection",
+        Model::BusyPoll => "non-blocking sockets polled in a loop; burns a core even while idle",
+        Model::Select => "select(2) over fd sets; no descriptor >= 1024",
+        Model::Poll => "poll(2) over an array of descriptors",
+        Model::Epoll => "epoll(7), an event loop per thread (--threads, default: one per core)",
+        Model::Async => {
+            "reverb's own async runtime, a task per connection (--threads loops, default: one per core)"
+        }
+        Model::Tokio => {
+            "the tokio runtime, a task per connection (--threads loops, default: one per core)"
+        }
+        Model::Uring => "io_uring completions (--threads rings, default: one per core)",
+    }
+}
+
+/// One line per protocol for `serve --help`.
+pub fn protocol_help(kind: ProtocolKind) -> &'static str {
+    match kind {
+        ProtocolKind::Echo => {
+            "every byte back as received (RFC 862); a datagram back as one datagram"
+        }
+        ProtocolKind::Lines => {
+            "each line back as PREFIX + line + newline, once its newline arrived"
+        }
+        ProtocolKind::UntilQuit => {
+            "collect until the input ends with quit + newline (or EOF), answer it all once, close"
+        }
+    }
+}
+
+/// The accepted word closest to `typed`, if one is close enough to be a slip of the keyboard
+/// (at most a third of its letters wrong, or `typed` is a prefix of it).
+pub fn suggest<'a>(typed: &str, accepted: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let typed_lower = typed.to_ascii_lowercase();
+    accepted
+        .into_iter()
+        .map(|word| {
+            let distance = if !typed.is_empty() && word.starts_with(&typed_lower) {
+                0
+            } else {
+                edit_distance(&typed_lower, word)
+            };
+            (distance, word)
+        })
+        .filter(|(distance, word)| *distance <= word.len().max(typed.len()) / 3)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, word)| word)
+}
+
+/// Levenshtein distance, in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+/// Parses a `--tcp` address: `HOST:PORT`, `[V6]:PORT`, or the same after `tcp://`, the form
+/// the readiness lines print.
+///
+/// # Errors
+///
+/// Another scheme, or an address [`crate::addr::parse_ip_port`] refuses.
+pub fn parse_tcp_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    parse_listen(text, "tcp", "udp")
+}
+
+/// Parses a `--udp` address, as [`parse_tcp_listen`] does with `udp://`.
+///
+/// # Errors
+///
+/// Another scheme, or an address [`crate::addr::parse_ip_port`] refuses.
+pub fn parse_udp_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    parse_listen(text, "udp", "tcp")
+}
+
+fn parse_listen(text: &str, scheme: &str, other: &str) -> Result<std::net::SocketAddr, String> {
+    let address = match text.split_once("://") {
+        None => text,
+        Some((given, rest)) if given == scheme => rest,
+        Some((given, rest)) if given == other => {
+            return Err(format!(
+                "a {other}:// address after --{scheme}\n\n  tip: use --{other} {rest}, or --{scheme} {rest}"
+            ));
+        }
+        Some((given, _)) => {
+            return Err(format!(
+                "unknown scheme {given}://; --{scheme} takes HOST:PORT or {scheme}://HOST:PORT"
+            ));
+        }
+    };
+    crate::addr::parse_ip_port(address).map_err(|e| e.reason().to_string())
+}
+
 /// Parses a `--model` name.
 ///
 /// # Errors
@@ -104,7 +213,10 @@ pub const PROTOCOLS: [ProtocolKind; 3] = [
 pub fn parse_model(text: &str) -> Result<Model, String> {
     Model::from_name(text).ok_or_else(|| {
         let names: Vec<_> = Model::ALL.iter().map(|m| m.name()).collect();
-        format!("unknown model; expected one of {}", names.join(", "))
+        with_suggestion(
+            format!("unknown model; expected one of {}", names.join(", ")),
+            suggest(text, names),
+        )
     })
 }
 
@@ -117,7 +229,65 @@ pub fn parse_protocol(text: &str) -> Result<ProtocolKind, String> {
     PROTOCOLS
         .into_iter()
         .find(|kind| protocol_name(*kind) == text)
-        .ok_or_else(|| "unknown protocol; expected echo, lines or until-quit".to_string())
+        .ok_or_else(|| {
+            with_suggestion(
+                "unknown protocol; expected echo, lines or until-quit".to_string(),
+                suggest(text, PROTOCOLS.map(protocol_name)),
+            )
+        })
+}
+
+/// A value error with its hint line, laid out as clap lays out its own tips.
+fn with_suggestion(message: String, suggestion: Option<&str>) -> String {
+    match suggestion {
+        Some(word) => format!("{message}\n\n  tip: did you mean '{word}'?"),
+        None => message,
+    }
+}
+
+/// Parses `serve --threads`: 1 to [`MAX_THREADS`].
+///
+/// # Errors
+///
+/// Text that is not a whole number in that range.
+pub fn parse_threads(text: &str) -> Result<u32, String> {
+    parse_whole(text, 1, u64::from(MAX_THREADS)).map(|n| n as u32)
+}
+
+/// The most threads `serve --threads` accepts: far more than any machine has cores, and few
+/// enough that a typo cannot exhaust memory with thread stacks.
+pub const MAX_THREADS: u32 = 4096;
+
+/// Parses a count that must be at least 1 (`--max-conns`).
+///
+/// # Errors
+///
+/// Text that is not a whole number, or zero.
+pub fn parse_positive_count(text: &str) -> Result<u64, String> {
+    parse_whole(text, 1, u64::MAX)
+}
+
+/// Parses a whole number that fits 32 bits; the caller judges its range (`bench --conns`).
+///
+/// # Errors
+///
+/// Text that is not a whole number, or one past `u32::MAX`.
+pub fn parse_count(text: &str) -> Result<u32, String> {
+    parse_whole(text, 0, u64::from(u32::MAX)).map(|n| n as u32)
+}
+
+fn parse_whole(text: &str, min: u64, max: u64) -> Result<u64, String> {
+    let accepted = if (min, max) == (0, u64::from(u32::MAX)) {
+        "a whole number, as in 10".to_string()
+    } else if max == u64::MAX {
+        format!("a whole number of at least {min}")
+    } else {
+        format!("a whole number from {min} to {max}")
+    };
+    match text.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("expected {accepted}")),
+    }
 }
 
 /// Parses seconds, fractions allowed (`5`, `0.25`).
@@ -230,12 +400,72 @@ mod tests {
     }
 
     #[test]
+    fn whole_numbers() {
+        assert_eq!(parse_threads("4"), Ok(4));
+        assert!(parse_threads("0").unwrap_err().contains("1 to 4096"));
+        assert!(parse_threads("4097").is_err());
+        assert!(parse_threads("two").is_err());
+        assert_eq!(parse_positive_count("1"), Ok(1));
+        assert!(
+            parse_positive_count("0")
+                .unwrap_err()
+                .contains("at least 1")
+        );
+        assert_eq!(parse_count("0"), Ok(0));
+        assert!(parse_count("4294967296").is_err());
+    }
+
+    #[test]
     fn seconds() {
         assert_eq!(parse_secs("0.25"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_secs("0"), Ok(Duration::ZERO));
         assert!(parse_secs("-1").is_err());
         assert!(parse_secs("soon").unwrap_err().contains("seconds"));
         assert!(parse_positive_secs("0").is_err());
+    }
+
+    #[test]
+    fn listen_addresses_take_their_own_scheme() {
+        let addr: std::net::SocketAddr = "127.0.0.1:7007".parse().unwrap();
+        assert_eq!(parse_tcp_listen("tcp://127.0.0.1:7007"), Ok(addr));
+        assert_eq!(parse_tcp_listen("127.0.0.1:7007"), Ok(addr));
+        assert_eq!(parse_udp_listen("udp://127.0.0.1:7007"), Ok(addr));
+        assert!(
+            parse_tcp_listen("udp://127.0.0.1:7007")
+                .unwrap_err()
+                .contains("--udp")
+        );
+        assert!(
+            parse_udp_listen("http://127.0.0.1:7007")
+                .unwrap_err()
+                .contains("scheme")
+        );
+        assert!(
+            parse_tcp_listen("tcp://::1:7")
+                .unwrap_err()
+                .contains("brackets")
+        );
+    }
+
+    #[test]
+    fn suggestions_catch_slips_only() {
+        let models: Vec<_> = Model::ALL.iter().map(|m| m.name()).collect();
+        assert_eq!(suggest("epol", models.clone()), Some("epoll"));
+        assert_eq!(suggest("Tokio", models.clone()), Some("tokio"));
+        assert_eq!(suggest("busypoll", models.clone()), Some("busy-poll"));
+        assert_eq!(suggest("threads", models.clone()), Some("threaded"));
+        assert_eq!(suggest("nope", models.clone()), None);
+        assert_eq!(suggest("line", PROTOCOLS.map(protocol_name)), Some("lines"));
+        assert!(
+            parse_model("uring2")
+                .unwrap_err()
+                .contains("did you mean 'uring'")
+        );
+        assert!(
+            parse_protocol("echoo")
+                .unwrap_err()
+                .contains("did you mean 'echo'")
+        );
     }
 
     #[test]

@@ -16,45 +16,44 @@ use std::time::Duration;
 /// A usage error found after parsing: the contract's exit 2, with the usage of
 /// `subcommand`, the one that was run.
 fn usage_error(subcommand: &str, message: impl std::fmt::Display, hint: Option<&str>) -> ! {
-    let mut command = Cli::command();
-    command.build();
     let message = match hint {
-        Some(hint) => format!("{message}\n\n  tip: {hint}"),
+        Some(hint) => format!("{message}\n  tip: {hint}"),
         None => message.to_string(),
     };
-    let error = match command.find_subcommand_mut(subcommand) {
-        Some(sub) => sub.error(ErrorKind::ValueValidation, message),
-        None => command.error(ErrorKind::ValueValidation, message),
-    };
-    exit_with_usage(error)
+    exit_with_usage(
+        clap::Error::raw(ErrorKind::ValueValidation, message),
+        subcommand,
+    )
 }
 
-/// Prints a parse error followed by the usage of the subcommand at fault, and exits 2
-/// (help and version requests print and exit 0 as usual).
-fn exit_with_usage(error: clap::Error) -> ! {
+/// Prints a parse error with the usage of the subcommand at fault and exits 2 (help and
+/// version requests print and exit 0 as usual).
+fn exit_with_usage(error: clap::Error, subcommand: &str) -> ! {
     if !error.use_stderr() {
         error.exit();
     }
-    let _ = error.print();
-    let rendered = error.render().to_string();
-    if !rendered.contains("Usage:") {
-        let mut command = Cli::command();
-        command.build();
-        let name = std::env::args().nth(1).unwrap_or_default();
-        let usage = match command.find_subcommand_mut(&name) {
-            Some(sub) => sub.render_usage(),
-            None => command.render_usage(),
-        };
-        eprintln!("\n{usage}");
-    }
+    eprint!("{}", cli::render_error(&error, subcommand));
     std::process::exit(2)
+}
+
+/// The subcommand the user ran, for the usage shown with an error.
+fn subcommand_typed() -> String {
+    let names: Vec<String> = Cli::command()
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_string())
+        .collect();
+    std::env::args()
+        .skip(1)
+        .find(|arg| names.contains(arg))
+        .unwrap_or_default()
 }
 
 fn main() -> ExitCode {
     let matches = Cli::command()
         .try_get_matches()
-        .unwrap_or_else(|e| exit_with_usage(e));
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| exit_with_usage(e));
+        .unwrap_or_else(|e| exit_with_usage(e, &subcommand_typed()));
+    let cli =
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| exit_with_usage(e, &subcommand_typed()));
     match cli.command {
         Command::Serve(args) => {
             let specs = match matches.subcommand_matches("serve") {
@@ -66,6 +65,13 @@ fn main() -> ExitCode {
         Command::Client(args) => client(args),
         Command::Bench(args) => bench(args),
         Command::Compare(args) => compare(args),
+        Command::Generate(args) => {
+            let mut stdout = std::io::stdout().lock();
+            match cli::generate(args.what, &mut stdout).and_then(|()| stdout.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("cannot write to stdout: {e}")),
+            }
+        }
     }
 }
 

@@ -38,12 +38,14 @@ impl Token {
         Token((u64::from(generation) << 32) | u64::from(index))
     }
 
-    /// The slot.
-    fn index(self) -> usize {
+    /// The slot, for a table kept beside the slab (io_uring's slots, which outlive the
+    /// value until the kernel returns their buffers).
+    pub fn index(self) -> usize {
         (self.0 & 0xffff_ffff) as usize
     }
 
-    fn generation(self) -> u32 {
+    /// The slot's generation when the value was inserted (0 for a reserved token).
+    pub fn generation(self) -> u32 {
         (self.0 >> 32) as u32
     }
 }

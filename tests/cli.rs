@@ -457,3 +457,252 @@ fn forking_reaps_every_child() {
     }
     server.stop();
 }
+
+/// Every usage error: exit 2, nothing on stdout, one `error:` line, at most one `tip:` line,
+/// then the usage of the subcommand that was run.
+fn assert_error_points_at_fix(args: &[&str], error_mentions: &[&str], tip_mentions: Option<&str>) {
+    let output = run(args);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "{args:?}: stdout is for data only"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines[0].starts_with("error: "), "{args:?}: {stderr}");
+    for mention in error_mentions {
+        assert!(
+            lines[0].contains(mention),
+            "{args:?}: {mention:?} in the error line: {stderr}"
+        );
+    }
+    let tips: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.trim_start().starts_with("tip:"))
+        .collect();
+    match tip_mentions {
+        Some(tip) => {
+            assert_eq!(tips.len(), 1, "{args:?}: one hint: {stderr}");
+            assert!(
+                tips[0].contains(tip),
+                "{args:?}: hint should say {tip:?}: {stderr}"
+            );
+            assert_eq!(
+                lines[1], *tips[0],
+                "{args:?}: the hint follows the error: {stderr}"
+            );
+        }
+        None => assert!(tips.len() <= 1, "{args:?}: {stderr}"),
+    }
+    let usage = format!("Usage: reverb {}", args[0]);
+    assert!(
+        stderr.contains(&usage),
+        "{args:?}: the usage of {:?}: {stderr}",
+        args[0]
+    );
+}
+
+#[test]
+fn errors_name_flag_value_and_what_is_accepted() {
+    assert_error_points_at_fix(
+        &["serve", "--model", "epol"],
+        &["--model", "'epol'", "blocking", "uring"],
+        Some("did you mean 'epoll'?"),
+    );
+    assert_error_points_at_fix(
+        &["serve", "--protocol", "line"],
+        &["--protocol", "'line'", "until-quit"],
+        Some("did you mean 'lines'?"),
+    );
+    assert_error_points_at_fix(
+        &["compare", "--models", "epoll,pol"],
+        &["--models", "'pol'"],
+        Some("did you mean 'poll'?"),
+    );
+    // clap alone would suggest --protocol here.
+    assert_error_points_at_fix(
+        &["serve", "--port", "7007"],
+        &["'--port'"],
+        Some("--tcp 127.0.0.1:PORT"),
+    );
+    assert_error_points_at_fix(
+        &["bench", "127.0.0.1:1", "--conns", "0"],
+        &["--conns", "0", "1 to"],
+        None,
+    );
+    assert_error_points_at_fix(
+        &["serve", "--threads", "0"],
+        &["--threads", "'0'", "1 to 4096"],
+        None,
+    );
+    assert_error_points_at_fix(
+        &["serve", "--max-buffer", "12Q"],
+        &["--max-buffer", "'12Q'", "K, M or G"],
+        None,
+    );
+    assert_error_points_at_fix(
+        &["serve", "--prefix", "> "],
+        &["--prefix", "--protocol echo"],
+        Some("--protocol lines"),
+    );
+    assert_error_points_at_fix(
+        &["serve", "--udp", "tcp://127.0.0.1:7007"],
+        &["--udp", "'tcp://127.0.0.1:7007'"],
+        Some("--tcp 127.0.0.1:7007"),
+    );
+    // The port is what is wrong here, not the host.
+    assert_error_points_at_fix(
+        &["client", "foo:abc"],
+        &["foo:abc", "port \"abc\"", "0 to 65535"],
+        None,
+    );
+    assert_error_points_at_fix(&["client", ":7007"], &["host is missing"], None);
+    assert_error_points_at_fix(
+        &["serve", "--tcp", ":7007"],
+        &["--tcp", "host is missing"],
+        None,
+    );
+    assert_error_points_at_fix(&["bench"], &["<ADDR>"], None);
+}
+
+#[test]
+fn listen_flags_take_the_form_the_readiness_lines_print() {
+    let server = Server::start(
+        "threaded",
+        &["--tcp", "tcp://127.0.0.1:0", "--udp", "udp://127.0.0.1:0"],
+    );
+    assert!(
+        server.addrs[0].starts_with("tcp://127.0.0.1:"),
+        "{:?}",
+        server.addrs
+    );
+    assert!(
+        server.addrs[1].starts_with("udp://127.0.0.1:"),
+        "{:?}",
+        server.addrs
+    );
+    // A readiness line, pasted back, binds again.
+    let again = format!(
+        "{}0",
+        server.addrs[0].trim_end_matches(|c: char| c.is_ascii_digit())
+    );
+    server.stop();
+    let server = Server::start("threaded", &["--tcp", &again]);
+    assert_eq!(server.addrs.len(), 1);
+    server.stop();
+}
+
+#[test]
+fn help_teaches_models_protocols_defaults_and_addresses() {
+    let serve = run(&["serve", "--help"]);
+    assert!(serve.status.success());
+    let serve = String::from_utf8_lossy(&serve.stdout);
+    for model in [
+        "blocking",
+        "threaded",
+        "pool",
+        "forking",
+        "busy-poll",
+        "select",
+        "poll",
+        "epoll",
+        "async",
+        "tokio",
+        "uring",
+    ] {
+        assert!(
+            serve.contains(&format!("- {model}:")),
+            "{model} with its technique: {serve}"
+        );
+    }
+    for needle in [
+        "until-quit:",
+        "127.0.0.1:7007",
+        "default 16",
+        "one per core",
+        "[default: epoll]",
+        "[default: 256K]",
+        "[default: 5]",
+        "<BYTES>",
+        "<SECS>",
+    ] {
+        assert!(
+            serve.contains(needle),
+            "serve --help mentions {needle:?}: {serve}"
+        );
+    }
+    let bench = run(&["bench", "--help"]);
+    let bench = String::from_utf8_lossy(&bench.stdout);
+    for needle in [
+        "tcp://",
+        "udp://",
+        "unix:///",
+        "unix-dgram:///",
+        "<BYTES>",
+        "<SECS>",
+        "[default: 10]",
+    ] {
+        assert!(
+            bench.contains(needle),
+            "bench --help mentions {needle:?}: {bench}"
+        );
+    }
+    let compare = run(&["compare", "--help"]);
+    let compare = String::from_utf8_lossy(&compare.stdout);
+    for needle in [
+        "[default: 1,10,100]",
+        "[default: 64]",
+        "<BYTES>",
+        "<SECS>",
+        "[default: compare-out]",
+    ] {
+        assert!(
+            compare.contains(needle),
+            "compare --help mentions {needle:?}: {compare}"
+        );
+    }
+}
+
+#[test]
+fn man_page_and_completions_cover_every_subcommand() {
+    let subcommands = ["serve", "client", "bench", "compare", "generate"];
+    let man = run(&["generate", "man"]);
+    assert!(man.status.success(), "{}", stderr_of(&man));
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(page.contains("\n.TH reverb 1"), "a roff page: {page}");
+    assert!(
+        !page.contains("reverb\\-serve(1)"),
+        "no page names that do not exist"
+    );
+    for sub in subcommands {
+        let heading = format!(".SH \"REVERB {}\"", sub.to_uppercase());
+        assert!(
+            page.contains(&heading),
+            "the man page has {heading}: {page}"
+        );
+    }
+    for flag in ["max\\-buffer", "drain\\-timeout", "conns", "unix\\-dgram"] {
+        assert!(page.contains(flag), "the man page documents --{flag}");
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let output = run(&["generate", &format!("complete-{shell}")]);
+        assert!(output.status.success(), "{shell}: {}", stderr_of(&output));
+        let script = String::from_utf8_lossy(&output.stdout);
+        for sub in subcommands {
+            assert!(script.contains(sub), "{shell} completes {sub}: {script}");
+        }
+        assert!(
+            script.contains("busy-poll"),
+            "{shell} completes model names"
+        );
+    }
+    let syntax = std::process::Command::new("bash")
+        .args([
+            "-n",
+            "-c",
+            &String::from_utf8_lossy(&run(&["generate", "complete-bash"]).stdout),
+        ])
+        .status()
+        .expect("run bash");
+    assert!(syntax.success(), "the bash completion parses");
+}

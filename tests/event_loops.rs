@@ -113,8 +113,18 @@ fn epoll_loop_that_cannot_start() {
 }
 
 #[test]
+fn async_loop_that_cannot_start() {
+    loop_that_cannot_start_stops_the_server("async");
+}
+
+#[test]
 fn tokio_loop_that_cannot_start() {
     loop_that_cannot_start_stops_the_server("tokio");
+}
+
+#[test]
+fn uring_loop_that_cannot_start() {
+    loop_that_cannot_start_stops_the_server("uring");
 }
 
 #[test]

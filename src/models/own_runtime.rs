@@ -1,42 +1,49 @@
 //! `async`: reverb's own runtime (`crate::runtime`): a task per connection on our epoll reactor.
 //!
-//! Technique: `--threads` runtimes, each on its own thread with its own SO_REUSEPORT
-//! listener; every connection is one task (asyncio's `start_server`) that awaits readiness
-//! and drives `Connection`, with one timer for its idle timeout and then its drain.
+//! Technique: step 9 of the ladder. `--threads` runtimes, each on its own thread with its
+//! own SO_REUSEPORT listener; every connection is one task (asyncio's `start_server`)
+//! written as straight-line code: `write_all(..).await` what is owed, `ready().await` for
+//! input, read it, hand it to `Connection`.
 //! Cost: as `epoll`, plus a wake (a run-queue push) and a poll of the task's future per
 //! readiness event; an idle connection is a boxed future of a few hundred bytes, not a stack.
 //! Limit: Linux only; a task that computes without awaiting stalls its whole runtime.
+//!
+//! Not `read(&mut buf).await` as `runtime/mod.rs` shows: that future holds `buf` while
+//! the peer is silent, so every connection would own a read buffer (16 KiB each: 160 MiB
+//! for 10,000 idle ones), and in a before/after run it cost 2 to 11 % more CPU per message
+//! at 50 and 500 connections (buffers spread over the cache). A task waits with
+//! `ready().await` and then reads into its loop's one buffer, tokio's `readable` and
+//! `try_read`.
+//!
+//! Idle timeout: one runtime timer per connection, moved to "now + timeout" each time the
+//! task starts waiting for input, so time spent waiting to send (a peer that does not
+//! read its replies) never counts as idle.
 
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::runtime::{self, Async, Direction, Runtime, Timer};
-use crate::server::event_loops::listener_for_another_loop;
-use crate::server::is_per_peer_datagram_error;
+use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
     DatagramReplier, Limits, Listeners, Protocol, READ_BUFFER_BYTES, RunOptions, ServeError,
-    Shutdown, accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
+    Shutdown, accept_action, is_per_peer_datagram_error, log_accept_pause, log_idle,
+    log_over_limit, log_send_failure,
 };
 use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
-use std::mem::take;
 use std::net::Shutdown as Half;
 use std::os::fd::AsFd;
+use std::pin::pin;
 use std::rc::Rc;
-use std::sync::{Condvar, Mutex, PoisonError};
 use std::task::Poll;
-use std::thread;
-
-/// Steps (reads or writes) a connection task takes before it lets the others run.
-const STEPS_PER_TURN: usize = 16;
 
 thread_local! {
-    /// The one read buffer of a runtime thread. A task copies input into it and hands it
-    /// to its `Connection` without awaiting in between, so tasks can share it and an idle
-    /// connection holds no read buffer at all.
+    /// The one read buffer of a runtime thread. A task takes it only once its socket is
+    /// ready and hands the bytes to its `Connection` before it awaits again, so tasks share
+    /// it and an idle connection holds no read buffer at all.
     static READ_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUFFER_BYTES]);
     /// The output allocation lent to whichever connection is producing replies, and taken
-    /// back once they are sent, so an idle connection holds no output buffer either.
+    /// back once they are sent, so an idle connection holds no output buffer.
     static SPARE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -45,12 +52,13 @@ struct Loop {
     protocol: Protocol,
     limits: Limits,
     counter: ConnectionCounter,
-    /// Shutdown fired: stop accepting, stop reading, drain. Tasks re-check it whenever they
-    /// are polled, and the loop wakes them all once when it is set.
+    /// Shutdown fired: stop accepting and reading, send what is owed.
     is_draining: Cell<bool>,
+    /// The drain timeout passed: stop sending too.
+    is_cut: Cell<bool>,
 }
 
-/// Serves every listener on `threads` runtimes until `shutdown` fires, then drains.
+/// Serves every listener on `--threads` runtimes until `shutdown` fires, then drains.
 ///
 /// # Errors
 ///
@@ -62,129 +70,61 @@ pub fn run(
     options: RunOptions,
 ) -> Result<(), ServeError> {
     let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
-    // Loop 0 serves the bound sockets themselves; the others get SO_REUSEPORT siblings
-    // (their own accept queues) for TCP, and second descriptors for the rest.
-    let mut sockets = vec![(take(&mut listeners.streams), take(&mut listeners.datagrams))];
-    for _ in 1..loops {
-        let (streams, datagrams) = &sockets[0];
-        let streams = streams
-            .iter()
-            .map(listener_for_another_loop)
-            .collect::<io::Result<_>>()?;
-        let datagrams = datagrams.iter().map(DatagramSocket::try_clone);
-        sockets.push((streams, datagrams.collect::<io::Result<_>>()?));
-    }
-    // No loop accepts before every loop has its epoll and eventfd: a busy first loop could
-    // otherwise use up the descriptors the others still need to start.
-    let started = Gate::new(loops);
-    thread::scope(|scope| {
-        let mut threads = Vec::new();
-        for (index, (streams, datagrams)) in sockets.into_iter().enumerate() {
-            let state = Loop {
-                protocol: protocol.clone(),
-                limits: listeners.limits.clone(),
-                counter: listeners.counter.clone(),
-                is_draining: Cell::new(false),
-            };
-            let (started, shutdown) = (&started, &shutdown);
-            let spawned = thread::Builder::new()
-                .name(format!("reverb-async-{index}"))
-                .spawn_scoped(scope, move || {
-                    let runtime = Runtime::new();
-                    started.arrive_and_wait();
-                    serve_loop(runtime?, streams, datagrams, Rc::new(state), shutdown)
-                });
-            match spawned {
-                Ok(thread) => threads.push(thread),
-                Err(e) => {
-                    // The loops already running must still hear shutdown before we return.
-                    shutdown.fire();
-                    started.open();
-                    return Err(e.into());
-                }
-            }
-        }
-        // Every loop is joined before the first error is returned.
-        let mut result = Ok(());
-        for thread in threads {
-            let panicked = |_| Err(io::Error::other("an event loop panicked"));
-            result = result.and(thread.join().unwrap_or_else(panicked));
-        }
-        result.map_err(ServeError::from)
-    })
-}
-
-/// A barrier the spawning thread can also open, should a thread fail to start.
-struct Gate {
-    waiting_for: Mutex<usize>,
-    opened: Condvar,
-}
-
-impl Gate {
-    fn new(count: usize) -> Self {
-        Gate {
-            waiting_for: Mutex::new(count),
-            opened: Condvar::new(),
-        }
-    }
-
-    fn arrive_and_wait(&self) {
-        let mut waiting_for = self
-            .waiting_for
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *waiting_for = waiting_for.saturating_sub(1);
-        self.opened.notify_all();
-        let waiting = self.opened.wait_while(waiting_for, |n| *n > 0);
-        drop(waiting.unwrap_or_else(PoisonError::into_inner));
-    }
-
-    fn open(&self) {
-        *self
-            .waiting_for
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = 0;
-        self.opened.notify_all();
-    }
+    // Every loop also answers datagrams, from duplicates of the same sockets.
+    let sources = split_sources(&mut listeners, loops, true)?;
+    let state = |_| Loop {
+        protocol: protocol.clone(),
+        limits: listeners.limits.clone(),
+        counter: listeners.counter.clone(),
+        is_draining: Cell::new(false),
+        is_cut: Cell::new(false),
+    };
+    run_loops(
+        "async",
+        sources,
+        &shutdown,
+        |index, sources| Ok((Runtime::new()?, sources, Rc::new(state(index)))),
+        |(runtime, sources, state)| serve_loop(&runtime, sources, &state, &shutdown),
+    )?;
+    Ok(())
 }
 
 /// One runtime: a task per listener and datagram socket, then a task per connection.
 fn serve_loop(
-    runtime: Runtime,
-    streams: Vec<StreamListener>,
-    datagrams: Vec<DatagramSocket>,
-    state: Rc<Loop>,
+    runtime: &Runtime,
+    LoopSources { streams, datagrams }: LoopSources,
+    state: &Rc<Loop>,
     shutdown: &Shutdown,
 ) -> io::Result<()> {
-    let servers = runtime.block_on(async {
+    runtime.block_on(async {
         let mut servers = Vec::new();
         for listener in streams {
-            servers.push(runtime::spawn(accept_loop(
-                Async::new(listener)?,
-                state.clone(),
-            )));
+            let listener = Async::new(listener)?;
+            servers.push(runtime::spawn(accept_loop(listener, state.clone())));
         }
         for socket in datagrams {
-            servers.push(runtime::spawn(datagram_loop(
-                Async::new(socket)?,
-                state.clone(),
-            )));
+            let socket = Async::new(socket)?;
+            servers.push(runtime::spawn(answer_datagrams(socket, state.clone())));
         }
         // Shutdown's eventfd becomes readable when it fires and stays so: one wait.
         let fired = Async::new(shutdown.fd())?;
-        fired
-            .read_with(|_| match shutdown.is_fired() {
-                true => Ok(()),
-                false => Err(io::ErrorKind::WouldBlock.into()),
-            })
-            .await?;
+        let is_fired = |_: &_| match shutdown.is_fired() {
+            true => Ok(()),
+            false => Err(io::ErrorKind::WouldBlock.into()),
+        };
+        fired.read_with(is_fired).await?;
+        // Accept loops end at once, connections once they have sent what they owe.
         state.is_draining.set(true);
         runtime::wake_all();
-        io::Result::Ok(servers)
-    })??;
-    // Accept loops end at once; each connection ends when drained or at its drain timeout.
-    runtime.wait_for_tasks()?;
-    runtime.block_on(async {
+        let drained = runtime::all_tasks_done();
+        if runtime::timeout(state.limits.drain_timeout, drained)
+            .await
+            .is_err()
+        {
+            state.is_cut.set(true);
+            runtime::wake_all();
+            runtime::all_tasks_done().await;
+        }
         for server in servers {
             server.await.unwrap_or(Ok(()))?;
         }
@@ -192,208 +132,169 @@ fn serve_loop(
     })?
 }
 
+/// Awaits `io` unless `stop` holds first (`None`), or `timer` expires first (`None`).
+///
+/// `stop` reads the loop's flags; the loop wakes every task when it sets one.
+async fn unless<T>(
+    stop: impl Fn() -> bool,
+    timer: Option<&mut Timer>,
+    io: impl Future<Output = T>,
+) -> Option<T> {
+    let mut io = pin!(io);
+    let mut timer = timer;
+    poll_fn(|cx| {
+        if stop() {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(done) = io.as_mut().poll(cx) {
+            return Poll::Ready(Some(done));
+        }
+        match &mut timer {
+            Some(timer) => timer.poll_expired(cx).map(|()| None),
+            None => Poll::Pending,
+        }
+    })
+    .await
+}
+
 /// Accepts connections until shutdown, spawning a task for each admitted one.
 async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Result<()> {
-    loop {
-        let accepted = poll_fn(|cx| match state.is_draining.get() {
-            true => Poll::Ready(None),
-            false => listener
-                .poll_io(cx, Direction::Read, StreamListener::accept)
-                .map(Some),
-        })
-        .await;
+    let is_draining = || state.is_draining.get();
+    while let Some(accepted) = unless(is_draining, None, listener.accept()).await {
         match accepted {
-            None => return Ok(()),
-            Some(Ok((stream, peer))) => match state.counter.admit() {
+            Ok((stream, peer)) => match state.counter.admit() {
                 Some(admission) => {
                     runtime::spawn(serve_connection(stream, peer, admission, state.clone()));
                 }
                 None => log_over_limit(&peer, state.counter.max_conns().unwrap_or(0)),
             },
-            Some(Err(e)) => match accept_action(&e) {
+            Err(e) => match accept_action(&e) {
                 AcceptAction::Wait | AcceptAction::Retry => {}
                 AcceptAction::Pause => {
                     log_accept_pause(listener.get_ref().name(), &e);
-                    let mut pause = runtime::sleep(ACCEPT_PAUSE);
-                    poll_fn(|cx| match state.is_draining.get() {
-                        true => Poll::Ready(()),
-                        false => pause.poll_expired(cx),
-                    })
-                    .await;
+                    unless(is_draining, None, runtime::sleep(ACCEPT_PAUSE)).await;
                 }
                 AcceptAction::Fail => return Err(e),
             },
         }
     }
+    Ok(())
 }
 
 /// One connection's task; its errors are logged here and never reach the loop.
-async fn serve_connection(stream: Stream, peer: Peer, admission: Admission, state: Rc<Loop>) {
+async fn serve_connection(
+    stream: Async<Stream>,
+    peer: Peer,
+    admission: Admission,
+    state: Rc<Loop>,
+) {
     let _admission = admission;
-    let mut connection = Connection::new(&state.protocol, peer, &state.limits, stream.as_fd());
-    if let Err(e) = drive(stream, &mut connection, &state).await {
+    let mut connection = Connection::new(
+        &state.protocol,
+        peer,
+        &state.limits,
+        stream.get_ref().as_fd(),
+    );
+    if let Err(e) = converse(&stream, &mut connection, &state).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }
 }
 
-/// What woke a connection task.
-enum Step {
-    Drain,
-    Deadline,
-    /// A write: its result, and how many bytes were offered.
-    Wrote(io::Result<usize>, usize),
-    /// A read: how many bytes came (0: EOF), and how many were asked for.
-    Read(io::Result<(usize, usize)>),
-}
-
-async fn drive(stream: Stream, connection: &mut Connection, state: &Loop) -> io::Result<()> {
-    let stream = Async::new(stream)?;
-    let limits = &state.limits;
-    // One timer per connection, pushed back by every read: the idle timeout; after
-    // shutdown, the drain deadline.
-    let mut deadline = limits
-        .idle_timeout
-        .map(|idle| Timer::at(runtime::now() + idle));
-    let mut is_draining = false;
-    let mut steps = 0;
+/// Sends what is owed, reads, hands the bytes over; until the connection is finished.
+async fn converse(
+    stream: &Async<Stream>,
+    connection: &mut Connection,
+    state: &Loop,
+) -> io::Result<()> {
+    let idle_timeout = state.limits.idle_timeout;
+    let mut idle = idle_timeout.map(runtime::sleep);
     loop {
+        if connection.wants_write() {
+            // While the peer does not take its replies, it is not read (backpressure).
+            let owed = connection.owed();
+            let sent = unless(
+                || state.is_cut.get(),
+                None,
+                stream.write_all(connection.unsent()),
+            );
+            let Some(sent) = sent.await else {
+                tracing::warn!(
+                    "closing {}: drain timeout with {owed} bytes still owed",
+                    connection.peer()
+                );
+                return Ok(());
+            };
+            sent?;
+            connection.advance(owed);
+            SPARE.with_borrow_mut(|spare| connection.return_spare(spare));
+        }
+        if state.is_draining.get() {
+            connection.stop_reading();
+        }
         if connection.is_finished() {
             // Everything owed was sent: the peer reads EOF after the last reply.
             let _ = stream.shutdown(Half::Write);
             return Ok(());
         }
-        steps += 1;
-        if steps > STEPS_PER_TURN {
-            // Input keeps coming without a pause: let the other connections run.
-            steps = 0;
-            runtime::yield_now().await;
+        if let (Some(timer), Some(timeout)) = (&mut idle, idle_timeout) {
+            timer.reset(runtime::now() + timeout);
         }
-        let step = poll_fn(|cx| {
-            if state.is_draining.get() && !is_draining {
-                return Poll::Ready(Step::Drain);
-            }
-            if let Some(timer) = &mut deadline {
-                if timer.poll_expired(cx).is_ready() {
-                    return Poll::Ready(Step::Deadline);
-                }
-            }
-            if connection.wants_write() {
-                let offered = connection.owed();
-                if let Poll::Ready(written) =
-                    stream.poll_io(cx, Direction::Write, |s| s.write(connection.unsent()))
-                {
-                    return Poll::Ready(Step::Wrote(written, offered));
-                }
-            }
-            if connection.wants_read() {
-                let read = stream.poll_io(cx, Direction::Read, |s| read_into(s, connection));
-                if let Poll::Ready(read) = read {
-                    return Poll::Ready(Step::Read(read));
-                }
-            }
-            // Parked: a request-reply connection never uses up its turn.
-            steps = 0;
-            Poll::Pending
-        })
-        .await;
-        match step {
-            Step::Drain => {
-                is_draining = true;
-                connection.stop_reading();
-                let drain_deadline = runtime::now() + limits.drain_timeout;
-                deadline = Some(Timer::at(drain_deadline));
-            }
-            Step::Deadline if is_draining => {
-                tracing::warn!(
-                    "closing {}: drain timeout with {} bytes still owed",
-                    connection.peer(),
-                    connection.owed()
-                );
+        let received = unless(
+            || state.is_draining.get(),
+            idle.as_mut(),
+            receive(stream, connection),
+        );
+        match received.await {
+            Some(received) => received?,
+            // Shutdown began: stop reading at the top of the loop.
+            None if state.is_draining.get() => {}
+            None => {
+                log_idle(connection.peer(), idle_timeout.unwrap_or_default());
                 return Ok(());
-            }
-            Step::Deadline => match (limits.idle_timeout, &mut deadline) {
-                (Some(idle), _) if connection.wants_read() => {
-                    log_idle(connection.peer(), idle);
-                    return Ok(());
-                }
-                // Not reading (the peer does not read its replies): not idle.
-                (Some(idle), Some(timer)) => timer.reset(runtime::now() + idle),
-                _ => deadline = None,
-            },
-            Step::Wrote(written, offered) => {
-                // The kernel may take fewer bytes than offered; the rest waits for writable.
-                let written = written?;
-                connection.advance(written);
-                if written < offered {
-                    stream.clear_ready(Direction::Write);
-                } else {
-                    SPARE.with_borrow_mut(|spare| connection.return_spare(spare));
-                }
-            }
-            Step::Read(read) => {
-                let (got, asked) = read?;
-                if got < asked {
-                    // A short read emptied the socket: skip the read that would say EAGAIN.
-                    stream.clear_ready(Direction::Read);
-                }
-                if let (Some(idle), Some(timer)) = (limits.idle_timeout, &mut deadline) {
-                    if !is_draining {
-                        timer.reset(runtime::now() + idle);
-                    }
-                }
             }
         }
     }
 }
 
-/// One read into the thread's buffer, handed straight to the connection; returns how many
-/// bytes came (0: EOF) and how many were asked for.
-fn read_into(stream: &Stream, connection: &mut Connection) -> io::Result<(usize, usize)> {
-    READ_BUFFER.with_borrow_mut(|buf| {
-        let limit = connection.read_limit(buf.len());
-        let got = stream.read(&mut buf[..limit])?;
-        SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-        let received = match got {
-            0 => connection.receive_eof(),
-            n => connection.receive(&buf[..n]),
-        };
-        received.map_err(|_| io::Error::other("handler panicked"))?;
-        Ok((got, limit))
-    })
+/// Waits for input, reads it into the loop's buffer, and hands it to `connection`.
+async fn receive(stream: &Async<Stream>, connection: &mut Connection) -> io::Result<()> {
+    loop {
+        stream.ready(Direction::Read).await;
+        let received = READ_BUFFER.with_borrow_mut(|buf| {
+            let limit = connection.read_limit(buf.len());
+            let got = stream.try_read(&mut buf[..limit])?;
+            SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
+            let received = match got {
+                0 => connection.receive_eof(),
+                n => connection.receive(&buf[..n]),
+            };
+            received.map_err(|_| io::Error::other("handler panicked"))
+        });
+        match received {
+            // Readiness was cached from an earlier edge: wait for the next one.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            received => return received,
+        }
+    }
 }
 
 /// Answers datagrams until shutdown.
-async fn datagram_loop(socket: Async<DatagramSocket>, state: Rc<Loop>) -> io::Result<()> {
+async fn answer_datagrams(socket: Async<DatagramSocket>, state: Rc<Loop>) -> io::Result<()> {
     let mut replier = DatagramReplier::new(state.protocol.clone());
     let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
-    let mut answered = 0usize;
-    loop {
-        let received = poll_fn(|cx| {
-            if state.is_draining.get() {
-                return Poll::Ready(None);
-            }
-            let received = socket.poll_io(cx, Direction::Read, |s| s.recv_from(&mut buf));
-            if received.is_pending() {
-                answered = 0;
-            }
-            received.map(Some)
-        })
-        .await;
+    let is_draining = || state.is_draining.get();
+    while let Some(received) = unless(is_draining, None, socket.recv_from(&mut buf)).await {
         let (n, peer) = match received {
-            None => return Ok(()),
-            Some(Ok(received)) => received,
-            Some(Err(e)) if is_per_peer_datagram_error(&e) => continue,
-            Some(Err(e)) => return Err(e),
+            Ok(received) => received,
+            Err(e) if is_per_peer_datagram_error(&e) => continue,
+            Err(e) => return Err(e),
         };
         if let Some(reply) = replier.reply(&peer, &buf[..n]) {
+            // A full send buffer drops this one reply, as a lost datagram would.
             if let Err(e) = socket.get_ref().send_to(reply, &peer) {
                 log_send_failure(&peer, &e);
             }
         }
-        answered += 1;
-        if answered > STEPS_PER_TURN {
-            answered = 0;
-            runtime::yield_now().await;
-        }
     }
+    Ok(())
 }

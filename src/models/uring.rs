@@ -1,33 +1,35 @@
 //! `io_uring` (Linux 5.19+): the kernel performs the I/O and reports each finished operation.
 //!
-//! Technique: a ring per loop; multishot accepts, multishot receives into buffers the kernel
-//! picks, and sends of the shared output buffer, all submitted in one system call per turn.
+//! Step 11 of the ladder. Technique: a ring per loop; multishot accepts, multishot receives
+//! into buffers the kernel picks, and sends of the shared output buffer, all submitted in
+//! one system call per turn.
 //! Cost: a buffer lent to the kernel stays lent until its completion, even after a close
-//! (`sys/uring.rs` keeps it), and every result arrives later, in another turn of the loop.
+//! (`sys/uring` keeps it), and every result arrives later, in another turn of the loop.
 //! Limit: Linux only; often disabled (sysctl kernel.io_uring_disabled, container seccomp).
+//!
+//! Idle timeouts: the coarse wheel of the scalable models (`IdleWheel`), looked at once
+//! per tick. Loops: each gets its own SO_REUSEPORT accept queue (`Model::accept_queues`)
+//! and a duplicate of every datagram socket.
 
-use crate::net::Peer;
-use crate::server::event_loops::listener_for_another_loop;
-use crate::server::is_per_peer_datagram_error;
+use crate::net::{DatagramSocket, Peer, StreamListener};
+use crate::server::event_loops::{LoopSources, run_loops, split_sources};
+use crate::server::idle_wheel::IdleWheel;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
     DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
-    log_accept_pause, log_idle, log_over_limit, log_send_failure,
+    is_per_peer_datagram_error, log_accept_pause, log_idle, log_over_limit, log_send_failure,
 };
+use crate::slab::{Slab, Token};
 use crate::sys::errno;
-use crate::sys::uring::{Completion, Key, Ring, probe};
+use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring, probe};
 use socket2::{SockAddr, SockRef};
 use std::io;
 use std::net::{Shutdown as Direction, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{self, UnixStream};
-use std::sync::Barrier;
-use std::thread;
 use std::time::{Duration, Instant};
 
-/// How often connections are checked against `--idle-timeout`.
-const IDLE_SCAN_INTERVAL: Duration = Duration::from_millis(250);
 /// After the drain timeout, how long cancelled operations may take to complete.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// The most one receive may be armed for; the output buffer's room usually decides.
@@ -45,160 +47,120 @@ pub fn check_available() -> Result<(), ServeError> {
     })
 }
 
-/// Serves every listener from `threads` rings (default: one per core) until `shutdown`
-/// fires and the drain ends.
+/// Serves every listener from `options.threads` rings (default: one per core) until
+/// `shutdown` fires and the drain ends.
 ///
 /// # Errors
 ///
-/// A ring that cannot be set up, or a listener that broke.
+/// A ring that cannot be set up (every loop is built before any serves), or a listener
+/// that broke.
 pub fn run(
-    listeners: Listeners,
+    mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
     options: RunOptions,
 ) -> Result<(), ServeError> {
     let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
-    let mut sockets = Vec::new();
-    for n in 0..loops {
-        // Each loop gets its own SO_REUSEPORT listener for TCP (its own accept queue).
-        let streams = listeners.streams.iter().map(|listener| {
-            let fd = match n {
-                0 => listener.as_fd().try_clone_to_owned()?,
-                _ => listener_for_another_loop(listener)?
-                    .into_std()
-                    .map_or_else(OwnedFd::from, OwnedFd::from),
-            };
-            Ok((fd, listener.name(), listener.is_tcp()))
-        });
-        let streams = streams.collect::<io::Result<Vec<_>>>()?;
-        let datagrams = listeners
-            .datagrams
-            .iter()
-            .map(|d| d.as_fd().try_clone_to_owned());
-        sockets.push((streams, datagrams.collect::<io::Result<Vec<_>>>()?));
-    }
-    let barrier = &Barrier::new(sockets.len());
-    let (protocol, shutdown, listeners) = (&protocol, &shutdown, &listeners);
-    thread::scope(|scope| {
-        let handles: Vec<_> = sockets
-            .into_iter()
-            .map(|(streams, datagrams)| {
-                scope.spawn(move || {
-                    let event_loop = Loop::new(listeners, protocol, shutdown, streams, datagrams);
-                    // Every ring (and its descriptor) exists before any loop accepts, so
-                    // accepted connections cannot use up the descriptors a ring needs.
-                    barrier.wait();
-                    let result = event_loop.and_then(|l| l.serve().map_err(ServeError::Io));
-                    if result.is_err() {
-                        // One loop failed: the others stop too, and drain.
-                        shutdown.fire();
-                    }
-                    result
-                })
-            })
-            .collect();
-        // Join every loop; the first error wins.
-        let results = handles
-            .into_iter()
-            .map(|handle| (handle.join()).unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
-        results.fold(Ok(()), Result::and)
-    })
+    let sources = split_sources(&mut listeners, loops, true)?;
+    let (limits, counter) = (&listeners.limits, &listeners.counter);
+    let setup = |_, sources| Loop::new(sources, &protocol, limits, counter, &shutdown);
+    run_loops("uring", sources, &shutdown, setup, Loop::serve).map_err(ServeError::Io)
+}
+
+/// What a token names in a loop's slab: each has a slot in the ring too.
+enum Source {
+    Conn(Conn),
+    Listener(Listener),
+    Datagrams(Datagrams),
+    Shutdown,
+}
+
+/// A datagram socket's replier, and the one datagram waiting while a reply is in flight.
+struct Datagrams {
+    replier: DatagramReplier,
+    /// Received while the last reply was in flight: answered when that send completes.
+    pending: Option<ReceivedDatagram>,
+    /// Whom the reply in flight goes to, to name them if it is dropped.
+    replying_to: Option<Peer>,
 }
 
 /// One accepted stream and what the loop knows about it.
 struct Conn {
-    key: Key,
     connection: Connection,
-    last_input: Instant,
+    /// The idle wheel's tick of the last input.
+    last_input_tick: u32,
     /// Listed in `Loop::dirty`, to be pumped after this batch.
     is_dirty: bool,
     _admission: Admission,
 }
 
-struct StreamListener<'a> {
-    key: Key,
-    name: &'a str,
+struct Listener {
+    name: String,
     is_tcp: bool,
     paused_until: Option<Instant>,
-}
-
-struct DatagramSocket {
-    key: Key,
-    replier: DatagramReplier,
-    /// A datagram arrived while the previous reply was in flight; answer it next.
-    has_pending: bool,
-    last_peer: Option<Peer>,
 }
 
 /// One thread's ring and everything it serves.
 struct Loop<'a> {
     ring: Ring,
+    sources: Slab<Source>,
     protocol: &'a Protocol,
     limits: &'a Limits,
     counter: &'a ConnectionCounter,
-    listeners: Vec<StreamListener<'a>>,
-    datagrams: Vec<DatagramSocket>,
-    /// Connections by slot index (`Key::index`).
-    conns: Vec<Option<Conn>>,
+    idle: Option<IdleWheel>,
     /// Connections touched by this batch of completions (see `Loop::mark`).
-    dirty: Vec<Key>,
-    shutdown: Key,
+    dirty: Vec<Token>,
     /// Set when shutdown fired: stop accepting, send what is owed until then.
     drain_deadline: Option<Instant>,
-    next_idle_scan: Instant,
     /// The time when the last wait returned: one clock read per batch of completions.
     now: Instant,
 }
 
 impl<'a> Loop<'a> {
     fn new(
-        listeners: &'a Listeners,
+        sources: LoopSources,
         protocol: &'a Protocol,
+        limits: &'a Limits,
+        counter: &'a ConnectionCounter,
         shutdown: &Shutdown,
-        streams: Vec<(OwnedFd, &'a str, bool)>,
-        datagrams: Vec<OwnedFd>,
-    ) -> Result<Self, ServeError> {
-        let unavailable = |source| ServeError::ModelUnavailable {
-            model: "uring",
-            source,
-        };
-        let mut ring = Ring::new().map_err(unavailable)?;
-        let watched = shutdown.fd().try_clone_to_owned()?;
-        let shutdown = ring.add(watched);
-        ring.arm_readable(shutdown);
-        let listeners_here = streams.into_iter().map(|(fd, name, is_tcp)| {
-            let key = ring.add(fd);
-            ring.arm_accept(key);
-            StreamListener {
-                key,
+    ) -> io::Result<Self> {
+        let mut ring = Ring::new()?;
+        let mut slab = Slab::default();
+        let token = slab.insert(Source::Shutdown);
+        ring.add(token, shutdown.fd().try_clone_to_owned()?);
+        ring.arm_readable(token);
+        for listener in sources.streams {
+            let (name, is_tcp) = (listener.name().to_string(), listener.is_tcp());
+            let token = slab.insert(Source::Listener(Listener {
                 name,
                 is_tcp,
                 paused_until: None,
-            }
-        });
-        let listeners_here = listeners_here.collect();
-        let datagrams = datagrams.into_iter().map(|fd| {
-            let key = ring.add_datagram(fd, DATAGRAM_BUFFER_BYTES);
-            ring.arm_datagram_receive(key);
-            DatagramSocket {
-                key,
+            }));
+            ring.add(token, into_fd(listener));
+            ring.arm_accept(token);
+        }
+        for socket in sources.datagrams {
+            let token = slab.insert(Source::Datagrams(Datagrams {
                 replier: DatagramReplier::new(protocol.clone()),
-                has_pending: false,
-                last_peer: None,
-            }
-        });
+                pending: None,
+                replying_to: None,
+            }));
+            let fd = match socket {
+                DatagramSocket::Udp(socket) => OwnedFd::from(socket),
+                DatagramSocket::Unix(socket) => OwnedFd::from(socket),
+            };
+            ring.add_datagram(token, fd, DATAGRAM_BUFFER_BYTES);
+            ring.arm_datagram_receive(token);
+        }
         Ok(Loop {
-            datagrams: datagrams.collect(),
             ring,
+            sources: slab,
             protocol,
-            limits: &listeners.limits,
-            counter: &listeners.counter,
-            listeners: listeners_here,
-            conns: Vec::new(),
+            limits,
+            counter,
+            idle: limits.idle_timeout.map(IdleWheel::new),
             dirty: Vec::new(),
-            shutdown,
             drain_deadline: None,
-            next_idle_scan: Instant::now(),
             now: Instant::now(),
         })
     }
@@ -206,178 +168,225 @@ impl<'a> Loop<'a> {
     fn serve(mut self) -> io::Result<()> {
         loop {
             self.now = Instant::now();
-            let now = self.now;
-            self.on_timers(now);
+            self.on_timers();
             let timeout = match self.drain_deadline {
-                Some(deadline) if self.ring.live_slots() == 0 || now >= deadline + CANCEL_GRACE => {
+                Some(deadline)
+                    if self.ring.live_slots() == 0 || self.now >= deadline + CANCEL_GRACE =>
+                {
                     return Ok(());
                 }
                 // Past the drain deadline every slot is closing: wait for its cancellation.
-                Some(deadline) if now >= deadline => Some(CANCEL_GRACE),
-                _ => self
-                    .next_deadline()
-                    .map(|at| at.saturating_duration_since(now)),
+                Some(deadline) if self.now >= deadline => Some(CANCEL_GRACE),
+                _ => self.next_deadline(),
             };
             self.ring.wait(timeout)?;
             self.now = Instant::now();
             while let Some(completion) = self.ring.next_completion() {
                 match completion {
                     Completion::Accepted {
-                        key,
+                        token,
                         result,
                         is_armed,
-                    } => self.on_accept(key, result, is_armed)?,
-                    Completion::Received { key, result } => self.on_receive(key, result),
-                    Completion::Sent { key, result } => self.on_sent(key, result),
-                    Completion::DatagramReceived { key, result } => {
-                        self.on_datagram(key, result)?
+                    } => self.on_accept(token, result, is_armed)?,
+                    Completion::Received { token, result } => self.on_receive(token, result),
+                    Completion::Sent { token, result } => self.on_sent(token, result),
+                    Completion::DatagramReceived { token, result } => {
+                        self.on_datagram(token, result)?;
                     }
-                    Completion::DatagramSent { key, result } => self.on_datagram_sent(key, result),
+                    Completion::DatagramSent { token, result } => {
+                        self.on_datagram_sent(token, result);
+                    }
                     Completion::Readable { .. } => self.start_drain(),
                 }
             }
-            for key in std::mem::take(&mut self.dirty) {
-                self.pump(key);
+            for token in std::mem::take(&mut self.dirty) {
+                self.pump(token);
             }
         }
     }
 
-    /// The earliest moment a timer needs the loop: an accept pause's end, an idle scan,
-    /// or the drain deadline.
-    fn next_deadline(&self) -> Option<Instant> {
-        let pauses = self.listeners.iter().filter_map(|l| l.paused_until);
-        let idle_scan = self.limits.idle_timeout.map(|_| self.next_idle_scan);
-        pauses.chain(idle_scan).chain(self.drain_deadline).min()
+    fn conn(&mut self, token: Token) -> Option<&mut Conn> {
+        match self.sources.get_mut(token) {
+            Some(Source::Conn(conn)) => Some(conn),
+            _ => None,
+        }
     }
 
-    fn on_timers(&mut self, now: Instant) {
-        for listener in &mut self.listeners {
-            if listener.paused_until.is_some_and(|until| now >= until) {
-                listener.paused_until = None;
-                self.ring.arm_accept(listener.key);
-            }
-        }
-        if let Some(idle) = self
-            .limits
-            .idle_timeout
-            .filter(|_| now >= self.next_idle_scan)
-        {
-            self.next_idle_scan = now + IDLE_SCAN_INTERVAL;
-            // Only a connection we are reading can be idle; one held back by backpressure
-            // is waiting for its peer to read, not to write.
-            let idle_conns: Vec<Key> = (self.conns.iter().flatten())
-                .filter(|c| c.connection.wants_read() && now - c.last_input >= idle)
-                .map(|c| c.key)
-                .collect();
-            for key in idle_conns {
-                if let Some(conn) = self.conn(key) {
-                    log_idle(conn.connection.peer(), idle);
+    fn conns(&self) -> Vec<Token> {
+        let conns = self
+            .sources
+            .iter()
+            .filter(|(_, s)| matches!(s, Source::Conn(_)));
+        conns.map(|(token, _)| token).collect()
+    }
+
+    /// How long until a timer needs the loop: an accept pause's end, an idle tick, or the
+    /// drain deadline.
+    fn next_deadline(&self) -> Option<Duration> {
+        let pauses = self.sources.iter().filter_map(|(_, source)| match source {
+            Source::Listener(listener) => listener.paused_until,
+            _ => None,
+        });
+        let at = pauses.chain(self.drain_deadline).min();
+        let until = at.map(|at| at.saturating_duration_since(self.now));
+        let idle = self
+            .idle
+            .as_ref()
+            .and_then(|w| w.time_to_next_tick(self.now));
+        until.into_iter().chain(idle).min()
+    }
+
+    fn on_timers(&mut self) {
+        let now = self.now;
+        let mut resumed = Vec::new();
+        for (token, source) in self.sources.iter() {
+            if let Source::Listener(l) = source {
+                if l.paused_until.is_some_and(|until| now >= until) {
+                    resumed.push(token);
                 }
-                self.close(key);
+            }
+        }
+        for token in resumed {
+            if let Some(Source::Listener(listener)) = self.sources.get_mut(token) {
+                listener.paused_until = None;
+                self.ring.arm_accept(token);
+            }
+        }
+        if let Some(mut wheel) = self.idle.take() {
+            let (now_tick, idle_ticks) = (wheel.tick_at(now), wheel.deadline(0));
+            let mut idle = Vec::new();
+            wheel.expire(now_tick, |token| {
+                let Some(Source::Conn(conn)) = self.sources.get_mut(token) else {
+                    return None;
+                };
+                if !conn.connection.wants_read() {
+                    // Not waiting for input (backpressure, flushing): not idle, look later.
+                    conn.last_input_tick = now_tick;
+                    return Some(now_tick);
+                }
+                if now_tick < conn.last_input_tick.saturating_add(idle_ticks) {
+                    return Some(conn.last_input_tick);
+                }
+                idle.push(token);
+                None
+            });
+            self.idle = Some(wheel);
+            let timeout = self.limits.idle_timeout.unwrap_or_default();
+            for token in idle {
+                if let Some(conn) = self.conn(token) {
+                    log_idle(conn.connection.peer(), timeout);
+                }
+                self.close(token);
             }
         }
         if self.drain_deadline.is_some_and(|deadline| now >= deadline) {
-            for conn in self.conns.iter_mut().filter_map(Option::take) {
-                tracing::warn!(
-                    "closing {}: drain timeout with {} bytes still owed",
-                    conn.connection.peer(),
-                    conn.connection.owed()
-                );
-                self.ring.close(conn.key);
+            for token in self.conns() {
+                if let Some(conn) = self.conn(token) {
+                    tracing::warn!(
+                        "closing {}: drain timeout with {} bytes still owed",
+                        conn.connection.peer(),
+                        conn.connection.owed()
+                    );
+                }
+                self.close(token);
             }
         }
     }
 
     fn on_accept(
         &mut self,
-        key: Key,
+        token: Token,
         result: io::Result<OwnedFd>,
         is_armed: bool,
     ) -> io::Result<()> {
-        let Some(at) = self.listeners.iter().position(|l| l.key == key) else {
+        let Some(Source::Listener(listener)) = self.sources.get_mut(token) else {
             return Ok(());
         };
+        let (name, is_tcp) = (listener.name.clone(), listener.is_tcp);
         match result {
-            Ok(fd) => self.admit(at, fd),
+            Ok(fd) => self.admit(&name, is_tcp, fd),
             Err(e) => match accept_action(&e) {
                 AcceptAction::Wait | AcceptAction::Retry => {}
                 AcceptAction::Pause => {
-                    log_accept_pause(self.listeners[at].name, &e);
-                    self.listeners[at].paused_until = Some(self.now + ACCEPT_PAUSE);
+                    log_accept_pause(&listener.name, &e);
+                    listener.paused_until = Some(self.now + ACCEPT_PAUSE);
                 }
                 AcceptAction::Fail => return Err(e),
             },
         }
         // A multishot accept ends after any error; arm it again unless paused.
-        if !is_armed && self.listeners[at].paused_until.is_none() {
-            self.ring.arm_accept(key);
+        let is_paused = matches!(self.sources.get(token),
+            Some(Source::Listener(l)) if l.paused_until.is_some());
+        if !is_armed && !is_paused {
+            self.ring.arm_accept(token);
         }
         Ok(())
     }
 
-    fn admit(&mut self, at: usize, fd: OwnedFd) {
-        let listener = &self.listeners[at];
-        let (fd, peer) = match identify(fd, listener.is_tcp) {
+    fn admit(&mut self, listener: &str, is_tcp: bool, fd: OwnedFd) {
+        let (fd, peer) = match identify(fd, is_tcp) {
             Ok(identified) => identified,
-            Err(e) => return tracing::debug!("a connection on {} vanished: {e}", listener.name),
+            Err(e) => return tracing::debug!("a connection on {listener} vanished: {e}"),
         };
         let Some(admission) = self.counter.admit() else {
             return log_over_limit(&peer, self.counter.max_conns().unwrap_or(0));
         };
-        tracing::debug!("accepted {peer} on {}", listener.name);
+        tracing::debug!("accepted {peer} on {listener}");
         let connection = Connection::new(self.protocol, peer, self.limits, fd.as_fd());
-        let key = self.ring.add(fd);
-        if self.conns.len() <= key.index() {
-            self.conns.resize_with(key.index() + 1, || None);
-        }
-        self.conns[key.index()] = Some(Conn {
-            key,
+        let last_input_tick = self.idle.as_ref().map_or(0, |w| w.tick_at(self.now));
+        let token = self.sources.insert(Source::Conn(Conn {
             connection,
-            last_input: self.now,
+            last_input_tick,
             is_dirty: false,
             _admission: admission,
-        });
-        self.pump(key);
-    }
-
-    fn conn(&mut self, key: Key) -> Option<&mut Conn> {
-        conn_of(&mut self.conns, key)
-    }
-
-    fn close(&mut self, key: Key) {
-        self.ring.close(key);
-        if let Some(slot) = self.conns.get_mut(key.index()) {
-            slot.take_if(|conn| conn.key == key);
+        }));
+        self.ring.add(token, fd);
+        if let Some(wheel) = self.idle.as_mut() {
+            wheel.insert(token, last_input_tick);
         }
+        self.pump(token);
     }
 
-    fn on_receive(&mut self, key: Key, result: io::Result<usize>) {
-        let Some(conn) = conn_of(&mut self.conns, key) else {
+    fn close(&mut self, token: Token) {
+        self.ring.close(token);
+        self.sources.remove(token);
+    }
+
+    fn on_receive(&mut self, token: Token, result: io::Result<Option<Received>>) {
+        let now_tick = self.idle.as_ref().map_or(0, |w| w.tick_at(self.now));
+        let Some(Source::Conn(conn)) = self.sources.get_mut(token) else {
+            if let Ok(Some(received)) = result {
+                self.ring.recycle(received);
+            }
             return;
         };
         let handled = match result {
-            Ok(0) => conn.connection.receive_eof(),
+            Ok(None) => conn.connection.receive_eof(),
             // The ring's budget was the connection's read limit, so these bytes fit.
-            Ok(_) => conn.connection.receive(self.ring.received()),
+            Ok(Some(received)) => {
+                let handled = conn.connection.receive(self.ring.received(&received));
+                self.ring.recycle(received);
+                handled
+            }
             // ENOBUFS: every provided buffer was in use; ECANCELED: drain stopped reading.
             Err(e) if matches!(e.raw_os_error(), Some(errno::ENOBUFS | errno::ECANCELED)) => {
-                return self.mark(key);
+                return self.mark(token);
             }
             Err(e) => {
                 tracing::debug!("connection {} ended: {e}", conn.connection.peer());
-                return self.close(key);
+                return self.close(token);
             }
         };
-        conn.last_input = self.now;
+        conn.last_input_tick = now_tick;
         match handled {
-            Ok(()) => self.mark(key),
+            Ok(()) => self.mark(token),
             // The handler panicked (already logged): close this connection only.
-            Err(_) => self.close(key),
+            Err(_) => self.close(token),
         }
     }
 
-    fn on_sent(&mut self, key: Key, result: io::Result<usize>) {
-        let Some(conn) = self.conn(key) else {
+    fn on_sent(&mut self, token: Token, result: io::Result<usize>) {
+        let Some(conn) = self.conn(token) else {
             return;
         };
         match result {
@@ -385,88 +394,91 @@ impl<'a> Loop<'a> {
             Ok(written) => conn.connection.advance(written),
             Err(e) => {
                 tracing::debug!("connection {} ended: {e}", conn.connection.peer());
-                return self.close(key);
+                return self.close(token);
             }
         }
-        self.mark(key);
+        self.mark(token);
     }
 
-    /// Remembers to pump `key` once this batch of completions is handled, so that all the
+    /// Remembers to pump `token` once this batch of completions is handled, so that all the
     /// input a batch brought leaves in one send per connection, not one per completion.
-    fn mark(&mut self, key: Key) {
-        if let Some(conn) = self.conn(key).filter(|conn| !conn.is_dirty) {
+    fn mark(&mut self, token: Token) {
+        if let Some(conn) = self.conn(token).filter(|conn| !conn.is_dirty) {
             conn.is_dirty = true;
-            self.dirty.push(key);
+            self.dirty.push(token);
         }
     }
 
     /// Starts what the connection needs next: a send of what is owed, a receive of what
     /// fits under `--max-buffer`, or, once it is finished, the close.
-    fn pump(&mut self, key: Key) {
-        let Some(conn) = conn_of(&mut self.conns, key) else {
+    fn pump(&mut self, token: Token) {
+        let Some(Source::Conn(conn)) = self.sources.get_mut(token) else {
             return;
         };
         conn.is_dirty = false;
-        if conn.connection.wants_write() && !self.ring.is_sending(key) {
-            self.ring.send(key, conn.connection.unsent());
+        if conn.connection.wants_write() && !self.ring.is_sending(token) {
+            self.ring.send(token, conn.connection.unsent());
         }
-        if !self.ring.is_receiving(key) {
+        if !self.ring.is_receiving(token) {
             // Backpressure: with no room the receive stays unarmed until a send drains.
             let budget = conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES);
             if budget > 0 {
-                self.ring.arm_receive(key, budget);
+                self.ring.arm_receive(token, budget);
             }
         }
-        if conn.connection.is_finished() && !self.ring.is_sending(key) {
+        if conn.connection.is_finished() && !self.ring.is_sending(token) {
             // Everything owed was sent: the peer reads EOF after the last reply.
-            if let Some(fd) = self.ring.fd(key) {
+            if let Some(fd) = self.ring.fd(token) {
                 let _ = SockRef::from(&fd).shutdown(Direction::Write);
             }
-            self.close(key);
+            self.close(token);
         }
     }
 
-    fn on_datagram(&mut self, key: Key, result: io::Result<usize>) -> io::Result<()> {
-        let Some(at) = self.datagrams.iter().position(|d| d.key == key) else {
+    fn on_datagram(
+        &mut self,
+        token: Token,
+        result: io::Result<ReceivedDatagram>,
+    ) -> io::Result<()> {
+        let Some(Source::Datagrams(socket)) = self.sources.get_mut(token) else {
             return Ok(());
         };
         match result {
-            Ok(_) if self.ring.is_sending(key) => self.datagrams[at].has_pending = true,
-            Ok(_) => self.answer(at),
-            Err(e) if is_per_peer_datagram_error(&e) => {
-                self.ring.arm_datagram_receive(key);
-            }
+            // One reply at a time: this datagram stays in the receive buffer until then.
+            Ok(datagram) if self.ring.is_sending(token) => socket.pending = Some(datagram),
+            Ok(datagram) => self.answer(token, datagram),
+            Err(e) if is_per_peer_datagram_error(&e) => self.ring.arm_datagram_receive(token),
             Err(e) => return Err(e),
         }
         Ok(())
     }
 
-    /// Replies to the datagram just received, then receives the next one.
-    fn answer(&mut self, at: usize) {
-        let socket = &mut self.datagrams[at];
-        if let Some((datagram, sender, is_truncated)) = self.ring.datagram(socket.key) {
-            let peer = peer_of(&sender);
-            if is_truncated {
-                tracing::warn!(
-                    "dropping a datagram from {peer}: over {DATAGRAM_BUFFER_BYTES} bytes"
-                );
-            } else if let Some(reply) = socket.replier.reply(&peer, datagram) {
-                self.ring.send_datagram(socket.key, reply);
-            }
-            socket.last_peer = Some(peer);
-        }
-        self.ring.arm_datagram_receive(socket.key);
-    }
-
-    fn on_datagram_sent(&mut self, key: Key, result: io::Result<usize>) {
-        let Some(at) = self.datagrams.iter().position(|d| d.key == key) else {
+    /// Replies to `datagram`, then receives the next one.
+    fn answer(&mut self, token: Token, datagram: ReceivedDatagram) {
+        let Some(Source::Datagrams(socket)) = self.sources.get_mut(token) else {
             return;
         };
-        if let (Err(e), Some(peer)) = (result, &self.datagrams[at].last_peer) {
+        let peer = peer_of(&datagram.sender);
+        if datagram.is_truncated {
+            tracing::warn!("dropping a datagram from {peer}: over {DATAGRAM_BUFFER_BYTES} bytes");
+        } else if let Some(reply) =
+            (socket.replier).reply(&peer, self.ring.datagram_bytes(token, &datagram))
+        {
+            self.ring.send_datagram(token, &datagram.sender, reply);
+            socket.replying_to = Some(peer);
+        }
+        self.ring.arm_datagram_receive(token);
+    }
+
+    fn on_datagram_sent(&mut self, token: Token, result: io::Result<usize>) {
+        let Some(Source::Datagrams(socket)) = self.sources.get_mut(token) else {
+            return;
+        };
+        if let (Err(e), Some(peer)) = (result, &socket.replying_to) {
             log_send_failure(peer, &e);
         }
-        if std::mem::take(&mut self.datagrams[at].has_pending) {
-            self.answer(at);
+        if let Some(datagram) = socket.pending.take() {
+            self.answer(token, datagram);
         }
     }
 
@@ -476,29 +488,28 @@ impl<'a> Loop<'a> {
             return;
         }
         self.drain_deadline = Some(self.now + self.limits.drain_timeout);
-        let listeners = self.listeners.iter().map(|l| l.key);
-        let others: Vec<Key> = listeners
-            .chain(self.datagrams.iter().map(|d| d.key))
-            .chain([self.shutdown])
-            .collect();
-        for key in others {
-            self.ring.close(key);
+        let others = self
+            .sources
+            .iter()
+            .filter(|(_, s)| !matches!(s, Source::Conn(_)));
+        for token in others.map(|(token, _)| token).collect::<Vec<_>>() {
+            self.close(token);
         }
-        let conns: Vec<Key> = self.conns.iter().flatten().map(|c| c.key).collect();
-        for key in conns {
-            if let Some(conn) = self.conn(key) {
+        for token in self.conns() {
+            if let Some(conn) = self.conn(token) {
                 conn.connection.stop_reading();
             }
-            self.ring.cancel_receive(key);
-            self.pump(key);
+            self.ring.cancel_receive(token);
+            self.pump(token);
         }
     }
 }
 
-/// The connection in `key`'s slot, unless the slot holds a newer one.
-fn conn_of(conns: &mut [Option<Conn>], key: Key) -> Option<&mut Conn> {
-    let slot = conns.get_mut(key.index())?;
-    slot.as_mut().filter(|conn| conn.key == key)
+/// A listener's descriptor, for the ring to own.
+fn into_fd(listener: StreamListener) -> OwnedFd {
+    listener
+        .into_std()
+        .map_or_else(OwnedFd::from, OwnedFd::from)
 }
 
 /// Wraps an accepted descriptor: TCP gets `TCP_NODELAY` (Nagle would hold back small
@@ -517,6 +528,11 @@ fn identify(fd: OwnedFd, is_tcp: bool) -> io::Result<(OwnedFd, Peer)> {
     }
 }
 
+/// An unnamed Unix address: an empty path is how std spells it.
+fn unnamed() -> net::SocketAddr {
+    net::SocketAddr::from_pathname("").expect("an empty path is short enough")
+}
+
 /// The sender of a datagram, as the rest of the server names peers.
 fn peer_of(sender: &SockAddr) -> Peer {
     if let Some(addr) = sender.as_socket() {
@@ -526,7 +542,5 @@ fn peer_of(sender: &SockAddr) -> Peer {
         let name = sender.as_abstract_namespace()?;
         net::SocketAddr::from_abstract_name(name).ok()
     });
-    // An unnamed sender: an empty path is how std spells it.
-    let unnamed = || net::SocketAddr::from_pathname("").expect("an empty path is short enough");
     Peer::Unix(named.unwrap_or_else(unnamed))
 }

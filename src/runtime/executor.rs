@@ -27,6 +27,10 @@ use std::time::{Duration, Instant};
 
 /// The run-queue key of `block_on`'s own future, which no slab key can equal.
 const MAIN_KEY: Token = Token::reserved(0);
+/// I/O operations a task may complete in one poll before its next one returns `Pending`
+/// (tokio's cooperative budget): a peer that floods a connection keeps its socket ready,
+/// and without a budget its task would never give the others a turn.
+const OPERATIONS_PER_TURN: u32 = 16;
 
 thread_local! {
     /// The runtime inside whose `block_on` this thread is, for [`spawn`] and `Async::new`.
@@ -48,6 +52,8 @@ pub(crate) struct Core {
     queue: Arc<Queue>,
     /// Woken when the last task ends (see [`Runtime::wait_for_tasks`]).
     all_done: Cell<Option<Waker>>,
+    /// What is left of [`OPERATIONS_PER_TURN`] for the task being polled.
+    budget: Cell<u32>,
 }
 
 struct Task {
@@ -144,6 +150,7 @@ impl Runtime {
                 wake_fd,
             }),
             all_done: Cell::new(None),
+            budget: Cell::new(OPERATIONS_PER_TURN),
         };
         Ok(Runtime {
             core: Rc::new(core),
@@ -178,6 +185,7 @@ impl Runtime {
                     continue;
                 }
                 main.start_poll();
+                self.core.budget.set(OPERATIONS_PER_TURN);
                 if let Poll::Ready(output) = future.as_mut().poll(&mut Context::from_waker(&waker))
                 {
                     // Keys not yet run stay queued for the next `block_on`.
@@ -195,14 +203,7 @@ impl Runtime {
     ///
     /// As [`Runtime::block_on`].
     pub fn wait_for_tasks(&self) -> io::Result<()> {
-        let core = self.core.clone();
-        self.block_on(poll_fn(move |cx| {
-            if core.tasks.borrow().is_empty() {
-                return Poll::Ready(());
-            }
-            core.all_done.set(Some(cx.waker().clone()));
-            Poll::Pending
-        }))
+        self.block_on(all_tasks_done())
     }
 
     /// Spawns `future` as a task of this runtime; it first runs inside `block_on`.
@@ -252,6 +253,7 @@ impl Core {
             task.waker.start_poll();
             (future, Waker::from(task.waker.clone()))
         };
+        self.budget.set(OPERATIONS_PER_TURN);
         // The slab is not borrowed while the task runs, so it may spawn or abort tasks.
         let polled = panic::catch_unwind(AssertUnwindSafe(|| {
             future.as_mut().poll(&mut Context::from_waker(&waker))
@@ -275,6 +277,22 @@ impl Core {
         self.remove(key);
         // Dropped outside the borrow: its sockets and timers deregister themselves.
         drop(future);
+    }
+
+    /// Takes one I/O operation from the polled task's budget; `Pending` when none is left,
+    /// after queueing the task again behind the others (every later operation in this
+    /// poll is `Pending` too, so the task yields at its next `.await`).
+    pub(crate) fn poll_budget(&self, cx: &Context<'_>) -> Poll<()> {
+        match self.budget.get() {
+            0 => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            left => {
+                self.budget.set(left - 1);
+                Poll::Ready(())
+            }
+        }
     }
 
     /// Ends the task `key` (dropping its future, if not running), and wakes
@@ -345,6 +363,22 @@ pub fn spawn<F: Future + 'static>(future: F) -> JoinHandle<F::Output> {
     drop(tasks);
     waker.wake_by_ref();
     JoinHandle { key, state, core }
+}
+
+/// Waits until every task spawned on the current runtime has finished (the future
+/// given to `block_on` is not one of them). Outside a runtime: at once.
+pub async fn all_tasks_done() {
+    let Some(core) = current() else {
+        return;
+    };
+    poll_fn(|cx| {
+        if core.tasks.borrow().is_empty() {
+            return Poll::Ready(());
+        }
+        core.all_done.set(Some(cx.waker().clone()));
+        Poll::Pending
+    })
+    .await;
 }
 
 /// Wakes every task of the current runtime, to make each re-check a shared condition

@@ -38,8 +38,11 @@
 //!    asleep (woken from another thread), it would also write the runtime's eventfd.
 //! 6. **The task runs.** The executor pops the key, takes the future out of its slot and
 //!    polls it with that same waker. `read` sees the flag set, calls `read(2)` again, gets
-//!    `x`, and returns `Ready(Ok(1))`: the `async fn` continues after its `.await`. (The
-//!    `async` model's task hands those bytes to `Connection::receive` at this point.)
+//!    `x`, and returns `Ready(Ok(1))`: the `async fn` continues after its `.await`. One
+//!    byte is less than `buf` holds, so the socket is empty now: `read` forgets the flag,
+//!    and the next read waits for the next edge instead of asking `read(2)` for an
+//!    `EAGAIN`. (The `async` model waits with `ready().await` and reads with `try_read`,
+//!    so that a silent peer's task holds no buffer; the steps are the same.)
 //! 7. **And back out.** The task awaits `stream.write_all(&buf[..1])`: the write flag is
 //!    still set from registration, `write(2)` takes the byte at once, and the future is
 //!    ready without ever parking. Had the send buffer been full, the same dance (flag
@@ -48,6 +51,9 @@
 //! Edge-triggered epoll reports a change once; the cached flags remember it until a system
 //! call says `WouldBlock`, so nothing is lost and no `epoll_ctl` is needed per operation.
 //! A hang-up is remembered apart (`is_final`): its edge may come with the last bytes.
+//! A task gets [`executor`]'s budget of I/O operations per poll, as in tokio: a socket
+//! that never runs dry (a peer that floods) would otherwise keep its task running and
+//! starve every other task of the runtime.
 //! A task may be polled when nothing changed (a spurious wake-up); every future here
 //! re-checks its condition, as the `Future` contract requires.
 
@@ -59,7 +65,7 @@ pub mod timer;
 #[cfg(test)]
 mod tests;
 
-pub use executor::{JoinHandle, Runtime, spawn, wake_all, yield_now};
+pub use executor::{JoinHandle, Runtime, all_tasks_done, spawn, wake_all, yield_now};
 pub use net::{Async, TcpListener, TcpStream, UdpSocket, UnixDatagram, UnixListener, UnixStream};
 pub use reactor::Direction;
 pub use timer::{Elapsed, Timer, now, sleep, timeout};

@@ -68,6 +68,7 @@ impl<T: AsFd> Async<T> {
         mut op: impl FnMut(&T) -> io::Result<R>,
     ) -> Poll<io::Result<R>> {
         let reactor = &self.core.reactor;
+        std::task::ready!(self.core.poll_budget(cx));
         loop {
             if reactor.poll_ready(self.key, direction, cx).is_pending() {
                 return Poll::Pending;
@@ -80,6 +81,18 @@ impl<T: AsFd> Async<T> {
                 result => return Poll::Ready(result),
             }
         }
+    }
+
+    /// Waits until `direction` is ready, without any system call, so the task holds no
+    /// buffer while it waits (tokio's `readable()`; follow it with [`Async::try_read`]).
+    /// Readiness is cached, so this may be `Ready` at once and the call after it still say
+    /// `WouldBlock`.
+    pub async fn ready(&self, direction: Direction) {
+        poll_fn(|cx| {
+            std::task::ready!(self.core.poll_budget(cx));
+            self.core.reactor.poll_ready(self.key, direction, cx)
+        })
+        .await;
     }
 
     /// Forgets the cached readiness, as a `WouldBlock` would. Call it when a call proved
@@ -143,20 +156,59 @@ impl Async<StreamListener> {
 impl Async<Stream> {
     /// Reads into `buf`; `Ok(0)` is the peer's EOF.
     ///
+    /// A read that fills less than `buf` took everything the kernel had queued, so the
+    /// next one waits for the next edge instead of making a system call that can only
+    /// say `WouldBlock` (one system call saved per message; tokio does the same).
+    ///
     /// # Errors
     ///
     /// The OS error of `read`, e.g. a reset.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_with(|stream| stream.read(buf)).await
+        let asked = buf.len();
+        let got = self.read_with(|stream| stream.read(buf)).await?;
+        if 0 < got && got < asked {
+            self.clear_ready(Direction::Read);
+        }
+        Ok(got)
+    }
+
+    /// Reads into `buf` now, without waiting: `WouldBlock` when nothing is queued, and the
+    /// next [`Async::ready`] then waits for the next edge. A short read clears readiness
+    /// too, as in [`Async::read`].
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock`, or the OS error of `read`.
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.io.read(buf) {
+            Ok(got) if got == 0 || got == buf.len() => Ok(got),
+            Ok(got) => {
+                self.clear_ready(Direction::Read);
+                Ok(got)
+            }
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.clear_ready(Direction::Read);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Writes a prefix of `bytes`, as much as the kernel takes; returns its length.
+    ///
+    /// A write the kernel took only part of found the send buffer full: the next one
+    /// waits for room (the next edge) instead of trying at once.
     ///
     /// # Errors
     ///
     /// The OS error of `write`, e.g. a broken pipe.
     pub async fn write(&self, bytes: &[u8]) -> io::Result<usize> {
-        self.write_with(|stream| stream.write(bytes)).await
+        let written = self.write_with(|stream| stream.write(bytes)).await?;
+        if written < bytes.len() {
+            self.clear_ready(Direction::Write);
+        }
+        Ok(written)
     }
 
     /// Writes all of `bytes`, waiting for room as often as the kernel takes only part.

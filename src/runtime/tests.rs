@@ -326,9 +326,9 @@ fn eof_after_a_short_read_is_seen() {
                 // The loop takes the one edge for bytes and FIN before the read below.
                 sleep(Duration::from_millis(10)).await;
                 let mut buf = [0u8; 64];
+                // A short read emptied the socket, so `read` forgot its readiness (no
+                // EAGAIN to come); the FIN, remembered apart, must still end the next read.
                 let got = stream.read(&mut buf).await?;
-                // The model's trick: a short read emptied the socket, so skip the EAGAIN.
-                stream.clear_ready(Direction::Read);
                 let eof = stream.read(&mut buf).await?;
                 io::Result::Ok((got, eof))
             })
@@ -408,5 +408,70 @@ fn write_all_survives_short_writes() {
             .unwrap()
             .unwrap();
         assert!(got, "the bytes read differ from the bytes written");
+    });
+}
+
+#[test]
+fn a_task_whose_socket_stays_ready_lets_the_others_run() {
+    const BYTES: usize = 4096;
+    within(Duration::from_secs(10), || {
+        let runtime = Runtime::new().unwrap();
+        let (ours, theirs) = unix::UnixStream::pair().unwrap();
+        let read_before_the_other_ran = runtime
+            .block_on(async {
+                let stream = UnixStream::new(Stream::Unix(ours))?;
+                let peer = UnixStream::new(Stream::Unix(theirs))?;
+                peer.write_all(&[7; BYTES]).await?;
+                let has_run = Rc::new(Cell::new(false));
+                let other = spawn({
+                    let has_run = has_run.clone();
+                    async move { has_run.set(true) }
+                });
+                // One byte per read: the socket never runs dry, so no read ever parks;
+                // only the budget can make this task yield.
+                let mut read = 0;
+                let mut byte = [0u8; 1];
+                while !has_run.get() && read < BYTES {
+                    read += stream.read(&mut byte).await?;
+                }
+                other.await;
+                io::Result::Ok(read)
+            })
+            .unwrap()
+            .unwrap();
+        assert!(
+            read_before_the_other_ran < BYTES,
+            "the reading task never yielded"
+        );
+    });
+}
+
+#[test]
+fn ready_then_try_read_waits_for_the_next_edge() {
+    within(Duration::from_secs(10), || {
+        let runtime = Runtime::new().unwrap();
+        let (ours, theirs) = unix::UnixStream::pair().unwrap();
+        let (first, got) = runtime
+            .block_on(async {
+                let stream = UnixStream::new(Stream::Unix(ours))?;
+                let peer = UnixStream::new(Stream::Unix(theirs))?;
+                let mut buf = [0u8; 64];
+                // Registration starts "ready": the first try finds nothing.
+                stream.ready(Direction::Read).await;
+                let first = stream.try_read(&mut buf).map_err(|e| e.kind());
+                let writer = spawn(async move {
+                    sleep(Duration::from_millis(20)).await;
+                    peer.write_all(b"hello").await
+                });
+                // Now `ready` must wait for the bytes, not return at once.
+                stream.ready(Direction::Read).await;
+                let got = stream.try_read(&mut buf)?;
+                writer.await.unwrap()?;
+                io::Result::Ok((first, got))
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(first, Err(io::ErrorKind::WouldBlock));
+        assert_eq!(got, 5);
     });
 }

@@ -91,7 +91,7 @@ static LAST_DROP_LOG_MS: AtomicU64 = AtomicU64::new(0);
 static CLOCK_START: OnceLock<Instant> = OnceLock::new();
 
 /// Counts a reply that could not be sent and logs it, at most once per
-/// [`DROPPED_REPLY_LOG_INTERVAL`]; the socket keeps serving others.
+/// `DROPPED_REPLY_LOG_INTERVAL`; the socket keeps serving others.
 ///
 /// Every model sends datagram replies without waiting (a full queue at one peer answers
 /// `EAGAIN` at once), so a peer that never reads loses its own replies and delays nobody.

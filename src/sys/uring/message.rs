@@ -1,0 +1,117 @@
+//! Message headers for datagram receives and sends: a `msghdr` points at its own buffer
+//! and address, so it must not move while the kernel holds it.
+
+use libc::sockaddr_storage;
+use socket2::{SockAddr, SockAddrStorage};
+use std::mem;
+
+/// A datagram the kernel received: its length, its sender, whether it was cut short. The
+/// bytes stay in the socket's receive buffer until the next receive is armed.
+#[derive(Debug)]
+pub struct ReceivedDatagram {
+    /// Bytes received (at most the receive buffer's size).
+    pub len: usize,
+    /// Who sent it (an unnamed Unix socket has an empty address).
+    pub sender: SockAddr,
+    /// The datagram was longer than the buffer (`MSG_TRUNC`): `len` bytes are a prefix.
+    pub is_truncated: bool,
+}
+
+/// The receive and send messages of a datagram socket, boxed (see [`Message`]).
+pub(super) struct Datagram {
+    pub(super) receive: Message,
+    pub(super) send: Message,
+}
+
+impl Datagram {
+    pub(super) fn new(max_datagram_bytes: usize) -> Box<Datagram> {
+        Box::new(Datagram {
+            receive: Message::new(max_datagram_bytes),
+            send: Message::new(0),
+        })
+    }
+}
+
+/// A `msghdr` with its one buffer and its address.
+///
+/// # Invariant
+///
+/// Self-referential once [`Message::prepare`] ran: the header points at `iov`, `name` and
+/// `bytes`. It lives in a `Box` owned by its slot, which is freed only after the final
+/// completion of the operation that uses it, so those pointers stay valid while the
+/// kernel may follow them.
+pub(super) struct Message {
+    pub(super) bytes: Vec<u8>,
+    iov: libc::iovec,
+    name: sockaddr_storage,
+    header: libc::msghdr,
+}
+
+impl Message {
+    fn new(capacity: usize) -> Message {
+        Message {
+            bytes: vec![0; capacity],
+            iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+            // SAFETY: sockaddr_storage is plain data; all zeroes is an unnamed address.
+            name: unsafe { mem::zeroed() },
+            // SAFETY: msghdr is plain data; all zeroes is null pointers and zero lengths.
+            header: unsafe { mem::zeroed() },
+        }
+    }
+
+    /// Points the header at the whole buffer and a cleared address, for a receive.
+    pub(super) fn prepare_receive(&mut self) -> *mut libc::msghdr {
+        // SAFETY: as in `Message::new`.
+        self.name = unsafe { mem::zeroed() };
+        let name_len = mem::size_of::<sockaddr_storage>() as libc::socklen_t;
+        self.prepare(self.bytes.len(), name_len)
+    }
+
+    /// Copies `bytes` and `to` in, and points the header at them, for a send.
+    pub(super) fn prepare_send(&mut self, bytes: &[u8], to: &SockAddr) -> *mut libc::msghdr {
+        self.bytes.clear();
+        self.bytes.extend_from_slice(bytes);
+        let len = (to.len() as usize).min(mem::size_of::<sockaddr_storage>());
+        // SAFETY: `to` holds `to.len()` initialised bytes of address and `name` has room
+        // for a whole sockaddr_storage; `len` is the smaller, and the two never overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                to.as_ptr().cast::<u8>(),
+                (&raw mut self.name).cast::<u8>(),
+                len,
+            );
+        }
+        self.prepare(bytes.len(), len as libc::socklen_t)
+    }
+
+    fn prepare(&mut self, len: usize, name_len: libc::socklen_t) -> *mut libc::msghdr {
+        self.iov.iov_base = self.bytes.as_mut_ptr().cast();
+        self.iov.iov_len = len;
+        self.header.msg_name = (&raw mut self.name).cast();
+        self.header.msg_namelen = name_len;
+        self.header.msg_iov = &raw mut self.iov;
+        self.header.msg_iovlen = 1;
+        self.header.msg_control = std::ptr::null_mut();
+        self.header.msg_controllen = 0;
+        self.header.msg_flags = 0;
+        &raw mut self.header
+    }
+
+    /// What a completed receive of `result` bytes left in the header.
+    pub(super) fn received(&self, len: usize) -> ReceivedDatagram {
+        let mut storage = SockAddrStorage::zeroed();
+        // SAFETY: `sockaddr_storage` is this platform's type that SockAddrStorage wraps.
+        unsafe { *storage.view_as::<sockaddr_storage>() = self.name };
+        // SAFETY: the receive completed, so the kernel wrote a valid address of
+        // `msg_namelen` bytes into `name` (or left it zeroed: an unnamed sender).
+        let sender = unsafe { SockAddr::new(storage, self.header.msg_namelen) };
+        ReceivedDatagram {
+            len: len.min(self.bytes.len()),
+            sender,
+            is_truncated: self.header.msg_flags & libc::MSG_TRUNC != 0,
+        }
+    }
+}

@@ -1,0 +1,617 @@
+//! The ring: the sockets it serves, the operations in flight on each, and the completions.
+//!
+//! Each socket sits in the slot of the caller's [`Token`]. Closing it takes it out of that
+//! slot at once (the token may be reused), cancels its operations, and keeps its
+//! descriptor and buffers among the closing slots until each operation's final
+//! completion has arrived; only then are they freed.
+
+use super::key::{Key, Op};
+use super::message::{Datagram, ReceivedDatagram};
+use super::provided::{BUFFER_GROUP, ProvidedBuffers, Received};
+use super::setup::{build_ring, with_total_limit};
+use crate::slab::Token;
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use socket2::SockAddr;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::mem::{self, ManuallyDrop};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+/// Receive buffers in the provided-buffer ring (a power of two), and their size: a 1 KiB
+/// echo fits one buffer, and every connection of a busy loop can have one in a batch.
+const PROVIDED_BUFFERS: u16 = 128;
+/// Bytes per provided buffer.
+const PROVIDED_BUFFER_BYTES: usize = 8192;
+/// At most this many bytes go into one stream send; the rest waits for its completion.
+const MAX_SEND_BYTES: usize = 128 * 1024;
+/// A send buffer that grew past this is given back once its send completes.
+const KEPT_SEND_BUFFER_BYTES: usize = 16 * 1024;
+/// How long dropping a ring waits for cancelled operations before it leaks their buffers.
+const DROP_WAIT: Duration = Duration::from_secs(2);
+
+/// One finished operation of an open slot.
+#[derive(Debug)]
+pub enum Completion {
+    /// A listener accepted a connection, or failed to; `is_armed` says whether the
+    /// multishot accept goes on (otherwise arm it again).
+    Accepted {
+        /// The listener's token.
+        token: Token,
+        /// The new connection's descriptor.
+        result: io::Result<OwnedFd>,
+        /// Whether the accept is still armed.
+        is_armed: bool,
+    },
+    /// Bytes arrived, in the provided buffer the [`Received`] names; `Ok(None)` is the
+    /// peer's EOF.
+    Received {
+        /// The connection's token.
+        token: Token,
+        /// The bytes, or EOF.
+        result: io::Result<Option<Received>>,
+    },
+    /// A stream send finished; `Ok(n)`: the kernel took the first `n` bytes offered.
+    Sent {
+        /// The connection's token.
+        token: Token,
+        /// Bytes sent.
+        result: io::Result<usize>,
+    },
+    /// A datagram arrived; its bytes wait in the socket's slot ([`Ring::datagram_bytes`]).
+    DatagramReceived {
+        /// The socket's token.
+        token: Token,
+        /// The datagram's length and sender.
+        result: io::Result<ReceivedDatagram>,
+    },
+    /// A datagram reply was sent, or dropped (`EAGAIN`: the peer's queue was full).
+    DatagramSent {
+        /// The socket's token.
+        token: Token,
+        /// Bytes sent.
+        result: io::Result<usize>,
+    },
+    /// A watched descriptor became readable.
+    Readable {
+        /// The watched token.
+        token: Token,
+    },
+}
+
+/// One socket and the buffers of its operations.
+struct SlotIo {
+    token: Token,
+    fd: OwnedFd,
+    /// Bits of the operations whose final completion has not arrived.
+    in_flight: u8,
+    /// The budget of the receive in flight, kept to re-arm it single-shot.
+    budget: u32,
+    /// Bytes received since the receive was armed, checked against `budget`.
+    received_since_arm: usize,
+    /// The bytes of the stream send in flight: a copy, because the caller's output buffer
+    /// may grow and move while the kernel reads this one.
+    send: Vec<u8>,
+    /// Datagram sockets: one message each way.
+    datagram: Option<Box<Datagram>>,
+}
+
+impl SlotIo {
+    fn is_in_flight(&self, op: Op) -> bool {
+        self.in_flight & op as u8 != 0
+    }
+}
+
+/// One io_uring with the sockets it serves.
+pub struct Ring {
+    ring: IoUring,
+    /// Open sockets, in the slot of their token's index.
+    slots: Vec<Option<SlotIo>>,
+    /// Closed sockets whose operations have not all completed, by key.
+    closing: HashMap<Key, SlotIo>,
+    provided: ManuallyDrop<ProvidedBuffers>,
+    /// Completions copied out of the kernel's queue, not yet handed out.
+    completions: VecDeque<cqueue::Entry>,
+    /// Entries that did not fit the submission queue yet.
+    backlog: Vec<squeue::Entry>,
+    /// Whether multishot receives take a total limit; cleared on the first EINVAL.
+    has_receive_limit: bool,
+}
+
+impl Ring {
+    /// A ring with its provided buffers.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of setting up the ring or registering buffers.
+    pub fn new() -> io::Result<Ring> {
+        let ring = build_ring()?;
+        let provided = ProvidedBuffers::new(&ring, PROVIDED_BUFFERS, PROVIDED_BUFFER_BYTES)?;
+        Ok(Ring {
+            ring,
+            slots: Vec::new(),
+            closing: HashMap::new(),
+            provided: ManuallyDrop::new(provided),
+            completions: VecDeque::new(),
+            backlog: Vec::new(),
+            has_receive_limit: true,
+        })
+    }
+
+    /// Takes `fd` into `token`'s slot (a token of the caller's slab, not in use here).
+    pub fn add(&mut self, token: Token, fd: OwnedFd) {
+        self.insert(token, fd, None);
+    }
+
+    /// Takes a datagram socket into `token`'s slot, with buffers for one datagram each
+    /// way.
+    pub fn add_datagram(&mut self, token: Token, fd: OwnedFd, max_datagram_bytes: usize) {
+        self.insert(token, fd, Some(Datagram::new(max_datagram_bytes)));
+    }
+
+    fn insert(&mut self, token: Token, fd: OwnedFd, datagram: Option<Box<Datagram>>) {
+        let index = token.index();
+        if self.slots.len() <= index {
+            self.slots.resize_with(index + 1, || None);
+        }
+        if let Some(old) = self.slots[index].take() {
+            // The caller reused a token it never closed here: close the old socket now.
+            self.retire(old);
+        }
+        self.slots[index] = Some(SlotIo {
+            token,
+            fd,
+            in_flight: 0,
+            budget: 0,
+            received_since_arm: 0,
+            send: Vec::new(),
+            datagram,
+        });
+    }
+
+    /// The slot of `token` while it is open.
+    fn open(&mut self, token: Token) -> Option<&mut SlotIo> {
+        let io = self.slots.get_mut(token.index())?.as_mut()?;
+        (io.token == token).then_some(io)
+    }
+
+    fn open_ref(&self, token: Token) -> Option<&SlotIo> {
+        let io = self.slots.get(token.index())?.as_ref()?;
+        (io.token == token).then_some(io)
+    }
+
+    /// Whether a receive is armed on `token`.
+    pub fn is_receiving(&self, token: Token) -> bool {
+        self.open_ref(token)
+            .is_some_and(|io| io.is_in_flight(Op::Receive) || io.is_in_flight(Op::DatagramReceive))
+    }
+
+    /// Whether a send on `token` has not completed.
+    pub fn is_sending(&self, token: Token) -> bool {
+        self.open_ref(token)
+            .is_some_and(|io| io.is_in_flight(Op::Send) || io.is_in_flight(Op::DatagramSend))
+    }
+
+    /// The socket of an open slot.
+    pub fn fd(&self, token: Token) -> Option<BorrowedFd<'_>> {
+        self.open_ref(token).map(|io| io.fd.as_fd())
+    }
+
+    /// Sockets not yet freed: open, or closed with operations still in flight.
+    pub fn live_slots(&self) -> usize {
+        self.slots.iter().flatten().count() + self.closing.len()
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        if !self.backlog.is_empty() {
+            self.backlog.push(entry);
+            return;
+        }
+        // SAFETY: every entry built in this file points only into buffers owned by its
+        // slot (or by `provided`), and a slot is freed only after the final completion of
+        // each of its operations (`settle`); `Ring::drop` waits for those completions or
+        // leaks the buffers. The descriptor is the slot's own, open as long.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.backlog.push(entry);
+        }
+    }
+
+    /// Submits `entry` as `op` on `token`'s open slot, which does not have `op` in flight.
+    fn start(&mut self, token: Token, op: Op, entry: squeue::Entry) {
+        if let Some(io) = self.open(token) {
+            io.in_flight |= op as u8;
+            self.push(entry.user_data(Key::of(token).user_data(op)));
+        }
+    }
+
+    /// The open slot of `token` without `op` in flight, and its descriptor for an entry.
+    fn idle_for(&mut self, token: Token, op: Op) -> Option<(&mut SlotIo, types::Fd)> {
+        let io = self.open(token).filter(|io| !io.is_in_flight(op))?;
+        let fd = types::Fd(io.fd.as_raw_fd());
+        Some((io, fd))
+    }
+
+    /// Arms a multishot accept on a listener's slot (no-op if armed or closed).
+    pub fn arm_accept(&mut self, token: Token) {
+        if let Some((_, fd)) = self.idle_for(token, Op::Accept) {
+            let entry = opcode::AcceptMulti::new(fd)
+                .flags(libc::SOCK_CLOEXEC)
+                .build();
+            self.start(token, Op::Accept, entry);
+        }
+    }
+
+    /// Arms a receive of at most `budget` bytes in total (no-op if armed or closed).
+    /// Completions come as [`Completion::Received`] until the budget is used up or the
+    /// peer's EOF; then [`Ring::is_receiving`] turns false.
+    pub fn arm_receive(&mut self, token: Token, budget: usize) {
+        let has_limit = self.has_receive_limit;
+        let Some((io, fd)) = self.idle_for(token, Op::Receive) else {
+            return;
+        };
+        let budget = u32::try_from(budget).unwrap_or(u32::MAX).max(1);
+        io.budget = budget;
+        io.received_since_arm = 0;
+        let entry = if has_limit {
+            // The kernel ends a limited multishot receive once its total reaches the limit,
+            // but the receive that crosses it may take up to `len` bytes; so the two are
+            // chosen with `len + limit - 1 <= budget`.
+            let per_receive = (budget / 2).max(1);
+            let limit = (budget - per_receive).max(1);
+            let entry = opcode::RecvMulti::new(fd, BUFFER_GROUP)
+                .len(per_receive)
+                .build();
+            with_total_limit(entry, limit)
+        } else {
+            // The kernel reads at most min(budget, buffer size) into the buffer it picks.
+            opcode::Recv::new(fd, std::ptr::null_mut(), budget)
+                .buf_group(BUFFER_GROUP)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+        };
+        self.start(token, Op::Receive, entry);
+    }
+
+    /// The bytes a [`Completion::Received`] named.
+    pub fn received(&self, received: &Received) -> &[u8] {
+        self.provided.bytes(received)
+    }
+
+    /// Gives the buffer of a [`Completion::Received`] back to the kernel.
+    pub fn recycle(&mut self, received: Received) {
+        self.provided.recycle(received);
+    }
+
+    /// Sends a prefix of `bytes` (copied), unless a send is in flight; returns how many
+    /// bytes were offered. The kernel may take fewer: see [`Completion::Sent`].
+    pub fn send(&mut self, token: Token, bytes: &[u8]) -> usize {
+        let offered = bytes.len().min(MAX_SEND_BYTES);
+        let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| offered > 0) else {
+            return 0;
+        };
+        io.send.clear();
+        io.send.extend_from_slice(&bytes[..offered]);
+        let entry = opcode::Send::new(fd, io.send.as_ptr(), offered as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        self.start(token, Op::Send, entry);
+        offered
+    }
+
+    /// Arms a receive of one datagram (no-op if armed, closed or not a datagram slot).
+    /// The last datagram's bytes are gone from then on.
+    pub fn arm_datagram_receive(&mut self, token: Token) {
+        let Some((io, fd)) = self.idle_for(token, Op::DatagramReceive) else {
+            return;
+        };
+        let Some(datagram) = io.datagram.as_mut() else {
+            return;
+        };
+        let header = datagram.receive.prepare_receive();
+        let entry = opcode::RecvMsg::new(fd, header).build();
+        self.start(token, Op::DatagramReceive, entry);
+    }
+
+    /// The bytes of `datagram`, the last one received on `token`, while its receive is not
+    /// armed again.
+    pub fn datagram_bytes(&self, token: Token, datagram: &ReceivedDatagram) -> &[u8] {
+        let Some(io) = self
+            .open_ref(token)
+            .filter(|io| !io.is_in_flight(Op::DatagramReceive))
+        else {
+            return &[];
+        };
+        io.datagram.as_ref().map_or(&[], |d| {
+            &d.receive.bytes[..datagram.len.min(d.receive.bytes.len())]
+        })
+    }
+
+    /// Sends `bytes` as one datagram to `to`, unless a send is in flight; returns whether
+    /// it was submitted.
+    pub fn send_datagram(&mut self, token: Token, to: &SockAddr, bytes: &[u8]) -> bool {
+        let Some((io, fd)) = self.idle_for(token, Op::DatagramSend) else {
+            return false;
+        };
+        let Some(datagram) = io.datagram.as_mut() else {
+            return false;
+        };
+        let header = datagram.send.prepare_send(bytes, to);
+        // MSG_DONTWAIT: a peer whose queue is full fails this send at once (EAGAIN)
+        // instead of parking it, and with it every later reply on this socket.
+        let entry = opcode::SendMsg::new(fd, header)
+            .flags(libc::MSG_DONTWAIT as u32)
+            .build();
+        self.start(token, Op::DatagramSend, entry);
+        true
+    }
+
+    /// Watches the slot's descriptor until it is readable, once.
+    pub fn arm_readable(&mut self, token: Token) {
+        if let Some((_, fd)) = self.idle_for(token, Op::Poll) {
+            let entry = opcode::PollAdd::new(fd, libc::POLLIN as u32).build();
+            self.start(token, Op::Poll, entry);
+        }
+    }
+
+    fn cancel(&mut self, key: Key, op: Op) {
+        let entry = opcode::AsyncCancel::new(key.user_data(op))
+            .build()
+            .user_data(key.user_data(Op::Cancel));
+        self.push(entry);
+    }
+
+    /// Cancels the receive armed on `token`, if any; its last completion still arrives.
+    pub fn cancel_receive(&mut self, token: Token) {
+        if self
+            .open_ref(token)
+            .is_some_and(|io| io.is_in_flight(Op::Receive))
+        {
+            self.cancel(Key::of(token), Op::Receive);
+        }
+    }
+
+    /// Closes `token`'s slot: its operations are cancelled, and its socket is closed and
+    /// its buffers freed once their completions have arrived. Nothing more is reported
+    /// for it, and the token may be given to another socket at once.
+    pub fn close(&mut self, token: Token) {
+        if self.open_ref(token).is_some() {
+            if let Some(io) = self.slots[token.index()].take() {
+                self.retire(io);
+            }
+        }
+    }
+
+    fn retire(&mut self, io: SlotIo) {
+        if io.in_flight == 0 {
+            return;
+        }
+        let key = Key::of(io.token);
+        for op in Op::IN_FLIGHT.into_iter().filter(|op| io.is_in_flight(*op)) {
+            self.cancel(key, op);
+        }
+        self.closing.insert(key, io);
+    }
+
+    /// Submits what is queued and sleeps until a completion arrives or `timeout` passes.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `io_uring_enter`, other than an interrupted or timed-out wait.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.flush_backlog()?;
+        let result = match timeout {
+            Some(timeout) => {
+                let timespec = types::Timespec::from(timeout);
+                let args = types::SubmitArgs::new().timespec(&timespec);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match result {
+            Ok(_) => Ok(()),
+            // ETIME: the timeout passed; EBUSY: completions must be reaped first.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn flush_backlog(&mut self) -> io::Result<()> {
+        while !self.backlog.is_empty() {
+            let mut taken = 0;
+            {
+                let mut queue = self.ring.submission();
+                for entry in &self.backlog {
+                    // SAFETY: as in `push`: these entries were built by this file.
+                    if unsafe { queue.push(entry) }.is_err() {
+                        break;
+                    }
+                    taken += 1;
+                }
+            }
+            self.backlog.drain(..taken);
+            if !self.backlog.is_empty() {
+                match self.ring.submit() {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next completion for an open slot, or `None` when none has arrived.
+    pub fn next_completion(&mut self) -> Option<Completion> {
+        loop {
+            if self.completions.is_empty() {
+                self.completions.extend(self.ring.completion());
+            }
+            let entry = self.completions.pop_front()?;
+            if let Some(completion) = self.complete(&entry) {
+                return Some(completion);
+            }
+        }
+    }
+
+    /// Settles one completion: in-flight bits, buffers, stale and closing slots.
+    fn complete(&mut self, entry: &cqueue::Entry) -> Option<Completion> {
+        let (key, op) = Key::from_user_data(entry.user_data());
+        let op = op.filter(|op| *op != Op::Cancel)?;
+        let (result, flags) = (entry.result(), entry.flags());
+        let buffer = cqueue::buffer_select(flags);
+        let is_armed = cqueue::more(flags);
+        let has_receive_limit = self.has_receive_limit;
+        let open = (self.slots.get_mut(key.index()))
+            .and_then(Option::as_mut)
+            .filter(|io| Key::of(io.token) == key);
+        let Some(io) = open else {
+            self.settle_closed(key, op, result, buffer, is_armed);
+            return None;
+        };
+        if !is_armed {
+            io.in_flight &= !(op as u8);
+        }
+        let token = io.token;
+        Some(match op {
+            Op::Accept => Completion::Accepted {
+                token,
+                // SAFETY: a non-negative accept result is a new descriptor nobody owns.
+                result: count_result(result).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+                is_armed,
+            },
+            Op::Receive if result == -libc::EINVAL && has_receive_limit => {
+                // This kernel has no multishot total limit: use single-shot receives.
+                tracing::debug!(
+                    "io_uring: multishot receive limits unsupported; receiving single-shot"
+                );
+                self.has_receive_limit = false;
+                let budget = io.budget as usize;
+                self.arm_receive(token, budget);
+                return None;
+            }
+            Op::Receive => {
+                let result = count_result(result);
+                let mut received = None;
+                if let Some(id) = buffer {
+                    let bytes = self.provided.take(id, *result.as_ref().unwrap_or(&0));
+                    io.received_since_arm += bytes.len();
+                    if io.received_since_arm > io.budget as usize && has_receive_limit {
+                        // A kernel that accepts the limit but overshoots it: stay exact.
+                        tracing::warn!(
+                            "io_uring: receive overshot its budget; receiving single-shot"
+                        );
+                        self.has_receive_limit = false;
+                    }
+                    match bytes.is_empty() {
+                        true => self.provided.recycle(bytes),
+                        false => received = Some(bytes),
+                    }
+                }
+                Completion::Received {
+                    token,
+                    result: result.map(|_| received),
+                }
+            }
+            Op::Send => {
+                if io.send.capacity() > KEPT_SEND_BUFFER_BYTES {
+                    io.send = Vec::new();
+                }
+                Completion::Sent {
+                    token,
+                    result: count_result(result),
+                }
+            }
+            Op::DatagramReceive => {
+                let datagram = io.datagram.as_ref()?;
+                Completion::DatagramReceived {
+                    token,
+                    result: count_result(result).map(|len| datagram.receive.received(len)),
+                }
+            }
+            Op::DatagramSend => Completion::DatagramSent {
+                token,
+                result: count_result(result),
+            },
+            Op::Poll | Op::Cancel => Completion::Readable { token },
+        })
+    }
+
+    /// A completion for a closing or stale slot: give back what it carries, and free the
+    /// slot after its last operation.
+    fn settle_closed(&mut self, key: Key, op: Op, result: i32, buffer: Option<u16>, more: bool) {
+        if let Some(id) = buffer {
+            self.provided.give_back(id);
+        }
+        if op == Op::Accept && result >= 0 {
+            // SAFETY: the kernel just created this descriptor for us; nobody owns it.
+            drop(unsafe { OwnedFd::from_raw_fd(result) });
+        }
+        let Some(io) = self.closing.get_mut(&key) else {
+            tracing::debug!("io_uring: stale completion ignored");
+            return;
+        };
+        if !more {
+            io.in_flight &= !(op as u8);
+        }
+        if io.in_flight == 0 {
+            self.closing.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+impl Ring {
+    /// Whether multishot receives take a total limit here (Linux 6.17+).
+    pub(super) fn has_receive_limit(&self) -> bool {
+        self.has_receive_limit
+    }
+}
+
+fn count_result(result: i32) -> io::Result<usize> {
+    usize::try_from(result).map_err(|_| io::Error::from_raw_os_error(-result))
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // The kernel may still use a buffer until its operation completes: cancel what is
+        // in flight and wait for every completion before freeing anything.
+        for io in mem::take(&mut self.slots).into_iter().flatten() {
+            self.retire(io);
+        }
+        let deadline = Instant::now() + DROP_WAIT;
+        while !self.closing.is_empty() {
+            let now = Instant::now();
+            if now >= deadline || self.wait(Some(deadline - now)).is_err() {
+                break;
+            }
+            while self.next_completion().is_some() {}
+        }
+        if !self.closing.is_empty() {
+            tracing::error!(
+                "io_uring: {} sockets still had operations in flight at exit; leaking their buffers",
+                self.closing.len()
+            );
+            mem::forget(mem::take(&mut self.closing));
+            return;
+        }
+        if self
+            .ring
+            .submitter()
+            .unregister_buf_ring(BUFFER_GROUP)
+            .is_ok()
+        {
+            // SAFETY: unregistered just above and no operation is in flight, so the kernel
+            // holds no pointer into the buffers; `provided` is not used again.
+            unsafe { ManuallyDrop::drop(&mut self.provided) };
+        }
+    }
+}
