@@ -18,8 +18,10 @@
 //! | `uring`     | io_uring completions                        | newest kernels; disabled in some sandboxes    |
 //!
 //! Layers point one way: [`buffer`] imports nothing from the crate, [`protocol`] only
-//! `buffer`, [`server`] the two below it, [`models`] everything below, and only `main.rs`
-//! all of it. [`sys`] is the only module that calls the OS directly.
+//! `buffer`, [`layer`] (PROXY protocol, TLS, the greeting template: sans-IO like the
+//! protocol) only `buffer`, [`server`] the ones below it, [`models`] everything below, and
+//! only `main.rs` all of it. [`sys`] is the only module that calls the OS directly.
+//! [`tls_client`] gives `client` and `bench` their TLS.
 
 pub mod addr;
 pub mod bench;

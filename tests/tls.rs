@@ -838,3 +838,35 @@ fn client_and_bench_speak_tls() {
     server.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// PROXY header first, then TLS, as a balancer relaying TCP sends them: Python's ssl
+/// through HAProxy (both versions) gets its payload back, and reverb's log names the
+/// client behind HAProxy.
+#[test]
+fn haproxy_in_front_of_tls() {
+    if !have("haproxy", &["-v"]) || !have("python3", &["--version"]) {
+        return;
+    }
+    let server = Server::start(
+        "epoll",
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--proxy-protocol",
+            "--tls-self-signed",
+            "-v",
+        ],
+    );
+    let haproxy = Haproxy::start(&server.addr("tcp"));
+    for (port, version) in haproxy.ports.iter().zip([1, 2]) {
+        let (ok, line) = run_peer(&["payload", &format!("127.0.0.1:{port}"), "1.3", "1048576"]);
+        assert!(
+            ok,
+            "through haproxy port {port}: {line}\nlog:\n{}",
+            server.stderr()
+        );
+        server.wait_for_log(&format!("PROXY v{version} header: client 127.0.0.1:"));
+    }
+    server.wait_for_log("TLS established");
+    server.stop();
+}
