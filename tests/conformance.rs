@@ -16,6 +16,25 @@ macro_rules! conformance {
             )*
         }
     };
+    // The same cases under a variant (transport, extra flags), in module `$variant`.
+    (variant: $variant:ident = $make:expr, models: [$($model:ident),* $(,)?], cases: $cases:tt $(,)?) => {
+        mod $variant {
+            $(conformance!(@variant $model, $make, $cases);)*
+        }
+    };
+    (@variant $model:ident, $make:expr, [$($case:ident),* $(,)?]) => {
+        mod $model {
+            $(
+                #[test]
+                fn $case() {
+                    let model = super::super::cli_name(stringify!($model));
+                    super::super::common::with_variant($make, || {
+                        super::super::common::cases::$case(&model)
+                    });
+                }
+            )*
+        }
+    };
 }
 
 /// The `--model` value for a module name: `own_runtime` is `async` (a keyword in Rust).
@@ -28,6 +47,94 @@ fn cli_name(module: &str) -> String {
 
 conformance! {
     models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, own_runtime, tokio, uring],
+    cases: [
+        echo_byte_exact,
+        every_stream_transport,
+        datagram_each,
+        datagram_no_reply_cases,
+        half_close_drains,
+        lines_wait_for_newline,
+        short_writes_lose_nothing,
+        unread_flood_bounded,
+        panic_is_isolated,
+        greeting_first,
+        until_quit,
+        many_clients,
+        max_conns,
+        idle_timeout,
+        shutdown_drains,
+        shutdown_closes_idle_at_once,
+        drain_timeout_bounds_shutdown,
+        out_of_descriptors_pauses,
+        datagram_full_peer_does_not_stall,
+    ],
+}
+
+// uring's Unix paths (accept without a peer port, receives and sends on Unix sockets) and a
+// large --max-buffer (receive budgets past one provided buffer, sends past the kernel's
+// buffer) must behave as epoll's do: every case again, over a Unix stream socket, with the
+// default and with --max-buffer 4M.
+conformance! {
+    variant: unix_stream = crate::common::Variant { is_unix: true, extra_args: Vec::new() },
+    models: [epoll, uring],
+    cases: [
+        echo_byte_exact,
+        every_stream_transport,
+        datagram_each,
+        datagram_no_reply_cases,
+        half_close_drains,
+        lines_wait_for_newline,
+        short_writes_lose_nothing,
+        unread_flood_bounded,
+        panic_is_isolated,
+        greeting_first,
+        until_quit,
+        many_clients,
+        max_conns,
+        idle_timeout,
+        shutdown_drains,
+        shutdown_closes_idle_at_once,
+        drain_timeout_bounds_shutdown,
+        out_of_descriptors_pauses,
+        datagram_full_peer_does_not_stall,
+    ],
+}
+
+conformance! {
+    variant: unix_stream_4m = crate::common::Variant {
+        is_unix: true,
+        extra_args: vec!["--max-buffer".into(), "4M".into()],
+    },
+    models: [epoll, uring],
+    cases: [
+        echo_byte_exact,
+        every_stream_transport,
+        datagram_each,
+        datagram_no_reply_cases,
+        half_close_drains,
+        lines_wait_for_newline,
+        short_writes_lose_nothing,
+        unread_flood_bounded,
+        panic_is_isolated,
+        greeting_first,
+        until_quit,
+        many_clients,
+        max_conns,
+        idle_timeout,
+        shutdown_drains,
+        shutdown_closes_idle_at_once,
+        drain_timeout_bounds_shutdown,
+        out_of_descriptors_pauses,
+        datagram_full_peer_does_not_stall,
+    ],
+}
+
+conformance! {
+    variant: tcp_4m = crate::common::Variant {
+        is_unix: false,
+        extra_args: vec!["--max-buffer".into(), "4M".into()],
+    },
+    models: [epoll, uring],
     cases: [
         echo_byte_exact,
         every_stream_transport,

@@ -286,9 +286,10 @@ pub fn panic_is_isolated(model: &str) {
         calm.shutdown_write();
         assert!(calm.sees_close_within(PATIENCE));
     }
+    // A Unix client is unnamed: the log can only say "unix:".
     let victim_addr = match &victim {
         Conn::Tcp(s) => s.local_addr().unwrap().to_string(),
-        Conn::Unix(_) => unreachable!(),
+        Conn::Unix(_) => "unix:".to_string(),
     };
     victim.write_all(b"fine\n").unwrap();
     assert_eq!(victim.read_exactly(5), b"fine\n");
@@ -352,7 +353,7 @@ pub fn until_quit(model: &str) {
 /// Many clients at once all get their own bytes back (serial models: one after another).
 pub fn many_clients(model: &str) {
     let server = Server::start(model, &["--tcp", "127.0.0.1:0"]);
-    let addr = format!("tcp://{}", server.addr("tcp"));
+    let addr = server.addrs[0].clone();
     if is_serial(model) {
         for n in 0..10u64 {
             let input = pattern(10_000, n);
@@ -533,14 +534,25 @@ pub fn drain_timeout_bounds_shutdown(model: &str) {
 }
 
 impl Server {
-    /// Connects to the first TCP listener as a [`Conn`].
+    /// Connects to the first listener (TCP, or Unix under a Unix [`Variant`]).
     pub fn connect_conn(&self) -> Conn {
-        Conn::Tcp(self.connect_tcp())
+        Conn::connect(&self.addrs[0]).expect("connect")
     }
 
     /// Connects with a 4 KiB receive buffer, so the server meets short writes and a full
     /// socket long before its own bound.
     pub fn connect_slow_reader(&self) -> Conn {
+        if let Some(path) = self.addrs[0].strip_prefix("unix://") {
+            let socket =
+                socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket
+                .connect(&socket2::SockAddr::unix(path).unwrap())
+                .unwrap();
+            let conn = Conn::Unix(socket.into());
+            conn.set_timeouts(PATIENCE);
+            return conn;
+        }
         let socket =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
@@ -556,7 +568,7 @@ impl Server {
 /// not spin, keeps serving, and accepts the waiting clients once descriptors free up.
 pub fn out_of_descriptors_pauses(model: &str) {
     let server = Server::start_with_fd_limit(model, &["--tcp", "127.0.0.1:0"], 48);
-    let addr = format!("tcp://{}", server.addr("tcp"));
+    let addr = server.addrs[0].clone();
     // More clients than descriptors: the kernel completes their handshakes in the backlog.
     let mut conns: Vec<Conn> = (0..60).map(|_| Conn::connect(&addr).unwrap()).collect();
     // A serial model holds one connection at a time; a forking parent hands each one to a

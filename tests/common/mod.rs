@@ -19,6 +19,54 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// How the current test thread runs the cases: over TCP (the default) or a Unix stream
+/// socket, and with which extra `serve` flags. Set by [`with_variant`]; each test runs on
+/// its own thread, so one test's variant never leaks into another.
+#[derive(Clone, Debug, Default)]
+pub struct Variant {
+    /// Serve `--unix PATH` wherever a case asks for `--tcp 127.0.0.1:0`.
+    pub is_unix: bool,
+    /// Flags added to every `serve`, unless the case sets the same flag itself.
+    pub extra_args: Vec<String>,
+}
+
+thread_local! {
+    static VARIANT: std::cell::RefCell<Variant> = std::cell::RefCell::default();
+}
+
+/// Runs `case` with `variant` in force on this thread.
+pub fn with_variant(variant: Variant, case: impl FnOnce()) {
+    VARIANT.with(|v| *v.borrow_mut() = variant);
+    case();
+}
+
+/// The variant in force on this thread.
+pub fn variant() -> Variant {
+    VARIANT.with(|v| v.borrow().clone())
+}
+
+/// A case's `serve` arguments under the thread's variant.
+fn apply_variant(args: &[&str]) -> Vec<String> {
+    let variant = variant();
+    let mut out: Vec<String> = Vec::new();
+    let mut iter = args.iter().peekable();
+    while let Some(arg) = iter.next() {
+        if variant.is_unix && *arg == "--tcp" && iter.peek() == Some(&&"127.0.0.1:0") {
+            iter.next();
+            out.push("--unix".into());
+            out.push(temp_socket_path("variant").to_str().unwrap().into());
+        } else {
+            out.push(arg.to_string());
+        }
+    }
+    for pair in variant.extra_args.chunks(2) {
+        if !out.contains(&pair[0]) {
+            out.extend(pair.iter().cloned());
+        }
+    }
+    out
+}
+
 /// The default patience for anything a server should do promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -73,15 +121,16 @@ impl Server {
     }
 
     fn spawn(mut command: Command, model: &str, args: &[&str]) -> Server {
+        let args = apply_variant(args);
         let listeners = args
             .iter()
-            .filter(|a| matches!(**a, "--tcp" | "--udp" | "--unix" | "--unix-dgram"))
+            .filter(|a| matches!(a.as_str(), "--tcp" | "--udp" | "--unix" | "--unix-dgram"))
             .count();
         assert!(listeners > 0, "tests name their listeners");
         let mut child = command
             .arg("serve")
             .args(["--model", model])
-            .args(args)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
