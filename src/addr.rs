@@ -358,4 +358,26 @@ mod tests {
         let no_host = Endpoint::parse(":7007").unwrap_err();
         assert!(!no_host.is_lookup_failure(), "{no_host}");
     }
+
+    #[test]
+    fn errors_name_the_address_as_typed() {
+        for text in [
+            "udp://::1:7",
+            "tcp://::1:7",
+            "udp://[::1]:port",
+            "tcp://[nope]:7",
+            "unix://relative",
+            "unix-dgram://relative",
+            "ftp://127.0.0.1:1",
+        ] {
+            let message = Endpoint::parse(text).unwrap_err().to_string();
+            assert!(
+                message.starts_with(&format!("invalid address {text:?}: ")),
+                "{text}: {message}"
+            );
+        }
+        let error = Endpoint::parse("udp://::1:7").unwrap_err();
+        assert!(error.reason().contains("brackets"), "{}", error.reason());
+        assert!(!error.to_string().contains("\"::1:7\""));
+    }
 }

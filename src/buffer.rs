@@ -194,6 +194,53 @@ mod tests {
         assert_eq!(out.capacity(), 0, "an empty buffer holds no allocation");
     }
 
+    #[test]
+    fn a_burst_gives_its_memory_back_once_sent() {
+        let mut out = WriteBuffer::new(1024);
+        out.push(&[7u8; 1 << 20]);
+        assert!(out.capacity() >= 1 << 20);
+        // Sent in pieces, as the kernel takes it; the memory is given back only at the end.
+        out.advance(1000);
+        out.advance((1 << 20) - 1001);
+        assert!(out.capacity() >= 1 << 20, "still owed: nothing given back");
+        out.advance(1);
+        assert!(out.is_empty());
+        assert!(
+            out.capacity() <= 2 * 1024,
+            "capacity {} after the burst was sent, bound 1024",
+            out.capacity()
+        );
+    }
+
+    #[test]
+    fn an_allocation_near_the_bound_is_kept_for_reuse() {
+        let mut spare = Vec::with_capacity(2 * 1024);
+        let mut out = WriteBuffer::new(1024);
+        out.lend_spare(&mut spare);
+        let kept = out.capacity();
+        out.push(b"abc");
+        out.advance(3);
+        assert_eq!(
+            out.capacity(),
+            kept,
+            "no allocation churn for small replies"
+        );
+    }
+
+    #[test]
+    fn a_mostly_sent_buffer_compacts_instead_of_growing() {
+        let mut out = WriteBuffer::new(1 << 20);
+        out.push(&[1u8; 1000]);
+        let capacity = out.capacity();
+        out.advance(900);
+        // 900 of 1000 sent: the next push moves the 100 owed bytes to the front.
+        out.push(&[2u8; 800]);
+        assert_eq!(out.capacity(), capacity, "reused, not grown");
+        assert_eq!(out.len(), 900);
+        assert!(out.unsent()[..100].iter().all(|&b| b == 1));
+        assert!(out.unsent()[100..].iter().all(|&b| b == 2));
+    }
+
     proptest! {
         /// Random pushes and partial writes deliver exactly the pushed bytes, in order, and
         /// the allocation stays within a small multiple of what is owed plus the bound.

@@ -283,9 +283,7 @@ impl DatagramSocket {
     /// The OS error of `socket`, `bind` or `getsockname`.
     pub fn bind_udp(addr: SocketAddr) -> io::Result<(DatagramSocket, SocketAddr)> {
         let socket = Socket::new(domain_of(&addr), Type::DGRAM.cloexec(), None)?;
-        if addr.is_ipv6() {
-            socket.set_only_v6(true)?;
-        }
+        set_ipv6_only(&socket, &addr)?;
         // No SO_REUSEADDR: on UDP it would let two servers bind one port and split its traffic.
         socket.bind(&SockAddr::from(addr))?;
         let socket = UdpSocket::from(socket);
@@ -372,12 +370,19 @@ fn domain_of(addr: &SocketAddr) -> Domain {
     }
 }
 
+/// `[::]` means IPv6 only: IPv4 is asked for with its own flag. Every other IPv6 address
+/// binds as written; an IPv4-mapped one (`[::ffff:127.0.0.1]`) needs IPv6-only mode off,
+/// which is set explicitly because the system default (`net.ipv6.bindv6only`) may differ.
+fn set_ipv6_only(socket: &Socket, addr: &SocketAddr) -> io::Result<()> {
+    match addr {
+        SocketAddr::V6(v6) => socket.set_only_v6(v6.ip().is_unspecified()),
+        SocketAddr::V4(_) => Ok(()),
+    }
+}
+
 fn bind_tcp(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
     let socket = Socket::new(domain_of(&addr), Type::STREAM.cloexec(), None)?;
-    if addr.is_ipv6() {
-        // `[::]` means IPv6 only; IPv4 is asked for with its own --tcp flag.
-        socket.set_only_v6(true)?;
-    }
+    set_ipv6_only(&socket, &addr)?;
     // Lets a restarted server bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
     if reuseport {

@@ -458,6 +458,50 @@ fn forking_reaps_every_child() {
     server.stop();
 }
 
+/// An IPv4-mapped IPv6 address binds as written, TCP and UDP, and the readiness lines
+/// print it; IPv4 clients reach it. `[::]` alone stays IPv6-only.
+#[test]
+fn ipv4_mapped_addresses_bind() {
+    use std::io::Read;
+    let server = Server::start(
+        "epoll",
+        &[
+            "--tcp",
+            "[::ffff:127.0.0.1]:0",
+            "--udp",
+            "[::ffff:127.0.0.1]:0",
+        ],
+    );
+    let tcp = server.addr("tcp");
+    let udp = server.addr("udp");
+    assert!(tcp.starts_with("[::ffff:127.0.0.1]:"), "{:?}", server.addrs);
+    assert!(udp.starts_with("[::ffff:127.0.0.1]:"), "{:?}", server.addrs);
+    let tcp_port = tcp.rsplit(':').next().unwrap();
+    let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{tcp_port}")).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(b"mapped").unwrap();
+    let mut got = [0u8; 6];
+    stream.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"mapped");
+    let udp_port = udp.rsplit(':').next().unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    socket
+        .send_to(b"mapped", format!("127.0.0.1:{udp_port}"))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = socket.recv(&mut buf).expect("a reply over UDP");
+    assert_eq!(&buf[..n], b"mapped");
+    server.stop();
+
+    // `[::]` is IPv6 only: the same port is still free for IPv4.
+    let server = Server::start("epoll", &["--tcp", "[::]:0"]);
+    let port = server.addr("tcp").rsplit(':').next().unwrap().to_string();
+    let v4 = TcpListener::bind(format!("127.0.0.1:{port}"));
+    assert!(v4.is_ok(), "[::] also took IPv4 port {port}: {v4:?}");
+    server.stop();
+}
+
 /// Every usage error: exit 2, nothing on stdout, one `error:` line, at most one `tip:` line,
 /// then the usage of the subcommand that was run.
 fn assert_error_points_at_fix(args: &[&str], error_mentions: &[&str], tip_mentions: Option<&str>) {

@@ -11,7 +11,11 @@ macro_rules! conformance {
             $(
                 #[test]
                 fn $case() {
-                    super::common::cases::$case(&super::cli_name(stringify!($model)));
+                    super::common::run_case(
+                        &super::cli_name(stringify!($model)),
+                        stringify!($case),
+                        super::common::cases::$case,
+                    );
                 }
             )*
         }
@@ -19,18 +23,23 @@ macro_rules! conformance {
     // The same cases under a variant (transport, extra flags), in module `$variant`.
     (variant: $variant:ident = $make:expr, models: [$($model:ident),* $(,)?], cases: $cases:tt $(,)?) => {
         mod $variant {
-            $(conformance!(@variant $model, $make, $cases);)*
+            $(conformance!(@variant $variant, $model, $make, $cases);)*
         }
     };
-    (@variant $model:ident, $make:expr, [$($case:ident),* $(,)?]) => {
+    (@variant $variant:ident, $model:ident, $make:expr, [$($case:ident),* $(,)?]) => {
         mod $model {
             $(
                 #[test]
                 fn $case() {
-                    let model = super::super::cli_name(stringify!($model));
-                    super::super::common::with_variant($make, || {
-                        super::super::common::cases::$case(&model)
-                    });
+                    super::super::common::run_case(
+                        &super::super::cli_name(stringify!($model)),
+                        concat!(stringify!($variant), "::", stringify!($case)),
+                        |model| {
+                            super::super::common::with_variant($make, || {
+                                super::super::common::cases::$case(model)
+                            })
+                        },
+                    );
                 }
             )*
         }
@@ -56,6 +65,7 @@ conformance! {
         lines_wait_for_newline,
         short_writes_lose_nothing,
         unread_flood_bounded,
+        prefix_flood_bounded,
         panic_is_isolated,
         greeting_first,
         until_quit,

@@ -117,14 +117,22 @@ pub fn datagram_no_reply_cases(model: &str) {
     ));
     let unnamed = UnixDatagram::unbound().unwrap();
     unnamed.send_to(b"anonymous\n", &path).unwrap();
-    if let Ok(low) = UdpSocket::bind("127.0.0.1:1000") {
+    // The guard's boundary: port 1023 is dropped, 1024 answered.
+    if let Some(low) = bind_udp_source_port(1023) {
         low.send_to(b"spoofed\n", server.addr("udp")).unwrap();
         low.set_read_timeout(Some(silence)).unwrap();
         assert!(
             low.recv(&mut buf).is_err(),
-            "a port-1000 source got a reply"
+            "a port-1023 source got a reply"
         );
     }
+    let lowest = bind_udp_source_port(1024).expect("bind a UDP socket to port 1024");
+    lowest.set_read_timeout(Some(PATIENCE)).unwrap();
+    lowest.send_to(b"port 1024\n", server.addr("udp")).unwrap();
+    let n = lowest
+        .recv(&mut buf)
+        .expect("a port-1024 source is answered");
+    assert_eq!(&buf[..n], b"port 1024\n");
     udp.set_read_timeout(Some(PATIENCE)).unwrap();
     udp.send(b"after\n").unwrap();
     let n = udp.recv(&mut buf).expect("udp still answers");
@@ -137,6 +145,25 @@ pub fn datagram_no_reply_cases(model: &str) {
     assert_eq!(&buf[..n], b"named\n");
     let _ = std::fs::remove_file(&own);
     server.stop();
+}
+
+/// A UDP socket bound to `port` on some loopback address 127.0.0.2-254 that is free, so
+/// that tests running at once do not take each other's fixed port; `None` when none
+/// could be bound (a port below 1024 without the privilege to bind it).
+fn bind_udp_source_port(port: u16) -> Option<UdpSocket> {
+    let start = std::process::id() as usize + thread_id_number();
+    (0..253)
+        .map(|n| 2 + (start + n) % 253)
+        .find_map(|host| UdpSocket::bind(format!("127.0.0.{host}:{port}")).ok())
+}
+
+/// A number that differs between the threads of this test process.
+fn thread_id_number() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static NUMBER: usize = NEXT.fetch_add(7, Ordering::Relaxed);
+    }
+    NUMBER.with(|n| *n)
 }
 
 /// After the client half-closes, every owed reply arrives, then the server's EOF.
@@ -210,53 +237,234 @@ pub fn short_writes_lose_nothing(model: &str) {
     server.stop();
 }
 
-/// A client that sends 64 MiB without reading leaves the server's memory bounded, and
-/// afterwards gets every byte back.
+/// A client that sends 64 MiB without reading: the server stops reading it once
+/// `--max-buffer` is owed (what it took in and did not write back stays within the bound at
+/// every sample), its memory stays bounded throughout, and afterwards every byte comes
+/// back.
 pub fn unread_flood_bounded(model: &str) {
-    let server = Server::start(model, &["--tcp", "127.0.0.1:0"]);
+    let max_buffer = 256 * 1024;
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--max-buffer", "256K"]);
     let before = server.rss_kib();
     let mut conn = server.connect_conn();
     let total = 64 << 20;
     let input = Arc::new(pattern(total, 4));
-    let mut writer = conn.try_clone();
-    writer.set_timeouts(Duration::from_secs(60));
-    let to_send = input.clone();
-    let sent = Arc::new(AtomicUsize::new(0));
-    let progress = sent.clone();
-    let sender = thread::spawn(move || {
-        for chunk in to_send.chunks(64 * 1024) {
-            writer.write_all(chunk).expect("send");
-            progress.fetch_add(chunk.len(), Ordering::Relaxed);
-        }
-        writer.shutdown_write();
+    let flood = Flood::start(&conn, input.clone());
+    let peak_rss = RssSampler::start(server.pid());
+    // Echo owes back exactly what it took in.
+    let stopped = flood.wait_until_server_stops_reading(model, |s| {
+        s.taken_in.saturating_sub(s.written) <= max_buffer
     });
-    // Wait until the sender is stuck: the server stopped reading us.
-    let mut last = usize::MAX;
-    loop {
-        thread::sleep(Duration::from_millis(300));
-        let now = sent.load(Ordering::Relaxed);
-        if now == last {
-            break;
-        }
-        last = now;
-    }
     assert!(
-        last < total,
+        stopped.taken_in < total as u64,
         "the whole flood was absorbed without backpressure"
     );
-    let during = server.rss_kib();
-    eprintln!("{model}: server RSS {before} KiB before, {during} KiB during a 64 MiB unread flood");
-    assert!(
-        during < before + 16 * 1024,
-        "server RSS grew from {before} KiB to {during} KiB while the client did not read"
-    );
+    conn.set_timeouts(PATIENCE);
     let mut got = vec![0u8; total];
-    conn.set_timeouts(Duration::from_secs(60));
-    conn.read_exact(&mut got).expect("every byte comes back");
+    let deadline = Instant::now() + TRANSFER_DEADLINE;
+    let mut filled = 0;
+    while filled < total {
+        assert!(
+            Instant::now() < deadline,
+            "{model}: only {filled} of {total} bytes came back within {TRANSFER_DEADLINE:?}"
+        );
+        match conn.read(&mut got[filled..]) {
+            Ok(0) => panic!("EOF after {filled} of {total} bytes"),
+            Ok(n) => filled += n,
+            Err(e) => panic!("reading the flood back after {filled} bytes: {e}"),
+        }
+    }
     assert!(got == *input, "the flood came back altered");
-    sender.join().expect("sender");
+    flood.finish();
     assert!(conn.sees_close_within(PATIENCE), "EOF after the flood");
+    let peak = peak_rss.stop();
+    eprintln!("{model}: server RSS {before} KiB before, at most {peak} KiB during a 64 MiB flood");
+    assert!(
+        peak < before + 16 * 1024,
+        "server RSS grew from {before} KiB to {peak} KiB while the client did not read"
+    );
     server.stop();
+}
+
+/// `lines` with a long prefix and a flood of bare newlines (each owes the whole prefix)
+/// from a client that reads nothing: what the server owes never exceeds `--max-buffer`
+/// by more than one line's reply, whatever it read at once.
+pub fn prefix_flood_bounded(model: &str) {
+    let max_buffer: u64 = 64 * 1024;
+    let prefix = "p".repeat(1000);
+    let reply_per_newline = prefix.len() as u64 + 1;
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "lines",
+            "--prefix",
+            &prefix,
+            "--max-buffer",
+            "64K",
+        ],
+    );
+    let conn = server.connect_conn();
+    let flood = Flood::start(&conn, Arc::new(vec![b'\n'; 8 << 20]));
+    flood.wait_until_server_stops_reading(model, |s| {
+        s.taken_in * reply_per_newline <= max_buffer + reply_per_newline + s.written
+    });
+    drop(conn);
+    flood.finish();
+    server.stop();
+}
+
+/// A client writing a flood from a thread without ever reading, counting what it wrote.
+struct Flood {
+    /// The TCP connection's two ends, whose kernel queues are visible; `None` over a
+    /// Unix socket, where only the client's count and the server's memory are.
+    tcp_ends: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    sent: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    writer: thread::JoinHandle<()>,
+}
+
+impl Flood {
+    /// Starts writing `input` on `conn` (then half-closes); each write's count is added
+    /// as the kernel takes it.
+    fn start(conn: &Conn, input: Arc<Vec<u8>>) -> Flood {
+        let tcp_ends = match conn {
+            Conn::Tcp(stream) => Some((stream.local_addr().unwrap(), stream.peer_addr().unwrap())),
+            Conn::Unix(_) => None,
+        };
+        let mut writer = conn.try_clone();
+        // Short write timeouts, so the thread notices `stop` while the server is not reading.
+        writer.set_timeouts(Duration::from_millis(200));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (progress, stopping) = (sent.clone(), stop.clone());
+        let writer = thread::spawn(move || {
+            let mut at = 0;
+            while at < input.len() && !stopping.load(Ordering::Relaxed) {
+                let end = (at + 64 * 1024).min(input.len());
+                match writer.write(&input[at..end]) {
+                    Ok(n) => {
+                        at += n;
+                        progress.fetch_add(n, Ordering::SeqCst);
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(_) => return,
+                }
+            }
+            if at == input.len() {
+                writer.shutdown_write();
+            }
+        });
+        Flood {
+            tcp_ends,
+            sent,
+            stop,
+            writer,
+        }
+    }
+
+    /// Samples the connection every 50 ms until the server has taken in nothing more for
+    /// 500 ms; fails if the server is still reading after [`PATIENCE`]. `within_bound` is
+    /// asserted on every sample taken while nothing moved (equal to the one before): the
+    /// kernel lists the two ends at slightly different moments, so only a still connection
+    /// gives exact counts, and a server that reads past its bound and then stops is still
+    /// seen. Over a Unix socket the kernel's queues are not visible: what the client sent
+    /// stands for what the server took in, and the bound is not checked (the server's
+    /// memory still is, by the caller). Returns the last sample.
+    fn wait_until_server_stops_reading(
+        &self,
+        model: &str,
+        within_bound: impl Fn(&FloodSample) -> bool,
+    ) -> FloodSample {
+        let start = Instant::now();
+        let mut previous: Option<FloodSample> = None;
+        let mut taken_in_since = Instant::now();
+        loop {
+            thread::sleep(Duration::from_millis(50));
+            let sent = self.sent.load(Ordering::SeqCst) as u64;
+            let sample = match self.tcp_ends {
+                // The kernel lists the table in pieces, so a socket can be missed while
+                // other sockets come and go; only a connection missing again and again is
+                // gone.
+                Some((client, server)) => (0..50)
+                    .find_map(|_| {
+                        FloodSample::read(client, server, sent).or_else(|| {
+                            thread::sleep(Duration::from_millis(2));
+                            None
+                        })
+                    })
+                    .unwrap_or_else(|| panic!("{model}: the connection left /proc/net/tcp")),
+                None => FloodSample {
+                    taken_in: sent,
+                    written: 0,
+                },
+            };
+            let is_still = previous == Some(sample);
+            if is_still && self.tcp_ends.is_some() {
+                assert!(
+                    within_bound(&sample),
+                    "{model}: the server read past its bound from a client that reads \
+                     nothing: took in {} bytes, wrote back {}",
+                    sample.taken_in,
+                    sample.written
+                );
+            }
+            if previous.is_none_or(|p| p.taken_in != sample.taken_in) {
+                taken_in_since = Instant::now();
+            } else if is_still && taken_in_since.elapsed() >= Duration::from_millis(500) {
+                return sample;
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "{model}: the server kept reading a client that reads nothing for \
+                 {PATIENCE:?} (took in {} bytes, wrote back {})",
+                sample.taken_in,
+                sample.written
+            );
+            previous = Some(sample);
+        }
+    }
+
+    /// Stops writing and waits for the writer thread.
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.writer.join().expect("flood writer");
+    }
+}
+
+/// Samples a process tree's resident memory every 20 ms and keeps the peak.
+struct RssSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sampler: thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let sampler = thread::spawn(move || {
+            let mut peak = 0;
+            while !stopping.load(Ordering::Relaxed) {
+                peak = peak.max(tree_rss_kib(pid));
+                thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        RssSampler { stop, sampler }
+    }
+
+    /// The peak resident memory seen, in KiB.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sampler.join().expect("RSS sampler")
+    }
 }
 
 /// A handler panic closes only its own connection, is logged with the peer's address,

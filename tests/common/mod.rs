@@ -8,8 +8,9 @@
 
 pub mod cases;
 
+use std::cell::RefCell;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -69,6 +70,80 @@ fn apply_variant(args: &[&str]) -> Vec<String> {
 
 /// The default patience for anything a server should do promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long a whole transfer (everything back until EOF) may take before it counts as
+/// hung: each read also has its own timeout, but a server that trickles a byte at a time
+/// would otherwise keep a test alive for ever.
+pub const TRANSFER_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long one conformance case may take in all. Past it the case fails, naming itself,
+/// and the servers it started are killed, so one hung model cannot stall the suite.
+pub const CASE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Servers started by one case, so that its watchdog can kill them: pid and stderr.
+type CaseServers = Arc<Mutex<Vec<(u32, Arc<Mutex<String>>)>>>;
+
+thread_local! {
+    /// The registry of the case running on this thread, if it runs under [`run_case`].
+    static CASE_SERVERS: RefCell<Option<CaseServers>> = const { RefCell::new(None) };
+}
+
+/// Runs `case` for `model` on its own thread with a watchdog: a case that does not finish
+/// within [`CASE_DEADLINE`] fails with its name and its servers' logs, and its servers are
+/// killed (which also unblocks the case's own reads and writes).
+pub fn run_case(model: &str, name: &str, case: impl FnOnce(&str) + Send + 'static) {
+    let servers: CaseServers = Arc::default();
+    let registry = servers.clone();
+    let model_name = model.to_string();
+    let (done_tx, done_rx) = mpsc::channel();
+    let worker = thread::Builder::new()
+        .name(format!("{model}::{name}"))
+        .spawn(move || {
+            CASE_SERVERS.with(|slot| *slot.borrow_mut() = Some(registry));
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&model_name)));
+            let _ = done_tx.send(result);
+        })
+        .expect("spawn the case thread");
+    match done_rx.recv_timeout(CASE_DEADLINE) {
+        Ok(Ok(())) => {
+            let _ = worker.join();
+        }
+        Ok(Err(payload)) => {
+            let _ = worker.join();
+            std::panic::resume_unwind(payload);
+        }
+        Err(_) => {
+            let mut logs = String::new();
+            for (pid, stderr) in servers.lock().unwrap().iter() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                logs.push_str(&format!("--- server {pid}:\n{}\n", stderr.lock().unwrap()));
+            }
+            panic!(
+                "{model}: {name} hung: not finished within {CASE_DEADLINE:?}; its servers were killed; their logs:\n{logs}"
+            );
+        }
+    }
+}
+
+fn register_case_server(pid: u32, stderr: &Arc<Mutex<String>>) {
+    CASE_SERVERS.with(|slot| {
+        if let Some(servers) = &*slot.borrow() {
+            servers.lock().unwrap().push((pid, stderr.clone()));
+        }
+    });
+}
+
+/// Forgets a server that was reaped, so the watchdog never signals a reused pid.
+fn unregister_case_server(pid: u32) {
+    CASE_SERVERS.with(|slot| {
+        if let Some(servers) = &*slot.borrow() {
+            servers.lock().unwrap().retain(|(p, _)| *p != pid);
+        }
+    });
+}
 
 /// The binary under test.
 pub fn reverb() -> Command {
@@ -188,6 +263,7 @@ impl Server {
                 }
             }
         }
+        register_case_server(child.id(), &stderr);
         Server {
             child: Some(child),
             addrs,
@@ -253,6 +329,7 @@ impl Server {
         let child = self.child.as_mut().expect("running");
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
+                unregister_case_server(child.id());
                 self.child = None;
                 return Some(status);
             }
@@ -302,11 +379,13 @@ impl Drop for Server {
         if let Some(child) = &mut self.child {
             let _ = child.kill();
             let _ = child.wait();
+            unregister_case_server(child.id());
         }
     }
 }
 
-fn tree_rss_kib(pid: u32) -> u64 {
+/// Resident memory of process `pid` and all its descendants, in KiB.
+pub fn tree_rss_kib(pid: u32) -> u64 {
     let own = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -394,11 +473,19 @@ impl Conn {
         }
     }
 
-    /// Reads until EOF (or error), returning what arrived.
+    /// Reads until EOF (or error, or [`TRANSFER_DEADLINE`]), returning what arrived.
     pub fn read_to_end_lossy(&mut self) -> (Vec<u8>, Option<io::Error>) {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
+        let deadline = Instant::now() + TRANSFER_DEADLINE;
         loop {
+            if Instant::now() >= deadline {
+                let error = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no EOF within {TRANSFER_DEADLINE:?}"),
+                );
+                return (got, Some(error));
+            }
             match self.read(&mut buf) {
                 Ok(0) => return (got, None),
                 Ok(n) => got.extend_from_slice(&buf[..n]),
@@ -474,11 +561,89 @@ pub fn round_trip(mut conn: Conn, input: Vec<u8>) -> Vec<u8> {
         writer.shutdown_write();
     });
     let (got, error) = conn.read_to_end_lossy();
-    sender.join().expect("sender");
+    // A failed read fails the test at once; the sender may still be stuck in a write.
     if let Some(e) = error {
         panic!("reading the reply after {} bytes: {e}", got.len());
     }
+    sender.join().expect("sender");
     got
+}
+
+/// Kernel queues of the two ends of one loopback TCP connection, from `/proc/net/tcp`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpQueues {
+    /// Bytes the client wrote that the server's kernel has not acknowledged yet.
+    pub client_unacked: u64,
+    /// Bytes that arrived at the client and it has not read.
+    pub client_unread: u64,
+    /// Bytes the server wrote that the client's kernel has not acknowledged yet.
+    pub server_unacked: u64,
+    /// Bytes that arrived at the server and it has not read.
+    pub server_unread: u64,
+}
+
+impl TcpQueues {
+    /// Reads both ends of the IPv4 connection `client` -> `server` (`None` if either end
+    /// is not listed, e.g. after it closed).
+    pub fn read(client: SocketAddr, server: SocketAddr) -> Option<TcpQueues> {
+        let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+        let hex = |addr: SocketAddr| match addr {
+            SocketAddr::V4(v4) => format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(v4.ip().octets()),
+                v4.port()
+            ),
+            SocketAddr::V6(_) => panic!("TcpQueues reads IPv4 connections only"),
+        };
+        let (client, server) = (hex(client), hex(server));
+        let mut queues = TcpQueues::default();
+        let mut found = 0;
+        for line in table.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [_, local, remote, _, tx_rx, ..] = fields[..] else {
+                continue;
+            };
+            let (tx, rx) = tx_rx.split_once(':')?;
+            let (tx, rx) = (
+                u64::from_str_radix(tx, 16).ok()?,
+                u64::from_str_radix(rx, 16).ok()?,
+            );
+            if local == client && remote == server {
+                (queues.client_unacked, queues.client_unread) = (tx, rx);
+                found += 1;
+            } else if local == server && remote == client {
+                (queues.server_unacked, queues.server_unread) = (tx, rx);
+                found += 1;
+            }
+        }
+        (found == 2).then_some(queues)
+    }
+}
+
+/// What a server took in from one client that reads nothing, and what it wrote back, from
+/// the client's count of bytes written and the kernel's queues at both ends.
+///
+/// Both counts err low while bytes are in flight (a byte both in one end's unacked queue
+/// and the other's unread queue counts once less), so "owed" (taken in and not yet
+/// written) never overstates what the server holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FloodSample {
+    /// Bytes the server's process read from the socket.
+    pub taken_in: u64,
+    /// Bytes the server's process wrote to the socket.
+    pub written: u64,
+}
+
+impl FloodSample {
+    /// Samples the connection `client` -> `server`, after the client wrote `sent` bytes
+    /// (read `sent` before calling, so a write racing this sample is counted low).
+    pub fn read(client: SocketAddr, server: SocketAddr, sent: u64) -> Option<FloodSample> {
+        let queues = TcpQueues::read(client, server)?;
+        Some(FloodSample {
+            taken_in: sent.saturating_sub(queues.client_unacked + queues.server_unread),
+            written: queues.server_unacked + queues.client_unread,
+        })
+    }
 }
 
 /// Whether `path` exists (as anything).
