@@ -8,7 +8,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{self, UnixDatagram, UnixListener, UnixStream};
 
@@ -22,6 +22,22 @@ pub enum Peer {
     Ip(SocketAddr),
     /// A Unix socket peer; often unnamed for stream clients.
     Unix(net::SocketAddr),
+}
+
+impl Peer {
+    /// The sender of a datagram as the kernel wrote it in a message header.
+    pub fn from_sock_addr(addr: &SockAddr) -> Peer {
+        if let Some(addr) = addr.as_socket() {
+            return Peer::Ip(addr);
+        }
+        let named = addr.as_unix().or_else(|| {
+            let name = addr.as_abstract_namespace()?;
+            net::SocketAddr::from_abstract_name(name).ok()
+        });
+        // An unnamed sender: an empty path is how std spells it.
+        let unnamed = || net::SocketAddr::from_pathname("").expect("an empty path is short enough");
+        Peer::Unix(named.unwrap_or_else(unnamed))
+    }
 }
 
 impl fmt::Display for Peer {
@@ -47,6 +63,26 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// A connection accepted on a TCP (`is_tcp`) or Unix listener by other means than
+    /// [`StreamListener::accept`] (an io_uring completion), set up the same way, with its
+    /// peer's address.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `getpeername`: the peer is already gone.
+    pub fn from_accepted(fd: OwnedFd, is_tcp: bool) -> io::Result<(Stream, Peer)> {
+        if is_tcp {
+            let stream = TcpStream::from(fd);
+            // Nodelay failing leaves a working, if slower, connection.
+            let _ = stream.set_nodelay(true);
+            let peer = stream.peer_addr()?;
+            return Ok((Stream::Tcp(stream), Peer::Ip(peer)));
+        }
+        let stream = UnixStream::from(fd);
+        let peer = stream.peer_addr()?;
+        Ok((Stream::Unix(stream), Peer::Unix(peer)))
+    }
+
     /// Shuts down our sending side: the peer reads EOF after the bytes already sent.
     ///
     /// # Errors
@@ -391,4 +427,30 @@ fn bind_tcp(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket)
+}
+
+impl From<Stream> for OwnedFd {
+    fn from(stream: Stream) -> OwnedFd {
+        match stream {
+            Stream::Tcp(s) => s.into(),
+            Stream::Unix(s) => s.into(),
+        }
+    }
+}
+
+impl From<DatagramSocket> for OwnedFd {
+    fn from(socket: DatagramSocket) -> OwnedFd {
+        match socket {
+            DatagramSocket::Udp(s) => s.into(),
+            DatagramSocket::Unix(s) => s.into(),
+        }
+    }
+}
+
+impl From<StreamListener> for OwnedFd {
+    fn from(listener: StreamListener) -> OwnedFd {
+        listener
+            .into_std()
+            .map_or_else(OwnedFd::from, OwnedFd::from)
+    }
 }

@@ -7,11 +7,14 @@
 //! (`sys/uring` keeps it), and every result arrives later, in another turn of the loop.
 //! Limit: Linux only; often disabled (sysctl kernel.io_uring_disabled, container seccomp).
 //!
-//! Idle timeouts: the coarse wheel of the scalable models (`IdleWheel`), looked at once
-//! per tick. Loops: each gets its own SO_REUSEPORT accept queue (`Model::accept_queues`)
-//! and a duplicate of every datagram socket.
+//! Every socket of a loop (connections, listeners, datagram sockets, the shutdown eventfd)
+//! has one [`Token`] in the loop's slab and the ring slot of that token. A datagram reply
+//! goes out at once with a plain non-blocking `sendto`: a peer whose queue is full loses
+//! that reply and delays no one, and nothing waits in the ring for it. Idle timeouts: the
+//! coarse wheel of the scalable models ([`IdleWheel`]). Loops: each has its own SO_REUSEPORT
+//! accept queue (`Model::accept_queues`) and a duplicate of every datagram socket.
 
-use crate::net::{DatagramSocket, Peer, StreamListener};
+use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
 use crate::server::{
@@ -22,12 +25,10 @@ use crate::server::{
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
 use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring, probe};
-use socket2::{SockAddr, SockRef};
+use socket2::SockRef;
 use std::io;
-use std::net::{Shutdown as Direction, TcpStream};
+use std::net::Shutdown as Direction;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{self, UnixStream};
 use std::time::{Duration, Instant};
 
 /// After the drain timeout, how long cancelled operations may take to complete.
@@ -52,7 +53,7 @@ pub fn check_available() -> Result<(), ServeError> {
 ///
 /// # Errors
 ///
-/// A ring that cannot be set up (every loop is built before any serves), or a listener
+/// A ring that cannot be set up (no loop serves until every ring exists), or a listener
 /// that broke.
 pub fn run(
     mut listeners: Listeners,
@@ -67,21 +68,16 @@ pub fn run(
     run_loops("uring", sources, &shutdown, setup, Loop::serve).map_err(ServeError::Io)
 }
 
-/// What a token names in a loop's slab: each has a slot in the ring too.
+/// What a token names in a loop's slab.
 enum Source {
     Conn(Conn),
-    Listener(Listener),
-    Datagrams(Datagrams),
+    Listener {
+        name: String,
+        is_tcp: bool,
+        paused_until: Option<Instant>,
+    },
+    Datagrams(DatagramReplier),
     Shutdown,
-}
-
-/// A datagram socket's replier, and the one datagram waiting while a reply is in flight.
-struct Datagrams {
-    replier: DatagramReplier,
-    /// Received while the last reply was in flight: answered when that send completes.
-    pending: Option<ReceivedDatagram>,
-    /// Whom the reply in flight goes to, to name them if it is dropped.
-    replying_to: Option<Peer>,
 }
 
 /// One accepted stream and what the loop knows about it.
@@ -94,16 +90,12 @@ struct Conn {
     _admission: Admission,
 }
 
-struct Listener {
-    name: String,
-    is_tcp: bool,
-    paused_until: Option<Instant>,
-}
-
 /// One thread's ring and everything it serves.
 struct Loop<'a> {
     ring: Ring,
     sources: Slab<Source>,
+    /// The listeners' tokens, for their accept pauses.
+    listeners: Vec<Token>,
     protocol: &'a Protocol,
     limits: &'a Limits,
     counter: &'a ConnectionCounter,
@@ -124,37 +116,32 @@ impl<'a> Loop<'a> {
         counter: &'a ConnectionCounter,
         shutdown: &Shutdown,
     ) -> io::Result<Self> {
-        let mut ring = Ring::new()?;
-        let mut slab = Slab::default();
+        let (mut ring, mut slab) = (Ring::new()?, Slab::default());
         let token = slab.insert(Source::Shutdown);
         ring.add(token, shutdown.fd().try_clone_to_owned()?);
         ring.arm_readable(token);
+        let mut listeners = Vec::new();
         for listener in sources.streams {
             let (name, is_tcp) = (listener.name().to_string(), listener.is_tcp());
-            let token = slab.insert(Source::Listener(Listener {
+            let paused_until = None;
+            let token = slab.insert(Source::Listener {
                 name,
                 is_tcp,
-                paused_until: None,
-            }));
-            ring.add(token, into_fd(listener));
+                paused_until,
+            });
+            ring.add(token, OwnedFd::from(listener));
             ring.arm_accept(token);
+            listeners.push(token);
         }
         for socket in sources.datagrams {
-            let token = slab.insert(Source::Datagrams(Datagrams {
-                replier: DatagramReplier::new(protocol.clone()),
-                pending: None,
-                replying_to: None,
-            }));
-            let fd = match socket {
-                DatagramSocket::Udp(socket) => OwnedFd::from(socket),
-                DatagramSocket::Unix(socket) => OwnedFd::from(socket),
-            };
-            ring.add_datagram(token, fd, DATAGRAM_BUFFER_BYTES);
+            let token = slab.insert(Source::Datagrams(DatagramReplier::new(protocol.clone())));
+            ring.add_datagram(token, OwnedFd::from(socket), DATAGRAM_BUFFER_BYTES);
             ring.arm_datagram_receive(token);
         }
         Ok(Loop {
             ring,
             sources: slab,
+            listeners,
             protocol,
             limits,
             counter,
@@ -170,14 +157,12 @@ impl<'a> Loop<'a> {
             self.now = Instant::now();
             self.on_timers();
             let timeout = match self.drain_deadline {
-                Some(deadline)
-                    if self.ring.live_slots() == 0 || self.now >= deadline + CANCEL_GRACE =>
-                {
+                Some(at) if self.ring.live_slots() == 0 || self.now >= at + CANCEL_GRACE => {
                     return Ok(());
                 }
                 // Past the drain deadline every slot is closing: wait for its cancellation.
-                Some(deadline) if self.now >= deadline => Some(CANCEL_GRACE),
-                _ => self.next_deadline(),
+                Some(at) if self.now >= at => Some(CANCEL_GRACE),
+                _ => self.next_timeout(),
             };
             self.ring.wait(timeout)?;
             self.now = Instant::now();
@@ -187,14 +172,13 @@ impl<'a> Loop<'a> {
                         token,
                         result,
                         is_armed,
-                    } => self.on_accept(token, result, is_armed)?,
+                    } => {
+                        self.on_accept(token, result, is_armed)?;
+                    }
                     Completion::Received { token, result } => self.on_receive(token, result),
                     Completion::Sent { token, result } => self.on_sent(token, result),
                     Completion::DatagramReceived { token, result } => {
                         self.on_datagram(token, result)?;
-                    }
-                    Completion::DatagramSent { token, result } => {
-                        self.on_datagram_sent(token, result);
                     }
                     Completion::Readable { .. } => self.start_drain(),
                 }
@@ -206,27 +190,27 @@ impl<'a> Loop<'a> {
     }
 
     fn conn(&mut self, token: Token) -> Option<&mut Conn> {
-        match self.sources.get_mut(token) {
-            Some(Source::Conn(conn)) => Some(conn),
+        match self.sources.get_mut(token)? {
+            Source::Conn(conn) => Some(conn),
             _ => None,
         }
     }
 
-    fn conns(&self) -> Vec<Token> {
-        let conns = self
-            .sources
-            .iter()
-            .filter(|(_, s)| matches!(s, Source::Conn(_)));
-        conns.map(|(token, _)| token).collect()
+    /// Closes `token`'s socket; the ring frees it once its operations have completed.
+    fn close(&mut self, token: Token) {
+        self.ring.close(token);
+        self.sources.remove(token);
     }
 
-    /// How long until a timer needs the loop: an accept pause's end, an idle tick, or the
-    /// drain deadline.
-    fn next_deadline(&self) -> Option<Duration> {
-        let pauses = self.sources.iter().filter_map(|(_, source)| match source {
-            Source::Listener(listener) => listener.paused_until,
-            _ => None,
-        });
+    /// How long until a timer needs the loop: an accept pause, an idle tick, the drain.
+    fn next_timeout(&self) -> Option<Duration> {
+        let pauses = self
+            .listeners
+            .iter()
+            .filter_map(|t| match self.sources.get(*t) {
+                Some(Source::Listener { paused_until, .. }) => *paused_until,
+                _ => None,
+            });
         let at = pauses.chain(self.drain_deadline).min();
         let until = at.map(|at| at.saturating_duration_since(self.now));
         let idle = self
@@ -238,18 +222,12 @@ impl<'a> Loop<'a> {
 
     fn on_timers(&mut self) {
         let now = self.now;
-        let mut resumed = Vec::new();
-        for (token, source) in self.sources.iter() {
-            if let Source::Listener(l) = source {
-                if l.paused_until.is_some_and(|until| now >= until) {
-                    resumed.push(token);
+        for &token in &self.listeners {
+            if let Some(Source::Listener { paused_until, .. }) = self.sources.get_mut(token) {
+                if paused_until.is_some_and(|until| now >= until) {
+                    *paused_until = None;
+                    self.ring.arm_accept(token);
                 }
-            }
-        }
-        for token in resumed {
-            if let Some(Source::Listener(listener)) = self.sources.get_mut(token) {
-                listener.paused_until = None;
-                self.ring.arm_accept(token);
             }
         }
         if let Some(mut wheel) = self.idle.take() {
@@ -262,13 +240,11 @@ impl<'a> Loop<'a> {
                 if !conn.connection.wants_read() {
                     // Not waiting for input (backpressure, flushing): not idle, look later.
                     conn.last_input_tick = now_tick;
-                    return Some(now_tick);
+                } else if now_tick >= conn.last_input_tick.saturating_add(idle_ticks) {
+                    idle.push(token);
+                    return None;
                 }
-                if now_tick < conn.last_input_tick.saturating_add(idle_ticks) {
-                    return Some(conn.last_input_tick);
-                }
-                idle.push(token);
-                None
+                Some(conn.last_input_tick)
             });
             self.idle = Some(wheel);
             let timeout = self.limits.idle_timeout.unwrap_or_default();
@@ -280,15 +256,12 @@ impl<'a> Loop<'a> {
             }
         }
         if self.drain_deadline.is_some_and(|deadline| now >= deadline) {
-            for token in self.conns() {
+            for token in self.sources.tokens() {
                 if let Some(conn) = self.conn(token) {
-                    tracing::warn!(
-                        "closing {}: drain timeout with {} bytes still owed",
-                        conn.connection.peer(),
-                        conn.connection.owed()
-                    );
+                    let (peer, owed) = (conn.connection.peer(), conn.connection.owed());
+                    tracing::warn!("closing {peer}: drain timeout with {owed} bytes still owed");
+                    self.close(token);
                 }
-                self.close(token);
             }
         }
     }
@@ -299,57 +272,57 @@ impl<'a> Loop<'a> {
         result: io::Result<OwnedFd>,
         is_armed: bool,
     ) -> io::Result<()> {
-        let Some(Source::Listener(listener)) = self.sources.get_mut(token) else {
+        let Some(Source::Listener {
+            name,
+            is_tcp,
+            paused_until,
+        }) = self.sources.get_mut(token)
+        else {
             return Ok(());
         };
-        let (name, is_tcp) = (listener.name.clone(), listener.is_tcp);
-        match result {
-            Ok(fd) => self.admit(&name, is_tcp, fd),
+        let accepted = match result {
+            Ok(fd) => Some((Stream::from_accepted(fd, *is_tcp), name.clone())),
             Err(e) => match accept_action(&e) {
-                AcceptAction::Wait | AcceptAction::Retry => {}
+                AcceptAction::Wait | AcceptAction::Retry => None,
                 AcceptAction::Pause => {
-                    log_accept_pause(&listener.name, &e);
-                    listener.paused_until = Some(self.now + ACCEPT_PAUSE);
+                    log_accept_pause(name, &e);
+                    *paused_until = Some(self.now + ACCEPT_PAUSE);
+                    None
                 }
                 AcceptAction::Fail => return Err(e),
             },
-        }
+        };
         // A multishot accept ends after any error; arm it again unless paused.
-        let is_paused = matches!(self.sources.get(token),
-            Some(Source::Listener(l)) if l.paused_until.is_some());
-        if !is_armed && !is_paused {
+        if !is_armed && paused_until.is_none() {
             self.ring.arm_accept(token);
+        }
+        match accepted {
+            Some((Ok((stream, peer)), listener)) => self.admit(stream, peer, &listener),
+            Some((Err(e), listener)) => tracing::debug!("a connection on {listener} vanished: {e}"),
+            None => {}
         }
         Ok(())
     }
 
-    fn admit(&mut self, listener: &str, is_tcp: bool, fd: OwnedFd) {
-        let (fd, peer) = match identify(fd, is_tcp) {
-            Ok(identified) => identified,
-            Err(e) => return tracing::debug!("a connection on {listener} vanished: {e}"),
-        };
+    fn admit(&mut self, stream: Stream, peer: Peer, listener: &str) {
         let Some(admission) = self.counter.admit() else {
             return log_over_limit(&peer, self.counter.max_conns().unwrap_or(0));
         };
         tracing::debug!("accepted {peer} on {listener}");
         let connection = Connection::new(self.protocol, peer, self.limits, fd.as_fd());
         let last_input_tick = self.idle.as_ref().map_or(0, |w| w.tick_at(self.now));
-        let token = self.sources.insert(Source::Conn(Conn {
+        let conn = Conn {
             connection,
             last_input_tick,
             is_dirty: false,
             _admission: admission,
-        }));
-        self.ring.add(token, fd);
+        };
+        let token = self.sources.insert(Source::Conn(conn));
+        self.ring.add(token, OwnedFd::from(stream));
         if let Some(wheel) = self.idle.as_mut() {
             wheel.insert(token, last_input_tick);
         }
         self.pump(token);
-    }
-
-    fn close(&mut self, token: Token) {
-        self.ring.close(token);
-        self.sources.remove(token);
     }
 
     fn on_receive(&mut self, token: Token, result: io::Result<Option<Received>>) {
@@ -419,12 +392,10 @@ impl<'a> Loop<'a> {
         if conn.connection.wants_write() && !self.ring.is_sending(token) {
             self.ring.send(token, conn.connection.unsent());
         }
-        if !self.ring.is_receiving(token) {
-            // Backpressure: with no room the receive stays unarmed until a send drains.
-            let budget = conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES);
-            if budget > 0 {
-                self.ring.arm_receive(token, budget);
-            }
+        // Backpressure: with no room the receive stays unarmed until a send drains.
+        let budget = conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES);
+        if budget > 0 && !self.ring.is_receiving(token) {
+            self.ring.arm_receive(token, budget);
         }
         if conn.connection.is_finished() && !self.ring.is_sending(token) {
             // Everything owed was sent: the peer reads EOF after the last reply.
@@ -435,51 +406,37 @@ impl<'a> Loop<'a> {
         }
     }
 
+    /// Answers a datagram at once (a reply that cannot be queued is dropped, not kept),
+    /// then receives the next one.
     fn on_datagram(
         &mut self,
         token: Token,
         result: io::Result<ReceivedDatagram>,
     ) -> io::Result<()> {
-        let Some(Source::Datagrams(socket)) = self.sources.get_mut(token) else {
+        let Some(Source::Datagrams(replier)) = self.sources.get_mut(token) else {
             return Ok(());
         };
         match result {
-            // One reply at a time: this datagram stays in the receive buffer until then.
-            Ok(datagram) if self.ring.is_sending(token) => socket.pending = Some(datagram),
-            Ok(datagram) => self.answer(token, datagram),
-            Err(e) if is_per_peer_datagram_error(&e) => self.ring.arm_datagram_receive(token),
+            Ok(datagram) if datagram.is_truncated => {
+                let peer = Peer::from_sock_addr(&datagram.sender);
+                tracing::warn!(
+                    "dropping a datagram from {peer}: over {DATAGRAM_BUFFER_BYTES} bytes"
+                );
+            }
+            Ok(datagram) => {
+                let peer = Peer::from_sock_addr(&datagram.sender);
+                let bytes = self.ring.datagram_bytes(token, &datagram);
+                if let Some(reply) = replier.reply(&peer, bytes) {
+                    if let Err(e) = self.ring.send_datagram(token, &datagram.sender, reply) {
+                        log_send_failure(&peer, &e);
+                    }
+                }
+            }
+            Err(e) if is_per_peer_datagram_error(&e) => {}
             Err(e) => return Err(e),
         }
-        Ok(())
-    }
-
-    /// Replies to `datagram`, then receives the next one.
-    fn answer(&mut self, token: Token, datagram: ReceivedDatagram) {
-        let Some(Source::Datagrams(socket)) = self.sources.get_mut(token) else {
-            return;
-        };
-        let peer = peer_of(&datagram.sender);
-        if datagram.is_truncated {
-            tracing::warn!("dropping a datagram from {peer}: over {DATAGRAM_BUFFER_BYTES} bytes");
-        } else if let Some(reply) =
-            (socket.replier).reply(&peer, self.ring.datagram_bytes(token, &datagram))
-        {
-            self.ring.send_datagram(token, &datagram.sender, reply);
-            socket.replying_to = Some(peer);
-        }
         self.ring.arm_datagram_receive(token);
-    }
-
-    fn on_datagram_sent(&mut self, token: Token, result: io::Result<usize>) {
-        let Some(Source::Datagrams(socket)) = self.sources.get_mut(token) else {
-            return;
-        };
-        if let (Err(e), Some(peer)) = (result, &socket.replying_to) {
-            log_send_failure(peer, &e);
-        }
-        if let Some(datagram) = socket.pending.take() {
-            self.answer(token, datagram);
-        }
+        Ok(())
     }
 
     /// Shutdown fired: stop accepting and receiving, keep sending what is owed.
@@ -488,59 +445,15 @@ impl<'a> Loop<'a> {
             return;
         }
         self.drain_deadline = Some(self.now + self.limits.drain_timeout);
-        let others = self
-            .sources
-            .iter()
-            .filter(|(_, s)| !matches!(s, Source::Conn(_)));
-        for token in others.map(|(token, _)| token).collect::<Vec<_>>() {
-            self.close(token);
-        }
-        for token in self.conns() {
-            if let Some(conn) = self.conn(token) {
-                conn.connection.stop_reading();
-            }
+        for token in self.sources.tokens() {
+            let Some(conn) = self.conn(token) else {
+                // A listener, a datagram socket, the shutdown eventfd: done with.
+                self.close(token);
+                continue;
+            };
+            conn.connection.stop_reading();
             self.ring.cancel_receive(token);
             self.pump(token);
         }
     }
-}
-
-/// A listener's descriptor, for the ring to own.
-fn into_fd(listener: StreamListener) -> OwnedFd {
-    listener
-        .into_std()
-        .map_or_else(OwnedFd::from, OwnedFd::from)
-}
-
-/// Wraps an accepted descriptor: TCP gets `TCP_NODELAY` (Nagle would hold back small
-/// replies for the peer's ACK); both learn their peer's address.
-fn identify(fd: OwnedFd, is_tcp: bool) -> io::Result<(OwnedFd, Peer)> {
-    if is_tcp {
-        let stream = TcpStream::from(fd);
-        // Nodelay failing leaves a working, if slower, connection.
-        let _ = stream.set_nodelay(true);
-        let peer = stream.peer_addr()?;
-        Ok((stream.into(), Peer::Ip(peer)))
-    } else {
-        let stream = UnixStream::from(fd);
-        let peer = stream.peer_addr()?;
-        Ok((stream.into(), Peer::Unix(peer)))
-    }
-}
-
-/// An unnamed Unix address: an empty path is how std spells it.
-fn unnamed() -> net::SocketAddr {
-    net::SocketAddr::from_pathname("").expect("an empty path is short enough")
-}
-
-/// The sender of a datagram, as the rest of the server names peers.
-fn peer_of(sender: &SockAddr) -> Peer {
-    if let Some(addr) = sender.as_socket() {
-        return Peer::Ip(addr);
-    }
-    let named = sender.as_unix().or_else(|| {
-        let name = sender.as_abstract_namespace()?;
-        net::SocketAddr::from_abstract_name(name).ok()
-    });
-    Peer::Unix(named.unwrap_or_else(unnamed))
 }

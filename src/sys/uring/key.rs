@@ -19,20 +19,18 @@ pub(super) enum Op {
     Receive = 2,
     Send = 4,
     DatagramReceive = 8,
-    DatagramSend = 16,
-    Poll = 32,
+    Poll = 16,
     /// An `AsyncCancel`; its own completion carries nothing.
     Cancel = 64,
 }
 
 impl Op {
     /// Every operation that holds a slot's buffers or descriptor until it completes.
-    pub(super) const IN_FLIGHT: [Op; 6] = [
+    pub(super) const IN_FLIGHT: [Op; 5] = [
         Op::Accept,
         Op::Receive,
         Op::Send,
         Op::DatagramReceive,
-        Op::DatagramSend,
         Op::Poll,
     ];
 

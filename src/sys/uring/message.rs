@@ -1,4 +1,4 @@
-//! Message headers for datagram receives and sends: a `msghdr` points at its own buffer
+//! Message headers for datagram receives: a `msghdr` points at its own buffer
 //! and address, so it must not move while the kernel holds it.
 
 use libc::sockaddr_storage;
@@ -17,17 +17,15 @@ pub struct ReceivedDatagram {
     pub is_truncated: bool,
 }
 
-/// The receive and send messages of a datagram socket, boxed (see [`Message`]).
+/// The receive message of a datagram socket, boxed (see [`Message`]).
 pub(super) struct Datagram {
     pub(super) receive: Message,
-    pub(super) send: Message,
 }
 
 impl Datagram {
     pub(super) fn new(max_datagram_bytes: usize) -> Box<Datagram> {
         Box::new(Datagram {
             receive: Message::new(max_datagram_bytes),
-            send: Message::new(0),
         })
     }
 }
@@ -68,23 +66,6 @@ impl Message {
         self.name = unsafe { mem::zeroed() };
         let name_len = mem::size_of::<sockaddr_storage>() as libc::socklen_t;
         self.prepare(self.bytes.len(), name_len)
-    }
-
-    /// Copies `bytes` and `to` in, and points the header at them, for a send.
-    pub(super) fn prepare_send(&mut self, bytes: &[u8], to: &SockAddr) -> *mut libc::msghdr {
-        self.bytes.clear();
-        self.bytes.extend_from_slice(bytes);
-        let len = (to.len() as usize).min(mem::size_of::<sockaddr_storage>());
-        // SAFETY: `to` holds `to.len()` initialised bytes of address and `name` has room
-        // for a whole sockaddr_storage; `len` is the smaller, and the two never overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                to.as_ptr().cast::<u8>(),
-                (&raw mut self.name).cast::<u8>(),
-                len,
-            );
-        }
-        self.prepare(bytes.len(), len as libc::socklen_t)
     }
 
     fn prepare(&mut self, len: usize, name_len: libc::socklen_t) -> *mut libc::msghdr {

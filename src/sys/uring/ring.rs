@@ -11,7 +11,7 @@ use super::provided::{BUFFER_GROUP, ProvidedBuffers, Received};
 use super::setup::{build_ring, with_total_limit};
 use crate::slab::Token;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
-use socket2::SockAddr;
+use socket2::{SockAddr, SockRef};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem::{self, ManuallyDrop};
@@ -64,13 +64,6 @@ pub enum Completion {
         token: Token,
         /// The datagram's length and sender.
         result: io::Result<ReceivedDatagram>,
-    },
-    /// A datagram reply was sent, or dropped (`EAGAIN`: the peer's queue was full).
-    DatagramSent {
-        /// The socket's token.
-        token: Token,
-        /// Bytes sent.
-        result: io::Result<usize>,
     },
     /// A watched descriptor became readable.
     Readable {
@@ -186,10 +179,10 @@ impl Ring {
             .is_some_and(|io| io.is_in_flight(Op::Receive) || io.is_in_flight(Op::DatagramReceive))
     }
 
-    /// Whether a send on `token` has not completed.
+    /// Whether a stream send on `token` has not completed.
     pub fn is_sending(&self, token: Token) -> bool {
         self.open_ref(token)
-            .is_some_and(|io| io.is_in_flight(Op::Send) || io.is_in_flight(Op::DatagramSend))
+            .is_some_and(|io| io.is_in_flight(Op::Send))
     }
 
     /// The socket of an open slot.
@@ -326,23 +319,16 @@ impl Ring {
         })
     }
 
-    /// Sends `bytes` as one datagram to `to`, unless a send is in flight; returns whether
-    /// it was submitted.
-    pub fn send_datagram(&mut self, token: Token, to: &SockAddr, bytes: &[u8]) -> bool {
-        let Some((io, fd)) = self.idle_for(token, Op::DatagramSend) else {
-            return false;
-        };
-        let Some(datagram) = io.datagram.as_mut() else {
-            return false;
-        };
-        let header = datagram.send.prepare_send(bytes, to);
-        // MSG_DONTWAIT: a peer whose queue is full fails this send at once (EAGAIN)
-        // instead of parking it, and with it every later reply on this socket.
-        let entry = opcode::SendMsg::new(fd, header)
-            .flags(libc::MSG_DONTWAIT as u32)
-            .build();
-        self.start(token, Op::DatagramSend, entry);
-        true
+    /// Sends `bytes` as one datagram to `to` at once, with a plain `sendto`, never waiting:
+    /// a peer whose queue is full fails it with `EAGAIN` (`WouldBlock`), and the reply is
+    /// the caller's to drop. Nothing stays in flight, so nothing is copied or kept.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `sendto`; `NotFound` for a token that is not open here.
+    pub fn send_datagram(&self, token: Token, to: &SockAddr, bytes: &[u8]) -> io::Result<usize> {
+        let io = self.open_ref(token).ok_or(io::ErrorKind::NotFound)?;
+        SockRef::from(&io.fd).send_to_with_flags(bytes, to, libc::MSG_DONTWAIT)
     }
 
     /// Watches the slot's descriptor until it is readable, once.
@@ -537,10 +523,6 @@ impl Ring {
                     result: count_result(result).map(|len| datagram.receive.received(len)),
                 }
             }
-            Op::DatagramSend => Completion::DatagramSent {
-                token,
-                result: count_result(result),
-            },
             Op::Poll | Op::Cancel => Completion::Readable { token },
         })
     }
