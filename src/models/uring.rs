@@ -309,7 +309,7 @@ impl<'a> Loop<'a> {
             return log_over_limit(&peer, self.counter.max_conns().unwrap_or(0));
         };
         tracing::debug!("accepted {peer} on {listener}");
-        let connection = Connection::new(self.protocol, peer, self.limits, fd.as_fd());
+        let connection = Connection::new(self.protocol, peer, self.limits, stream.as_fd());
         let last_input_tick = self.idle.as_ref().map_or(0, |w| w.tick_at(self.now));
         let conn = Conn {
             connection,
