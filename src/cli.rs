@@ -150,6 +150,28 @@ pub struct ServeArgs {
     /// Log each connection (debug level) on stderr
     #[arg(short, long)]
     pub verbose: bool,
+    /// Serve /metrics, /healthz and /readyz over HTTP on ADDR (e.g. 127.0.0.1:9100)
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr, help_heading = "Operations")]
+    pub metrics: Option<SocketAddr>,
+    /// Log lines as text, or as one JSON object per line (both on stderr)
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Operations")]
+    pub log_format: LogFormat,
+}
+
+/// `--metrics ADDR`: `HOST:PORT` as for `--tcp`, or the `http://HOST:PORT` its readiness
+/// line prints.
+fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
+    reverb::addr::parse_ip_port(text.strip_prefix("http://").unwrap_or(text))
+        .map_err(|e| e.to_string())
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: timestamp, level, message and the event's fields.
+    Json,
 }
 
 impl ServeArgs {
@@ -257,6 +279,7 @@ pub struct ClientArgs {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 #[command(after_help = concat!(
     "Addresses:\n",
     "  HOST:PORT, tcp://HOST:PORT    TCP (HOST: an IP, localhost, or a name; IPv6 as [::1]:7007)\n",
@@ -265,13 +288,18 @@ pub struct ClientArgs {
     "  unix-dgram:///abs/path        a Unix datagram socket\n\n",
     "Every byte that comes back is checked. Exit 0: all correct; 3: a wrong byte or a failed\n",
     "connection (after the results); 2: usage.\n\n",
-    "Example:\n",
-    "  reverb bench 127.0.0.1:7007 --conns 50 --size 1K --depth 8 --duration 5",
+    "Examples:\n",
+    "  reverb bench 127.0.0.1:7007 --conns 50 --size 1K --depth 8 --duration 5\n",
+    "  reverb bench 127.0.0.1:7007 --conns 100 --conn-lifetime 1     (connection churn)\n",
+    "  reverb bench 127.0.0.1:7007 --slo p99=1ms --duration 2        (rate search)\n",
+    "  reverb bench merge agent-0.json agent-1.json agent-2.json",
 ))]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
     /// The server to load (see Addresses below)
-    #[arg(value_name = "ADDR", value_parser = parse_endpoint)]
-    pub addr: Endpoint,
+    #[arg(value_name = "ADDR", value_parser = parse_endpoint, required = true)]
+    pub addr: Option<Endpoint>,
     /// Connections (for datagrams: sockets)
     #[arg(long, value_name = "N", default_value = "10", value_parser = parse_count)]
     pub conns: u32,
@@ -281,14 +309,14 @@ pub struct BenchArgs {
     /// Messages in flight per connection (closed loop)
     #[arg(long, value_name = "D", default_value = "1", value_parser = parse_count)]
     pub depth: u32,
-    /// Seconds measured (fractions allowed)
+    /// Seconds measured (fractions allowed; with --slo: of each step)
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_positive_secs)]
     pub duration: Duration,
     /// Seconds of load before measuring: verified, not counted
     #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
     pub warmup: Duration,
     /// Open loop: total messages per second, latency counted from each scheduled send
-    /// [default: closed loop]
+    /// (with --slo: the first step's rate, default 1000) [default: closed loop]
     #[arg(long, value_name = "MSGS_PER_S")]
     pub rate: Option<f64>,
     /// Client threads, each its own event loop
@@ -303,11 +331,59 @@ pub struct BenchArgs {
     /// With tls://: accept any server certificate (a self-signed test server).
     #[arg(long)]
     pub insecure: bool,
+    /// Seconds one connection may take to be established, from its own connect
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_positive_secs)]
+    pub connect_timeout: Duration,
+    /// Open connections at N per second (a ramp) instead of all at once
+    #[arg(long, value_name = "N")]
+    pub connect_rate: Option<f64>,
+    /// Close a connection after MSGS messages and open a new one in its place
+    #[arg(long, value_name = "MSGS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub conn_lifetime: Option<u64>,
+    /// Spread connections over these local addresses: ADDR[,ADDR...] or a range
+    /// such as 127.0.0.2-127.0.0.9
+    #[arg(long, value_name = "ADDRS", value_parser = parse_sources)]
+    pub source: Option<Sources>,
+    /// Search for the highest open-loop rate whose latency percentile stays within a
+    /// bound, e.g. p99=1ms or p99.9=500us
+    #[arg(long, value_name = "pNN=TIME")]
+    pub slo: Option<reverb::bench::Slo>,
+    /// Record msgs/s and latency for each interval of SECS (a time series)
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
+    pub interval: Option<Duration>,
+    /// Start the load at TIME (after connecting): Unix seconds, +SECS, or RFC 3339
+    /// (2026-11-29T16:30:00Z); lets several agents start together
+    #[arg(long, value_name = "TIME", value_parser = reverb::bench::parse_start_at)]
+    pub start_at: Option<std::time::SystemTime>,
+}
+
+/// `--source`'s addresses (a type of its own, so clap takes the list as one value).
+#[derive(Clone, Debug)]
+pub struct Sources(pub Vec<std::net::IpAddr>);
+
+fn parse_sources(text: &str) -> Result<Sources, String> {
+    reverb::bench::parse_sources(text).map(Sources)
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Merge the --json reports of several agents into one report.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The agents' --json reports
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
+    /// One JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl BenchArgs {
-    /// The bench engine's configuration.
-    pub fn config(&self) -> reverb::bench::BenchConfig {
+    /// The bench engine's configuration; `agent` comes from the environment.
+    pub fn config(&self, agent: Option<u32>) -> reverb::bench::BenchConfig {
         reverb::bench::BenchConfig {
             conns: self.conns,
             size: self.size,
@@ -316,6 +392,13 @@ impl BenchArgs {
             warmup: self.warmup,
             rate: self.rate,
             threads: self.threads,
+            connect_timeout: self.connect_timeout,
+            connect_rate: self.connect_rate,
+            conn_lifetime: self.conn_lifetime,
+            sources: self.source.clone().map(|s| s.0).unwrap_or_default(),
+            interval: self.interval,
+            start_at: self.start_at,
+            agent,
             ..reverb::bench::BenchConfig::default()
         }
     }

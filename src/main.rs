@@ -2,12 +2,13 @@
 //! exit codes of docs/cli.md (1: could not run, 2: usage, 3: bench found wrong bytes).
 //! The flags themselves are declared in `cli.rs`.
 
+mod bench_cli;
 mod cli;
 
 use clap::{CommandFactory, FromArgMatches, error::ErrorKind};
-use cli::{BenchArgs, Cli, ClientArgs, Command, CompareArgs, ServeArgs};
+use cli::{Cli, ClientArgs, Command, CompareArgs, LogFormat, ServeArgs};
 use reverb::addr::{Endpoint, ListenSpec};
-use reverb::models;
+use reverb::models::{self, Model};
 use reverb::server::{Listeners, RunOptions, Shutdown};
 use std::io::Write;
 use std::process::ExitCode;
@@ -15,7 +16,11 @@ use std::time::Duration;
 
 /// A usage error found after parsing: the contract's exit 2, with the usage of
 /// `subcommand`, the one that was run.
-fn usage_error(subcommand: &str, message: impl std::fmt::Display, hint: Option<&str>) -> ! {
+pub(crate) fn usage_error(
+    subcommand: &str,
+    message: impl std::fmt::Display,
+    hint: Option<&str>,
+) -> ! {
     let message = match hint {
         Some(hint) => format!("{message}\n  tip: {hint}"),
         None => message.to_string(),
@@ -63,7 +68,7 @@ fn main() -> ExitCode {
             serve(*args, specs)
         }
         Command::Client(args) => client(args),
-        Command::Bench(args) => bench(args),
+        Command::Bench(args) => bench_cli::run(args),
         Command::Compare(args) => compare(args),
         Command::Generate(args) => {
             let mut stdout = std::io::stdout().lock();
@@ -75,23 +80,33 @@ fn main() -> ExitCode {
     }
 }
 
-fn fail(message: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("reverb: {message}");
     ExitCode::from(1)
 }
 
-fn init_logging(verbose: bool) {
+fn init_logging(verbose: bool, format: LogFormat) {
     let level = if verbose {
         tracing::Level::DEBUG
     } else {
         tracing::Level::INFO
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(level)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Flattened, so a line reads {"timestamp":..,"level":..,"message":..,"peer":..}.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
     // One line per panic. A protocol handler's panic is reported again, with the peer's
     // address, by the connection that caught it, so its location goes to debug; any other
     // panic is a bug in reverb and is logged as an error.
@@ -117,7 +132,7 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
     if let Err(e) = reverb::flags::check_serve(&args.flags(&specs)) {
         usage_error("serve", &e.message, Some(&e.hint));
     }
-    init_logging(args.verbose);
+    init_logging(args.verbose, args.log_format);
     if let Err(e) = args.model.check_available() {
         return fail(e);
     }
@@ -143,18 +158,46 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         Ok(shutdown) => shutdown,
         Err(e) => return fail(format!("cannot set up signal handling: {e}")),
     };
-    let listeners = match Listeners::bind(&specs, limits, args.model.accept_queues()) {
-        Ok(listeners) => listeners,
+    // Socket activation: the service manager's sockets replace the listener flags.
+    let listeners = match reverb::service::passed_listeners(limits.clone()) {
+        Ok(Some(listeners)) => listeners,
+        Ok(None) => match Listeners::bind(&specs, limits, args.model.accept_queues()) {
+            Ok(listeners) => listeners,
+            Err(e) => return fail(e),
+        },
         Err(e) => return fail(e),
     };
+    let notifier = reverb::service::Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!("cannot reach the service manager's NOTIFY_SOCKET: {e}");
+        reverb::service::Notifier::disconnected()
+    });
+    let metrics = match args.metrics {
+        Some(addr) => match start_metrics(addr, args.model, &shutdown) {
+            Ok(started) => Some(started),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    // Ready before the readiness lines, so whoever reads them finds /readyz agreeing.
+    if let Some((metrics, _)) = &metrics {
+        metrics.set_ready(true);
+    }
     {
         let mut stdout = std::io::stdout().lock();
-        for name in listeners.names() {
+        let metrics_name = metrics.as_ref().map(|(_, addr)| format!("http://{addr}"));
+        for name in listeners.names().iter().chain(&metrics_name) {
             if writeln!(stdout, "listening {name}").is_err() {
                 break;
             }
         }
         let _ = stdout.flush();
+    }
+    // STOPPING=1 is armed first: a manager may send SIGTERM as soon as it reads READY=1.
+    if let Err(e) = notifier
+        .stopping_on_signals()
+        .and_then(|()| notifier.ready())
+    {
+        tracing::warn!("cannot notify the service manager: {e}");
     }
     tracing::info!("serving with model {}", args.model);
     let options = RunOptions {
@@ -167,6 +210,28 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         }
         Err(e) => fail(e),
     }
+}
+
+/// Binds the metrics endpoint and starts answering it: on a thread, or from a helper
+/// process for `forking`, whose parent must stay single-threaded.
+fn start_metrics(
+    addr: std::net::SocketAddr,
+    model: Model,
+    shutdown: &Shutdown,
+) -> Result<(reverb::metrics::Metrics, std::net::SocketAddr), String> {
+    let cannot = |e: std::io::Error| format!("cannot serve metrics on http://{addr}: {e}");
+    let metrics = reverb::metrics::Metrics::new().map_err(cannot)?;
+    let server = reverb::metrics::MetricsServer::bind(addr).map_err(cannot)?;
+    let bound = server.local_addr().map_err(cannot)?;
+    let shutdown = shutdown.clone();
+    let is_draining: reverb::metrics::Probe = Box::new(move || shutdown.is_fired());
+    if model == Model::Forking {
+        server.spawn_process(metrics, is_draining)
+    } else {
+        server.spawn(metrics, is_draining)
+    }
+    .map_err(cannot)?;
+    Ok((metrics, bound))
 }
 
 fn client(args: ClientArgs) -> ExitCode {
@@ -185,55 +250,6 @@ fn client(args: ClientArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
-}
-
-fn bench(mut args: BenchArgs) -> ExitCode {
-    args.addr = match cli::with_tls_verify(args.addr.clone(), args.ca.as_ref(), args.insecure) {
-        Ok(endpoint) => endpoint,
-        Err(e) => usage_error("bench", e, None),
-    };
-    let config = args.config();
-    if let Err(e) = config.validate(&args.addr) {
-        usage_error("bench", e, None);
-    }
-    if let Err(e) = reverb::sys::raise_open_file_limit() {
-        eprintln!("reverb: cannot raise the open-file limit: {e}");
-    }
-    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(progress_bar);
-    let result = reverb::bench::run_with_progress(&args.addr, &config, |progress| {
-        if let Some(bar) = &bar {
-            let total = progress.total.as_millis().max(1) as u64;
-            bar.set_position((progress.elapsed.as_millis() as u64).min(total));
-            bar.set_length(total);
-            let phase = match progress.phase {
-                reverb::bench::Phase::Warmup => "warmup",
-                reverb::bench::Phase::Measuring => "measuring",
-                reverb::bench::Phase::Draining => "draining",
-            };
-            bar.set_message(format!("{phase}, {} verified", progress.verified));
-        }
-    });
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    let report = match result {
-        Ok(report) => report,
-        Err(e) => return fail(format!("bench {}: {e}", args.addr)),
-    };
-    let text = if args.json {
-        report.to_json() + "\n"
-    } else {
-        report.to_table()
-    };
-    let mut stdout = std::io::stdout().lock();
-    if stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
-        return ExitCode::from(1);
-    }
-    ExitCode::from(report.exit_code())
 }
 
 fn compare(args: CompareArgs) -> ExitCode {
@@ -258,12 +274,9 @@ fn compare(args: CompareArgs) -> ExitCode {
         if let Some(bar) = &bar {
             bar.set_length(progress.steps.max(1) as u64);
             bar.set_position(progress.step as u64);
-            let phase = match progress.bench.map(|b| b.phase) {
-                Some(reverb::bench::Phase::Warmup) => ", warmup",
-                Some(reverb::bench::Phase::Measuring) => ", measuring",
-                Some(reverb::bench::Phase::Draining) => ", draining",
-                None => "",
-            };
+            let phase = progress
+                .bench
+                .map_or(String::new(), |b| format!(", {}", b.phase.name()));
             bar.set_message(format!("{}: {}{phase}", progress.model, progress.activity));
         }
     });
@@ -297,7 +310,7 @@ fn compare(args: CompareArgs) -> ExitCode {
     ExitCode::from(report.exit_code())
 }
 
-fn progress_bar() -> indicatif::ProgressBar {
+pub(crate) fn progress_bar() -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(1);
     if let Ok(style) =
         indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {elapsed_precise} {msg}")

@@ -225,6 +225,17 @@ impl StreamListener {
         })
     }
 
+    /// Wraps a listening TCP socket bound by someone else (socket activation); `name` is
+    /// its address as the `listening` line prints it. It gets no siblings with queues of
+    /// their own: its owner did not set SO_REUSEPORT.
+    pub fn from_tcp(listener: TcpListener, name: String) -> StreamListener {
+        StreamListener {
+            socket: ListenerSocket::Tcp(listener),
+            name,
+            reuseport_addr: None,
+        }
+    }
+
     /// Wraps a bound Unix listener; `name` is its address as the `listening` line prints it.
     pub fn from_unix(listener: UnixListener, name: String) -> StreamListener {
         StreamListener {

@@ -537,3 +537,10 @@ fn client_keeps_working() {
     assert!(child.wait().expect("wait").success());
     assert_eq!(out, "hello\nworld\n");
 }
+
+#[path = "bench/agents.rs"]
+mod agents;
+#[path = "bench/connect.rs"]
+mod connect;
+#[path = "bench/series.rs"]
+mod series;

@@ -48,8 +48,8 @@ impl Content {
         self.size
     }
 
-    fn tag(connection: u32, message: u64) -> u64 {
-        mix64((u64::from(connection) << 40) ^ message ^ 0x5eed_5eed_0000_0000)
+    fn tag(connection: u64, message: u64) -> u64 {
+        mix64(mix64(connection ^ 0x5eed_5eed_0000_0000) ^ message)
     }
 
     fn body(&self, tag: u64) -> &[u8] {
@@ -58,7 +58,7 @@ impl Content {
     }
 
     /// Writes bytes `offset..offset + out.len()` of stream message (`connection`, `message`).
-    pub fn fill(&self, connection: u32, message: u64, offset: usize, out: &mut [u8]) {
+    pub fn fill(&self, connection: u64, message: u64, offset: usize, out: &mut [u8]) {
         let tag = Self::tag(connection, message);
         let end = offset + out.len();
         let head = end.min(8);
@@ -77,7 +77,7 @@ impl Content {
     /// the byte that was expected there.
     pub fn check(
         &self,
-        connection: u32,
+        connection: u64,
         message: u64,
         offset: usize,
         got: &[u8],
@@ -106,13 +106,13 @@ impl Content {
 
     /// The per-connection mask that hides a datagram's number in its first 8 bytes, so the
     /// same number on two connections still gives two different datagrams.
-    fn datagram_key(connection: u32) -> u64 {
-        mix64(u64::from(connection) ^ 0xda7a_9a4a_0000_0000)
+    fn datagram_key(connection: u64) -> u64 {
+        mix64(connection ^ 0xda7a_9a4a_0000_0000)
     }
 
     /// Writes datagram (`connection`, `message`) into `out` (`size` bytes, at least
     /// [`DATAGRAM_HEADER_BYTES`]).
-    pub fn fill_datagram(&self, connection: u32, message: u64, out: &mut [u8]) {
+    pub fn fill_datagram(&self, connection: u64, message: u64, out: &mut [u8]) {
         let header = message ^ Self::datagram_key(connection);
         out[..DATAGRAM_HEADER_BYTES].copy_from_slice(&header.to_le_bytes());
         let tag = Self::tag(connection, message);
@@ -120,14 +120,14 @@ impl Content {
     }
 
     /// The message number a datagram claims to answer, if it is long enough to claim one.
-    pub fn datagram_number(connection: u32, datagram: &[u8]) -> Option<u64> {
+    pub fn datagram_number(connection: u64, datagram: &[u8]) -> Option<u64> {
         let header: [u8; DATAGRAM_HEADER_BYTES] =
             datagram.get(..DATAGRAM_HEADER_BYTES)?.try_into().ok()?;
         Some(u64::from_le_bytes(header) ^ Self::datagram_key(connection))
     }
 
     /// Whether `datagram` is exactly datagram (`connection`, `message`).
-    pub fn datagram_matches(&self, connection: u32, message: u64, datagram: &[u8]) -> bool {
+    pub fn datagram_matches(&self, connection: u64, message: u64, datagram: &[u8]) -> bool {
         datagram.len() == self.size
             && Self::datagram_number(connection, datagram) == Some(message)
             && datagram[DATAGRAM_HEADER_BYTES..]
@@ -139,7 +139,7 @@ impl Content {
 mod tests {
     use super::*;
 
-    fn whole(content: &Content, connection: u32, message: u64) -> Vec<u8> {
+    fn whole(content: &Content, connection: u64, message: u64) -> Vec<u8> {
         let mut out = vec![0; content.size()];
         content.fill(connection, message, 0, &mut out);
         out

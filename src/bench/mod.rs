@@ -1,37 +1,59 @@
 //! `reverb bench`: a verifying load generator. Config in, report out; nothing printed.
 //!
-//! Every client thread runs its own epoll loop over its share of the connections. Each
-//! connection keeps `depth` messages in flight (closed loop) or sends on a fixed schedule
-//! (open loop, `rate`), and every byte that comes back is checked against what was sent at
-//! that stream position (`content.rs`), so reordered, duplicated, corrupted, missing and extra
-//! bytes are all caught. Round-trip times go into an HDR histogram.
+//! Every client thread runs one event loop (`engine.rs`) over its share of the connections,
+//! the same loop for streams (`stream.rs`) and datagrams (`datagram.rs`): only what a
+//! connection does with its socket differs. Each connection keeps `depth` messages in
+//! flight (closed loop) or sends on a fixed schedule (open loop, `rate`), and every byte that
+//! comes back is checked against what was sent at that stream position (`content.rs`), so
+//! reordered, duplicated, corrupted, missing and extra bytes are all caught. Round-trip
+//! times go into an HDR histogram; so does each connection's connect time.
 //!
-//! Timeline, shared by all threads: connect everything, then load for `warmup` (replies
-//! verified, not counted), then the measured window of `duration` (a message counts when its
-//! last byte arrives inside it), then no new sends while outstanding replies are awaited up
-//! to `drain_timeout`; on a stream one still missing then is an error, a datagram is lost.
+//! Timeline, shared by all threads: connect everything (each connection has its own
+//! deadline, counted from its own `connect`), then load for `warmup` (replies verified, not
+//! counted), then the measured window of `duration` (a message counts when its last byte
+//! arrives inside it), then no new sends while outstanding replies are awaited up to
+//! `drain_timeout`; on a stream one still missing then is an error, a datagram is lost. The
+//! load goes on with the connections that were established; those that failed are counted
+//! by cause.
 //!
-//! [`run`] is the library entry point used by `reverb bench` and `reverb compare`.
+//! [`run`] is the library entry point used by `reverb bench` and `reverb compare`;
+//! [`merge`] combines the reports of several agents, [`search_rate`] looks for the highest
+//! rate within a latency bound.
 
 mod content;
 mod datagram;
+mod engine;
+mod merge;
 mod report;
+mod slo;
+pub mod source;
+mod start;
 mod stream;
+mod tally;
+mod transport;
 
-pub use report::{BenchReport, ErrorDetail, LatencySummary};
+pub use merge::{MergeError, merge};
+pub use report::{
+    AgentSummary, BenchReport, ConnectErrors, ConnectSummary, ErrorDetail, IntervalReport,
+    LatencySummary, decode_histogram,
+};
+pub use slo::{Slo, SloReport, SloStep, search_rate};
+pub use source::parse_sources;
+pub use start::{AGENT_INDEX_VARIABLE, agent_from_env, parse_start_at};
 
 use crate::addr::Endpoint;
 use content::Content;
-use hdrhistogram::Histogram;
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+use tally::Tally;
 
 /// How long replies still owed after the window are awaited (CONTRACT: "up to 5 s").
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a connection may take to be established.
+/// How long one connection may take to be established, counted from its own `connect`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A datagram unanswered for this long is counted lost (and its slot reused); a reply
 /// arriving later is counted late.
@@ -47,6 +69,10 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub const MAX_PROBLEMS: usize = 8;
 /// Below this share of the target rate, the report says the rate was not reached.
 pub const RATE_REACHED_SHARE: f64 = 0.95;
+/// At most this many `--interval` records in one run (each holds a histogram).
+pub const MAX_INTERVALS: u64 = 10_000;
+/// The shortest `--interval`.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 /// Latencies are recorded in nanoseconds up to this bound (larger ones saturate).
 const HISTOGRAM_MAX_NS: u64 = 3_600_000_000_000;
 
@@ -69,8 +95,22 @@ pub struct BenchConfig {
     pub threads: u32,
     /// How long outstanding replies are awaited after the window.
     pub drain_timeout: Duration,
-    /// How long connecting may take.
+    /// How long one connection may take to be established, from its own `connect`.
     pub connect_timeout: Duration,
+    /// Connections opened per second over all threads (a ramp); `None`: all at once.
+    pub connect_rate: Option<f64>,
+    /// A connection is closed after this many messages and a new one opened in its place.
+    pub conn_lifetime: Option<u64>,
+    /// Source addresses the connections are spread over (round robin); empty: the OS
+    /// chooses.
+    pub sources: Vec<IpAddr>,
+    /// Records messages per second and latency percentiles for each interval this long.
+    pub interval: Option<Duration>,
+    /// When the load starts (after connecting), so that several agents start together.
+    pub start_at: Option<SystemTime>,
+    /// This agent's index among several (Kubernetes' `JOB_COMPLETION_INDEX`); it goes into
+    /// the report and into the message content, so agents never send the same bytes.
+    pub agent: Option<u32>,
 }
 
 impl Default for BenchConfig {
@@ -85,6 +125,12 @@ impl Default for BenchConfig {
             threads: 1,
             drain_timeout: DRAIN_TIMEOUT,
             connect_timeout: CONNECT_TIMEOUT,
+            connect_rate: None,
+            conn_lifetime: None,
+            sources: Vec::new(),
+            interval: None,
+            start_at: None,
+            agent: None,
         }
     }
 }
@@ -101,7 +147,10 @@ impl BenchConfig {
     ///
     /// Zero connections, threads or depth; a size of 0 or above [`MAX_MESSAGE_BYTES`]; a
     /// datagram size below 8 (a datagram carries its number) or above
-    /// [`MAX_DATAGRAM_BYTES`]; a rate that is not a positive number; a zero duration.
+    /// [`MAX_DATAGRAM_BYTES`]; a rate, connect rate or lifetime that is not positive; a
+    /// zero duration or connect timeout; an interval below [`MIN_INTERVAL`] or giving more
+    /// than [`MAX_INTERVALS`] records; source addresses with a Unix endpoint or of the
+    /// other IP family.
     pub fn validate(&self, endpoint: &Endpoint) -> Result<(), ConfigError> {
         let fail = |message: String| Err(ConfigError(message));
         if self.conns == 0 || self.conns > 1_000_000 {
@@ -129,13 +178,58 @@ impl BenchConfig {
                 self.size
             ));
         }
-        if let Some(rate) = self.rate {
-            if !(rate.is_finite() && rate > 0.0) {
-                return fail(format!("--rate must be a positive number, not {rate}"));
+        for (flag, value) in [("--rate", self.rate), ("--connect-rate", self.connect_rate)] {
+            if let Some(rate) = value {
+                if !(rate.is_finite() && rate > 0.0) {
+                    return fail(format!("{flag} must be a positive number, not {rate}"));
+                }
             }
+        }
+        if self.conn_lifetime == Some(0) {
+            return fail("--conn-lifetime must be at least 1 message".to_string());
         }
         if self.duration.is_zero() {
             return fail("--duration must be more than 0 seconds".to_string());
+        }
+        if self.connect_timeout.is_zero() {
+            return fail("--connect-timeout must be more than 0 seconds".to_string());
+        }
+        if let Some(interval) = self.interval {
+            if interval < MIN_INTERVAL {
+                return fail(format!(
+                    "--interval must be at least {} s, not {} s",
+                    MIN_INTERVAL.as_secs_f64(),
+                    interval.as_secs_f64()
+                ));
+            }
+            let records = self.duration.as_nanos().div_ceil(interval.as_nanos());
+            if records > u128::from(MAX_INTERVALS) {
+                return fail(format!(
+                    "--interval {} s would make {records} records of a {} s run; at most \
+                     {MAX_INTERVALS} are kept (use a longer interval)",
+                    interval.as_secs_f64(),
+                    self.duration.as_secs_f64()
+                ));
+            }
+        }
+        if !self.sources.is_empty() {
+            let target = match endpoint {
+                Endpoint::Tcp(addr) | Endpoint::Udp(addr) => addr.ip(),
+                _ => {
+                    return fail(format!(
+                        "--source works only with tcp:// and udp:// addresses, not {endpoint}"
+                    ));
+                }
+            };
+            if let Some(other) = self
+                .sources
+                .iter()
+                .find(|s| s.is_ipv4() != target.is_ipv4())
+            {
+                return fail(format!(
+                    "--source {other} is not of the same IP family as {endpoint}"
+                ));
+            }
         }
         Ok(())
     }
@@ -152,6 +246,10 @@ impl BenchConfig {
 /// Where a run is, for a progress display.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// Opening the connections.
+    Connecting,
+    /// Connected, waiting for `start_at`.
+    Waiting,
     /// Loading before the window.
     Warmup,
     /// Inside the measured window.
@@ -160,18 +258,39 @@ pub enum Phase {
     Draining,
 }
 
+impl Phase {
+    /// The phase in a word or two, for a progress line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::Waiting => "waiting for the start time",
+            Phase::Warmup => "warmup",
+            Phase::Measuring => "measuring",
+            Phase::Draining => "draining",
+        }
+    }
+}
+
 /// A progress snapshot, given to the callback of [`run_with_progress`] about ten times a
 /// second.
 #[derive(Clone, Copy, Debug)]
 pub struct Progress {
     /// The current phase.
     pub phase: Phase,
-    /// Time since the load started.
+    /// Time since the load started (zero while connecting or waiting).
     pub elapsed: Duration,
     /// Warmup plus duration: when the window ends.
     pub total: Duration,
     /// Verified messages so far, warmup included.
     pub verified: u64,
+    /// Connections asked for.
+    pub conns: u64,
+    /// Connections established so far (reopened ones included).
+    pub established: u64,
+    /// Connections that could not be established so far.
+    pub connect_failed: u64,
+    /// Time since the run began (connecting included).
+    pub since_begin: Duration,
 }
 
 /// How often the progress callback of [`run_with_progress`] is called.
@@ -191,7 +310,7 @@ pub fn run(endpoint: &Endpoint, config: &BenchConfig) -> io::Result<BenchReport>
 }
 
 /// [`run`], calling `progress` from the calling thread about every
-/// [`PROGRESS_INTERVAL`] while the load runs.
+/// [`PROGRESS_INTERVAL`] while the run goes on (connect phase included).
 ///
 /// # Errors
 ///
@@ -205,44 +324,36 @@ pub fn run_with_progress(
         .validate(endpoint)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let threads = config.threads.min(config.conns) as usize;
-    let plan = Plan {
-        endpoint: endpoint.clone(),
-        config: config.clone(),
-        content: Content::new(config.size),
-        base: Instant::now(),
-        gate: StartGate::default(),
-        verified: AtomicU64::new(0),
-    };
-    let (results, cpu) = thread::scope(|scope| {
+    let plan = Plan::new(endpoint, config, threads);
+    let (results, watched) = thread::scope(|scope| {
         let mut handles = Vec::with_capacity(threads);
         for index in 0..threads {
-            let ids: Vec<u32> = (0..config.conns)
-                .filter(|id| *id as usize % threads == index)
+            let slots: Vec<u32> = (0..config.conns)
+                .filter(|slot| *slot as usize % threads == index)
                 .collect();
             let plan = &plan;
             let spawned = thread::Builder::new()
                 .name(format!("bench-{index}"))
                 .spawn_scoped(scope, move || {
                     if plan.endpoint.is_datagram() {
-                        datagram::run_worker(plan, &ids)
+                        engine::run_worker::<datagram::DatagramConn>(plan, &slots)
                     } else {
-                        stream::run_worker(plan, &ids)
+                        engine::run_worker::<stream::StreamConn>(plan, &slots)
                     }
                 });
             match spawned {
                 Ok(handle) => handles.push(handle),
                 Err(e) => {
-                    // The threads already started are waiting at the gate: send them home.
+                    // The threads already started wait at the gate: send them home.
                     plan.gate.abort();
                     for handle in handles {
                         let _ = handle.join();
                     }
-                    return (vec![Err(e)], CpuWindow::default());
+                    return (vec![Err(e)], Watched::default());
                 }
             }
         }
-        let timeline = plan.timeline(plan.gate.open(threads, || plan.now_ns()));
-        let cpu = watch(&plan, &timeline, &handles, &mut progress);
+        let watched = watch(&plan, &handles, &mut progress);
         let results = handles
             .into_iter()
             .map(|h| {
@@ -250,22 +361,51 @@ pub fn run_with_progress(
                     .unwrap_or_else(|_| Err(io::Error::other("a bench thread panicked")))
             })
             .collect::<Vec<_>>();
-        (results, cpu)
+        (results, watched)
     });
-    let mut total = Tally::new()?;
+    let mut total = Tally::new(&plan)?;
     for result in results {
         total.merge(result?);
     }
-    Ok(report::build(&plan, total, cpu))
+    Ok(report::build(&plan, total, &watched))
 }
 
-/// While the workers run: report progress and take CPU snapshots at the window's edges.
+/// While the workers run: report progress, open the start gate once every worker is
+/// connected (at `start_at` if later), take CPU snapshots at the window's edges, and note
+/// when the load really ended.
 fn watch<T>(
     plan: &Plan,
-    timeline: &Timeline,
     handles: &[thread::ScopedJoinHandle<'_, T>],
     progress: &mut impl FnMut(Progress),
-) -> CpuWindow {
+) -> Watched {
+    let mut watched = Watched::default();
+    let snapshot = |phase, elapsed, total| Progress {
+        phase,
+        elapsed,
+        total,
+        verified: plan.verified.load(Ordering::Relaxed),
+        conns: u64::from(plan.config.conns),
+        established: plan.established.load(Ordering::Relaxed),
+        connect_failed: plan.connect_failed.load(Ordering::Relaxed),
+        since_begin: plan.base.elapsed(),
+    };
+    // Connecting: until every worker has arrived at the gate (or all have gone home).
+    let start_ns = loop {
+        progress(snapshot(Phase::Connecting, Duration::ZERO, Duration::ZERO));
+        let is_through = plan.gate.wait_arrivals(handles.len(), PROGRESS_INTERVAL);
+        if is_through || handles.iter().all(|h| h.is_finished()) {
+            break plan.start_ns();
+        }
+    };
+    watched.connect_phase = Some(Duration::from_nanos(plan.now_ns()));
+    while plan.now_ns() < start_ns {
+        progress(snapshot(Phase::Waiting, Duration::ZERO, Duration::ZERO));
+        let left = Duration::from_nanos(start_ns.saturating_sub(plan.now_ns()));
+        thread::sleep(left.min(PROGRESS_INTERVAL));
+    }
+    let timeline = plan.timeline(start_ns);
+    plan.gate.open(start_ns);
+    watched.timeline = Some(timeline);
     // Each snapshot is taken once (`Some`), even if reading the CPU time failed (`Some(None)`).
     let mut at_start: Option<Option<Duration>> = None;
     let mut window_cpu: Option<Option<f64>> = None;
@@ -284,9 +424,9 @@ fn watch<T>(
             window_cpu = Some(used.map(|d| d.as_secs_f64()));
         }
         if handles.iter().all(|h| h.is_finished()) {
-            return CpuWindow {
-                seconds: window_cpu.flatten(),
-            };
+            watched.cpu_s = window_cpu.flatten();
+            watched.end_ns = Some(now);
+            return watched;
         }
         let phase = if now < timeline.measure_from {
             Phase::Warmup
@@ -295,12 +435,11 @@ fn watch<T>(
         } else {
             Phase::Draining
         };
-        progress(Progress {
+        progress(snapshot(
             phase,
-            elapsed: Duration::from_nanos(now.saturating_sub(timeline.start)),
+            Duration::from_nanos(now.saturating_sub(timeline.start)),
             total,
-            verified: plan.verified.load(Ordering::Relaxed),
-        });
+        ));
         // Wake at the next window edge if it is nearer than the next progress tick.
         let mut sleep = PROGRESS_INTERVAL;
         for edge in [timeline.measure_from, timeline.measure_until] {
@@ -312,10 +451,17 @@ fn watch<T>(
     }
 }
 
-/// The client's own CPU time over the measured window (this process, all threads).
+/// What the watching thread saw: the real timeline and the client's CPU time.
 #[derive(Clone, Copy, Debug, Default)]
-struct CpuWindow {
-    seconds: Option<f64>,
+struct Watched {
+    /// How long connecting took (until every worker was through).
+    connect_phase: Option<Duration>,
+    /// The load's timeline, once it started.
+    timeline: Option<Timeline>,
+    /// When the last worker finished, in ns since [`Plan::base`].
+    end_ns: Option<u64>,
+    /// CPU seconds this process used over the measured window (all threads).
+    cpu_s: Option<f64>,
 }
 
 /// What every client thread shares.
@@ -325,14 +471,26 @@ struct Plan {
     content: Content,
     /// The zero of every `*_ns` time in the run.
     base: Instant,
+    /// The wall-clock time of `base`, for reports that several agents merge.
+    base_wall: SystemTime,
+    /// Client threads.
+    threads: usize,
     /// Everyone connects first; the load starts when all are through.
     gate: StartGate,
     /// Verified messages so far (for progress only; updated in batches).
     verified: AtomicU64,
+    /// Connections established so far (progress).
+    established: AtomicU64,
+    /// Connections that failed to connect so far (progress).
+    connect_failed: AtomicU64,
+    /// Connections open right now (for the out-of-resources line).
+    open_now: AtomicU64,
+    /// The open-file limit the run has (for the out-of-descriptors line).
+    open_file_limit: Option<u64>,
 }
 
 /// The run's phase edges, in ns since [`Plan::base`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Timeline {
     start: u64,
     measure_from: u64,
@@ -344,23 +502,8 @@ struct Timeline {
 const MAX_WAIT: Duration = Duration::from_millis(100);
 /// How often a client thread adds its verified count to the shared progress counter.
 const PUBLISH_EVERY_NS: u64 = 50_000_000;
-impl Timeline {
-    /// How long a client loop may wait in epoll at `now`: until the next phase edge or
-    /// open-loop send (`next_due`), at most [`MAX_WAIT`].
-    fn wait_timeout(&self, now: u64, next_due: u64) -> Duration {
-        let edge = [
-            self.measure_from,
-            self.measure_until,
-            self.drain_until,
-            next_due,
-        ]
-        .into_iter()
-        .filter(|&t| t > now)
-        .min()
-        .unwrap_or(now);
-        Duration::from_nanos(edge - now).min(MAX_WAIT)
-    }
 
+impl Timeline {
     /// Whether new messages may still be sent at `now`.
     fn is_sending(&self, now: u64) -> bool {
         now < self.measure_until
@@ -373,18 +516,43 @@ impl Timeline {
 }
 
 impl Plan {
-    /// A client thread's epoll and counters. When they cannot be made, the thread still
-    /// arrives at the start gate, so the other threads are not held there.
-    fn prepare_worker(&self) -> io::Result<(crate::sys::epoll::Epoll, Tally)> {
-        let setup = crate::sys::epoll::Epoll::new().and_then(|epoll| Ok((epoll, Tally::new()?)));
-        if setup.is_err() {
-            let _ = self.gate.arrive_and_wait();
+    fn new(endpoint: &Endpoint, config: &BenchConfig, threads: usize) -> Self {
+        Plan {
+            endpoint: endpoint.clone(),
+            config: config.clone(),
+            content: Content::new(config.size),
+            base: Instant::now(),
+            base_wall: SystemTime::now(),
+            threads,
+            gate: StartGate::default(),
+            verified: AtomicU64::new(0),
+            established: AtomicU64::new(0),
+            connect_failed: AtomicU64::new(0),
+            open_now: AtomicU64::new(0),
+            open_file_limit: crate::sys::raise_open_file_limit().ok(),
         }
-        setup
     }
 
     fn now_ns(&self) -> u64 {
         self.base.elapsed().as_nanos() as u64
+    }
+
+    /// When the load starts: now, or at `start_at` if that is later.
+    fn start_ns(&self) -> u64 {
+        let now = self.now_ns();
+        let wait = self
+            .config
+            .start_at
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .unwrap_or_default();
+        now + wait.as_nanos() as u64
+    }
+
+    /// Wall-clock seconds since the Unix epoch of `ns` (since `base`).
+    fn unix_s(&self, ns: u64) -> f64 {
+        let at = self.base_wall + Duration::from_nanos(ns);
+        at.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
     }
 
     /// The shared timeline of a load that started at `start` (ns since `base`).
@@ -399,75 +567,22 @@ impl Plan {
         }
     }
 
-    /// Open loop: when message `message` of connection `connection` is due. Connections are
+    /// Open loop: when message `message` of connection slot `slot` is due. Slots are
     /// staggered evenly across one interval so the total rate is smooth.
-    fn scheduled_ns(&self, timeline: &Timeline, connection: u32, message: u64) -> Option<u64> {
+    fn scheduled_ns(&self, timeline: &Timeline, slot: u32, message: u64) -> Option<u64> {
         let rate = self.config.rate?;
         let conns = f64::from(self.config.conns);
         let interval_ns = conns * 1e9 / rate;
-        let slot = f64::from(connection) / conns + message as f64;
-        Some(timeline.start + (slot * interval_ns) as u64)
-    }
-}
-
-/// One thread's counts, merged into the report.
-struct Tally {
-    /// Messages completed inside the window.
-    msgs: u64,
-    /// Connections established.
-    established: u64,
-    mismatches: u64,
-    lost: u64,
-    late: u64,
-    errors: ErrorDetail,
-    problems: Vec<String>,
-    /// Round-trip times of the window's messages, in ns.
-    histogram: Histogram<u64>,
-}
-
-impl Tally {
-    fn new() -> io::Result<Self> {
-        let histogram = Histogram::new_with_bounds(1, HISTOGRAM_MAX_NS, 3)
-            .map_err(|e| io::Error::other(format!("cannot make a histogram: {e}")))?;
-        Ok(Tally {
-            msgs: 0,
-            established: 0,
-            mismatches: 0,
-            lost: 0,
-            late: 0,
-            errors: ErrorDetail::default(),
-            problems: Vec::new(),
-            histogram,
-        })
+        let position = f64::from(slot) / conns + message as f64;
+        Some(timeline.start + (position * interval_ns) as u64)
     }
 
-    fn merge(&mut self, other: Tally) {
-        self.msgs += other.msgs;
-        self.established += other.established;
-        self.mismatches += other.mismatches;
-        self.lost += other.lost;
-        self.late += other.late;
-        self.errors.add(&other.errors);
-        for problem in other.problems {
-            self.note(problem);
-        }
-        // Both histograms have the same bounds, so adding cannot fail.
-        let _ = self.histogram.add(&other.histogram);
-    }
-
-    /// Keeps the first few problem descriptions.
-    fn note(&mut self, problem: String) {
-        if self.problems.len() < MAX_PROBLEMS {
-            self.problems.push(problem);
-        }
-    }
-
-    /// A message completed at `now`, `rtt_ns` after it was sent (or scheduled).
-    fn complete(&mut self, timeline: &Timeline, now: u64, rtt_ns: u64) {
-        if timeline.is_measured(now) {
-            self.msgs += 1;
-            self.histogram.saturating_record(rtt_ns.max(1));
-        }
+    /// The content id of generation `generation` of slot `slot`: distinct per agent, slot
+    /// and reopening, so no two connections of a run (or of two agents) send the same bytes.
+    fn content_id(&self, slot: u32, generation: u32) -> u64 {
+        (u64::from(self.config.agent.unwrap_or(0)) << 48)
+            ^ (u64::from(generation) << 20)
+            ^ u64::from(slot)
     }
 }
 
@@ -505,19 +620,21 @@ impl StartGate {
         }
     }
 
-    /// Waits until `workers` have arrived, then starts the load now.
-    fn open(&self, workers: usize, now: impl Fn() -> u64) -> u64 {
+    /// Waits up to `timeout` for `workers` to have arrived; returns whether they have.
+    fn wait_arrivals(&self, workers: usize, timeout: Duration) -> bool {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |state| state.arrived < workers)
+            .unwrap_or_else(PoisonError::into_inner);
+        state.arrived >= workers
+    }
+
+    /// Lets every worker go, starting the load at `start`.
+    fn open(&self, start: u64) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        while state.arrived < workers {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        let start = now();
         state.start_ns = Some(start);
         self.changed.notify_all();
-        start
     }
 
     fn abort(&self) {

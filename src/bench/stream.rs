@@ -1,68 +1,25 @@
-//! The stream client loop (TCP, Unix stream): one level-triggered epoll per thread.
+//! A stream connection (TCP, Unix stream) under the bench's loop.
 //!
 //! Each connection is two cursors over its byte stream: how far we have handed bytes to
 //! the kernel, and how far the echo has come back. Message content is recomputed from
 //! (connection, message, offset) on both sides, so a connection holds only the send times
 //! of its in-flight messages, whatever the depth or message size.
 
-use super::content::Content;
-use super::{AlignedBuf, MAX_WAIT, PUBLISH_EVERY_NS, Plan, Tally, Timeline};
-use super::{index_of, index_u32};
-use crate::addr::Endpoint;
-use crate::slab::Token;
-use crate::sys::epoll::{EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Epoll, Events};
-use socket2::{Domain, SockAddr, Socket, Type};
-use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use super::Plan;
+use super::engine::{Conn, ConnId, Flow, Io, Opened};
+use super::transport::Stream;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::BorrowedFd;
 
 /// Bytes read per `read` call; also the most generated per `write` call.
 const IO_CHUNK_BYTES: usize = 256 * 1024;
 
-enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Stream {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&*s).read(buf),
-            Stream::Unix(s) => (&*s).read(buf),
-        }
-    }
-
-    fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&*s).write(buf),
-            Stream::Unix(s) => (&*s).write(buf),
-        }
-    }
-
-    fn take_error(&self) -> io::Result<Option<io::Error>> {
-        match self {
-            Stream::Tcp(s) => s.take_error(),
-            Stream::Unix(s) => s.take_error(),
-        }
-    }
-
-    fn fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Stream::Tcp(s) => s.as_fd(),
-            Stream::Unix(s) => s.as_fd(),
-        }
-    }
-}
-
 /// One client connection: its socket and its two stream cursors.
-struct Connection {
-    id: u32,
-    /// `None` once the connection is closed (failed, wrong bytes, or finished).
-    stream: Option<Stream>,
-    is_connecting: bool,
-    /// Whether EPOLLOUT is in the registered interest.
+pub(super) struct StreamConn {
+    id: ConnId,
+    stream: Stream,
+    /// Whether the last write stopped at `WouldBlock` (EPOLLOUT wanted).
     wants_write: bool,
     /// Messages queued for sending so far.
     queued: u64,
@@ -76,7 +33,21 @@ struct Connection {
     send_ns: Box<[u64]>,
 }
 
-impl Connection {
+impl StreamConn {
+    fn new(plan: &Plan, id: ConnId, stream: Stream) -> Self {
+        StreamConn {
+            id,
+            stream,
+            wants_write: false,
+            queued: 0,
+            sent_message: 0,
+            sent_offset: 0,
+            received_message: 0,
+            received_offset: 0,
+            send_ns: vec![0; plan.config.window() as usize].into_boxed_slice(),
+        }
+    }
+
     fn in_flight(&self) -> u64 {
         self.queued - self.received_message
     }
@@ -90,345 +61,35 @@ impl Connection {
         self.send_ns[slot] = at_ns;
         self.queued += 1;
     }
-}
 
-/// One thread's state: its epoll, its connections, and its scratch buffers.
-struct Worker<'a> {
-    plan: &'a Plan,
-    content: &'a Content,
-    epoll: Epoll,
-    connections: Vec<Connection>,
-    tally: Tally,
-    read_buf: AlignedBuf,
-    write_buf: AlignedBuf,
-    /// Messages verified since the last publish to `plan.verified`.
-    unpublished: u64,
-}
-
-/// Connects `ids` to the plan's endpoint, waits at the start gate, runs the load, and
-/// returns this thread's counts.
-pub(super) fn run_worker(plan: &Plan, ids: &[u32]) -> io::Result<Tally> {
-    let (epoll, tally) = plan.prepare_worker()?;
-    let mut worker = Worker {
-        plan,
-        content: &plan.content,
-        epoll,
-        connections: Vec::with_capacity(ids.len()),
-        tally,
-        read_buf: AlignedBuf::new(IO_CHUNK_BYTES),
-        write_buf: AlignedBuf::new(IO_CHUNK_BYTES),
-        unpublished: 0,
-    };
-    worker.connect_all(ids);
-    let Some(start) = plan.gate.arrive_and_wait() else {
-        return Ok(worker.tally);
-    };
-    let timeline = plan.timeline(start);
-    worker.run(&timeline)?;
-    Ok(worker.tally)
-}
-
-fn open(endpoint: &Endpoint, deadline: std::time::Instant) -> io::Result<(Stream, bool)> {
-    match endpoint {
-        Endpoint::Tcp(addr) => {
-            let socket = Socket::new(Domain::for_address(*addr), Type::STREAM.nonblocking(), None)?;
-            socket.set_tcp_nodelay(true)?;
-            let is_connecting = match socket.connect(&SockAddr::from(*addr)) {
-                Ok(()) => false,
-                Err(e) if e.raw_os_error() == Some(crate::sys::errno::EINPROGRESS) => true,
-                Err(e) => return Err(e),
-            };
-            Ok((Stream::Tcp(socket.into()), is_connecting))
-        }
-        Endpoint::Unix(path) => {
-            let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None)?;
-            let addr = SockAddr::unix(path)?;
-            // A non-blocking Unix connect never waits: EAGAIN means the listener's backlog
-            // is full, so try again until the deadline.
-            loop {
-                match socket.connect(&addr) {
-                    Ok(()) => break,
-                    Err(e)
-                        if e.kind() == io::ErrorKind::WouldBlock
-                            && std::time::Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok((Stream::Unix(socket.into()), false))
-        }
-        Endpoint::Tls {
-            addr,
-            server_name,
-            verify,
-        } => {
-            // The handshake is made here, blocking; the engine then sees a plain stream.
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let tcp =
-                std::net::TcpStream::connect_timeout(addr, left.max(Duration::from_millis(1)))?;
-            tcp.set_nodelay(true)?;
-            let plain = crate::tls_client::connect(tcp, server_name, verify)?;
-            plain.set_nonblocking(true)?;
-            Ok((Stream::Unix(plain), false))
-        }
-        Endpoint::Udp(_) | Endpoint::UnixDatagram(_) => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a stream endpoint",
-        )),
-    }
-}
-
-impl Worker<'_> {
-    fn connect_all(&mut self, ids: &[u32]) {
-        let config = &self.plan.config;
-        let deadline = std::time::Instant::now() + config.connect_timeout;
-        let window = config.window() as usize;
-        for &id in ids {
-            let opened = open(&self.plan.endpoint, deadline).and_then(|(stream, is_connecting)| {
-                let token = Token::reserved(index_u32(self.connections.len()));
-                let events = if is_connecting { EPOLLOUT } else { EPOLLIN };
-                self.epoll.add(stream.fd(), token, events as u32)?;
-                Ok((stream, is_connecting))
-            });
-            match opened {
-                Ok((stream, is_connecting)) => {
-                    if !is_connecting {
-                        self.tally.established += 1;
-                    }
-                    self.connections.push(Connection {
-                        id,
-                        stream: Some(stream),
-                        is_connecting,
-                        wants_write: is_connecting,
-                        queued: 0,
-                        sent_message: 0,
-                        sent_offset: 0,
-                        received_message: 0,
-                        received_offset: 0,
-                        send_ns: vec![0; window].into_boxed_slice(),
-                    });
-                }
-                Err(e) => self.connect_failed(id, &e),
-            }
-        }
-        let mut events = Events::with_capacity(1024);
-        let mut pending = self.connections.iter().filter(|c| c.is_connecting).count();
-        while pending > 0 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            if self
-                .epoll
-                .wait(&mut events, Some(left.min(MAX_WAIT)))
-                .is_err()
-            {
-                break;
-            }
-            for (token, _) in events.iter() {
-                let Some(connection) = self.connections.get_mut(index_of(token)) else {
-                    continue;
-                };
-                if !connection.is_connecting {
-                    continue;
-                }
-                pending -= 1;
-                connection.is_connecting = false;
-                let error = match &connection.stream {
-                    Some(stream) => match stream.take_error() {
-                        Ok(None) => None,
-                        Ok(Some(e)) | Err(e) => Some(e),
-                    },
-                    None => None,
-                };
-                match error {
-                    None => {
-                        self.tally.established += 1;
-                        self.set_interest(index_of(token), false);
-                    }
-                    Some(e) => {
-                        let id = connection.id;
-                        self.close(index_of(token));
-                        self.connect_failed(id, &e);
-                    }
-                }
-            }
-        }
-        for index in 0..self.connections.len() {
-            if self.connections[index].is_connecting {
-                let id = self.connections[index].id;
-                self.connections[index].is_connecting = false;
-                self.close(index);
-                let timeout = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-                self.connect_failed(id, &timeout);
-            }
+    fn open_flow(&self) -> Flow {
+        Flow::Open {
+            wants_write: self.wants_write,
         }
     }
 
-    fn connect_failed(&mut self, id: u32, error: &io::Error) {
-        self.tally.errors.connect_failed += 1;
-        let endpoint = &self.plan.endpoint;
-        self.tally.note(format!(
-            "connection {id}: cannot connect to {endpoint}: {error}"
-        ));
-    }
-
-    fn run(&mut self, timeline: &Timeline) -> io::Result<()> {
-        let is_open_loop = self.plan.config.rate.is_some();
-        if !is_open_loop {
-            for index in 0..self.connections.len() {
-                if self.connections[index].stream.is_some() {
-                    let now = self.plan.now_ns();
-                    for _ in 0..self.plan.config.depth {
-                        self.connections[index].queue(now);
-                    }
-                    self.flush(index);
-                }
-            }
-        }
-        let mut events = Events::with_capacity(1024);
-        // The first iteration checks for live connections.
-        let mut last_publish = timeline.start.saturating_sub(PUBLISH_EVERY_NS);
-        loop {
-            let now = self.plan.now_ns();
-            let mut next_due = u64::MAX;
-            if is_open_loop && timeline.is_sending(now) {
-                next_due = self.send_due(timeline, now);
-            }
-            if now - last_publish >= PUBLISH_EVERY_NS {
-                self.publish();
-                last_publish = now;
-                // Every connection failed or closed: nothing is left to wait for.
-                if self.connections.iter().all(|c| c.stream.is_none()) {
-                    break;
-                }
-            }
-            if !timeline.is_sending(now) {
-                let is_done = self
-                    .connections
-                    .iter()
-                    .all(|c| c.stream.is_none() || c.in_flight() == 0);
-                if is_done || now >= timeline.drain_until {
-                    break;
-                }
-            }
-            let timeout = timeline.wait_timeout(now, next_due);
-            self.epoll.wait_precise(&mut events, Some(timeout))?;
-            for (token, flags) in events.iter() {
-                let index = index_of(token);
-                if flags & EPOLLOUT as u32 != 0 {
-                    self.flush(index);
-                }
-                if flags & (EPOLLIN | EPOLLERR | EPOLLHUP) as u32 != 0 {
-                    self.on_readable(index, timeline);
-                }
-            }
-        }
-        self.publish();
-        self.count_missing();
-        Ok(())
-    }
-
-    /// Open loop: queues every message whose scheduled time has come (within the window
-    /// bound) and returns when the next one is due.
-    fn send_due(&mut self, timeline: &Timeline, now: u64) -> u64 {
-        let mut next_due = u64::MAX;
-        for index in 0..self.connections.len() {
-            let connection = &mut self.connections[index];
-            if connection.stream.is_none() {
-                continue;
-            }
-            let before = connection.queued;
-            while let Some(due) = self
-                .plan
-                .scheduled_ns(timeline, connection.id, connection.queued)
-            {
-                if due > now || !timeline.is_sending(due) {
-                    if timeline.is_sending(due) {
-                        next_due = next_due.min(due);
-                    }
-                    break;
-                }
-                if connection.in_flight() >= connection.send_ns.len() as u64 {
-                    // Full: this send waits for a reply; its latency still counts from `due`.
-                    break;
-                }
-                connection.queue(due);
-            }
-            if connection.queued != before && !connection.wants_write {
-                self.flush(index);
-            }
-        }
-        next_due
-    }
-
-    fn publish(&mut self) {
-        if self.unpublished > 0 {
-            self.plan
-                .verified
-                .fetch_add(self.unpublished, std::sync::atomic::Ordering::Relaxed);
-            self.unpublished = 0;
-        }
-    }
-
-    fn set_interest(&mut self, index: usize, wants_write: bool) {
-        let connection = &mut self.connections[index];
-        if let Some(stream) = &connection.stream {
-            let events = if wants_write {
-                EPOLLIN | EPOLLOUT
-            } else {
-                EPOLLIN
-            };
-            if self
-                .epoll
-                .modify(
-                    stream.fd(),
-                    Token::reserved(index_u32(index)),
-                    events as u32,
-                )
-                .is_ok()
-            {
-                connection.wants_write = wants_write;
-            }
-        }
-    }
-
-    fn close(&mut self, index: usize) {
-        if let Some(stream) = self.connections[index].stream.take() {
-            let _ = self.epoll.delete(stream.fd());
-        }
-    }
-
-    /// The connection failed with an OS error: count it, describe it, close it.
-    fn fail(&mut self, index: usize, what: &str, error: &io::Error) {
-        self.tally.errors.reset += 1;
-        let id = self.connections[index].id;
-        self.tally
-            .note(format!("connection {id}: {what} failed: {error}"));
-        self.close(index);
+    /// The connection failed with an OS error: count it and describe it.
+    fn fail(&self, io: &mut Io<'_>, what: &str, error: &io::Error) -> Flow {
+        io.tally.errors.reset += 1;
+        let slot = self.id.slot;
+        io.tally
+            .note(format!("connection {slot}: {what} failed: {error}"));
+        Flow::Closed
     }
 
     /// Hands the kernel as many queued bytes as it takes.
-    fn flush(&mut self, index: usize) {
-        let size = self.content.size();
-        let connection = &mut self.connections[index];
-        let Some(stream) = &connection.stream else {
-            return;
-        };
-        while connection.has_unsent() {
+    fn flush(&mut self, io: &mut Io<'_>) -> Flow {
+        let plan = io.plan;
+        let content = &plan.content;
+        let size = content.size();
+        while self.has_unsent() {
             // Regenerate the unsent bytes; nothing sent is kept.
+            let buf = &mut io.write_buf;
             let mut len = 0;
-            let (mut message, mut offset) = (connection.sent_message, connection.sent_offset);
-            while len < self.write_buf.len() && message < connection.queued {
-                let take = (size - offset).min(self.write_buf.len() - len);
-                self.content.fill(
-                    connection.id,
-                    message,
-                    offset,
-                    &mut self.write_buf[len..len + take],
-                );
+            let (mut message, mut offset) = (self.sent_message, self.sent_offset);
+            while len < buf.len() && message < self.queued {
+                let take = (size - offset).min(buf.len() - len);
+                content.fill(self.id.content, message, offset, &mut buf[len..len + take]);
                 len += take;
                 offset += take;
                 if offset == size {
@@ -436,142 +97,209 @@ impl Worker<'_> {
                     offset = 0;
                 }
             }
-            match stream.write(&self.write_buf[..len]) {
+            match self.stream.write(&io.write_buf[..len]) {
                 Ok(0) => {
                     let error = io::Error::from(io::ErrorKind::WriteZero);
-                    return self.fail(index, "write", &error);
+                    return self.fail(io, "write", &error);
                 }
                 Ok(written) => {
                     // The kernel may take fewer bytes than offered; the rest waits.
-                    let position = connection.sent_offset + written;
-                    connection.sent_message += (position / size) as u64;
-                    connection.sent_offset = position % size;
+                    let position = self.sent_offset + written;
+                    self.sent_message += (position / size) as u64;
+                    self.sent_offset = position % size;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !connection.wants_write {
-                        self.set_interest(index, true);
-                    }
-                    return;
+                    self.wants_write = true;
+                    return self.open_flow();
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.fail(index, "write", &e),
+                Err(e) => return self.fail(io, "write", &e),
             }
         }
-        if connection.wants_write {
-            self.set_interest(index, false);
+        self.wants_write = false;
+        self.open_flow()
+    }
+}
+
+impl Conn for StreamConn {
+    const READ_BUF_BYTES: usize = IO_CHUNK_BYTES;
+    const WRITE_BUF_BYTES: usize = IO_CHUNK_BYTES;
+    const EXPIRES: bool = false;
+
+    fn open(plan: &Plan, id: ConnId, source: Option<IpAddr>) -> io::Result<Opened<Self>> {
+        Ok(match Stream::open(&plan.endpoint, source)? {
+            Opened::Established(stream) => Opened::Established(StreamConn::new(plan, id, stream)),
+            Opened::Connecting(stream) => Opened::Connecting(StreamConn::new(plan, id, stream)),
+            Opened::Busy => Opened::Busy,
+        })
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.stream.fd()
+    }
+
+    fn connect_state(&self) -> io::Result<bool> {
+        self.stream.connect_state()
+    }
+
+    fn start(&mut self, io: &mut Io<'_>, now: u64) -> Flow {
+        if io.plan.config.rate.is_some() {
+            return self.send_due(io, now).0;
         }
+        for _ in 0..io.plan.config.depth {
+            if io.may_send(now, self.queued) {
+                self.queue(now);
+            }
+        }
+        self.flush(io)
+    }
+
+    /// Open loop: queues every message whose scheduled time has come (within the window
+    /// bound) and returns when the next one is due.
+    fn send_due(&mut self, io: &mut Io<'_>, now: u64) -> (Flow, u64) {
+        let before = self.queued;
+        let mut next_due = u64::MAX;
+        let timeline = io.timeline;
+        while let Some(due) =
+            io.plan
+                .scheduled_ns(&timeline, self.id.slot, self.id.schedule_base + self.queued)
+        {
+            if due > now || !io.may_send(due, self.queued) {
+                if io.may_send(due, self.queued) {
+                    next_due = due;
+                }
+                break;
+            }
+            if self.in_flight() >= self.send_ns.len() as u64 {
+                // Full: this send waits for a reply; its latency still counts from `due`.
+                break;
+            }
+            self.queue(due);
+        }
+        if self.queued != before && !self.wants_write {
+            return (self.flush(io), next_due);
+        }
+        (self.open_flow(), next_due)
+    }
+
+    fn on_writable(&mut self, io: &mut Io<'_>, _now: u64) -> Flow {
+        self.flush(io)
     }
 
     /// Reads once, checks every byte against what was sent at that stream position, and
     /// (closed loop) replaces each completed message with a new one.
-    fn on_readable(&mut self, index: usize, timeline: &Timeline) {
-        let size = self.content.size();
-        let connection = &mut self.connections[index];
-        let Some(stream) = &connection.stream else {
-            return;
-        };
-        let n = match stream.read(&mut self.read_buf) {
+    fn on_readable(&mut self, io: &mut Io<'_>, _now: u64) -> Flow {
+        let size = io.plan.content.size();
+        let slot = self.id.slot;
+        let n = match self.stream.read(&mut io.read_buf) {
             Ok(0) => {
-                let now = self.plan.now_ns();
-                if connection.in_flight() == 0 && !timeline.is_sending(now) {
+                let now = io.plan.now_ns();
+                if self.in_flight() == 0 && !io.may_send(now, self.queued) {
                     // Finished: everything owed came back before the server closed.
-                    self.close(index);
-                    return;
+                    return Flow::Closed;
                 }
-                let (id, owed) = (connection.id, connection.in_flight());
-                self.tally.errors.closed_early += 1;
-                self.tally.note(format!(
-                    "connection {id}: server closed the connection with {owed} message(s) \
+                io.tally.errors.closed_early += 1;
+                io.tally.note(format!(
+                    "connection {slot}: server closed the connection with {} message(s) \
                      unanswered (next expected: byte {} of message {})",
-                    connection.received_offset, connection.received_message
+                    self.in_flight(),
+                    self.received_offset,
+                    self.received_message
                 ));
-                self.close(index);
-                return;
+                return Flow::Closed;
             }
             Ok(n) => n,
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
                     || e.kind() == io::ErrorKind::Interrupted =>
             {
-                return;
+                return self.open_flow();
             }
-            Err(e) => return self.fail(index, "read", &e),
+            Err(e) => return self.fail(io, "read", &e),
         };
-        let now = self.plan.now_ns();
-        let is_closed_loop = self.plan.config.rate.is_none();
-        let is_sending = timeline.is_sending(now);
+        // The time the bytes arrived: after the read, so the read's own cost counts.
+        let now = io.plan.now_ns();
+        let is_closed_loop = io.plan.config.rate.is_none();
         let mut at = 0;
         while at < n {
             // An echo cannot return a byte before it was sent: only sent bytes are expected.
-            let sent_ahead = if connection.received_message < connection.sent_message {
-                size - connection.received_offset
+            let sent_ahead = if self.received_message < self.sent_message {
+                size - self.received_offset
             } else {
-                connection
-                    .sent_offset
-                    .saturating_sub(connection.received_offset)
+                self.sent_offset.saturating_sub(self.received_offset)
             };
             if sent_ahead == 0 {
-                let (id, extra) = (connection.id, n - at);
-                self.tally.mismatches += 1;
-                self.tally.note(format!(
-                    "connection {id}: {extra} byte(s) came back that were never sent \
+                io.tally.mismatches += 1;
+                io.tally.note(format!(
+                    "connection {slot}: {} byte(s) came back that were never sent \
                      (after byte {} of message {})",
-                    connection.received_offset, connection.received_message
+                    n - at,
+                    self.received_offset,
+                    self.received_message
                 ));
-                self.close(index);
-                return;
+                return Flow::Closed;
             }
             let take = sent_ahead.min(n - at);
-            let got = &self.read_buf[at..at + take];
-            let (message, offset) = (connection.received_message, connection.received_offset);
-            if let Some((wrong, expected)) = self.content.check(connection.id, message, offset, got)
+            let got = &io.read_buf[at..at + take];
+            let (message, offset) = (self.received_message, self.received_offset);
+            if let Some((wrong, expected)) =
+                io.plan.content.check(self.id.content, message, offset, got)
             {
-                let id = connection.id;
-                self.tally.mismatches += 1;
-                self.tally.note(format!(
-                    "connection {id}: byte {} of message {message} was {:#04x}, expected {:#04x}",
+                let was = got[wrong];
+                io.tally.mismatches += 1;
+                io.tally.note(format!(
+                    "connection {slot}: byte {} of message {message} was {was:#04x}, expected \
+                     {expected:#04x}",
                     offset + wrong,
-                    got[wrong],
-                    expected
                 ));
-                self.close(index);
-                return;
+                return Flow::Closed;
             }
             at += take;
-            connection.received_offset += take;
-            if connection.received_offset == size {
-                let slot = (message % connection.send_ns.len() as u64) as usize;
-                let rtt_ns = now.saturating_sub(connection.send_ns[slot]);
-                self.tally.complete(timeline, now, rtt_ns);
-                self.unpublished += 1;
-                connection.received_message += 1;
-                connection.received_offset = 0;
-                if is_closed_loop && is_sending {
-                    connection.queue(now);
+            self.received_offset += take;
+            if self.received_offset == size {
+                let index = (message % self.send_ns.len() as u64) as usize;
+                io.complete(now, now.saturating_sub(self.send_ns[index]));
+                self.received_message += 1;
+                self.received_offset = 0;
+                if is_closed_loop && io.may_send(now, self.queued) {
+                    self.queue(now);
                 }
             }
         }
-        if connection.has_unsent() && !connection.wants_write {
-            self.flush(index);
+        if self.has_unsent() && !self.wants_write {
+            return self.flush(io);
         }
+        self.open_flow()
     }
 
-    /// After the drain: every message still owed on an open stream is an error.
-    fn count_missing(&mut self) {
-        for index in 0..self.connections.len() {
-            let connection = &self.connections[index];
-            if connection.stream.is_none() || connection.in_flight() == 0 {
-                continue;
-            }
-            let (id, owed) = (connection.id, connection.in_flight());
-            let drain = self.plan.config.drain_timeout.as_secs_f64();
-            self.tally.errors.missing += owed;
-            self.tally.note(format!(
-                "connection {id}: {owed} message(s) still unanswered {drain} s after the window \
-                 (next expected: byte {} of message {})",
-                connection.received_offset, connection.received_message
-            ));
-            self.close(index);
+    fn expire(&mut self, _io: &mut Io<'_>, _now: u64) -> Flow {
+        self.open_flow()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.in_flight() == 0
+    }
+
+    fn messages(&self) -> u64 {
+        self.queued
+    }
+
+    fn is_spent(&self, lifetime: u64) -> bool {
+        self.received_message >= lifetime
+    }
+
+    /// After the drain: every message still owed is an error.
+    fn finish(&mut self, io: &mut Io<'_>) {
+        let owed = self.in_flight();
+        if owed == 0 {
+            return;
         }
+        let drain = io.plan.config.drain_timeout.as_secs_f64();
+        io.tally.errors.missing += owed;
+        io.tally.note(format!(
+            "connection {}: {owed} message(s) still unanswered {drain} s after the window \
+             (next expected: byte {} of message {})",
+            self.id.slot, self.received_offset, self.received_message
+        ));
     }
 }

@@ -136,6 +136,7 @@ impl CompareConfig {
             threads: 1,
             drain_timeout: POINT_DRAIN_TIMEOUT,
             connect_timeout: POINT_CONNECT_TIMEOUT,
+            ..BenchConfig::default()
         }
     }
 

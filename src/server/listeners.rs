@@ -97,7 +97,7 @@ pub struct Listeners {
     /// Open connections against `--max-conns`, shared by every thread of the model.
     pub counter: ConnectionCounter,
     /// Every bound address in flag order, as the `listening` lines print it.
-    names: Vec<String>,
+    pub(super) names: Vec<String>,
     unix_paths: Vec<UnixPathGuard>,
 }
 
@@ -116,14 +116,7 @@ impl Listeners {
         limits: Limits,
         queues: AcceptQueues,
     ) -> Result<Self, ServeError> {
-        let mut listeners = Listeners {
-            streams: Vec::new(),
-            datagrams: Vec::new(),
-            counter: ConnectionCounter::new(limits.max_conns),
-            limits,
-            names: Vec::new(),
-            unix_paths: Vec::new(),
-        };
+        let mut listeners = Listeners::empty(limits);
         for spec in specs {
             let addr = spec.to_string();
             let bind_error = |source| ServeError::Bind {
@@ -168,6 +161,18 @@ impl Listeners {
             }
         }
         Ok(listeners)
+    }
+
+    /// No listener yet.
+    pub(super) fn empty(limits: Limits) -> Self {
+        Listeners {
+            streams: Vec::new(),
+            datagrams: Vec::new(),
+            counter: ConnectionCounter::new(limits.max_conns),
+            limits,
+            names: Vec::new(),
+            unix_paths: Vec::new(),
+        }
     }
 
     /// Every bound address in flag order, e.g. `tcp://127.0.0.1:41234`.

@@ -5,6 +5,7 @@
 //! ServeError>` (see `crate::models`). Sockets arrive bound and listening, so a test can
 //! bind port 0 and the binary can print its `listening` lines before the model starts.
 
+mod activation;
 mod connection;
 mod datagram;
 pub mod event_loops;

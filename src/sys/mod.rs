@@ -6,6 +6,7 @@
 //! `io::Error::last_os_error()` through [`cvt`], and [`cvt_r`] retries `EINTR` in one place.
 #![allow(unsafe_code)]
 
+pub mod activation;
 pub mod affinity;
 pub mod async_fd;
 pub mod epoll;
@@ -15,6 +16,7 @@ pub mod poll;
 pub mod process;
 pub mod rusage;
 pub mod select;
+pub mod shared_memory;
 pub mod signal;
 pub mod uring;
 

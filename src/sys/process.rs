@@ -93,3 +93,42 @@ pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit takes no pointers and never returns.
     unsafe { libc::_exit(code) }
 }
+
+/// This process's id.
+pub fn id() -> libc::pid_t {
+    // SAFETY: getpid takes no arguments and cannot fail.
+    unsafe { libc::getpid() }
+}
+
+/// The parent's process id; 1 (or a subreaper's) once the parent has died.
+pub fn parent_id() -> libc::pid_t {
+    // SAFETY: getppid takes no arguments and cannot fail.
+    unsafe { libc::getppid() }
+}
+
+/// Asks the kernel to send `signal` to this process when the thread that forked it exits,
+/// so a helper process never outlives the server.
+///
+/// # Errors
+///
+/// `prctl`'s OS error.
+pub fn set_parent_death_signal(signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes the signal number by value; no pointers.
+    cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) })?;
+    Ok(())
+}
+
+/// Clock ticks per second, the unit of the CPU times in `/proc/PID/stat` (`sysconf(3)`).
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf takes a constant by value and touches no memory of ours.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    // Linux has reported 100 on every architecture since 2.6; use it if sysconf fails.
+    u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
+}
+
+/// The page size in bytes, the unit of the resident set in `/proc/PID/stat`.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf takes a constant by value and touches no memory of ours.
+    let bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(bytes).ok().filter(|&b| b > 0).unwrap_or(4096)
+}

@@ -8,7 +8,8 @@
 use super::cvt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// The eventfd the handler notifies; -1 until [`notify_on_terminate`] runs.
 ///
@@ -17,6 +18,22 @@ use std::sync::atomic::{AtomicI32, Ordering};
 /// Once set, the fd stays open until the process exits: the `Shutdown` that owns it is
 /// leaked by `notify_on_terminate`'s caller contract (it lives as long as the server).
 static SHUTDOWN_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// A connected datagram socket the handler also sends [`STOPPING_MESSAGE`] on (the
+/// service manager's notification socket); -1 when there is none.
+///
+/// # Invariant
+///
+/// Once set, the fd stays open until the process exits (its socket is leaked by
+/// [`send_stopping_on_terminate`]).
+static STOPPING_FD: AtomicI32 = AtomicI32::new(-1);
+/// The process that set [`STOPPING_FD`]: forked children inherit the handler, but only
+/// the server itself speaks to the service manager.
+static STOPPING_PID: AtomicI32 = AtomicI32::new(0);
+/// Whether the message went out already: one per process, however many signals come.
+static STOPPING_SENT: AtomicBool = AtomicBool::new(false);
+/// What sd_notify(3) calls the start of a shutdown.
+const STOPPING_MESSAGE: &[u8] = b"STOPPING=1";
 
 extern "C" fn on_terminate(_signal: libc::c_int) {
     let fd = SHUTDOWN_FD.load(Ordering::Relaxed);
@@ -30,6 +47,22 @@ extern "C" fn on_terminate(_signal: libc::c_int) {
     // process (invariant of SHUTDOWN_FD). A failed write is harmless: the counter is
     // already non-zero then.
     let _ = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    let notify_fd = STOPPING_FD.load(Ordering::Relaxed);
+    // SAFETY: getpid is async-signal-safe and takes no pointers.
+    let is_server = STOPPING_PID.load(Ordering::Relaxed) == unsafe { libc::getpid() };
+    if notify_fd >= 0 && is_server && !STOPPING_SENT.swap(true, Ordering::Relaxed) {
+        // SAFETY: the message is a static byte string valid for its length; the fd stays
+        // open for the life of the process (invariant of STOPPING_FD); send(2) is
+        // async-signal-safe, and MSG_DONTWAIT keeps a full socket from blocking a handler.
+        let _ = unsafe {
+            libc::send(
+                notify_fd,
+                STOPPING_MESSAGE.as_ptr().cast(),
+                STOPPING_MESSAGE.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+    }
     // SAFETY: restores this thread's errno so the interrupted code sees its own value.
     unsafe { *libc::__errno_location() = saved_errno };
 }
@@ -56,4 +89,13 @@ pub fn notify_on_terminate(fd: BorrowedFd<'static>) -> io::Result<()> {
         cvt(unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) })?;
     }
     Ok(())
+}
+
+/// Makes the SIGTERM/SIGINT handler also send `STOPPING=1` on `socket` (the service
+/// manager's notification socket, see `activation::notify_socket`), once, from this
+/// process only. The socket is kept open for the rest of the process.
+pub fn send_stopping_on_terminate(socket: UnixDatagram) {
+    let socket: &'static UnixDatagram = Box::leak(Box::new(socket));
+    STOPPING_PID.store(super::process::id(), Ordering::Relaxed);
+    STOPPING_FD.store(socket.as_raw_fd(), Ordering::Relaxed);
 }

@@ -199,7 +199,12 @@ impl Server {
         let args = apply_variant(args);
         let listeners = args
             .iter()
-            .filter(|a| matches!(a.as_str(), "--tcp" | "--udp" | "--unix" | "--unix-dgram"))
+            .filter(|a| {
+                matches!(
+                    a.as_str(),
+                    "--tcp" | "--udp" | "--unix" | "--unix-dgram" | "--metrics"
+                )
+            })
             .count();
         assert!(listeners > 0, "tests name their listeners");
         let mut child = command

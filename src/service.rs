@@ -1,0 +1,71 @@
+//! Running under a service manager (systemd): listeners passed by socket activation, and
+//! the `READY=1` / `STOPPING=1` notifications.
+
+use crate::server::{Limits, Listeners, ServeError};
+use crate::sys::activation;
+use std::io;
+use std::os::unix::net::UnixDatagram;
+
+/// The listeners passed by socket activation (`LISTEN_PID` is this process), in the order
+/// passed; `None` when the server was not socket-activated. Call it at start, before any
+/// thread is started.
+///
+/// # Errors
+///
+/// A malformed `LISTEN_FDS`, or a passed socket the server cannot serve.
+pub fn passed_listeners(limits: Limits) -> Result<Option<Listeners>, ServeError> {
+    let passed = activation::take_listen_fds().map_err(|source| ServeError::Bind {
+        addr: "socket activation".to_string(),
+        source,
+    })?;
+    passed.map(|fds| Listeners::adopt(fds, limits)).transpose()
+}
+
+/// The service manager's notification socket, when `NOTIFY_SOCKET` names one.
+#[derive(Debug)]
+pub struct Notifier {
+    socket: Option<UnixDatagram>,
+}
+
+impl Notifier {
+    /// Connects to `NOTIFY_SOCKET` if it is set.
+    ///
+    /// # Errors
+    ///
+    /// The socket it names cannot be reached.
+    pub fn from_env() -> io::Result<Self> {
+        Ok(Notifier {
+            socket: activation::notify_socket()?,
+        })
+    }
+
+    /// A notifier that sends nothing.
+    pub fn disconnected() -> Self {
+        Notifier { socket: None }
+    }
+
+    /// Tells the service manager the server is serving (`READY=1`).
+    ///
+    /// # Errors
+    ///
+    /// The OS error of sending.
+    pub fn ready(&self) -> io::Result<()> {
+        if let Some(socket) = &self.socket {
+            socket.send(b"READY=1")?;
+        }
+        Ok(())
+    }
+
+    /// Makes SIGTERM and SIGINT also send `STOPPING=1` as the drain starts; the signal
+    /// handler sends it, so every model gets it without a thread of its own.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of duplicating the socket.
+    pub fn stopping_on_signals(&self) -> io::Result<()> {
+        if let Some(socket) = &self.socket {
+            crate::sys::signal::send_stopping_on_terminate(socket.try_clone()?);
+        }
+        Ok(())
+    }
+}

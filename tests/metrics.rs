@@ -1,0 +1,227 @@
+//! `serve --metrics`: the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`) of the real
+//! binary, its scrape read back with the Prometheus project's own Python parser.
+
+mod common;
+
+use common::{PATIENCE, Server};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// `GET path` on the metrics endpoint: status code and body.
+fn get(server: &Server, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(server.addr("http")).expect("connect to metrics");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.set_write_timeout(Some(PATIENCE)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string());
+    (status, body)
+}
+
+/// Parses a scrape with `prometheus_client.parser.text_string_to_metric_families` and
+/// returns every sample as `name{label="value",...}` (labels sorted) to its value.
+/// `None` when Python's prometheus-client is not installed and this is not CI (where
+/// `.ci/run` installs it, so its absence fails).
+fn parse_scrape(text: &str) -> Option<BTreeMap<String, f64>> {
+    const SCRIPT: &str = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+        print(f"{s.name}{{{labels}}} {s.value!r}")
+"#;
+    let has_parser = Command::new("python3")
+        .args(["-c", "import prometheus_client"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_parser {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 with prometheus-client is needed (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: python3 -m pip install prometheus-client to check scrapes");
+        return None;
+    }
+    let mut child = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed the parser");
+    let output = child.wait_with_output().expect("parser output");
+    assert!(
+        output.status.success(),
+        "the Prometheus parser rejected the scrape: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let samples = String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|line| {
+            let (name, value) = line.rsplit_once(' ').expect("sample line");
+            (name.to_string(), value.parse().expect("sample value"))
+        })
+        .collect();
+    Some(samples)
+}
+
+#[test]
+fn endpoints_answer() {
+    let server = Server::start(
+        "epoll",
+        &["--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+    );
+    assert_eq!(get(&server, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(get(&server, "/readyz"), (200, "ready\n".to_string()));
+    assert_eq!(get(&server, "/nowhere").0, 404);
+    let (status, body) = get(&server, "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("# TYPE reverb_connections_accepted_total counter"),
+        "{body}"
+    );
+    server.stop();
+}
+
+#[test]
+fn scrape_parses_with_the_prometheus_parser() {
+    let server = Server::start(
+        "epoll",
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let (_, body) = get(&server, "/metrics");
+    server.stop();
+    let Some(samples) = parse_scrape(&body) else {
+        return;
+    };
+    for name in [
+        r#"reverb_connections_accepted_total{transport="tcp"}"#,
+        r#"reverb_connections_refused_total{transport="unix"}"#,
+        r#"reverb_connections_open{transport="tcp"}"#,
+        r#"reverb_connections_closed_total{reason="drain_cut",transport="tcp"}"#,
+        r#"reverb_received_bytes_total{transport="udp"}"#,
+        r#"reverb_sent_bytes_total{transport="unix-dgram"}"#,
+        r#"reverb_datagrams_dropped_total{reason="reflection_guard",transport="udp"}"#,
+        r#"reverb_handler_panics_total{transport="tcp"}"#,
+        r#"reverb_accept_pauses_total{transport="tcp"}"#,
+        r#"reverb_ready{}"#,
+        r#"process_cpu_seconds_total{}"#,
+        r#"process_resident_memory_bytes{}"#,
+        r#"process_open_fds{}"#,
+        r#"process_start_time_seconds{}"#,
+    ] {
+        assert!(samples.contains_key(name), "no {name} in {samples:?}");
+    }
+    assert_eq!(samples[r#"reverb_ready{}"#], 1.0);
+    assert!(samples[r#"process_resident_memory_bytes{}"#] > 0.0);
+    assert!(samples[r#"process_open_fds{}"#] >= 3.0);
+}
+
+/// A client that sends and never reads leaves replies owed, so the drain lasts until
+/// `--drain-timeout`; meanwhile the endpoint still answers, and `/readyz` says draining.
+#[test]
+fn readyz_fails_while_draining() {
+    let mut server = Server::start(
+        "epoll",
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "3",
+        ],
+    );
+    let mut stuck = server.connect_tcp();
+    stuck
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    while stuck.write(&chunk).is_ok_and(|n| n > 0) {}
+    assert_eq!(get(&server, "/readyz").0, 200);
+    server.terminate();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, body) = get(&server, "/readyz");
+        if status == 503 {
+            assert_eq!(body, "draining\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz never said draining");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(get(&server, "/healthz").0, 200);
+    let status = server.wait_exit(PATIENCE).expect("exit after the drain");
+    assert!(status.success());
+}
+
+/// The forking parent must stay single-threaded, so a helper process answers; it reads
+/// the same counters and dies with the server.
+#[test]
+fn forking_serves_metrics_from_a_helper_that_dies_with_it() {
+    let mut server = Server::start(
+        "forking",
+        &["--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+    );
+    let metrics_addr = server.addr("http");
+    assert_eq!(get(&server, "/readyz").0, 200);
+    let (status, body) = get(&server, "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("process_open_fds "), "{body}");
+    server.terminate();
+    assert!(server.wait_exit(PATIENCE).expect("exit").success());
+    let deadline = Instant::now() + PATIENCE;
+    while TcpStream::connect(&metrics_addr).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the metrics helper outlived the server"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn metrics_address_in_use_is_exit_1_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = common::reverb()
+        .args(["serve", "--tcp", "127.0.0.1:0", "--metrics", &addr])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run reverb");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot serve metrics on http://{addr}")),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "no readiness line before failing");
+}

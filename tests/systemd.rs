@@ -1,0 +1,218 @@
+//! Socket activation and readiness notification, with the real `systemd-socket-activate`
+//! starting the real binary: it binds, waits for the first client, then execs reverb with
+//! `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES` set.
+
+mod common;
+
+use common::{PATIENCE, temp_socket_path};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const ACTIVATE: &str = "systemd-socket-activate";
+
+/// Whether the tool is here; outside CI a missing tool skips with a message, in CI
+/// (where `.ci/run` installs it) it fails.
+fn has_activate() -> bool {
+    let found = Command::new(ACTIVATE)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{ACTIVATE} is needed (.ci/run installs the systemd package)"
+        );
+        eprintln!("SKIPPED: install the systemd package for {ACTIVATE}");
+    }
+    found
+}
+
+/// A loopback port that was free a moment ago (the tool refuses port 0).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `systemd-socket-activate ACTIVATE_ARGS... reverb serve SERVE_ARGS...`, waiting until
+/// it has bound (it says so on stderr).
+struct Activated {
+    child: Child,
+    stdout: Option<std::process::ChildStdout>,
+}
+
+impl Activated {
+    fn start(activate_args: &[&str], serve_args: &[&str]) -> Activated {
+        let mut child = Command::new(ACTIVATE)
+            .args(activate_args)
+            .arg(env!("CARGO_BIN_EXE_reverb"))
+            .arg("serve")
+            .args(serve_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start systemd-socket-activate");
+        let stderr = child.stderr.take().expect("stderr");
+        let (said, heard) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("  activate/serve: {line}");
+                let _ = said.send(line);
+            }
+        });
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = heard
+                .recv_timeout(left)
+                .expect("systemd-socket-activate listening");
+            if line.starts_with("Listening on") {
+                break;
+            }
+        }
+        let stdout = child.stdout.take();
+        Activated { child, stdout }
+    }
+
+    /// The readiness lines reverb printed once activated.
+    fn readiness_lines(&mut self, count: usize) -> Vec<String> {
+        let mut reader = BufReader::new(self.stdout.take().expect("stdout"));
+        (0..count)
+            .map(|_| {
+                let mut line = String::new();
+                reader.read_line(&mut line).expect("a readiness line");
+                line.trim_end().to_string()
+            })
+            .collect()
+    }
+
+    fn terminate_and_wait(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "reverb exit {status} after SIGTERM");
+                return;
+            }
+            assert!(Instant::now() < deadline, "no exit after SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Activated {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn tcp_is_served_from_the_passed_socket() {
+    if !has_activate() {
+        return;
+    }
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut activated = Activated::start(
+        &["-l", &addr, "--fdname=echo"],
+        &["--model", "epoll", "--tcp", "127.0.0.1:1"],
+    );
+    let mut stream = TcpStream::connect(&addr).expect("connect");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(b"activated\n").unwrap();
+    let mut reply = [0u8; 10];
+    stream.read_exact(&mut reply).expect("echo");
+    assert_eq!(&reply, b"activated\n");
+    // The passed socket replaces the flags: nothing was bound on port 1.
+    assert_eq!(
+        activated.readiness_lines(1),
+        [format!("listening tcp://{addr}")]
+    );
+    activated.terminate_and_wait();
+}
+
+#[test]
+fn udp_is_served_from_the_passed_socket() {
+    if !has_activate() {
+        return;
+    }
+    let port = {
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut activated = Activated::start(&["--datagram", "-l", &addr], &["--model", "threaded"]);
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(PATIENCE)).unwrap();
+    client.send_to(b"one datagram", &addr).unwrap();
+    let mut reply = [0u8; 64];
+    let (n, _) = client.recv_from(&mut reply).expect("echo");
+    assert_eq!(&reply[..n], b"one datagram");
+    assert_eq!(
+        activated.readiness_lines(1),
+        [format!("listening udp://{addr}")]
+    );
+    activated.terminate_and_wait();
+}
+
+#[test]
+fn unix_is_served_and_its_file_left_to_the_manager() {
+    if !has_activate() {
+        return;
+    }
+    let path = temp_socket_path("activated");
+    let path_text = path.to_str().unwrap().to_string();
+    let mut activated = Activated::start(&["-l", &path_text], &["--model", "forking"]);
+    let mut stream = UnixStream::connect(&path).expect("connect");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(b"unix\n").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).expect("echo");
+    assert_eq!(reply, b"unix\n");
+    assert_eq!(
+        activated.readiness_lines(1),
+        [format!("listening unix://{path_text}")]
+    );
+    activated.terminate_and_wait();
+    assert!(
+        path.exists(),
+        "the service manager's socket file is not ours to remove"
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn ready_and_stopping_reach_the_notify_socket() {
+    if !has_activate() {
+        return;
+    }
+    let notify_path = temp_socket_path("notify");
+    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify.set_read_timeout(Some(PATIENCE)).unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let setenv = format!("NOTIFY_SOCKET={}", notify_path.display());
+    let activated = Activated::start(&["-l", &addr, "-E", &setenv], &["--model", "poll"]);
+    let _client = TcpStream::connect(&addr).expect("connect");
+    let mut message = [0u8; 256];
+    let n = notify.recv(&mut message).expect("READY=1");
+    assert_eq!(&message[..n], b"READY=1");
+    activated.terminate_and_wait();
+    let n = notify.recv(&mut message).expect("STOPPING=1");
+    assert_eq!(&message[..n], b"STOPPING=1");
+    let _ = std::fs::remove_file(&notify_path);
+}
