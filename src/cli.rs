@@ -57,7 +57,7 @@ pub enum Command {
     /// Talk to a server: interactive on a terminal, nc-style with a pipe.
     Client(ClientArgs),
     /// Load a server with verified echoes and report throughput and latency.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Run every model side by side and compare them.
     Compare(CompareArgs),
     /// Print the man page or a shell completion script.

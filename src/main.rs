@@ -68,7 +68,7 @@ fn main() -> ExitCode {
             serve(*args, specs)
         }
         Command::Client(args) => client(args),
-        Command::Bench(args) => bench_cli::run(args),
+        Command::Bench(args) => bench_cli::run(*args),
         Command::Compare(args) => compare(args),
         Command::Generate(args) => {
             let mut stdout = std::io::stdout().lock();
