@@ -91,8 +91,6 @@ struct Entry {
     /// The events registered with epoll now, so `epoll_ctl` runs only when they change.
     interest: u32,
     last_input_tick: u32,
-    /// The peer half-closed: a finished connection then ended by EOF, not by `quit`.
-    has_seen_eof: bool,
     /// Holds this connection's place under `--max-conns` until it is dropped.
     _admission: Admission,
 }
@@ -321,7 +319,6 @@ impl EventLoop {
                         connection,
                         interest,
                         last_input_tick: now_tick,
-                        has_seen_eof: false,
                         _admission: admission,
                     });
                     let Some(entry) = self.connections.get_mut(token) else {
@@ -431,13 +428,9 @@ impl EventLoop {
         match outcome {
             Ok(true) => {}
             Ok(false) => {
-                let reason = if self.drain_deadline.is_some() {
-                    CloseReason::Drain
-                } else if entry.has_seen_eof {
-                    CloseReason::PeerEof
-                } else {
-                    CloseReason::Quit
-                };
+                let reason = entry
+                    .connection
+                    .finish_reason(self.drain_deadline.is_some());
                 self.counters.closed(transport, reason);
                 drop(self.connections.remove(token));
             }
@@ -491,10 +484,7 @@ fn exchange(
         let limit = connection.read_limit(buf.len());
         connection.lend_spare(spare);
         let received = match entry.stream.read(&mut buf[..limit]) {
-            Ok(0) => {
-                entry.has_seen_eof = true;
-                connection.receive_eof()
-            }
+            Ok(0) => connection.receive_eof(),
             Ok(n) => {
                 counters.received(transport, n);
                 connection.receive(&buf[..n])
