@@ -8,38 +8,31 @@
 //! readiness event; an idle connection is a boxed future of a few hundred bytes, not a stack.
 //! Limit: Linux only; a task that computes without awaiting stalls its whole runtime.
 //!
-//! Not `read(&mut buf).await` as `runtime/mod.rs` shows: that future holds `buf` while
-//! the peer is silent, so every connection would own a read buffer (16 KiB each: 160 MiB
-//! for 10,000 idle ones), and in a before/after run it cost 2 to 11 % more CPU per message
-//! at 50 and 500 connections (buffers spread over the cache). A task waits with
-//! `ready().await` and then reads into its loop's one buffer, tokio's `readable` and
-//! `try_read`.
+//! Not `read(&mut buf).await` as `runtime/mod.rs` shows: that future holds `buf` while the
+//! peer is silent, so each connection would own a read buffer (16 KiB each: 160 MiB for
+//! 10,000 idle ones), and it cost 2 to 11 % more CPU per message at 50 and 500 connections
+//! in a before/after run. A task awaits `ready()`, then `try_read`s into its loop's buffer.
 //!
-//! Idle timeout: one runtime timer per connection, moved to "now + timeout" each time the
-//! task starts waiting for input, so time spent waiting to send (a peer that does not
-//! read its replies) never counts as idle.
+//! Idle timeout: one runtime timer per connection, moved to "now + timeout" whenever the
+//! task starts waiting for input, so waiting to send never counts as idle.
 
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
-use crate::runtime::{self, Async, Direction, Runtime, Timer};
+use crate::runtime::{self, Async, Direction, Runtime, unless};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
     DatagramReplier, Limits, Listeners, Protocol, READ_BUFFER_BYTES, RunOptions, ServeError,
-    Shutdown, accept_action, is_per_peer_datagram_error, log_accept_pause, log_idle,
+    Shutdown, accept_action, is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle,
     log_over_limit, log_send_failure,
 };
 use std::cell::{Cell, RefCell};
-use std::future::{Future, poll_fn};
 use std::io;
 use std::net::Shutdown as Half;
-use std::pin::pin;
 use std::rc::Rc;
-use std::task::Poll;
 
 thread_local! {
-    /// The one read buffer of a runtime thread. A task takes it only once its socket is
-    /// ready and hands the bytes to its `Connection` before it awaits again, so tasks share
-    /// it and an idle connection holds no read buffer at all.
+    /// The one read buffer of a runtime thread: a task takes it once its socket is ready
+    /// and hands the bytes over before it awaits again, so idle connections hold none.
     static READ_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUFFER_BYTES]);
     /// The output allocation lent to whichever connection is producing replies, and taken
     /// back once they are sent, so an idle connection holds no output buffer.
@@ -71,7 +64,7 @@ pub fn run(
     let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
     // Every loop also answers datagrams, from duplicates of the same sockets.
     let sources = split_sources(&mut listeners, loops, true)?;
-    let state = |_| Loop {
+    let state = || Loop {
         protocol: protocol.clone(),
         limits: listeners.limits.clone(),
         counter: listeners.counter.clone(),
@@ -82,7 +75,7 @@ pub fn run(
         "async",
         sources,
         &shutdown,
-        |index, sources| Ok((Runtime::new()?, sources, Rc::new(state(index)))),
+        |_, sources| Ok((Runtime::new()?, sources, Rc::new(state()))),
         |(runtime, sources, state)| serve_loop(&runtime, sources, &state, &shutdown),
     )?;
     Ok(())
@@ -115,8 +108,8 @@ fn serve_loop(
         // Accept loops end at once, connections once they have sent what they owe.
         state.is_draining.set(true);
         runtime::wake_all();
-        let drained = runtime::all_tasks_done();
-        if runtime::timeout(state.limits.drain_timeout, drained)
+        let drain_timeout = state.limits.drain_timeout;
+        if runtime::timeout(drain_timeout, runtime::all_tasks_done())
             .await
             .is_err()
         {
@@ -129,31 +122,6 @@ fn serve_loop(
         }
         Ok(())
     })?
-}
-
-/// Awaits `io` unless `stop` holds first (`None`), or `timer` expires first (`None`).
-///
-/// `stop` reads the loop's flags; the loop wakes every task when it sets one.
-async fn unless<T>(
-    stop: impl Fn() -> bool,
-    timer: Option<&mut Timer>,
-    io: impl Future<Output = T>,
-) -> Option<T> {
-    let mut io = pin!(io);
-    let mut timer = timer;
-    poll_fn(|cx| {
-        if stop() {
-            return Poll::Ready(None);
-        }
-        if let Poll::Ready(done) = io.as_mut().poll(cx) {
-            return Poll::Ready(Some(done));
-        }
-        match &mut timer {
-            Some(timer) => timer.poll_expired(cx).map(|()| None),
-            None => Poll::Pending,
-        }
-    })
-    .await
 }
 
 /// Accepts connections until shutdown, spawning a task for each admitted one.
@@ -180,49 +148,42 @@ async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Re
     Ok(())
 }
 
-/// One connection's task; its errors are logged here and never reach the loop.
+/// One connection's task: sends what is owed, reads, hands the bytes over, until the
+/// connection is finished. Its errors are logged here and never reach the loop.
 async fn serve_connection(
     stream: Async<Stream>,
     peer: Peer,
-    admission: Admission,
+    _admission: Admission,
     state: Rc<Loop>,
 ) {
-    let _admission = admission;
     let mut connection = Connection::new(&state.protocol, peer, state.limits.max_buffer_bytes);
     if let Err(e) = converse(&stream, &mut connection, &state).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }
 }
 
-/// Sends what is owed, reads, hands the bytes over; until the connection is finished.
 async fn converse(
     stream: &Async<Stream>,
     connection: &mut Connection,
     state: &Loop,
 ) -> io::Result<()> {
+    let (is_draining, is_cut) = (|| state.is_draining.get(), || state.is_cut.get());
     let idle_timeout = state.limits.idle_timeout;
     let mut idle = idle_timeout.map(runtime::sleep);
     loop {
         if connection.wants_write() {
             // While the peer does not take its replies, it is not read (backpressure).
             let owed = connection.owed();
-            let sent = unless(
-                || state.is_cut.get(),
-                None,
-                stream.write_all(connection.unsent()),
-            );
-            let Some(sent) = sent.await else {
-                tracing::warn!(
-                    "closing {}: drain timeout with {owed} bytes still owed",
-                    connection.peer()
-                );
+            let Some(sent) = unless(is_cut, None, stream.write_all(connection.unsent())).await
+            else {
+                log_drain_cut(connection.peer(), owed);
                 return Ok(());
             };
             sent?;
             connection.advance(owed);
             SPARE.with_borrow_mut(|spare| connection.return_spare(spare));
         }
-        if state.is_draining.get() {
+        if is_draining() {
             connection.stop_reading();
         }
         if connection.is_finished() {
@@ -233,15 +194,10 @@ async fn converse(
         if let (Some(timer), Some(timeout)) = (&mut idle, idle_timeout) {
             timer.reset(runtime::now() + timeout);
         }
-        let received = unless(
-            || state.is_draining.get(),
-            idle.as_mut(),
-            receive(stream, connection),
-        );
-        match received.await {
+        match unless(is_draining, idle.as_mut(), receive(stream, connection)).await {
             Some(received) => received?,
             // Shutdown began: stop reading at the top of the loop.
-            None if state.is_draining.get() => {}
+            None if is_draining() => {}
             None => {
                 log_idle(connection.peer(), idle_timeout.unwrap_or_default());
                 return Ok(());

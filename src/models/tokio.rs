@@ -1,39 +1,42 @@
 //! `tokio`: the mainstream async stack; a task per connection on one runtime per loop.
 //!
-//! Technique: a current-thread runtime per loop, all accepting from the same listeners;
-//! a task per connection runs `readable().await`, one read, `write(..).await` + `advance`.
+//! Technique: step 10 of the ladder. A current-thread runtime per loop, all accepting from
+//! the same listeners; every connection is one task in straight-line code:
+//! `write_all(..).await` what is owed, then wait for input, read it, hand it to `Connection`.
 //! Cost: a task switch and a waker per readiness on top of `epoll`'s system calls.
 //! Limit: a handler that blocks stalls every task of its loop; datagrams are served by loop 0.
 //!
-//! Why a current-thread runtime per loop rather than one multi-thread runtime, and why
-//! the loops share one accept queue rather than SO_REUSEPORT siblings: docs/benchmarks.md,
-//! "Readiness ladder". Datagram sockets are served by loop 0 only: tokio registers
-//! descriptors edge-triggered without EPOLLEXCLUSIVE, so a socket shared by every loop
-//! would wake every loop for each datagram. They are driven through `AsyncFd` over the
-//! shared `DatagramSocket`, which already knows every peer kind (abstract Unix names too).
+//! Not `read(&mut buf).await`: as the `async` model explains (a buffer per waiting task),
+//! a task polls `poll_read` with its loop's one buffer and hands the bytes over at once.
+//! Idle timeout: one tokio timer per connection, reset whenever it starts waiting for input.
+//! Why one current-thread runtime per loop, sharing one accept queue: docs/benchmarks.md,
+//! "Readiness ladder". Listeners and datagram sockets stay reverb's own types (they know
+//! every address kind, abstract Unix names too), watched through `AsyncFd` on a duplicate;
+//! datagrams go to loop 0 only, since tokio registers without EPOLLEXCLUSIVE and a shared
+//! socket would wake every loop per datagram.
 
-use crate::net::{DatagramSocket, Peer};
+use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
-use crate::server::is_per_peer_datagram_error;
 use crate::server::stop_signal::StopSignal;
 use crate::server::{
-    ACCEPT_PAUSE, AcceptAction, Admission, Connection, DATAGRAM_BUFFER_BYTES, DatagramReplier,
-    Limits, Listeners, Protocol, READ_BUFFER_BYTES, RunOptions, ServeError, Shutdown,
-    accept_action, log_accept_pause, log_idle, log_over_limit, log_send_failure,
+    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
+    DatagramReplier, Limits, Listeners, Protocol, READ_BUFFER_BYTES, RunOptions, ServeError,
+    Shutdown, accept_action, is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle,
+    log_over_limit, log_send_failure,
 };
 use crate::sys::async_fd;
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, unix::AsyncFd};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, Sleep, sleep};
+use tokio::time::{Instant, sleep, timeout};
 
 thread_local! {
     /// The one read buffer of each loop's thread: a connection borrows it for one read
@@ -47,40 +50,40 @@ thread_local! {
 ///
 /// # Errors
 ///
-/// Building a runtime or adopting a socket failed, or a listener broke.
+/// Building a runtime or watching a socket failed, or a listener broke.
 pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    options: RunOptions,
+    RunOptions { threads, .. }: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
+    let loops = threads.unwrap_or_else(super::default_loops);
     let sources = split_sources(&mut listeners, loops, false)?;
-    let shared = Arc::new(Shared {
-        protocol,
-        limits: listeners.limits.clone(),
-        counter: listeners.counter.clone(),
-    });
-    // Every descriptor a loop needs is made now: once loop 0 accepts, the process may run
-    // out of them, and a loop that cannot start would stop the whole server.
-    let mut prepared = Vec::with_capacity(sources.len());
-    for sources in sources {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let shutdown_fd = shutdown.fd().try_clone_to_owned()?;
-        let datagram_fds = (sources.datagrams.iter())
-            .map(|socket| socket.as_fd().try_clone_to_owned())
-            .collect::<io::Result<_>>()?;
-        prepared.push((runtime, sources, shutdown_fd, datagram_fds));
-    }
+    let (limits, counter) = (&listeners.limits, &listeners.counter);
+    // Every descriptor a loop needs is made in its setup, before the start gate opens.
+    let setup = |_, LoopSources { streams, datagrams }| {
+        let mut runtime = tokio::runtime::Builder::new_current_thread();
+        let runtime = runtime.enable_all().build()?;
+        let sockets = (streams.into_iter().map(Source::Stream))
+            .chain(datagrams.into_iter().map(Source::Datagram));
+        let sockets = sockets.map(Source::watchable).collect::<io::Result<_>>()?;
+        let fired = shutdown.fd().try_clone_to_owned()?;
+        io::Result::Ok((runtime, sockets, fired))
+    };
     run_loops(
         "tokio",
-        prepared,
+        sources,
         &shutdown,
-        |_, prepared| Ok(prepared),
-        |(runtime, sources, fired, fds)| {
-            runtime.block_on(serve_loop(sources, fired, fds, shared.clone()))
+        setup,
+        |(runtime, sockets, fired)| {
+            let state = Arc::new(Loop {
+                protocol: protocol.clone(),
+                limits: limits.clone(),
+                counter: counter.clone(),
+                draining: StopSignal::default(),
+                cut: StopSignal::default(),
+            });
+            runtime.block_on(serve_loop(sockets, fired, state))
         },
     )?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
@@ -88,157 +91,223 @@ pub fn run(
     Ok(())
 }
 
-/// What every task of every loop reads.
-struct Shared {
-    protocol: Protocol,
-    limits: Limits,
-    counter: crate::server::ConnectionCounter,
+/// A socket a loop watches for readability.
+enum Source {
+    Stream(StreamListener),
+    Datagram(DatagramSocket),
 }
 
+impl Source {
+    /// Makes the socket non-blocking and duplicates its descriptor for tokio to watch
+    /// (readiness belongs to the open file description, which both share).
+    fn watchable(self) -> io::Result<(OwnedFd, Source)> {
+        let fd = match &self {
+            Source::Stream(listener) => listener.set_nonblocking(true).map(|()| listener.as_fd()),
+            Source::Datagram(socket) => socket.set_nonblocking(true).map(|()| socket.as_fd()),
+        };
+        Ok((fd?.try_clone_to_owned()?, self))
+    }
+}
+
+/// What every task of one loop reads.
+struct Loop {
+    protocol: Protocol,
+    limits: Limits,
+    counter: ConnectionCounter,
+    /// Shutdown fired: stop accepting and reading, send what is owed.
+    draining: StopSignal,
+    /// The drain timeout passed: stop sending too.
+    cut: StopSignal,
+}
+
+/// Held by every connection task: the loop knows all have ended when the last is dropped
+/// (mini-redis's shutdown_complete).
+type Done = mpsc::Sender<()>;
+
 /// One loop: accept and answer until shutdown, then wait for every connection's drain.
-///
-/// `shutdown_fd` is a duplicate of the shutdown eventfd, `datagram_fds` duplicates of the
-/// datagram sockets, made before the loop started (see `run`).
 async fn serve_loop(
-    LoopSources { streams, datagrams }: LoopSources,
-    shutdown_fd: OwnedFd,
-    datagram_fds: Vec<OwnedFd>,
-    shared: Arc<Shared>,
+    sockets: Vec<(OwnedFd, Source)>,
+    fired: OwnedFd,
+    state: Arc<Loop>,
 ) -> io::Result<()> {
-    // Tasks watch `stop`; each connection holds a `done` sender, so when the receiver sees
-    // every sender dropped, every connection has finished (mini-redis's shutdown_complete).
-    let stop = Arc::new(StopSignal::default());
     let (done_tx, mut done) = mpsc::channel::<()>(1);
     let mut tasks = JoinSet::new();
-    for listener in streams {
-        listener.set_nonblocking(true)?;
-        let (shared, stop, done_tx) = (shared.clone(), stop.clone(), done_tx.clone());
-        let name = listener.name().to_string();
-        match listener.into_std() {
-            Ok(tcp) => {
-                let tcp = TcpListener::from_std(tcp)?;
-                tasks.spawn(accept_loop(name, Acceptor::Tcp(tcp), shared, stop, done_tx));
-            }
-            Err(unix) => {
-                let unix = UnixListener::from_std(unix)?;
-                tasks.spawn(accept_loop(
-                    name,
-                    Acceptor::Unix(unix),
-                    shared,
-                    stop,
-                    done_tx,
-                ));
-            }
-        }
-    }
-    for (socket, fd) in datagrams.into_iter().zip(datagram_fds) {
-        socket.set_nonblocking(true)?;
+    for (fd, socket) in sockets {
         let readiness = async_fd::watch(fd, Interest::READABLE)?;
-        tasks.spawn(answer_datagrams(
+        tasks.spawn(serve_socket(
             socket,
             readiness,
-            shared.protocol.clone(),
-            stop.clone(),
+            state.clone(),
+            done_tx.clone(),
         ));
     }
     drop(done_tx);
-    let fired = async_fd::watch(shutdown_fd, Interest::READABLE)?;
+    let fired = async_fd::watch(fired, Interest::READABLE)?;
     let mut result = Ok(());
+    let joined = |joined: Result<io::Result<()>, _>| joined.map_err(io::Error::other)?;
     tokio::select! {
         ready = fired.readable() => drop(ready?),
-        Some(joined) = tasks.join_next() => result = joined.map_err(io::Error::other).and_then(|r| r),
+        Some(ended) = tasks.join_next() => result = joined(ended),
     }
-    // Stop accepting and reading; connections flush within the drain timeout themselves.
-    stop.fire();
-    while let Some(joined) = tasks.join_next().await {
-        result = result.and(joined.map_err(io::Error::other).and_then(|r| r));
+    // Accept loops end at once, connections once they have sent what they owe.
+    state.draining.fire();
+    while let Some(ended) = tasks.join_next().await {
+        result = result.and(joined(ended));
     }
-    let margin = shared.limits.drain_timeout + ACCEPT_PAUSE;
-    let _ = tokio::time::timeout(margin, done.recv()).await;
+    if timeout(state.limits.drain_timeout, done.recv())
+        .await
+        .is_err()
+    {
+        state.cut.fire();
+        done.recv().await;
+    }
     result
 }
 
-enum Acceptor {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-async fn accept_loop(
-    name: String,
-    acceptor: Acceptor,
-    shared: Arc<Shared>,
-    stop: Arc<StopSignal>,
-    done: mpsc::Sender<()>,
+/// Accepts connections (spawning a task for each admitted one) or answers datagrams on
+/// `socket` until shutdown; `readiness` watches a duplicate of its descriptor.
+async fn serve_socket(
+    socket: Source,
+    readiness: AsyncFd<OwnedFd>,
+    state: Arc<Loop>,
+    done: Done,
 ) -> io::Result<()> {
+    let mut replier = DatagramReplier::new(state.protocol.clone());
+    let mut buf = Vec::new();
     loop {
-        let accepted = tokio::select! {
-            () = stop.wait() => return Ok(()),
-            accepted = accept(&acceptor) => accepted,
+        let mut ready = tokio::select! {
+            () = state.draining.wait() => return Ok(()),
+            ready = readiness.readable() => ready?,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                let Some(admission) = shared.counter.admit() else {
-                    log_over_limit(&peer, shared.counter.max_conns().unwrap_or(0));
-                    continue;
+        match &socket {
+            Source::Stream(listener) => match ready.try_io(|_| listener.accept()) {
+                Ok(Ok((stream, peer))) => admit(stream, peer, listener.name(), &state, &done),
+                Ok(Err(e)) => match accept_action(&e) {
+                    AcceptAction::Wait | AcceptAction::Retry => {}
+                    AcceptAction::Pause => {
+                        log_accept_pause(listener.name(), &e);
+                        tokio::select! {
+                            () = state.draining.wait() => return Ok(()),
+                            () = sleep(ACCEPT_PAUSE) => {}
+                        }
+                    }
+                    AcceptAction::Fail => return Err(e),
+                },
+                Err(_would_block) => {}
+            },
+            Source::Datagram(socket) => {
+                buf.resize(DATAGRAM_BUFFER_BYTES, 0);
+                let (n, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {
+                    Ok(Ok(received)) => received,
+                    Ok(Err(e)) if is_per_peer_datagram_error(&e) => continue,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_would_block) => continue,
                 };
-                tracing::debug!("accepted {peer} on {name}");
-                let task = (shared.clone(), stop.clone(), done.clone(), admission);
-                match stream {
-                    Accepted::Tcp(s) => tokio::spawn(serve(s, peer, task)),
-                    Accepted::Unix(s) => tokio::spawn(serve(s, peer, task)),
-                };
-            }
-            Err(e) => match accept_action(&e) {
-                AcceptAction::Wait | AcceptAction::Retry => {}
-                AcceptAction::Pause => {
-                    log_accept_pause(&name, &e);
-                    tokio::select! {
-                        () = stop.wait() => return Ok(()),
-                        () = sleep(ACCEPT_PAUSE) => {}
+                if let Some(reply) = replier.reply(&peer, &buf[..n]) {
+                    // A full send buffer drops this one reply, as a lost datagram would.
+                    if let Err(e) = socket.send_to(reply, &peer) {
+                        log_send_failure(&peer, &e);
                     }
                 }
-                AcceptAction::Fail => return Err(e),
-            },
+            }
         }
     }
-}
-
-enum Accepted {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-async fn accept(acceptor: &Acceptor) -> io::Result<(Accepted, Peer)> {
-    Ok(match acceptor {
-        Acceptor::Tcp(listener) => {
-            let (stream, addr) = listener.accept().await?;
-            // Replies are small; Nagle would hold them for the peer's ACK.
-            let _ = stream.set_nodelay(true);
-            (Accepted::Tcp(stream), Peer::Ip(addr))
-        }
-        Acceptor::Unix(listener) => {
-            let (stream, addr) = listener.accept().await?;
-            (Accepted::Unix(stream), Peer::Unix(addr.into()))
-        }
-    })
 }
 
 /// A connected tokio stream, TCP or Unix.
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
 
+/// Hands an accepted connection to tokio and spawns its task, if `--max-conns` admits it.
+fn admit(stream: Stream, peer: Peer, listener: &str, state: &Arc<Loop>, done: &Done) {
+    let Some(admission) = state.counter.admit() else {
+        return log_over_limit(&peer, state.counter.max_conns().unwrap_or(0));
+    };
+    tracing::debug!("accepted {peer} on {listener}");
+    let adopted = stream.set_nonblocking(true).and_then(|()| match stream {
+        Stream::Tcp(s) => Ok(Box::new(TcpStream::from_std(s)?) as Box<dyn Socket>),
+        Stream::Unix(s) => Ok(Box::new(UnixStream::from_std(s)?) as Box<dyn Socket>),
+    });
+    match adopted {
+        Ok(stream) => drop(tokio::spawn(serve(
+            stream,
+            peer,
+            state.clone(),
+            (admission, done.clone()),
+        ))),
+        Err(e) => tracing::warn!("closing {peer}: tokio cannot watch it: {e}"),
+    }
+}
+
+/// One connection's task: sends what is owed, reads, hands the bytes over, until the
+/// connection is finished. Its errors end only this connection.
+async fn serve(stream: Box<dyn Socket>, peer: Peer, state: Arc<Loop>, _held: (Admission, Done)) {
+    let mut connection = Connection::new(&state.protocol, peer, state.limits.max_buffer_bytes);
+    if let Err(e) = converse(stream, &mut connection, &state).await {
+        tracing::debug!("connection {} ended: {e}", connection.peer());
+    }
+}
+
+async fn converse(
+    mut stream: Box<dyn Socket>,
+    connection: &mut Connection,
+    state: &Loop,
+) -> io::Result<()> {
+    let idle_timeout = state.limits.idle_timeout;
+    let mut idle = pin!(sleep(idle_timeout.unwrap_or_default()));
+    // Made once: a fresh wait per message would take a lock.
+    let (mut draining, mut cut) = (pin!(state.draining.wait()), pin!(state.cut.wait()));
+    loop {
+        if connection.wants_write() {
+            // While the peer does not take its replies, it is not read (backpressure).
+            let owed = connection.owed();
+            tokio::select! {
+                biased;
+                sent = stream.write_all(connection.unsent()) => sent?,
+                () = &mut cut => {
+                    log_drain_cut(connection.peer(), owed);
+                    return Ok(());
+                }
+            }
+            connection.advance(owed);
+            SPARE.with_borrow_mut(|spare| connection.return_spare(spare));
+        }
+        if state.draining.is_fired() {
+            connection.stop_reading();
+        }
+        if connection.is_finished() {
+            // Everything owed was sent: the peer reads EOF after the last reply.
+            let _ = stream.shutdown().await;
+            return Ok(());
+        }
+        if let Some(timeout) = idle_timeout {
+            idle.as_mut().reset(Instant::now() + timeout);
+        }
+        tokio::select! {
+            biased;
+            received = poll_fn(|cx| poll_receive(cx, &mut stream, connection)) => received?,
+            // Shutdown began: stop reading at the top of the loop.
+            () = &mut draining => {}
+            () = &mut idle, if idle_timeout.is_some() => {
+                log_idle(connection.peer(), idle_timeout.unwrap_or_default());
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// Reads once into the loop's shared buffer and feeds the protocol; pending until the
-/// socket is readable. tokio's `poll_read` keeps one waker slot per socket (no waiter
-/// list) and treats a short read as "drained", so no `read` returns `EAGAIN`.
-fn poll_receive<S: Socket>(
+/// socket is readable. tokio's `poll_read` treats a short read as "drained", so no
+/// `read` returns `EAGAIN`.
+fn poll_receive(
     cx: &mut Context<'_>,
-    stream: &mut S,
+    stream: &mut Box<dyn Socket>,
     connection: &mut Connection,
 ) -> Poll<io::Result<()>> {
     READ_BUF.with_borrow_mut(|buf| {
         let limit = connection.read_limit(buf.len());
         let mut input = ReadBuf::new(&mut buf[..limit]);
-        ready!(Pin::new(stream).poll_read(cx, &mut input))?;
+        ready!(Pin::new(&mut **stream).poll_read(cx, &mut input))?;
         SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
         let received = match input.filled() {
             [] => connection.receive_eof(),
@@ -246,114 +315,4 @@ fn poll_receive<S: Socket>(
         };
         Poll::Ready(received.map_err(|_| io::Error::other("handler panicked")))
     })
-}
-
-type TaskContext = (Arc<Shared>, Arc<StopSignal>, mpsc::Sender<()>, Admission);
-
-/// One connection's task; its errors end only this connection.
-async fn serve<S: Socket>(mut stream: S, peer: Peer, context: TaskContext) {
-    let (shared, stop, _done, _admission) = context;
-    let mut connection = Connection::new(&shared.protocol, peer, shared.limits.max_buffer_bytes);
-    if let Err(e) = drive(&mut stream, &mut connection, &shared.limits, &stop).await {
-        tracing::debug!("connection {} ended: {e}", connection.peer());
-    }
-}
-
-async fn drive<S: Socket>(
-    stream: &mut S,
-    connection: &mut Connection,
-    limits: &Limits,
-    stop: &StopSignal,
-) -> io::Result<()> {
-    let mut last_input = Instant::now();
-    // One timer per connection, re-armed lazily when it fires early (not on every read).
-    let idle_timer = sleep(limits.idle_timeout.unwrap_or_default());
-    tokio::pin!(idle_timer);
-    // Made once: a fresh wait or timer per message would cost a lock or a clock read.
-    let stopped = stop.wait();
-    tokio::pin!(stopped);
-    let mut drain_timer: Option<Pin<Box<Sleep>>> = None;
-    loop {
-        // A cheap check each turn: a busy peer keeps the I/O branches ready, so the
-        // selects below might never poll `stopped`.
-        if drain_timer.is_none() && stop.is_fired() {
-            connection.stop_reading();
-            drain_timer = Some(Box::pin(sleep(limits.drain_timeout)));
-        }
-        let is_draining = drain_timer.is_some();
-        if connection.wants_write() {
-            tokio::select! {
-                biased;
-                // The kernel may take fewer bytes than offered; the rest is written next turn.
-                written = stream.write(connection.unsent()) => connection.advance(written?),
-                () = &mut stopped, if !is_draining => {}
-                () = expire(drain_timer.as_mut()), if is_draining => {
-                    let (peer, owed) = (connection.peer(), connection.owed());
-                    tracing::warn!("closing {peer}: drain timeout with {owed} bytes still owed");
-                    return Ok(());
-                }
-            }
-            continue;
-        }
-        SPARE.with_borrow_mut(|spare| connection.return_spare(spare));
-        if connection.is_finished() {
-            // Everything owed was sent: the peer reads EOF after the last reply.
-            let _ = stream.shutdown().await;
-            return Ok(());
-        }
-        tokio::select! {
-            biased;
-            received = poll_fn(|cx| poll_receive(cx, stream, connection)) => received?,
-            () = &mut stopped, if !is_draining => continue,
-            () = &mut idle_timer, if limits.idle_timeout.is_some() => {
-                let idle = limits.idle_timeout.unwrap_or_default();
-                if Instant::now() >= last_input + idle {
-                    log_idle(connection.peer(), idle);
-                    return Ok(());
-                }
-                idle_timer.as_mut().reset(last_input + idle);
-                continue;
-            }
-        }
-        if limits.idle_timeout.is_some() {
-            last_input = Instant::now();
-        }
-    }
-}
-
-/// Waits for `timer`, or forever when there is none.
-async fn expire(timer: Option<&mut Pin<Box<Sleep>>>) {
-    match timer {
-        Some(timer) => timer.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Answers datagrams on `socket`; `readiness` watches a duplicate of its descriptor.
-async fn answer_datagrams(
-    socket: DatagramSocket,
-    readiness: AsyncFd<OwnedFd>,
-    protocol: Protocol,
-    stop: Arc<StopSignal>,
-) -> io::Result<()> {
-    let mut replier = DatagramReplier::new(protocol);
-    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
-    loop {
-        let mut ready = tokio::select! {
-            () = stop.wait() => return Ok(()),
-            ready = readiness.readable() => ready?,
-        };
-        let (n, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {
-            Ok(Ok(received)) => received,
-            Ok(Err(e)) if is_per_peer_datagram_error(&e) => continue,
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => continue,
-        };
-        if let Some(reply) = replier.reply(&peer, &buf[..n]) {
-            // A full send buffer drops this one reply, as a lost datagram would.
-            if let Err(e) = socket.send_to(reply, &peer) {
-                log_send_failure(&peer, &e);
-            }
-        }
-    }
 }

@@ -8,7 +8,7 @@
 //! in `epoll_wait`.
 
 use super::reactor::Reactor;
-use super::timer::Timers;
+use super::timer::{Timer, Timers};
 use crate::slab::{Slab, Token};
 use crate::sys::eventfd::EventFd;
 use std::any::Any;
@@ -379,6 +379,32 @@ pub async fn all_tasks_done() {
         Poll::Pending
     })
     .await;
+}
+
+/// Awaits `io` unless, first, `stop()` holds or `timer` expires: then `None`, and `io` is
+/// dropped (cancelled).
+///
+/// `stop` is checked each time the task is polled, before `io`; whoever changes what it
+/// reads must wake the task (a loop-wide flag and [`wake_all`], say).
+pub async fn unless<T>(
+    stop: impl Fn() -> bool,
+    mut timer: Option<&mut Timer>,
+    io: impl Future<Output = T>,
+) -> Option<T> {
+    let mut io = pin!(io);
+    poll_fn(|cx| {
+        if stop() {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(done) = io.as_mut().poll(cx) {
+            return Poll::Ready(Some(done));
+        }
+        match &mut timer {
+            Some(timer) => timer.poll_expired(cx).map(|()| None),
+            None => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Wakes every task of the current runtime, to make each re-check a shared condition

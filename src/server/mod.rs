@@ -192,6 +192,11 @@ pub fn log_over_limit(peer: &Peer, max_conns: usize) {
     tracing::warn!("refusing {peer}: already {max_conns} connections open (--max-conns)");
 }
 
+/// Logs a connection cut because `--drain-timeout` passed with `owed` bytes unsent.
+pub fn log_drain_cut(peer: &Peer, owed: usize) {
+    tracing::warn!("closing {peer}: drain timeout with {owed} bytes still owed");
+}
+
 /// Logs a connection closed by `--idle-timeout`.
 pub fn log_idle(peer: &Peer, idle_timeout: Duration) {
     tracing::info!(
