@@ -38,6 +38,8 @@ pub struct Connection {
     /// Whether we still read this peer: false after its EOF, after the protocol asked to
     /// close, after a layer refused its bytes, and during drain.
     is_reading: bool,
+    /// Whether the peer half-closed (rather than the protocol or a drain stopping us).
+    has_seen_eof: bool,
     /// `None` for a plain connection, which then costs nothing extra.
     layers: Option<Box<Layers>>,
 }
@@ -69,6 +71,7 @@ impl Connection {
             out: WriteBuffer::new(limits.max_buffer_bytes),
             peer,
             is_reading: true,
+            has_seen_eof: false,
             layers: None,
         };
         let settings = &limits.layers;
@@ -382,6 +385,7 @@ impl Connection {
             return Ok(());
         }
         self.is_reading = false;
+        self.has_seen_eof = true;
         if let Some(layers) = self.layers.as_deref() {
             let has_fired = layers.watch.as_ref().is_some_and(|watch| watch.has_fired());
             let waiting_for = if layers.proxy.is_some() {
@@ -406,6 +410,18 @@ impl Connection {
         let result = catch_handler_panic(peer, || session.on_eof(out));
         self.pump();
         result
+    }
+
+    /// Why a finished connection ended: the peer's EOF, a drain, or the protocol (`quit`).
+    pub fn finish_reason(&self, is_draining: bool) -> crate::metrics::CloseReason {
+        use crate::metrics::CloseReason;
+        if self.has_seen_eof {
+            CloseReason::PeerEof
+        } else if is_draining {
+            CloseReason::Drain
+        } else {
+            CloseReason::Quit
+        }
     }
 
     /// Shutdown began: read nothing more, finish sending what is owed.

@@ -7,6 +7,7 @@
 
 mod activation;
 mod connection;
+pub mod counting;
 mod datagram;
 pub mod event_loops;
 pub mod idle_wheel;
@@ -25,6 +26,7 @@ pub use datagram::{
 pub use listeners::{Admission, ConnectionCounter, Listeners};
 pub use shutdown::Shutdown;
 
+use crate::metrics::Metrics;
 use crate::net::Peer;
 use crate::sys::errno;
 use std::io;
@@ -59,6 +61,8 @@ pub struct Limits {
     /// What stream connections put between socket and session: PROXY header, TLS,
     /// greeting template.
     pub layers: crate::layer::StreamLayers,
+    /// Where every loop counts (`--metrics`); disabled by default.
+    pub metrics: Metrics,
 }
 
 impl Default for Limits {
@@ -69,6 +73,7 @@ impl Default for Limits {
             max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             layers: crate::layer::StreamLayers::default(),
+            metrics: Metrics::disabled(),
         }
     }
 }
