@@ -232,6 +232,8 @@ fn client(args: ClientArgs) -> ExitCode {
     };
     match reverb::client::run(&endpoint) {
         Ok(()) => ExitCode::SUCCESS,
+        // Ctrl-C: the shell's convention for a program ended by SIGINT (128 + 2).
+        Err(reverb::client::ClientError::Interrupted) => ExitCode::from(130),
         Err(e) => fail(e),
     }
 }
@@ -285,8 +287,17 @@ fn compare(args: CompareArgs) -> ExitCode {
     {
         return ExitCode::from(1);
     }
-    if let Err(e) = report.write_files(&args.out) {
-        return fail(e);
+    match report.write_files(&args.out) {
+        Ok(written) => {
+            let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            if writeln!(stdout, "\nwrote {}", names.join(", "))
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
+                return ExitCode::from(1);
+            }
+        }
+        Err(e) => return fail(e),
     }
     if report.models.is_empty() {
         return fail("compare: no model could be measured");

@@ -1,10 +1,12 @@
 //! The report as a terminal table, as Markdown, and as files in `--out`.
 
-use super::{CompareReport, ModelResult, Point};
+use super::child::{self, Stopped};
+use super::{CompareReport, IDLE_CONNS, IDLE_CPU_LIMIT_PERCENT, ModelResult, Point, ProbeResult};
+use crate::bench::BenchReport;
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Column headers, shared by the terminal table and the Markdown one.
 const HEADERS: [&str; 9] = [
@@ -145,17 +147,19 @@ impl CompareReport {
         out
     }
 
-    /// Writes `compare.json`, `compare.md` and `compare.svg` into `dir` (created if needed).
+    /// Writes `compare.json`, `compare.md` and `compare.svg` into `dir` (created if needed)
+    /// and returns their paths, so the caller can say where they are.
     ///
     /// # Errors
     ///
     /// The OS error of creating the directory or writing a file, naming the path.
-    pub fn write_files(&self, dir: &Path) -> io::Result<()> {
+    pub fn write_files(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
         let named = |path: &Path, e: io::Error| {
             io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display()))
         };
         fs::create_dir_all(dir).map_err(|e| named(dir, e))?;
         let json = serde_json::to_string_pretty(self).map_err(io::Error::other)? + "\n";
+        let mut written = Vec::new();
         for (name, text) in [
             ("compare.json", json),
             ("compare.md", self.to_markdown()),
@@ -163,8 +167,9 @@ impl CompareReport {
         ] {
             let path = dir.join(name);
             fs::write(&path, text).map_err(|e| named(&path, e))?;
+            written.push(path);
         }
-        Ok(())
+        Ok(written)
     }
 }
 
@@ -242,6 +247,117 @@ fn format_latency(us: f64) -> String {
     } else {
         format!("{us:.0}")
     }
+}
+
+/// The note of a point whose server had to be killed.
+pub(super) const HUNG: &str = "did not finish";
+
+/// A point's problems in plain words.
+pub(super) fn describe_point(report: &BenchReport, unanswered_conns: u64) -> Option<String> {
+    let mut parts = Vec::new();
+    let detail = report.error_detail;
+    if unanswered_conns > 0 {
+        parts.push(format!(
+            "{} of {} clients answered",
+            u64::from(report.conns) - unanswered_conns,
+            report.conns
+        ));
+    }
+    if detail.connect_failed > 0 {
+        parts.push(format!("{} connects failed", detail.connect_failed));
+    }
+    if detail.closed_early + detail.reset > 0 {
+        parts.push(format!(
+            "{} connections closed or reset",
+            detail.closed_early + detail.reset
+        ));
+    }
+    if report.mismatches > 0 {
+        parts.push(format!("{} WRONG BYTES", report.mismatches));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// The model's limits, from the measurements.
+pub(super) fn describe_limits(result: &ModelResult, stopped: Stopped) -> Vec<String> {
+    let mut limits = Vec::new();
+    if let Some(found) = result.concurrency_probe {
+        if !found.is_complete() {
+            limits.push(describe_probe(&found, false));
+        }
+    }
+    if let Some(found) = result.descriptor_probe {
+        if !found.is_complete() {
+            limits.push(describe_probe(&found, true));
+        }
+    }
+    if let Some(idle) = result.idle_cpu_percent {
+        if idle >= IDLE_CPU_LIMIT_PERCENT {
+            limits.push(format!(
+                "burns {idle:.0}% of a core while idle ({IDLE_CONNS} silent clients)"
+            ));
+        }
+    }
+    if let Some(point) = result
+        .points
+        .iter()
+        .find(|p| p.note.as_deref().is_some_and(|n| n.starts_with(HUNG)))
+    {
+        limits.push(format!("hung at {} conns (killed)", point.conns));
+    }
+    let wrong: u64 = result
+        .points
+        .iter()
+        .filter_map(|p| p.bench.as_ref().map(|b| b.mismatches))
+        .sum();
+    if wrong > 0 {
+        limits.push(format!("returned {wrong} WRONG BYTES (a bug)"));
+    }
+    match stopped {
+        Stopped::Clean => {}
+        Stopped::Failed(code) => limits.push(format!(
+            "exited {} on SIGTERM",
+            code.map_or("by a signal".to_string(), |c| format!("with code {c}"))
+        )),
+        Stopped::Killed => limits.push(format!(
+            "ignored SIGTERM for {} s (killed)",
+            child::STOP_TIMEOUT.as_secs()
+        )),
+        // A point that hung has already said so; its server was killed on purpose.
+        Stopped::DiedEarly(_) if limits.iter().any(|l| l.starts_with("hung")) => {}
+        Stopped::DiedEarly(code) => limits.push(format!(
+            "the server died during the run ({})",
+            code.map_or("killed by a signal".to_string(), |c| format!("exit {c}"))
+        )),
+    }
+    limits
+}
+
+/// A probe that was not fully answered, in plain words.
+fn describe_probe(found: &ProbeResult, is_descriptor_probe: bool) -> String {
+    let n = found.conns;
+    let served = found.answered;
+    if found.wrong > 0 {
+        return format!("{} of {n} answers had wrong bytes", found.wrong);
+    }
+    if is_descriptor_probe && found.closed > 0 && (1000..1024).contains(&served) {
+        return format!(
+            "cannot watch fds >= 1024: {served} of {n} open clients served, {} closed",
+            found.closed
+        );
+    }
+    let mut text = if found.waiting > 0 && found.closed == 0 {
+        format!("serves {served} of {n} clients at a time; the others wait")
+    } else {
+        format!("serves {served} of {n} clients held open at once")
+    };
+    if found.closed > 0 {
+        text += &format!(", {} closed", found.closed);
+    }
+    if found.waiting > 0 && found.closed > 0 {
+        text += &format!(", {} waiting", found.waiting);
+    }
+    text
 }
 
 #[cfg(test)]
@@ -350,7 +466,34 @@ mod tests {
         let svg = super::super::svg::render(&report);
         assert_eq!(svg.matches("<polyline").count(), 6);
         // blocking at 10 connections left clients unanswered: a hollow marker.
-        assert!(svg.contains(r##"fill="#ffffff" stroke="#d62728""##));
+        assert!(svg.contains(r##"fill="#ffffff" stroke="#000000""##));
         assert!(svg.contains("<title>epoll at 10 conns: 90k</title>"));
+    }
+
+    fn probe(conns: usize, answered: usize, closed: usize, waiting: usize) -> ProbeResult {
+        ProbeResult {
+            conns,
+            connected: conns,
+            answered,
+            closed,
+            waiting,
+            wrong: 0,
+        }
+    }
+
+    #[test]
+    fn limits_in_plain_words() {
+        assert_eq!(
+            describe_probe(&probe(100, 1, 0, 99), false),
+            "serves 1 of 100 clients at a time; the others wait"
+        );
+        assert_eq!(
+            describe_probe(&probe(1100, 1019, 81, 0), true),
+            "cannot watch fds >= 1024: 1019 of 1100 open clients served, 81 closed"
+        );
+        assert_eq!(
+            describe_probe(&probe(1100, 900, 100, 100), true),
+            "serves 900 of 1100 clients held open at once, 100 closed, 100 waiting"
+        );
     }
 }

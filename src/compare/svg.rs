@@ -10,29 +10,34 @@ use std::fmt::Write as _;
 
 /// Above this max/min ratio an axis goes logarithmic.
 const LOG_SPAN: f64 = 20.0;
+const TITLE_Y: f64 = 30.0;
 const WIDTH: f64 = 1160.0;
-const PLOT_TOP: f64 = 90.0;
-const PLOT_BOTTOM: f64 = 390.0;
+const PLOT_TOP: f64 = 110.0;
+const PLOT_BOTTOM: f64 = 410.0;
 const PANEL_LEFT: [f64; 3] = [70.0, 455.0, 840.0];
 const PANEL_WIDTH: f64 = 280.0;
-const LEGEND_TOP: f64 = 455.0;
+const LEGEND_TOP: f64 = 475.0;
 const LEGEND_COLUMNS: usize = 6;
 const LEGEND_COLUMN_WIDTH: f64 = 155.0;
 const LEGEND_ROW_HEIGHT: f64 = 22.0;
 
-/// Each model keeps its colour and dash from run to run (ladder order).
+/// Each model keeps its colour and dash from run to run (ladder order). The colours are the
+/// Okabe-Ito palette (Okabe and Ito, "Color Universal Design", 2002), which readers with
+/// every common form of colour blindness can tell apart; its yellow is left out, too pale on
+/// white. Seven colours cannot mark eleven models, so the dash tells apart two models of one
+/// colour: the four scalable models are solid, the lower rungs dashed or dotted.
 const STYLES: [(&str, &str); 11] = [
-    ("#d62728", ""),
-    ("#ff7f0e", ""),
-    ("#bcbd22", "6 3"),
-    ("#8c564b", "6 3"),
-    ("#e377c2", ""),
-    ("#7f7f7f", "2 3"),
-    ("#17becf", ""),
-    ("#1f77b4", ""),
-    ("#9467bd", "6 3"),
-    ("#2ca02c", ""),
-    ("#000000", "2 3"),
+    ("#000000", "2 3"), // blocking: black, dotted
+    ("#E69F00", "8 4"), // threaded: orange, dashed
+    ("#56B4E9", "8 4"), // pool: sky blue, dashed
+    ("#000000", "8 4"), // forking: black, dashed
+    ("#CC79A7", "2 3"), // busy-poll: reddish purple, dotted
+    ("#009E73", "2 3"), // select: bluish green, dotted
+    ("#E69F00", "2 3"), // poll: orange, dotted
+    ("#0072B2", ""),    // epoll: blue
+    ("#D55E00", ""),    // async: vermillion
+    ("#009E73", ""),    // tokio: bluish green
+    ("#CC79A7", ""),    // uring: reddish purple
 ];
 
 fn style(model: &str) -> (&'static str, &'static str) {
@@ -174,11 +179,68 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// The title names what was run: the models, the load, and the command when it is known.
+/// Each line is (baseline y, font size, colour, text).
+fn headings(report: &CompareReport) -> Vec<(f64, f64, &'static str, String)> {
+    let names: Vec<&str> = report.models.iter().map(|m| m.model.as_str()).collect();
+    let models = match names.as_slice() {
+        [] => "no model".to_string(),
+        [one] => format!("model {one}"),
+        many if many.len() == Model::ALL.len() => {
+            format!(
+                "all {} models, {} to {}",
+                many.len(),
+                many[0],
+                many[many.len() - 1]
+            )
+        }
+        many => format!("models {}", many.join(", ")),
+    };
+    let s = &report.settings;
+    let conns: Vec<String> = s.conns.iter().map(u32::to_string).collect();
+    let mut load = format!(
+        "{} B echoes at {} connections, {} in flight per connection, {} s measured per point",
+        s.size,
+        conns.join(", "),
+        s.depth,
+        s.duration_s
+    );
+    if report.machine.server_cpu.is_some() {
+        load += "; server and load on separate CPUs";
+    }
+    let mut lines = vec![
+        (
+            TITLE_Y,
+            18.0,
+            "#000000",
+            format!("reverb compare: {models}"),
+        ),
+        (52.0, 13.0, "#555555", load),
+    ];
+    if let Some(command) = &report.command {
+        lines.push((70.0, 12.0, "#555555", format!("$ {command}")));
+    }
+    lines
+}
+
+/// Shortens `text` with an ellipsis so that it fits the picture's width at `font_size`.
+/// Glyph widths are estimated (0.6 em, a little over Helvetica's average), so a line that
+/// fits here fits in a browser.
+fn fit(text: &str, font_size: f64) -> String {
+    let max_chars = ((WIDTH - 40.0) / (font_size * 0.6)) as usize;
+    if text.chars().count() <= max_chars {
+        return text.to_string();
+    }
+    let kept: String = text.chars().take(max_chars.saturating_sub(1)).collect();
+    kept + "…"
+}
+
 /// Renders the report's plot.
 pub fn render(report: &CompareReport) -> String {
     let legend_rows = report.models.len().div_ceil(LEGEND_COLUMNS).max(1);
     let height = LEGEND_TOP + legend_rows as f64 * LEGEND_ROW_HEIGHT + 40.0;
     let mut svg = String::new();
+    let s = &report.settings;
     let _ = writeln!(
         svg,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="Helvetica, Arial, sans-serif" font-size="13">"#
@@ -187,27 +249,19 @@ pub fn render(report: &CompareReport) -> String {
         svg,
         r##"<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="#ffffff"/>"##
     );
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="30" font-size="18" font-weight="bold" text-anchor="middle">reverb compare: every model, side by side</text>"#,
-        WIDTH / 2.0
-    );
-    let s = &report.settings;
-    let subtitle = format!(
-        "{} B echoes, {} in flight per connection, {} s measured per point; server and load on separate CPUs",
-        s.size, s.depth, s.duration_s
-    );
-    let subtitle = if report.machine.server_cpu.is_some() {
-        subtitle
-    } else {
-        subtitle.replace("; server and load on separate CPUs", "")
-    };
-    let _ = writeln!(
-        svg,
-        r##"<text x="{}" y="52" fill="#555555" text-anchor="middle">{}</text>"##,
-        WIDTH / 2.0,
-        escape(&subtitle)
-    );
+    for (y, size, colour, text) in headings(report) {
+        let _ = writeln!(
+            svg,
+            r##"<text x="{}" y="{y}" font-size="{size}" fill="{colour}"{weight} text-anchor="middle">{}</text>"##,
+            WIDTH / 2.0,
+            escape(&fit(&text, size)),
+            weight = if y == TITLE_Y {
+                r#" font-weight="bold""#
+            } else {
+                ""
+            }
+        );
+    }
 
     let conns: Vec<f64> = s.conns.iter().map(|&c| f64::from(c)).collect();
     let panels: [(&str, ValueOf); 3] = [
@@ -397,5 +451,17 @@ mod tests {
         assert_eq!(short_number(20_000.0), "20k");
         assert_eq!(nice_step(7.0), 10.0);
         assert_eq!(escape("a<b&"), "a&lt;b&amp;");
+        assert_eq!(fit("short", 13.0), "short");
+        let long = "x".repeat(500);
+        assert!(fit(&long, 13.0).ends_with('…') && fit(&long, 13.0).chars().count() < 200);
+    }
+
+    #[test]
+    fn every_model_has_its_own_colour_and_dash() {
+        for (i, a) in STYLES.iter().enumerate() {
+            for b in &STYLES[i + 1..] {
+                assert_ne!(a, b, "two models drawn alike");
+            }
+        }
     }
 }

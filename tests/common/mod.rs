@@ -195,7 +195,18 @@ impl Server {
         Server::spawn(command, model, args)
     }
 
-    fn spawn(mut command: Command, model: &str, args: &[&str]) -> Server {
+    /// Starts `reverb serve --model MODEL` with no listener flag: the defaults, TCP and UDP
+    /// on 127.0.0.1:7007. Returns `None`, after saying so on the terminal, when something
+    /// else holds that port (a quick-start server left running, say).
+    pub fn start_on_default_port(model: &str) -> Option<Server> {
+        if let Err(holder) = default_port_is_free() {
+            skip(&format!("127.0.0.1:{DEFAULT_PORT} is taken ({holder})"));
+            return None;
+        }
+        Some(Server::spawn_expecting(reverb(), model, &[], 2))
+    }
+
+    fn spawn(command: Command, model: &str, args: &[&str]) -> Server {
         let args = apply_variant(args);
         let listeners = args
             .iter()
@@ -207,10 +218,19 @@ impl Server {
             })
             .count();
         assert!(listeners > 0, "tests name their listeners");
+        Server::spawn_expecting(command, model, &args, listeners)
+    }
+
+    fn spawn_expecting(
+        mut command: Command,
+        model: &str,
+        args: &[String],
+        listeners: usize,
+    ) -> Server {
         let mut child = command
             .arg("serve")
             .args(["--model", model])
-            .args(&args)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -259,12 +279,16 @@ impl Server {
                     addrs.push(addr.to_string());
                 }
                 Err(_) => {
+                    let exited = child.try_wait().ok().flatten();
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!(
-                        "{model}: no listening lines within {PATIENCE:?}; stderr:\n{}",
-                        stderr.lock().unwrap()
-                    );
+                    // The stderr reader may still be copying the last lines.
+                    thread::sleep(Duration::from_millis(100));
+                    let what = match exited {
+                        Some(status) => format!("exited ({status}) before its listening lines"),
+                        None => format!("no listening lines within {PATIENCE:?}"),
+                    };
+                    panic!("{model}: {what}; stderr:\n{}", stderr.lock().unwrap());
                 }
             }
         }
@@ -386,7 +410,35 @@ impl Drop for Server {
             let _ = child.wait();
             unregister_case_server(child.id());
         }
+        // A test that fails while a server runs shows what that server logged: the cause is
+        // often there, not in the assertion.
+        if thread::panicking() {
+            eprintln!(
+                "--- stderr of the reverb server (pid {}) ---\n{}--- end of its stderr ---",
+                self.child.as_ref().map_or(0, Child::id),
+                self.stderr()
+            );
+        }
     }
+}
+
+/// The port `reverb serve` listens on when no listener flag is given.
+pub const DEFAULT_PORT: u16 = 7007;
+
+/// Whether TCP and UDP 127.0.0.1:`DEFAULT_PORT` can be bound right now; `Err` says which
+/// one is held.
+pub fn default_port_is_free() -> Result<(), String> {
+    let addr = ("127.0.0.1", DEFAULT_PORT);
+    std::net::TcpListener::bind(addr).map_err(|e| format!("TCP: {e}"))?;
+    std::net::UdpSocket::bind(addr).map_err(|e| format!("UDP: {e}"))?;
+    Ok(())
+}
+
+/// Tells the person running the tests that a test did not run, and why. Written straight to
+/// the terminal: the test harness would hide a `println!` of a passing test.
+pub fn skip(why: &str) {
+    let test = thread::current().name().unwrap_or("a test").to_string();
+    let _ = writeln!(io::stderr().lock(), "\nskipped {test}: {why}");
 }
 
 /// Resident memory of process `pid` and all its descendants, in KiB.
