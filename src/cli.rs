@@ -198,6 +198,7 @@ impl ServeArgs {
             idle_timeout: self.idle_timeout,
             max_buffer_bytes: self.max_buffer,
             drain_timeout: self.drain_timeout,
+            ..Limits::default()
         }
     }
 }
