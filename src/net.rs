@@ -69,17 +69,19 @@ impl Stream {
     ///
     /// # Errors
     ///
-    /// The OS error of `getpeername`: the peer is already gone.
+    /// `ECONNABORTED` when the peer is already gone (`getpeername` failed), as `accept`
+    /// reports a connection that died in the queue.
     pub fn from_accepted(fd: OwnedFd, is_tcp: bool) -> io::Result<(Stream, Peer)> {
+        let aborted = |_| io::Error::from_raw_os_error(crate::sys::errno::ECONNABORTED);
         if is_tcp {
             let stream = TcpStream::from(fd);
             // Nodelay failing leaves a working, if slower, connection.
             let _ = stream.set_nodelay(true);
-            let peer = stream.peer_addr()?;
+            let peer = stream.peer_addr().map_err(aborted)?;
             return Ok((Stream::Tcp(stream), Peer::Ip(peer)));
         }
         let stream = UnixStream::from(fd);
-        let peer = stream.peer_addr()?;
+        let peer = stream.peer_addr().map_err(aborted)?;
         Ok((Stream::Unix(stream), Peer::Unix(peer)))
     }
 

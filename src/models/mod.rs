@@ -103,7 +103,11 @@ impl Model {
     /// [`ServeError::ModelUnavailable`].
     pub fn check_available(self) -> Result<(), ServeError> {
         if self == Model::Uring {
-            uring::check_available()?;
+            // io_uring can be missing or disabled (sysctl, seccomp): say why before binding.
+            crate::sys::uring::probe().map_err(|source| ServeError::ModelUnavailable {
+                model: "uring",
+                source,
+            })?;
         }
         Ok(())
     }

@@ -24,29 +24,16 @@ use crate::server::{
 };
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
-use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring, probe};
-use socket2::SockRef;
+use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};
 use std::io;
-use std::net::Shutdown as Direction;
 use std::os::fd::OwnedFd;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// After the drain timeout, how long cancelled operations may take to complete.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// The most one receive may be armed for; the output buffer's room usually decides.
 const MAX_RECEIVE_BUDGET_BYTES: usize = 1 << 30;
-
-/// Checks that io_uring works here, before anything is bound.
-///
-/// # Errors
-///
-/// [`ServeError::ModelUnavailable`], saying why.
-pub fn check_available() -> Result<(), ServeError> {
-    probe().map_err(|source| ServeError::ModelUnavailable {
-        model: "uring",
-        source,
-    })
-}
 
 /// Serves every listener from `options.threads` rings (default: one per core) until
 /// `shutdown` fires and the drain ends.
@@ -71,11 +58,7 @@ pub fn run(
 /// What a token names in a loop's slab.
 enum Source {
     Conn(Conn),
-    Listener {
-        name: String,
-        is_tcp: bool,
-        paused_until: Option<Instant>,
-    },
+    Listener { name: Rc<str>, is_tcp: bool },
     Datagrams(DatagramReplier),
     Shutdown,
 }
@@ -94,8 +77,8 @@ struct Conn {
 struct Loop<'a> {
     ring: Ring,
     sources: Slab<Source>,
-    /// The listeners' tokens, for their accept pauses.
-    listeners: Vec<Token>,
+    /// Listeners that ran out of descriptors, and when they accept again.
+    paused: Vec<(Instant, Token)>,
     protocol: &'a Protocol,
     limits: &'a Limits,
     counter: &'a ConnectionCounter,
@@ -120,18 +103,11 @@ impl<'a> Loop<'a> {
         let token = slab.insert(Source::Shutdown);
         ring.add(token, shutdown.fd().try_clone_to_owned()?);
         ring.arm_readable(token);
-        let mut listeners = Vec::new();
         for listener in sources.streams {
-            let (name, is_tcp) = (listener.name().to_string(), listener.is_tcp());
-            let paused_until = None;
-            let token = slab.insert(Source::Listener {
-                name,
-                is_tcp,
-                paused_until,
-            });
+            let (name, is_tcp) = (Rc::from(listener.name()), listener.is_tcp());
+            let token = slab.insert(Source::Listener { name, is_tcp });
             ring.add(token, OwnedFd::from(listener));
             ring.arm_accept(token);
-            listeners.push(token);
         }
         for socket in sources.datagrams {
             let token = slab.insert(Source::Datagrams(DatagramReplier::new(protocol.clone())));
@@ -141,7 +117,7 @@ impl<'a> Loop<'a> {
         Ok(Loop {
             ring,
             sources: slab,
-            listeners,
+            paused: Vec::new(),
             protocol,
             limits,
             counter,
@@ -204,13 +180,7 @@ impl<'a> Loop<'a> {
 
     /// How long until a timer needs the loop: an accept pause, an idle tick, the drain.
     fn next_timeout(&self) -> Option<Duration> {
-        let pauses = self
-            .listeners
-            .iter()
-            .filter_map(|t| match self.sources.get(*t) {
-                Some(Source::Listener { paused_until, .. }) => *paused_until,
-                _ => None,
-            });
+        let pauses = self.paused.iter().map(|(until, _)| *until);
         let at = pauses.chain(self.drain_deadline).min();
         let until = at.map(|at| at.saturating_duration_since(self.now));
         let idle = self
@@ -222,13 +192,9 @@ impl<'a> Loop<'a> {
 
     fn on_timers(&mut self) {
         let now = self.now;
-        for &token in &self.listeners {
-            if let Some(Source::Listener { paused_until, .. }) = self.sources.get_mut(token) {
-                if paused_until.is_some_and(|until| now >= until) {
-                    *paused_until = None;
-                    self.ring.arm_accept(token);
-                }
-            }
+        while let Some(at) = self.paused.iter().position(|(until, _)| now >= *until) {
+            let (_, token) = self.paused.swap_remove(at);
+            self.ring.arm_accept(token);
         }
         if let Some(mut wheel) = self.idle.take() {
             let (now_tick, idle_ticks) = (wheel.tick_at(now), wheel.deadline(0));
@@ -270,36 +236,27 @@ impl<'a> Loop<'a> {
         &mut self,
         token: Token,
         result: io::Result<OwnedFd>,
-        is_armed: bool,
+        more: bool,
     ) -> io::Result<()> {
-        let Some(Source::Listener {
-            name,
-            is_tcp,
-            paused_until,
-        }) = self.sources.get_mut(token)
-        else {
+        let Some(Source::Listener { name, is_tcp }) = self.sources.get(token) else {
             return Ok(());
         };
-        let accepted = match result {
-            Ok(fd) => Some((Stream::from_accepted(fd, *is_tcp), name.clone())),
+        let (name, mut is_paused) = (name.clone(), false);
+        match result.and_then(|fd| Stream::from_accepted(fd, *is_tcp)) {
+            Ok((stream, peer)) => self.admit(stream, peer, &name),
             Err(e) => match accept_action(&e) {
-                AcceptAction::Wait | AcceptAction::Retry => None,
+                AcceptAction::Wait | AcceptAction::Retry => {}
                 AcceptAction::Pause => {
-                    log_accept_pause(name, &e);
-                    *paused_until = Some(self.now + ACCEPT_PAUSE);
-                    None
+                    log_accept_pause(&name, &e);
+                    self.paused.push((self.now + ACCEPT_PAUSE, token));
+                    is_paused = true;
                 }
                 AcceptAction::Fail => return Err(e),
             },
-        };
-        // A multishot accept ends after any error; arm it again unless paused.
-        if !is_armed && paused_until.is_none() {
-            self.ring.arm_accept(token);
         }
-        match accepted {
-            Some((Ok((stream, peer)), listener)) => self.admit(stream, peer, &listener),
-            Some((Err(e), listener)) => tracing::debug!("a connection on {listener} vanished: {e}"),
-            None => {}
+        // A multishot accept ends after any error; arm it again unless paused.
+        if !more && !is_paused {
+            self.ring.arm_accept(token);
         }
         Ok(())
     }
@@ -399,9 +356,7 @@ impl<'a> Loop<'a> {
         }
         if conn.connection.is_finished() && !self.ring.is_sending(token) {
             // Everything owed was sent: the peer reads EOF after the last reply.
-            if let Some(fd) = self.ring.fd(token) {
-                let _ = SockRef::from(&fd).shutdown(Direction::Write);
-            }
+            self.ring.shutdown_write(token);
             self.close(token);
         }
     }

@@ -15,7 +15,7 @@ use socket2::{SockAddr, SockRef};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem::{self, ManuallyDrop};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// Receive buffers in the provided-buffer ring (a power of two), and their size: a 1 KiB
@@ -185,9 +185,12 @@ impl Ring {
             .is_some_and(|io| io.is_in_flight(Op::Send))
     }
 
-    /// The socket of an open slot.
-    pub fn fd(&self, token: Token) -> Option<BorrowedFd<'_>> {
-        self.open_ref(token).map(|io| io.fd.as_fd())
+    /// Shuts down the sending side of an open slot's socket, so the peer reads EOF after
+    /// the bytes already sent; a peer already gone is no error.
+    pub fn shutdown_write(&self, token: Token) {
+        if let Some(io) = self.open_ref(token) {
+            let _ = SockRef::from(&io.fd).shutdown(std::net::Shutdown::Write);
+        }
     }
 
     /// Sockets not yet freed: open, or closed with operations still in flight.
