@@ -147,7 +147,7 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         Err(e) => return fail(format!("cannot set up signal handling: {e}")),
     };
     // Socket activation: the service manager's sockets replace the listener flags.
-    let listeners = match reverb::service::passed_listeners(limits.clone()) {
+    let mut listeners = match reverb::service::passed_listeners(limits.clone()) {
         Ok(Some(listeners)) => listeners,
         Ok(None) => match Listeners::bind(&specs, limits, args.model.accept_queues()) {
             Ok(listeners) => listeners,
@@ -179,6 +179,7 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
     };
     // Ready before the readiness lines, so whoever reads them finds /readyz agreeing.
     if let Some((metrics, _)) = &metrics {
+        listeners.limits.metrics = *metrics;
         metrics.set_ready(true);
     }
     {

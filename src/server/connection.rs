@@ -22,6 +22,8 @@ pub struct Connection {
     /// Whether we still read this peer: false after its EOF, after the protocol asked to
     /// close, and during drain.
     is_reading: bool,
+    /// Whether the peer half-closed (rather than the protocol or a drain stopping us).
+    has_seen_eof: bool,
 }
 
 impl Connection {
@@ -35,6 +37,7 @@ impl Connection {
             out,
             peer,
             is_reading: true,
+            has_seen_eof: false,
         }
     }
 
@@ -102,10 +105,23 @@ impl Connection {
             return Ok(());
         }
         self.is_reading = false;
+        self.has_seen_eof = true;
         let Connection {
             session, out, peer, ..
         } = self;
         catch_handler_panic(peer, || session.on_eof(out))
+    }
+
+    /// Why a finished connection ended: the peer's EOF, a drain, or the protocol (`quit`).
+    pub fn finish_reason(&self, is_draining: bool) -> crate::metrics::CloseReason {
+        use crate::metrics::CloseReason;
+        if self.has_seen_eof {
+            CloseReason::PeerEof
+        } else if is_draining {
+            CloseReason::Drain
+        } else {
+            CloseReason::Quit
+        }
     }
 
     /// Shutdown began: read nothing more, finish sending what is owed.

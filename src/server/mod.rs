@@ -7,6 +7,7 @@
 
 mod activation;
 mod connection;
+pub mod counting;
 mod datagram;
 pub mod event_loops;
 pub mod idle_wheel;
@@ -24,6 +25,7 @@ pub use datagram::{
 pub use listeners::{Admission, ConnectionCounter, Listeners};
 pub use shutdown::Shutdown;
 
+use crate::metrics::Metrics;
 use crate::net::Peer;
 use crate::sys::errno;
 use std::io;
@@ -55,6 +57,8 @@ pub struct Limits {
     pub max_buffer_bytes: usize,
     /// After SIGTERM, how long owed replies may take before connections are cut.
     pub drain_timeout: Duration,
+    /// Where every loop counts (`--metrics`); disabled by default.
+    pub metrics: Metrics,
 }
 
 impl Default for Limits {
@@ -64,6 +68,7 @@ impl Default for Limits {
             idle_timeout: None,
             max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            metrics: Metrics::disabled(),
         }
     }
 }
