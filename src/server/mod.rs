@@ -17,6 +17,7 @@ pub mod readiness;
 pub mod setup_deadline;
 mod shutdown;
 pub mod stop_signal;
+pub mod task_buffers;
 
 pub use crate::protocol::Protocol;
 pub use connection::{Connection, HandlerPanicked, is_in_handler};
