@@ -270,25 +270,27 @@ pub struct BenchArgs {
     /// Seconds one connection may take to be established, from its own connect
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_positive_secs)]
     pub connect_timeout: Duration,
-    /// Open connections at N per second (a ramp) instead of all at once
+    /// Open connections at N per second (a ramp) [default: all at once]
     #[arg(long, value_name = "N")]
     pub connect_rate: Option<f64>,
     /// Close a connection after MSGS messages and open a new one in its place
+    /// [default: never]
     #[arg(long, value_name = "MSGS", value_parser = clap::value_parser!(u64).range(1..))]
     pub conn_lifetime: Option<u64>,
     /// Spread connections over these local addresses: ADDR[,ADDR...] or a range
-    /// such as 127.0.0.2-127.0.0.9
+    /// such as 127.0.0.2-127.0.0.9 [default: the OS chooses]
     #[arg(long, value_name = "ADDRS", value_parser = parse_sources)]
     pub source: Option<Sources>,
     /// Search for the highest open-loop rate whose latency percentile stays within a
-    /// bound, e.g. p99=1ms or p99.9=500us
+    /// bound, e.g. p99=1ms or p99.9=500us [default: off]
     #[arg(long, value_name = "pNN=TIME")]
     pub slo: Option<reverb::bench::Slo>,
-    /// Record msgs/s and latency for each interval of SECS (a time series)
+    /// Record msgs/s and latency for each interval of SECS (a time series) [default: off]
     #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
     pub interval: Option<Duration>,
     /// Start the load at TIME (after connecting): Unix seconds, +SECS, or RFC 3339
-    /// (2026-11-29T16:30:00Z); lets several agents start together
+    /// (2026-11-29T16:30:00Z); lets several agents start together [default: once
+    /// connected]
     #[arg(long, value_name = "TIME", value_parser = reverb::bench::parse_start_at)]
     pub start_at: Option<std::time::SystemTime>,
 }
