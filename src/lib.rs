@@ -17,9 +17,10 @@
 //! | `tokio`     | the mainstream async runtime                | as `async`                                    |
 //! | `uring`     | io_uring completions                        | newest kernels; disabled in some sandboxes    |
 //!
-//! Layers point one way: [`buffer`] imports nothing from the crate, [`protocol`] only
-//! `buffer`, [`layer`] (PROXY protocol, TLS, the greeting template: sans-IO like the
-//! protocol) only `buffer`, [`server`] the ones below it, [`models`] everything below, and
+//! Layers point one way: [`buffer`] and [`slab`] import nothing from the crate,
+//! [`protocol`] only `buffer`, [`layer`] (PROXY protocol, TLS, the greeting template:
+//! sans-IO like the protocol) only `buffer`, [`sys`] only `slab`, [`net`] only `sys`,
+//! [`runtime`] only those, [`server`] the layers below it, [`models`] everything below, and
 //! only `main.rs` all of it. [`sys`] is the only module that calls the OS directly.
 //! [`tls_client`] gives `client` and `bench` their TLS.
 
