@@ -16,7 +16,7 @@ repeats=${2:-3}
 duration=${3:-5}
 flags=${REVERB_FLAGS:---threads 1}
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
+[[ -n ${SKIP_BUILD:-} ]] || cargo build --release --quiet
 reverb=target/release/reverb
 clk=$(getconf CLK_TCK)
 

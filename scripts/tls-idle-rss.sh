@@ -14,7 +14,7 @@ conns=${2:-10000}
 message=${3:-1024}
 flags=${REVERB_FLAGS:---threads 1}
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
+[[ -n ${SKIP_BUILD:-} ]] || cargo build --release --quiet
 ulimit -n "$(ulimit -Hn)"
 if (($(ulimit -n) < conns + 100)); then
     echo "open-file limit $(ulimit -n) is too low for $conns connections" >&2
@@ -27,7 +27,7 @@ measure() {
     [[ $mode == tls ]] && tls_flag=--tls-self-signed
     out=$(mktemp)
     # shellcheck disable=SC2086
-    target/release/reverb serve --model "$model" $flags $tls_flag --tcp 127.0.0.1:0 >"$out" 2>/dev/null &
+    ${REVERB_BIN:-target/release/reverb} serve --model "$model" $flags $tls_flag --tcp 127.0.0.1:0 >"$out" 2>/dev/null &
     server=$!
     client=
     trap 'kill "$server" ${client:+"$client"} 2>/dev/null || true' EXIT
