@@ -151,7 +151,18 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         Ok(Some(listeners)) => listeners,
         Ok(None) => match Listeners::bind(&specs, limits, args.model.accept_queues()) {
             Ok(listeners) => listeners,
-            Err(e) => return fail(e),
+            Err(e) => {
+                let code = fail(&e);
+                if let reverb::server::ServeError::Bind { source, .. } = &e {
+                    if source.kind() == std::io::ErrorKind::AddrInUse {
+                        eprintln!(
+                            "  tip: another program holds it (a reverb serve still running?); \
+                             stop it, or serve elsewhere: --tcp 127.0.0.1:0 picks a free port"
+                        );
+                    }
+                }
+                return code;
+            }
         },
         Err(e) => return fail(e),
     };

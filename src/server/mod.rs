@@ -16,6 +16,7 @@ pub mod one_socket;
 pub mod readiness;
 mod shutdown;
 pub mod stop_signal;
+pub mod task_buffers;
 
 pub use crate::protocol::Protocol;
 pub use connection::{Connection, HandlerPanicked, is_in_handler};
