@@ -65,10 +65,10 @@ fn main() -> ExitCode {
                 Some(serve_matches) => args.listen_specs(serve_matches),
                 None => Vec::new(),
             };
-            serve(args, specs)
+            serve(*args, specs)
         }
         Command::Client(args) => client(args),
-        Command::Bench(args) => bench_cli::run(args),
+        Command::Bench(args) => bench_cli::run(*args),
         Command::Compare(args) => compare(args),
         Command::Generate(args) => {
             let mut stdout = std::io::stdout().lock();
@@ -140,7 +140,19 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         tracing::warn!("cannot raise the open-file limit: {e}");
     }
     let protocol = args.protocol();
-    let limits = args.limits();
+    let tls = match args.tls() {
+        Ok(tls) => tls,
+        Err(e) => return fail(e),
+    };
+    if let Some(tls) = &tls
+        && args.tls_self_signed
+    {
+        tracing::info!(
+            "TLS with a self-signed certificate for localhost, 127.0.0.1 and ::1; SHA-256 fingerprint {}",
+            tls.fingerprint()
+        );
+    }
+    let limits = args.limits(tls);
     // Signals first: a SIGTERM that arrives while binding still means "stop cleanly".
     let shutdown = match Shutdown::new().and_then(|s| s.fire_on_signals().map(|()| s)) {
         Ok(shutdown) => shutdown,
@@ -240,6 +252,10 @@ fn client(args: ClientArgs) -> ExitCode {
         Err(e) if e.is_lookup_failure() => {
             return fail(format!("cannot connect to {}: {}", args.addr, e.reason()));
         }
+        Err(e) => usage_error("client", e, None),
+    };
+    let endpoint = match cli::with_tls_verify(endpoint, args.ca.as_ref(), args.insecure) {
+        Ok(endpoint) => endpoint,
         Err(e) => usage_error("client", e, None),
     };
     match reverb::client::run(&endpoint) {

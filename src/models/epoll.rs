@@ -312,7 +312,7 @@ impl EventLoop {
                         continue;
                     }
                     let connection =
-                        Connection::new(&self.protocol, peer, self.limits.max_buffer_bytes);
+                        Connection::new(&self.protocol, peer, &self.limits, stream.as_fd());
                     let interest = interest_of(&connection);
                     let token = self.connections.insert(Entry {
                         stream,

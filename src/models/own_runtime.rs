@@ -29,6 +29,7 @@ use crate::server::{
 use std::cell::Cell;
 use std::io;
 use std::net::Shutdown as Half;
+use std::os::fd::AsFd;
 use std::rc::Rc;
 
 /// What every task of one runtime shares.
@@ -148,7 +149,12 @@ async fn serve_connection(
     _admission: Admission,
     state: Rc<Loop>,
 ) {
-    let mut connection = Connection::new(&state.protocol, peer, state.limits.max_buffer_bytes);
+    let mut connection = Connection::new(
+        &state.protocol,
+        peer,
+        &state.limits,
+        stream.get_ref().as_fd(),
+    );
     if let Err(e) = converse(&stream, &mut connection, &state).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }

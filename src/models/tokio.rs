@@ -207,8 +207,8 @@ async fn serve_socket(
 }
 
 /// A connected tokio stream, TCP or Unix.
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
+trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + AsFd + Unpin + Send> Socket for S {}
 
 /// Hands an accepted connection to tokio and spawns its task, if `--max-conns` admits it.
 fn admit(stream: Stream, peer: Peer, listener: &str, state: &Arc<Loop>, done: &Done) {
@@ -234,7 +234,7 @@ fn admit(stream: Stream, peer: Peer, listener: &str, state: &Arc<Loop>, done: &D
 /// One connection's task: sends what is owed, reads, hands the bytes over, until the
 /// connection is finished. Its errors end only this connection.
 async fn serve(stream: Box<dyn Socket>, peer: Peer, state: Arc<Loop>, _held: (Admission, Done)) {
-    let mut connection = Connection::new(&state.protocol, peer, state.limits.max_buffer_bytes);
+    let mut connection = Connection::new(&state.protocol, peer, &state.limits, stream.as_fd());
     if let Err(e) = converse(stream, &mut connection, &state).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }

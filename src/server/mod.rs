@@ -14,6 +14,7 @@ pub mod idle_wheel;
 mod listeners;
 pub mod one_socket;
 pub mod readiness;
+pub mod setup_deadline;
 mod shutdown;
 pub mod stop_signal;
 pub mod task_buffers;
@@ -47,7 +48,7 @@ pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// truncated.
 pub const DATAGRAM_BUFFER_BYTES: usize = 256 * 1024;
 
-/// The operator's limits, the same for every model.
+/// The operator's limits and stream settings, the same for every model.
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// At most this many stream connections at once (`--max-conns`); `None`: no limit.
@@ -58,6 +59,9 @@ pub struct Limits {
     pub max_buffer_bytes: usize,
     /// After SIGTERM, how long owed replies may take before connections are cut.
     pub drain_timeout: Duration,
+    /// What stream connections put between socket and session: PROXY header, TLS,
+    /// greeting template.
+    pub layers: crate::layer::StreamLayers,
     /// Where every loop counts (`--metrics`); disabled by default.
     pub metrics: Metrics,
 }
@@ -69,6 +73,7 @@ impl Default for Limits {
             idle_timeout: None,
             max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            layers: crate::layer::StreamLayers::default(),
             metrics: Metrics::disabled(),
         }
     }

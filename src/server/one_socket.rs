@@ -120,7 +120,7 @@ pub fn serve_connection(
     limits: &Limits,
     shutdown: &Shutdown,
 ) {
-    let mut connection = Connection::new(protocol, peer, limits.max_buffer_bytes);
+    let mut connection = Connection::new(protocol, peer, limits, stream.as_fd());
     // A slot for this connection's thread (or forked child), folded in when it ends.
     let counters = limits.metrics.counters();
     let transport = stream_transport(&stream);

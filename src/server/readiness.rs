@@ -337,7 +337,7 @@ impl ReadinessServer {
             self.listeners.streams[listener].name()
         );
         let connection =
-            Connection::new(&self.protocol, peer, self.listeners.limits.max_buffer_bytes);
+            Connection::new(&self.protocol, peer, &self.listeners.limits, stream.as_fd());
         let entry = Entry {
             stream,
             connection,
