@@ -108,6 +108,19 @@ pub enum ListenSpec {
     UnixDatagram(PathBuf),
 }
 
+/// How a TLS client checks the server's certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum TlsVerify {
+    /// Against the system's trusted roots (`SSL_CERT_FILE`, or the distribution's bundle).
+    #[default]
+    System,
+    /// Against the certificates in this PEM file (`--ca FILE`).
+    Ca(PathBuf),
+    /// Not at all (`--insecure`), for self-signed test servers; handshake signatures are
+    /// still checked.
+    Insecure,
+}
+
 /// A peer to talk to (`client`, `bench`): `tcp://`, `udp://`, `unix://`, `unix-dgram://`,
 /// or a bare `HOST:PORT`, which means TCP.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +133,15 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// A Unix datagram socket.
     UnixDatagram(PathBuf),
+    /// TLS over TCP (`tls://HOST:PORT`).
+    Tls {
+        /// Where to connect.
+        addr: SocketAddr,
+        /// The host as typed: sent as SNI (unless an IP literal) and verified.
+        server_name: String,
+        /// How the server's certificate is checked (`--ca`, `--insecure`).
+        verify: TlsVerify,
+    },
 }
 
 impl Endpoint {
@@ -140,11 +162,23 @@ impl Endpoint {
         if let Some(rest) = text.strip_prefix("udp://") {
             return Ok(Endpoint::Udp(resolve(text, rest)?));
         }
+        if let Some(rest) = text.strip_prefix("tls://") {
+            let addr = resolve(text, rest)?;
+            let host = rest.rsplit_once(':').map_or(rest, |(host, _)| host);
+            return Ok(Endpoint::Tls {
+                addr,
+                server_name: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+                verify: TlsVerify::System,
+            });
+        }
         let rest = text.strip_prefix("tcp://").unwrap_or(text);
         if rest.contains("://") {
             return Err(addr_error(
                 text,
-                "unknown scheme; use tcp://, udp://, unix:// or unix-dgram://",
+                "unknown scheme; use tcp://, udp://, tls://, unix:// or unix-dgram://",
             ));
         }
         Ok(Endpoint::Tcp(resolve(text, rest)?))
@@ -233,6 +267,10 @@ impl fmt::Display for Endpoint {
             Endpoint::UnixDatagram(path) => {
                 f.write_str("unix-dgram://")?;
                 fmt_path(path, f)
+            }
+            Endpoint::Tls { addr, .. } => {
+                f.write_str("tls://")?;
+                fmt_ip(addr, f)
             }
         }
     }

@@ -28,18 +28,25 @@ pub fn run(
         counter,
         ..
     } = &listeners;
+    let metrics = listeners.limits.metrics;
     thread::scope(|scope| {
         let mut threads = Vec::new();
         for listener in streams {
             threads.push(scope.spawn(|| {
-                accept_until_shutdown(listener, counter, &shutdown, |stream, peer, _admission| {
-                    // Served right here: the next accept waits until this client is done.
-                    serve_connection(stream, peer, &protocol, limits, &shutdown);
-                })
+                accept_until_shutdown(
+                    listener,
+                    counter,
+                    &shutdown,
+                    metrics,
+                    |stream, peer, _admission| {
+                        // Served right here: the next accept waits until this client is done.
+                        serve_connection(stream, peer, &protocol, limits, &shutdown);
+                    },
+                )
             }));
         }
         for socket in datagrams {
-            threads.push(scope.spawn(|| serve_datagrams(socket, &protocol, &shutdown)));
+            threads.push(scope.spawn(|| serve_datagrams(socket, &protocol, &shutdown, metrics)));
         }
         join_all(threads)
     })

@@ -19,7 +19,11 @@
 //! loop takes every freed descriptor (conformance `out_of_descriptors_pauses` hangs). Datagram
 //! sockets are shared by every loop the same way. Measurements: docs/benchmarks.md.
 
+use crate::metrics::{CloseReason, Counters, Transport};
 use crate::net::{DatagramSocket, Stream, StreamListener};
+use crate::server::counting::{
+    close_reason, count_datagram, datagram_transport, handler_panicked, stream_transport,
+};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
 use crate::server::is_per_peer_datagram_error;
@@ -113,6 +117,8 @@ struct EventLoop {
     drain_deadline: Option<Instant>,
     /// Whether other loops accept from the same listeners (one shared accept queue).
     is_sharing_listeners: bool,
+    /// This loop's own counters: it is their only writer.
+    counters: Counters,
 }
 
 impl EventLoop {
@@ -145,6 +151,7 @@ impl EventLoop {
             accept_paused_until: None,
             drain_deadline: None,
             is_sharing_listeners,
+            counters: listeners.limits.metrics.counters(),
         };
         for socket in &event_loop.datagrams {
             socket.set_nonblocking(true)?;
@@ -230,6 +237,8 @@ impl EventLoop {
             if self.drain_deadline.is_some_and(|t| now >= t) {
                 for token in self.connections.tokens() {
                     if let Some(entry) = self.connections.remove(token) {
+                        let transport = stream_transport(&entry.stream);
+                        self.counters.closed(transport, CloseReason::DrainCut);
                         let (peer, owed) = (entry.connection.peer(), entry.connection.owed());
                         tracing::warn!(
                             "closing {peer}: drain timeout with {owed} bytes still owed"
@@ -263,6 +272,7 @@ impl EventLoop {
         };
         let now_tick = wheel.tick_at(now);
         let connections = &mut self.connections;
+        let counters = &self.counters;
         let idle_timeout = self.limits.idle_timeout.unwrap_or_default();
         let idle_ticks = wheel.deadline(0);
         wheel.expire(now_tick, |token| {
@@ -276,6 +286,7 @@ impl EventLoop {
                 return Some(entry.last_input_tick);
             }
             log_idle(entry.connection.peer(), idle_timeout);
+            counters.closed(stream_transport(&entry.stream), CloseReason::IdleTimeout);
             connections.remove(token);
             None
         });
@@ -287,17 +298,21 @@ impl EventLoop {
             let listener = &self.streams[index];
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    let transport = stream_transport(&stream);
                     let Some(admission) = self.counter.admit() else {
+                        self.counters.refused(transport);
                         log_over_limit(&peer, self.counter.max_conns().unwrap_or(0));
                         continue;
                     };
+                    self.counters.accepted(transport);
                     tracing::debug!("accepted {peer} on {}", listener.name());
                     if let Err(e) = stream.set_nonblocking(true) {
                         tracing::warn!("dropping {peer}: {e}");
+                        self.counters.closed(transport, CloseReason::Error);
                         continue;
                     }
                     let connection =
-                        Connection::new(&self.protocol, peer, self.limits.max_buffer_bytes);
+                        Connection::new(&self.protocol, peer, &self.limits, stream.as_fd());
                     let interest = interest_of(&connection);
                     let token = self.connections.insert(Entry {
                         stream,
@@ -315,6 +330,7 @@ impl EventLoop {
                             entry.connection.peer()
                         );
                         self.connections.remove(token);
+                        self.counters.closed(transport, CloseReason::Error);
                         continue;
                     }
                     if let Some(wheel) = self.idle.as_mut() {
@@ -328,6 +344,12 @@ impl EventLoop {
                         // Out of descriptors: the listener stays readable, so watching it
                         // would spin; take every listener out of the set for a while.
                         log_accept_pause(listener.name(), &e);
+                        let transport = if listener.is_tcp() {
+                            Transport::Tcp
+                        } else {
+                            Transport::Unix
+                        };
+                        self.counters.accept_paused(transport);
                         self.unwatch_listeners();
                         self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                         return Ok(());
@@ -348,11 +370,21 @@ impl EventLoop {
                 Err(e) if is_per_peer_datagram_error(&e) => continue,
                 Err(e) => return Err(e),
             };
-            if let Some(reply) = self.replier.reply(&peer, &self.buf[..n]) {
-                if let Err(e) = socket.send_to(reply, &peer) {
-                    log_send_failure(&peer, &e);
-                }
+            let reply = self.replier.reply(&peer, &self.buf[..n]);
+            let sent = reply.map(|reply| socket.send_to(reply, &peer));
+            if let Some(Err(e)) = &sent {
+                log_send_failure(&peer, e);
             }
+            let transport = datagram_transport(socket);
+            let reply_len = reply.map(<[u8]>::len);
+            count_datagram(
+                &self.counters,
+                transport,
+                &peer,
+                n,
+                reply_len,
+                sent.as_ref(),
+            );
         }
         Ok(())
     }
@@ -369,6 +401,7 @@ impl EventLoop {
             &mut self.buf[..READ_BUFFER_BYTES],
             &mut self.spare,
             now_tick,
+            &self.counters,
         );
         self.settle(token, result);
     }
@@ -391,10 +424,22 @@ impl EventLoop {
             }
             Ok(true)
         });
+        let transport = stream_transport(&entry.stream);
         match outcome {
             Ok(true) => {}
-            Ok(false) => drop(self.connections.remove(token)),
+            Ok(false) => {
+                let reason = entry
+                    .connection
+                    .finish_reason(self.drain_deadline.is_some());
+                self.counters.closed(transport, reason);
+                drop(self.connections.remove(token));
+            }
             Err(e) => {
+                let reason = close_reason(&e);
+                if reason == CloseReason::HandlerPanic {
+                    self.counters.handler_panicked(transport);
+                }
+                self.counters.closed(transport, reason);
                 tracing::debug!("connection {} ended: {e}", entry.connection.peer());
                 // Closing the only descriptor also removes it from the epoll set.
                 self.connections.remove(token);
@@ -415,7 +460,7 @@ impl EventLoop {
         for token in self.connections.tokens() {
             if let Some(entry) = self.connections.get_mut(token) {
                 entry.connection.stop_reading();
-                let result = exchange(entry, 0, &mut [], &mut self.spare, 0);
+                let result = exchange(entry, 0, &mut [], &mut self.spare, 0, &self.counters);
                 self.settle(token, result);
             }
         }
@@ -431,14 +476,19 @@ fn exchange(
     buf: &mut [u8],
     spare: &mut Vec<u8>,
     now_tick: u32,
+    counters: &Counters,
 ) -> io::Result<()> {
+    let transport = stream_transport(&entry.stream);
     let connection = &mut entry.connection;
     if readiness & (EPOLLIN | EPOLLHUP | EPOLLERR) != 0 && connection.wants_read() {
         let limit = connection.read_limit(buf.len());
         connection.lend_spare(spare);
         let received = match entry.stream.read(&mut buf[..limit]) {
             Ok(0) => connection.receive_eof(),
-            Ok(n) => connection.receive(&buf[..n]),
+            Ok(n) => {
+                counters.received(transport, n);
+                connection.receive(&buf[..n])
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -449,13 +499,16 @@ fn exchange(
             }
             Err(e) => return Err(e),
         };
-        received.map_err(|_| io::Error::other("handler panicked"))?;
+        received.map_err(|_| handler_panicked())?;
         entry.last_input_tick = now_tick;
     }
     while connection.wants_write() {
         match entry.stream.write(connection.unsent()) {
             // The kernel may take fewer bytes than offered; the rest waits for EPOLLOUT.
-            Ok(written) => connection.advance(written),
+            Ok(written) => {
+                counters.sent(transport, written);
+                connection.advance(written);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),

@@ -7,6 +7,8 @@
 //! Limit: processes are the heaviest unit of concurrency; the parent must reap every child
 //! (or zombies pile up) and must stay single-threaded to fork safely.
 
+use crate::metrics::Transport;
+use crate::server::counting::{count_datagram, datagram_transport};
 use crate::server::is_per_peer_datagram_error;
 use crate::server::one_socket::serve_connection;
 use crate::server::{
@@ -99,6 +101,13 @@ fn accept_one(
     children: &mut HashMap<Pid, Option<Admission>>,
 ) -> io::Result<()> {
     let listener = &listeners.streams[index];
+    // Claimed per accept: the parent forks far more slowly than it folds a slot.
+    let counters = listeners.limits.metrics.counters();
+    let transport = if listener.is_tcp() {
+        Transport::Tcp
+    } else {
+        Transport::Unix
+    };
     let (stream, peer) = match listener.accept() {
         Ok(accepted) => accepted,
         Err(e) => {
@@ -106,6 +115,7 @@ fn accept_one(
                 AcceptAction::Wait | AcceptAction::Retry => Ok(()),
                 AcceptAction::Pause => {
                     log_accept_pause(listener.name(), &e);
+                    counters.accept_paused(transport);
                     thread::sleep(ACCEPT_PAUSE);
                     Ok(())
                 }
@@ -114,9 +124,11 @@ fn accept_one(
         }
     };
     let Some(admission) = listeners.counter.admit() else {
+        counters.refused(transport);
         log_over_limit(&peer, listeners.counter.max_conns().unwrap_or(0));
         return Ok(());
     };
+    counters.accepted(transport);
     match process::fork()? {
         Forked::Child => {
             let limits = listeners.limits.clone();
@@ -152,12 +164,18 @@ fn answer_one(
         Forked::Child => {
             let socket = listeners.datagrams.swap_remove(index);
             close_listeners(listeners);
+            let metrics = listeners.limits.metrics;
             run_child(|| {
-                if let Some(reply) = replier.reply(&peer, &buf[..n]) {
-                    if let Err(e) = socket.send_to(reply, &peer) {
-                        log_send_failure(&peer, &e);
-                    }
+                // The child's own slot, in the mapping its parent's metrics server reads.
+                let counters = metrics.counters();
+                let reply = replier.reply(&peer, &buf[..n]);
+                let sent = reply.map(|reply| socket.send_to(reply, &peer));
+                if let Some(Err(e)) = &sent {
+                    log_send_failure(&peer, e);
                 }
+                let reply_len = reply.map(<[u8]>::len);
+                let transport = datagram_transport(&socket);
+                count_datagram(&counters, transport, &peer, n, reply_len, sent.as_ref());
             })
         }
         Forked::Parent(pid) => {

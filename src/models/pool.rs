@@ -44,6 +44,7 @@ pub fn run(
     let threads = options.threads.unwrap_or(DEFAULT_THREADS);
     let (queue, jobs) = sync_channel::<Job>(QUEUE_LEN);
     let jobs = Arc::new(Mutex::new(jobs));
+    let metrics = listeners.limits.metrics;
     thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             let jobs = jobs.clone();
@@ -67,6 +68,7 @@ pub fn run(
                     listener,
                     counter,
                     shutdown,
+                    metrics,
                     move |stream, peer, admission| {
                         // Blocks while QUEUE_LEN connections already wait.
                         let _ = queue.send((stream, peer, admission));
@@ -76,7 +78,7 @@ pub fn run(
         }
         drop(queue);
         for socket in datagrams {
-            threads.push(scope.spawn(|| serve_datagrams(socket, &protocol, &shutdown)));
+            threads.push(scope.spawn(|| serve_datagrams(socket, &protocol, &shutdown, metrics)));
         }
         join_all(threads)
         // Leaving the scope joins the workers: the queue's senders are gone, so each

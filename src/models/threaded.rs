@@ -34,29 +34,36 @@ pub fn run(
         counter,
         ..
     } = &listeners;
+    let metrics = listeners.limits.metrics;
     thread::scope(|scope| {
         let mut threads = Vec::new();
         for listener in streams {
             let (protocol, shutdown) = (&protocol, &shutdown);
             threads.push(scope.spawn(move || {
                 thread::scope(|connections| {
-                    accept_until_shutdown(listener, counter, shutdown, |stream, peer, admission| {
-                        let spawned = thread::Builder::new()
-                            .stack_size(CONNECTION_STACK_BYTES)
-                            .spawn_scoped(connections, move || {
-                                serve_connection(stream, peer, protocol, limits, shutdown);
-                                drop(admission);
-                            });
-                        if let Err(e) = spawned {
-                            tracing::error!("cannot start a thread for a connection: {e}");
-                        }
-                    })
+                    accept_until_shutdown(
+                        listener,
+                        counter,
+                        shutdown,
+                        metrics,
+                        |stream, peer, admission| {
+                            let spawned = thread::Builder::new()
+                                .stack_size(CONNECTION_STACK_BYTES)
+                                .spawn_scoped(connections, move || {
+                                    serve_connection(stream, peer, protocol, limits, shutdown);
+                                    drop(admission);
+                                });
+                            if let Err(e) = spawned {
+                                tracing::error!("cannot start a thread for a connection: {e}");
+                            }
+                        },
+                    )
                     // Leaving this scope waits for every connection thread to drain.
                 })
             }));
         }
         for socket in datagrams {
-            threads.push(scope.spawn(|| serve_datagrams(socket, &protocol, &shutdown)));
+            threads.push(scope.spawn(|| serve_datagrams(socket, &protocol, &shutdown, metrics)));
         }
         join_all(threads)
     })

@@ -26,7 +26,7 @@ use crate::slab::{Slab, Token};
 use crate::sys::errno;
 use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -266,7 +266,7 @@ impl<'a> Loop<'a> {
             return log_over_limit(&peer, self.counter.max_conns().unwrap_or(0));
         };
         tracing::debug!("accepted {peer} on {listener}");
-        let connection = Connection::new(self.protocol, peer, self.limits.max_buffer_bytes);
+        let connection = Connection::new(self.protocol, peer, self.limits, stream.as_fd());
         let last_input_tick = self.idle.as_ref().map_or(0, |w| w.tick_at(self.now));
         let conn = Conn {
             connection,

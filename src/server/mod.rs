@@ -7,14 +7,17 @@
 
 mod activation;
 mod connection;
+pub mod counting;
 mod datagram;
 pub mod event_loops;
 pub mod idle_wheel;
 mod listeners;
 pub mod one_socket;
 pub mod readiness;
+pub mod setup_deadline;
 mod shutdown;
 pub mod stop_signal;
+pub mod task_buffers;
 
 pub use crate::protocol::Protocol;
 pub use connection::{Connection, HandlerPanicked, is_in_handler};
@@ -24,6 +27,7 @@ pub use datagram::{
 pub use listeners::{Admission, ConnectionCounter, Listeners};
 pub use shutdown::Shutdown;
 
+use crate::metrics::Metrics;
 use crate::net::Peer;
 use crate::sys::errno;
 use std::io;
@@ -44,7 +48,7 @@ pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// truncated.
 pub const DATAGRAM_BUFFER_BYTES: usize = 256 * 1024;
 
-/// The operator's limits, the same for every model.
+/// The operator's limits and stream settings, the same for every model.
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// At most this many stream connections at once (`--max-conns`); `None`: no limit.
@@ -55,6 +59,11 @@ pub struct Limits {
     pub max_buffer_bytes: usize,
     /// After SIGTERM, how long owed replies may take before connections are cut.
     pub drain_timeout: Duration,
+    /// What stream connections put between socket and session: PROXY header, TLS,
+    /// greeting template.
+    pub layers: crate::layer::StreamLayers,
+    /// Where every loop counts (`--metrics`); disabled by default.
+    pub metrics: Metrics,
 }
 
 impl Default for Limits {
@@ -64,6 +73,8 @@ impl Default for Limits {
             idle_timeout: None,
             max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            layers: crate::layer::StreamLayers::default(),
+            metrics: Metrics::disabled(),
         }
     }
 }

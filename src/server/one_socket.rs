@@ -7,11 +7,15 @@
 //! than in `read(2)` alone: a thread stuck in `read` cannot hear SIGTERM, cannot send a
 //! reply while the peer is still sending, and cannot time out an idle peer.
 
+use super::counting::{
+    close_reason, count_datagram, datagram_transport, handler_panicked, stream_transport,
+};
 use super::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DatagramReplier, Limits,
     READ_BUFFER_BYTES, Shutdown, accept_action, is_per_peer_datagram_error, log_accept_pause,
     log_idle, log_over_limit, log_send_failure,
 };
+use crate::metrics::{CloseReason, Counters, Metrics, Transport};
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::protocol::Protocol;
 use crate::sys::poll::{self, POLLERR, POLLHUP, POLLIN, POLLOUT};
@@ -63,9 +67,17 @@ pub fn accept_until_shutdown(
     listener: &StreamListener,
     counter: &ConnectionCounter,
     shutdown: &Shutdown,
+    metrics: Metrics,
     mut dispatch: impl FnMut(Stream, Peer, Admission),
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
+    // The accepting thread's own counters (each connection's thread has its own).
+    let counters = metrics.counters();
+    let transport = if listener.is_tcp() {
+        Transport::Tcp
+    } else {
+        Transport::Unix
+    };
     loop {
         if wait_for(listener.as_fd(), POLLIN, shutdown, None)? == Wake::Shutdown {
             return Ok(());
@@ -74,14 +86,19 @@ pub fn accept_until_shutdown(
             Ok((stream, peer)) => match counter.admit() {
                 Some(admission) => {
                     tracing::debug!("accepted {peer} on {}", listener.name());
+                    counters.accepted(transport);
                     dispatch(stream, peer, admission);
                 }
-                None => log_over_limit(&peer, counter.max_conns().unwrap_or(0)),
+                None => {
+                    counters.refused(transport);
+                    log_over_limit(&peer, counter.max_conns().unwrap_or(0));
+                }
             },
             Err(e) => match accept_action(&e) {
                 AcceptAction::Wait | AcceptAction::Retry => {}
                 AcceptAction::Pause => {
                     log_accept_pause(listener.name(), &e);
+                    counters.accept_paused(transport);
                     if wait_for(shutdown.fd(), POLLIN, shutdown, Some(ACCEPT_PAUSE))?
                         != Wake::Timeout
                     {
@@ -103,10 +120,21 @@ pub fn serve_connection(
     limits: &Limits,
     shutdown: &Shutdown,
 ) {
-    let mut connection = Connection::new(protocol, peer, limits.max_buffer_bytes);
-    if let Err(e) = drive(&stream, &mut connection, limits, shutdown) {
-        tracing::debug!("connection {} ended: {e}", connection.peer());
+    let mut connection = Connection::new(protocol, peer, limits, stream.as_fd());
+    // A slot for this connection's thread (or forked child), folded in when it ends.
+    let counters = limits.metrics.counters();
+    let transport = stream_transport(&stream);
+    let reason = match drive(&stream, &mut connection, limits, shutdown, &counters) {
+        Ok(reason) => reason,
+        Err(e) => {
+            tracing::debug!("connection {} ended: {e}", connection.peer());
+            close_reason(&e)
+        }
+    };
+    if reason == CloseReason::HandlerPanic {
+        counters.handler_panicked(transport);
     }
+    counters.closed(transport, reason);
 }
 
 fn drive(
@@ -114,7 +142,8 @@ fn drive(
     connection: &mut Connection,
     limits: &Limits,
     shutdown: &Shutdown,
-) -> io::Result<()> {
+    counters: &Counters,
+) -> io::Result<CloseReason> {
     stream.set_nonblocking(true)?;
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
     let mut last_input = Instant::now();
@@ -124,11 +153,11 @@ fn drive(
         drain_deadline = Some(Instant::now() + limits.drain_timeout);
     }
     loop {
-        flush(stream, connection)?;
+        flush(stream, connection, counters)?;
         if connection.is_finished() {
             // Everything owed was sent: the peer reads EOF after the last reply.
             let _ = stream.shutdown_write();
-            return Ok(());
+            return Ok(connection.finish_reason(drain_deadline.is_some()));
         }
         let mut events = 0;
         if connection.wants_read() {
@@ -168,20 +197,20 @@ fn drive(
                 connection.peer(),
                 connection.owed()
             );
-            return Ok(());
+            return Ok(CloseReason::DrainCut);
         }
         if idle_deadline.is_some_and(|d| now >= d) {
             log_idle(connection.peer(), limits.idle_timeout.unwrap_or_default());
-            return Ok(());
+            return Ok(CloseReason::IdleTimeout);
         }
         if entries[0].revents & (POLLIN | POLLHUP | POLLERR) != 0 && connection.wants_read() {
-            if read_available(stream, connection, &mut buf)? {
+            if read_available(stream, connection, &mut buf, counters)? {
                 last_input = now;
             }
         } else if entries[0].revents & (POLLHUP | POLLERR) != 0 && !connection.wants_write() {
             // Nothing to read or write, yet the socket reports an error or hang-up: the
             // peer is gone, and waiting again would spin.
-            return Ok(());
+            return Ok(CloseReason::Reset);
         }
     }
 }
@@ -196,6 +225,7 @@ pub fn read_available(
     stream: &Stream,
     connection: &mut Connection,
     buf: &mut [u8],
+    counters: &Counters,
 ) -> io::Result<bool> {
     let mut got_input = false;
     loop {
@@ -205,13 +235,16 @@ pub fn read_available(
         }
         let result = match stream.read(&mut buf[..limit]) {
             Ok(0) => connection.receive_eof(),
-            Ok(n) => connection.receive(&buf[..n]),
+            Ok(n) => {
+                counters.received(stream_transport(stream), n);
+                connection.receive(&buf[..n])
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(got_input),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         got_input = true;
-        result.map_err(|_| io::Error::other("handler panicked"))?;
+        result.map_err(|_| handler_panicked())?;
     }
 }
 
@@ -220,11 +253,14 @@ pub fn read_available(
 /// # Errors
 ///
 /// A write error (the peer reset or went away).
-pub fn flush(stream: &Stream, connection: &mut Connection) -> io::Result<()> {
+pub fn flush(stream: &Stream, connection: &mut Connection, counters: &Counters) -> io::Result<()> {
     while connection.wants_write() {
         match stream.write(connection.unsent()) {
             // The kernel may take fewer bytes than offered; the rest waits for writable.
-            Ok(written) => connection.advance(written),
+            Ok(written) => {
+                counters.sent(stream_transport(stream), written);
+                connection.advance(written);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -246,15 +282,17 @@ pub fn serve_datagrams(
     socket: &DatagramSocket,
     protocol: &Protocol,
     shutdown: &Shutdown,
+    metrics: Metrics,
 ) -> io::Result<()> {
     socket.set_nonblocking(true)?;
+    let counters = metrics.counters();
     let mut replier = DatagramReplier::new(protocol.clone());
     let mut buf = vec![0u8; super::DATAGRAM_BUFFER_BYTES];
     loop {
         if wait_for(socket.as_fd(), POLLIN, shutdown, None)? == Wake::Shutdown {
             return Ok(());
         }
-        answer_pending_datagrams(socket, &mut replier, &mut buf)?;
+        answer_pending_datagrams(socket, &mut replier, &mut buf, &counters)?;
     }
 }
 
@@ -268,6 +306,7 @@ pub fn answer_pending_datagrams(
     socket: &DatagramSocket,
     replier: &mut DatagramReplier,
     buf: &mut [u8],
+    counters: &Counters,
 ) -> io::Result<()> {
     loop {
         let (n, peer) = match socket.recv_from(buf) {
@@ -276,10 +315,13 @@ pub fn answer_pending_datagrams(
             Err(e) if is_per_peer_datagram_error(&e) => continue,
             Err(e) => return Err(e),
         };
-        if let Some(reply) = replier.reply(&peer, &buf[..n]) {
-            if let Err(e) = socket.send_to(reply, &peer) {
-                log_send_failure(&peer, &e);
-            }
+        let reply = replier.reply(&peer, &buf[..n]);
+        let sent = reply.map(|reply| socket.send_to(reply, &peer));
+        if let Some(Err(e)) = &sent {
+            log_send_failure(&peer, e);
         }
+        let reply_len = reply.map(<[u8]>::len);
+        let transport = datagram_transport(socket);
+        count_datagram(counters, transport, &peer, n, reply_len, sent.as_ref());
     }
 }

@@ -13,12 +13,14 @@
 //! ready sources never skips or revisits one (seed 002 removed from a list while
 //! iterating it).
 
+use super::counting::{close_reason, stream_transport};
 use super::one_socket::{answer_pending_datagrams, flush, read_available};
 use super::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, DATAGRAM_BUFFER_BYTES, DatagramReplier,
     Listeners, Protocol, READ_BUFFER_BYTES, Shutdown, accept_action, log_accept_pause, log_idle,
     log_over_limit,
 };
+use crate::metrics::{CloseReason, Counters, Transport};
 use crate::net::{Peer, Stream};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -95,6 +97,8 @@ pub struct ReadinessServer {
     accept_paused_until: Option<Instant>,
     /// Set when shutdown fired: connections still owing bytes are cut at this instant.
     drain_deadline: Option<Instant>,
+    /// This loop's counters: it is their only writer.
+    counters: Counters,
 }
 
 impl ReadinessServer {
@@ -116,6 +120,7 @@ impl ReadinessServer {
             .map(|_| DatagramReplier::new(protocol.clone()))
             .collect();
         Ok(ReadinessServer {
+            counters: listeners.limits.metrics.counters(),
             listeners,
             protocol,
             shutdown,
@@ -213,7 +218,8 @@ impl ReadinessServer {
             Source::Listener(n) => self.accept_ready(n)?,
             Source::Datagrams(n) if self.drain_deadline.is_none() => {
                 let socket = &self.listeners.datagrams[n];
-                answer_pending_datagrams(socket, &mut self.repliers[n], &mut self.datagram_buf)?;
+                let (replier, buf) = (&mut self.repliers[n], &mut self.datagram_buf);
+                answer_pending_datagrams(socket, replier, buf, &self.counters)?;
             }
             Source::Datagrams(_) => {}
             Source::Connection(token) => self.serve_ready(token, ready),
@@ -246,7 +252,9 @@ impl ReadinessServer {
             let Some(entry) = &self.entries[slot] else {
                 continue;
             };
+            let transport = stream_transport(&entry.stream);
             if is_past_drain {
+                self.counters.closed(transport, CloseReason::DrainCut);
                 tracing::warn!(
                     "closing {}: drain timeout with {} bytes still owed",
                     entry.connection.peer(),
@@ -254,6 +262,7 @@ impl ReadinessServer {
                 );
             } else if idle_deadline(entry, idle).is_some_and(|deadline| now >= deadline) {
                 log_idle(entry.connection.peer(), idle.unwrap_or_default());
+                self.counters.closed(transport, CloseReason::IdleTimeout);
             } else {
                 continue;
             }
@@ -285,6 +294,12 @@ impl ReadinessServer {
                     AcceptAction::Retry => continue,
                     AcceptAction::Pause => {
                         log_accept_pause(listener.name(), &e);
+                        let transport = if listener.is_tcp() {
+                            Transport::Tcp
+                        } else {
+                            Transport::Unix
+                        };
+                        self.counters.accept_paused(transport);
                         self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                         return Ok(());
                     }
@@ -299,17 +314,22 @@ impl ReadinessServer {
     /// `--max-conns` or its descriptor cannot be watched.
     fn admit(&mut self, stream: Stream, peer: Peer, listener: usize) -> io::Result<()> {
         let fd = stream.as_fd().as_raw_fd();
+        let transport = stream_transport(&stream);
         if let Some((limit, name)) = self.fd_limit.filter(|(limit, _)| fd >= *limit) {
             tracing::warn!("fd {fd} >= {name} ({limit}): cannot watch it; closing {peer}");
+            self.counters.refused(transport);
             return Ok(());
         }
         let counter = &self.listeners.counter;
         let Some(admission) = counter.admit() else {
+            self.counters.refused(transport);
             log_over_limit(&peer, counter.max_conns().unwrap_or(0));
             return Ok(());
         };
+        self.counters.accepted(transport);
         if let Err(e) = stream.set_nonblocking(true) {
             tracing::warn!("closing {peer}: {e}");
+            self.counters.closed(transport, CloseReason::Error);
             return Ok(());
         }
         tracing::debug!(
@@ -317,7 +337,7 @@ impl ReadinessServer {
             self.listeners.streams[listener].name()
         );
         let connection =
-            Connection::new(&self.protocol, peer, self.listeners.limits.max_buffer_bytes);
+            Connection::new(&self.protocol, peer, &self.listeners.limits, stream.as_fd());
         let entry = Entry {
             stream,
             connection,
@@ -349,7 +369,8 @@ impl ReadinessServer {
         };
         let mut served = Ok(());
         if ready.readable && entry.connection.wants_read() {
-            match read_available(&entry.stream, &mut entry.connection, &mut self.read_buf) {
+            let (connection, buf) = (&mut entry.connection, &mut self.read_buf);
+            match read_available(&entry.stream, connection, buf, &self.counters) {
                 Ok(true) => entry.last_input = Instant::now(),
                 Ok(false) => {}
                 Err(e) => served = Err(e),
@@ -357,12 +378,17 @@ impl ReadinessServer {
         }
         // Replies to what was just read go out now, without waiting for another turn.
         if served.is_ok() && (ready.writable || ready.readable) {
-            served = flush(&entry.stream, &mut entry.connection);
+            served = flush(&entry.stream, &mut entry.connection, &self.counters);
         }
         match served {
             Ok(()) => self.close_if_finished(slot),
             Err(e) => {
                 tracing::debug!("connection {} ended: {e}", entry.connection.peer());
+                let (transport, reason) = (stream_transport(&entry.stream), close_reason(&e));
+                if reason == CloseReason::HandlerPanic {
+                    self.counters.handler_panicked(transport);
+                }
+                self.counters.closed(transport, reason);
                 self.close(slot);
             }
         }
@@ -374,6 +400,11 @@ impl ReadinessServer {
         if let Some(entry) = &self.entries[slot] {
             if entry.connection.is_finished() {
                 let _ = entry.stream.shutdown_write();
+                let reason = entry
+                    .connection
+                    .finish_reason(self.drain_deadline.is_some());
+                self.counters
+                    .closed(stream_transport(&entry.stream), reason);
                 self.close(slot);
             }
         }
