@@ -1,7 +1,7 @@
 //! Blocking sockets: one thread waits for one client, serves it to the end, then takes the next.
 //!
-//! Technique: `accept`, then read and write that one connection until it closes (seeds 000
-//! and 002, steps 1 and 2 of the ladder); each listener gets its own such thread.
+//! Technique: `accept`, then read and write that one connection until it closes (step 1
+//! of the ladder); each listener gets its own such thread.
 //! Cost: nothing but one thread per listener; no bookkeeping at all.
 //! Limit: serial. While one client is connected, every other client waits in the kernel's
 //! accept backlog, and a client that never leaves blocks the listener forever.

@@ -2,7 +2,7 @@
 //!
 //! Technique: every pass tries `accept` on each listener, `recvfrom` on each datagram
 //! socket, and `read` and `write` on each connection; `WouldBlock` means "nothing yet, try
-//! the next one" (seeds 000 and 002, step 5 of the ladder), with partial writes parked in
+//! the next one" (step 5 of the ladder), with partial writes parked in
 //! the connection's buffer.
 //! Cost: the loop never sleeps, so it burns a whole core even with no client at all, and
 //! makes a system call per connection per pass whether or not anything arrived.
@@ -36,7 +36,7 @@ pub fn run(
 ) -> Result<(), ServeError> {
     let mut server = ReadinessServer::new(listeners, protocol, shutdown)?;
     // The sources of one pass, taken before serving any: closing a connection empties its
-    // slab slot, so this list is never edited while it is walked (seed 002 removed
+    // slab slot, so this list is never edited while it is walked (a tutorial's server removed
     // clients from the list it was iterating and skipped the next one).
     let mut sources: Vec<Source> = Vec::new();
     while !server.is_finished() {

@@ -1,6 +1,6 @@
 //! `epoll(7)`: one reactor thread per core sleeps until the kernel names the ready sockets.
 //!
-//! Technique: level-triggered epoll; connections in a slab keyed by token (with a
+//! Technique: step 8 of the ladder. Level-triggered epoll; connections in a slab keyed by token (with a
 //! generation against stale events); per wake-up one `read` and one `write` per ready
 //! socket, through one read buffer per loop; idle deadlines on a coarse wheel.
 //! Cost: O(ready) per wake-up; `epoll_ctl` only when a connection's interest changes.

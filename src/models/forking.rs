@@ -2,7 +2,7 @@
 //!
 //! Technique: a single-threaded parent waits on every listener with `poll(2)`, accepts,
 //! and forks; the child serves that one client and exits (`socketserver.ForkingTCPServer`,
-//! seed 001, step 4). Datagrams get a child each too, as `ForkingUDPServer` does.
+//! step 4 of the ladder). Datagrams get a child each too, as `ForkingUDPServer` does.
 //! Cost: a fork per client (page tables copied, copy-on-write faults) and a process each.
 //! Limit: processes are the heaviest unit of concurrency; the parent must reap every child
 //! (or zombies pile up) and must stay single-threaded to fork safely.

@@ -1,7 +1,7 @@
 //! `poll(2)`: one thread sleeps until any descriptor in a pollfd array is ready.
 //!
 //! Technique: rebuild an array of (fd, wanted events) each turn, sleep in `poll`, then
-//! serve the entries whose `revents` came back set (seed 003's loop, without select's cap).
+//! serve the entries whose `revents` came back set (the select tutorial's loop, step 7 of the ladder, without select's cap).
 //! Cost: every wake-up copies the whole array into the kernel and scans it, even when only
 //! one connection is ready: O(connections) per event.
 //! Limit: no FD_SETSIZE cap, but the O(n) scan makes thousands of mostly idle connections

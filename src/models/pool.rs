@@ -2,7 +2,7 @@
 //!
 //! Technique: the acceptor queues each connection; `--threads` workers (default
 //! [`DEFAULT_THREADS`]) each serve one connection at a time to its end
-//! (`ThreadPoolExecutor(max_workers=5)` in seed 001, step 3).
+//! (`ThreadPoolExecutor(max_workers=5)` in the tutorials; step 3 of the ladder).
 //! Cost: threads are made once, not per client, so a burst of short connections is cheap.
 //! Limit: at most `--threads` clients are served at once; the next ones wait in the queue,
 //! unanswered, until a worker's client leaves.

@@ -1,7 +1,7 @@
 //! `select(2)`: one thread sleeps until any connection is readable or writable.
 //!
 //! Technique: rebuild read and write fd sets each turn (write interest only while output
-//! is owed); serve whichever come back ready (seed 003, step 6 of the ladder).
+//! is owed); serve whichever come back ready (step 6 of the ladder).
 //! Cost: every wake-up copies both bitmaps into the kernel and scans every connection,
 //! even when only one is ready.
 //! Limit: an fd >= FD_SETSIZE (1024) cannot be watched; that connection is logged and closed.

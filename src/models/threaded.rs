@@ -1,7 +1,7 @@
 //! Thread per connection: every accepted client gets its own OS thread.
 //!
 //! Technique: the accepting thread spawns a thread that serves the connection with
-//! blocking-style code (`socketserver.ThreadingTCPServer`, seed 001, step 4).
+//! blocking-style code (`socketserver.ThreadingTCPServer`, step 2 of the ladder).
 //! Cost: a thread's stack and a context switch per wake-up; thousands of clients mean
 //! thousands of threads, and the scheduler, not the program, decides who runs.
 //! Limit: memory and scheduler load grow with every connection; `--max-conns` is the cap.

@@ -10,8 +10,8 @@
 //!
 //! Connections live in a slab (`Vec<Option<Entry>>` plus a free list) keyed by [`Token`]:
 //! closing one empties its slot instead of removing it from a list, so a pass over the
-//! ready sources never skips or revisits one (seed 002 removed from a list while
-//! iterating it).
+//! ready sources never skips or revisits one (a tutorial's busy-poll server removed
+//! clients from the list it was iterating, and skipped the next one).
 
 use super::counting::{close_reason, stream_transport};
 use super::one_socket::{answer_pending_datagrams, flush, read_available};
