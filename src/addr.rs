@@ -108,6 +108,19 @@ pub enum ListenSpec {
     UnixDatagram(PathBuf),
 }
 
+/// How a TLS client checks the server's certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum TlsVerify {
+    /// Against the system's trusted roots (`SSL_CERT_FILE`, or the distribution's bundle).
+    #[default]
+    System,
+    /// Against the certificates in this PEM file (`--ca FILE`).
+    Ca(PathBuf),
+    /// Not at all (`--insecure`), for self-signed test servers; handshake signatures are
+    /// still checked.
+    Insecure,
+}
+
 /// A peer to talk to (`client`, `bench`): `tcp://`, `udp://`, `unix://`, `unix-dgram://`,
 /// or a bare `HOST:PORT`, which means TCP.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +133,15 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// A Unix datagram socket.
     UnixDatagram(PathBuf),
+    /// TLS over TCP (`tls://HOST:PORT`).
+    Tls {
+        /// Where to connect.
+        addr: SocketAddr,
+        /// The host as typed: sent as SNI (unless an IP literal) and verified.
+        server_name: String,
+        /// How the server's certificate is checked (`--ca`, `--insecure`).
+        verify: TlsVerify,
+    },
 }
 
 impl Endpoint {
@@ -140,11 +162,23 @@ impl Endpoint {
         if let Some(rest) = text.strip_prefix("udp://") {
             return Ok(Endpoint::Udp(resolve(text, rest)?));
         }
+        if let Some(rest) = text.strip_prefix("tls://") {
+            let addr = resolve(text, rest)?;
+            let host = rest.rsplit_once(':').map_or(rest, |(host, _)| host);
+            return Ok(Endpoint::Tls {
+                addr,
+                server_name: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+                verify: TlsVerify::System,
+            });
+        }
         let rest = text.strip_prefix("tcp://").unwrap_or(text);
         if rest.contains("://") {
             return Err(addr_error(
                 text,
-                "unknown scheme; use tcp://, udp://, unix:// or unix-dgram://",
+                "unknown scheme; use tcp://, udp://, tls://, unix:// or unix-dgram://",
             ));
         }
         Ok(Endpoint::Tcp(resolve(text, rest)?))
@@ -234,6 +268,10 @@ impl fmt::Display for Endpoint {
                 f.write_str("unix-dgram://")?;
                 fmt_path(path, f)
             }
+            Endpoint::Tls { addr, .. } => {
+                f.write_str("tls://")?;
+                fmt_ip(addr, f)
+            }
         }
     }
 }
@@ -319,6 +357,71 @@ mod tests {
         assert!(bad_port.reason().contains("port \"abc\""), "{bad_port}");
         let no_host = Endpoint::parse(":7007").unwrap_err();
         assert!(!no_host.is_lookup_failure(), "{no_host}");
+    }
+
+    #[test]
+    fn kinds_and_spellings() {
+        for (text, is_datagram) in [
+            ("tcp://127.0.0.1:1", false),
+            ("127.0.0.1:1", false),
+            ("udp://127.0.0.1:1", true),
+            ("unix:///tmp/s", false),
+            ("unix-dgram:///tmp/d", true),
+        ] {
+            assert_eq!(
+                Endpoint::parse(text).unwrap().is_datagram(),
+                is_datagram,
+                "{text}"
+            );
+        }
+        let specs = [
+            (ListenSpec::Tcp("[::1]:7".parse().unwrap()), "tcp://[::1]:7"),
+            (
+                ListenSpec::Udp("127.0.0.1:7".parse().unwrap()),
+                "udp://127.0.0.1:7",
+            ),
+            (ListenSpec::Unix("/tmp/s".into()), "unix:///tmp/s"),
+            (
+                ListenSpec::UnixDatagram("/tmp/d".into()),
+                "unix-dgram:///tmp/d",
+            ),
+        ];
+        for (spec, printed) in specs {
+            assert_eq!(spec.to_string(), printed);
+        }
+        // The port is judged first, whatever the host.
+        assert!(
+            parse_ip_port("foo:abc")
+                .unwrap_err()
+                .reason()
+                .contains("port \"abc\"")
+        );
+        assert!(
+            parse_ip_port("[::1]:abc")
+                .unwrap_err()
+                .reason()
+                .contains("port \"abc\"")
+        );
+        assert!(
+            parse_ip_port(":7")
+                .unwrap_err()
+                .reason()
+                .contains("host is missing")
+        );
+        assert!(
+            parse_ip_port("[::1]")
+                .unwrap_err()
+                .reason()
+                .contains("[V6]:PORT")
+        );
+        assert_eq!(
+            parse_ip_port("LocalHost:1"),
+            Ok("127.0.0.1:1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_ip_port("[::ffff:127.0.0.1]:0"),
+            Ok("[::ffff:127.0.0.1]:0".parse().unwrap())
+        );
     }
 
     #[test]

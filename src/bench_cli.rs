@@ -14,6 +14,8 @@ pub fn run(args: BenchArgs) -> ExitCode {
     let Some(addr) = args.addr.clone() else {
         crate::usage_error("bench", "the server address ADDR is required", None);
     };
+    let addr = crate::cli::with_tls_verify(addr, args.ca.as_ref(), args.insecure)
+        .unwrap_or_else(|e| crate::usage_error("bench", e, None));
     let agent =
         reverb::bench::agent_from_env().unwrap_or_else(|e| crate::usage_error("bench", e, None));
     let config = args.config(agent);

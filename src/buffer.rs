@@ -117,14 +117,15 @@ impl WriteBuffer {
         self.len() >= self.max_bytes
     }
 
+    /// The bound this buffer was made with (`max_bytes` of [`WriteBuffer::new`]), so an
+    /// idle connection can drop its allocation and get a fresh buffer with the same bound.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// How many more bytes fit under the bound.
     pub fn room(&self) -> usize {
         self.max_bytes.saturating_sub(self.len())
-    }
-
-    /// The bound this buffer was made with.
-    pub fn max_bytes(&self) -> usize {
-        self.max_bytes
     }
 
     /// Heap bytes held by this buffer, for memory accounting in tests.

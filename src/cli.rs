@@ -6,18 +6,22 @@
 
 use clap::builder::{PossibleValue, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use reverb::addr::{Endpoint, ListenSpec};
+use reverb::addr::{Endpoint, ListenSpec, TlsVerify};
 use reverb::flags::{
     PROTOCOLS, ServeFlags, model_help, parse_bytes, parse_count, parse_model, parse_positive_count,
     parse_positive_secs, parse_protocol, parse_secs, parse_tcp_listen, parse_threads,
     parse_udp_listen, protocol_help, protocol_name,
 };
+use reverb::layer::StreamLayers;
+use reverb::layer::greeting::Greeting;
+use reverb::layer::tls::{TlsConfig, TlsSetupError};
 use reverb::models::Model;
 use reverb::protocol::{Protocol, ProtocolKind};
 use reverb::server::Limits;
 use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 const SERVE_AFTER_HELP: &str = "\
@@ -49,11 +53,11 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Serve echo (or lines, or until-quit) on TCP, UDP and Unix sockets.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Talk to a server: interactive on a terminal, nc-style with a pipe.
     Client(ClientArgs),
     /// Load a server with verified echoes and report throughput and latency.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Run every model side by side and compare them.
     Compare(CompareArgs),
     /// Print the man page or a shell completion script.
@@ -91,9 +95,10 @@ pub struct ServeArgs {
     /// each datagram; not with echo on a stream listener
     #[arg(long, value_name = "TEXT")]
     pub prefix: Option<String>,
-    /// Send TEXT first on every new stream connection
-    #[arg(long, value_name = "TEXT")]
-    pub greeting: Option<String>,
+    /// Send TEXT first on every new stream connection; {peer} and {local} become the
+    /// client's address and the address it reached, {{ and }} are literal braces
+    #[arg(long, value_name = "TEXT", value_parser = parse_greeting)]
+    pub greeting: Option<Greeting>,
     /// With --protocol lines: a line equal to WORD makes its connection's handler panic, to
     /// show that the others carry on
     #[arg(long, value_name = "WORD")]
@@ -111,6 +116,37 @@ pub struct ServeArgs {
     /// After SIGTERM or SIGINT, seconds the replies still owed may take
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "5", help_heading = "Limits")]
     pub drain_timeout: Duration,
+    /// Every stream connection must start with a PROXY protocol v1 or v2 header; the
+    /// client address it carries is the peer from then on
+    #[arg(long, help_heading = "Load balancers and TLS")]
+    pub proxy_protocol: bool,
+    /// Seconds from accept to a complete PROXY header before the connection is closed
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value = "5", help_heading = "Load balancers and TLS")]
+    pub proxy_timeout: Duration,
+    /// Speak TLS 1.2/1.3 on every stream listener with this PEM certificate chain (needs
+    /// --tls-key)
+    #[arg(
+        long,
+        value_name = "PEM",
+        requires = "tls_key",
+        conflicts_with = "tls_self_signed",
+        help_heading = "Load balancers and TLS"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1)
+    #[arg(
+        long,
+        value_name = "PEM",
+        requires = "tls_cert",
+        help_heading = "Load balancers and TLS"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Speak TLS with a throwaway certificate made at start; its SHA-256 fingerprint is logged
+    #[arg(long, help_heading = "Load balancers and TLS")]
+    pub tls_self_signed: bool,
+    /// Seconds from accept to a finished TLS handshake before the connection is closed
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value = "10", help_heading = "Load balancers and TLS")]
+    pub tls_handshake_timeout: Duration,
     /// Log each connection (debug level) on stderr
     #[arg(short, long)]
     pub verbose: bool,
@@ -182,22 +218,40 @@ impl ServeArgs {
         if let Some(prefix) = &self.prefix {
             protocol = protocol.with_prefix(prefix.as_bytes());
         }
-        if let Some(greeting) = &self.greeting {
-            protocol = protocol.with_greeting(greeting.as_bytes());
-        }
         if let Some(word) = &self.panic_on {
             protocol = protocol.with_panic_on(word.as_bytes());
         }
         protocol
     }
 
-    /// The limits every model applies.
-    pub fn limits(&self) -> Limits {
+    /// The TLS configuration, if any: certificate files loaded, or a throwaway made.
+    pub fn tls(&self) -> Result<Option<TlsConfig>, TlsSetupError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => TlsConfig::from_pem_files(cert, key).map(Some),
+            _ if self.tls_self_signed => TlsConfig::self_signed().map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The limits every model applies, with `tls` from [`ServeArgs::tls`].
+    pub fn limits(&self, tls: Option<TlsConfig>) -> Limits {
         Limits {
+            layers: StreamLayers {
+                proxy_protocol: self.proxy_protocol,
+                proxy_timeout: self.proxy_timeout,
+                tls,
+                tls_handshake_timeout: self.tls_handshake_timeout,
+                greeting: self
+                    .greeting
+                    .clone()
+                    .filter(|greeting| !greeting.is_empty())
+                    .map(Arc::new),
+            },
             max_conns: self.max_conns.map(|n| n as usize),
             idle_timeout: self.idle_timeout,
             max_buffer_bytes: self.max_buffer,
             drain_timeout: self.drain_timeout,
+            ..Limits::default()
         }
     }
 }
@@ -217,6 +271,12 @@ pub struct ClientArgs {
     // Parsed in `client`: a name that does not resolve is "cannot connect" (exit 1).
     #[arg(value_name = "ADDR")]
     pub addr: String,
+    /// With tls://: trust the server certificates in this PEM file instead of the system's.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+    /// With tls://: accept any server certificate (a self-signed test server).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Args)]
@@ -266,28 +326,36 @@ pub struct BenchArgs {
     /// Print one JSON object on stdout instead of the table
     #[arg(long)]
     pub json: bool,
+    /// With tls://: trust the server certificates in this PEM file instead of the system's.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+    /// With tls://: accept any server certificate (a self-signed test server).
+    #[arg(long)]
+    pub insecure: bool,
     /// Seconds one connection may take to be established, from its own connect
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_positive_secs)]
     pub connect_timeout: Duration,
-    /// Open connections at N per second (a ramp) instead of all at once
+    /// Open connections at N per second (a ramp) [default: all at once]
     #[arg(long, value_name = "N")]
     pub connect_rate: Option<f64>,
     /// Close a connection after MSGS messages and open a new one in its place
+    /// [default: never]
     #[arg(long, value_name = "MSGS", value_parser = clap::value_parser!(u64).range(1..))]
     pub conn_lifetime: Option<u64>,
     /// Spread connections over these local addresses: ADDR[,ADDR...] or a range
-    /// such as 127.0.0.2-127.0.0.9
+    /// such as 127.0.0.2-127.0.0.9 [default: the OS chooses]
     #[arg(long, value_name = "ADDRS", value_parser = parse_sources)]
     pub source: Option<Sources>,
     /// Search for the highest open-loop rate whose latency percentile stays within a
-    /// bound, e.g. p99=1ms or p99.9=500us
+    /// bound, e.g. p99=1ms or p99.9=500us [default: off]
     #[arg(long, value_name = "pNN=TIME")]
     pub slo: Option<reverb::bench::Slo>,
-    /// Record msgs/s and latency for each interval of SECS (a time series)
+    /// Record msgs/s and latency for each interval of SECS (a time series) [default: off]
     #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
     pub interval: Option<Duration>,
     /// Start the load at TIME (after connecting): Unix seconds, +SECS, or RFC 3339
-    /// (2026-11-29T16:30:00Z); lets several agents start together
+    /// (2026-11-29T16:30:00Z); lets several agents start together [default: once
+    /// connected]
     #[arg(long, value_name = "TIME", value_parser = reverb::bench::parse_start_at)]
     pub start_at: Option<std::time::SystemTime>,
 }
@@ -610,4 +678,42 @@ pub fn render_error(error: &clap::Error, subcommand: &str) -> String {
         "{}\n\n{usage}\n\nFor more information, try '{help}'.\n",
         lines.join("\n")
     )
+}
+
+/// `--greeting`: a template with `{peer}`, `{local}`, `{{` and `}}`.
+fn parse_greeting(text: &str) -> Result<Greeting, String> {
+    Greeting::parse(text).map_err(|e| e.to_string())
+}
+
+/// `endpoint` with the certificate check `--ca`/`--insecure` ask for.
+///
+/// # Errors
+///
+/// A usage message when either flag is given for an address that is not `tls://`.
+pub fn with_tls_verify(
+    endpoint: Endpoint,
+    ca: Option<&PathBuf>,
+    insecure: bool,
+) -> Result<Endpoint, String> {
+    let wanted = match (ca, insecure) {
+        (Some(path), _) => Some(TlsVerify::Ca(path.clone())),
+        (None, true) => Some(TlsVerify::Insecure),
+        (None, false) => None,
+    };
+    match (endpoint, wanted) {
+        (endpoint, None) => Ok(endpoint),
+        (
+            Endpoint::Tls {
+                addr, server_name, ..
+            },
+            Some(verify),
+        ) => Ok(Endpoint::Tls {
+            addr,
+            server_name,
+            verify,
+        }),
+        (other, Some(_)) => Err(format!(
+            "--ca and --insecure apply to tls:// addresses only, not {other}"
+        )),
+    }
 }

@@ -111,6 +111,17 @@ pub fn run(endpoint: &Endpoint) -> Result<(), ClientError> {
             let _ = stream.set_nodelay(true);
             ended(run_stream(StreamConn::Tcp(stream), interrupt.as_ref()))
         }
+        Endpoint::Tls {
+            addr: target,
+            server_name,
+            verify,
+        } => {
+            let stream = TcpStream::connect(target).map_err(connect_error)?;
+            let _ = stream.set_nodelay(true);
+            let plain =
+                crate::tls_client::connect(stream, server_name, verify).map_err(connect_error)?;
+            ended(run_stream(StreamConn::Unix(plain), interrupt.as_ref()))
+        }
         Endpoint::Unix(path) => {
             let stream = UnixStream::connect(path).map_err(connect_error)?;
             ended(run_stream(StreamConn::Unix(stream), interrupt.as_ref()))

@@ -18,9 +18,11 @@
 //! | `uring`     | io_uring completions                        | newest kernels; disabled in some sandboxes    |
 //!
 //! Layers point one way: [`buffer`] and [`slab`] import nothing from the crate,
-//! [`protocol`] only `buffer`, [`sys`] only `slab`, [`net`] only `sys`, [`runtime`] only
-//! those, [`server`] the layers below it, [`models`] everything below, and only `main.rs`
-//! all of it. [`sys`] is the only module that calls the OS directly.
+//! [`protocol`] only `buffer`, [`layer`] (PROXY protocol, TLS, the greeting template:
+//! sans-IO like the protocol) only `buffer`, [`sys`] only `slab`, [`net`] only `sys`,
+//! [`runtime`] only those, [`server`] the layers below it, [`models`] everything below, and
+//! only `main.rs` all of it. [`sys`] is the only module that calls the OS directly.
+//! [`tls_client`] gives `client` and `bench` their TLS.
 
 pub mod addr;
 pub mod bench;
@@ -28,6 +30,7 @@ pub mod buffer;
 pub mod client;
 pub mod compare;
 pub mod flags;
+pub mod layer;
 pub mod metrics;
 pub mod models;
 pub mod net;
@@ -37,3 +40,4 @@ pub mod server;
 pub mod service;
 pub mod slab;
 pub mod sys;
+pub mod tls_client;

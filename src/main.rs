@@ -65,10 +65,10 @@ fn main() -> ExitCode {
                 Some(serve_matches) => args.listen_specs(serve_matches),
                 None => Vec::new(),
             };
-            serve(args, specs)
+            serve(*args, specs)
         }
         Command::Client(args) => client(args),
-        Command::Bench(args) => bench_cli::run(args),
+        Command::Bench(args) => bench_cli::run(*args),
         Command::Compare(args) => compare(args),
         Command::Generate(args) => {
             let mut stdout = std::io::stdout().lock();
@@ -140,18 +140,41 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         tracing::warn!("cannot raise the open-file limit: {e}");
     }
     let protocol = args.protocol();
-    let limits = args.limits();
+    let tls = match args.tls() {
+        Ok(tls) => tls,
+        Err(e) => return fail(e),
+    };
+    if let Some(tls) = &tls
+        && args.tls_self_signed
+    {
+        tracing::info!(
+            "TLS with a self-signed certificate for localhost, 127.0.0.1 and ::1; SHA-256 fingerprint {}",
+            tls.fingerprint()
+        );
+    }
+    let limits = args.limits(tls);
     // Signals first: a SIGTERM that arrives while binding still means "stop cleanly".
     let shutdown = match Shutdown::new().and_then(|s| s.fire_on_signals().map(|()| s)) {
         Ok(shutdown) => shutdown,
         Err(e) => return fail(format!("cannot set up signal handling: {e}")),
     };
     // Socket activation: the service manager's sockets replace the listener flags.
-    let listeners = match reverb::service::passed_listeners(limits.clone()) {
+    let mut listeners = match reverb::service::passed_listeners(limits.clone()) {
         Ok(Some(listeners)) => listeners,
         Ok(None) => match Listeners::bind(&specs, limits, args.model.accept_queues()) {
             Ok(listeners) => listeners,
-            Err(e) => return fail(e),
+            Err(e) => {
+                let code = fail(&e);
+                if let reverb::server::ServeError::Bind { source, .. } = &e {
+                    if source.kind() == std::io::ErrorKind::AddrInUse {
+                        eprintln!(
+                            "  tip: another program holds it (a reverb serve still running?); \
+                             stop it, or serve elsewhere: --tcp 127.0.0.1:0 picks a free port"
+                        );
+                    }
+                }
+                return code;
+            }
         },
         Err(e) => return fail(e),
     };
@@ -168,6 +191,7 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
     };
     // Ready before the readiness lines, so whoever reads them finds /readyz agreeing.
     if let Some((metrics, _)) = &metrics {
+        listeners.limits.metrics = *metrics;
         metrics.set_ready(true);
     }
     {
@@ -228,6 +252,10 @@ fn client(args: ClientArgs) -> ExitCode {
         Err(e) if e.is_lookup_failure() => {
             return fail(format!("cannot connect to {}: {}", args.addr, e.reason()));
         }
+        Err(e) => usage_error("client", e, None),
+    };
+    let endpoint = match cli::with_tls_verify(endpoint, args.ca.as_ref(), args.insecure) {
+        Ok(endpoint) => endpoint,
         Err(e) => usage_error("client", e, None),
     };
     match reverb::client::run(&endpoint) {

@@ -82,6 +82,10 @@ fn address_in_use_exits_1_naming_it() {
     assert!(stderr.contains(&format!("tcp://{addr}")), "{stderr}");
     assert!(stderr.to_lowercase().contains("in use"), "{stderr}");
     assert!(
+        stderr.contains("  tip:") && stderr.contains("--tcp 127.0.0.1:0"),
+        "says what to do: {stderr}"
+    );
+    assert!(
         output.stdout.is_empty(),
         "no listening line for a failed start"
     );

@@ -225,3 +225,179 @@ fn metrics_address_in_use_is_exit_1_naming_it() {
     );
     assert!(output.stdout.is_empty(), "no readiness line before failing");
 }
+
+/// Known traffic through `model`, then the scrape read by the Prometheus parser must show
+/// exactly it: three TCP connections of 100 bytes, one Unix connection of 50 bytes, one
+/// connection refused by `--max-conns`, two UDP datagrams of 10 bytes. Counts land just
+/// after a connection closes, so the scrape is retried until it matches (at most
+/// `PATIENCE`), and must then match exactly. `blocking` (one client at a time) and
+/// `forking` (a place under `--max-conns` is freed only when the child is reaped) skip
+/// the refusal.
+fn counts_known_traffic(model: &str) {
+    let refuses = !matches!(model, "blocking" | "forking");
+    use std::os::unix::net::UnixStream;
+    let unix_path = common::temp_socket_path("metrics");
+    let unix_text = unix_path.to_str().unwrap().to_string();
+    let mut args = vec![
+        "--tcp",
+        "127.0.0.1:0",
+        "--udp",
+        "127.0.0.1:0",
+        "--unix",
+        &unix_text,
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    if refuses {
+        args.extend(["--max-conns", "1"]);
+    }
+    let server = Server::start(model, &args);
+    // --max-conns 1 counts a connection until the server has closed it, a moment after
+    // the client read EOF; wait for that before the next one, or it would be refused.
+    let wait_until_none_open = || {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (_, body) = get(&server, "/metrics");
+            let is_none_open = body.contains("reverb_connections_open{transport=\"tcp\"} 0\n")
+                && body.contains("reverb_connections_open{transport=\"unix\"} 0\n");
+            if is_none_open {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "connections never closed:\n{body}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let echo_tcp = |bytes: usize| {
+        let mut stream = server.connect_tcp();
+        stream.write_all(&vec![b'a'; bytes]).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).unwrap();
+        assert_eq!(back.len(), bytes);
+        wait_until_none_open();
+    };
+    for _ in 0..3 {
+        echo_tcp(100);
+    }
+    {
+        let mut stream = UnixStream::connect(&unix_path).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.write_all(&[b'u'; 50]).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).unwrap();
+        assert_eq!(back.len(), 50);
+        wait_until_none_open();
+    }
+    if refuses {
+        // One connection held open, so the next is refused (--max-conns 1): the refused
+        // client reads EOF at once.
+        let mut held = server.connect_tcp();
+        held.write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        held.read_exact(&mut one).unwrap();
+        let mut refused = server.connect_tcp();
+        let mut rest = Vec::new();
+        refused.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        held.shutdown(std::net::Shutdown::Write).unwrap();
+        held.read_to_end(&mut rest).unwrap();
+    }
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    for _ in 0..2 {
+        udp.send_to(&[b'd'; 10], server.addr("udp")).unwrap();
+        let mut reply = [0u8; 64];
+        assert_eq!(udp.recv(&mut reply).unwrap(), 10);
+    }
+    let (held, refused) = if refuses { (1.0, 1.0) } else { (0.0, 0.0) };
+    let expected: BTreeMap<&str, f64> = [
+        (
+            r#"reverb_connections_accepted_total{transport="tcp"}"#,
+            3.0 + held,
+        ),
+        (
+            r#"reverb_connections_accepted_total{transport="unix"}"#,
+            1.0,
+        ),
+        (
+            r#"reverb_connections_refused_total{transport="tcp"}"#,
+            refused,
+        ),
+        (r#"reverb_connections_open{transport="tcp"}"#, 0.0),
+        (
+            r#"reverb_connections_closed_total{reason="peer_eof",transport="tcp"}"#,
+            3.0 + held,
+        ),
+        (
+            r#"reverb_connections_closed_total{reason="peer_eof",transport="unix"}"#,
+            1.0,
+        ),
+        (
+            r#"reverb_connections_closed_total{reason="error",transport="tcp"}"#,
+            0.0,
+        ),
+        (
+            r#"reverb_received_bytes_total{transport="tcp"}"#,
+            300.0 + held,
+        ),
+        (r#"reverb_sent_bytes_total{transport="tcp"}"#, 300.0 + held),
+        (r#"reverb_received_bytes_total{transport="unix"}"#, 50.0),
+        (r#"reverb_sent_bytes_total{transport="unix"}"#, 50.0),
+        (r#"reverb_datagrams_received_total{transport="udp"}"#, 2.0),
+        (r#"reverb_datagrams_answered_total{transport="udp"}"#, 2.0),
+        (r#"reverb_received_bytes_total{transport="udp"}"#, 20.0),
+        (r#"reverb_sent_bytes_total{transport="udp"}"#, 20.0),
+        (r#"reverb_handler_panics_total{transport="tcp"}"#, 0.0),
+    ]
+    .into_iter()
+    .collect();
+    let deadline = Instant::now() + PATIENCE;
+    let mut last = String::new();
+    loop {
+        let (_, body) = get(&server, "/metrics");
+        let Some(samples) = parse_scrape(&body) else {
+            return;
+        };
+        let seen: BTreeMap<&str, f64> = expected
+            .keys()
+            .map(|&name| (name, samples.get(name).copied().unwrap_or(f64::NAN)))
+            .collect();
+        if seen == expected {
+            break;
+        }
+        last = format!("{seen:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "{model}: the scrape never showed the traffic; last:\n{last}\nexpected:\n{expected:#?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    drop(last);
+    server.stop();
+}
+
+macro_rules! counting_models {
+    ($($model:ident => $name:literal),* $(,)?) => {
+        mod counts {
+            $(#[test]
+            fn $model() {
+                super::counts_known_traffic($name);
+            })*
+        }
+    };
+}
+
+counting_models! {
+    blocking => "blocking",
+    threaded => "threaded",
+    pool => "pool",
+    forking => "forking",
+    busy_poll => "busy-poll",
+    select => "select",
+    poll => "poll",
+    epoll => "epoll",
+}

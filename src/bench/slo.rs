@@ -1,10 +1,13 @@
 //! `--slo pNN=TIME`: the highest open-loop rate whose latency percentile stays within a
 //! bound (tcpkali's `@latency` search, with bounds on the steps).
 //!
-//! Each step is a whole open-loop run at one rate. The rate doubles from the starting rate
-//! (`--rate`, or [`START_RATE`]) until a step fails, then the search halves the interval
-//! between the best passing and the lowest failing rate until they are within
-//! [`PRECISION`] of each other; it never runs more than [`MAX_STEPS`] steps. A step passes
+//! Each step is a whole open-loop run at one rate. The rate is multiplied by [`GROWTH`]
+//! from the starting rate (`--rate`, or [`START_RATE`]) until a step fails (and divided by
+//! it while none has passed), then the search halves the interval between the best passing
+//! and the lowest failing rate until they are within [`PRECISION`] of each other; it never
+//! runs more than [`MAX_STEPS`] steps. Growing by 4 rather than 2 leaves steps for the
+//! halving: from 1000 msgs/s the bracket around 1 M msgs/s is found in 6 steps, and 6 more
+//! narrow it to a few per cent. A step passes
 //! when the percentile is within the bound, the target rate was reached, and no byte,
 //! connection or datagram was wrong, failed or lost.
 
@@ -17,6 +20,8 @@ use std::time::Duration;
 
 /// The first rate tried without `--rate`, in messages per second.
 pub const START_RATE: f64 = 1000.0;
+/// The factor between steps until the bound is bracketed.
+pub const GROWTH: f64 = 4.0;
 /// At most this many steps per search.
 pub const MAX_STEPS: usize = 12;
 /// The search stops when the lowest failing rate is within this share above the best
@@ -221,9 +226,9 @@ pub fn search_rate(
         let next = match (best.as_ref().map(|(b, _)| *b), lowest_failing) {
             (Some(b), Some(f)) if f <= b * (1.0 + PRECISION) => break,
             (Some(b), Some(f)) => (b + f) / 2.0,
-            (Some(b), None) => b * 2.0,
-            (None, Some(f)) => f / 2.0,
-            (None, None) => rate * 2.0,
+            (Some(b), None) => b * GROWTH,
+            (None, Some(f)) => f / GROWTH,
+            (None, None) => rate * GROWTH,
         };
         if next < MIN_RATE {
             break;

@@ -48,6 +48,19 @@ impl Stream {
                     Err(e) => Err(e),
                 }
             }
+            Endpoint::Tls {
+                addr,
+                server_name,
+                verify,
+            } => {
+                // The handshake is made here, blocking (bounded by its own timeout); the
+                // connection above then reads and writes plaintext through a relay.
+                let tcp = TcpStream::connect(addr)?;
+                tcp.set_nodelay(true)?;
+                let plain = crate::tls_client::connect(tcp, server_name, verify)?;
+                plain.set_nonblocking(true)?;
+                Ok(Opened::Established(Stream::Unix(plain)))
+            }
             Endpoint::Udp(_) | Endpoint::UnixDatagram(_) => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a stream endpoint",
@@ -132,7 +145,7 @@ impl Datagram {
                 socket.set_nonblocking(true)?;
                 Datagram::Unix { socket, _path: own }
             }
-            Endpoint::Tcp(_) | Endpoint::Unix(_) => {
+            Endpoint::Tcp(_) | Endpoint::Unix(_) | Endpoint::Tls { .. } => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "not a datagram endpoint",

@@ -29,7 +29,8 @@ pub fn run(
     let RunOptions { threads: _ } = options;
     let (counter, limits) = (listeners.counter.clone(), listeners.limits.clone());
     serve_each_socket(&mut listeners, &protocol, &shutdown, |listener| {
-        accept_until_shutdown(listener, &counter, &shutdown, |stream, peer, _admission| {
+        let metrics = limits.metrics;
+        accept_until_shutdown(listener, &counter, &shutdown, metrics, |stream, peer, _admission| {
             // Served right here: the next accept waits until this client is done.
             serve_connection(stream, peer, &protocol, &limits, &shutdown);
         })

@@ -54,7 +54,8 @@ pub fn run(
     let mut children: HashMap<Pid, Option<Admission>> = HashMap::new();
     let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
     let mut replier = DatagramReplier::new(protocol.clone());
-    let log = LoopLog::default();
+    // The parent's own counters (accepts); every child counts in a slot of its own.
+    let log = LoopLog::new(listeners.limits.metrics);
     loop {
         reap(&mut children)?;
         let mut entries: Vec<_> = listeners
@@ -88,7 +89,6 @@ pub fn run(
                     &mut replier,
                     &mut buf,
                     &mut children,
-                    &log,
                 )?;
             }
         }
@@ -137,7 +137,6 @@ fn answer_one(
     replier: &mut DatagramReplier,
     buf: &mut [u8],
     children: &mut HashMap<Pid, Option<Admission>>,
-    log: &LoopLog,
 ) -> io::Result<()> {
     let (n, peer) = match listeners.datagrams[index].recv_from(buf) {
         Ok(received) => received,
@@ -150,7 +149,13 @@ fn answer_one(
         Forked::Child => {
             let socket = listeners.datagrams.swap_remove(index);
             close_listeners(listeners);
-            run_child(|| replier.answer(&socket, &peer, &buf[..n], log))
+            let metrics = listeners.limits.metrics;
+            run_child(|| {
+                // The child's own slot, in the mapping its parent's metrics server reads:
+                // the parent's log has one writer, the parent.
+                let log = LoopLog::new(metrics);
+                replier.answer(&socket, &peer, &buf[..n], &log);
+            })
         }
         Forked::Parent(pid) => {
             children.insert(pid, None);

@@ -19,25 +19,17 @@
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::runtime::{self, Async, Direction, Runtime, unless};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
-use crate::server::{
+use crate::server::task_buffers;
+use crate::server::{LoopLog, 
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Limits, Listeners, Protocol, READ_BUFFER_BYTES, RunOptions, ServeError,
-    Shutdown, accept_action, is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle,
-    log_over_limit, log_send_failure,
-};
-use std::cell::{Cell, RefCell};
+    DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
+    is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle, log_over_limit,
+    };
+use std::cell::Cell;
 use std::io;
 use std::net::Shutdown as Half;
+use std::os::fd::AsFd;
 use std::rc::Rc;
-
-thread_local! {
-    /// The one read buffer of a runtime thread: a task takes it once its socket is ready
-    /// and hands the bytes over before it awaits again, so idle connections hold none.
-    static READ_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUFFER_BYTES]);
-    /// The output allocation lent to whichever connection is producing replies, and taken
-    /// back once they are sent, so an idle connection holds no output buffer.
-    static SPARE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
 
 /// What every task of one runtime shares.
 struct Loop {
@@ -59,9 +51,9 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    options: RunOptions,
+    RunOptions { threads: loops, .. }: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
+    let loops = loops.unwrap_or_else(super::default_loops).max(1);
     // Every loop also answers datagrams, from duplicates of the same sockets.
     let sources = split_sources(&mut listeners, loops, true)?;
     let state = || Loop {
@@ -156,7 +148,12 @@ async fn serve_connection(
     _admission: Admission,
     state: Rc<Loop>,
 ) {
-    let mut connection = Connection::new(&state.protocol, peer, state.limits.max_buffer_bytes);
+    let mut connection = Connection::new(
+        &state.protocol,
+        peer,
+        &state.limits,
+        stream.get_ref().as_fd(),
+    );
     if let Err(e) = converse(&stream, &mut connection, &state).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }
@@ -181,7 +178,7 @@ async fn converse(
             };
             sent?;
             connection.advance(owed);
-            SPARE.with_borrow_mut(|spare| connection.return_spare(spare));
+            task_buffers::return_spare(connection);
         }
         if is_draining() {
             connection.stop_reading();
@@ -206,24 +203,14 @@ async fn converse(
     }
 }
 
-/// Waits for input, reads it into the loop's buffer, and hands it to `connection`.
+/// Waits for input, then reads it into the loop's buffer and hands it to `connection`.
 async fn receive(stream: &Async<Stream>, connection: &mut Connection) -> io::Result<()> {
     loop {
         stream.ready(Direction::Read).await;
-        let received = READ_BUFFER.with_borrow_mut(|buf| {
-            let limit = connection.read_limit(buf.len());
-            let got = stream.try_read(&mut buf[..limit])?;
-            SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-            let received = match got {
-                0 => connection.receive_eof(),
-                n => connection.receive(&buf[..n]),
-            };
-            received.map_err(|_| io::Error::other("handler panicked"))
-        });
-        match received {
+        match task_buffers::receive_into(connection, |buf| stream.try_read(buf)) {
             // Readiness was cached from an earlier edge: wait for the next one.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            received => return received,
+            received => return received.map(drop),
         }
     }
 }
@@ -231,6 +218,8 @@ async fn receive(stream: &Async<Stream>, connection: &mut Connection) -> io::Res
 /// Answers datagrams until shutdown.
 async fn answer_datagrams(socket: Async<DatagramSocket>, state: Rc<Loop>) -> io::Result<()> {
     let mut replier = DatagramReplier::new(state.protocol.clone());
+    // Logs only: this model does not count yet.
+    let log = LoopLog::default();
     let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
     let is_draining = || state.is_draining.get();
     while let Some(received) = unless(is_draining, None, socket.recv_from(&mut buf)).await {
@@ -239,12 +228,8 @@ async fn answer_datagrams(socket: Async<DatagramSocket>, state: Rc<Loop>) -> io:
             Err(e) if is_per_peer_datagram_error(&e) => continue,
             Err(e) => return Err(e),
         };
-        if let Some(reply) = replier.reply(&peer, &buf[..n]) {
-            // A full send buffer drops this one reply, as a lost datagram would.
-            if let Err(e) = socket.get_ref().send_to(reply, &peer) {
-                log_send_failure(&peer, &e);
-            }
-        }
+        // A full send buffer drops this one reply, as a lost datagram would.
+        replier.answer(socket.get_ref(), &peer, &buf[..n], &log);
     }
     Ok(())
 }

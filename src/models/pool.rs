@@ -60,6 +60,7 @@ pub fn run(
                 listener,
                 &counter,
                 shutdown_ref,
+                limits.metrics,
                 move |stream, peer, admission| {
                     // Blocks while QUEUE_LEN connections already wait.
                     let _ = queue.send((stream, peer, admission));

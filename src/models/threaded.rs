@@ -40,6 +40,7 @@ pub fn run(
                 listener,
                 &counter,
                 shutdown_ref,
+                limits.metrics,
                 |stream, peer, admission| {
                     let spawned = thread::Builder::new()
                         .stack_size(CONNECTION_STACK_BYTES)

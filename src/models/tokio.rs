@@ -18,33 +18,24 @@
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::stop_signal::StopSignal;
-use crate::server::{
+use crate::server::task_buffers;
+use crate::server::{LoopLog, 
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Limits, Listeners, Protocol, READ_BUFFER_BYTES, RunOptions, ServeError,
-    Shutdown, accept_action, is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle,
-    log_over_limit, log_send_failure,
-};
+    DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
+    is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle, log_over_limit,
+    };
 use crate::sys::async_fd;
-use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, unix::AsyncFd};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, timeout};
-
-thread_local! {
-    /// The one read buffer of each loop's thread: a connection borrows it for one read
-    /// and hands it back before it awaits, so 10,000 connections share it.
-    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUFFER_BYTES]);
-    /// The output allocation lent to whichever connection is producing replies.
-    static SPARE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
 
 /// Serves every listener with `threads` runtimes until `shutdown` fires and drains.
 ///
@@ -203,20 +194,16 @@ async fn serve_socket(
                     Ok(Err(e)) => return Err(e),
                     Err(_would_block) => continue,
                 };
-                if let Some(reply) = replier.reply(&peer, &buf[..n]) {
-                    // A full send buffer drops this one reply, as a lost datagram would.
-                    if let Err(e) = socket.send_to(reply, &peer) {
-                        log_send_failure(&peer, &e);
-                    }
-                }
+                // A full send buffer drops this one reply, as a lost datagram would.
+                replier.answer(socket, &peer, &buf[..n], &LoopLog::default());
             }
         }
     }
 }
 
 /// A connected tokio stream, TCP or Unix.
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
+trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + AsFd + Unpin + Send> Socket for S {}
 
 /// Hands an accepted connection to tokio and spawns its task, if `--max-conns` admits it.
 fn admit(stream: Stream, peer: Peer, listener: &str, state: &Arc<Loop>, done: &Done) {
@@ -242,7 +229,7 @@ fn admit(stream: Stream, peer: Peer, listener: &str, state: &Arc<Loop>, done: &D
 /// One connection's task: sends what is owed, reads, hands the bytes over, until the
 /// connection is finished. Its errors end only this connection.
 async fn serve(stream: Box<dyn Socket>, peer: Peer, state: Arc<Loop>, _held: (Admission, Done)) {
-    let mut connection = Connection::new(&state.protocol, peer, state.limits.max_buffer_bytes);
+    let mut connection = Connection::new(&state.protocol, peer, &state.limits, stream.as_fd());
     if let Err(e) = converse(stream, &mut connection, &state).await {
         tracing::debug!("connection {} ended: {e}", connection.peer());
     }
@@ -270,7 +257,7 @@ async fn converse(
                 }
             }
             connection.advance(owed);
-            SPARE.with_borrow_mut(|spare| connection.return_spare(spare));
+            task_buffers::return_spare(connection);
         }
         if state.draining.is_fired() {
             connection.stop_reading();
@@ -296,23 +283,23 @@ async fn converse(
     }
 }
 
-/// Reads once into the loop's shared buffer and feeds the protocol; pending until the
-/// socket is readable. tokio's `poll_read` treats a short read as "drained", so no
+/// Reads once into the loop's buffer and hands the bytes to `connection`; pending until
+/// the socket is readable. tokio's `poll_read` treats a short read as "drained", so no
 /// `read` returns `EAGAIN`.
 fn poll_receive(
     cx: &mut Context<'_>,
     stream: &mut Box<dyn Socket>,
     connection: &mut Connection,
 ) -> Poll<io::Result<()>> {
-    READ_BUF.with_borrow_mut(|buf| {
-        let limit = connection.read_limit(buf.len());
-        let mut input = ReadBuf::new(&mut buf[..limit]);
-        ready!(Pin::new(&mut **stream).poll_read(cx, &mut input))?;
-        SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-        let received = match input.filled() {
-            [] => connection.receive_eof(),
-            bytes => connection.receive(bytes),
-        };
-        Poll::Ready(received.map_err(|_| io::Error::other("handler panicked")))
-    })
+    let received = task_buffers::receive_into(connection, |buf| {
+        let mut input = ReadBuf::new(buf);
+        match Pin::new(&mut **stream).poll_read(cx, &mut input) {
+            Poll::Ready(read) => read.map(|()| input.filled().len()),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    });
+    match received {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+        received => Poll::Ready(received.map(drop)),
+    }
 }

@@ -17,16 +17,16 @@
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
-use crate::server::{
+use crate::metrics::Transport;
+use crate::server::{LoopLog, 
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
     DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
-    is_per_peer_datagram_error, log_accept_pause, log_idle, log_over_limit, log_send_failure,
-};
+    is_per_peer_datagram_error, log_accept_pause, log_idle, log_over_limit, };
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
 use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -266,7 +266,7 @@ impl<'a> Loop<'a> {
             return log_over_limit(&peer, self.counter.max_conns().unwrap_or(0));
         };
         tracing::debug!("accepted {peer} on {listener}");
-        let connection = Connection::new(self.protocol, peer, self.limits.max_buffer_bytes);
+        let connection = Connection::new(self.protocol, peer, self.limits, stream.as_fd());
         let last_input_tick = self.idle.as_ref().map_or(0, |w| w.tick_at(self.now));
         let conn = Conn {
             connection,
@@ -381,10 +381,15 @@ impl<'a> Loop<'a> {
             Ok(datagram) => {
                 let peer = Peer::from_sock_addr(&datagram.sender);
                 let bytes = self.ring.datagram_bytes(token, &datagram);
-                if let Some(reply) = replier.reply(&peer, bytes) {
-                    if let Err(e) = self.ring.send_datagram(token, &datagram.sender, reply) {
-                        log_send_failure(&peer, &e);
-                    }
+                let transport = match peer {
+                    Peer::Ip(_) => Transport::Udp,
+                    Peer::Unix(_) => Transport::UnixDatagram,
+                };
+                // Logs only: this model does not count yet.
+                let log = LoopLog::default();
+                if let Some(reply) = replier.reply(&peer, transport, bytes, &log) {
+                    let sent = self.ring.send_datagram(token, &datagram.sender, reply);
+                    log.reply_sent(&peer, transport, &sent);
                 }
             }
             Err(e) if is_per_peer_datagram_error(&e) => {}

@@ -305,3 +305,27 @@ fn the_panic_word_panics_on_a_datagram() {
     }));
     assert!(result.is_err());
 }
+
+#[test]
+fn lines_free_a_long_held_line_once_answered() {
+    let protocol = Protocol::new(ProtocolKind::Lines, 1 << 20);
+    let mut session = protocol.new_session();
+    let mut out = WriteBuffer::new(1 << 21);
+    let held_capacity = |session: &Session| match &session.state {
+        State::Lines(lines) => lines.held.capacity(),
+        _ => unreachable!(),
+    };
+    session.on_data(&[b'x'; 100_000], &mut out);
+    session.on_data(b"\n", &mut out);
+    assert_eq!(
+        held_capacity(&session),
+        0,
+        "a connection that once sent a long line keeps no memory for it"
+    );
+    session.on_data(b"ab", &mut out);
+    session.on_data(b"\n", &mut out);
+    assert!(
+        held_capacity(&session) > 0,
+        "a short line's allocation is kept for the next one"
+    );
+}

@@ -1,7 +1,7 @@
 //! Accept and admit: taking a connection from a listener, sorting accept errors, and
 //! holding every connection to `--max-conns`, the same for every model.
 
-use super::lifecycle::{CloseReason, LoopLog, close};
+use super::lifecycle::{CloseReason, LoopLog, close, stream_transport};
 use super::{Admission, ConnectionCounter};
 use crate::net::{Peer, Stream, StreamListener};
 use crate::sys::errno;
@@ -66,16 +66,16 @@ pub fn accept_action(error: &io::Error) -> AcceptAction {
     }
 }
 
-/// Handles what one `accept` on `listener` (its name) returned, for a model that accepts
-/// its own way (a runtime's future, a completion): sorts an error, or admits the
-/// connection under `counter`.
+/// Handles what one `accept` on `listener` returned, for a model that accepts its own
+/// way (a runtime's future, a completion): sorts an error, or admits the connection
+/// under `counter`.
 ///
 /// # Errors
 ///
 /// The listener is broken: the server fails.
 pub fn on_accept(
     result: io::Result<(Stream, Peer)>,
-    listener: &str,
+    listener: &StreamListener,
     counter: &ConnectionCounter,
     log: &LoopLog,
 ) -> io::Result<Accepted> {
@@ -98,7 +98,7 @@ pub fn on_accept(
         close(stream, &peer, CloseReason::OverLimit(max_conns), log);
         return Ok(Accepted::Again);
     };
-    log.accepted(&peer, listener);
+    log.accepted(&peer, stream_transport(&stream), listener.name());
     Ok(Accepted::Connection(stream, peer, admission))
 }
 
@@ -113,5 +113,5 @@ pub fn accept_and_admit(
     counter: &ConnectionCounter,
     log: &LoopLog,
 ) -> io::Result<Accepted> {
-    on_accept(listener.accept(), listener.name(), counter, log)
+    on_accept(listener.accept(), listener, counter, log)
 }

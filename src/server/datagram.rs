@@ -1,7 +1,8 @@
 //! Answering datagrams: the reflection guard, the protocol's one reply, panic isolation.
 
 use super::connection::{HandlerPanicked, catch_datagram_panic};
-use super::lifecycle::{DatagramDrop, LoopLog};
+use super::lifecycle::{DatagramDrop, LoopLog, datagram_transport};
+use crate::metrics::Transport;
 use crate::net::{DatagramSocket, Peer};
 use crate::protocol::Protocol;
 use std::io;
@@ -53,36 +54,38 @@ impl DatagramReplier {
         }
     }
 
-    /// The reply owed to `peer` for `datagram`, or `None` when it gets none (a guarded
-    /// source, or a handler that panicked; both are logged).
-    pub fn reply(&mut self, peer: &Peer, datagram: &[u8]) -> Option<&[u8]> {
-        self.reply_logged(peer, datagram, &LoopLog::default())
-    }
-
-    fn reply_logged(&mut self, peer: &Peer, datagram: &[u8], log: &LoopLog) -> Option<&[u8]> {
+    /// Counts `datagram` from `peer` over `transport` in `log`, and returns the reply
+    /// owed to it, or `None` when it gets none (a guarded source, or a handler that
+    /// panicked; both are logged and counted). The model sends the reply and tells `log`
+    /// how that went ([`LoopLog::reply_sent`]); [`DatagramReplier::answer`] does both.
+    pub fn reply(
+        &mut self,
+        peer: &Peer,
+        transport: Transport,
+        datagram: &[u8],
+        log: &LoopLog,
+    ) -> Option<&[u8]> {
+        log.datagram_received(transport, datagram.len());
         if !datagram_source_allowed(peer) {
-            log.dropped(peer, &DatagramDrop::ReflectionGuard);
+            log.dropped(peer, transport, &DatagramDrop::ReflectionGuard);
             return None;
         }
         let DatagramReplier { protocol, reply } = self;
         match catch_datagram_panic(peer, || protocol.reply_to_datagram(datagram, reply)) {
             Ok(()) => Some(&self.reply),
             Err(HandlerPanicked) => {
-                log.dropped(peer, &DatagramDrop::HandlerPanicked);
+                log.dropped(peer, transport, &DatagramDrop::HandlerPanicked);
                 None
             }
         }
     }
 
-    /// Answers one datagram `peer` sent to `socket`; a reply that cannot be sent is logged
-    /// and dropped, and the socket keeps serving others.
+    /// Answers one datagram `peer` sent to the non-blocking `socket`; a reply that cannot
+    /// be sent at once is logged and dropped, and the socket keeps serving others.
     pub fn answer(&mut self, socket: &DatagramSocket, peer: &Peer, datagram: &[u8], log: &LoopLog) {
-        let Some(reply) = self.reply_logged(peer, datagram, log) else {
-            return;
-        };
-        match socket.send_to(reply, peer) {
-            Ok(sent) => log.answered(peer, sent),
-            Err(e) => log.dropped(peer, &DatagramDrop::SendFailed(&e)),
+        let transport = datagram_transport(socket);
+        if let Some(reply) = self.reply(peer, transport, datagram, log) {
+            log.reply_sent(peer, transport, &socket.send_to(reply, peer));
         }
     }
 
@@ -107,7 +110,6 @@ impl DatagramReplier {
                 Err(e) if is_per_peer_datagram_error(&e) => continue,
                 Err(e) => return Err(e),
             };
-            log.received(n);
             self.answer(socket, &peer, &buf[..n], log);
         }
         Ok(())
@@ -138,14 +140,8 @@ static DROPPED_REPLIES: AtomicU64 = AtomicU64::new(0);
 static LAST_DROP_LOG_MS: AtomicU64 = AtomicU64::new(0);
 static CLOCK_START: OnceLock<Instant> = OnceLock::new();
 
-/// Logs a reply that could not be sent (for models that have no [`LoopLog`] yet); the
-/// socket keeps serving others.
-pub fn log_send_failure(peer: &Peer, error: &io::Error) {
-    LoopLog::default().dropped(peer, &DatagramDrop::SendFailed(error));
-}
-
 /// Counts a reply that could not be sent and logs it, at most once per
-/// `DROPPED_REPLY_LOG_INTERVAL` (the one place [`LoopLog::dropped`] sends such a drop).
+/// `DROPPED_REPLY_LOG_INTERVAL` (for [`LoopLog::dropped`], the one caller).
 ///
 /// Every model sends datagram replies without waiting (a full queue at one peer answers
 /// `EAGAIN` at once), so a peer that never reads loses its own replies and delays nobody.

@@ -15,19 +15,23 @@ mod lifecycle;
 mod listeners;
 pub mod one_socket;
 pub mod readiness;
+pub mod setup_deadline;
 mod shutdown;
 pub mod stop_signal;
+pub mod task_buffers;
 
 pub use crate::protocol::Protocol;
 pub use accept::{AcceptAction, Accepted, accept_action, accept_and_admit, on_accept};
 pub use connection::{Connection, HandlerPanicked, is_in_handler};
-pub use datagram::{
-    DatagramReplier, datagram_source_allowed, is_per_peer_datagram_error, log_send_failure,
+pub use datagram::{DatagramReplier, datagram_source_allowed, is_per_peer_datagram_error};
+pub use lifecycle::{
+    CloseReason, DatagramDrop, LoopLog, close, datagram_transport, listener_transport,
+    stream_transport,
 };
-pub use lifecycle::{CloseReason, DatagramDrop, LoopLog, close};
 pub use listeners::{Admission, ConnectionCounter, Listeners};
 pub use shutdown::Shutdown;
 
+use crate::metrics::Metrics;
 use crate::net::Peer;
 use std::io;
 use std::path::PathBuf;
@@ -47,7 +51,7 @@ pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// truncated.
 pub const DATAGRAM_BUFFER_BYTES: usize = 256 * 1024;
 
-/// The operator's limits, the same for every model.
+/// The operator's limits and stream settings, the same for every model.
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// At most this many stream connections at once (`--max-conns`); `None`: no limit.
@@ -58,6 +62,11 @@ pub struct Limits {
     pub max_buffer_bytes: usize,
     /// After SIGTERM, how long owed replies may take before connections are cut.
     pub drain_timeout: Duration,
+    /// What stream connections put between socket and session: PROXY header, TLS,
+    /// greeting template.
+    pub layers: crate::layer::StreamLayers,
+    /// Where every loop counts (`--metrics`); disabled by default.
+    pub metrics: Metrics,
 }
 
 impl Default for Limits {
@@ -67,6 +76,8 @@ impl Default for Limits {
             idle_timeout: None,
             max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            layers: crate::layer::StreamLayers::default(),
+            metrics: Metrics::disabled(),
         }
     }
 }
@@ -141,21 +152,21 @@ pub enum ServeError {
 /// Logs an accept error that leads to a pause, once per pause (for models that have no
 /// [`LoopLog`] yet).
 pub fn log_accept_pause(listener: &str, error: &io::Error) {
-    LoopLog::default().accept_paused(listener, error);
+    lifecycle::log_accept_pause(listener, error);
 }
 
 /// Logs a connection refused by `--max-conns` (for models that have no [`LoopLog`] yet).
 pub fn log_over_limit(peer: &Peer, max_conns: usize) {
-    LoopLog::default().closed(peer, &CloseReason::OverLimit(max_conns));
+    lifecycle::log_close(peer, &CloseReason::OverLimit(max_conns));
 }
 
 /// Logs a connection cut because `--drain-timeout` passed with `owed` bytes unsent (for
 /// models that have no [`LoopLog`] yet).
 pub fn log_drain_cut(peer: &Peer, owed: usize) {
-    LoopLog::default().closed(peer, &CloseReason::DrainTimeout { owed });
+    lifecycle::log_close(peer, &CloseReason::DrainTimeout { owed });
 }
 
 /// Logs a connection closed by `--idle-timeout` (for models that have no [`LoopLog`] yet).
 pub fn log_idle(peer: &Peer, idle_timeout: Duration) {
-    LoopLog::default().closed(peer, &CloseReason::Idle(idle_timeout));
+    lifecycle::log_close(peer, &CloseReason::Idle(idle_timeout));
 }

@@ -15,6 +15,7 @@ use super::{
     ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES, DatagramReplier,
     Limits, Listeners, READ_BUFFER_BYTES, Shutdown,
 };
+use crate::metrics::Metrics;
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::protocol::Protocol;
 use crate::sys::Interest;
@@ -70,10 +71,12 @@ pub fn accept_until_shutdown(
     listener: &StreamListener,
     counter: &ConnectionCounter,
     shutdown: &Shutdown,
+    metrics: Metrics,
     mut dispatch: impl FnMut(Stream, Peer, Admission),
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
-    let log = LoopLog::default();
+    // The accepting thread's own counters (each connection's thread has its own).
+    let log = LoopLog::new(metrics);
     loop {
         if wait_for(listener.as_fd(), Interest::READABLE, shutdown, None)? == Wake::Shutdown {
             return Ok(());
@@ -100,8 +103,9 @@ pub fn serve_connection(
     limits: &Limits,
     shutdown: &Shutdown,
 ) {
-    let log = LoopLog::default();
-    let mut connection = Connection::new(protocol, peer, limits.max_buffer_bytes);
+    // A counter slot for this connection's thread (or forked child), kept when it ends.
+    let log = LoopLog::new(limits.metrics);
+    let mut connection = Connection::new(protocol, peer, limits, stream.as_fd());
     let reason = drive(&stream, &mut connection, limits, shutdown, &log);
     close(stream, connection.peer(), reason, &log);
 }
@@ -129,7 +133,7 @@ fn drive(
             return reason;
         }
         if connection.is_finished() {
-            return CloseReason::Finished;
+            return connection.finish_reason(drain_deadline.is_some());
         }
         let idle_deadline = (limits.idle_timeout)
             .filter(|_| connection.wants_read())
@@ -193,12 +197,13 @@ pub fn serve_each_socket(
     accept_on: impl Fn(&StreamListener) -> io::Result<()> + Sync,
 ) -> io::Result<()> {
     let sources = LoopSources::take_all(listeners);
+    let metrics = listeners.limits.metrics;
     let accept_on = &accept_on;
     std::thread::scope(|scope| {
         let accepting =
             (sources.streams.iter()).map(|listener| scope.spawn(move || accept_on(listener)));
         let answering = (sources.datagrams.iter())
-            .map(|socket| scope.spawn(move || serve_datagrams(socket, protocol, shutdown)));
+            .map(|socket| scope.spawn(move || serve_datagrams(socket, protocol, shutdown, metrics)));
         let threads: Vec<_> = accepting.chain(answering).collect();
         let mut outcome = Ok(());
         for thread in threads {
@@ -225,9 +230,10 @@ pub fn serve_datagrams(
     socket: &DatagramSocket,
     protocol: &Protocol,
     shutdown: &Shutdown,
+    metrics: Metrics,
 ) -> io::Result<()> {
     socket.set_nonblocking(true)?;
-    let log = LoopLog::default();
+    let log = LoopLog::new(metrics);
     let mut replier = DatagramReplier::new(protocol.clone());
     let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
     loop {

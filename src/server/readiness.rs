@@ -138,6 +138,7 @@ impl ReadinessCore {
             IdleCheck::Scan => IdleTimer::Scan(timeout),
             IdleCheck::Wheel => IdleTimer::Wheel(IdleWheel::new(timeout)),
         });
+        let log = LoopLog::new(config.limits.metrics);
         Ok(ReadinessCore {
             replier: DatagramReplier::new(config.protocol.clone()),
             sources,
@@ -147,7 +148,7 @@ impl ReadinessCore {
             changed: (0..own_sources).map(reserved).collect(),
             buf: vec![0; buf_bytes],
             spare: Vec::new(),
-            log: LoopLog::default(),
+            log,
             idle,
             fd_limit: None,
             now: None,
@@ -447,7 +448,7 @@ impl ReadinessCore {
             );
         }
         let limits = &self.config.limits;
-        let connection = Connection::new(&self.config.protocol, peer, limits.max_buffer_bytes);
+        let connection = Connection::new(&self.config.protocol, peer, limits, stream.as_fd());
         let now = self.now.unwrap_or_else(Instant::now);
         let token = self.connections.insert(Entry {
             stream,
@@ -488,7 +489,10 @@ impl ReadinessCore {
         connection.return_spare(&mut self.spare);
         match served {
             Err(reason) => self.close(token, reason),
-            Ok(()) if entry.connection.is_finished() => self.close(token, CloseReason::Finished),
+            Ok(()) if entry.connection.is_finished() => {
+                let reason = entry.connection.finish_reason(self.drain_deadline.is_some());
+                self.close(token, reason);
+            }
             Ok(()) if interest_of(&entry.connection) != entry.watched => self.changed.push(token),
             Ok(()) => {}
         }

@@ -369,3 +369,36 @@ fn every_connection_failed_reports_the_time_actually_run() {
         table.stdout
     );
 }
+
+/// On a terminal the connect phase shows its progress (run under script(1), which gives
+/// the bench a pseudo-terminal).
+#[test]
+fn connect_phase_progress_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        println!("SKIPPED: script(1) is not installed (util-linux)");
+        return;
+    }
+    let server = EpollServer::start();
+    let log = std::env::temp_dir().join(format!("reverb-bench-pty-{}.log", std::process::id()));
+    let command = format!(
+        "{} bench {} --conns 200 --connect-rate 400 --duration 0.2 --warmup 0",
+        super::REVERB,
+        server.addr
+    );
+    let status = Command::new("timeout")
+        .args(["60", "script", "-qec", &command])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("script");
+    let typescript = String::from_utf8_lossy(&std::fs::read(&log).expect("typescript")).to_string();
+    let _ = std::fs::remove_file(&log);
+    assert!(status.success(), "{typescript}");
+    assert!(typescript.contains("connecting: "), "{typescript}");
+    assert!(
+        typescript.contains(" of 200 established, 0 failed"),
+        "{typescript}"
+    );
+}

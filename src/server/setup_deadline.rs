@@ -1,0 +1,235 @@
+//! The deadline for a connection's setup: its PROXY header and its TLS handshake must be
+//! done a fixed time after accept, however slowly the peer trickles bytes (a slowloris
+//! resets an idle timer with every byte; this deadline it cannot move).
+//!
+//! One watcher thread per process keeps the deadlines in a heap. It holds a duplicate of
+//! each watched socket's descriptor, so when a deadline passes with setup unfinished it
+//! shuts the socket down (`shutdown(2)`, both ways): whatever model serves the connection
+//! then sees its end as it would any peer's, and closes it by its usual path. The
+//! duplicate is released the moment setup finishes, so a connection holds it only while
+//! it is being set up; and because it is a descriptor of our own, a number reused by a
+//! later socket can never be shut down by mistake. This works the same for threads,
+//! event loops, completions and forked children (a child starts its own watcher).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// What a watched connection is still waiting for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetupStage {
+    /// The PROXY protocol header.
+    ProxyHeader,
+    /// The end of the TLS handshake.
+    TlsHandshake,
+}
+
+/// One connection's watch: shared by the connection and the watcher.
+#[derive(Debug)]
+pub struct SetupWatch {
+    state: Mutex<WatchState>,
+}
+
+#[derive(Debug)]
+struct WatchState {
+    /// The duplicate descriptor; `None` once setup finished or the deadline fired.
+    fd: Option<OwnedFd>,
+    stage: SetupStage,
+    has_fired: bool,
+}
+
+impl SetupWatch {
+    /// Whether the watcher closed this connection (and logged why).
+    pub fn has_fired(&self) -> bool {
+        self.lock().has_fired
+    }
+
+    /// Setup moved on to `stage`.
+    pub fn set_stage(&self, stage: SetupStage) {
+        self.lock().stage = stage;
+    }
+
+    /// Setup is done: release the duplicate descriptor now.
+    pub fn finish(&self) {
+        self.lock().fd = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        // A poisoned lock only means a panic elsewhere; the state is plain data.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+struct Due {
+    at: Instant,
+    watch: Arc<SetupWatch>,
+    /// Each stage's deadline after accept.
+    proxy_timeout: Duration,
+    handshake_timeout: Duration,
+    accepted: Instant,
+    peer: String,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+impl Eq for Due {}
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.at.cmp(&other.at)
+    }
+}
+
+struct Watcher {
+    heap: Mutex<BinaryHeap<Reverse<Due>>>,
+    wake: Condvar,
+}
+
+/// The process's watcher; after `fork` the child has no threads, so it keys on the pid.
+fn watcher() -> Arc<Watcher> {
+    static WATCHER: Mutex<Option<(u32, Arc<Watcher>)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut slot = WATCHER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((owner, watcher)) = slot.as_ref()
+        && *owner == pid
+    {
+        return watcher.clone();
+    }
+    let watcher = Arc::new(Watcher {
+        heap: Mutex::new(BinaryHeap::new()),
+        wake: Condvar::new(),
+    });
+    let running = watcher.clone();
+    let spawned = std::thread::Builder::new()
+        .name("setup-deadline".into())
+        .spawn(move || run(&running));
+    if let Err(e) = spawned {
+        // Without the thread, setup has no deadline; connections still work.
+        tracing::error!("cannot start the setup-deadline thread: {e}");
+    }
+    *slot = Some((pid, watcher.clone()));
+    watcher
+}
+
+/// Watches a connection whose setup starts at `stage`: the PROXY header is due
+/// `proxy_timeout` after now, the TLS handshake `handshake_timeout` after now.
+///
+/// Returns `None` (no deadline) if the descriptor cannot be duplicated, which happens only
+/// when the process is out of descriptors; that is logged.
+pub fn watch(
+    socket: BorrowedFd<'_>,
+    stage: SetupStage,
+    peer: String,
+    proxy_timeout: Duration,
+    handshake_timeout: Duration,
+) -> Option<Arc<SetupWatch>> {
+    let fd = match socket.try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("no setup deadline for {peer}: {e}");
+            return None;
+        }
+    };
+    let watch = Arc::new(SetupWatch {
+        state: Mutex::new(WatchState {
+            fd: Some(fd),
+            stage,
+            has_fired: false,
+        }),
+    });
+    let accepted = Instant::now();
+    let first = match stage {
+        SetupStage::ProxyHeader => proxy_timeout,
+        SetupStage::TlsHandshake => handshake_timeout,
+    };
+    let watcher = watcher();
+    let mut heap = watcher
+        .heap
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    heap.push(Reverse(Due {
+        at: accepted + first,
+        watch: watch.clone(),
+        proxy_timeout,
+        handshake_timeout,
+        accepted,
+        peer,
+    }));
+    drop(heap);
+    watcher.wake.notify_one();
+    Some(watch)
+}
+
+fn run(watcher: &Watcher) {
+    let mut heap = watcher
+        .heap
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let now = Instant::now();
+        let wait = match heap.peek() {
+            None => Duration::from_secs(3600),
+            Some(Reverse(due)) if due.at > now => due.at - now,
+            Some(_) => {
+                let Some(Reverse(due)) = heap.pop() else {
+                    continue;
+                };
+                if let Some(later) = expire(due) {
+                    heap.push(Reverse(later));
+                }
+                continue;
+            }
+        };
+        heap = watcher
+            .wake
+            .wait_timeout(heap, wait)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0;
+    }
+}
+
+/// Acts on a deadline that came: nothing if setup finished, a later deadline if the
+/// connection moved on to a stage that is due later, otherwise the socket is shut down.
+fn expire(due: Due) -> Option<Due> {
+    let mut state = due.watch.lock();
+    let fd = state.fd.take()?;
+    let timeout = match state.stage {
+        SetupStage::ProxyHeader => due.proxy_timeout,
+        SetupStage::TlsHandshake => due.handshake_timeout,
+    };
+    let stage_deadline = due.accepted + timeout;
+    if stage_deadline > Instant::now() {
+        state.fd = Some(fd);
+        drop(state);
+        return Some(Due {
+            at: stage_deadline,
+            ..due
+        });
+    }
+    state.has_fired = true;
+    let what = match state.stage {
+        SetupStage::ProxyHeader => "no PROXY protocol header",
+        SetupStage::TlsHandshake => "TLS handshake not finished",
+    };
+    tracing::warn!(
+        "closing {}: {what} within {:.1} s of accept",
+        due.peer,
+        timeout.as_secs_f64()
+    );
+    // Failing means the peer is already gone; the model closes the connection either way.
+    let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+    None
+}
