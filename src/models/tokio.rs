@@ -19,11 +19,12 @@ use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::stop_signal::StopSignal;
 use crate::server::task_buffers;
-use crate::server::{LoopLog, 
+use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
-    is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle, log_over_limit,
-    };
+    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    accept_action, is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle,
+    log_over_limit,
+};
 use crate::sys::async_fd;
 use std::future::poll_fn;
 use std::io;
