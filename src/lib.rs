@@ -17,8 +17,9 @@
 //! | `tokio`     | the mainstream async runtime                | as `async`                                    |
 //! | `uring`     | io_uring completions                        | newest kernels; disabled in some sandboxes    |
 //!
-//! Layers point one way: [`buffer`] imports nothing from the crate, [`protocol`] only
-//! `buffer`, [`server`] the two below it, [`models`] everything below, and only `main.rs`
+//! Layers point one way: [`buffer`] and [`slab`] import nothing from the crate,
+//! [`protocol`] only `buffer`, [`sys`] only `slab`, [`net`] only `sys`, [`runtime`] only
+//! those, [`server`] the layers below it, [`models`] everything below, and only `main.rs`
 //! all of it. [`sys`] is the only module that calls the OS directly.
 
 pub mod addr;

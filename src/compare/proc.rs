@@ -3,9 +3,10 @@
 //! CPU is `utime + stime` (fields 14 and 15 of `/proc/PID/stat`) over all its threads, plus
 //! `cutime + cstime` (16, 17) for children it has reaped, plus the same for children still
 //! alive (found through `/proc/PID/task/*/children`), so `forking` pays for its children.
-//! A live child's time is the larger of its `stat` fields and the sum of its threads'
-//! `schedstat` (nanoseconds): `stat` truncates each process to whole clock ticks, and a
-//! hundred forked children using 7 ms each would otherwise add up to zero.
+//! A live process's time (the server's own, and each child's) is the larger of its `stat`
+//! fields and the sum of its threads' `schedstat` (nanoseconds): `stat` truncates each
+//! process to whole clock ticks, and a hundred forked children using 7 ms each, or a
+//! server using 10 % of a core over a short window, would otherwise add up to zero.
 //! Memory is the proportional set size (`Pss` in `smaps_rollup`) summed over the tree:
 //! pages shared by a forked parent and its children are counted once in total, not once
 //! per process. Where `smaps_rollup` is missing, `VmRSS` is used instead.
@@ -62,7 +63,11 @@ pub fn usage(pid: u32) -> io::Result<Usage> {
         }
         frontier = next;
     }
-    let nanos = u128::from(root) * 1_000_000_000 / u128::from(ticks) + child_nanos;
+    // The root's own time is floored by its live threads' `schedstat` as well: a server that
+    // uses a few per cent of a core for a fraction of a second may not have reached a
+    // whole tick yet.
+    let root_ns = u128::from(root) * 1_000_000_000 / u128::from(ticks);
+    let nanos = root_ns.max(u128::from(scheduled_ns(pid))) + child_nanos;
     Ok(Usage {
         cpu: Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)),
         memory_bytes,

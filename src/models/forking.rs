@@ -2,17 +2,19 @@
 //!
 //! Technique: a single-threaded parent waits on every listener with `poll(2)`, accepts,
 //! and forks; the child serves that one client and exits (`socketserver.ForkingTCPServer`,
-//! seed 001, step 4). Datagrams get a child each too, as `ForkingUDPServer` does.
+//! step 4 of the ladder). Datagrams get a child each too, as `ForkingUDPServer` does.
 //! Cost: a fork per client (page tables copied, copy-on-write faults) and a process each.
 //! Limit: processes are the heaviest unit of concurrency; the parent must reap every child
 //! (or zombies pile up) and must stay single-threaded to fork safely.
+//!
+//! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
+//! `poll` waits no longer than that connection's idle deadline.
 
 use crate::server::is_per_peer_datagram_error;
 use crate::server::one_socket::serve_connection;
 use crate::server::{
-    ACCEPT_PAUSE, AcceptAction, Admission, DATAGRAM_BUFFER_BYTES, DatagramReplier, Listeners,
-    Protocol, RunOptions, ServeError, Shutdown, accept_action, log_accept_pause, log_over_limit,
-    log_send_failure,
+    ACCEPT_PAUSE, Accepted, Admission, DATAGRAM_BUFFER_BYTES, DatagramReplier, Listeners, LoopLog,
+    Protocol, RunOptions, ServeError, Shutdown, accept_and_admit,
 };
 use crate::sys::poll::{self, POLLIN};
 use crate::sys::process::{self, Forked, Pid};
@@ -39,7 +41,7 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _options: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
     for listener in &listeners.streams {
         listener.set_nonblocking(true)?;
@@ -47,10 +49,12 @@ pub fn run(
     for socket in &listeners.datagrams {
         socket.set_nonblocking(true)?;
     }
+    let RunOptions { threads: _ } = options;
     // Each child holds its place under --max-conns until the parent reaps it.
     let mut children: HashMap<Pid, Option<Admission>> = HashMap::new();
     let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
     let mut replier = DatagramReplier::new(protocol.clone());
+    let log = LoopLog::default();
     loop {
         reap(&mut children)?;
         let mut entries: Vec<_> = listeners
@@ -75,7 +79,8 @@ pub fn run(
                 continue;
             }
             if index < streams {
-                accept_one(&mut listeners, index, &protocol, &shutdown, &mut children)?;
+                let children = &mut children;
+                accept_one(&mut listeners, index, &protocol, &shutdown, children, &log)?;
             } else {
                 answer_one(
                     &mut listeners,
@@ -83,6 +88,7 @@ pub fn run(
                     &mut replier,
                     &mut buf,
                     &mut children,
+                    &log,
                 )?;
             }
         }
@@ -97,25 +103,16 @@ fn accept_one(
     protocol: &Protocol,
     shutdown: &Shutdown,
     children: &mut HashMap<Pid, Option<Admission>>,
+    log: &LoopLog,
 ) -> io::Result<()> {
     let listener = &listeners.streams[index];
-    let (stream, peer) = match listener.accept() {
-        Ok(accepted) => accepted,
-        Err(e) => {
-            return match accept_action(&e) {
-                AcceptAction::Wait | AcceptAction::Retry => Ok(()),
-                AcceptAction::Pause => {
-                    log_accept_pause(listener.name(), &e);
-                    thread::sleep(ACCEPT_PAUSE);
-                    Ok(())
-                }
-                AcceptAction::Fail => Err(e),
-            };
+    let (stream, peer, admission) = match accept_and_admit(listener, &listeners.counter, log)? {
+        Accepted::Connection(stream, peer, admission) => (stream, peer, admission),
+        Accepted::Again | Accepted::Empty => return Ok(()),
+        Accepted::Paused => {
+            thread::sleep(ACCEPT_PAUSE);
+            return Ok(());
         }
-    };
-    let Some(admission) = listeners.counter.admit() else {
-        log_over_limit(&peer, listeners.counter.max_conns().unwrap_or(0));
-        return Ok(());
     };
     match process::fork()? {
         Forked::Child => {
@@ -140,6 +137,7 @@ fn answer_one(
     replier: &mut DatagramReplier,
     buf: &mut [u8],
     children: &mut HashMap<Pid, Option<Admission>>,
+    log: &LoopLog,
 ) -> io::Result<()> {
     let (n, peer) = match listeners.datagrams[index].recv_from(buf) {
         Ok(received) => received,
@@ -152,13 +150,7 @@ fn answer_one(
         Forked::Child => {
             let socket = listeners.datagrams.swap_remove(index);
             close_listeners(listeners);
-            run_child(|| {
-                if let Some(reply) = replier.reply(&peer, &buf[..n]) {
-                    if let Err(e) = socket.send_to(reply, &peer) {
-                        log_send_failure(&peer, &e);
-                    }
-                }
-            })
+            run_child(|| replier.answer(&socket, &peer, &buf[..n], log))
         }
         Forked::Parent(pid) => {
             children.insert(pid, None);

@@ -3,10 +3,12 @@
 //! Models own the socket and the waiting; this type owns every decision about bytes, so
 //! that half-close, backpressure and panic isolation are written once for all models.
 
-use super::Peer;
+use super::lifecycle::{CloseReason, LoopLog};
 use crate::buffer::WriteBuffer;
+use crate::net::{Peer, Stream};
 use crate::protocol::{Flow, Protocol, Session};
 use std::cell::Cell;
+use std::io;
 use std::panic::{self, AssertUnwindSafe};
 
 /// The connection's handler panicked; it was logged, and the model should close it.
@@ -108,6 +110,73 @@ impl Connection {
         catch_handler_panic(peer, || session.on_eof(out))
     }
 
+    /// Handles what one read of the peer's socket returned into `buf`: bytes, EOF
+    /// (`Ok(0)`), nothing yet, or an error. Returns whether input (or EOF) arrived.
+    ///
+    /// # Errors
+    ///
+    /// Why the connection must close: the read failed, or the handler panicked.
+    pub fn on_read(
+        &mut self,
+        result: io::Result<usize>,
+        buf: &[u8],
+        log: &LoopLog,
+    ) -> Result<bool, CloseReason> {
+        let received = match result {
+            Ok(0) => self.receive_eof(),
+            Ok(n) => {
+                log.received(n);
+                self.receive(&buf[..n])
+            }
+            Err(e) if is_transient(&e) => return Ok(false),
+            Err(e) => return Err(CloseReason::Failed(e)),
+        };
+        received.map_err(|HandlerPanicked| CloseReason::HandlerPanicked)?;
+        Ok(true)
+    }
+
+    /// Reads once from the non-blocking `stream`, as much as the bound allows, and
+    /// handles the result ([`Connection::on_read`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::on_read`].
+    pub fn read_from(
+        &mut self,
+        stream: &Stream,
+        buf: &mut [u8],
+        log: &LoopLog,
+    ) -> Result<bool, CloseReason> {
+        let limit = self.read_limit(buf.len());
+        if limit == 0 {
+            return Ok(false);
+        }
+        let result = stream.read(&mut buf[..limit]);
+        self.on_read(result, buf, log)
+    }
+
+    /// Writes owed bytes to the non-blocking `stream` until none are left or the kernel's
+    /// send buffer is full.
+    ///
+    /// # Errors
+    ///
+    /// The write failed (the peer reset or went away): the connection must close.
+    pub fn flush_to(&mut self, stream: &Stream, log: &LoopLog) -> Result<(), CloseReason> {
+        while self.wants_write() {
+            match stream.write(self.unsent()) {
+                // The kernel may take fewer bytes than offered; the rest waits for writable.
+                Ok(written) => {
+                    log.sent(written);
+                    self.advance(written);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(CloseReason::Failed(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Shutdown began: read nothing more, finish sending what is owed.
     pub fn stop_reading(&mut self) {
         self.is_reading = false;
@@ -139,6 +208,14 @@ impl Connection {
     pub fn owed(&self) -> usize {
         self.out.len()
     }
+}
+
+/// Errors after which the same read simply comes again later.
+fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 thread_local! {
