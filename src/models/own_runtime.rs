@@ -21,10 +21,9 @@ use crate::runtime::{self, Async, Direction, Runtime, unless};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::task_buffers;
 use crate::server::{
-    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
+    ACCEPT_PAUSE, Accepted, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
     DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    accept_action, is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle,
-    log_over_limit,
+    is_per_peer_datagram_error, listener_transport, log_drain_cut, log_idle, on_accept,
 };
 use std::cell::Cell;
 use std::io;
@@ -120,22 +119,25 @@ fn serve_loop(
 /// Accepts connections until shutdown, spawning a task for each admitted one.
 async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Result<()> {
     let is_draining = || state.is_draining.get();
-    while let Some(accepted) = unless(is_draining, None, listener.accept()).await {
-        match accepted {
-            Ok((stream, peer)) => match state.counter.admit() {
-                Some(admission) => {
+    let (name, transport) = (
+        listener.get_ref().name(),
+        listener_transport(listener.get_ref()),
+    );
+    // Logs only: this model does not count yet.
+    let log = LoopLog::default();
+    let accept = || listener.read_with(StreamListener::accept);
+    while let Some(accepted) = unless(is_draining, None, accept()).await {
+        match on_accept(accepted, name, transport, &state.counter, &log)? {
+            Accepted::Connection(stream, peer, admission) => match Async::new(stream) {
+                Ok(stream) => {
                     runtime::spawn(serve_connection(stream, peer, admission, state.clone()));
                 }
-                None => log_over_limit(&peer, state.counter.max_conns().unwrap_or(0)),
+                Err(e) => tracing::warn!("closing {peer}: cannot watch it: {e}"),
             },
-            Err(e) => match accept_action(&e) {
-                AcceptAction::Wait | AcceptAction::Retry => {}
-                AcceptAction::Pause => {
-                    log_accept_pause(listener.get_ref().name(), &e);
-                    unless(is_draining, None, runtime::sleep(ACCEPT_PAUSE)).await;
-                }
-                AcceptAction::Fail => return Err(e),
-            },
+            Accepted::Paused => {
+                unless(is_draining, None, runtime::sleep(ACCEPT_PAUSE)).await;
+            }
+            Accepted::Again | Accepted::Empty => {}
         }
     }
     Ok(())

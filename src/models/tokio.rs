@@ -20,10 +20,9 @@ use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::stop_signal::StopSignal;
 use crate::server::task_buffers;
 use crate::server::{
-    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
+    ACCEPT_PAUSE, Accepted, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
     DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    accept_action, is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle,
-    log_over_limit,
+    accept_and_admit, is_per_peer_datagram_error, log_drain_cut, log_idle,
 };
 use crate::sys::async_fd;
 use std::future::poll_fn;
@@ -166,26 +165,25 @@ async fn serve_socket(
 ) -> io::Result<()> {
     let mut replier = DatagramReplier::new(state.protocol.clone());
     let mut buf = Vec::new();
+    // Logs only: this model does not count yet.
+    let log = LoopLog::default();
     loop {
         let mut ready = tokio::select! {
             () = state.draining.wait() => return Ok(()),
             ready = readiness.readable() => ready?,
         };
         match &socket {
-            Source::Stream(listener) => match ready.try_io(|_| listener.accept()) {
-                Ok(Ok((stream, peer))) => admit(stream, peer, listener.name(), &state, &done),
-                Ok(Err(e)) => match accept_action(&e) {
-                    AcceptAction::Wait | AcceptAction::Retry => {}
-                    AcceptAction::Pause => {
-                        log_accept_pause(listener.name(), &e);
-                        tokio::select! {
-                            () = state.draining.wait() => return Ok(()),
-                            () = sleep(ACCEPT_PAUSE) => {}
-                        }
-                    }
-                    AcceptAction::Fail => return Err(e),
+            Source::Stream(listener) => match accept_and_admit(listener, &state.counter, &log)? {
+                Accepted::Connection(stream, peer, admission) => {
+                    adopt(stream, peer, admission, &state, &done);
+                }
+                Accepted::Again => {}
+                // Drained: tokio waits for the next edge.
+                Accepted::Empty => ready.clear_ready(),
+                Accepted::Paused => tokio::select! {
+                    () = state.draining.wait() => return Ok(()),
+                    () = sleep(ACCEPT_PAUSE) => {}
                 },
-                Err(_would_block) => {}
             },
             Source::Datagram(socket) => {
                 buf.resize(DATAGRAM_BUFFER_BYTES, 0);
@@ -196,7 +194,7 @@ async fn serve_socket(
                     Err(_would_block) => continue,
                 };
                 // A full send buffer drops this one reply, as a lost datagram would.
-                replier.answer(socket, &peer, &buf[..n], &LoopLog::default());
+                replier.answer(socket, &peer, &buf[..n], &log);
             }
         }
     }
@@ -206,12 +204,8 @@ async fn serve_socket(
 trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + AsFd + Unpin + Send> Socket for S {}
 
-/// Hands an accepted connection to tokio and spawns its task, if `--max-conns` admits it.
-fn admit(stream: Stream, peer: Peer, listener: &str, state: &Arc<Loop>, done: &Done) {
-    let Some(admission) = state.counter.admit() else {
-        return log_over_limit(&peer, state.counter.max_conns().unwrap_or(0));
-    };
-    tracing::debug!("accepted {peer} on {listener}");
+/// Hands an admitted connection to tokio and spawns its task.
+fn adopt(stream: Stream, peer: Peer, admission: Admission, state: &Arc<Loop>, done: &Done) {
     let adopted = stream.set_nonblocking(true).and_then(|()| match stream {
         Stream::Tcp(s) => Ok(Box::new(TcpStream::from_std(s)?) as Box<dyn Socket>),
         Stream::Unix(s) => Ok(Box::new(UnixStream::from_std(s)?) as Box<dyn Socket>),

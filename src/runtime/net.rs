@@ -136,23 +136,6 @@ impl<T: AsFd> Drop for Async<T> {
     }
 }
 
-impl Async<StreamListener> {
-    /// Polls for one connection, registered with this runtime on arrival.
-    pub fn poll_accept(&self, cx: &Context<'_>) -> Poll<io::Result<(Async<Stream>, Peer)>> {
-        let accepted = self.poll_io(cx, Direction::Read, StreamListener::accept);
-        accepted.map(|accepted| accepted.and_then(|(stream, peer)| Ok((Async::new(stream)?, peer))))
-    }
-
-    /// Accepts one connection.
-    ///
-    /// # Errors
-    ///
-    /// The OS error of `accept` (sort it with `server::accept_action`) or of registering.
-    pub async fn accept(&self) -> io::Result<(Async<Stream>, Peer)> {
-        poll_fn(|cx| self.poll_accept(cx)).await
-    }
-}
-
 impl Async<Stream> {
     /// Reads into `buf`; `Ok(0)` is the peer's EOF.
     ///
