@@ -107,7 +107,7 @@ impl MetricsServer {
         use crate::sys::process::{self, Forked};
         match process::fork()? {
             Forked::Child => {
-                let is_orphan = process::set_parent_death_signal(libc::SIGKILL).is_err()
+                let is_orphan = process::set_parent_death_signal(process::SIGKILL).is_err()
                     || process::parent_id() != metrics.server_pid();
                 if !is_orphan {
                     self.run(metrics, is_draining);

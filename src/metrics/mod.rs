@@ -17,6 +17,7 @@ mod process;
 
 pub use http::{MetricsServer, Probe};
 
+use crate::sys::process::Pid;
 use crate::sys::shared_memory::SharedWords;
 use std::cell::Cell;
 use std::io;
@@ -186,7 +187,7 @@ struct Shared {
     words: SharedWords,
     /// The serving process, whose `process_*` metrics are reported (a `forking` server's
     /// metrics may be served by a helper process).
-    server_pid: libc::pid_t,
+    server_pid: Pid,
 }
 
 impl Metrics {
@@ -278,7 +279,7 @@ impl Metrics {
         totals
     }
 
-    fn server_pid(&self) -> libc::pid_t {
+    fn server_pid(&self) -> Pid {
         self.shared
             .map_or_else(crate::sys::process::id, |shared| shared.server_pid)
     }

@@ -1,6 +1,6 @@
 //! The standard `process_*` metrics, read from `/proc/PID` (proc(5)) at each scrape.
 
-use crate::sys::process::{clock_ticks_per_second, page_size};
+use crate::sys::process::{Pid, clock_ticks_per_second, page_size};
 use std::fs;
 
 /// One reading of the server process.
@@ -19,7 +19,7 @@ pub(super) struct ProcessSample {
 
 /// Reads `/proc/PID/stat`, `/proc/PID/fd`, `/proc/PID/limits` and `/proc/stat`; `None`
 /// when the stat file cannot be read or parsed.
-pub(super) fn sample(pid: libc::pid_t) -> Option<ProcessSample> {
+pub(super) fn sample(pid: Pid) -> Option<ProcessSample> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses; fields resume after the
     // last ')'. Counting from field 3 ("state") at index 0: utime is field 14.

@@ -95,7 +95,7 @@ pub fn exit_now(code: i32) -> ! {
 }
 
 /// This process's id.
-pub fn id() -> libc::pid_t {
+pub fn id() -> Pid {
     // SAFETY: getpid takes no arguments and cannot fail.
     unsafe { libc::getpid() }
 }
@@ -112,7 +112,7 @@ pub fn parent_id() -> libc::pid_t {
 /// # Errors
 ///
 /// `prctl`'s OS error.
-pub fn set_parent_death_signal(signal: libc::c_int) -> io::Result<()> {
+pub fn set_parent_death_signal(signal: Signal) -> io::Result<()> {
     // SAFETY: PR_SET_PDEATHSIG takes the signal number by value; no pointers.
     cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) })?;
     Ok(())
