@@ -77,6 +77,10 @@ conformance! {
         drain_timeout_bounds_shutdown,
         out_of_descriptors_pauses,
         datagram_full_peer_does_not_stall,
+        quit_lingers,
+        panic_replies_first,
+        idle_close_lingers,
+        drain_lingers,
     ],
 }
 
@@ -107,6 +111,10 @@ conformance! {
         drain_timeout_bounds_shutdown,
         out_of_descriptors_pauses,
         datagram_full_peer_does_not_stall,
+        quit_lingers,
+        panic_replies_first,
+        idle_close_lingers,
+        drain_lingers,
     ],
 }
 
@@ -136,6 +144,10 @@ conformance! {
         drain_timeout_bounds_shutdown,
         out_of_descriptors_pauses,
         datagram_full_peer_does_not_stall,
+        quit_lingers,
+        panic_replies_first,
+        idle_close_lingers,
+        drain_lingers,
     ],
 }
 
@@ -165,5 +177,9 @@ conformance! {
         drain_timeout_bounds_shutdown,
         out_of_descriptors_pauses,
         datagram_full_peer_does_not_stall,
+        quit_lingers,
+        panic_replies_first,
+        idle_close_lingers,
+        drain_lingers,
     ],
 }
