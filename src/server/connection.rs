@@ -40,6 +40,9 @@ pub struct Connection {
     is_reading: bool,
     /// Whether the peer half-closed (rather than the protocol or a drain stopping us).
     has_seen_eof: bool,
+    /// Whether the protocol handler panicked: nothing more is read, and the replies owed
+    /// before the panic still go out.
+    has_panicked: bool,
     /// `None` for a plain connection, which then costs nothing extra.
     layers: Option<Box<Layers>>,
 }
@@ -72,6 +75,7 @@ impl Connection {
             peer,
             is_reading: true,
             has_seen_eof: false,
+            has_panicked: false,
             layers: None,
         };
         let settings = &limits.layers;
@@ -240,8 +244,11 @@ impl Connection {
             Ok(TlsInput::PeerClosed) if outcome.is_ok() => outcome = self.receive_eof(),
             Ok(_) => {}
         }
+        if outcome.is_err() {
+            self.stop_after_panic();
+        }
         self.pump();
-        outcome
+        Ok(())
     }
 
     /// Passes `input` through the PROXY layer, if one waits for its header: `None` while
@@ -367,12 +374,20 @@ impl Connection {
         let Connection {
             session, out, peer, ..
         } = self;
-        let flow = catch_handler_panic(peer, || session.on_data(input, out))?;
-        if flow == Flow::Close {
-            self.is_reading = false;
+        match catch_handler_panic(peer, || session.on_data(input, out)) {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Close) => self.is_reading = false,
+            Err(HandlerPanicked) => self.stop_after_panic(),
         }
         self.pump();
         Ok(())
+    }
+
+    /// The handler panicked (already logged): its session is never called again, and the
+    /// replies it queued before the panic are sent like any others before the close.
+    fn stop_after_panic(&mut self) {
+        self.is_reading = false;
+        self.has_panicked = true;
     }
 
     /// The peer half-closed: queue what is still owed, then finish once it is sent.
@@ -407,21 +422,32 @@ impl Connection {
         let Connection {
             session, out, peer, ..
         } = self;
-        let result = catch_handler_panic(peer, || session.on_eof(out));
+        if catch_handler_panic(peer, || session.on_eof(out)).is_err() {
+            self.stop_after_panic();
+        }
         self.pump();
-        result
+        Ok(())
     }
 
     /// Why a finished connection ended: the peer's EOF, a drain, or the protocol (`quit`).
     pub fn finish_reason(&self, is_draining: bool) -> crate::metrics::CloseReason {
         use crate::metrics::CloseReason;
-        if self.has_seen_eof {
+        if self.has_panicked {
+            CloseReason::HandlerPanic
+        } else if self.has_seen_eof {
             CloseReason::PeerEof
         } else if is_draining {
             CloseReason::Drain
         } else {
             CloseReason::Quit
         }
+    }
+
+    /// Whether closing needs a lingering close ([`super::linger`]): the server ends this
+    /// connection before the peer's EOF, so the peer may still send bytes that would turn
+    /// the close into a reset.
+    pub fn needs_linger(&self) -> bool {
+        !self.has_seen_eof
     }
 
     /// Shutdown began: read nothing more, finish sending what is owed.

@@ -11,6 +11,7 @@ pub mod counting;
 mod datagram;
 pub mod event_loops;
 pub mod idle_wheel;
+pub mod linger;
 mod listeners;
 pub mod one_socket;
 pub mod readiness;

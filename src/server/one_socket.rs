@@ -135,6 +135,16 @@ pub fn serve_connection(
         counters.handler_panicked(transport);
     }
     counters.closed(transport, reason);
+    if matches!(reason, CloseReason::Reset | CloseReason::Error) {
+        return;
+    }
+    if connection.needs_linger() {
+        // This thread (or process) has nothing else to serve: it waits for the peer here.
+        super::linger::linger_here(&stream, shutdown, limits.drain_timeout);
+    } else {
+        // The peer half-closed and has every reply: it reads EOF now.
+        let _ = stream.shutdown_write();
+    }
 }
 
 fn drive(
@@ -155,8 +165,7 @@ fn drive(
     loop {
         flush(stream, connection, counters)?;
         if connection.is_finished() {
-            // Everything owed was sent: the peer reads EOF after the last reply.
-            let _ = stream.shutdown_write();
+            // Everything owed was sent: the caller closes, the peer reads EOF after it.
             return Ok(connection.finish_reason(drain_deadline.is_some()));
         }
         let mut events = 0;
@@ -201,6 +210,9 @@ fn drive(
         }
         if idle_deadline.is_some_and(|d| now >= d) {
             log_idle(connection.peer(), limits.idle_timeout.unwrap_or_default());
+            // With TLS this queues close_notify; an idle peer has room for it.
+            connection.stop_reading();
+            flush(stream, connection, counters)?;
             return Ok(CloseReason::IdleTimeout);
         }
         if entries[0].revents & (POLLIN | POLLHUP | POLLERR) != 0 && connection.wants_read() {
