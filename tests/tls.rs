@@ -184,11 +184,10 @@ fn idle_and_drain_send_close_notify(model: &str) {
         server.stderr()
     );
     server.stop();
-    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--tls-self-signed"]);
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--tls-self-signed", "-v"]);
     let addr = server.addr("tcp");
-    let peer = thread::spawn(move || run_peer(&["silent", &addr, "1.2", "8"]));
-    // The handshake has long finished by then.
-    thread::sleep(Duration::from_millis(1500));
+    let peer = thread::spawn(move || run_peer(&["silent", &addr, "1.2", "20"]));
+    server.wait_for_log("TLS established");
     server.terminate();
     let (ok, line) = peer.join().expect("peer thread");
     let mut server = server;

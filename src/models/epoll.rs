@@ -27,6 +27,7 @@ use crate::server::counting::{
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
 use crate::server::is_per_peer_datagram_error;
+use crate::server::linger;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
     DatagramReplier, Limits, Listeners, Protocol, READ_BUFFER_BYTES, RunOptions, ServeError,
@@ -243,6 +244,7 @@ impl EventLoop {
                         tracing::warn!(
                             "closing {peer}: drain timeout with {owed} bytes still owed"
                         );
+                        close_lingering(&self.epoll, entry.stream);
                     }
                 }
                 return Ok(());
@@ -273,6 +275,7 @@ impl EventLoop {
         let now_tick = wheel.tick_at(now);
         let connections = &mut self.connections;
         let counters = &self.counters;
+        let epoll = &self.epoll;
         let idle_timeout = self.limits.idle_timeout.unwrap_or_default();
         let idle_ticks = wheel.deadline(0);
         wheel.expire(now_tick, |token| {
@@ -287,7 +290,12 @@ impl EventLoop {
             }
             log_idle(entry.connection.peer(), idle_timeout);
             counters.closed(stream_transport(&entry.stream), CloseReason::IdleTimeout);
-            connections.remove(token);
+            // With TLS this queues close_notify; an idle peer has room for it.
+            entry.connection.stop_reading();
+            let _ = exchange(entry, 0, &mut [], &mut Vec::new(), now_tick, counters);
+            if let Some(entry) = connections.remove(token) {
+                close_lingering(epoll, entry.stream);
+            }
             None
         });
         now_tick
@@ -413,8 +421,7 @@ impl EventLoop {
         };
         let outcome = result.and_then(|()| {
             if entry.connection.is_finished() {
-                // Everything owed was sent: the peer reads EOF after the last reply.
-                let _ = entry.stream.shutdown_write();
+                // Everything owed was sent: closed below, the peer reads EOF after it.
                 return Ok(false);
             }
             let interest = interest_of(&entry.connection);
@@ -432,7 +439,15 @@ impl EventLoop {
                     .connection
                     .finish_reason(self.drain_deadline.is_some());
                 self.counters.closed(transport, reason);
-                drop(self.connections.remove(token));
+                let needs_linger = entry.connection.needs_linger();
+                if let Some(entry) = self.connections.remove(token) {
+                    if needs_linger {
+                        close_lingering(&self.epoll, entry.stream);
+                    } else {
+                        // The peer half-closed and has every reply: it reads EOF now.
+                        let _ = entry.stream.shutdown_write();
+                    }
+                }
             }
             Err(e) => {
                 let reason = close_reason(&e);
@@ -470,6 +485,13 @@ impl EventLoop {
 
 /// Reads once if the socket is readable and the connection wants input, then writes
 /// until nothing is owed or the kernel's send buffer is full.
+/// Closes a connection the server ends first with a lingering close, on the lingering
+/// thread: out of this loop's epoll set first, since the descriptor stays open there.
+fn close_lingering(epoll: &Epoll, stream: Stream) {
+    let _ = epoll.delete(stream.as_fd());
+    linger::hand_off(stream);
+}
+
 fn exchange(
     entry: &mut Entry,
     readiness: u32,

@@ -17,6 +17,7 @@
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
+use crate::server::linger;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
     DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
@@ -178,6 +179,24 @@ impl<'a> Loop<'a> {
         self.sources.remove(token);
     }
 
+    /// Closes `token`'s socket first, with a lingering close on the lingering thread,
+    /// after one last attempt to send what is owed unless a send is in flight (with TLS,
+    /// close_notify).
+    fn close_lingering(&mut self, token: Token) {
+        let is_sending = self.ring.is_sending(token);
+        let stream = self.ring.fd(token).map(Stream::duplicate);
+        if let (Some(Ok(stream)), Some(Source::Conn(conn))) = (stream, self.sources.get_mut(token))
+        {
+            if !is_sending && conn.connection.wants_write() {
+                if let Ok(sent) = stream.write(conn.connection.unsent()) {
+                    conn.connection.advance(sent);
+                }
+            }
+            linger::hand_off(stream);
+        }
+        self.close(token);
+    }
+
     /// How long until a timer needs the loop: an accept pause, an idle tick, the drain.
     fn next_timeout(&self) -> Option<Duration> {
         let pauses = self.paused.iter().map(|(until, _)| *until);
@@ -217,8 +236,10 @@ impl<'a> Loop<'a> {
             for token in idle {
                 if let Some(conn) = self.conn(token) {
                     log_idle(conn.connection.peer(), timeout);
+                    // With TLS this queues close_notify; an idle peer has room for it.
+                    conn.connection.stop_reading();
                 }
-                self.close(token);
+                self.close_lingering(token);
             }
         }
         if self.drain_deadline.is_some_and(|deadline| now >= deadline) {
@@ -226,7 +247,7 @@ impl<'a> Loop<'a> {
                 if let Some(conn) = self.conn(token) {
                     let (peer, owed) = (conn.connection.peer(), conn.connection.owed());
                     tracing::warn!("closing {peer}: drain timeout with {owed} bytes still owed");
-                    self.close(token);
+                    self.close_lingering(token);
                 }
             }
         }
@@ -356,8 +377,12 @@ impl<'a> Loop<'a> {
         }
         if conn.connection.is_finished() && !self.ring.is_sending(token) {
             // Everything owed was sent: the peer reads EOF after the last reply.
-            self.ring.shutdown_write(token);
-            self.close(token);
+            if conn.connection.needs_linger() {
+                self.close_lingering(token);
+            } else {
+                self.ring.shutdown_write(token);
+                self.close(token);
+            }
         }
     }
 

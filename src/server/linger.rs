@@ -40,7 +40,7 @@ use crate::sys::eventfd::EventFd;
 use crate::sys::poll::{self, POLLIN};
 use crate::sys::queues;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -190,6 +190,16 @@ pub fn hand_off(stream: Stream) {
         Some(lingerer) => lingerer.add(stream),
         // Without the thread, closing now is all that is left (logged once, at its start).
         None => drop(stream),
+    }
+}
+
+/// As [`hand_off`], for a model whose runtime keeps the socket in a type of its own
+/// (tokio, io_uring): the lingering close gets a duplicate of `fd`, and the caller then
+/// closes its own descriptor as usual. Everything owed must have been sent.
+pub fn hand_off_duplicate(fd: BorrowedFd<'_>) {
+    match Stream::duplicate(fd) {
+        Ok(stream) => hand_off(stream),
+        Err(e) => tracing::debug!("closing without lingering: cannot duplicate the socket: {e}"),
     }
 }
 

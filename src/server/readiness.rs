@@ -263,10 +263,15 @@ impl ReadinessServer {
             } else if idle_deadline(entry, idle).is_some_and(|deadline| now >= deadline) {
                 log_idle(entry.connection.peer(), idle.unwrap_or_default());
                 self.counters.closed(transport, CloseReason::IdleTimeout);
+                if let Some(Some(entry)) = self.entries.get_mut(slot) {
+                    // With TLS this queues close_notify; an idle peer has room for it.
+                    entry.connection.stop_reading();
+                    let _ = flush(&entry.stream, &mut entry.connection, &self.counters);
+                }
             } else {
                 continue;
             }
-            self.close(slot);
+            self.close_lingering(slot);
         }
     }
 
@@ -399,13 +404,17 @@ impl ReadinessServer {
     fn close_if_finished(&mut self, slot: usize) {
         if let Some(entry) = &self.entries[slot] {
             if entry.connection.is_finished() {
-                let _ = entry.stream.shutdown_write();
                 let reason = entry
                     .connection
                     .finish_reason(self.drain_deadline.is_some());
                 self.counters
                     .closed(stream_transport(&entry.stream), reason);
-                self.close(slot);
+                if entry.connection.needs_linger() {
+                    self.close_lingering(slot);
+                } else {
+                    let _ = entry.stream.shutdown_write();
+                    self.close(slot);
+                }
             }
         }
     }
@@ -414,6 +423,16 @@ impl ReadinessServer {
         if self.entries[slot].take().is_some() {
             self.free.push(slot);
             self.open -= 1;
+        }
+    }
+
+    /// Closes the connection in `slot` first, with a lingering close (see
+    /// [`super::linger`]); everything it could send was sent.
+    fn close_lingering(&mut self, slot: usize) {
+        if let Some(entry) = self.entries[slot].take() {
+            self.free.push(slot);
+            self.open -= 1;
+            super::linger::hand_off(entry.stream);
         }
     }
 }
