@@ -7,14 +7,18 @@
 //! without a line of its own: a model offers [`Connection::unsent`] to the kernel and
 //! hands what it read to [`Connection::receive`], whatever the connection speaks.
 
+use super::Limits;
+use super::lifecycle::{CloseReason, LoopLog};
 use super::setup_deadline::{self, SetupStage, SetupWatch};
-use super::{Limits, Peer};
 use crate::buffer::WriteBuffer;
 use crate::layer::greeting::Greeting;
 use crate::layer::proxy::{ProxyAddresses, ProxyHeader, ProxyLayer, ProxyProgress};
 use crate::layer::tls::{TlsInput, TlsLayer};
+use crate::metrics::Transport;
+use crate::net::{Peer, Stream};
 use crate::protocol::{Flow, Protocol, Session};
 use std::cell::Cell;
+use std::io;
 use std::os::fd::BorrowedFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
@@ -43,6 +47,8 @@ pub struct Connection {
     /// Whether the protocol handler panicked: nothing more is read, and the replies owed
     /// before the panic still go out.
     has_panicked: bool,
+    /// What the socket is, for the counters (the peer may change with a PROXY header).
+    transport: Transport,
     /// `None` for a plain connection, which then costs nothing extra.
     layers: Option<Box<Layers>>,
 }
@@ -72,11 +78,15 @@ impl Connection {
         let mut connection = Connection {
             session: protocol.new_session(),
             out: WriteBuffer::new(limits.max_buffer_bytes),
-            peer,
             is_reading: true,
             has_seen_eof: false,
             has_panicked: false,
+            transport: match peer {
+                Peer::Ip(_) => Transport::Tcp,
+                Peer::Unix(_) => Transport::Unix,
+            },
             layers: None,
+            peer,
         };
         let settings = &limits.layers;
         if !settings.proxy_protocol && settings.tls.is_none() && settings.greeting.is_none() {
@@ -179,25 +189,23 @@ impl Connection {
 
     /// Feeds bytes the peer sent through the layers to the protocol.
     ///
-    /// # Errors
-    ///
-    /// [`HandlerPanicked`] when the protocol handler panicked (already logged with the
-    /// peer's address); the model closes this connection and nothing else. Bytes a layer
-    /// refuses (a bad PROXY header, a TLS error) are logged here and end reading, so the
-    /// connection finishes by the ordinary path.
-    pub fn receive(&mut self, input: &[u8]) -> Result<(), HandlerPanicked> {
+    /// Nothing here closes the connection at once: a handler panic (logged here with the
+    /// peer's address) and bytes a layer refuses (a bad PROXY header, a TLS error, logged
+    /// here too) end reading, and the connection finishes by the ordinary path, sending
+    /// what was owed before them. [`Connection::finish_reason`] tells why.
+    pub fn receive(&mut self, input: &[u8]) {
         if !self.is_reading {
             // Bytes after the protocol closed, or during drain, are owed nothing.
-            return Ok(());
+            return;
         }
         if self.layers.is_none() {
             return self.deliver(input);
         }
         let Some(input) = self.through_proxy(input) else {
-            return Ok(());
+            return;
         };
         if input.is_empty() {
-            return Ok(());
+            return;
         }
         let Some(mut layers) = self.layers.take() else {
             return self.deliver(input);
@@ -241,14 +249,13 @@ impl Connection {
                 tracing::warn!("closing {}: {during}: {e}", self.peer);
                 self.fail();
             }
-            Ok(TlsInput::PeerClosed) if outcome.is_ok() => outcome = self.receive_eof(),
+            Ok(TlsInput::PeerClosed) if outcome.is_ok() => self.receive_eof(),
             Ok(_) => {}
         }
         if outcome.is_err() {
             self.stop_after_panic();
         }
         self.pump();
-        Ok(())
     }
 
     /// Passes `input` through the PROXY layer, if one waits for its header: `None` while
@@ -370,7 +377,7 @@ impl Connection {
     }
 
     /// Feeds plaintext to the session.
-    fn deliver(&mut self, input: &[u8]) -> Result<(), HandlerPanicked> {
+    fn deliver(&mut self, input: &[u8]) {
         let Connection {
             session, out, peer, ..
         } = self;
@@ -380,24 +387,20 @@ impl Connection {
             Err(HandlerPanicked) => self.stop_after_panic(),
         }
         self.pump();
-        Ok(())
     }
 
     /// The handler panicked (already logged): its session is never called again, and the
-    /// replies it queued before the panic are sent like any others before the close.
+    /// replies it queued before the panic go out like any others before the close.
     fn stop_after_panic(&mut self) {
         self.is_reading = false;
         self.has_panicked = true;
     }
 
-    /// The peer half-closed: queue what is still owed, then finish once it is sent.
-    ///
-    /// # Errors
-    ///
-    /// As [`Connection::receive`].
-    pub fn receive_eof(&mut self) -> Result<(), HandlerPanicked> {
+    /// The peer half-closed: queue what is still owed, then finish once it is sent. A
+    /// handler panic is handled as in [`Connection::receive`].
+    pub fn receive_eof(&mut self) {
         if !self.is_reading {
-            return Ok(());
+            return;
         }
         self.is_reading = false;
         self.has_seen_eof = true;
@@ -416,7 +419,7 @@ impl Connection {
                     tracing::info!("closing {}: connection ended before {what}", self.peer);
                 }
                 self.fail();
-                return Ok(());
+                return;
             }
         }
         let Connection {
@@ -426,28 +429,107 @@ impl Connection {
             self.stop_after_panic();
         }
         self.pump();
-        Ok(())
     }
 
     /// Why a finished connection ended: the peer's EOF, a drain, or the protocol (`quit`).
-    pub fn finish_reason(&self, is_draining: bool) -> crate::metrics::CloseReason {
-        use crate::metrics::CloseReason;
+    pub fn finish_reason(&self, is_draining: bool) -> CloseReason {
         if self.has_panicked {
-            CloseReason::HandlerPanic
+            CloseReason::HandlerPanicked
         } else if self.has_seen_eof {
             CloseReason::PeerEof
         } else if is_draining {
-            CloseReason::Drain
+            CloseReason::Drained
         } else {
             CloseReason::Quit
         }
     }
 
-    /// Whether closing needs a lingering close ([`super::linger`]): the server ends this
-    /// connection before the peer's EOF, so the peer may still send bytes that would turn
-    /// the close into a reset.
+    /// `tcp` or `unix`: the socket this connection came on.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Handles what one read of the peer's socket returned into `buf`: bytes, EOF
+    /// (`Ok(0)`), nothing yet, or an error. Returns whether input (or EOF) arrived.
+    ///
+    /// # Errors
+    ///
+    /// Why the connection must close at once: the read failed. (A handler panic is not
+    /// one: the replies owed before it are sent first, see [`Connection::receive`].)
+    pub fn on_read(
+        &mut self,
+        result: io::Result<usize>,
+        buf: &[u8],
+        log: &LoopLog,
+    ) -> Result<bool, CloseReason> {
+        match result {
+            Ok(0) => self.receive_eof(),
+            Ok(n) => {
+                log.received(self.transport, n);
+                self.receive(&buf[..n]);
+            }
+            Err(e) if is_transient(&e) => return Ok(false),
+            Err(e) => return Err(CloseReason::Failed(e)),
+        }
+        Ok(true)
+    }
+
+    /// Reads once from the non-blocking `stream`, as much as the bound allows, and
+    /// handles the result ([`Connection::on_read`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::on_read`].
+    pub fn read_from(
+        &mut self,
+        stream: &Stream,
+        buf: &mut [u8],
+        log: &LoopLog,
+    ) -> Result<bool, CloseReason> {
+        let limit = self.read_limit(buf.len());
+        if limit == 0 {
+            return Ok(false);
+        }
+        let result = stream.read(&mut buf[..limit]);
+        self.on_read(result, buf, log)
+    }
+
+    /// Writes owed bytes to the non-blocking `stream` until none are left or the kernel's
+    /// send buffer is full.
+    ///
+    /// # Errors
+    ///
+    /// The write failed (the peer reset or went away): the connection must close.
+    pub fn flush_to(&mut self, stream: &Stream, log: &LoopLog) -> Result<(), CloseReason> {
+        while self.wants_write() {
+            match stream.write(self.unsent()) {
+                // The kernel may take fewer bytes than offered; the rest waits for writable.
+                Ok(written) => {
+                    log.sent(self.transport, written);
+                    self.advance(written);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(CloseReason::Failed(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the server ends this connection before the peer's EOF, so that closing
+    /// it needs a lingering close ([`super::linger`]).
     pub fn needs_linger(&self) -> bool {
         !self.has_seen_eof
+    }
+
+    /// The server ends this connection now, before the peer's EOF (an idle timeout, a
+    /// drain cut): read nothing more, and offer what is owed (with TLS, ending with
+    /// close_notify) to the non-blocking `stream` once, without waiting; the lingering
+    /// close follows.
+    pub fn close_first(&mut self, stream: &Stream, log: &LoopLog) {
+        self.stop_reading();
+        // Whatever the kernel does not take now is lost with the close anyway.
+        let _ = self.flush_to(stream, log);
     }
 
     /// Shutdown began: read nothing more, finish sending what is owed.
@@ -504,6 +586,14 @@ impl Connection {
     pub fn owed(&self) -> usize {
         self.out.len() + self.layers.as_ref().map_or(0, |layers| layers.wire.len())
     }
+}
+
+/// Errors after which the same read simply comes again later.
+fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 /// The address a client reached on `socket`, for the greeting's `{local}`.

@@ -203,6 +203,17 @@ pub fn hand_off_duplicate(fd: BorrowedFd<'_>) {
     }
 }
 
+/// Closes `stream` without waiting: shuts down our side and discards what the peer
+/// already sent, so the close is a reset only if more arrives later. For a connection
+/// refused before it was served: it is owed nothing, and waiting would let refused peers
+/// hold descriptors past `--max-conns`.
+pub fn close_now(stream: &Stream) {
+    let _ = stream.shutdown_write();
+    if stream.set_nonblocking(true).is_ok() {
+        Lingering::new(Instant::now()).discard(stream, Instant::now());
+    }
+}
+
 /// At shutdown, after the model's loops have returned: gives sockets still lingering on
 /// the lingering thread until they settle, or [`exit_bound`] passes.
 pub fn finish(drain_timeout: Duration) {
