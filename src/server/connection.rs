@@ -654,3 +654,52 @@ pub(super) fn catch_datagram_panic<T>(
 ) -> Result<T, HandlerPanicked> {
     catch_handler_panic(peer, handler)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ProtocolKind;
+    use proptest::prelude::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    fn lines_with_panic_word() -> (Connection, UnixStream) {
+        let protocol = Protocol::new(ProtocolKind::Lines, 1024)
+            .with_prefix(b"You Got ")
+            .with_panic_on(b"boom");
+        let (socket, other) = UnixStream::pair().expect("socketpair");
+        let peer = Peer::Unix(socket.local_addr().expect("local address"));
+        let connection = Connection::new(&protocol, peer, &Limits::default(), socket.as_fd());
+        (connection, other)
+    }
+
+    proptest! {
+        /// However TCP splits `ok\nboom\n...`, the reply to `ok` is owed when the handler
+        /// panics, nothing after it, and the connection finishes as a handler panic once
+        /// that reply is sent.
+        #[test]
+        fn replies_before_a_panic_survive_any_split(
+            cuts in proptest::collection::vec(0usize..=20, 0..6),
+        ) {
+            let input = b"ok\nboom\nnever\n";
+            let (mut connection, _other) = lines_with_panic_word();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(input.len())).collect();
+            cuts.push(input.len());
+            cuts.sort_unstable();
+            let mut from = 0;
+            for to in cuts {
+                connection.receive(&input[from..to]);
+                from = to;
+            }
+            connection.receive_eof();
+            prop_assert_eq!(connection.unsent(), b"You Got ok\n");
+            prop_assert!(!connection.wants_read());
+            prop_assert!(!connection.is_finished());
+            let owed = connection.unsent().len();
+            connection.advance(owed);
+            prop_assert!(connection.is_finished());
+            prop_assert!(matches!(connection.finish_reason(false), CloseReason::HandlerPanicked));
+            prop_assert!(connection.needs_linger());
+        }
+    }
+}
