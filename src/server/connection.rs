@@ -627,3 +627,359 @@ pub(super) fn catch_datagram_panic<T>(
 ) -> Result<T, HandlerPanicked> {
     catch_handler_panic(peer, handler)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::greeting::Greeting;
+    use crate::protocol::ProtocolKind;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::Duration;
+
+    fn ip_peer() -> Peer {
+        Peer::Ip("127.0.0.1:40000".parse().unwrap())
+    }
+
+    fn limits(max_buffer_bytes: usize) -> Limits {
+        Limits {
+            max_buffer_bytes,
+            ..Limits::default()
+        }
+    }
+
+    /// A connection without layers: its socket is never touched, so any descriptor does.
+    fn plain(protocol: &Protocol, max_buffer_bytes: usize) -> Connection {
+        let (socket, _peer) = UnixStream::pair().unwrap();
+        Connection::new(
+            protocol,
+            ip_peer(),
+            &limits(max_buffer_bytes),
+            socket.as_fd(),
+        )
+    }
+
+    fn echo() -> Protocol {
+        Protocol::new(ProtocolKind::Echo, 64)
+    }
+
+    #[test]
+    fn reading_stops_at_the_bound_and_resumes_below_it() {
+        let mut conn = plain(&echo(), 64);
+        assert!(conn.wants_read());
+        assert!(!conn.wants_write());
+        assert_eq!(conn.read_limit(1000), 64, "the whole bound, nothing owed");
+        assert_eq!(conn.read_limit(10), 10, "never more than the read buffer");
+        conn.receive(&[b'x'; 40]).unwrap();
+        assert_eq!(conn.owed(), 40);
+        assert!(conn.wants_write());
+        assert_eq!(conn.read_limit(1000), 24);
+        conn.receive(&[b'y'; 24]).unwrap();
+        assert!(!conn.wants_read(), "the bound is owed: stop reading");
+        assert_eq!(conn.read_limit(1000), 0);
+        conn.advance(1);
+        assert!(conn.wants_read());
+        assert_eq!(conn.read_limit(1000), 1);
+        assert_eq!(conn.unsent().len(), 63);
+        assert_eq!(conn.unsent()[..39], [b'x'; 39]);
+    }
+
+    #[test]
+    fn the_read_limit_leaves_room_for_the_prefix_and_the_held_line() {
+        // Each input byte may owe up to 10 bytes (a newline owes the 9-byte prefix too).
+        let lines = Protocol::new(ProtocolKind::Lines, 1000).with_prefix(b"123456789");
+        let mut conn = plain(&lines, 1000);
+        assert_eq!(conn.read_limit(1 << 16), 100);
+        conn.receive(b"abc").unwrap();
+        assert_eq!(conn.owed(), 0, "a partial line is held, not owed");
+        assert_eq!(conn.read_limit(1 << 16), 99, "(1000 - 3 held) / 10");
+        conn.receive(b"\n").unwrap();
+        assert_eq!(conn.unsent(), b"123456789abc\n");
+        assert_eq!(conn.read_limit(1 << 16), 98, "(1000 - 13 owed) / 10");
+        conn.receive(&[b'z'; 995]).unwrap();
+        assert!(
+            conn.wants_read(),
+            "held and owed are counted by read_limit, not by wants_read"
+        );
+        assert_eq!(
+            conn.read_limit(1 << 16),
+            1,
+            "less room than one byte's reply still reads one byte"
+        );
+    }
+
+    #[test]
+    fn eof_finishes_once_everything_owed_is_sent() {
+        let mut conn = plain(&echo(), 64);
+        assert!(!conn.is_finished(), "still reading");
+        conn.receive(b"abc").unwrap();
+        conn.receive_eof().unwrap();
+        assert!(!conn.wants_read());
+        assert_eq!(conn.read_limit(1000), 0);
+        assert!(!conn.is_finished(), "three bytes still owed");
+        assert_eq!(conn.unsent(), b"abc");
+        conn.advance(3);
+        assert!(conn.is_finished());
+        assert!(matches!(conn.finish_reason(false), CloseReason::PeerEof));
+        assert!(matches!(conn.finish_reason(true), CloseReason::PeerEof));
+        conn.receive(b"late").unwrap();
+        conn.receive_eof().unwrap();
+        assert_eq!(conn.owed(), 0, "nothing is owed for bytes after EOF");
+    }
+
+    #[test]
+    fn eof_queues_the_held_partial_line() {
+        let lines = Protocol::new(ProtocolKind::Lines, 64).with_prefix(b"> ");
+        let mut conn = plain(&lines, 64);
+        conn.receive(b"one\ntw").unwrap();
+        assert_eq!(conn.unsent(), b"> one\n");
+        conn.receive_eof().unwrap();
+        assert_eq!(conn.unsent(), b"> one\n> tw");
+    }
+
+    #[test]
+    fn quit_and_drain_finish_with_their_own_reasons() {
+        let until_quit = Protocol::new(ProtocolKind::UntilQuit, 64);
+        let mut conn = plain(&until_quit, 64);
+        conn.receive(b"hi\n").unwrap();
+        assert!(conn.wants_read());
+        conn.receive(b"quit\n").unwrap();
+        assert!(!conn.wants_read(), "quit ends reading");
+        assert_eq!(conn.unsent(), b"hi\nquit\n");
+        conn.receive(b"more\n").unwrap();
+        assert_eq!(conn.owed(), 8, "nothing after quit is collected");
+        conn.advance(8);
+        assert!(conn.is_finished());
+        assert!(matches!(conn.finish_reason(false), CloseReason::Quit));
+        assert!(matches!(conn.finish_reason(true), CloseReason::Drained));
+    }
+
+    #[test]
+    fn stop_reading_keeps_what_is_owed() {
+        let mut conn = plain(&echo(), 64);
+        conn.receive(b"abc").unwrap();
+        conn.stop_reading();
+        assert!(!conn.wants_read());
+        assert_eq!(conn.unsent(), b"abc", "a drain still sends what is owed");
+        conn.receive(b"def").unwrap();
+        assert_eq!(conn.unsent(), b"abc", "nothing read during drain is owed");
+        conn.advance(3);
+        assert!(conn.is_finished());
+    }
+
+    #[test]
+    fn a_handler_panic_closes_only_this_connection() {
+        let lines = Protocol::new(ProtocolKind::Lines, 64).with_panic_on(b"boom");
+        let mut conn = plain(&lines, 64);
+        conn.receive(b"ok\n").unwrap();
+        assert_eq!(conn.receive(b"boom\n"), Err(HandlerPanicked));
+        assert_eq!(
+            conn.unsent(),
+            b"ok\n",
+            "the line before the panic is still owed"
+        );
+        let log = LoopLog::default();
+        let mut conn = plain(&lines, 64);
+        assert!(matches!(
+            conn.on_read(Ok(5), b"boom\n", &log),
+            Err(CloseReason::HandlerPanicked)
+        ));
+        assert!(!is_in_handler(), "the flag is cleared after the handler");
+    }
+
+    #[test]
+    fn on_read_tells_input_eof_retry_and_failure_apart() {
+        let log = LoopLog::default();
+        let mut conn = plain(&echo(), 64);
+        assert_eq!(conn.on_read(Ok(3), b"abcdef", &log).ok(), Some(true));
+        assert_eq!(conn.unsent(), b"abc", "only the bytes read");
+        for transient in [io::ErrorKind::WouldBlock, io::ErrorKind::Interrupted] {
+            assert_eq!(
+                conn.on_read(Err(transient.into()), b"", &log).ok(),
+                Some(false),
+                "{transient:?} is tried again later"
+            );
+        }
+        assert!(conn.wants_read());
+        assert!(matches!(
+            conn.on_read(Err(io::ErrorKind::ConnectionReset.into()), b"", &log),
+            Err(CloseReason::Failed(_))
+        ));
+        assert_eq!(
+            conn.on_read(Ok(0), b"", &log).ok(),
+            Some(true),
+            "EOF is news too"
+        );
+        assert!(!conn.wants_read());
+    }
+
+    /// A non-blocking socket pair: the server's end as a [`Stream`], and the client's.
+    fn socket_pair() -> (Stream, UnixStream) {
+        let (server, client) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (Stream::Unix(server), client)
+    }
+
+    /// Runs `f` on a thread and fails if it has not returned within five seconds, so a
+    /// loop that never ends fails the test instead of hanging it.
+    fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("did not return within 5 s")
+    }
+
+    #[test]
+    fn read_from_reads_what_is_there_and_within_the_bound() {
+        use std::io::{Read, Write};
+        let log = LoopLog::default();
+        let (stream, mut client) = socket_pair();
+        let mut conn = plain(&echo(), 4);
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            conn.read_from(&stream, &mut buf, &log).ok(),
+            Some(false),
+            "nothing sent yet"
+        );
+        client.write_all(b"abcdef").unwrap();
+        assert_eq!(conn.read_from(&stream, &mut buf, &log).ok(), Some(true));
+        assert_eq!(conn.unsent(), b"abcd", "one read takes only the bound");
+        assert_eq!(
+            conn.read_from(&stream, &mut buf, &log).ok(),
+            Some(false),
+            "full: the socket is not read"
+        );
+        conn.flush_to(&stream, &log).unwrap();
+        assert!(!conn.wants_write());
+        let mut echoed = [0u8; 4];
+        client.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"abcd");
+        assert_eq!(conn.read_from(&stream, &mut buf, &log).ok(), Some(true));
+        assert_eq!(conn.unsent(), b"ef");
+        drop(client);
+        assert_eq!(
+            conn.read_from(&stream, &mut buf, &log).ok(),
+            Some(true),
+            "EOF"
+        );
+        assert!(!conn.wants_read());
+    }
+
+    #[test]
+    fn flush_to_stops_when_the_kernel_is_full_and_fails_when_the_peer_is_gone() {
+        use std::io::Read;
+        let (stream, mut client) = socket_pair();
+        let big = vec![7u8; 4 << 20];
+        let (stream, conn) = within_seconds(move || {
+            let log = LoopLog::default();
+            let mut conn = plain(&echo(), 8 << 20);
+            conn.receive(&big).unwrap();
+            conn.flush_to(&stream, &log).unwrap();
+            (stream, conn)
+        });
+        assert!(
+            conn.wants_write(),
+            "4 MiB do not fit a socket buffer: the rest waits for writable"
+        );
+        let sent = (4 << 20) - conn.owed();
+        assert!(sent > 0, "the kernel took some");
+        let mut got = vec![0u8; sent];
+        client.read_exact(&mut got).unwrap();
+        drop(client);
+        let failed = within_seconds(move || {
+            let (stream, mut conn) = (stream, conn);
+            conn.flush_to(&stream, &LoopLog::default())
+        });
+        assert!(matches!(failed, Err(CloseReason::Failed(_))), "{failed:?}");
+    }
+
+    #[test]
+    fn a_spare_allocation_is_lent_and_returned() {
+        let mut conn = plain(&echo(), 4096);
+        let mut spare = Vec::with_capacity(4096);
+        conn.lend_spare(&mut spare);
+        assert_eq!(spare.capacity(), 0, "lent to the connection");
+        conn.receive(b"abc").unwrap();
+        conn.advance(3);
+        conn.return_spare(&mut spare);
+        assert!(spare.capacity() >= 4096, "given back once nothing is owed");
+    }
+
+    #[test]
+    fn the_transport_follows_the_peer() {
+        let (socket, _peer) = UnixStream::pair().unwrap();
+        let unix_peer = Peer::Unix(socket.local_addr().unwrap());
+        let conn = Connection::new(&echo(), unix_peer, &limits(64), socket.as_fd());
+        assert_eq!(conn.transport(), Transport::Unix);
+        assert_eq!(plain(&echo(), 64).transport(), Transport::Tcp);
+    }
+
+    /// A connection that expects a PROXY protocol header first, with `greeting`.
+    fn behind_proxy(greeting: Option<&str>) -> (Connection, UnixStream) {
+        let (socket, peer) = UnixStream::pair().unwrap();
+        let mut limits = limits(1024);
+        limits.layers.proxy_protocol = true;
+        limits.layers.greeting = greeting.map(|g| Arc::new(Greeting::parse(g).unwrap()));
+        let conn = Connection::new(&echo(), ip_peer(), &limits, socket.as_fd());
+        // The setup deadline holds its own copy of the descriptor; the pair's other end
+        // stays open so that nothing is cut while the test runs.
+        (conn, peer)
+    }
+
+    #[test]
+    fn a_proxy_header_names_the_peer_and_starts_the_session() {
+        let (mut conn, _keep) = behind_proxy(Some("hello {peer}\n"));
+        assert!(conn.wants_read(), "reading the header");
+        assert_eq!(conn.owed(), 0, "no greeting before the header");
+        conn.receive(b"PROXY TCP4 192.0.2.1 198.51.100.2 40001 7")
+            .unwrap();
+        assert_eq!(conn.owed(), 0, "the header is not complete yet");
+        conn.receive(b"\r\necho me").unwrap();
+        assert_eq!(conn.peer().to_string(), "192.0.2.1:40001");
+        assert_eq!(conn.unsent(), b"hello 192.0.2.1:40001\necho me");
+        assert_eq!(conn.transport(), Transport::Tcp);
+    }
+
+    #[test]
+    fn a_bad_proxy_header_ends_the_connection() {
+        let (mut conn, _keep) = behind_proxy(None);
+        conn.receive(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert!(!conn.wants_read(), "a refused header ends reading");
+        assert_eq!(conn.owed(), 0, "and owes nothing");
+        assert!(conn.is_finished());
+        assert_eq!(
+            conn.peer().to_string(),
+            "127.0.0.1:40000",
+            "the socket's peer is kept"
+        );
+    }
+
+    #[test]
+    fn eof_before_the_proxy_header_owes_nothing() {
+        let (mut conn, _keep) = behind_proxy(Some("hello\n"));
+        conn.receive(b"PROXY TCP4").unwrap();
+        conn.receive_eof().unwrap();
+        assert!(!conn.wants_read());
+        assert_eq!(
+            conn.owed(),
+            0,
+            "no greeting for a peer that never said who it is"
+        );
+        assert!(conn.is_finished());
+        let (mut conn, _keep) = behind_proxy(Some("hello\n"));
+        conn.stop_reading();
+        assert_eq!(
+            conn.owed(),
+            0,
+            "a drain before the header owes nothing either"
+        );
+        assert!(conn.is_finished());
+    }
+}
