@@ -982,4 +982,222 @@ mod tests {
         );
         assert!(conn.is_finished());
     }
+
+    /// A TLS connection (a throwaway certificate) and a client that trusts anything, and
+    /// the socket pair the connection was made on (the server's end, then the peer's): the
+    /// setup deadline shuts the server's end down if it fires, which the peer's end sees.
+    fn over_tls(
+        protocol: &Protocol,
+        max_buffer_bytes: usize,
+        handshake_timeout: Duration,
+    ) -> (
+        Connection,
+        rustls::ClientConnection,
+        (UnixStream, UnixStream),
+    ) {
+        let (socket, peer) = UnixStream::pair().unwrap();
+        let mut limits = limits(max_buffer_bytes);
+        limits.layers.tls = Some(crate::layer::tls::TlsConfig::self_signed().unwrap());
+        limits.layers.tls_handshake_timeout = handshake_timeout;
+        let conn = Connection::new(protocol, ip_peer(), &limits, socket.as_fd());
+        let config = crate::tls_client::client_config(&crate::addr::TlsVerify::Insecure).unwrap();
+        let client =
+            rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
+        (conn, client, (socket, peer))
+    }
+
+    /// What the client made of the server's bytes so far.
+    #[derive(Debug, Default)]
+    struct ClientView {
+        plaintext: Vec<u8>,
+        has_seen_close_notify: bool,
+    }
+
+    /// Moves bytes both ways until neither side has more to say. The server's bytes are
+    /// taken `piece` bytes at a time, as a kernel taking short writes would.
+    fn exchange(
+        conn: &mut Connection,
+        client: &mut rustls::ClientConnection,
+        piece: usize,
+        view: &mut ClientView,
+    ) -> Result<(), HandlerPanicked> {
+        use std::io::Read;
+        for _ in 0..1000 {
+            let mut to_server = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut to_server).unwrap();
+            }
+            let mut outcome = Ok(());
+            if !to_server.is_empty() {
+                outcome = conn.receive(&to_server);
+            }
+            let mut to_client = Vec::new();
+            while conn.wants_write() {
+                let n = conn.unsent().len().min(piece);
+                to_client.extend_from_slice(&conn.unsent()[..n]);
+                conn.advance(n);
+            }
+            let mut slice = to_client.as_slice();
+            while !slice.is_empty() {
+                client.read_tls(&mut slice).unwrap();
+                client
+                    .process_new_packets()
+                    .expect("the client understands every record");
+                let mut buf = [0u8; 4096];
+                loop {
+                    match client.reader().read(&mut buf) {
+                        Ok(0) => {
+                            view.has_seen_close_notify = true;
+                            break;
+                        }
+                        Ok(n) => view.plaintext.extend_from_slice(&buf[..n]),
+                        Err(_) => break,
+                    }
+                }
+            }
+            outcome?;
+            if to_server.is_empty() && to_client.is_empty() {
+                return Ok(());
+            }
+        }
+        panic!("no quiet point after 1000 rounds");
+    }
+
+    #[test]
+    fn tls_carries_replies_and_closes_with_close_notify() {
+        use std::io::Write;
+        let (mut conn, mut client, _peer) = over_tls(&echo(), 64 * 1024, Duration::from_secs(10));
+        assert!(conn.wants_read(), "reading the ClientHello");
+        assert!(!conn.wants_write());
+        assert!(!conn.is_finished());
+        let mut view = ClientView::default();
+        exchange(&mut conn, &mut client, 1000, &mut view).unwrap();
+        assert!(!client.is_handshaking());
+        // 64 KiB through records of at most 16 KiB, sent to the client 1000 bytes at a time.
+        let input: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        client.writer().write_all(&input).unwrap();
+        exchange(&mut conn, &mut client, 1000, &mut view).unwrap();
+        assert!(
+            view.plaintext == input,
+            "{} bytes back",
+            view.plaintext.len()
+        );
+        assert!(
+            !view.has_seen_close_notify,
+            "still open while the client is"
+        );
+        assert_eq!(conn.owed(), 0);
+        assert!(!conn.is_finished());
+        client.send_close_notify();
+        exchange(&mut conn, &mut client, 1000, &mut view).unwrap();
+        assert!(
+            view.has_seen_close_notify,
+            "close_notify answers close_notify"
+        );
+        assert!(conn.is_finished());
+        assert!(matches!(conn.finish_reason(false), CloseReason::PeerEof));
+    }
+
+    #[test]
+    fn tls_bytes_owed_count_against_the_bound() {
+        let (mut conn, mut client, _peer) = over_tls(&echo(), 64 * 1024, Duration::from_secs(10));
+        assert_eq!(conn.read_limit(1 << 20), 64 * 1024);
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        conn.receive(&hello).unwrap();
+        let owed = conn.unsent().len();
+        assert!(owed > 0, "the server's handshake flight is owed");
+        assert_eq!(conn.owed(), owed);
+        assert!(conn.wants_write());
+        assert_eq!(
+            conn.read_limit(1 << 20),
+            64 * 1024 - owed,
+            "ciphertext owed counts against --max-buffer"
+        );
+        // A bound smaller than the server's flight: nothing more is read until it is sent.
+        let (mut conn, mut client, _peer) = over_tls(&echo(), 64, Duration::from_secs(10));
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        conn.receive(&hello).unwrap();
+        assert!(!conn.wants_read(), "the flight alone fills the bound");
+        assert_eq!(conn.read_limit(1 << 20), 0);
+    }
+
+    #[test]
+    fn tls_garbage_ends_the_connection_after_an_alert() {
+        let (mut conn, _client, _peer) = over_tls(&echo(), 64 * 1024, Duration::from_secs(10));
+        conn.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert!(!conn.wants_read());
+        assert!(conn.wants_write(), "an alert is owed");
+        let alert = conn.unsent().len();
+        assert!(!conn.is_finished());
+        conn.advance(alert);
+        assert!(conn.is_finished());
+    }
+
+    #[test]
+    fn tls_eof_or_drain_during_the_handshake_owes_nothing_more() {
+        let greeting = echo().with_greeting(b"hello\n");
+        let (mut conn, _client, _peer) = over_tls(&greeting, 64 * 1024, Duration::from_secs(10));
+        conn.receive_eof().unwrap();
+        assert!(!conn.wants_read());
+        assert!(conn.is_finished(), "the greeting is owed to nobody now");
+        let (mut conn, _client, _peer) = over_tls(&greeting, 64 * 1024, Duration::from_secs(10));
+        conn.stop_reading();
+        assert!(!conn.wants_read());
+        assert!(conn.is_finished());
+    }
+
+    #[test]
+    fn a_tls_panic_sends_the_replies_before_it_and_nothing_after() {
+        use std::io::Write;
+        let lines = Protocol::new(ProtocolKind::Lines, 1024).with_panic_on(b"boom");
+        let (mut conn, mut client, _peer) = over_tls(&lines, 64 * 1024, Duration::from_secs(10));
+        let mut view = ClientView::default();
+        exchange(&mut conn, &mut client, 1 << 20, &mut view).unwrap();
+        // Three records in one read: the panic must stop the session at the second.
+        client.writer().write_all(b"ok\n").unwrap();
+        client.writer().write_all(b"boom\n").unwrap();
+        client.writer().write_all(b"after\n").unwrap();
+        client.send_close_notify();
+        assert_eq!(
+            exchange(&mut conn, &mut client, 1 << 20, &mut view),
+            Err(HandlerPanicked),
+            "the panic is reported even with the peer's close_notify in the same read"
+        );
+        exchange(&mut conn, &mut client, 1 << 20, &mut view).unwrap();
+        assert_eq!(view.plaintext, b"ok\n");
+    }
+
+    #[test]
+    fn the_handshake_deadline_cuts_only_a_handshake_that_stalls() {
+        use std::io::Read;
+        let deadline = Duration::from_millis(200);
+        // Established in time: the deadline no longer applies.
+        let (mut conn, mut client, (_socket, mut peer)) = over_tls(&echo(), 64 * 1024, deadline);
+        exchange(&mut conn, &mut client, 1 << 20, &mut ClientView::default()).unwrap();
+        assert!(!client.is_handshaking());
+        // Stalled after its ClientHello: cut at the deadline.
+        let (mut stalled, mut stalled_client, (_stalled_socket, mut stalled_peer)) =
+            over_tls(&echo(), 64 * 1024, deadline);
+        let mut hello = Vec::new();
+        stalled_client.write_tls(&mut hello).unwrap();
+        stalled.receive(&hello).unwrap();
+        thread::sleep(3 * deadline);
+        let mut buf = [0u8; 1];
+        stalled_peer
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let read = stalled_peer
+            .read(&mut buf)
+            .expect("a handshake stalled past its deadline is shut down, not left open");
+        assert_eq!(read, 0);
+        peer.set_nonblocking(true).unwrap();
+        let read = peer.read(&mut buf);
+        assert!(
+            read.as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock),
+            "an established connection was cut by the handshake deadline: {read:?}"
+        );
+    }
 }
