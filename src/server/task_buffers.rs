@@ -21,8 +21,8 @@ thread_local! {
 ///
 /// # Errors
 ///
-/// What `read` returned (`WouldBlock` included: nothing is handed over), or `Other` when the
-/// protocol handler panicked (already logged): the task closes the connection.
+/// What `read` returned (`WouldBlock` included: nothing is handed over). A handler panic
+/// is no error here: the connection stops reading and finishes as usual.
 pub fn receive_into(
     connection: &mut Connection,
     read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
@@ -31,11 +31,10 @@ pub fn receive_into(
         let limit = connection.read_limit(buf.len());
         let got = read(&mut buf[..limit])?;
         SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-        let received = match got {
+        match got {
             0 => connection.receive_eof(),
             n => connection.receive(&buf[..n]),
-        };
-        received.map_err(|_| io::Error::other("handler panicked"))?;
+        }
         Ok(got)
     })
 }
