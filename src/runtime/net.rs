@@ -1,10 +1,10 @@
 //! Async sockets: [`Async`] wraps a socket, registers it with the reactor once, and turns
 //! each non-blocking system call into a future that waits for readiness on `WouldBlock`.
 //!
-//! reverb's `server` types already put TCP and Unix behind one type each, so three
-//! wrappers cover all four transports: listeners ([`Async::accept`]), streams
-//! ([`Async::read`], [`Async::write_all`]) and datagram sockets ([`Async::recv_from`]).
-//! [`Async::read_with`] turns any other non-blocking call into a future.
+//! reverb's socket types already put TCP and Unix behind one type each, so three
+//! wrappers cover all four transports: streams ([`Async::read`], [`Async::write_all`]),
+//! datagram sockets ([`Async::recv_from`]) and listeners, whose `accept` goes through
+//! [`Async::read_with`], which turns any non-blocking call into a future.
 
 use super::executor::{Core, current};
 use super::reactor::Direction;
