@@ -20,11 +20,12 @@ use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::runtime::{self, Async, Direction, Runtime, unless};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::task_buffers;
-use crate::server::{LoopLog, 
+use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
-    is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle, log_over_limit,
-    };
+    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    accept_action, is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle,
+    log_over_limit,
+};
 use std::cell::Cell;
 use std::io;
 use std::net::Shutdown as Half;
@@ -207,11 +208,25 @@ async fn converse(
 async fn receive(stream: &Async<Stream>, connection: &mut Connection) -> io::Result<()> {
     loop {
         stream.ready(Direction::Read).await;
-        match task_buffers::receive_into(connection, |buf| stream.try_read(buf)) {
+        match task_buffers::receive_into(connection, &mut TaskSocket(stream)) {
             // Readiness was cached from an earlier edge: wait for the next one.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             received => return received.map(drop),
         }
+    }
+}
+
+/// A connection's socket under this runtime: reads keep the reactor's readiness cache
+/// right; a write that finds no room is simply owed, and `write_all` waits for it.
+struct TaskSocket<'a>(&'a Async<Stream>);
+
+impl task_buffers::SocketIo for TaskSocket<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.get_ref().write(bytes)
     }
 }
 

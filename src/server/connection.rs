@@ -183,6 +183,52 @@ impl Connection {
         (room / self.session.max_expansion()).clamp(1, buf_len)
     }
 
+    /// Whether the reply to the next input is that input itself, owed right after what is
+    /// owed now: stream `echo` with no layer, still reading. Only then may the input leave
+    /// straight from the read buffer ([`Connection::receive_through`]).
+    fn is_write_through(&self) -> bool {
+        self.is_reading && self.layers.is_none() && self.session.echoes_input()
+    }
+
+    /// Feeds bytes the peer sent to the protocol, as [`Connection::receive`] does; but when
+    /// nothing is owed and the reply is `input` itself (stream `echo`, no layer), first
+    /// offers `input` to `write` straight from where it was read (write-through), so only
+    /// what the kernel did not take is copied into the write buffer. Order, the bound and
+    /// half-close are as with `receive`: the bytes written through are exactly the first
+    /// bytes the session would have owed. Returns how many bytes `write` took.
+    ///
+    /// `write` is one non-blocking write: it returns how many bytes the kernel took (fewer
+    /// than offered is a short write), or `WouldBlock` when it takes none now.
+    ///
+    /// # Errors
+    ///
+    /// [`CloseReason::Failed`] when `write` failed otherwise (the peer reset or went away),
+    /// [`CloseReason::HandlerPanicked`] as with `receive`: the connection must close.
+    pub fn receive_through(
+        &mut self,
+        input: &[u8],
+        mut write: impl FnMut(&[u8]) -> io::Result<usize>,
+    ) -> Result<usize, CloseReason> {
+        let mut sent = 0;
+        if self.out.is_empty() && self.is_write_through() {
+            while sent < input.len() {
+                match write(&input[sent..]) {
+                    // A kernel that takes nothing without saying WouldBlock is asked later.
+                    Ok(0) => break,
+                    Ok(written) => sent += written,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(CloseReason::Failed(e)),
+                }
+            }
+        }
+        if sent < input.len() {
+            self.receive(&input[sent..])
+                .map_err(|HandlerPanicked| CloseReason::HandlerPanicked)?;
+        }
+        Ok(sent)
+    }
+
     /// Feeds bytes the peer sent through the layers to the protocol.
     ///
     /// # Errors
@@ -450,25 +496,47 @@ impl Connection {
         buf: &[u8],
         log: &LoopLog,
     ) -> Result<bool, CloseReason> {
-        let received = match result {
-            Ok(0) => self.receive_eof(),
+        self.on_read_through(result, buf, log, |_| Err(io::ErrorKind::WouldBlock.into()))
+    }
+
+    /// As [`Connection::on_read`], with the bytes read offered to `write` first when they
+    /// may leave straight from `buf` ([`Connection::receive_through`]).
+    ///
+    /// # Errors
+    ///
+    /// Why the connection must close: the read or the write failed, or the handler
+    /// panicked.
+    pub fn on_read_through(
+        &mut self,
+        result: io::Result<usize>,
+        buf: &[u8],
+        log: &LoopLog,
+        write: impl FnMut(&[u8]) -> io::Result<usize>,
+    ) -> Result<bool, CloseReason> {
+        match result {
+            Ok(0) => self
+                .receive_eof()
+                .map_err(|HandlerPanicked| CloseReason::HandlerPanicked)?,
             Ok(n) => {
                 log.received(self.transport, n);
-                self.receive(&buf[..n])
+                let sent = self.receive_through(&buf[..n], write)?;
+                if sent > 0 {
+                    log.sent(self.transport, sent);
+                }
             }
             Err(e) if is_transient(&e) => return Ok(false),
             Err(e) => return Err(CloseReason::Failed(e)),
-        };
-        received.map_err(|HandlerPanicked| CloseReason::HandlerPanicked)?;
+        }
         Ok(true)
     }
 
     /// Reads once from the non-blocking `stream`, as much as the bound allows, and
-    /// handles the result ([`Connection::on_read`]).
+    /// handles the result ([`Connection::on_read`]); an echo goes straight back from `buf`
+    /// when nothing is owed ([`Connection::receive_through`]).
     ///
     /// # Errors
     ///
-    /// As [`Connection::on_read`].
+    /// As [`Connection::on_read_through`].
     pub fn read_from(
         &mut self,
         stream: &Stream,
@@ -480,7 +548,7 @@ impl Connection {
             return Ok(false);
         }
         let result = stream.read(&mut buf[..limit]);
-        self.on_read(result, buf, log)
+        self.on_read_through(result, buf, log, |bytes| stream.write(bytes))
     }
 
     /// Writes owed bytes to the non-blocking `stream` until none are left or the kernel's
@@ -490,8 +558,23 @@ impl Connection {
     ///
     /// The write failed (the peer reset or went away): the connection must close.
     pub fn flush_to(&mut self, stream: &Stream, log: &LoopLog) -> Result<(), CloseReason> {
+        self.flush_with(|bytes| stream.write(bytes), log)
+    }
+
+    /// As [`Connection::flush_to`], with `write` as the one non-blocking write.
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::flush_to`].
+    pub fn flush_with(
+        &mut self,
+        mut write: impl FnMut(&[u8]) -> io::Result<usize>,
+        log: &LoopLog,
+    ) -> Result<(), CloseReason> {
         while self.wants_write() {
-            match stream.write(self.unsent()) {
+            match write(self.unsent()) {
+                // A kernel that takes nothing without saying WouldBlock is asked later.
+                Ok(0) => return Ok(()),
                 // The kernel may take fewer bytes than offered; the rest waits for writable.
                 Ok(written) => {
                     log.sent(self.transport, written);
@@ -627,3 +710,6 @@ pub(super) fn catch_datagram_panic<T>(
 ) -> Result<T, HandlerPanicked> {
     catch_handler_panic(peer, handler)
 }
+
+#[cfg(test)]
+mod tests;
