@@ -14,14 +14,15 @@
 //! coarse wheel of the scalable models ([`IdleWheel`]). Loops: each has its own SO_REUSEPORT
 //! accept queue (`Model::accept_queues`) and a duplicate of every datagram socket.
 
+use crate::metrics::Transport;
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
-use crate::metrics::Transport;
-use crate::server::{LoopLog, 
+use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
-    is_per_peer_datagram_error, log_accept_pause, log_idle, log_over_limit, };
+    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    accept_action, is_per_peer_datagram_error, log_accept_pause, log_idle, log_over_limit,
+};
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
 use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};

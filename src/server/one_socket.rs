@@ -202,8 +202,9 @@ pub fn serve_each_socket(
     std::thread::scope(|scope| {
         let accepting =
             (sources.streams.iter()).map(|listener| scope.spawn(move || accept_on(listener)));
-        let answering = (sources.datagrams.iter())
-            .map(|socket| scope.spawn(move || serve_datagrams(socket, protocol, shutdown, metrics)));
+        let answering = (sources.datagrams.iter()).map(|socket| {
+            scope.spawn(move || serve_datagrams(socket, protocol, shutdown, metrics))
+        });
         let threads: Vec<_> = accepting.chain(answering).collect();
         let mut outcome = Ok(());
         for thread in threads {

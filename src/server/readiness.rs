@@ -490,7 +490,9 @@ impl ReadinessCore {
         match served {
             Err(reason) => self.close(token, reason),
             Ok(()) if entry.connection.is_finished() => {
-                let reason = entry.connection.finish_reason(self.drain_deadline.is_some());
+                let reason = entry
+                    .connection
+                    .finish_reason(self.drain_deadline.is_some());
                 self.close(token, reason);
             }
             Ok(()) if interest_of(&entry.connection) != entry.watched => self.changed.push(token),
