@@ -400,4 +400,5 @@ counting_models! {
     select => "select",
     poll => "poll",
     epoll => "epoll",
+    uring => "uring",
 }
