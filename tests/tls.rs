@@ -36,7 +36,8 @@ tls_cases! {
     models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, own_runtime, tokio, uring],
     cases: [python_payload_half_close, python_unread_flood_bounded, openssl_s_client_until_quit,
             garbage_handshake_closes_only_that_connection, haproxy_send_proxy_v1_and_v2,
-            proxy_header_refusals_and_deadline, tls_handshake_deadline],
+            proxy_header_refusals_and_deadline, tls_handshake_deadline,
+            idle_and_drain_send_close_notify],
 }
 
 /// The `--model` value for a module name: `own_runtime` is `async` (a keyword in Rust).
@@ -158,6 +159,45 @@ fn python_payload_half_close(model: &str) {
     }
     assert!(server.stderr().contains("SHA-256 fingerprint"));
     server.stop();
+}
+
+/// Closing first on a TLS connection (the idle timeout, a drain) sends close_notify
+/// before the EOF: Python's `ssl` sees a clean TLS close, not a reset or a bare EOF.
+fn idle_and_drain_send_close_notify(model: &str) {
+    if !have("python3", &["--version"]) {
+        return;
+    }
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--tls-self-signed",
+            "--idle-timeout",
+            "1",
+        ],
+    );
+    let (ok, line) = run_peer(&["silent", &server.addr("tcp"), "1.3", "8"]);
+    assert!(
+        ok,
+        "{model} idle timeout: {line}\nserver log:\n{}",
+        server.stderr()
+    );
+    server.stop();
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--tls-self-signed", "-v"]);
+    let addr = server.addr("tcp");
+    let peer = thread::spawn(move || run_peer(&["silent", &addr, "1.2", "20"]));
+    server.wait_for_log("TLS established");
+    server.terminate();
+    let (ok, line) = peer.join().expect("peer thread");
+    let mut server = server;
+    let status = server.wait_exit(PATIENCE);
+    assert!(
+        ok,
+        "{model} drain: {line}\nserver log:\n{}",
+        server.stderr()
+    );
+    assert!(status.is_some_and(|s| s.success()), "{}", server.stderr());
 }
 
 /// A client sends 64 MiB over TLS without reading: the server stops reading it, its

@@ -19,6 +19,7 @@
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::runtime::{self, Async, Direction, Runtime, unless};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
+use crate::server::linger;
 use crate::server::task_buffers;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
@@ -175,6 +176,7 @@ async fn converse(
             let Some(sent) = unless(is_cut, None, stream.write_all(connection.unsent())).await
             else {
                 log_drain_cut(connection.peer(), owed);
+                linger::hand_off_duplicate(stream.get_ref().as_fd());
                 return Ok(());
             };
             sent?;
@@ -186,7 +188,11 @@ async fn converse(
         }
         if connection.is_finished() {
             // Everything owed was sent: the peer reads EOF after the last reply.
-            let _ = stream.shutdown(Half::Write);
+            if connection.needs_linger() {
+                linger::hand_off_duplicate(stream.get_ref().as_fd());
+            } else {
+                let _ = stream.shutdown(Half::Write);
+            }
             return Ok(());
         }
         if let (Some(timer), Some(timeout)) = (&mut idle, idle_timeout) {
@@ -198,6 +204,13 @@ async fn converse(
             None if is_draining() => {}
             None => {
                 log_idle(connection.peer(), idle_timeout.unwrap_or_default());
+                // With TLS this queues close_notify; an idle peer has room for it, and
+                // one that has none does not hold up the close.
+                connection.stop_reading();
+                if let Ok(sent) = stream.get_ref().write(connection.unsent()) {
+                    connection.advance(sent);
+                }
+                linger::hand_off_duplicate(stream.get_ref().as_fd());
                 return Ok(());
             }
         }

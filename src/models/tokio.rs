@@ -17,6 +17,7 @@
 
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
+use crate::server::linger;
 use crate::server::stop_signal::StopSignal;
 use crate::server::task_buffers;
 use crate::server::{
@@ -254,6 +255,7 @@ async fn converse(
                 sent = stream.write_all(connection.unsent()) => sent?,
                 () = &mut cut => {
                     log_drain_cut(connection.peer(), owed);
+                    linger::hand_off_duplicate(stream.as_fd());
                     return Ok(());
                 }
             }
@@ -265,7 +267,11 @@ async fn converse(
         }
         if connection.is_finished() {
             // Everything owed was sent: the peer reads EOF after the last reply.
-            let _ = stream.shutdown().await;
+            if connection.needs_linger() {
+                linger::hand_off_duplicate(stream.as_fd());
+            } else {
+                let _ = stream.shutdown().await;
+            }
             return Ok(());
         }
         if let Some(timeout) = idle_timeout {
@@ -278,6 +284,14 @@ async fn converse(
             () = &mut draining => {}
             () = &mut idle, if idle_timeout.is_some() => {
                 log_idle(connection.peer(), idle_timeout.unwrap_or_default());
+                // With TLS this queues close_notify; an idle peer has room for it, and
+                // one that has none does not hold up the close.
+                connection.stop_reading();
+                let owed = connection.unsent();
+                if let Poll::Ready(Ok(sent)) = poll_fn(|cx| Poll::Ready(Pin::new(&mut *stream).poll_write(cx, owed))).await {
+                    connection.advance(sent);
+                }
+                linger::hand_off_duplicate(stream.as_fd());
                 return Ok(());
             }
         }

@@ -6,8 +6,7 @@
 //! allocation is lent to the connection producing replies and taken back once they are sent
 //! (`Connection::lend_spare`, `return_spare`).
 
-use super::lifecycle::CloseReason;
-use super::{Connection, HandlerPanicked, READ_BUFFER_BYTES};
+use super::{Connection, READ_BUFFER_BYTES};
 use std::cell::RefCell;
 use std::io;
 
@@ -41,26 +40,20 @@ pub trait SocketIo {
 ///
 /// # Errors
 ///
-/// What the read returned (`WouldBlock` included: nothing is handed over), a failed
-/// write-through, or `Other` when the protocol handler panicked (already logged): the task
-/// closes the connection.
+/// What the read returned (`WouldBlock` included: nothing is handed over), or a failed
+/// write-through: the task closes the connection. A handler panic is no error here: the
+/// connection stops reading and finishes as usual.
 pub fn receive_into(connection: &mut Connection, socket: &mut impl SocketIo) -> io::Result<usize> {
     READ_BUFFER.with_borrow_mut(|buf| {
         let limit = connection.read_limit(buf.len());
         let got = socket.read(&mut buf[..limit])?;
         SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-        let received = match got {
-            0 => connection
-                .receive_eof()
-                .map_err(|HandlerPanicked| CloseReason::HandlerPanicked),
-            n => connection
-                .receive_through(&buf[..n], |bytes| socket.write(bytes))
-                .map(drop),
-        };
-        received.map_err(|reason| match reason {
-            CloseReason::Failed(e) => e,
-            _ => io::Error::other("handler panicked"),
-        })?;
+        match got {
+            0 => connection.receive_eof(),
+            n => {
+                connection.receive_through(&buf[..n], |bytes| socket.write(bytes))?;
+            }
+        }
         Ok(got)
     })
 }
