@@ -878,7 +878,7 @@ pub fn datagram_full_peer_does_not_stall(model: &str) {
 /// discards what the peer sends (a lingering close), so more bytes from the peer meet no
 /// reset, and the EOF stays readable. A server that closed outright would answer these
 /// bytes with a reset.
-fn assert_lingers(conn: &mut Conn, what: &str) {
+pub fn assert_lingers(conn: &mut Conn, what: &str) {
     for _ in 0..3 {
         conn.write_all(&[b'z'; 16 * 1024])
             .unwrap_or_else(|e| panic!("{what}: the server stopped lingering at once: {e}"));
