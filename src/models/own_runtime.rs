@@ -223,11 +223,25 @@ async fn converse(
 async fn receive(stream: &Async<Stream>, connection: &mut Connection) -> io::Result<()> {
     loop {
         stream.ready(Direction::Read).await;
-        match task_buffers::receive_into(connection, |buf| stream.try_read(buf)) {
+        match task_buffers::receive_into(connection, &mut TaskSocket(stream)) {
             // Readiness was cached from an earlier edge: wait for the next one.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             received => return received.map(drop),
         }
+    }
+}
+
+/// A connection's socket under this runtime: reads keep the reactor's readiness cache
+/// right; a write that finds no room is simply owed, and `write_all` waits for it.
+struct TaskSocket<'a>(&'a Async<Stream>);
+
+impl task_buffers::SocketIo for TaskSocket<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.get_ref().write(bytes)
     }
 }
 

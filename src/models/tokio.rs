@@ -292,6 +292,29 @@ async fn converse(
     }
 }
 
+/// A connection's socket inside a task being polled: `Pending` is `WouldBlock`.
+struct TaskSocket<'a, 'b, 'c> {
+    cx: &'a mut Context<'b>,
+    stream: &'a mut Box<dyn Socket + 'c>,
+}
+
+impl task_buffers::SocketIo for TaskSocket<'_, '_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut input = ReadBuf::new(buf);
+        match Pin::new(&mut **self.stream).poll_read(self.cx, &mut input) {
+            Poll::Ready(read) => read.map(|()| input.filled().len()),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match Pin::new(&mut **self.stream).poll_write(self.cx, bytes) {
+            Poll::Ready(written) => written,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
 /// Reads once into the loop's buffer and hands the bytes to `connection`; pending until
 /// the socket is readable. tokio's `poll_read` treats a short read as "drained", so no
 /// `read` returns `EAGAIN`.
@@ -300,13 +323,7 @@ fn poll_receive(
     stream: &mut Box<dyn Socket>,
     connection: &mut Connection,
 ) -> Poll<io::Result<()>> {
-    let received = task_buffers::receive_into(connection, |buf| {
-        let mut input = ReadBuf::new(buf);
-        match Pin::new(&mut **stream).poll_read(cx, &mut input) {
-            Poll::Ready(read) => read.map(|()| input.filled().len()),
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    });
+    let received = task_buffers::receive_into(connection, &mut TaskSocket { cx, stream });
     match received {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
         received => Poll::Ready(received.map(drop)),

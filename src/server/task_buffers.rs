@@ -15,25 +15,44 @@ thread_local! {
     static SPARE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `read` on this thread's read buffer, cut to what `connection` may take under its
-/// bound, and hands what came (bytes, or EOF for `Ok(0)`) to `connection`. Returns how many
-/// bytes came.
+/// One connection's socket as its task sees it: one non-blocking read or write at a time,
+/// `WouldBlock` when the kernel has nothing (or no room) now.
+pub trait SocketIo {
+    /// Reads into `buf`; `Ok(0)` is EOF.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock`, or the OS error of the read.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Writes a prefix of `bytes`, as much as the kernel takes now; returns its length.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock`, or the OS error of the write.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize>;
+}
+
+/// Reads from `socket` into this thread's read buffer, cut to what `connection` may take
+/// under its bound, and hands what came (bytes, or EOF for `Ok(0)`) to `connection`; an
+/// echo goes straight back from the read buffer when nothing is owed
+/// (`Connection::receive_through`). Returns how many bytes came.
 ///
 /// # Errors
 ///
-/// What `read` returned (`WouldBlock` included: nothing is handed over). A handler panic
-/// is no error here: the connection stops reading and finishes as usual.
-pub fn receive_into(
-    connection: &mut Connection,
-    read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
-) -> io::Result<usize> {
+/// What the read returned (`WouldBlock` included: nothing is handed over), or a failed
+/// write-through: the task closes the connection. A handler panic is no error here: the
+/// connection stops reading and finishes as usual.
+pub fn receive_into(connection: &mut Connection, socket: &mut impl SocketIo) -> io::Result<usize> {
     READ_BUFFER.with_borrow_mut(|buf| {
         let limit = connection.read_limit(buf.len());
-        let got = read(&mut buf[..limit])?;
+        let got = socket.read(&mut buf[..limit])?;
         SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
         match got {
             0 => connection.receive_eof(),
-            n => connection.receive(&buf[..n]),
+            n => {
+                connection.receive_through(&buf[..n], |bytes| socket.write(bytes))?;
+            }
         }
         Ok(got)
     })
