@@ -77,6 +77,8 @@ conformance! {
         drain_timeout_bounds_shutdown,
         out_of_descriptors_pauses,
         datagram_full_peer_does_not_stall,
+        datagram_big_unix,
+        datagram_too_large_dropped,
     ],
 }
 
