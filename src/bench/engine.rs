@@ -12,7 +12,8 @@
 use super::tally::{Exhausted, Tally};
 use super::{AlignedBuf, MAX_WAIT, PUBLISH_EVERY_NS, Plan, Timeline, index_of, index_u32};
 use crate::slab::Token;
-use crate::sys::epoll::{EPOLLIN, EPOLLOUT, Epoll, Events};
+use crate::sys::Interest;
+use crate::sys::epoll::{Epoll, Events, Trigger};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io;
@@ -153,7 +154,7 @@ struct Entry<C> {
     state: State<C>,
     /// When the current connection's first `connect` was made (ns since `Plan::base`).
     since_ns: Option<u64>,
-    /// Whether EPOLLOUT is in the registered interest.
+    /// Whether writable is in the registered interest.
     wants_write: bool,
     /// Removed from epoll while the load has not started (an early event is handled then).
     is_parked: bool,
@@ -306,7 +307,10 @@ impl<C: Conn> Worker<'_, C> {
             }
             Ok(Opened::Busy) => self.connect_failed(index, &timed_out()),
             Ok(Opened::Connecting(conn)) => {
-                match self.epoll.add(conn.fd(), token(index), EPOLLOUT as u32) {
+                match self
+                    .epoll
+                    .add(conn.fd(), token(index), Interest::WRITABLE, Trigger::Level)
+                {
                     Ok(()) => {
                         let generation = entry.generation;
                         entry.state = State::Connecting(conn);
@@ -317,7 +321,10 @@ impl<C: Conn> Worker<'_, C> {
                 }
             }
             Ok(Opened::Established(conn)) => {
-                match self.epoll.add(conn.fd(), token(index), EPOLLIN as u32) {
+                match self
+                    .epoll
+                    .add(conn.fd(), token(index), Interest::READABLE, Trigger::Level)
+                {
                     Ok(()) => self.established(index, conn, now),
                     Err(e) => self.socket_failed(index, conn, &e),
                 }
@@ -349,7 +356,12 @@ impl<C: Conn> Worker<'_, C> {
             return;
         };
         match conn.connect_state() {
-            Ok(true) => match self.epoll.modify(conn.fd(), token(index), EPOLLIN as u32) {
+            Ok(true) => match (self.epoll).modify(
+                conn.fd(),
+                token(index),
+                Interest::READABLE,
+                Trigger::Level,
+            ) {
                 Ok(()) => self.established(index, conn, now),
                 Err(e) => self.socket_failed(index, conn, &e),
             },
@@ -426,8 +438,8 @@ impl<C: Conn> Worker<'_, C> {
     /// Hands each event to its connection.
     fn dispatch(&mut self, events: &Events) {
         let now = self.plan.now_ns();
-        for (token, flags) in events.iter() {
-            let index = index_of(token);
+        for event in events.iter() {
+            let index = index_of(event.token);
             let Some(entry) = self.entries.get_mut(index) else {
                 continue;
             };
@@ -444,10 +456,10 @@ impl<C: Conn> Worker<'_, C> {
                     let mut flow = Flow::Open {
                         wants_write: entry.wants_write,
                     };
-                    if flags & EPOLLOUT as u32 != 0 {
+                    if event.writable && !event.is_write_closed {
                         flow = conn.on_writable(&mut self.io, now);
                     }
-                    if flow != Flow::Closed && flags & !(EPOLLOUT as u32) != 0 {
+                    if flow != Flow::Closed && event.readable {
                         flow = conn.on_readable(&mut self.io, now);
                     }
                     self.apply(index, flow, now);
@@ -480,13 +492,13 @@ impl<C: Conn> Worker<'_, C> {
         }
         if wants_write != entry.wants_write {
             let interest = if wants_write {
-                EPOLLIN | EPOLLOUT
+                Interest::BOTH
             } else {
-                EPOLLIN
+                Interest::READABLE
             };
             if self
                 .epoll
-                .modify(conn.fd(), token(index), interest as u32)
+                .modify(conn.fd(), token(index), interest, Trigger::Level)
                 .is_ok()
             {
                 entry.wants_write = wants_write;
@@ -533,7 +545,10 @@ impl<C: Conn> Worker<'_, C> {
             };
             if entry.is_parked {
                 entry.is_parked = false;
-                if let Err(e) = self.epoll.add(conn.fd(), token(index), EPOLLIN as u32) {
+                if let Err(e) =
+                    self.epoll
+                        .add(conn.fd(), token(index), Interest::READABLE, Trigger::Level)
+                {
                     self.io.tally.errors.reset += 1;
                     let slot = entry.slot;
                     self.io.tally.note(format!("connection {slot}: {e}"));

@@ -2,23 +2,19 @@
 //!
 //! Technique: every pass tries `accept` on each listener, `recvfrom` on each datagram
 //! socket, and `read` and `write` on each connection; `WouldBlock` means "nothing yet, try
-//! the next one" (step 5 of the ladder), with partial writes parked in
-//! the connection's buffer.
+//! the next one", as the tutorial's non-blocking server does (step 5 of the ladder), with
+//! partial writes parked in the connection's buffer.
 //! Cost: the loop never sleeps, so it burns a whole core even with no client at all, and
 //! makes a system call per connection per pass whether or not anything arrived.
 //! Limit: CPU. Each pass ends with `yield_now`, so other threads on the core get their
 //! turn, but with nothing else runnable the yield returns at once: still 100% of a core.
+//!
+//! Idle timeouts: a scan of every connection per pass, which the pass already pays.
 
-use crate::server::readiness::{ReadinessServer, Ready, Source};
+use crate::server::readiness::{IdleCheck, Interest, ReadinessCore};
 use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
+use crate::slab::Token;
 use std::thread;
-use std::time::Instant;
-
-/// Every source is tried as if the kernel had said it was ready: the try is the poll.
-const TRY_EVERYTHING: Ready = Ready {
-    readable: true,
-    writable: true,
-};
 
 /// Serves every listener from one spinning thread until `shutdown` fires and the drain
 /// ends.
@@ -29,34 +25,30 @@ const TRY_EVERYTHING: Ready = Ready {
 ///
 /// A listener or datagram socket that broke.
 pub fn run(
-    listeners: Listeners,
+    mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _options: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let mut server = ReadinessServer::new(listeners, protocol, shutdown)?;
+    let mut core = ReadinessCore::single_loop(&mut listeners, protocol, shutdown, IdleCheck::Scan)?;
+    let RunOptions { threads: _ } = options;
     // The sources of one pass, taken before serving any: closing a connection empties its
-    // slab slot, so this list is never edited while it is walked (a tutorial's server removed
-    // clients from the list it was iterating and skipped the next one).
-    let mut sources: Vec<Source> = Vec::new();
-    while !server.is_finished() {
-        // Nothing sleeps on the eventfd here, so ask for shutdown on every pass; once
-        // fired, the answer is cached and costs no system call.
-        if server.shutdown().is_fired() {
-            server.begin_drain();
+    // slab slot, so this list is never edited while it is walked (the tutorial's
+    // non-blocking server removed clients from the list it was iterating and skipped the
+    // next one).
+    let mut tokens: Vec<Token> = Vec::new();
+    while !core.is_finished() {
+        core.expire();
+        tokens.clear();
+        tokens.extend(core.interests().map(|(token, _, _)| token));
+        for &token in &tokens {
+            // Every source is tried as if the kernel had said it was ready: the try is
+            // the poll (for the shutdown eventfd, a look at whether it fired).
+            core.handle(token, Interest::BOTH)?;
         }
-        sources.clear();
-        sources.extend(
-            server
-                .interests(Instant::now())
-                .map(|(source, _, _)| source)
-                .filter(|source| *source != Source::Shutdown),
-        );
-        for &source in &sources {
-            server.handle(source, TRY_EVERYTHING)?;
-        }
-        server.expire(Instant::now());
         thread::yield_now();
     }
+    // Dropping the listeners removes the Unix socket files, once the loop is done.
+    drop(listeners);
     Ok(())
 }

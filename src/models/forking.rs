@@ -6,15 +6,15 @@
 //! Cost: a fork per client (page tables copied, copy-on-write faults) and a process each.
 //! Limit: processes are the heaviest unit of concurrency; the parent must reap every child
 //! (or zombies pile up) and must stay single-threaded to fork safely.
+//!
+//! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
+//! `poll` waits no longer than that connection's idle deadline.
 
-use crate::metrics::Transport;
-use crate::server::counting::{count_datagram, datagram_transport};
 use crate::server::is_per_peer_datagram_error;
 use crate::server::one_socket::serve_connection;
 use crate::server::{
-    ACCEPT_PAUSE, AcceptAction, Admission, DATAGRAM_BUFFER_BYTES, DatagramReplier, Listeners,
-    Protocol, RunOptions, ServeError, Shutdown, accept_action, log_accept_pause, log_over_limit,
-    log_send_failure,
+    ACCEPT_PAUSE, Accepted, Admission, DATAGRAM_BUFFER_BYTES, DatagramReplier, Listeners, LoopLog,
+    Protocol, RunOptions, ServeError, Shutdown, accept_and_admit,
 };
 use crate::sys::poll::{self, POLLIN};
 use crate::sys::process::{self, Forked, Pid};
@@ -41,7 +41,7 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _options: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
     for listener in &listeners.streams {
         listener.set_nonblocking(true)?;
@@ -49,10 +49,13 @@ pub fn run(
     for socket in &listeners.datagrams {
         socket.set_nonblocking(true)?;
     }
+    let RunOptions { threads: _ } = options;
     // Each child holds its place under --max-conns until the parent reaps it.
     let mut children: HashMap<Pid, Option<Admission>> = HashMap::new();
     let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
     let mut replier = DatagramReplier::new(protocol.clone());
+    // The parent's own counters (accepts); every child counts in a slot of its own.
+    let log = LoopLog::new(listeners.limits.metrics);
     loop {
         reap(&mut children)?;
         let mut entries: Vec<_> = listeners
@@ -77,7 +80,8 @@ pub fn run(
                 continue;
             }
             if index < streams {
-                accept_one(&mut listeners, index, &protocol, &shutdown, &mut children)?;
+                let children = &mut children;
+                accept_one(&mut listeners, index, &protocol, &shutdown, children, &log)?;
             } else {
                 answer_one(
                     &mut listeners,
@@ -99,36 +103,17 @@ fn accept_one(
     protocol: &Protocol,
     shutdown: &Shutdown,
     children: &mut HashMap<Pid, Option<Admission>>,
+    log: &LoopLog,
 ) -> io::Result<()> {
     let listener = &listeners.streams[index];
-    // Claimed per accept: the parent forks far more slowly than it folds a slot.
-    let counters = listeners.limits.metrics.counters();
-    let transport = if listener.is_tcp() {
-        Transport::Tcp
-    } else {
-        Transport::Unix
-    };
-    let (stream, peer) = match listener.accept() {
-        Ok(accepted) => accepted,
-        Err(e) => {
-            return match accept_action(&e) {
-                AcceptAction::Wait | AcceptAction::Retry => Ok(()),
-                AcceptAction::Pause => {
-                    log_accept_pause(listener.name(), &e);
-                    counters.accept_paused(transport);
-                    thread::sleep(ACCEPT_PAUSE);
-                    Ok(())
-                }
-                AcceptAction::Fail => Err(e),
-            };
+    let (stream, peer, admission) = match accept_and_admit(listener, &listeners.counter, log)? {
+        Accepted::Connection(stream, peer, admission) => (stream, peer, admission),
+        Accepted::Again | Accepted::Empty => return Ok(()),
+        Accepted::Paused => {
+            thread::sleep(ACCEPT_PAUSE);
+            return Ok(());
         }
     };
-    let Some(admission) = listeners.counter.admit() else {
-        counters.refused(transport);
-        log_over_limit(&peer, listeners.counter.max_conns().unwrap_or(0));
-        return Ok(());
-    };
-    counters.accepted(transport);
     match process::fork()? {
         Forked::Child => {
             let limits = listeners.limits.clone();
@@ -166,16 +151,10 @@ fn answer_one(
             close_listeners(listeners);
             let metrics = listeners.limits.metrics;
             run_child(|| {
-                // The child's own slot, in the mapping its parent's metrics server reads.
-                let counters = metrics.counters();
-                let reply = replier.reply(&peer, &buf[..n]);
-                let sent = reply.map(|reply| socket.send_to(reply, &peer));
-                if let Some(Err(e)) = &sent {
-                    log_send_failure(&peer, e);
-                }
-                let reply_len = reply.map(<[u8]>::len);
-                let transport = datagram_transport(&socket);
-                count_datagram(&counters, transport, &peer, n, reply_len, sent.as_ref());
+                // The child's own slot, in the mapping its parent's metrics server reads:
+                // the parent's log has one writer, the parent.
+                let log = LoopLog::new(metrics);
+                replier.answer(&socket, &peer, &buf[..n], &log);
             })
         }
         Forked::Parent(pid) => {

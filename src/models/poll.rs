@@ -1,16 +1,19 @@
 //! `poll(2)`: one thread sleeps until any descriptor in a pollfd array is ready.
 //!
 //! Technique: rebuild an array of (fd, wanted events) each turn, sleep in `poll`, then
-//! serve the entries whose `revents` came back set (the select tutorial's loop, step 7 of the ladder, without select's cap).
+//! serve the entries whose `revents` came back set: the tutorial's select loop without
+//! select's cap (step 7 of the ladder).
 //! Cost: every wake-up copies the whole array into the kernel and scans it, even when only
 //! one connection is ready: O(connections) per event.
 //! Limit: no FD_SETSIZE cap, but the O(n) scan makes thousands of mostly idle connections
 //! cost CPU on every wake-up; `epoll` keeps the interest list in the kernel instead.
+//!
+//! Idle timeouts: a scan of every connection per turn, which the rebuild already pays.
 
-use crate::server::readiness::{ReadinessServer, Ready, Source};
+use crate::server::readiness::{IdleCheck, Interest, ReadinessCore};
 use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
-use crate::sys::poll::{self, POLLERR, POLLHUP, POLLIN, POLLOUT, pollfd};
-use std::time::Instant;
+use crate::slab::Token;
+use crate::sys::poll::{self, pollfd};
 
 /// Serves every listener from one thread until `shutdown` fires and the drain ends.
 ///
@@ -20,43 +23,33 @@ use std::time::Instant;
 ///
 /// A listener that broke, or `poll` itself failing.
 pub fn run(
-    listeners: Listeners,
+    mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _options: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let mut server = ReadinessServer::new(listeners, protocol, shutdown)?;
-    // `entries[i]` is the descriptor of `sources[i]`; both are rebuilt every turn.
+    // `entries[i]` is the descriptor of `tokens[i]`; both are rebuilt every turn.
     let mut entries: Vec<pollfd> = Vec::new();
-    let mut sources: Vec<Source> = Vec::new();
-    while !server.is_finished() {
-        let now = Instant::now();
+    let mut tokens: Vec<Token> = Vec::new();
+    let RunOptions { threads: _ } = options;
+    let mut core = ReadinessCore::single_loop(&mut listeners, protocol, shutdown, IdleCheck::Scan)?;
+    while !core.is_finished() {
         entries.clear();
-        sources.clear();
-        for (source, fd, interest) in server.interests(now) {
-            let mut events = 0;
-            if interest.read {
-                events |= POLLIN;
-            }
-            if interest.write {
-                events |= POLLOUT;
-            }
-            entries.push(poll::entry(fd, events));
-            sources.push(source);
+        tokens.clear();
+        for (token, fd, interest) in core.interests() {
+            entries.push(poll::entry_for(fd, interest));
+            tokens.push(token);
         }
-        poll::poll(&mut entries, server.timeout(now))?;
-        for (entry, &source) in entries.iter().zip(&sources) {
-            // An error or hang-up is reported whatever was asked for; the next read or
-            // write turns it into an error, and that connection closes.
-            let ready = Ready {
-                readable: entry.revents & (POLLIN | POLLHUP | POLLERR) != 0,
-                writable: entry.revents & (POLLOUT | POLLHUP | POLLERR) != 0,
-            };
-            if ready.readable || ready.writable {
-                server.handle(source, ready)?;
+        poll::poll(&mut entries, core.timeout())?;
+        core.expire();
+        for (entry, &token) in entries.iter().zip(&tokens) {
+            let ready = poll::ready_of(entry);
+            if ready != Interest::NONE {
+                core.handle(token, ready)?;
             }
         }
-        server.expire(Instant::now());
     }
+    // Dropping the listeners removes the Unix socket files, once the loop is done.
+    drop(listeners);
     Ok(())
 }

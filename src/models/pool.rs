@@ -2,17 +2,19 @@
 //!
 //! Technique: the acceptor queues each connection; `--threads` workers (default
 //! [`DEFAULT_THREADS`]) each serve one connection at a time to its end
-//! (`ThreadPoolExecutor(max_workers=5)` in the tutorials; step 3 of the ladder).
+//! (the tutorial's `ThreadPoolExecutor(max_workers=5)`, step 3 of the ladder).
 //! Cost: threads are made once, not per client, so a burst of short connections is cheap.
 //! Limit: at most `--threads` clients are served at once; the next ones wait in the queue,
 //! unanswered, until a worker's client leaves.
+//!
+//! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
+//! `poll` waits no longer than that connection's idle deadline.
 
-use super::blocking::join_all;
 use crate::net::{Peer, Stream};
-use crate::server::one_socket::{accept_until_shutdown, serve_connection, serve_datagrams};
+use crate::server::one_socket::{accept_until_shutdown, serve_connection, serve_each_socket};
 use crate::server::{Admission, Listeners, Protocol, RunOptions, ServeError, Shutdown};
+use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, sync_channel};
-use std::sync::{Arc, Mutex};
 use std::thread;
 
 /// Workers when `--threads` is not given.
@@ -29,61 +31,50 @@ type Job = (Stream, Peer, Admission);
 ///
 /// A listener that broke.
 pub fn run(
-    listeners: Listeners,
+    mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
     options: RunOptions,
 ) -> Result<(), ServeError> {
-    let Listeners {
-        streams,
-        datagrams,
-        limits,
-        counter,
-        ..
-    } = &listeners;
-    let threads = options.threads.unwrap_or(DEFAULT_THREADS);
+    let workers = options.threads.unwrap_or(DEFAULT_THREADS).max(1);
+    let (counter, limits) = (listeners.counter.clone(), listeners.limits.clone());
     let (queue, jobs) = sync_channel::<Job>(QUEUE_LEN);
-    let jobs = Arc::new(Mutex::new(jobs));
-    let metrics = listeners.limits.metrics;
+    let jobs = Mutex::new(jobs);
+    let (protocol, limits, shutdown_ref, jobs) = (&protocol, &limits, &shutdown, &jobs);
     thread::scope(|scope| {
-        for _ in 0..threads.max(1) {
-            let jobs = jobs.clone();
-            let (protocol, shutdown) = (&protocol, &shutdown);
+        for _ in 0..workers {
             scope.spawn(move || {
-                while let Some((stream, peer, admission)) = next_job(&jobs) {
-                    if shutdown.is_fired() {
+                while let Some((stream, peer, admission)) = next_job(jobs) {
+                    if shutdown_ref.is_fired() {
                         // Accepted but never served before shutdown: nothing is owed.
                         continue;
                     }
-                    serve_connection(stream, peer, protocol, limits, shutdown);
+                    serve_connection(stream, peer, protocol, limits, shutdown_ref);
                     drop(admission);
                 }
             });
         }
-        let mut threads = Vec::new();
-        for listener in streams {
-            let (queue, shutdown) = (queue.clone(), &shutdown);
-            threads.push(scope.spawn(move || {
-                accept_until_shutdown(
-                    listener,
-                    counter,
-                    shutdown,
-                    metrics,
-                    move |stream, peer, admission| {
-                        // Blocks while QUEUE_LEN connections already wait.
-                        let _ = queue.send((stream, peer, admission));
-                    },
-                )
-            }));
-        }
+        let served = serve_each_socket(&mut listeners, protocol, shutdown_ref, |listener| {
+            let queue = queue.clone();
+            accept_until_shutdown(
+                listener,
+                &counter,
+                shutdown_ref,
+                limits.metrics,
+                move |stream, peer, admission| {
+                    // Blocks while QUEUE_LEN connections already wait.
+                    let _ = queue.send((stream, peer, admission));
+                },
+            )
+        });
+        // The workers return once the queue is empty and its senders are gone; leaving
+        // the scope joins them.
         drop(queue);
-        for socket in datagrams {
-            threads.push(scope.spawn(|| serve_datagrams(socket, &protocol, &shutdown, metrics)));
-        }
-        join_all(threads)
-        // Leaving the scope joins the workers: the queue's senders are gone, so each
-        // worker returns once the queue is empty and its client is served.
-    })
+        served
+    })?;
+    // Dropping the listeners removes the Unix socket files, once every thread is done.
+    drop(listeners);
+    Ok(())
 }
 
 fn next_job(jobs: &Mutex<Receiver<Job>>) -> Option<Job> {

@@ -1,16 +1,19 @@
 //! `select(2)`: one thread sleeps until any connection is readable or writable.
 //!
 //! Technique: rebuild read and write fd sets each turn (write interest only while output
-//! is owed); serve whichever come back ready (step 6 of the ladder).
+//! is owed); serve whichever come back ready, as the tutorial's select server does (step 6
+//! of the ladder).
 //! Cost: every wake-up copies both bitmaps into the kernel and scans every connection,
 //! even when only one is ready.
 //! Limit: an fd >= FD_SETSIZE (1024) cannot be watched; that connection is logged and closed.
+//!
+//! Idle timeouts: a scan of every connection per turn, which the rebuild already pays.
 
-use crate::server::readiness::{ReadinessServer, Ready, Source};
+use crate::server::readiness::{IdleCheck, Interest, ReadinessCore};
 use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
+use crate::slab::Token;
 use crate::sys::select::{FD_SETSIZE, FdSet, select};
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::Instant;
 
 /// Serves every listener from one thread until `shutdown` fires and the drain ends.
 ///
@@ -22,46 +25,48 @@ use std::time::Instant;
 /// cannot watch (they are opened first, so only a process that starts with ~1,000
 /// descriptors open hits this); a listener that broke; `select` itself failing.
 pub fn run(
-    listeners: Listeners,
+    mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _options: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let mut server = ReadinessServer::new(listeners, protocol, shutdown)?;
-    // Connections are refused at accept: passing their fd to FD_SET would write outside
-    // the bitmap, and leaving them unwatched would hang their clients.
-    server.refuse_fds_from(FD_SETSIZE, "FD_SETSIZE");
     let (mut read, mut write) = (FdSet::new(), FdSet::new());
     // The sources watched this turn, each with its descriptor, to find them in the sets.
-    let mut watched: Vec<(Source, RawFd)> = Vec::new();
-    while !server.is_finished() {
-        let now = Instant::now();
+    let mut watched: Vec<(Token, RawFd)> = Vec::new();
+    let RunOptions { threads: _ } = options;
+    let mut core = ReadinessCore::single_loop(&mut listeners, protocol, shutdown, IdleCheck::Scan)?;
+    // Connections are refused at accept: passing their fd to FD_SET would write outside
+    // the bitmap, and leaving them unwatched would hang their clients.
+    core.refuse_fds_from(FD_SETSIZE, "FD_SETSIZE");
+    while !core.is_finished() {
         read.clear();
         write.clear();
         watched.clear();
-        for (source, fd, interest) in server.interests(now) {
+        for (token, fd, interest) in core.interests() {
             let fd = fd.as_raw_fd();
             // Only our own sockets can fail here (connections past the cap were refused):
             // the server cannot run without them, so it stops with the reason.
-            if interest.read {
+            if interest.readable {
                 read.insert(fd)?;
             }
-            if interest.write {
+            if interest.writable {
                 write.insert(fd)?;
             }
-            watched.push((source, fd));
+            watched.push((token, fd));
         }
-        select(&mut read, &mut write, server.timeout(now))?;
-        for &(source, fd) in &watched {
-            let ready = Ready {
+        select(&mut read, &mut write, core.timeout())?;
+        core.expire();
+        for &(token, fd) in &watched {
+            let ready = Interest {
                 readable: read.contains(fd),
                 writable: write.contains(fd),
             };
-            if ready.readable || ready.writable {
-                server.handle(source, ready)?;
+            if ready != Interest::NONE {
+                core.handle(token, ready)?;
             }
         }
-        server.expire(Instant::now());
     }
+    // Dropping the listeners removes the Unix socket files, once the loop is done.
+    drop(listeners);
     Ok(())
 }

@@ -5,9 +5,11 @@
 //! Cost: a thread's stack and a context switch per wake-up; thousands of clients mean
 //! thousands of threads, and the scheduler, not the program, decides who runs.
 //! Limit: memory and scheduler load grow with every connection; `--max-conns` is the cap.
+//!
+//! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
+//! `poll` waits no longer than that connection's idle deadline.
 
-use super::blocking::join_all;
-use crate::server::one_socket::{accept_until_shutdown, serve_connection, serve_datagrams};
+use crate::server::one_socket::{accept_until_shutdown, serve_connection, serve_each_socket};
 use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use std::thread;
 
@@ -18,53 +20,43 @@ const CONNECTION_STACK_BYTES: usize = 128 * 1024;
 /// Serves every listener, one thread per connection, until `shutdown` fires and every
 /// connection thread has drained.
 ///
+/// `--threads` is ignored: a thread per connection.
+///
 /// # Errors
 ///
 /// A listener that broke.
 pub fn run(
-    listeners: Listeners,
+    mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    _options: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let Listeners {
-        streams,
-        datagrams,
-        limits,
-        counter,
-        ..
-    } = &listeners;
-    let metrics = listeners.limits.metrics;
-    thread::scope(|scope| {
-        let mut threads = Vec::new();
-        for listener in streams {
-            let (protocol, shutdown) = (&protocol, &shutdown);
-            threads.push(scope.spawn(move || {
-                thread::scope(|connections| {
-                    accept_until_shutdown(
-                        listener,
-                        counter,
-                        shutdown,
-                        metrics,
-                        |stream, peer, admission| {
-                            let spawned = thread::Builder::new()
-                                .stack_size(CONNECTION_STACK_BYTES)
-                                .spawn_scoped(connections, move || {
-                                    serve_connection(stream, peer, protocol, limits, shutdown);
-                                    drop(admission);
-                                });
-                            if let Err(e) = spawned {
-                                tracing::error!("cannot start a thread for a connection: {e}");
-                            }
-                        },
-                    )
-                    // Leaving this scope waits for every connection thread to drain.
-                })
-            }));
-        }
-        for socket in datagrams {
-            threads.push(scope.spawn(|| serve_datagrams(socket, &protocol, &shutdown, metrics)));
-        }
-        join_all(threads)
-    })
+    let (counter, limits) = (listeners.counter.clone(), listeners.limits.clone());
+    let RunOptions { threads: _ } = options;
+    let (protocol, limits, shutdown_ref) = (&protocol, &limits, &shutdown);
+    serve_each_socket(&mut listeners, protocol, shutdown_ref, |listener| {
+        thread::scope(|connections| {
+            accept_until_shutdown(
+                listener,
+                &counter,
+                shutdown_ref,
+                limits.metrics,
+                |stream, peer, admission| {
+                    let spawned = thread::Builder::new()
+                        .stack_size(CONNECTION_STACK_BYTES)
+                        .spawn_scoped(connections, move || {
+                            serve_connection(stream, peer, protocol, limits, shutdown_ref);
+                            drop(admission);
+                        });
+                    if let Err(e) = spawned {
+                        tracing::error!("cannot start a thread for a connection: {e}");
+                    }
+                },
+            )
+            // Leaving this scope waits for every connection thread to drain.
+        })
+    })?;
+    // Dropping the listeners removes the Unix socket files, once every thread is done.
+    drop(listeners);
+    Ok(())
 }

@@ -19,12 +19,11 @@ use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::stop_signal::StopSignal;
 use crate::server::task_buffers;
-use crate::server::{
+use crate::server::{LoopLog, 
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
     DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
     is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle, log_over_limit,
-    log_send_failure,
-};
+    };
 use crate::sys::async_fd;
 use std::future::poll_fn;
 use std::io;
@@ -195,12 +194,8 @@ async fn serve_socket(
                     Ok(Err(e)) => return Err(e),
                     Err(_would_block) => continue,
                 };
-                if let Some(reply) = replier.reply(&peer, &buf[..n]) {
-                    // A full send buffer drops this one reply, as a lost datagram would.
-                    if let Err(e) = socket.send_to(reply, &peer) {
-                        log_send_failure(&peer, &e);
-                    }
-                }
+                // A full send buffer drops this one reply, as a lost datagram would.
+                replier.answer(socket, &peer, &buf[..n], &LoopLog::default());
             }
         }
     }

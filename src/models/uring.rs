@@ -17,11 +17,11 @@
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
-use crate::server::{
+use crate::metrics::Transport;
+use crate::server::{LoopLog, 
     ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
     DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
-    is_per_peer_datagram_error, log_accept_pause, log_idle, log_over_limit, log_send_failure,
-};
+    is_per_peer_datagram_error, log_accept_pause, log_idle, log_over_limit, };
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
 use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};
@@ -381,10 +381,15 @@ impl<'a> Loop<'a> {
             Ok(datagram) => {
                 let peer = Peer::from_sock_addr(&datagram.sender);
                 let bytes = self.ring.datagram_bytes(token, &datagram);
-                if let Some(reply) = replier.reply(&peer, bytes) {
-                    if let Err(e) = self.ring.send_datagram(token, &datagram.sender, reply) {
-                        log_send_failure(&peer, &e);
-                    }
+                let transport = match peer {
+                    Peer::Ip(_) => Transport::Udp,
+                    Peer::Unix(_) => Transport::UnixDatagram,
+                };
+                // Logs only: this model does not count yet.
+                let log = LoopLog::default();
+                if let Some(reply) = replier.reply(&peer, transport, bytes, &log) {
+                    let sent = self.ring.send_datagram(token, &datagram.sender, reply);
+                    log.reply_sent(&peer, transport, &sent);
                 }
             }
             Err(e) if is_per_peer_datagram_error(&e) => {}

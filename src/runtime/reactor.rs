@@ -8,9 +8,7 @@
 //! operation needs: no `epoll_ctl` to re-arm, no `epoll_wait` before a read that succeeds.
 
 use crate::slab::{Slab, Token};
-use crate::sys::epoll::{
-    EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Epoll, Events,
-};
+use crate::sys::epoll::{Epoll, Events, Trigger};
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -58,7 +56,12 @@ impl Reactor {
     pub(crate) fn new(wake_fd: BorrowedFd<'_>) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         // Level-triggered: the executor drains it after each wait that reports it.
-        epoll.add(wake_fd, WAKE_TOKEN, EPOLLIN as u32)?;
+        epoll.add(
+            wake_fd,
+            WAKE_TOKEN,
+            crate::sys::Interest::READABLE,
+            Trigger::Level,
+        )?;
         Ok(Reactor {
             epoll,
             events: RefCell::new(Events::with_capacity(EVENTS_PER_WAIT)),
@@ -75,8 +78,8 @@ impl Reactor {
             ..Interest::default()
         };
         let key = sources.insert([ready(), ready()]);
-        let events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-        if let Err(e) = self.epoll.add(fd, key, events as u32) {
+        let both = crate::sys::Interest::BOTH;
+        if let Err(e) = self.epoll.add(fd, key, both, Trigger::Edge) {
             sources.remove(key);
             return Err(e);
         }
@@ -136,26 +139,25 @@ impl Reactor {
         waited?;
         let mut is_woken = false;
         let mut sources = self.sources.borrow_mut();
-        for (token, flags) in events.iter() {
-            if token == WAKE_TOKEN {
+        for event in events.iter() {
+            if event.token == WAKE_TOKEN {
                 is_woken = true;
                 continue;
             }
             // A stale token (the fd was deregistered, its slot maybe reused) finds nothing.
-            let Some(source) = sources.get_mut(token) else {
+            let Some(source) = sources.get_mut(event.token) else {
                 continue;
             };
             // An error or hang-up must wake both sides: the next system call reports it.
             // A FIN that came with the last bytes has no edge of its own, so "closed" is
             // remembered apart from "ready" (a short read must not hide the EOF after it).
-            let flags = flags as i32;
             let [read, write] = source;
-            read.is_final |= flags & (EPOLLRDHUP | EPOLLHUP | EPOLLERR) != 0;
-            write.is_final |= flags & (EPOLLHUP | EPOLLERR) != 0;
-            if flags & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR) != 0 {
+            read.is_final |= event.is_read_closed;
+            write.is_final |= event.is_write_closed;
+            if event.readable {
                 wake(read);
             }
-            if flags & (EPOLLOUT | EPOLLHUP | EPOLLERR) != 0 {
+            if event.writable {
                 wake(write);
             }
         }

@@ -7,14 +7,18 @@
 //! without a line of its own: a model offers [`Connection::unsent`] to the kernel and
 //! hands what it read to [`Connection::receive`], whatever the connection speaks.
 
+use super::Limits;
+use super::lifecycle::{CloseReason, LoopLog};
 use super::setup_deadline::{self, SetupStage, SetupWatch};
-use super::{Limits, Peer};
 use crate::buffer::WriteBuffer;
 use crate::layer::greeting::Greeting;
 use crate::layer::proxy::{ProxyAddresses, ProxyHeader, ProxyLayer, ProxyProgress};
 use crate::layer::tls::{TlsInput, TlsLayer};
+use crate::metrics::Transport;
+use crate::net::{Peer, Stream};
 use crate::protocol::{Flow, Protocol, Session};
 use std::cell::Cell;
+use std::io;
 use std::os::fd::BorrowedFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
@@ -40,6 +44,8 @@ pub struct Connection {
     is_reading: bool,
     /// Whether the peer half-closed (rather than the protocol or a drain stopping us).
     has_seen_eof: bool,
+    /// What the socket is, for the counters (the peer may change with a PROXY header).
+    transport: Transport,
     /// `None` for a plain connection, which then costs nothing extra.
     layers: Option<Box<Layers>>,
 }
@@ -69,10 +75,14 @@ impl Connection {
         let mut connection = Connection {
             session: protocol.new_session(),
             out: WriteBuffer::new(limits.max_buffer_bytes),
-            peer,
             is_reading: true,
             has_seen_eof: false,
+            transport: match peer {
+                Peer::Ip(_) => Transport::Tcp,
+                Peer::Unix(_) => Transport::Unix,
+            },
             layers: None,
+            peer,
         };
         let settings = &limits.layers;
         if !settings.proxy_protocol && settings.tls.is_none() && settings.greeting.is_none() {
@@ -413,15 +423,86 @@ impl Connection {
     }
 
     /// Why a finished connection ended: the peer's EOF, a drain, or the protocol (`quit`).
-    pub fn finish_reason(&self, is_draining: bool) -> crate::metrics::CloseReason {
-        use crate::metrics::CloseReason;
+    pub fn finish_reason(&self, is_draining: bool) -> CloseReason {
         if self.has_seen_eof {
             CloseReason::PeerEof
         } else if is_draining {
-            CloseReason::Drain
+            CloseReason::Drained
         } else {
             CloseReason::Quit
         }
+    }
+
+    /// `tcp` or `unix`: the socket this connection came on.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Handles what one read of the peer's socket returned into `buf`: bytes, EOF
+    /// (`Ok(0)`), nothing yet, or an error. Returns whether input (or EOF) arrived.
+    ///
+    /// # Errors
+    ///
+    /// Why the connection must close: the read failed, or the handler panicked.
+    pub fn on_read(
+        &mut self,
+        result: io::Result<usize>,
+        buf: &[u8],
+        log: &LoopLog,
+    ) -> Result<bool, CloseReason> {
+        let received = match result {
+            Ok(0) => self.receive_eof(),
+            Ok(n) => {
+                log.received(self.transport, n);
+                self.receive(&buf[..n])
+            }
+            Err(e) if is_transient(&e) => return Ok(false),
+            Err(e) => return Err(CloseReason::Failed(e)),
+        };
+        received.map_err(|HandlerPanicked| CloseReason::HandlerPanicked)?;
+        Ok(true)
+    }
+
+    /// Reads once from the non-blocking `stream`, as much as the bound allows, and
+    /// handles the result ([`Connection::on_read`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::on_read`].
+    pub fn read_from(
+        &mut self,
+        stream: &Stream,
+        buf: &mut [u8],
+        log: &LoopLog,
+    ) -> Result<bool, CloseReason> {
+        let limit = self.read_limit(buf.len());
+        if limit == 0 {
+            return Ok(false);
+        }
+        let result = stream.read(&mut buf[..limit]);
+        self.on_read(result, buf, log)
+    }
+
+    /// Writes owed bytes to the non-blocking `stream` until none are left or the kernel's
+    /// send buffer is full.
+    ///
+    /// # Errors
+    ///
+    /// The write failed (the peer reset or went away): the connection must close.
+    pub fn flush_to(&mut self, stream: &Stream, log: &LoopLog) -> Result<(), CloseReason> {
+        while self.wants_write() {
+            match stream.write(self.unsent()) {
+                // The kernel may take fewer bytes than offered; the rest waits for writable.
+                Ok(written) => {
+                    log.sent(self.transport, written);
+                    self.advance(written);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(CloseReason::Failed(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Shutdown began: read nothing more, finish sending what is owed.
@@ -478,6 +559,14 @@ impl Connection {
     pub fn owed(&self) -> usize {
         self.out.len() + self.layers.as_ref().map_or(0, |layers| layers.wire.len())
     }
+}
+
+/// Errors after which the same read simply comes again later.
+fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 /// The address a client reached on `socket`, for the greeting's `{local}`.

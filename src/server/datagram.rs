@@ -1,7 +1,9 @@
 //! Answering datagrams: the reflection guard, the protocol's one reply, panic isolation.
 
-use super::Peer;
 use super::connection::{HandlerPanicked, catch_datagram_panic};
+use super::lifecycle::{DatagramDrop, LoopLog, datagram_transport};
+use crate::metrics::Transport;
+use crate::net::{DatagramSocket, Peer};
 use crate::protocol::Protocol;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -52,22 +54,70 @@ impl DatagramReplier {
         }
     }
 
-    /// The reply owed to `peer` for `datagram`, or `None` when it gets none (a guarded
-    /// source, or a handler that panicked; both are logged).
-    pub fn reply(&mut self, peer: &Peer, datagram: &[u8]) -> Option<&[u8]> {
+    /// Counts `datagram` from `peer` over `transport` in `log`, and returns the reply
+    /// owed to it, or `None` when it gets none (a guarded source, or a handler that
+    /// panicked; both are logged and counted). The model sends the reply and tells `log`
+    /// how that went ([`LoopLog::reply_sent`]); [`DatagramReplier::answer`] does both.
+    pub fn reply(
+        &mut self,
+        peer: &Peer,
+        transport: Transport,
+        datagram: &[u8],
+        log: &LoopLog,
+    ) -> Option<&[u8]> {
+        log.datagram_received(transport, datagram.len());
         if !datagram_source_allowed(peer) {
-            tracing::debug!("dropping a datagram from {peer}: reflection guard");
+            log.dropped(peer, transport, &DatagramDrop::ReflectionGuard);
             return None;
         }
         let DatagramReplier { protocol, reply } = self;
         match catch_datagram_panic(peer, || protocol.reply_to_datagram(datagram, reply)) {
             Ok(()) => Some(&self.reply),
-            Err(HandlerPanicked) => None,
+            Err(HandlerPanicked) => {
+                log.dropped(peer, transport, &DatagramDrop::HandlerPanicked);
+                None
+            }
         }
+    }
+
+    /// Answers one datagram `peer` sent to the non-blocking `socket`; a reply that cannot
+    /// be sent at once is logged and dropped, and the socket keeps serving others.
+    pub fn answer(&mut self, socket: &DatagramSocket, peer: &Peer, datagram: &[u8], log: &LoopLog) {
+        let transport = datagram_transport(socket);
+        if let Some(reply) = self.reply(peer, transport, datagram, log) {
+            log.reply_sent(peer, transport, &socket.send_to(reply, peer));
+        }
+    }
+
+    /// Receives and answers up to `max` datagrams queued on the non-blocking `socket`,
+    /// using `buf` to receive.
+    ///
+    /// # Errors
+    ///
+    /// A receive error other than "nothing queued" or one about an earlier peer
+    /// ([`is_per_peer_datagram_error`]).
+    pub fn answer_queued(
+        &mut self,
+        socket: &DatagramSocket,
+        buf: &mut [u8],
+        max: usize,
+        log: &LoopLog,
+    ) -> io::Result<()> {
+        for _ in 0..max {
+            let (n, peer) = match socket.recv_from(buf) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if is_per_peer_datagram_error(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            self.answer(socket, &peer, &buf[..n], log);
+        }
+        Ok(())
     }
 }
 
-/// Errors a datagram socket reports about one earlier peer, not about itself.
+/// Errors a datagram socket reports about one earlier peer, not about itself: Linux
+/// delivers an ICMP error for an earlier send on the next receive.
 pub fn is_per_peer_datagram_error(error: &io::Error) -> bool {
     matches!(
         error.kind(),
@@ -91,11 +141,11 @@ static LAST_DROP_LOG_MS: AtomicU64 = AtomicU64::new(0);
 static CLOCK_START: OnceLock<Instant> = OnceLock::new();
 
 /// Counts a reply that could not be sent and logs it, at most once per
-/// `DROPPED_REPLY_LOG_INTERVAL`; the socket keeps serving others.
+/// `DROPPED_REPLY_LOG_INTERVAL` (for [`LoopLog::dropped`], the one caller).
 ///
 /// Every model sends datagram replies without waiting (a full queue at one peer answers
 /// `EAGAIN` at once), so a peer that never reads loses its own replies and delays nobody.
-pub fn log_send_failure(peer: &Peer, error: &io::Error) {
+pub(super) fn log_dropped_reply(peer: &Peer, error: &io::Error) {
     let dropped = DROPPED_REPLIES.fetch_add(1, Ordering::Relaxed) + 1;
     let start = *CLOCK_START.get_or_init(Instant::now);
     let now_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;

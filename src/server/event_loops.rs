@@ -16,6 +16,16 @@ pub struct LoopSources {
     pub datagrams: Vec<DatagramSocket>,
 }
 
+impl LoopSources {
+    /// Every socket of `listeners`, for a model with a single loop.
+    pub fn take_all(listeners: &mut Listeners) -> LoopSources {
+        LoopSources {
+            streams: std::mem::take(&mut listeners.streams),
+            datagrams: std::mem::take(&mut listeners.datagrams),
+        }
+    }
+}
+
 /// Takes every socket out of `listeners` and gives each of `loops` loops its share.
 ///
 /// Loop 0 gets the originals: with SO_REUSEPORT the kernel queues connections on every

@@ -45,8 +45,34 @@ impl IdleWheel {
 
     /// The tick `now` falls in.
     pub fn tick_at(&self, now: Instant) -> u32 {
-        let elapsed = now.saturating_duration_since(self.start);
-        u32::try_from(elapsed.as_millis() / IDLE_TICK.as_millis()).unwrap_or(u32::MAX)
+        tick_between(self.start, now)
+    }
+
+    /// Watches `token`, whose last input came at `last_input` (no later than the last
+    /// expiry).
+    pub fn insert_at(&mut self, token: Token, last_input: Instant) {
+        self.insert(token, self.tick_at(last_input));
+    }
+
+    /// Expires every tick up to `now`. For each token due, `last_input` says when its
+    /// connection last had input (`None`: it is gone). Tokens idle for the timeout are
+    /// pushed to `idle` and no longer watched; the others wait for their real deadline.
+    pub fn expire_idle(
+        &mut self,
+        now: Instant,
+        mut last_input: impl FnMut(Token) -> Option<Instant>,
+        idle: &mut Vec<Token>,
+    ) {
+        let (start, idle_ticks) = (self.start, self.idle_ticks);
+        let now_tick = tick_between(start, now);
+        self.expire(now_tick, |token| {
+            let last_input_tick = tick_between(start, last_input(token)?);
+            if now_tick >= last_input_tick.saturating_add(idle_ticks) {
+                idle.push(token);
+                return None;
+            }
+            Some(last_input_tick)
+        });
     }
 
     /// The tick at which a connection whose last input came during `last_input_tick` is idle.
@@ -101,6 +127,12 @@ impl IdleWheel {
         let next = self.start + IDLE_TICK * (self.tick_at(now) + 1);
         Some(next.saturating_duration_since(now))
     }
+}
+
+/// The tick `at` falls in, counting from `start`.
+fn tick_between(start: Instant, at: Instant) -> u32 {
+    let elapsed = at.saturating_duration_since(start);
+    u32::try_from(elapsed.as_millis() / IDLE_TICK.as_millis()).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -5,12 +5,13 @@
 //! ServeError>` (see `crate::models`). Sockets arrive bound and listening, so a test can
 //! bind port 0 and the binary can print its `listening` lines before the model starts.
 
+mod accept;
 mod activation;
 mod connection;
-pub mod counting;
 mod datagram;
 pub mod event_loops;
 pub mod idle_wheel;
+mod lifecycle;
 mod listeners;
 pub mod one_socket;
 pub mod readiness;
@@ -20,16 +21,18 @@ pub mod stop_signal;
 pub mod task_buffers;
 
 pub use crate::protocol::Protocol;
+pub use accept::{AcceptAction, Accepted, accept_action, accept_and_admit, on_accept};
 pub use connection::{Connection, HandlerPanicked, is_in_handler};
-pub use datagram::{
-    DatagramReplier, datagram_source_allowed, is_per_peer_datagram_error, log_send_failure,
+pub use datagram::{DatagramReplier, datagram_source_allowed, is_per_peer_datagram_error};
+pub use lifecycle::{
+    CloseReason, DatagramDrop, LoopLog, close, datagram_transport, listener_transport,
+    stream_transport,
 };
 pub use listeners::{Admission, ConnectionCounter, Listeners};
 pub use shutdown::Shutdown;
 
 use crate::metrics::Metrics;
 use crate::net::Peer;
-use crate::sys::errno;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -146,67 +149,24 @@ pub enum ServeError {
     Io(#[from] io::Error),
 }
 
-/// What an accept loop does about an error from `accept`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AcceptAction {
-    /// Nothing more is queued right now (`EAGAIN`): wait for readiness.
-    Wait,
-    /// The connection died in the queue or a signal interrupted: accept again at once.
-    Retry,
-    /// Out of descriptors or memory: log, pause accepting for [`ACCEPT_PAUSE`], go on.
-    Pause,
-    /// The listener itself is broken: the server fails.
-    Fail,
-}
-
-/// Sorts an `accept` error; mini-redis backs off on every error alike, which turns a
-/// harmless `ECONNABORTED` into a stall and a broken listener into endless retries.
-pub fn accept_action(error: &io::Error) -> AcceptAction {
-    if error.kind() == io::ErrorKind::WouldBlock {
-        return AcceptAction::Wait;
-    }
-    match error.raw_os_error() {
-        Some(
-            errno::ECONNABORTED
-            | errno::EINTR
-            | errno::EPROTO
-            | errno::ENETDOWN
-            | errno::ENOPROTOOPT
-            | errno::EHOSTDOWN
-            | errno::ENONET
-            | errno::EHOSTUNREACH
-            | errno::EOPNOTSUPP
-            | errno::ENETUNREACH
-            | errno::EPERM
-            | errno::ECONNRESET,
-        ) => AcceptAction::Retry,
-        Some(errno::EMFILE | errno::ENFILE | errno::ENOBUFS | errno::ENOMEM) => AcceptAction::Pause,
-        _ => AcceptAction::Fail,
-    }
-}
-
-/// Logs an accept error that leads to a pause, once per pause.
+/// Logs an accept error that leads to a pause, once per pause (for models that have no
+/// [`LoopLog`] yet).
 pub fn log_accept_pause(listener: &str, error: &io::Error) {
-    tracing::warn!(
-        "accept on {listener} failed: {error}; pausing accepts for {} ms",
-        ACCEPT_PAUSE.as_millis()
-    );
+    lifecycle::log_accept_pause(listener, error);
 }
 
-/// Logs a connection refused by `--max-conns`.
+/// Logs a connection refused by `--max-conns` (for models that have no [`LoopLog`] yet).
 pub fn log_over_limit(peer: &Peer, max_conns: usize) {
-    tracing::warn!("refusing {peer}: already {max_conns} connections open (--max-conns)");
+    lifecycle::log_close(peer, &CloseReason::OverLimit(max_conns));
 }
 
-/// Logs a connection cut because `--drain-timeout` passed with `owed` bytes unsent.
+/// Logs a connection cut because `--drain-timeout` passed with `owed` bytes unsent (for
+/// models that have no [`LoopLog`] yet).
 pub fn log_drain_cut(peer: &Peer, owed: usize) {
-    tracing::warn!("closing {peer}: drain timeout with {owed} bytes still owed");
+    lifecycle::log_close(peer, &CloseReason::DrainTimeout { owed });
 }
 
-/// Logs a connection closed by `--idle-timeout`.
+/// Logs a connection closed by `--idle-timeout` (for models that have no [`LoopLog`] yet).
 pub fn log_idle(peer: &Peer, idle_timeout: Duration) {
-    tracing::info!(
-        "closing {peer}: idle for {:.1} s (--idle-timeout)",
-        idle_timeout.as_secs_f64()
-    );
+    lifecycle::log_close(peer, &CloseReason::Idle(idle_timeout));
 }

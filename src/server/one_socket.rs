@@ -5,23 +5,27 @@
 //!
 //! A thread here blocks in `poll(2)` on its one socket *and* the shutdown eventfd, rather
 //! than in `read(2)` alone: a thread stuck in `read` cannot hear SIGTERM, cannot send a
-//! reply while the peer is still sending, and cannot time out an idle peer.
+//! reply while the peer is still sending, and cannot time out an idle peer. With one
+//! connection per thread, its idle deadline is simply that poll's timeout.
 
-use super::counting::{
-    close_reason, count_datagram, datagram_transport, handler_panicked, stream_transport,
-};
+use super::accept::{Accepted, accept_and_admit};
+use super::event_loops::LoopSources;
+use super::lifecycle::{CloseReason, LoopLog, close};
 use super::{
-    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DatagramReplier, Limits,
-    READ_BUFFER_BYTES, Shutdown, accept_action, is_per_peer_datagram_error, log_accept_pause,
-    log_idle, log_over_limit, log_send_failure,
+    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES, DatagramReplier,
+    Limits, Listeners, READ_BUFFER_BYTES, Shutdown,
 };
-use crate::metrics::{CloseReason, Counters, Metrics, Transport};
+use crate::metrics::Metrics;
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::protocol::Protocol;
-use crate::sys::poll::{self, POLLERR, POLLHUP, POLLIN, POLLOUT};
+use crate::sys::Interest;
+use crate::sys::poll;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
+
+/// Datagrams answered per wake-up before the thread looks at shutdown again.
+const DATAGRAM_BATCH: usize = 64;
 
 /// What woke a thread that waited for one descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,18 +38,21 @@ pub enum Wake {
     Timeout,
 }
 
-/// Sleeps until `fd` has one of `events`, shutdown fires, or `timeout` passes.
+/// Sleeps until `fd` is ready for `interest`, shutdown fires, or `timeout` passes.
 ///
 /// # Errors
 ///
 /// The OS error of `poll`.
 pub fn wait_for(
     fd: BorrowedFd<'_>,
-    events: i16,
+    interest: Interest,
     shutdown: &Shutdown,
     timeout: Option<Duration>,
 ) -> io::Result<Wake> {
-    let mut entries = [poll::entry(fd, events), poll::entry(shutdown.fd(), POLLIN)];
+    let mut entries = [
+        poll::entry_for(fd, interest),
+        poll::entry_for(shutdown.fd(), Interest::READABLE),
+    ];
     if poll::poll(&mut entries, timeout)? == 0 {
         return Ok(Wake::Timeout);
     }
@@ -56,9 +63,6 @@ pub fn wait_for(
 }
 
 /// Accepts connections until shutdown fires, handing each admitted one to `dispatch`.
-///
-/// Connections past `--max-conns` are accepted and closed at once, so the client reads
-/// EOF instead of waiting in the backlog.
 ///
 /// # Errors
 ///
@@ -72,41 +76,20 @@ pub fn accept_until_shutdown(
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     // The accepting thread's own counters (each connection's thread has its own).
-    let counters = metrics.counters();
-    let transport = if listener.is_tcp() {
-        Transport::Tcp
-    } else {
-        Transport::Unix
-    };
+    let log = LoopLog::new(metrics);
     loop {
-        if wait_for(listener.as_fd(), POLLIN, shutdown, None)? == Wake::Shutdown {
+        if wait_for(listener.as_fd(), Interest::READABLE, shutdown, None)? == Wake::Shutdown {
             return Ok(());
         }
-        match listener.accept() {
-            Ok((stream, peer)) => match counter.admit() {
-                Some(admission) => {
-                    tracing::debug!("accepted {peer} on {}", listener.name());
-                    counters.accepted(transport);
-                    dispatch(stream, peer, admission);
+        match accept_and_admit(listener, counter, &log)? {
+            Accepted::Connection(stream, peer, admission) => dispatch(stream, peer, admission),
+            Accepted::Again | Accepted::Empty => {}
+            Accepted::Paused => {
+                let pause = Some(ACCEPT_PAUSE);
+                if wait_for(shutdown.fd(), Interest::READABLE, shutdown, pause)? != Wake::Timeout {
+                    return Ok(());
                 }
-                None => {
-                    counters.refused(transport);
-                    log_over_limit(&peer, counter.max_conns().unwrap_or(0));
-                }
-            },
-            Err(e) => match accept_action(&e) {
-                AcceptAction::Wait | AcceptAction::Retry => {}
-                AcceptAction::Pause => {
-                    log_accept_pause(listener.name(), &e);
-                    counters.accept_paused(transport);
-                    if wait_for(shutdown.fd(), POLLIN, shutdown, Some(ACCEPT_PAUSE))?
-                        != Wake::Timeout
-                    {
-                        return Ok(());
-                    }
-                }
-                AcceptAction::Fail => return Err(e),
-            },
+            }
         }
     }
 }
@@ -120,31 +103,24 @@ pub fn serve_connection(
     limits: &Limits,
     shutdown: &Shutdown,
 ) {
+    // A counter slot for this connection's thread (or forked child), kept when it ends.
+    let log = LoopLog::new(limits.metrics);
     let mut connection = Connection::new(protocol, peer, limits, stream.as_fd());
-    // A slot for this connection's thread (or forked child), folded in when it ends.
-    let counters = limits.metrics.counters();
-    let transport = stream_transport(&stream);
-    let reason = match drive(&stream, &mut connection, limits, shutdown, &counters) {
-        Ok(reason) => reason,
-        Err(e) => {
-            tracing::debug!("connection {} ended: {e}", connection.peer());
-            close_reason(&e)
-        }
-    };
-    if reason == CloseReason::HandlerPanic {
-        counters.handler_panicked(transport);
-    }
-    counters.closed(transport, reason);
+    let reason = drive(&stream, &mut connection, limits, shutdown, &log);
+    close(stream, connection.peer(), reason, &log);
 }
 
+/// Serves `connection` until it must close, and says why.
 fn drive(
     stream: &Stream,
     connection: &mut Connection,
     limits: &Limits,
     shutdown: &Shutdown,
-    counters: &Counters,
-) -> io::Result<CloseReason> {
-    stream.set_nonblocking(true)?;
+    log: &LoopLog,
+) -> CloseReason {
+    if let Err(e) = stream.set_nonblocking(true) {
+        return CloseReason::CannotWatch(e.to_string());
+    }
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
     let mut last_input = Instant::now();
     let mut drain_deadline: Option<Instant> = None;
@@ -153,37 +129,31 @@ fn drive(
         drain_deadline = Some(Instant::now() + limits.drain_timeout);
     }
     loop {
-        flush(stream, connection, counters)?;
+        if let Err(reason) = connection.flush_to(stream, log) {
+            return reason;
+        }
         if connection.is_finished() {
-            // Everything owed was sent: the peer reads EOF after the last reply.
-            let _ = stream.shutdown_write();
-            return Ok(connection.finish_reason(drain_deadline.is_some()));
+            return connection.finish_reason(drain_deadline.is_some());
         }
-        let mut events = 0;
-        if connection.wants_read() {
-            events |= POLLIN;
-        }
-        if connection.wants_write() {
-            events |= POLLOUT;
-        }
-        let idle_deadline = limits
-            .idle_timeout
+        let idle_deadline = (limits.idle_timeout)
             .filter(|_| connection.wants_read())
             .map(|idle| last_input + idle);
-        let deadline = match (idle_deadline, drain_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let deadline = idle_deadline.into_iter().chain(drain_deadline).min();
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let interest = Interest {
+            readable: connection.wants_read(),
+            writable: connection.wants_write(),
+        };
         let mut entries = [
-            poll::entry(stream.as_fd(), events),
-            if drain_deadline.is_none() {
-                poll::entry(shutdown.fd(), POLLIN)
-            } else {
-                poll::unused_entry()
+            poll::entry_for(stream.as_fd(), interest),
+            match drain_deadline {
+                None => poll::entry_for(shutdown.fd(), Interest::READABLE),
+                Some(_) => poll::unused_entry(),
             },
         ];
-        poll::poll(&mut entries, timeout)?;
+        if let Err(e) = poll::poll(&mut entries, timeout) {
+            return CloseReason::Failed(e);
+        }
         let now = Instant::now();
         if entries[1].revents != 0 {
             // Shutdown: read nothing more, send what is owed within the drain timeout.
@@ -192,81 +162,59 @@ fn drive(
             continue;
         }
         if drain_deadline.is_some_and(|d| now >= d) {
-            tracing::warn!(
-                "closing {}: drain timeout with {} bytes still owed",
-                connection.peer(),
-                connection.owed()
-            );
-            return Ok(CloseReason::DrainCut);
+            let owed = connection.owed();
+            return CloseReason::DrainTimeout { owed };
         }
         if idle_deadline.is_some_and(|d| now >= d) {
-            log_idle(connection.peer(), limits.idle_timeout.unwrap_or_default());
-            return Ok(CloseReason::IdleTimeout);
+            return CloseReason::Idle(limits.idle_timeout.unwrap_or_default());
         }
-        if entries[0].revents & (POLLIN | POLLHUP | POLLERR) != 0 && connection.wants_read() {
-            if read_available(stream, connection, &mut buf, counters)? {
-                last_input = now;
+        let ready = poll::ready_of(&entries[0]);
+        if ready.readable && connection.wants_read() {
+            match connection.read_from(stream, &mut buf, log) {
+                Ok(true) => last_input = now,
+                Ok(false) => {}
+                Err(reason) => return reason,
             }
-        } else if entries[0].revents & (POLLHUP | POLLERR) != 0 && !connection.wants_write() {
-            // Nothing to read or write, yet the socket reports an error or hang-up: the
-            // peer is gone, and waiting again would spin.
-            return Ok(CloseReason::Reset);
+        } else if ready.writable && !interest.writable {
+            // Writable without asking means a hang-up or an error, with nothing to read or
+            // write: the peer is gone, and waiting again would spin.
+            return CloseReason::Failed(io::Error::from(io::ErrorKind::ConnectionReset));
         }
     }
 }
 
-/// Reads what the kernel has (as far as the bound allows); returns whether any input or
-/// EOF arrived.
+/// Serves `listeners` from one thread per socket until shutdown fires: each stream
+/// listener's thread runs `accept_on(listener)`, each datagram socket's thread answers
+/// datagrams ([`serve_datagrams`]). Returns when every thread has returned.
 ///
 /// # Errors
 ///
-/// A read error (the peer reset), or a handler panic turned into an error to close.
-pub fn read_available(
-    stream: &Stream,
-    connection: &mut Connection,
-    buf: &mut [u8],
-    counters: &Counters,
-) -> io::Result<bool> {
-    let mut got_input = false;
-    loop {
-        let limit = connection.read_limit(buf.len());
-        if limit == 0 {
-            return Ok(got_input);
+/// The first thread's error, a listener or datagram socket that broke.
+pub fn serve_each_socket(
+    listeners: &mut Listeners,
+    protocol: &Protocol,
+    shutdown: &Shutdown,
+    accept_on: impl Fn(&StreamListener) -> io::Result<()> + Sync,
+) -> io::Result<()> {
+    let sources = LoopSources::take_all(listeners);
+    let metrics = listeners.limits.metrics;
+    let accept_on = &accept_on;
+    std::thread::scope(|scope| {
+        let accepting =
+            (sources.streams.iter()).map(|listener| scope.spawn(move || accept_on(listener)));
+        let answering = (sources.datagrams.iter())
+            .map(|socket| scope.spawn(move || serve_datagrams(socket, protocol, shutdown, metrics)));
+        let threads: Vec<_> = accepting.chain(answering).collect();
+        let mut outcome = Ok(());
+        for thread in threads {
+            // A panicking thread is a bug in reverb: re-raise it rather than hide it.
+            let result = thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            outcome = outcome.and(result);
         }
-        let result = match stream.read(&mut buf[..limit]) {
-            Ok(0) => connection.receive_eof(),
-            Ok(n) => {
-                counters.received(stream_transport(stream), n);
-                connection.receive(&buf[..n])
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(got_input),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        got_input = true;
-        result.map_err(|_| handler_panicked())?;
-    }
-}
-
-/// Writes owed bytes until none are left or the kernel's send buffer is full.
-///
-/// # Errors
-///
-/// A write error (the peer reset or went away).
-pub fn flush(stream: &Stream, connection: &mut Connection, counters: &Counters) -> io::Result<()> {
-    while connection.wants_write() {
-        match stream.write(connection.unsent()) {
-            // The kernel may take fewer bytes than offered; the rest waits for writable.
-            Ok(written) => {
-                counters.sent(stream_transport(stream), written);
-                connection.advance(written);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+        outcome
+    })
 }
 
 /// Answers datagrams on `socket` from the calling thread until shutdown fires.
@@ -285,43 +233,13 @@ pub fn serve_datagrams(
     metrics: Metrics,
 ) -> io::Result<()> {
     socket.set_nonblocking(true)?;
-    let counters = metrics.counters();
+    let log = LoopLog::new(metrics);
     let mut replier = DatagramReplier::new(protocol.clone());
-    let mut buf = vec![0u8; super::DATAGRAM_BUFFER_BYTES];
+    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
     loop {
-        if wait_for(socket.as_fd(), POLLIN, shutdown, None)? == Wake::Shutdown {
+        if wait_for(socket.as_fd(), Interest::READABLE, shutdown, None)? == Wake::Shutdown {
             return Ok(());
         }
-        answer_pending_datagrams(socket, &mut replier, &mut buf, &counters)?;
-    }
-}
-
-/// Answers every datagram queued on a non-blocking `socket`.
-///
-/// # Errors
-///
-/// A receive error other than "nothing queued" or an ICMP-reported error of an earlier
-/// send (which Linux delivers on the next receive, and which concerns one peer only).
-pub fn answer_pending_datagrams(
-    socket: &DatagramSocket,
-    replier: &mut DatagramReplier,
-    buf: &mut [u8],
-    counters: &Counters,
-) -> io::Result<()> {
-    loop {
-        let (n, peer) = match socket.recv_from(buf) {
-            Ok(received) => received,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if is_per_peer_datagram_error(&e) => continue,
-            Err(e) => return Err(e),
-        };
-        let reply = replier.reply(&peer, &buf[..n]);
-        let sent = reply.map(|reply| socket.send_to(reply, &peer));
-        if let Some(Err(e)) = &sent {
-            log_send_failure(&peer, e);
-        }
-        let reply_len = reply.map(<[u8]>::len);
-        let transport = datagram_transport(socket);
-        count_datagram(counters, transport, &peer, n, reply_len, sent.as_ref());
+        replier.answer_queued(socket, &mut buf, DATAGRAM_BATCH, &log)?;
     }
 }

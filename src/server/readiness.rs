@@ -1,72 +1,75 @@
-//! Serving from one thread that waits for readiness: the code `busy-poll`, `select` and
-//! `poll` share. Those models differ only in *how* they learn which descriptors are ready
-//! (ask each one, or ask the kernel with fd sets or a pollfd array); everything they do
-//! once they know lives here, in [`ReadinessServer`].
+//! The readiness core: everything a loop does once it knows which descriptors are ready,
+//! shared by `busy-poll`, `select`, `poll` and `epoll`. Those models differ only in how
+//! they learn what is ready (try everything, fd sets, a pollfd array, the kernel's
+//! interest list); the accepting, reading, answering, timing out and draining is here.
 //!
-//! A model's turn is always the same: list what to watch ([`ReadinessServer::interests`]),
-//! wait by its mechanism for at most [`ReadinessServer::timeout`], hand each ready source to
-//! [`ReadinessServer::handle`], then call [`ReadinessServer::expire`] for the clocks, until
-//! [`ReadinessServer::is_finished`].
+//! A model's turn: wait by its mechanism for at most [`ReadinessCore::timeout`], call
+//! [`ReadinessCore::expire`] for the clocks, then hand each ready source to
+//! [`ReadinessCore::handle`], until [`ReadinessCore::is_finished`]. A model that rebuilds
+//! its sets each turn asks for [`ReadinessCore::interests`]; one that keeps them in the
+//! kernel asks for the changes only ([`ReadinessCore::sync`]).
 //!
-//! Connections live in a slab (`Vec<Option<Entry>>` plus a free list) keyed by [`Token`]:
-//! closing one empties its slot instead of removing it from a list, so a pass over the
-//! ready sources never skips or revisits one (a tutorial's busy-poll server removed
-//! clients from the list it was iterating, and skipped the next one).
+//! Sources are named by [`Token`]s: reserved ones for the loop's own sockets (the shutdown
+//! eventfd, then its listeners, then its datagram sockets) and slab tokens for
+//! connections. Closing a connection empties its slab slot and bumps its generation, so a
+//! pass over the ready sources never skips one, and a stale event for a reused slot finds
+//! nothing (the tutorial's busy-poll server removed clients from the list it was walking).
 
-use super::counting::{close_reason, stream_transport};
-use super::one_socket::{answer_pending_datagrams, flush, read_available};
+use super::accept::{Accepted, accept_and_admit};
+use super::event_loops::LoopSources;
+use super::idle_wheel::IdleWheel;
+use super::lifecycle::{CloseReason, LoopLog, close};
 use super::{
-    ACCEPT_PAUSE, AcceptAction, Admission, Connection, DATAGRAM_BUFFER_BYTES, DatagramReplier,
-    Listeners, Protocol, READ_BUFFER_BYTES, Shutdown, accept_action, log_accept_pause, log_idle,
-    log_over_limit,
+    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES, DatagramReplier,
+    Limits, Listeners, Protocol, READ_BUFFER_BYTES, Shutdown,
 };
-use crate::metrics::{CloseReason, Counters, Transport};
-use crate::net::{Peer, Stream};
+use crate::net::Stream;
+use crate::slab::{Slab, Token};
+pub use crate::sys::Interest;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
-/// A connection's slot in the slab: the key a model keeps next to a descriptor it watches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Token(pub usize);
+/// Connections accepted, or datagrams answered, per readiness of one socket before the
+/// loop serves others: a flood on one socket cannot starve the rest.
+const BATCH: usize = 64;
+/// The reserved token of the shutdown eventfd; listeners and datagram sockets follow.
+const SHUTDOWN: usize = 0;
 
-/// Something a model watches.
+/// How a loop finds connections that sent nothing for `--idle-timeout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The shutdown eventfd: readable once shutdown fired.
-    Shutdown,
-    /// Stream listener number `n` (index into `Listeners::streams`).
-    Listener(usize),
-    /// Datagram socket number `n` (index into `Listeners::datagrams`).
-    Datagrams(usize),
-    /// A connection.
-    Connection(Token),
+pub enum IdleCheck {
+    /// Look at every connection each turn: O(connections), which the rebuild-every-turn
+    /// models pay anyway; exact to the turn.
+    Scan,
+    /// A coarse timing wheel ([`IdleWheel`]): each connection is looked at about once per
+    /// timeout, so thousands of connections cost nothing per turn.
+    Wheel,
 }
 
-/// What a model should wait for on a source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Interest {
-    /// Wait until it is readable (input, a connection to accept, EOF or an error).
-    pub read: bool,
-    /// Wait until it is writable; only while output is owed, or the wait would never sleep.
-    pub write: bool,
+/// What every loop of a model shares.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    /// The protocol every connection speaks.
+    pub protocol: Protocol,
+    /// The operator's limits.
+    pub limits: Limits,
+    /// Open connections of every loop against `--max-conns`.
+    pub counter: ConnectionCounter,
+    /// Fires once, for every loop.
+    pub shutdown: Shutdown,
 }
 
-impl Interest {
-    const READ: Interest = Interest {
-        read: true,
-        write: false,
-    };
-}
-
-/// What a model learned about a source. An error or hang-up counts as both: the next
-/// read or write reports it, and the connection closes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ready {
-    /// Reading (or accepting) will not block.
-    pub readable: bool,
-    /// Writing will not block.
-    pub writable: bool,
+impl LoopConfig {
+    /// The configuration `listeners` were bound with, speaking `protocol`.
+    pub fn new(listeners: &Listeners, protocol: Protocol, shutdown: Shutdown) -> Self {
+        LoopConfig {
+            protocol,
+            limits: listeners.limits.clone(),
+            counter: listeners.counter.clone(),
+            shutdown,
+        }
+    }
 }
 
 struct Entry {
@@ -74,66 +77,99 @@ struct Entry {
     connection: Connection,
     /// Holds this connection's place under `--max-conns` until the slot empties.
     _admission: Admission,
-    /// When the peer last sent something, for `--idle-timeout`.
+    /// The turn in which the peer last sent something, for `--idle-timeout`.
     last_input: Instant,
+    /// What the model's mechanism was last told to watch ([`ReadinessCore::sync`]).
+    watched: Interest,
 }
 
-/// Everything a single-threaded readiness model serves, except the waiting.
-pub struct ReadinessServer {
-    listeners: Listeners,
-    protocol: Protocol,
-    shutdown: Shutdown,
-    entries: Vec<Option<Entry>>,
-    /// Empty slots of `entries`, reused before the slab grows.
-    free: Vec<usize>,
-    open: usize,
-    repliers: Vec<DatagramReplier>,
-    /// One read buffer for every connection: a single thread reads one at a time.
-    read_buf: Vec<u8>,
-    datagram_buf: Vec<u8>,
-    /// Descriptors from this one up cannot be watched by the model (select's FD_SETSIZE).
+/// One loop's sockets and connections, and everything it does with them except waiting.
+pub struct ReadinessCore {
+    sources: LoopSources,
+    config: LoopConfig,
+    connections: Slab<Entry>,
+    /// What the mechanism watches for the shutdown eventfd, listeners and datagram sockets.
+    watched: Vec<Interest>,
+    /// Sources whose interest may differ from what the mechanism watches.
+    changed: Vec<Token>,
+    replier: DatagramReplier,
+    /// One read buffer for every connection and datagram: the loop reads one at a time.
+    buf: Vec<u8>,
+    /// The output allocation lent to whichever connection is producing replies, so a
+    /// message costs no allocation and an idle connection holds none.
+    spare: Vec<u8>,
+    log: LoopLog,
+    idle: Option<IdleTimer>,
+    /// Descriptors from this one up cannot be watched (select's FD_SETSIZE).
     fd_limit: Option<(RawFd, &'static str)>,
+    /// The time of this turn, read once after the wait, only while something is timed.
+    now: Option<Instant>,
     /// Out of descriptors: accept nothing until then.
     accept_paused_until: Option<Instant>,
     /// Set when shutdown fired: connections still owing bytes are cut at this instant.
     drain_deadline: Option<Instant>,
-    /// This loop's counters: it is their only writer.
-    counters: Counters,
 }
 
-impl ReadinessServer {
-    /// Takes over the listeners, switched to non-blocking mode.
+enum IdleTimer {
+    Scan(Duration),
+    Wheel(IdleWheel),
+}
+
+impl ReadinessCore {
+    /// Takes over one loop's sockets, switched to non-blocking mode.
     ///
     /// # Errors
     ///
     /// The OS error of switching a socket to non-blocking mode.
-    pub fn new(listeners: Listeners, protocol: Protocol, shutdown: Shutdown) -> io::Result<Self> {
-        for listener in &listeners.streams {
+    pub fn new(sources: LoopSources, config: LoopConfig, idle: IdleCheck) -> io::Result<Self> {
+        for listener in &sources.streams {
             listener.set_nonblocking(true)?;
         }
-        for socket in &listeners.datagrams {
+        for socket in &sources.datagrams {
             socket.set_nonblocking(true)?;
         }
-        let repliers = listeners
-            .datagrams
-            .iter()
-            .map(|_| DatagramReplier::new(protocol.clone()))
-            .collect();
-        Ok(ReadinessServer {
-            counters: listeners.limits.metrics.counters(),
-            listeners,
-            protocol,
-            shutdown,
-            entries: Vec::new(),
-            free: Vec::new(),
-            open: 0,
-            repliers,
-            read_buf: vec![0; READ_BUFFER_BYTES],
-            datagram_buf: vec![0; DATAGRAM_BUFFER_BYTES],
+        let own_sources = 1 + sources.streams.len() + sources.datagrams.len();
+        let buf_bytes = if sources.datagrams.is_empty() {
+            READ_BUFFER_BYTES
+        } else {
+            DATAGRAM_BUFFER_BYTES
+        };
+        let idle = config.limits.idle_timeout.map(|timeout| match idle {
+            IdleCheck::Scan => IdleTimer::Scan(timeout),
+            IdleCheck::Wheel => IdleTimer::Wheel(IdleWheel::new(timeout)),
+        });
+        let log = LoopLog::new(config.limits.metrics);
+        Ok(ReadinessCore {
+            replier: DatagramReplier::new(config.protocol.clone()),
+            sources,
+            config,
+            connections: Slab::default(),
+            watched: vec![Interest::NONE; own_sources],
+            changed: (0..own_sources).map(reserved).collect(),
+            buf: vec![0; buf_bytes],
+            spare: Vec::new(),
+            log,
+            idle,
             fd_limit: None,
+            now: None,
             accept_paused_until: None,
             drain_deadline: None,
         })
+    }
+
+    /// The one loop of a single-threaded model: every socket of `listeners`.
+    ///
+    /// # Errors
+    ///
+    /// As [`ReadinessCore::new`].
+    pub fn single_loop(
+        listeners: &mut Listeners,
+        protocol: Protocol,
+        shutdown: Shutdown,
+        idle: IdleCheck,
+    ) -> io::Result<Self> {
+        let config = LoopConfig::new(listeners, protocol, shutdown);
+        ReadinessCore::new(LoopSources::take_all(listeners), config, idle)
     }
 
     /// Closes every accepted connection whose descriptor is `limit` or more, logging it
@@ -142,69 +178,161 @@ impl ReadinessServer {
         self.fd_limit = Some((RawFd::try_from(limit).unwrap_or(RawFd::MAX), name));
     }
 
-    /// The shutdown handle, for a model that checks it rather than watching its eventfd.
-    pub fn shutdown(&self) -> &Shutdown {
-        &self.shutdown
+    /// Whether `token` names one of the loop's listeners.
+    pub fn is_listener(&self, token: Token) -> bool {
+        token
+            .reserved_index()
+            .is_some_and(|n| n > SHUTDOWN && n <= self.sources.streams.len())
     }
 
-    /// Every source to watch now, with its descriptor and what to wait for.
+    /// The descriptor of a source, if it is still open.
+    pub fn fd(&self, token: Token) -> Option<BorrowedFd<'_>> {
+        let Some(n) = token.reserved_index() else {
+            return Some(self.connections.get(token)?.stream.as_fd());
+        };
+        let streams = self.sources.streams.len();
+        Some(match n {
+            SHUTDOWN => self.config.shutdown.fd(),
+            n if n <= streams => self.sources.streams[n - 1].as_fd(),
+            n => self.sources.datagrams.get(n - 1 - streams)?.as_fd(),
+        })
+    }
+
+    /// Every source to watch now, with its descriptor and what to wait for; a source that
+    /// is watched for nothing is left out.
+    pub fn interests(&self) -> impl Iterator<Item = (Token, BorrowedFd<'_>, Interest)> + '_ {
+        let own = (0..self.watched.len()).map(reserved);
+        let connections = self.connections.iter().map(|(token, _)| token);
+        own.chain(connections).filter_map(|token| {
+            let interest = self.wanted(token);
+            let fd = self.fd(token).filter(|_| interest != Interest::NONE)?;
+            Some((token, fd, interest))
+        })
+    }
+
+    /// Tells a mechanism that keeps interest in the kernel what changed since the last
+    /// call: `update(token, fd, watched, wanted)` for each source whose interest changed
+    /// (`Interest::NONE` as `watched`: not added yet; as `wanted`: remove it). Closed
+    /// connections need no call: closing their only descriptor removes them.
     ///
-    /// Listeners are left out while accepting is paused or shutdown has fired, and the
-    /// shutdown eventfd once it has fired (it stays readable, so watching it would spin).
-    pub fn interests(
-        &self,
-        now: Instant,
-    ) -> impl Iterator<Item = (Source, BorrowedFd<'_>, Interest)> + '_ {
-        let is_draining = self.drain_deadline.is_some();
-        let shutdown =
-            (!is_draining).then(|| (Source::Shutdown, self.shutdown.fd(), Interest::READ));
-        let listeners = self
-            .listeners
-            .streams
-            .iter()
-            .enumerate()
-            .filter(move |_| self.is_accepting(now))
-            .map(|(n, l)| (Source::Listener(n), l.as_fd(), Interest::READ));
-        let datagrams = self
-            .listeners
-            .datagrams
-            .iter()
-            .enumerate()
-            .filter(move |_| !is_draining)
-            .map(|(n, d)| (Source::Datagrams(n), d.as_fd(), Interest::READ));
-        let connections = self.entries.iter().enumerate().filter_map(|(slot, entry)| {
-            let entry = entry.as_ref()?;
-            let interest = Interest {
-                read: entry.connection.wants_read(),
-                write: entry.connection.wants_write(),
+    /// # Errors
+    ///
+    /// The first error of `update` for one of the loop's own sockets; a connection that
+    /// cannot be watched is closed instead.
+    pub fn sync(
+        &mut self,
+        mut update: impl FnMut(Token, BorrowedFd<'_>, Interest, Interest) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut changed = std::mem::take(&mut self.changed);
+        for &token in &changed {
+            let wanted = self.wanted(token);
+            let (watched, fd) = match token.reserved_index() {
+                Some(n) => (self.watched[n], self.fd(token)),
+                None => match self.connections.get(token) {
+                    Some(entry) => (entry.watched, Some(entry.stream.as_fd())),
+                    None => continue,
+                },
             };
-            Some((
-                Source::Connection(Token(slot)),
-                entry.stream.as_fd(),
-                interest,
-            ))
-        });
-        shutdown
-            .into_iter()
-            .chain(listeners)
-            .chain(datagrams)
-            .chain(connections)
+            let Some(fd) = fd.filter(|_| watched != wanted) else {
+                continue;
+            };
+            match (update(token, fd, watched, wanted), token.reserved_index()) {
+                (Ok(()), Some(n)) => self.watched[n] = wanted,
+                (Ok(()), None) => {
+                    if let Some(entry) = self.connections.get_mut(token) {
+                        entry.watched = wanted;
+                    }
+                }
+                (Err(e), Some(_)) => return Err(e),
+                (Err(e), None) => {
+                    let why = format!("cannot watch it: {e}");
+                    self.close(token, CloseReason::CannotWatch(why));
+                }
+            }
+        }
+        changed.clear();
+        self.changed = changed;
+        Ok(())
     }
 
-    /// How long the model may sleep: until the nearest idle timeout, the end of an accept
-    /// pause or the drain deadline (`None`: until something is ready).
-    pub fn timeout(&self, now: Instant) -> Option<Duration> {
-        let idle = self.listeners.limits.idle_timeout;
-        let idle_deadlines = self
-            .entries
-            .iter()
+    /// How long the model may sleep: until the next idle check, the end of an accept
+    /// pause or the drain deadline (`None`: until something is ready). Reads the clock
+    /// only while something is timed.
+    pub fn timeout(&self) -> Option<Duration> {
+        if self.idle.is_none() && self.accept_paused_until.is_none() && !self.is_draining() {
+            return None;
+        }
+        let now = Instant::now();
+        let idle = match &self.idle {
+            None => None,
+            Some(IdleTimer::Wheel(wheel)) => wheel.time_to_next_tick(now),
+            Some(IdleTimer::Scan(timeout)) => (self.connections.iter())
+                .filter(|(_, entry)| entry.connection.wants_read())
+                .map(|(_, entry)| entry.last_input + *timeout)
+                .min()
+                .map(|deadline| deadline.saturating_duration_since(now)),
+        };
+        let deadlines = [self.accept_paused_until, self.drain_deadline].into_iter();
+        let until = deadlines
             .flatten()
-            .filter_map(|entry| idle_deadline(entry, idle));
-        idle_deadlines
-            .chain(self.accept_paused_until)
-            .chain(self.drain_deadline)
-            .min()
-            .map(|deadline| deadline.saturating_duration_since(now))
+            .map(|t| t.saturating_duration_since(now));
+        idle.into_iter().chain(until).min()
+    }
+
+    /// Runs the clocks after a wait: closes connections idle past `--idle-timeout`, ends an
+    /// accept pause, and after the drain deadline cuts every connection still open.
+    pub fn expire(&mut self) {
+        let is_timed = self.idle.is_some() || self.accept_paused_until.is_some();
+        if !is_timed && !self.is_draining() {
+            return;
+        }
+        let now = Instant::now();
+        self.now = Some(now);
+        if self.accept_paused_until.is_some_and(|until| now >= until) {
+            self.accept_paused_until = None;
+            self.changed
+                .extend((1..=self.sources.streams.len()).map(reserved));
+        }
+        if self.drain_deadline.is_some_and(|deadline| now >= deadline) {
+            for token in self.connections.tokens() {
+                let owed = self
+                    .connections
+                    .get(token)
+                    .map_or(0, |e| e.connection.owed());
+                self.close(token, CloseReason::DrainTimeout { owed });
+            }
+            return;
+        }
+        match &mut self.idle {
+            None => {}
+            Some(IdleTimer::Scan(timeout)) => {
+                let timeout = *timeout;
+                let idle: Vec<Token> = (self.connections.iter())
+                    .filter(|(_, e)| e.connection.wants_read() && now >= e.last_input + timeout)
+                    .map(|(token, _)| token)
+                    .collect();
+                for token in idle {
+                    self.close(token, CloseReason::Idle(timeout));
+                }
+            }
+            Some(IdleTimer::Wheel(wheel)) => {
+                let connections = &mut self.connections;
+                let mut idle = Vec::new();
+                let last_input = |token| {
+                    let entry = connections.get_mut(token)?;
+                    if !entry.connection.wants_read() {
+                        // Not waiting for input (backpressure, flushing): not idle, look later.
+                        entry.last_input = now;
+                    }
+                    Some(entry.last_input)
+                };
+                wheel.expire_idle(now, last_input, &mut idle);
+                let timeout = self.config.limits.idle_timeout.unwrap_or_default();
+                for token in idle {
+                    self.close(token, CloseReason::Idle(timeout));
+                }
+            }
+        }
     }
 
     /// Acts on a source the model found ready.
@@ -212,17 +340,21 @@ impl ReadinessServer {
     /// # Errors
     ///
     /// A listener or datagram socket that broke; a connection's error only closes it.
-    pub fn handle(&mut self, source: Source, ready: Ready) -> io::Result<()> {
-        match source {
-            Source::Shutdown => self.begin_drain(),
-            Source::Listener(n) => self.accept_ready(n)?,
-            Source::Datagrams(n) if self.drain_deadline.is_none() => {
-                let socket = &self.listeners.datagrams[n];
-                let (replier, buf) = (&mut self.repliers[n], &mut self.datagram_buf);
-                answer_pending_datagrams(socket, replier, buf, &self.counters)?;
+    pub fn handle(&mut self, token: Token, ready: Interest) -> io::Result<()> {
+        let streams = self.sources.streams.len();
+        match token.reserved_index() {
+            None => self.serve(token, ready),
+            // Asked, not assumed: busy polling tries every source, the eventfd included.
+            Some(SHUTDOWN) if self.config.shutdown.is_fired() => self.begin_drain(),
+            Some(SHUTDOWN) => {}
+            // Listeners and datagram sockets are no longer watched once draining; this
+            // readiness came in the same turn as the shutdown.
+            Some(_) if self.is_draining() => {}
+            Some(n) if n <= streams => self.accept_ready(n - 1)?,
+            Some(n) => {
+                let socket = &self.sources.datagrams[n - 1 - streams];
+                (self.replier).answer_queued(socket, &mut self.buf, BATCH, &self.log)?;
             }
-            Source::Datagrams(_) => {}
-            Source::Connection(token) => self.serve_ready(token, ready),
         }
         Ok(())
     }
@@ -230,197 +362,158 @@ impl ReadinessServer {
     /// Shutdown fired: accept nothing more, read nothing more, send what is owed until the
     /// drain timeout.
     pub fn begin_drain(&mut self) {
-        if self.drain_deadline.is_some() {
+        if self.is_draining() {
             return;
         }
-        self.drain_deadline = Some(Instant::now() + self.listeners.limits.drain_timeout);
-        for slot in 0..self.entries.len() {
-            if let Some(entry) = &mut self.entries[slot] {
+        self.drain_deadline = Some(Instant::now() + self.config.limits.drain_timeout);
+        self.accept_paused_until = None;
+        self.changed.extend((0..self.watched.len()).map(reserved));
+        for token in self.connections.tokens() {
+            if let Some(entry) = self.connections.get_mut(token) {
                 entry.connection.stop_reading();
-                // One that owes nothing is done now; it would never be ready again.
-                self.close_if_finished(slot);
             }
-        }
-    }
-
-    /// Closes connections idle past `--idle-timeout`, and after the drain deadline every
-    /// connection still open.
-    pub fn expire(&mut self, now: Instant) {
-        let is_past_drain = self.drain_deadline.is_some_and(|deadline| now >= deadline);
-        let idle = self.listeners.limits.idle_timeout;
-        for slot in 0..self.entries.len() {
-            let Some(entry) = &self.entries[slot] else {
-                continue;
-            };
-            let transport = stream_transport(&entry.stream);
-            if is_past_drain {
-                self.counters.closed(transport, CloseReason::DrainCut);
-                tracing::warn!(
-                    "closing {}: drain timeout with {} bytes still owed",
-                    entry.connection.peer(),
-                    entry.connection.owed()
-                );
-            } else if idle_deadline(entry, idle).is_some_and(|deadline| now >= deadline) {
-                log_idle(entry.connection.peer(), idle.unwrap_or_default());
-                self.counters.closed(transport, CloseReason::IdleTimeout);
-            } else {
-                continue;
-            }
-            self.close(slot);
+            // One that owes nothing is done now; it would never be ready again.
+            self.serve(token, Interest::WRITABLE);
         }
     }
 
     /// Whether shutdown fired and every connection is closed: `run` may return.
     pub fn is_finished(&self) -> bool {
-        self.drain_deadline.is_some() && self.open == 0
+        self.is_draining() && self.connections.is_empty()
     }
 
-    fn is_accepting(&self, now: Instant) -> bool {
-        self.drain_deadline.is_none() && self.accept_paused_until.is_none_or(|until| now >= until)
+    /// Whether listeners are watched now: not during an accept pause or the drain.
+    pub fn is_accepting(&self) -> bool {
+        self.accept_paused_until.is_none() && !self.is_draining()
     }
 
-    /// Accepts every connection queued on listener `n`.
-    fn accept_ready(&mut self, n: usize) -> io::Result<()> {
-        if !self.is_accepting(Instant::now()) {
-            return Ok(());
-        }
-        self.accept_paused_until = None;
-        loop {
-            let listener = &self.listeners.streams[n];
-            let (stream, peer) = match listener.accept() {
-                Ok(accepted) => accepted,
-                Err(e) => match accept_action(&e) {
-                    AcceptAction::Wait => return Ok(()),
-                    AcceptAction::Retry => continue,
-                    AcceptAction::Pause => {
-                        log_accept_pause(listener.name(), &e);
-                        let transport = if listener.is_tcp() {
-                            Transport::Tcp
-                        } else {
-                            Transport::Unix
-                        };
-                        self.counters.accept_paused(transport);
-                        self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
-                        return Ok(());
-                    }
-                    AcceptAction::Fail => return Err(e),
-                },
-            };
-            self.admit(stream, peer, n)?;
-        }
+    fn is_draining(&self) -> bool {
+        self.drain_deadline.is_some()
     }
 
-    /// Gives an accepted connection a slot, or closes it at once when it is over
-    /// `--max-conns` or its descriptor cannot be watched.
-    fn admit(&mut self, stream: Stream, peer: Peer, listener: usize) -> io::Result<()> {
-        let fd = stream.as_fd().as_raw_fd();
-        let transport = stream_transport(&stream);
-        if let Some((limit, name)) = self.fd_limit.filter(|(limit, _)| fd >= *limit) {
-            tracing::warn!("fd {fd} >= {name} ({limit}): cannot watch it; closing {peer}");
-            self.counters.refused(transport);
-            return Ok(());
-        }
-        let counter = &self.listeners.counter;
-        let Some(admission) = counter.admit() else {
-            self.counters.refused(transport);
-            log_over_limit(&peer, counter.max_conns().unwrap_or(0));
-            return Ok(());
-        };
-        self.counters.accepted(transport);
-        if let Err(e) = stream.set_nonblocking(true) {
-            tracing::warn!("closing {peer}: {e}");
-            self.counters.closed(transport, CloseReason::Error);
-            return Ok(());
-        }
-        tracing::debug!(
-            "accepted {peer} on {}",
-            self.listeners.streams[listener].name()
-        );
-        let connection =
-            Connection::new(&self.protocol, peer, &self.listeners.limits, stream.as_fd());
-        let entry = Entry {
-            stream,
-            connection,
-            _admission: admission,
-            last_input: Instant::now(),
-        };
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None => {
-                self.entries.push(None);
-                self.entries.len() - 1
+    /// What a source should be watched for now.
+    fn wanted(&self, token: Token) -> Interest {
+        match token.reserved_index() {
+            Some(_) if self.is_draining() => Interest::NONE,
+            Some(n) if n > SHUTDOWN && n <= self.sources.streams.len() && !self.is_accepting() => {
+                Interest::NONE
             }
-        };
-        self.entries[slot] = Some(entry);
-        self.open += 1;
-        // A greeting is owed at once; the next turn waits for writable to send it.
+            Some(_) => Interest::READABLE,
+            None => self
+                .connections
+                .get(token)
+                .map_or(Interest::NONE, |entry| interest_of(&entry.connection)),
+        }
+    }
+
+    /// Accepts up to [`BATCH`] connections queued on listener `n`.
+    fn accept_ready(&mut self, n: usize) -> io::Result<()> {
+        if !self.is_accepting() {
+            return Ok(());
+        }
+        for _ in 0..BATCH {
+            let listener = &self.sources.streams[n];
+            match accept_and_admit(listener, &self.config.counter, &self.log)? {
+                Accepted::Connection(stream, peer, admission) => {
+                    self.admit(stream, peer, admission);
+                }
+                Accepted::Again => {}
+                Accepted::Empty => return Ok(()),
+                Accepted::Paused => {
+                    // The listener stays readable while descriptors are short: stop
+                    // watching it for a while, or the loop would spin.
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    self.changed
+                        .extend((1..=self.sources.streams.len()).map(reserved));
+                    return Ok(());
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Reads what a ready connection sent and sends what it is owed; closes it when it is
-    /// finished or failed.
-    ///
-    /// A slot emptied earlier in the turn is skipped. Within a turn, listeners are served
-    /// before connections, so no slot is refilled before its stale readiness arrives; if a
-    /// model ever reorders that, the new connection costs one read that finds `WouldBlock`.
-    fn serve_ready(&mut self, Token(slot): Token, ready: Ready) {
-        let Some(Some(entry)) = self.entries.get_mut(slot) else {
+    /// Gives an admitted connection a slot, unless its descriptor cannot be watched.
+    fn admit(&mut self, stream: Stream, peer: crate::net::Peer, admission: Admission) {
+        let fd = stream.as_fd().as_raw_fd();
+        if let Some((limit, name)) = self.fd_limit.filter(|(limit, _)| fd >= *limit) {
+            let why = format!("fd {fd} >= {name} ({limit}): cannot watch it");
+            return close(stream, &peer, CloseReason::CannotWatch(why), &self.log);
+        }
+        if let Err(e) = stream.set_nonblocking(true) {
+            return close(
+                stream,
+                &peer,
+                CloseReason::CannotWatch(e.to_string()),
+                &self.log,
+            );
+        }
+        let limits = &self.config.limits;
+        let connection = Connection::new(&self.config.protocol, peer, limits, stream.as_fd());
+        let now = self.now.unwrap_or_else(Instant::now);
+        let token = self.connections.insert(Entry {
+            stream,
+            connection,
+            _admission: admission,
+            last_input: now,
+            watched: Interest::NONE,
+        });
+        if let Some(IdleTimer::Wheel(wheel)) = &mut self.idle {
+            wheel.insert_at(token, now);
+        }
+        // A greeting is owed at once; the mechanism learns to wait for writable.
+        self.changed.push(token);
+    }
+
+    /// One readiness of a connection: one read if it is readable and wants input, then
+    /// write what is owed until the kernel's send buffer is full; closes it when finished
+    /// or failed. A stale token (closed earlier in the turn) finds nothing.
+    fn serve(&mut self, token: Token, ready: Interest) {
+        let Some(entry) = self.connections.get_mut(token) else {
             return;
         };
+        let connection = &mut entry.connection;
+        connection.lend_spare(&mut self.spare);
         let mut served = Ok(());
-        if ready.readable && entry.connection.wants_read() {
-            let (connection, buf) = (&mut entry.connection, &mut self.read_buf);
-            match read_available(&entry.stream, connection, buf, &self.counters) {
-                Ok(true) => entry.last_input = Instant::now(),
+        if ready.readable && connection.wants_read() {
+            let buf = &mut self.buf[..READ_BUFFER_BYTES];
+            match connection.read_from(&entry.stream, buf, &self.log) {
+                Ok(true) => entry.last_input = self.now.unwrap_or(entry.last_input),
                 Ok(false) => {}
-                Err(e) => served = Err(e),
+                Err(reason) => served = Err(reason),
             }
         }
         // Replies to what was just read go out now, without waiting for another turn.
-        if served.is_ok() && (ready.writable || ready.readable) {
-            served = flush(&entry.stream, &mut entry.connection, &self.counters);
+        if served.is_ok() {
+            served = connection.flush_to(&entry.stream, &self.log);
         }
+        connection.return_spare(&mut self.spare);
         match served {
-            Ok(()) => self.close_if_finished(slot),
-            Err(e) => {
-                tracing::debug!("connection {} ended: {e}", entry.connection.peer());
-                let (transport, reason) = (stream_transport(&entry.stream), close_reason(&e));
-                if reason == CloseReason::HandlerPanic {
-                    self.counters.handler_panicked(transport);
-                }
-                self.counters.closed(transport, reason);
-                self.close(slot);
+            Err(reason) => self.close(token, reason),
+            Ok(()) if entry.connection.is_finished() => {
+                let reason = entry.connection.finish_reason(self.drain_deadline.is_some());
+                self.close(token, reason);
             }
+            Ok(()) if interest_of(&entry.connection) != entry.watched => self.changed.push(token),
+            Ok(()) => {}
         }
     }
 
-    /// Closes the connection in `slot` if it owes nothing more and reads nothing more; the
-    /// peer reads EOF after its last reply.
-    fn close_if_finished(&mut self, slot: usize) {
-        if let Some(entry) = &self.entries[slot] {
-            if entry.connection.is_finished() {
-                let _ = entry.stream.shutdown_write();
-                let reason = entry
-                    .connection
-                    .finish_reason(self.drain_deadline.is_some());
-                self.counters
-                    .closed(stream_transport(&entry.stream), reason);
-                self.close(slot);
-            }
-        }
-    }
-
-    fn close(&mut self, slot: usize) {
-        if self.entries[slot].take().is_some() {
-            self.free.push(slot);
-            self.open -= 1;
+    fn close(&mut self, token: Token, reason: CloseReason) {
+        if let Some(entry) = self.connections.remove(token) {
+            close(entry.stream, entry.connection.peer(), reason, &self.log);
         }
     }
 }
 
-/// When `entry` idles out: only while it is being read, as in the thread models (a peer
-/// that is being sent a backlog, or that half-closed, is not idle).
-fn idle_deadline(entry: &Entry, idle_timeout: Option<Duration>) -> Option<Instant> {
-    let idle = idle_timeout.filter(|_| entry.connection.wants_read())?;
-    Some(entry.last_input + idle)
+/// The interest of a connection: input while it reads and has room, output while bytes
+/// are owed.
+fn interest_of(connection: &Connection) -> Interest {
+    Interest {
+        readable: connection.wants_read(),
+        writable: connection.wants_write(),
+    }
+}
+
+fn reserved(n: usize) -> Token {
+    Token::reserved(u32::try_from(n).expect("fewer than 2^32 listeners"))
 }

@@ -1,20 +1,91 @@
 //! Bindings to epoll (Linux): an interest list in the kernel, and a wait that returns only
 //! the descriptors that are ready.
 //!
-//! Each registration carries a caller-chosen [`Token`] (a slab key), returned with its
-//! events, so the loop finds the connection without searching. Interest flags are the
-//! kernel's (`EPOLLIN`, `EPOLLOUT`, `EPOLLET`, ...), re-exported here.
+//! Each registration carries a [`Token`] (a slab key), returned with its events, so the
+//! loop finds the connection without searching. Callers speak in [`Interest`] and
+//! [`Event`]; the kernel's flags stay in this file, and hang-up and error are folded into
+//! readiness once, here (as smol-rs/polling does): the next read or write reports them.
 
-use super::{cvt, cvt_r};
+use super::{Interest, cvt, cvt_r};
 use crate::slab::Token;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-pub use libc::{
-    EPOLLERR, EPOLLET, EPOLLEXCLUSIVE, EPOLLHUP, EPOLLIN, EPOLLONESHOT, EPOLLOUT, EPOLLRDHUP,
-    epoll_event,
+use libc::{
+    EPOLLERR, EPOLLET, EPOLLEXCLUSIVE, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, epoll_event,
 };
+
+/// When a registration reports readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// Level-triggered: every wait reports the descriptor while it is ready.
+    Level,
+    /// Level-triggered, and of several epoll instances waiting on the same descriptor only
+    /// one is woken (`EPOLLEXCLUSIVE`; it can be added but never modified).
+    Exclusive,
+    /// Edge-triggered: reported once per change; the caller works until `WouldBlock`.
+    Edge,
+}
+
+/// What a wait found about one registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    /// The token the descriptor was registered with.
+    pub token: Token,
+    /// Reading (or accepting) will not block: input, EOF, a hang-up or an error.
+    pub readable: bool,
+    /// Writing will not block: room, a hang-up or an error.
+    pub writable: bool,
+    /// The peer closed its sending side or the socket failed: reads return EOF or the
+    /// error from now on, so no later edge will say so again.
+    pub is_read_closed: bool,
+    /// The connection hung up or failed: writes fail from now on.
+    pub is_write_closed: bool,
+}
+
+impl Event {
+    /// Readable and writable as one [`Interest`].
+    pub fn ready(&self) -> Interest {
+        Interest {
+            readable: self.readable,
+            writable: self.writable,
+        }
+    }
+
+    fn decode(event: &epoll_event) -> Event {
+        let flags = event.events as libc::c_int;
+        let failed = flags & (EPOLLHUP | EPOLLERR) != 0;
+        Event {
+            token: Token::from_raw(event.u64),
+            readable: failed || flags & (EPOLLIN | EPOLLRDHUP) != 0,
+            writable: failed || flags & EPOLLOUT != 0,
+            is_read_closed: failed || flags & EPOLLRDHUP != 0,
+            is_write_closed: failed,
+        }
+    }
+}
+
+fn flags_of(interest: Interest, trigger: Trigger) -> u32 {
+    let mut flags = 0;
+    if interest.readable {
+        flags |= EPOLLIN;
+    }
+    // A peer's half-close is readable anyway (the read returns EOF); EPOLLRDHUP also says
+    // so on its own, which an edge-triggered waiter needs. EPOLLEXCLUSIVE refuses it.
+    if interest.readable && trigger != Trigger::Exclusive {
+        flags |= EPOLLRDHUP;
+    }
+    if interest.writable {
+        flags |= EPOLLOUT;
+    }
+    flags |= match trigger {
+        Trigger::Level => 0,
+        Trigger::Exclusive => EPOLLEXCLUSIVE,
+        Trigger::Edge => EPOLLET,
+    };
+    flags as u32
+}
 
 /// An epoll instance.
 #[derive(Debug)]
@@ -38,26 +109,9 @@ impl Events {
         }
     }
 
-    /// The `(token, events)` pairs of the last wait.
-    pub fn iter(&self) -> impl Iterator<Item = (Token, u32)> + '_ {
-        self.list[..self.len]
-            .iter()
-            .map(|e| (Token::from_raw(e.u64), e.events))
-    }
-
-    /// How many events the last wait returned.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the last wait returned no events (it timed out).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// How many events one wait can return.
-    pub fn capacity(&self) -> usize {
-        self.list.len()
+    /// The events of the last wait.
+    pub fn iter(&self) -> impl Iterator<Item = Event> + '_ {
+        self.list[..self.len].iter().map(Event::decode)
     }
 }
 
@@ -92,7 +146,7 @@ impl Epoll {
         Ok(())
     }
 
-    /// Starts watching `fd` for `events`, reporting them with `token`.
+    /// Starts watching `fd` for `interest`, reporting it with `token`.
     ///
     /// The caller removes `fd` with [`Epoll::delete`] before closing it, or closes it
     /// knowing the kernel drops a closed fd's registration (when no dup of it remains).
@@ -100,17 +154,30 @@ impl Epoll {
     /// # Errors
     ///
     /// The OS error of `epoll_ctl`, e.g. `EEXIST` when already added.
-    pub fn add(&self, fd: BorrowedFd<'_>, token: Token, events: u32) -> io::Result<()> {
-        self.control(libc::EPOLL_CTL_ADD, fd, token, events)
+    pub fn add(
+        &self,
+        fd: BorrowedFd<'_>,
+        token: Token,
+        interest: Interest,
+        trigger: Trigger,
+    ) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_ADD, fd, token, flags_of(interest, trigger))
     }
 
-    /// Changes the events watched for `fd` (and its token).
+    /// Changes what is watched for `fd` (and its token).
     ///
     /// # Errors
     ///
-    /// The OS error of `epoll_ctl`, e.g. `ENOENT` when not added.
-    pub fn modify(&self, fd: BorrowedFd<'_>, token: Token, events: u32) -> io::Result<()> {
-        self.control(libc::EPOLL_CTL_MOD, fd, token, events)
+    /// The OS error of `epoll_ctl`: `ENOENT` when not added, `EINVAL` for
+    /// [`Trigger::Exclusive`] (delete and add instead).
+    pub fn modify(
+        &self,
+        fd: BorrowedFd<'_>,
+        token: Token,
+        interest: Interest,
+        trigger: Trigger,
+    ) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_MOD, fd, token, flags_of(interest, trigger))
     }
 
     /// Stops watching `fd`.

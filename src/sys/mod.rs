@@ -23,6 +23,38 @@ pub mod uring;
 
 use std::io;
 
+/// Readable and/or writable: what a loop waits for on a descriptor, or what it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interest {
+    /// Input, a connection to accept, EOF or an error.
+    pub readable: bool,
+    /// Room to write (or an error).
+    pub writable: bool,
+}
+
+impl Interest {
+    /// Nothing: not watched.
+    pub const NONE: Interest = Interest {
+        readable: false,
+        writable: false,
+    };
+    /// Readable only.
+    pub const READABLE: Interest = Interest {
+        readable: true,
+        writable: false,
+    };
+    /// Writable only.
+    pub const WRITABLE: Interest = Interest {
+        readable: false,
+        writable: true,
+    };
+    /// Both.
+    pub const BOTH: Interest = Interest {
+        readable: true,
+        writable: true,
+    };
+}
+
 /// Integer results of system calls: `-1` means "look at errno".
 pub trait IsMinusOne {
     /// Whether this is the error return.

@@ -1,6 +1,6 @@
 //! `poll(2)`: sleep until one of a few descriptors is ready, or a timeout passes.
 
-use super::cvt_r;
+use super::{Interest, cvt_r};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
@@ -14,6 +14,28 @@ pub fn entry(fd: BorrowedFd<'_>, events: i16) -> pollfd {
         fd: fd.as_raw_fd(),
         events,
         revents: 0,
+    }
+}
+
+/// An entry waiting for `interest` on `fd`.
+pub fn entry_for(fd: BorrowedFd<'_>, interest: Interest) -> pollfd {
+    let mut events = 0;
+    if interest.readable {
+        events |= POLLIN;
+    }
+    if interest.writable {
+        events |= POLLOUT;
+    }
+    entry(fd, events)
+}
+
+/// What an entry came back with. An error or hang-up is reported whatever was asked for,
+/// and counts as both: the next read or write turns it into an error.
+pub fn ready_of(entry: &pollfd) -> Interest {
+    let failed = entry.revents & (POLLHUP | POLLERR) != 0;
+    Interest {
+        readable: failed || entry.revents & POLLIN != 0,
+        writable: failed || entry.revents & POLLOUT != 0,
     }
 }
 
