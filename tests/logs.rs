@@ -81,14 +81,21 @@ fn json_logs_carry_peer_listener_and_reason_as_fields() {
         })
         .collect();
     let has = |peer: &str, key: &str, value: &str| {
-        lines
-            .iter()
-            .any(|l| l["peer"] == peer && l[key] == value)
+        lines.iter().any(|l| l["peer"] == peer && l[key] == value)
     };
-    assert!(has(&held_peer, "listener", &tcp_listener), "accepted:\n{stderr}");
+    assert!(
+        has(&held_peer, "listener", &tcp_listener),
+        "accepted:\n{stderr}"
+    );
     assert!(has(&held_peer, "reason", "idle_timeout"), "idle:\n{stderr}");
-    assert!(has(&refused_peer, "reason", "max_conns"), "refused:\n{stderr}");
-    assert!(has(&udp_peer, "reason", "handler_panic"), "panic:\n{stderr}");
+    assert!(
+        has(&refused_peer, "reason", "max_conns"),
+        "refused:\n{stderr}"
+    );
+    assert!(
+        has(&udp_peer, "reason", "handler_panic"),
+        "panic:\n{stderr}"
+    );
     for line in &lines {
         let message = line["message"].as_str().expect("a message");
         for folded in [&held_peer, &refused_peer, &udp_peer, &tcp_listener] {

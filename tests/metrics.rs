@@ -466,7 +466,10 @@ fn counts_reasons(model: &str) {
     let unix_received = r#"reverb_datagrams_received_total{transport="unix-dgram"}"#;
     let deadline = Instant::now() + PATIENCE;
     while samples_of_server(&server, unix_received).is_some_and(|n| n != 20.0) {
-        assert!(Instant::now() < deadline, "{model}: 20 Unix datagrams never counted");
+        assert!(
+            Instant::now() < deadline,
+            "{model}: 20 Unix datagrams never counted"
+        );
         thread::sleep(Duration::from_millis(50));
     }
     let Some(not_reading) = samples_of_server(
@@ -507,12 +510,18 @@ fn counts_reasons(model: &str) {
             r#"reverb_datagrams_dropped_total{reason="reflection_guard",transport="udp"}"#,
             if guarded.is_some() { 1.0 } else { 0.0 },
         ),
-        (r#"reverb_datagrams_received_total{transport="unix-dgram"}"#, 20.0),
+        (
+            r#"reverb_datagrams_received_total{transport="unix-dgram"}"#,
+            20.0,
+        ),
         (
             r#"reverb_datagrams_answered_total{transport="unix-dgram"}"#,
             20.0 - not_reading,
         ),
-        (r#"reverb_received_bytes_total{transport="unix-dgram"}"#, 40.0),
+        (
+            r#"reverb_received_bytes_total{transport="unix-dgram"}"#,
+            40.0,
+        ),
         (
             r#"reverb_sent_bytes_total{transport="unix-dgram"}"#,
             2.0 * (20.0 - not_reading),
@@ -585,14 +594,18 @@ fn counts_reasons(model: &str) {
     drop(held);
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let Some(pauses) = samples_of_server(&server, r#"reverb_accept_pauses_total{transport="tcp"}"#)
+        let Some(pauses) =
+            samples_of_server(&server, r#"reverb_accept_pauses_total{transport="tcp"}"#)
         else {
             return;
         };
         if pauses >= 1.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{model}: accept pauses never counted");
+        assert!(
+            Instant::now() < deadline,
+            "{model}: accept pauses never counted"
+        );
         thread::sleep(Duration::from_millis(50));
     }
     server.stop();

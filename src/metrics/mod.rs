@@ -563,7 +563,10 @@ mod tests {
         child.received(Transport::Unix, 7);
         std::mem::forget(child);
         metrics.retire_process(child_pid + 1);
-        assert_eq!(words[slot_start(slot)].load(Ordering::Relaxed), claimed_by(child_pid));
+        assert_eq!(
+            words[slot_start(slot)].load(Ordering::Relaxed),
+            claimed_by(child_pid)
+        );
         metrics.retire_process(child_pid);
         assert_eq!(words[slot_start(slot)].load(Ordering::Relaxed), FREE);
         let totals = metrics.totals();

@@ -30,10 +30,16 @@ pub fn run(
     let (counter, limits) = (listeners.counter.clone(), listeners.limits.clone());
     serve_each_socket(&mut listeners, &protocol, &shutdown, |listener| {
         let metrics = limits.metrics;
-        accept_until_shutdown(listener, &counter, &shutdown, metrics, |stream, peer, _admission| {
-            // Served right here: the next accept waits until this client is done.
-            serve_connection(stream, peer, &protocol, &limits, &shutdown);
-        })
+        accept_until_shutdown(
+            listener,
+            &counter,
+            &shutdown,
+            metrics,
+            |stream, peer, _admission| {
+                // Served right here: the next accept waits until this client is done.
+                serve_connection(stream, peer, &protocol, &limits, &shutdown);
+            },
+        )
     })?;
     // Dropping the listeners removes the Unix socket files, once every thread is done.
     drop(listeners);

@@ -10,11 +10,13 @@
 //! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
 //! `poll` waits no longer than that connection's idle deadline.
 
+use crate::metrics::Metrics;
+use crate::net::{DatagramSocket, Received};
 use crate::server::is_per_peer_datagram_error;
 use crate::server::one_socket::serve_connection;
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, DATAGRAM_BUFFER_BYTES, DatagramReplier, Listeners, LoopLog,
-    Protocol, RunOptions, ServeError, Shutdown, accept_and_admit,
+    ACCEPT_PAUSE, Accepted, Admission, DatagramReplier, Listeners, LoopLog, Protocol, RunOptions,
+    ServeError, Shutdown, accept_and_admit,
 };
 use crate::sys::poll::{self, POLLIN};
 use crate::sys::process::{self, Forked, Pid};
@@ -52,12 +54,14 @@ pub fn run(
     let RunOptions { threads: _ } = options;
     // Each child holds its place under --max-conns until the parent reaps it.
     let mut children: HashMap<Pid, Option<Admission>> = HashMap::new();
-    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
+    let most = (listeners.datagrams.iter()).map(DatagramSocket::max_datagram_bytes);
+    let mut buf = vec![0u8; most.max().unwrap_or(0)];
+    let metrics = listeners.limits.metrics;
     let mut replier = DatagramReplier::new(protocol.clone());
     // The parent's own counters (accepts); every child counts in a slot of its own.
     let log = LoopLog::new(listeners.limits.metrics);
     loop {
-        reap(&mut children)?;
+        reap(&mut children, metrics)?;
         let mut entries: Vec<_> = listeners
             .streams
             .iter()
@@ -89,11 +93,12 @@ pub fn run(
                     &mut replier,
                     &mut buf,
                     &mut children,
+                    &log,
                 )?;
             }
         }
     }
-    drain_children(&mut children, listeners.limits.drain_timeout)?;
+    drain_children(&mut children, listeners.limits.drain_timeout, metrics)?;
     Ok(())
 }
 
@@ -137,9 +142,17 @@ fn answer_one(
     replier: &mut DatagramReplier,
     buf: &mut [u8],
     children: &mut HashMap<Pid, Option<Admission>>,
+    log: &LoopLog,
 ) -> io::Result<()> {
-    let (n, peer) = match listeners.datagrams[index].recv_from(buf) {
-        Ok(received) => received,
+    let socket = &listeners.datagrams[index];
+    let buf = &mut buf[..socket.max_datagram_bytes()];
+    let (received, peer) = match socket.recv_from(buf) {
+        Ok((Received::Whole(len), peer)) => (len, peer),
+        Ok((truncated, peer)) => {
+            // Dropped here, without a child: the parent counts it in its own slot.
+            replier.answer_received(socket, &peer, truncated, buf, log);
+            return Ok(());
+        }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock || is_per_peer_datagram_error(&e) => {
             return Ok(());
         }
@@ -154,7 +167,7 @@ fn answer_one(
                 // The child's own slot, in the mapping its parent's metrics server reads:
                 // the parent's log has one writer, the parent.
                 let log = LoopLog::new(metrics);
-                replier.answer(&socket, &peer, &buf[..n], &log);
+                replier.answer(&socket, &peer, &buf[..received], &log);
             })
         }
         Forked::Parent(pid) => {
@@ -182,9 +195,13 @@ fn run_child(work: impl FnOnce()) -> ! {
     process::exit_now(code)
 }
 
-fn reap(children: &mut HashMap<Pid, Option<Admission>>) -> io::Result<()> {
+/// Reaps every child that ended, freeing its place under `--max-conns` and its counter
+/// slots (its counts are kept): a child killed before it could hand its slot back would
+/// otherwise hold it for ever.
+fn reap(children: &mut HashMap<Pid, Option<Admission>>, metrics: Metrics) -> io::Result<()> {
     while let Some(pid) = process::reap_child()? {
         children.remove(&pid);
+        metrics.retire_process(pid);
     }
     Ok(())
 }
@@ -194,11 +211,12 @@ fn reap(children: &mut HashMap<Pid, Option<Admission>>) -> io::Result<()> {
 fn drain_children(
     children: &mut HashMap<Pid, Option<Admission>>,
     drain_timeout: Duration,
+    metrics: Metrics,
 ) -> io::Result<()> {
     let deadline = Instant::now() + drain_timeout;
     let mut killed_at: Option<Instant> = None;
     while !children.is_empty() {
-        reap(children)?;
+        reap(children, metrics)?;
         // Children end at their own drain deadline, the same as ours: often just now.
         if children.is_empty() {
             break;

@@ -14,14 +14,15 @@
 //! coarse wheel of the scalable models ([`IdleWheel`]). Loops: each has its own SO_REUSEPORT
 //! accept queue (`Model::accept_queues`) and a duplicate of every datagram socket.
 
+use crate::metrics::Transport;
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
-use crate::metrics::Transport;
-use crate::server::{LoopLog, 
-    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Limits, Listeners, Protocol, RunOptions, ServeError, Shutdown, accept_action,
-    is_per_peer_datagram_error, log_accept_pause, log_idle, log_over_limit, };
+use crate::server::{
+    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DatagramDrop,
+    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    accept_action, is_per_peer_datagram_error, log_accept_pause, log_idle, log_over_limit,
+};
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
 use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};
@@ -111,7 +112,8 @@ impl<'a> Loop<'a> {
         }
         for socket in sources.datagrams {
             let token = slab.insert(Source::Datagrams(DatagramReplier::new(protocol.clone())));
-            ring.add_datagram(token, OwnedFd::from(socket), DATAGRAM_BUFFER_BYTES);
+            let max_datagram_bytes = socket.max_datagram_bytes();
+            ring.add_datagram(token, OwnedFd::from(socket), max_datagram_bytes);
             ring.arm_datagram_receive(token);
         }
         Ok(Loop {
@@ -374,9 +376,14 @@ impl<'a> Loop<'a> {
         match result {
             Ok(datagram) if datagram.is_truncated => {
                 let peer = Peer::from_sock_addr(&datagram.sender);
-                tracing::warn!(
-                    "dropping a datagram from {peer}: over {DATAGRAM_BUFFER_BYTES} bytes"
-                );
+                let transport = match peer {
+                    Peer::Ip(_) => Transport::Udp,
+                    Peer::Unix(_) => Transport::UnixDatagram,
+                };
+                let (len, max) = (datagram.full_len, datagram.len);
+                let log = LoopLog::default();
+                log.datagram_received(transport, len);
+                log.dropped(&peer, transport, &DatagramDrop::TooLarge { len, max });
             }
             Ok(datagram) => {
                 let peer = Peer::from_sock_addr(&datagram.sender);

@@ -46,11 +46,6 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Bytes a model reads from a stream at once; also the largest UDP payload (65,507) fits.
 pub const READ_BUFFER_BYTES: usize = 64 * 1024;
-/// Receive buffer for datagrams: a UDP payload is at most 65,507 bytes, and Unix datagrams
-/// are limited by the socket's send buffer (212,992 bytes by default), so nothing is
-/// truncated.
-pub const DATAGRAM_BUFFER_BYTES: usize = 256 * 1024;
-
 /// The operator's limits and stream settings, the same for every model.
 #[derive(Clone, Debug)]
 pub struct Limits {

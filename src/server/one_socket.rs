@@ -12,8 +12,8 @@ use super::accept::{Accepted, accept_and_admit};
 use super::event_loops::LoopSources;
 use super::lifecycle::{CloseReason, LoopLog, close};
 use super::{
-    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES, DatagramReplier,
-    Limits, Listeners, READ_BUFFER_BYTES, Shutdown,
+    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners,
+    READ_BUFFER_BYTES, Shutdown,
 };
 use crate::metrics::Metrics;
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
@@ -202,8 +202,9 @@ pub fn serve_each_socket(
     std::thread::scope(|scope| {
         let accepting =
             (sources.streams.iter()).map(|listener| scope.spawn(move || accept_on(listener)));
-        let answering = (sources.datagrams.iter())
-            .map(|socket| scope.spawn(move || serve_datagrams(socket, protocol, shutdown, metrics)));
+        let answering = (sources.datagrams.iter()).map(|socket| {
+            scope.spawn(move || serve_datagrams(socket, protocol, shutdown, metrics))
+        });
         let threads: Vec<_> = accepting.chain(answering).collect();
         let mut outcome = Ok(());
         for thread in threads {
@@ -235,7 +236,7 @@ pub fn serve_datagrams(
     socket.set_nonblocking(true)?;
     let log = LoopLog::new(metrics);
     let mut replier = DatagramReplier::new(protocol.clone());
-    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
+    let mut buf = vec![0u8; socket.max_datagram_bytes()];
     loop {
         if wait_for(socket.as_fd(), Interest::READABLE, shutdown, None)? == Wake::Shutdown {
             return Ok(());

@@ -6,7 +6,7 @@
 //! allocation is lent to the connection producing replies and taken back once they are sent
 //! (`Connection::lend_spare`, `return_spare`).
 
-use super::{Connection, READ_BUFFER_BYTES};
+use super::{CloseReason, Connection, LoopLog, READ_BUFFER_BYTES};
 use std::cell::RefCell;
 use std::io;
 
@@ -16,27 +16,30 @@ thread_local! {
 }
 
 /// Runs `read` on this thread's read buffer, cut to what `connection` may take under its
-/// bound, and hands what came (bytes, or EOF for `Ok(0)`) to `connection`. Returns how many
-/// bytes came.
+/// bound, and hands what came (bytes, counted in `log`, or EOF for `Ok(0)`) to
+/// `connection`. Returns how many bytes came, or `None` when `read` would block (nothing
+/// is handed over).
 ///
 /// # Errors
 ///
-/// What `read` returned (`WouldBlock` included: nothing is handed over), or `Other` when the
-/// protocol handler panicked (already logged): the task closes the connection.
+/// Why the connection must close: `read` failed, or the protocol handler panicked
+/// (already logged).
 pub fn receive_into(
     connection: &mut Connection,
+    log: &LoopLog,
     read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
-) -> io::Result<usize> {
+) -> Result<Option<usize>, CloseReason> {
     READ_BUFFER.with_borrow_mut(|buf| {
         let limit = connection.read_limit(buf.len());
-        let got = read(&mut buf[..limit])?;
-        SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-        let received = match got {
-            0 => connection.receive_eof(),
-            n => connection.receive(&buf[..n]),
+        let result = read(&mut buf[..limit]);
+        let got = match &result {
+            Ok(n) => *n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(_) => 0,
         };
-        received.map_err(|_| io::Error::other("handler panicked"))?;
-        Ok(got)
+        SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
+        let handed_over = connection.on_read(result, buf, log)?;
+        Ok(handed_over.then_some(got))
     })
 }
 

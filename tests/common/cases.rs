@@ -917,18 +917,18 @@ pub fn datagram_big_unix(model: &str) {
 /// logged, and counted as `too_large`; the next datagram is answered.
 pub fn datagram_too_large_dropped(model: &str) {
     let Ok(udp) = UdpSocket::bind("[::1]:0") else {
-        skip(&format!("{model}: no IPv6 loopback to send a 65,508-byte UDP payload"));
+        skip(&format!(
+            "{model}: no IPv6 loopback to send a 65,508-byte UDP payload"
+        ));
         return;
     };
-    let server = Server::start(
-        model,
-        &["--udp", "[::1]:0", "--metrics", "127.0.0.1:0"],
-    );
+    let server = Server::start(model, &["--udp", "[::1]:0", "--metrics", "127.0.0.1:0"]);
     udp.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     udp.connect(server.addr("udp")).unwrap();
     let mut buf = vec![0u8; 128 * 1024];
-    udp.send(&pattern(65_508, 1)).expect("send 65,508 bytes over IPv6");
+    udp.send(&pattern(65_508, 1))
+        .expect("send 65,508 bytes over IPv6");
     assert!(
         udp.recv(&mut buf).is_err(),
         "{model}: a truncated datagram was answered"
@@ -937,7 +937,10 @@ pub fn datagram_too_large_dropped(model: &str) {
     let whole = pattern(65_507, 2);
     udp.send(&whole).unwrap();
     let n = udp.recv(&mut buf).expect("the next datagram is answered");
-    assert!(n == whole.len() && buf[..n] == whole[..], "{model}: whole reply");
+    assert!(
+        n == whole.len() && buf[..n] == whole[..],
+        "{model}: whole reply"
+    );
     server.wait_for_log("65508");
     let dropped = scrape_value(
         &server,

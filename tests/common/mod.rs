@@ -733,7 +733,8 @@ pub fn scrape_value(server: &Server, name: &str, labels: &[(&str, &str)]) -> Opt
             let (series_name, rest) = series.split_once('{').unwrap_or((series, "}"));
             let inner = rest.strip_suffix('}')?;
             let mut have: Vec<&str> = inner.split(',').filter(|p| !p.is_empty()).collect();
-            let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            let mut want: Vec<String> =
+                labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
             have.sort_unstable();
             want.sort_unstable();
             (series_name == name && have == want).then(|| value.parse::<u64>().ok())?
