@@ -5,6 +5,11 @@ use super::Metrics;
 use super::exposition::{CONTENT_TYPE, render};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+/// How long the endpoint waits before accepting again after tiny_http stopped, so that a
+/// process out of descriptors is not made to spin (as the loops' accept pause).
+const RESTART_PAUSE: Duration = Duration::from_millis(100);
 
 /// Whether the server is draining, asked at each `/readyz`.
 pub type Probe = Box<dyn Fn() -> bool + Send + 'static>;
@@ -53,24 +58,40 @@ impl MetricsServer {
         Ok(())
     }
 
-    /// Answers requests on this thread until the listener fails.
+    /// Answers requests on this thread for the rest of the process.
+    ///
+    /// tiny_http stops accepting at its first accept error (the process out of
+    /// descriptors, say) and then ends its requests; so the endpoint starts again on a
+    /// duplicate of the same listening socket after [`RESTART_PAUSE`], however often that
+    /// happens: a server that ran out of descriptors once must still be scraped.
     pub fn run(self, metrics: Metrics, is_draining: Probe) {
-        let server = match tiny_http::Server::from_listener(self.listener, None) {
-            Ok(server) => server,
-            Err(e) => {
-                tracing::error!("metrics endpoint cannot start: {e}");
-                return;
+        loop {
+            let server = (self.listener.try_clone()).and_then(|listener| {
+                tiny_http::Server::from_listener(listener, None).map_err(io::Error::other)
+            });
+            match server {
+                Ok(server) => answer_all(&server, metrics, &is_draining),
+                Err(e) => tracing::warn!("metrics endpoint cannot start: {e}"),
             }
-        };
-        for request in server.incoming_requests() {
-            let (status, content_type, body) = answer(request.url(), metrics, &is_draining);
-            let mut response = tiny_http::Response::from_string(body).with_status_code(status);
-            if let Ok(header) = tiny_http::Header::from_bytes("Content-Type", content_type) {
-                response = response.with_header(header);
-            }
-            // A scraper that went away is its own problem; the next one gets an answer.
-            let _ = request.respond(response);
+            tracing::warn!(
+                "metrics endpoint stopped accepting; accepting again in {} ms",
+                RESTART_PAUSE.as_millis()
+            );
+            std::thread::sleep(RESTART_PAUSE);
         }
+    }
+}
+
+/// Answers `server`'s requests until it stops accepting.
+fn answer_all(server: &tiny_http::Server, metrics: Metrics, is_draining: &Probe) {
+    for request in server.incoming_requests() {
+        let (status, content_type, body) = answer(request.url(), metrics, is_draining);
+        let mut response = tiny_http::Response::from_string(body).with_status_code(status);
+        if let Ok(header) = tiny_http::Header::from_bytes("Content-Type", content_type) {
+            response = response.with_header(header);
+        }
+        // A scraper that went away is its own problem; the next one gets an answer.
+        let _ = request.respond(response);
     }
 }
 

@@ -126,7 +126,7 @@ fn accept_one(
             run_child(|| serve_connection(stream, peer, protocol, &limits, shutdown))
         }
         Forked::Parent(pid) => {
-            tracing::debug!("child {pid} serves {peer}");
+            tracing::debug!(peer = %peer, "child {pid} serves it");
             // The child has its own copy; the parent's must close, or the peer would never
             // see EOF after the child exits.
             drop(stream);

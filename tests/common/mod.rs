@@ -343,6 +343,25 @@ impl Server {
         }
     }
 
+    /// Waits until one line of the server's log holds every one of `needles` (a message
+    /// and its fields, such as `peer=127.0.0.1:4000`); fails the test after `PATIENCE`.
+    pub fn wait_for_log_line(&self, needles: &[&str]) {
+        let deadline = Instant::now() + PATIENCE;
+        let has_line = || {
+            let log = self.stderr();
+            log.lines()
+                .any(|line| needles.iter().all(|needle| line.contains(needle)))
+        };
+        while !has_line() {
+            assert!(
+                Instant::now() < deadline,
+                "no log line said all of {needles:?}:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let status = Command::new("kill")
