@@ -430,6 +430,7 @@ mod tests {
             "udp://::1:7",
             "tcp://::1:7",
             "udp://[::1]:port",
+            "udp://localhost:port",
             "tcp://[nope]:7",
             "unix://relative",
             "unix-dgram://relative",

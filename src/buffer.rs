@@ -168,6 +168,25 @@ mod tests {
     }
 
     #[test]
+    fn a_rebuilt_buffer_keeps_the_bound() {
+        // A connection that drops its allocation after a burst rebuilds the buffer from
+        // `max_bytes`: the new buffer must be full exactly where the old one was.
+        let old = WriteBuffer::new(4096);
+        assert_eq!(old.max_bytes(), 4096);
+        let mut rebuilt = WriteBuffer::new(old.max_bytes());
+        assert_eq!(rebuilt.room(), 4096);
+        rebuilt.push(&[0u8; 4095]);
+        assert!(!rebuilt.is_full(), "one byte under the bound is not full");
+        rebuilt.push(b"x");
+        assert!(rebuilt.is_full());
+        assert_eq!(
+            WriteBuffer::new(0).max_bytes(),
+            1,
+            "the bound is at least one byte"
+        );
+    }
+
+    #[test]
     #[should_panic(expected = "past the")]
     fn advance_past_owed_panics() {
         let mut out = WriteBuffer::new(4);

@@ -3,11 +3,12 @@
 //! against `reverb serve --model threaded` exit 0 with every contract field in the JSON.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::{Server, temp_socket_path};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -324,65 +325,24 @@ fn lost_datagrams_are_counted_not_errors() {
     assert_eq!(report["errors"], 0);
 }
 
-/// `reverb serve --model threaded` on all four transports; SIGTERM on drop.
-struct Server {
-    child: Child,
-    names: Vec<String>,
-    dir: PathBuf,
-}
-
-impl Server {
-    fn start() -> Server {
-        let dir = std::env::temp_dir().join(format!(
-            "reverb-bench-test-{}-{:?}",
-            std::process::id(),
-            thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut child = Command::new(REVERB)
-            .args(["serve", "--model", "threaded", "--tcp", "127.0.0.1:0"])
-            .args(["--udp", "127.0.0.1:0", "--unix"])
-            .arg(dir.join("s.sock"))
-            .arg("--unix-dgram")
-            .arg(dir.join("d.sock"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn server");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut names = Vec::new();
-        for _ in 0..4 {
-            let line = rx
-                .recv_timeout(Duration::from_secs(10))
-                .expect("listening line");
-            names.push(
-                line.strip_prefix("listening ")
-                    .expect("listening")
-                    .to_string(),
-            );
-        }
-        Server { child, names, dir }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// `reverb serve --model threaded` on all four transports, in the order TCP, UDP, Unix
+/// stream, Unix datagram (its `addrs`).
+fn serve_all_transports() -> Server {
+    let stream = temp_socket_path("bench-stream");
+    let datagram = temp_socket_path("bench-dgram");
+    Server::start(
+        "threaded",
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--unix",
+            stream.to_str().expect("UTF-8 temp path"),
+            "--unix-dgram",
+            datagram.to_str().expect("UTF-8 temp path"),
+        ],
+    )
 }
 
 const CONTRACT_FIELDS: [&str; 11] = [
@@ -423,8 +383,8 @@ fn assert_clean(outcome: &Outcome) -> Value {
 
 #[test]
 fn correct_server_passes_on_every_transport() {
-    let server = Server::start();
-    for name in &server.names {
+    let server = serve_all_transports();
+    for name in &server.addrs {
         let outcome = bench(name, &["--depth", "3", "--size", "300"]);
         let report = assert_clean(&outcome);
         assert_eq!(report["conns"], 2);
@@ -433,6 +393,7 @@ fn correct_server_passes_on_every_transport() {
         assert_eq!(report["duration_s"], 0.5);
         assert_eq!(report["lost"], 0, "{name}: {report}");
     }
+    server.stop();
     // The Unix datagram client sockets' paths are gone.
     let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .expect("temp dir")
@@ -445,9 +406,9 @@ fn correct_server_passes_on_every_transport() {
 
 #[test]
 fn threads_and_large_messages() {
-    let server = Server::start();
+    let server = serve_all_transports();
     let outcome = bench(
-        &server.names[0],
+        &server.addrs[0],
         &[
             "--threads",
             "2",
@@ -461,18 +422,20 @@ fn threads_and_large_messages() {
     );
     let report = assert_clean(&outcome);
     assert_eq!(report["threads"], 2);
+    server.stop();
 }
 
 #[test]
 fn open_loop_holds_the_rate() {
-    let server = Server::start();
-    let outcome = bench(&server.names[0], &["--rate", "400", "--duration", "1"]);
+    let server = serve_all_transports();
+    let outcome = bench(&server.addrs[0], &["--rate", "400", "--duration", "1"]);
     let report = assert_clean(&outcome);
     let msgs = report["msgs"].as_u64().unwrap();
     assert!((380..=420).contains(&msgs), "{report}");
     assert_eq!(report["rate_reached"], true);
-    let outcome = bench(&server.names[1], &["--rate", "400", "--duration", "1"]);
+    let outcome = bench(&server.addrs[1], &["--rate", "400", "--duration", "1"]);
     assert_clean(&outcome);
+    server.stop();
 }
 
 #[test]
@@ -516,9 +479,9 @@ fn open_loop_says_when_the_rate_is_not_reached() {
 
 #[test]
 fn client_keeps_working() {
-    let server = Server::start();
+    let server = serve_all_transports();
     let mut child = Command::new(REVERB)
-        .args(["client", &server.names[0]])
+        .args(["client", &server.addrs[0]])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -536,6 +499,7 @@ fn client_keeps_working() {
         .expect("read");
     assert!(child.wait().expect("wait").success());
     assert_eq!(out, "hello\nworld\n");
+    server.stop();
 }
 
 #[path = "bench/agents.rs"]

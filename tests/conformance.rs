@@ -54,118 +54,70 @@ fn cli_name(module: &str) -> String {
     }
 }
 
-conformance! {
-    models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, own_runtime, tokio, uring],
-    cases: [
-        echo_byte_exact,
-        every_stream_transport,
-        datagram_each,
-        datagram_no_reply_cases,
-        half_close_drains,
-        lines_wait_for_newline,
-        short_writes_lose_nothing,
-        unread_flood_bounded,
-        prefix_flood_bounded,
-        panic_is_isolated,
-        greeting_first,
-        until_quit,
-        many_clients,
-        max_conns,
-        idle_timeout,
-        shutdown_drains,
-        shutdown_closes_idle_at_once,
-        drain_timeout_bounds_shutdown,
-        out_of_descriptors_pauses,
-        datagram_full_peer_does_not_stall,
-        datagram_big_unix,
-        datagram_too_large_dropped,
-    ],
+/// Invokes `conformance!` with the given arguments and `cases: [...]`: every case that takes
+/// its transport and `--max-buffer` from the variant, then any `extra` cases. One list, so a
+/// new case runs under every variant unless it is deliberately listed as an extra.
+macro_rules! with_cases {
+    ({ $($args:tt)* } $(, extra: [$($extra:ident),* $(,)?])?) => {
+        conformance! {
+            $($args)*
+            cases: [
+                echo_byte_exact,
+                every_stream_transport,
+                datagram_each,
+                datagram_no_reply_cases,
+                half_close_drains,
+                lines_wait_for_newline,
+                short_writes_lose_nothing,
+                unread_flood_bounded,
+                panic_is_isolated,
+                greeting_first,
+                until_quit,
+                many_clients,
+                max_conns,
+                idle_timeout,
+                shutdown_drains,
+                shutdown_closes_idle_at_once,
+                drain_timeout_bounds_shutdown,
+                out_of_descriptors_pauses,
+                datagram_full_peer_does_not_stall,
+                $($($extra,)*)?
+            ],
+        }
+    };
 }
+
+// `prefix_flood_bounded` sets its own transport (TCP, whose kernel queues it reads) and
+// `--max-buffer`, so it runs once per model, not again under each variant; so do the
+// datagram size cases (datagram sockets only).
+with_cases!(
+    {
+        models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, own_runtime, tokio, uring],
+    },
+    extra: [prefix_flood_bounded, datagram_big_unix, datagram_too_large_dropped]
+);
 
 // uring's Unix paths (accept without a peer port, receives and sends on Unix sockets) and a
 // large --max-buffer (receive budgets past one provided buffer, sends past the kernel's
 // buffer) must behave as epoll's do: every case again, over a Unix stream socket, with the
-// default and with --max-buffer 4M.
-conformance! {
+// default and with --max-buffer 4M, and over TCP with --max-buffer 4M.
+with_cases!({
     variant: unix_stream = crate::common::Variant { is_unix: true, extra_args: Vec::new() },
     models: [epoll, uring],
-    cases: [
-        echo_byte_exact,
-        every_stream_transport,
-        datagram_each,
-        datagram_no_reply_cases,
-        half_close_drains,
-        lines_wait_for_newline,
-        short_writes_lose_nothing,
-        unread_flood_bounded,
-        panic_is_isolated,
-        greeting_first,
-        until_quit,
-        many_clients,
-        max_conns,
-        idle_timeout,
-        shutdown_drains,
-        shutdown_closes_idle_at_once,
-        drain_timeout_bounds_shutdown,
-        out_of_descriptors_pauses,
-        datagram_full_peer_does_not_stall,
-    ],
-}
+});
 
-conformance! {
+with_cases!({
     variant: unix_stream_4m = crate::common::Variant {
         is_unix: true,
         extra_args: vec!["--max-buffer".into(), "4M".into()],
     },
     models: [epoll, uring],
-    cases: [
-        echo_byte_exact,
-        every_stream_transport,
-        datagram_each,
-        datagram_no_reply_cases,
-        half_close_drains,
-        lines_wait_for_newline,
-        short_writes_lose_nothing,
-        unread_flood_bounded,
-        panic_is_isolated,
-        greeting_first,
-        until_quit,
-        many_clients,
-        max_conns,
-        idle_timeout,
-        shutdown_drains,
-        shutdown_closes_idle_at_once,
-        drain_timeout_bounds_shutdown,
-        out_of_descriptors_pauses,
-        datagram_full_peer_does_not_stall,
-    ],
-}
+});
 
-conformance! {
+with_cases!({
     variant: tcp_4m = crate::common::Variant {
         is_unix: false,
         extra_args: vec!["--max-buffer".into(), "4M".into()],
     },
     models: [epoll, uring],
-    cases: [
-        echo_byte_exact,
-        every_stream_transport,
-        datagram_each,
-        datagram_no_reply_cases,
-        half_close_drains,
-        lines_wait_for_newline,
-        short_writes_lose_nothing,
-        unread_flood_bounded,
-        panic_is_isolated,
-        greeting_first,
-        until_quit,
-        many_clients,
-        max_conns,
-        idle_timeout,
-        shutdown_drains,
-        shutdown_closes_idle_at_once,
-        drain_timeout_bounds_shutdown,
-        out_of_descriptors_pauses,
-        datagram_full_peer_does_not_stall,
-    ],
-}
+});

@@ -143,7 +143,7 @@ async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Re
             Err(e) => match accept_action(&e) {
                 AcceptAction::Wait | AcceptAction::Retry => {}
                 AcceptAction::Pause => {
-                    state.log.accept_paused(listener.get_ref(), &e);
+                    state.log.accept_paused(name, transport, &e);
                     unless(is_draining, None, runtime::sleep(ACCEPT_PAUSE)).await;
                 }
                 AcceptAction::Fail => return Err(e),

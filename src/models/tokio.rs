@@ -185,7 +185,8 @@ async fn serve_socket(
                 Ok(Err(e)) => match accept_action(&e) {
                     AcceptAction::Wait | AcceptAction::Retry => {}
                     AcceptAction::Pause => {
-                        state.with_log(|log| log.accept_paused(listener, &e));
+                        let transport = listener_transport(listener);
+                        state.with_log(|log| log.accept_paused(listener.name(), transport, &e));
                         tokio::select! {
                             () = state.draining.wait() => return Ok(()),
                             () = sleep(ACCEPT_PAUSE) => {}

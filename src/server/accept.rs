@@ -1,8 +1,9 @@
 //! Accept and admit: taking a connection from a listener, sorting accept errors, and
 //! holding every connection to `--max-conns`, the same for every model.
 
-use super::lifecycle::{CloseReason, LoopLog, close, stream_transport};
+use super::lifecycle::{CloseReason, LoopLog, close, listener_transport};
 use super::{Admission, ConnectionCounter};
+use crate::metrics::Transport;
 use crate::net::{Peer, Stream, StreamListener};
 use crate::sys::errno;
 use std::io;
@@ -66,16 +67,17 @@ pub fn accept_action(error: &io::Error) -> AcceptAction {
     }
 }
 
-/// Handles what one `accept` on `listener` returned, for a model that accepts its own
-/// way (a runtime's future, a completion): sorts an error, or admits the connection
-/// under `counter`.
+/// Handles what one `accept` on the listener named `listener`, of `transport`, returned,
+/// for a model that accepts its own way (a runtime's future, a completion): sorts an
+/// error, or admits the connection under `counter`.
 ///
 /// # Errors
 ///
 /// The listener is broken: the server fails.
 pub fn on_accept(
     result: io::Result<(Stream, Peer)>,
-    listener: &StreamListener,
+    listener: &str,
+    transport: Transport,
     counter: &ConnectionCounter,
     log: &LoopLog,
 ) -> io::Result<Accepted> {
@@ -86,7 +88,7 @@ pub fn on_accept(
                 AcceptAction::Wait => Ok(Accepted::Empty),
                 AcceptAction::Retry => Ok(Accepted::Again),
                 AcceptAction::Pause => {
-                    log.accept_paused(listener, &e);
+                    log.accept_paused(listener, transport, &e);
                     Ok(Accepted::Paused)
                 }
                 AcceptAction::Fail => Err(e),
@@ -98,7 +100,7 @@ pub fn on_accept(
         close(stream, &peer, CloseReason::OverLimit(max_conns), log);
         return Ok(Accepted::Again);
     };
-    log.accepted(&peer, stream_transport(&stream), listener.name());
+    log.accepted(&peer, transport, listener);
     Ok(Accepted::Connection(stream, peer, admission))
 }
 
@@ -113,5 +115,6 @@ pub fn accept_and_admit(
     counter: &ConnectionCounter,
     log: &LoopLog,
 ) -> io::Result<Accepted> {
-    on_accept(listener.accept(), listener, counter, log)
+    let transport = listener_transport(listener);
+    on_accept(listener.accept(), listener.name(), transport, counter, log)
 }

@@ -268,11 +268,11 @@ impl LoopLog {
         }
     }
 
-    /// Accepting on `listener` failed for want of descriptors or memory; it pauses for
-    /// [`ACCEPT_PAUSE`].
-    pub fn accept_paused(&self, listener: &StreamListener, error: &io::Error) {
-        log_accept_pause(listener.name(), error);
-        self.counters.accept_paused(listener_transport(listener));
+    /// Accepting on the listener named `listener`, of `transport`, failed for want of
+    /// descriptors or memory; it pauses for [`ACCEPT_PAUSE`].
+    pub fn accept_paused(&self, listener: &str, transport: Transport, error: &io::Error) {
+        log_accept_pause(listener, error);
+        self.counters.accept_paused(transport);
     }
 }
 

@@ -2,7 +2,7 @@
 //! `JOB_COMPLETION_INDEX`, all starting together (`--start-at`), merged by `bench merge`;
 //! and the rate search against `reverb serve`.
 
-use super::series::EpollServer;
+use super::series::serve_epoll;
 use super::{REVERB, reverb};
 use hdrhistogram::Histogram;
 use serde_json::Value;
@@ -15,7 +15,7 @@ fn decode(text: &str) -> Histogram<u64> {
 
 #[test]
 fn three_agents_merge_exactly() {
-    let server = EpollServer::start();
+    let server = serve_epoll();
     let dir = std::env::temp_dir().join(format!("reverb-bench-agents-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
@@ -32,7 +32,7 @@ fn three_agents_merge_exactly() {
             let child = Command::new(REVERB)
                 .args([
                     "bench",
-                    &server.addr,
+                    &server.addrs[0],
                     "--json",
                     "--conns",
                     "3",
@@ -132,10 +132,10 @@ fn merge_refuses_what_is_not_a_report() {
 
 #[test]
 fn rate_search_finds_a_rate_within_the_bound() {
-    let server = EpollServer::start();
+    let server = serve_epoll();
     let outcome = reverb(&[
         "bench",
-        &server.addr,
+        &server.addrs[0],
         "--json",
         "--conns",
         "4",
@@ -168,7 +168,7 @@ fn rate_search_finds_a_rate_within_the_bound() {
     // An impossible bound: nothing passes, the steps go down, exit 3.
     let outcome = reverb(&[
         "bench",
-        &server.addr,
+        &server.addrs[0],
         "--conns",
         "2",
         "--duration",

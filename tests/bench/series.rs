@@ -2,59 +2,19 @@
 //! histogram in HdrHistogram's encoding (read back by another implementation), connection
 //! churn and the connect ramp, and source addresses.
 
+use super::common::Server;
 use super::{Outcome, reverb};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// `reverb serve --model epoll` on a free TCP port; stopped when dropped.
-pub(super) struct EpollServer {
-    child: Child,
-    pub addr: String,
-}
-
-impl EpollServer {
-    pub fn start() -> EpollServer {
-        let mut child = Command::new(super::REVERB)
-            .args([
-                "serve",
-                "--model",
-                "epoll",
-                "--threads",
-                "1",
-                "--tcp",
-                "127.0.0.1:0",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn server");
-        let mut stdout = child.stdout.take().expect("stdout");
-        let mut line = Vec::new();
-        let mut byte = [0_u8; 1];
-        while stdout.read(&mut byte).map(|n| n == 1).unwrap_or(false) && byte[0] != b'\n' {
-            line.push(byte[0]);
-        }
-        let line = String::from_utf8(line).expect("utf-8");
-        let addr = line
-            .strip_prefix("listening ")
-            .unwrap_or_else(|| panic!("no listening line: {line:?}"))
-            .to_string();
-        EpollServer { child, addr }
-    }
-}
-
-impl Drop for EpollServer {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
+/// `reverb serve --model epoll --threads 1` on a free TCP port (its `addrs[0]`).
+pub(super) fn serve_epoll() -> Server {
+    Server::start("epoll", &["--threads", "1", "--tcp", "127.0.0.1:0"])
 }
 
 /// An echo server (a thread per connection) that answers nothing while `stall` covers
@@ -129,10 +89,10 @@ fn a_stall_is_visible_in_the_time_series() {
 
 #[test]
 fn intervals_print_one_line_each() {
-    let server = EpollServer::start();
+    let server = serve_epoll();
     let outcome = reverb(&[
         "bench",
-        &server.addr,
+        &server.addrs[0],
         "--conns",
         "2",
         "--duration",
@@ -170,10 +130,10 @@ fn histogram_reads_back_in_another_hdrhistogram() {
         );
         return;
     }
-    let server = EpollServer::start();
+    let server = serve_epoll();
     let outcome = reverb(&[
         "bench",
-        &server.addr,
+        &server.addrs[0],
         "--json",
         "--duration",
         "0.5",
@@ -224,10 +184,10 @@ fn churn(outcome: &Outcome) -> Value {
 
 #[test]
 fn conn_lifetime_churns_connections() {
-    let server = EpollServer::start();
+    let server = serve_epoll();
     let outcome = reverb(&[
         "bench",
-        &server.addr,
+        &server.addrs[0],
         "--json",
         "--conns",
         "4",
@@ -254,7 +214,7 @@ fn conn_lifetime_churns_connections() {
     // Lifetime 3 at depth 2: each connection answers exactly three messages.
     let outcome = reverb(&[
         "bench",
-        &server.addr,
+        &server.addrs[0],
         "--json",
         "--conns",
         "2",
@@ -276,10 +236,10 @@ fn conn_lifetime_churns_connections() {
 
 #[test]
 fn connect_rate_ramps() {
-    let server = EpollServer::start();
+    let server = serve_epoll();
     let outcome = reverb(&[
         "bench",
-        &server.addr,
+        &server.addrs[0],
         "--json",
         "--conns",
         "50",
@@ -378,12 +338,12 @@ fn connect_phase_progress_on_a_terminal() {
         println!("SKIPPED: script(1) is not installed (util-linux)");
         return;
     }
-    let server = EpollServer::start();
+    let server = serve_epoll();
     let log = std::env::temp_dir().join(format!("reverb-bench-pty-{}.log", std::process::id()));
     let command = format!(
         "{} bench {} --conns 200 --connect-rate 400 --duration 0.2 --warmup 0",
         super::REVERB,
-        server.addr
+        server.addrs[0]
     );
     let status = Command::new("timeout")
         .args(["60", "script", "-qec", &command])
