@@ -10,16 +10,16 @@
 //! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
 //! `poll` waits no longer than that connection's idle deadline.
 
-use crate::metrics::Metrics;
-use crate::net::{DatagramSocket, Received};
+use crate::metrics::{Metrics, Transport};
+use crate::net::{DatagramSocket, Peer, Received};
 use crate::server::is_per_peer_datagram_error;
 use crate::server::one_socket::serve_connection;
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, DatagramReplier, Listeners, LoopLog, Protocol, RunOptions,
-    ServeError, Shutdown, accept_and_admit,
+    ACCEPT_PAUSE, Accepted, Admission, CloseReason, DatagramReplier, Listeners, LoopLog, Protocol,
+    RunOptions, ServeError, Shutdown, accept_and_admit, stream_transport,
 };
 use crate::sys::poll::{self, POLLIN};
-use crate::sys::process::{self, Forked, Pid};
+use crate::sys::process::{self, ChildEnd, Forked, Pid};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
@@ -53,7 +53,7 @@ pub fn run(
     }
     let RunOptions { threads: _ } = options;
     // Each child holds its place under --max-conns until the parent reaps it.
-    let mut children: HashMap<Pid, Option<Admission>> = HashMap::new();
+    let mut children = Children::new();
     let most = (listeners.datagrams.iter()).map(DatagramSocket::max_datagram_bytes);
     let mut buf = vec![0u8; most.max().unwrap_or(0)];
     let metrics = listeners.limits.metrics;
@@ -61,7 +61,7 @@ pub fn run(
     // The parent's own counters (accepts); every child counts in a slot of its own.
     let log = LoopLog::new(listeners.limits.metrics);
     loop {
-        reap(&mut children, metrics)?;
+        reap(&mut children, metrics, &log)?;
         let mut entries: Vec<_> = listeners
             .streams
             .iter()
@@ -98,7 +98,7 @@ pub fn run(
             }
         }
     }
-    drain_children(&mut children, listeners.limits.drain_timeout, metrics)?;
+    drain_children(&mut children, listeners.limits.drain_timeout, metrics, &log)?;
     Ok(())
 }
 
@@ -107,7 +107,7 @@ fn accept_one(
     index: usize,
     protocol: &Protocol,
     shutdown: &Shutdown,
-    children: &mut HashMap<Pid, Option<Admission>>,
+    children: &mut Children,
     log: &LoopLog,
 ) -> io::Result<()> {
     let listener = &listeners.streams[index];
@@ -129,8 +129,9 @@ fn accept_one(
             tracing::debug!(peer = %peer, "child {pid} serves it");
             // The child has its own copy; the parent's must close, or the peer would never
             // see EOF after the child exits.
+            let transport = stream_transport(&stream);
             drop(stream);
-            children.insert(pid, Some(admission));
+            children.insert(pid, Some((admission, peer, transport)));
             Ok(())
         }
     }
@@ -141,7 +142,7 @@ fn answer_one(
     index: usize,
     replier: &mut DatagramReplier,
     buf: &mut [u8],
-    children: &mut HashMap<Pid, Option<Admission>>,
+    children: &mut Children,
     log: &LoopLog,
 ) -> io::Result<()> {
     let socket = &listeners.datagrams[index];
@@ -195,13 +196,24 @@ fn run_child(work: impl FnOnce()) -> ! {
     process::exit_now(code)
 }
 
+/// The children not reaped yet. A connection's child holds the connection's place under
+/// `--max-conns`, its peer and its transport, so that the parent can record the close of a
+/// connection whose child was killed before it could.
+type Children = HashMap<Pid, Option<(Admission, Peer, Transport)>>;
+
 /// Reaps every child that ended, freeing its place under `--max-conns` and its counter
 /// slots (its counts are kept): a child killed before it could hand its slot back would
-/// otherwise hold it for ever.
-fn reap(children: &mut HashMap<Pid, Option<Admission>>, metrics: Metrics) -> io::Result<()> {
-    while let Some(pid) = process::reap_child()? {
-        children.remove(&pid);
+/// otherwise hold it for ever. A connection whose child a signal killed is counted closed
+/// here (reason `error`), since its child never got to.
+fn reap(children: &mut Children, metrics: Metrics, log: &LoopLog) -> io::Result<()> {
+    while let Some((pid, end)) = process::reap_child()? {
+        let child = children.remove(&pid);
         metrics.retire_process(pid);
+        if let (Some(Some((_admission, peer, transport))), ChildEnd::Killed(signal)) = (child, end)
+        {
+            let killed = io::Error::other(format!("its child {pid} was killed by signal {signal}"));
+            log.closed(&peer, transport, &CloseReason::Failed(killed));
+        }
     }
     Ok(())
 }
@@ -209,14 +221,15 @@ fn reap(children: &mut HashMap<Pid, Option<Admission>>, metrics: Metrics) -> io:
 /// Children heard the shutdown through the shared eventfd; wait for them to finish, and
 /// kill those still running after the drain timeout.
 fn drain_children(
-    children: &mut HashMap<Pid, Option<Admission>>,
+    children: &mut Children,
     drain_timeout: Duration,
     metrics: Metrics,
+    log: &LoopLog,
 ) -> io::Result<()> {
     let deadline = Instant::now() + drain_timeout;
     let mut killed_at: Option<Instant> = None;
     while !children.is_empty() {
-        reap(children, metrics)?;
+        reap(children, metrics, log)?;
         // Children end at their own drain deadline, the same as ours: often just now.
         if children.is_empty() {
             break;
