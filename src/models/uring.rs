@@ -18,10 +18,11 @@ use crate::metrics::Transport;
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
+use crate::server::readiness::LoopConfig;
 use crate::server::{
-    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DatagramDrop,
-    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    accept_action, is_per_peer_datagram_error, log_accept_pause, log_idle, log_over_limit,
+    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, DatagramDrop, DatagramReplier,
+    Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown, datagram_transport,
+    is_per_peer_datagram_error, listener_transport, on_accept,
 };
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
@@ -51,39 +52,41 @@ pub fn run(
 ) -> Result<(), ServeError> {
     let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
     let sources = split_sources(&mut listeners, loops, true)?;
-    let (limits, counter) = (&listeners.limits, &listeners.counter);
-    let setup = |_, sources| Loop::new(sources, &protocol, limits, counter, &shutdown);
+    let config = LoopConfig::new(&listeners, protocol, shutdown.clone());
+    let setup = |_, sources| Loop::new(sources, config.clone());
     run_loops("uring", sources, &shutdown, setup, Loop::serve).map_err(ServeError::Io)
 }
 
-/// What a token names in a loop's slab.
+/// What a token names in a loop's slab: nearly always a connection, so that variant is
+/// stored inline rather than boxed (one allocation less per connection).
+#[allow(clippy::large_enum_variant)]
 enum Source {
     Conn(Conn),
-    Listener { name: Rc<str>, is_tcp: bool },
-    Datagrams(DatagramReplier),
+    Listener { name: Rc<str>, transport: Transport },
+    Datagrams(DatagramReplier, Transport),
     Shutdown,
 }
 
 /// One accepted stream and what the loop knows about it.
 struct Conn {
     connection: Connection,
-    /// The idle wheel's tick of the last input.
-    last_input_tick: u32,
+    /// When input last arrived, for the idle wheel.
+    last_input: Instant,
     /// Listed in `Loop::dirty`, to be pumped after this batch.
     is_dirty: bool,
     _admission: Admission,
 }
 
 /// One thread's ring and everything it serves.
-struct Loop<'a> {
+struct Loop {
     ring: Ring,
     sources: Slab<Source>,
     /// Listeners that ran out of descriptors, and when they accept again.
     paused: Vec<(Instant, Token)>,
-    protocol: &'a Protocol,
-    limits: &'a Limits,
-    counter: &'a ConnectionCounter,
+    config: LoopConfig,
     idle: Option<IdleWheel>,
+    /// Where every connection event of this loop is logged.
+    log: LoopLog,
     /// Connections touched by this batch of completions (see `Loop::mark`).
     dirty: Vec<Token>,
     /// Set when shutdown fired: stop accepting, send what is owed until then.
@@ -92,26 +95,21 @@ struct Loop<'a> {
     now: Instant,
 }
 
-impl<'a> Loop<'a> {
-    fn new(
-        sources: LoopSources,
-        protocol: &'a Protocol,
-        limits: &'a Limits,
-        counter: &'a ConnectionCounter,
-        shutdown: &Shutdown,
-    ) -> io::Result<Self> {
+impl Loop {
+    fn new(sources: LoopSources, config: LoopConfig) -> io::Result<Self> {
         let (mut ring, mut slab) = (Ring::new()?, Slab::default());
         let token = slab.insert(Source::Shutdown);
-        ring.add(token, shutdown.fd().try_clone_to_owned()?);
+        ring.add(token, config.shutdown.fd().try_clone_to_owned()?);
         ring.arm_readable(token);
         for listener in sources.streams {
-            let (name, is_tcp) = (Rc::from(listener.name()), listener.is_tcp());
-            let token = slab.insert(Source::Listener { name, is_tcp });
+            let (name, transport) = (Rc::from(listener.name()), listener_transport(&listener));
+            let token = slab.insert(Source::Listener { name, transport });
             ring.add(token, OwnedFd::from(listener));
             ring.arm_accept(token);
         }
         for socket in sources.datagrams {
-            let token = slab.insert(Source::Datagrams(DatagramReplier::new(protocol.clone())));
+            let replier = DatagramReplier::new(config.protocol.clone());
+            let token = slab.insert(Source::Datagrams(replier, datagram_transport(&socket)));
             let max_datagram_bytes = socket.max_datagram_bytes();
             ring.add_datagram(token, OwnedFd::from(socket), max_datagram_bytes);
             ring.arm_datagram_receive(token);
@@ -120,10 +118,9 @@ impl<'a> Loop<'a> {
             ring,
             sources: slab,
             paused: Vec::new(),
-            protocol,
-            limits,
-            counter,
-            idle: limits.idle_timeout.map(IdleWheel::new),
+            idle: config.limits.idle_timeout.map(IdleWheel::new),
+            log: LoopLog::new(config.limits.metrics),
+            config,
             dirty: Vec::new(),
             drain_deadline: None,
             now: Instant::now(),
@@ -174,10 +171,19 @@ impl<'a> Loop<'a> {
         }
     }
 
-    /// Closes `token`'s socket; the ring frees it once its operations have completed.
-    fn close(&mut self, token: Token) {
+    /// Ends `token`'s connection for `reason` (or retires a listener or datagram socket):
+    /// the one way this loop closes. A finished connection's peer reads EOF after the last
+    /// reply; the ring frees the socket once its operations have completed.
+    fn close(&mut self, token: Token, reason: CloseReason) {
+        if let Some(Source::Conn(conn)) = self.sources.remove(token) {
+            if reason.is_finished() {
+                self.ring.shutdown_write(token);
+            }
+            let connection = &conn.connection;
+            self.log
+                .closed(connection.peer(), connection.transport(), &reason);
+        }
         self.ring.close(token);
-        self.sources.remove(token);
     }
 
     /// How long until a timer needs the loop: an accept pause, an idle tick, the drain.
@@ -185,10 +191,8 @@ impl<'a> Loop<'a> {
         let pauses = self.paused.iter().map(|(until, _)| *until);
         let at = pauses.chain(self.drain_deadline).min();
         let until = at.map(|at| at.saturating_duration_since(self.now));
-        let idle = self
-            .idle
-            .as_ref()
-            .and_then(|w| w.time_to_next_tick(self.now));
+        let wheel = self.idle.as_ref();
+        let idle = wheel.and_then(|wheel| wheel.time_to_next_tick(self.now));
         until.into_iter().chain(idle).min()
     }
 
@@ -198,37 +202,25 @@ impl<'a> Loop<'a> {
             let (_, token) = self.paused.swap_remove(at);
             self.ring.arm_accept(token);
         }
-        if let Some(mut wheel) = self.idle.take() {
-            let (now_tick, idle_ticks) = (wheel.tick_at(now), wheel.deadline(0));
-            let mut idle = Vec::new();
-            wheel.expire(now_tick, |token| {
-                let Some(Source::Conn(conn)) = self.sources.get_mut(token) else {
-                    return None;
-                };
-                if !conn.connection.wants_read() {
-                    // Not waiting for input (backpressure, flushing): not idle, look later.
-                    conn.last_input_tick = now_tick;
-                } else if now_tick >= conn.last_input_tick.saturating_add(idle_ticks) {
-                    idle.push(token);
-                    return None;
-                }
-                Some(conn.last_input_tick)
-            });
-            self.idle = Some(wheel);
-            let timeout = self.limits.idle_timeout.unwrap_or_default();
+        if let Some(wheel) = self.idle.as_mut() {
+            let (sources, mut idle) = (&mut self.sources, Vec::new());
+            let last_input = |token| match sources.get_mut(token)? {
+                // Not waiting for input (backpressure, flushing): not idle, look later.
+                Source::Conn(conn) if !conn.connection.wants_read() => Some(now),
+                Source::Conn(conn) => Some(conn.last_input),
+                _ => None,
+            };
+            wheel.expire_idle(now, last_input, &mut idle);
+            let timeout = self.config.limits.idle_timeout.unwrap_or_default();
             for token in idle {
-                if let Some(conn) = self.conn(token) {
-                    log_idle(conn.connection.peer(), timeout);
-                }
-                self.close(token);
+                self.close(token, CloseReason::Idle(timeout));
             }
         }
         if self.drain_deadline.is_some_and(|deadline| now >= deadline) {
             for token in self.sources.tokens() {
                 if let Some(conn) = self.conn(token) {
-                    let (peer, owed) = (conn.connection.peer(), conn.connection.owed());
-                    tracing::warn!("closing {peer}: drain timeout with {owed} bytes still owed");
-                    self.close(token);
+                    let owed = conn.connection.owed();
+                    self.close(token, CloseReason::DrainTimeout { owed });
                 }
             }
         }
@@ -240,96 +232,86 @@ impl<'a> Loop<'a> {
         result: io::Result<OwnedFd>,
         more: bool,
     ) -> io::Result<()> {
-        let Some(Source::Listener { name, is_tcp }) = self.sources.get(token) else {
+        let Some(Source::Listener { name, transport }) = self.sources.get(token) else {
             return Ok(());
         };
-        let (name, mut is_paused) = (name.clone(), false);
-        match result.and_then(|fd| Stream::from_accepted(fd, *is_tcp)) {
-            Ok((stream, peer)) => self.admit(stream, peer, &name),
-            Err(e) => match accept_action(&e) {
-                AcceptAction::Wait | AcceptAction::Retry => {}
-                AcceptAction::Pause => {
-                    log_accept_pause(&name, &e);
-                    self.paused.push((self.now + ACCEPT_PAUSE, token));
-                    is_paused = true;
-                }
-                AcceptAction::Fail => return Err(e),
-            },
+        let (name, transport) = (name.clone(), *transport);
+        let is_tcp = transport == Transport::Tcp;
+        let accepted = result.and_then(|fd| Stream::from_accepted(fd, is_tcp));
+        match on_accept(accepted, &name, transport, &self.config.counter, &self.log)? {
+            Accepted::Connection(stream, peer, admission) => self.admit(stream, peer, admission),
+            Accepted::Paused => self.paused.push((self.now + ACCEPT_PAUSE, token)),
+            Accepted::Again | Accepted::Empty => {}
         }
         // A multishot accept ends after any error; arm it again unless paused.
-        if !more && !is_paused {
+        if !more && !self.paused.iter().any(|(_, paused)| *paused == token) {
             self.ring.arm_accept(token);
         }
         Ok(())
     }
 
-    fn admit(&mut self, stream: Stream, peer: Peer, listener: &str) {
-        let Some(admission) = self.counter.admit() else {
-            return log_over_limit(&peer, self.counter.max_conns().unwrap_or(0));
-        };
-        tracing::debug!("accepted {peer} on {listener}");
-        let connection = Connection::new(self.protocol, peer, self.limits, stream.as_fd());
-        let last_input_tick = self.idle.as_ref().map_or(0, |w| w.tick_at(self.now));
+    fn admit(&mut self, stream: Stream, peer: Peer, admission: Admission) {
+        let (config, fd) = (&self.config, stream.as_fd());
+        let connection = Connection::new(&config.protocol, peer, &config.limits, fd);
+        let last_input = self.now;
         let conn = Conn {
             connection,
-            last_input_tick,
+            last_input,
             is_dirty: false,
             _admission: admission,
         };
         let token = self.sources.insert(Source::Conn(conn));
         self.ring.add(token, OwnedFd::from(stream));
         if let Some(wheel) = self.idle.as_mut() {
-            wheel.insert(token, last_input_tick);
+            wheel.insert_at(token, last_input);
         }
         self.pump(token);
     }
 
     fn on_receive(&mut self, token: Token, result: io::Result<Option<Received>>) {
-        let now_tick = self.idle.as_ref().map_or(0, |w| w.tick_at(self.now));
         let Some(Source::Conn(conn)) = self.sources.get_mut(token) else {
             if let Ok(Some(received)) = result {
                 self.ring.recycle(received);
             }
             return;
         };
-        let handled = match result {
-            Ok(None) => conn.connection.receive_eof(),
-            // The ring's budget was the connection's read limit, so these bytes fit.
-            Ok(Some(received)) => {
-                let handled = conn.connection.receive(self.ring.received(&received));
-                self.ring.recycle(received);
-                handled
-            }
+        let outcome = match result {
             // ENOBUFS: every provided buffer was in use; ECANCELED: drain stopped reading.
             Err(e) if matches!(e.raw_os_error(), Some(errno::ENOBUFS | errno::ECANCELED)) => {
-                return self.mark(token);
+                Ok(false)
             }
-            Err(e) => {
-                tracing::debug!("connection {} ended: {e}", conn.connection.peer());
-                return self.close(token);
+            // The ring's budget was the connection's read limit, so these bytes fit.
+            Ok(Some(received)) => {
+                let bytes = self.ring.received(&received);
+                let outcome = conn.connection.on_read(Ok(bytes.len()), bytes, &self.log);
+                self.ring.recycle(received);
+                outcome
             }
+            // EOF (`Ok(0)`) or an error.
+            result => (conn.connection).on_read(result.map(|_| 0), &[], &self.log),
         };
-        conn.last_input_tick = now_tick;
-        match handled {
-            Ok(()) => self.mark(token),
-            // The handler panicked (already logged): close this connection only.
-            Err(_) => self.close(token),
+        match outcome {
+            Ok(has_input) => {
+                conn.last_input = if has_input { self.now } else { conn.last_input };
+                self.mark(token);
+            }
+            Err(reason) => self.close(token, reason),
         }
     }
 
     fn on_sent(&mut self, token: Token, result: io::Result<usize>) {
-        let Some(conn) = self.conn(token) else {
+        let Some(Source::Conn(conn)) = self.sources.get_mut(token) else {
             return;
         };
         match result {
             // The kernel may take fewer bytes than offered; the rest goes in the next send.
-            Ok(written) => conn.connection.advance(written),
-            Err(e) => {
-                tracing::debug!("connection {} ended: {e}", conn.connection.peer());
-                return self.close(token);
+            Ok(written) => {
+                conn.connection.advance(written);
+                self.log.sent(conn.connection.transport(), written);
+                self.mark(token);
             }
+            Err(e) => self.close(token, CloseReason::Failed(e)),
         }
-        self.mark(token);
     }
 
     /// Remembers to pump `token` once this batch of completions is handled, so that all the
@@ -357,9 +339,8 @@ impl<'a> Loop<'a> {
             self.ring.arm_receive(token, budget);
         }
         if conn.connection.is_finished() && !self.ring.is_sending(token) {
-            // Everything owed was sent: the peer reads EOF after the last reply.
-            self.ring.shutdown_write(token);
-            self.close(token);
+            let reason = conn.connection.finish_reason(self.drain_deadline.is_some());
+            self.close(token, reason);
         }
     }
 
@@ -370,33 +351,23 @@ impl<'a> Loop<'a> {
         token: Token,
         result: io::Result<ReceivedDatagram>,
     ) -> io::Result<()> {
-        let Some(Source::Datagrams(replier)) = self.sources.get_mut(token) else {
+        let Some(Source::Datagrams(replier, transport)) = self.sources.get_mut(token) else {
             return Ok(());
         };
         match result {
             Ok(datagram) if datagram.is_truncated => {
                 let peer = Peer::from_sock_addr(&datagram.sender);
-                let transport = match peer {
-                    Peer::Ip(_) => Transport::Udp,
-                    Peer::Unix(_) => Transport::UnixDatagram,
-                };
                 let (len, max) = (datagram.full_len, datagram.len);
-                let log = LoopLog::default();
-                log.datagram_received(transport, len);
-                log.dropped(&peer, transport, &DatagramDrop::TooLarge { len, max });
+                self.log.datagram_received(*transport, len);
+                let too_large = DatagramDrop::TooLarge { len, max };
+                self.log.dropped(&peer, *transport, &too_large);
             }
             Ok(datagram) => {
                 let peer = Peer::from_sock_addr(&datagram.sender);
                 let bytes = self.ring.datagram_bytes(token, &datagram);
-                let transport = match peer {
-                    Peer::Ip(_) => Transport::Udp,
-                    Peer::Unix(_) => Transport::UnixDatagram,
-                };
-                // Logs only: this model does not count yet.
-                let log = LoopLog::default();
-                if let Some(reply) = replier.reply(&peer, transport, bytes, &log) {
+                if let Some(reply) = replier.reply(&peer, *transport, bytes, &self.log) {
                     let sent = self.ring.send_datagram(token, &datagram.sender, reply);
-                    log.reply_sent(&peer, transport, &sent);
+                    self.log.reply_sent(&peer, *transport, &sent);
                 }
             }
             Err(e) if is_per_peer_datagram_error(&e) => {}
@@ -411,11 +382,12 @@ impl<'a> Loop<'a> {
         if self.drain_deadline.is_some() {
             return;
         }
-        self.drain_deadline = Some(self.now + self.limits.drain_timeout);
+        self.drain_deadline = Some(self.now + self.config.limits.drain_timeout);
         for token in self.sources.tokens() {
             let Some(conn) = self.conn(token) else {
-                // A listener, a datagram socket, the shutdown eventfd: done with.
-                self.close(token);
+                // A listener, a datagram socket, the shutdown eventfd: done with (only a
+                // connection's close is logged, so the reason goes unused).
+                self.close(token, CloseReason::Drained);
                 continue;
             };
             conn.connection.stop_reading();

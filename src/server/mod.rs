@@ -32,7 +32,6 @@ pub use listeners::{Admission, ConnectionCounter, Listeners};
 pub use shutdown::Shutdown;
 
 use crate::metrics::Metrics;
-use crate::net::Peer;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -142,26 +141,4 @@ pub enum ServeError {
     /// The server failed while running.
     #[error("server failed: {0}")]
     Io(#[from] io::Error),
-}
-
-/// Logs an accept error that leads to a pause, once per pause (for models that have no
-/// [`LoopLog`] yet).
-pub fn log_accept_pause(listener: &str, error: &io::Error) {
-    lifecycle::log_accept_pause(listener, error);
-}
-
-/// Logs a connection refused by `--max-conns` (for models that have no [`LoopLog`] yet).
-pub fn log_over_limit(peer: &Peer, max_conns: usize) {
-    lifecycle::log_close(peer, &CloseReason::OverLimit(max_conns));
-}
-
-/// Logs a connection cut because `--drain-timeout` passed with `owed` bytes unsent (for
-/// models that have no [`LoopLog`] yet).
-pub fn log_drain_cut(peer: &Peer, owed: usize) {
-    lifecycle::log_close(peer, &CloseReason::DrainTimeout { owed });
-}
-
-/// Logs a connection closed by `--idle-timeout` (for models that have no [`LoopLog`] yet).
-pub fn log_idle(peer: &Peer, idle_timeout: Duration) {
-    lifecycle::log_close(peer, &CloseReason::Idle(idle_timeout));
 }
