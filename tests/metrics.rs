@@ -655,3 +655,40 @@ counting_models! {
     tokio => "tokio",
     uring => "uring",
 }
+
+/// The endpoint answers what it cannot serve with a status of its own and goes on: a
+/// method other than GET or HEAD is 405, a malformed request 400, a request past 8 KiB 431;
+/// HEAD gets GET's headers without the body.
+#[test]
+fn bad_requests_are_answered_and_the_endpoint_goes_on() {
+    let server = Server::start(
+        "epoll",
+        &["--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+    );
+    let raw = |request: &[u8]| {
+        let mut stream = TcpStream::connect(server.addr("http")).expect("connect to metrics");
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.write_all(request).expect("send request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read response");
+        response
+    };
+    let status = |response: &str| response.split_whitespace().nth(1).map(str::to_string);
+    let post = raw(b"POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status(&post).as_deref(), Some("405"), "{post}");
+    let garbage = raw(b"\x01\x02 nonsense\r\n\r\n");
+    assert_eq!(status(&garbage).as_deref(), Some("400"), "{garbage}");
+    let mut huge = b"GET /metrics HTTP/1.1\r\nX-Filler: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 9000));
+    huge.extend(b"\r\n\r\n");
+    let too_large = raw(&huge);
+    assert_eq!(status(&too_large).as_deref(), Some("431"), "{too_large}");
+    let head = raw(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK\r\n") && head.contains("Content-Length: 3\r\n"),
+        "{head}"
+    );
+    assert!(head.ends_with("\r\n\r\n"), "no body after HEAD: {head:?}");
+    assert_eq!(get(&server, "/healthz"), (200, "ok\n".to_string()));
+    server.stop();
+}
