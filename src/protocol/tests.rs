@@ -329,3 +329,16 @@ fn lines_free_a_long_held_line_once_answered() {
         "a short line's allocation is kept for the next one"
     );
 }
+
+#[test]
+fn one_input_byte_owes_at_most_the_prefix_and_itself() {
+    // A bare newline is the worst case: it owes `PREFIX + "\n"`.
+    for prefix in [&b""[..], b"p", b"You Got "] {
+        let protocol = Protocol::new(ProtocolKind::Lines, 1024).with_prefix(prefix);
+        let mut session = protocol.new_session();
+        assert_eq!(session.max_expansion(), prefix.len() + 1, "{prefix:?}");
+        let mut out = WriteBuffer::new(1024);
+        session.on_data(b"\n", &mut out);
+        assert_eq!(out.len(), session.max_expansion());
+    }
+}

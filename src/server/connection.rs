@@ -631,3 +631,577 @@ pub(super) fn catch_datagram_panic<T>(
 ) -> Result<T, HandlerPanicked> {
     catch_handler_panic(peer, handler)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::greeting::Greeting;
+    use crate::protocol::ProtocolKind;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::Duration;
+
+    fn ip_peer() -> Peer {
+        Peer::Ip("127.0.0.1:40000".parse().unwrap())
+    }
+
+    fn limits(max_buffer_bytes: usize) -> Limits {
+        Limits {
+            max_buffer_bytes,
+            ..Limits::default()
+        }
+    }
+
+    /// A connection without layers: its socket is never touched, so any descriptor does.
+    fn plain(protocol: &Protocol, max_buffer_bytes: usize) -> Connection {
+        let (socket, _peer) = UnixStream::pair().unwrap();
+        Connection::new(
+            protocol,
+            ip_peer(),
+            &limits(max_buffer_bytes),
+            socket.as_fd(),
+        )
+    }
+
+    fn echo() -> Protocol {
+        Protocol::new(ProtocolKind::Echo, 64)
+    }
+
+    #[test]
+    fn reading_stops_at_the_bound_and_resumes_below_it() {
+        let mut conn = plain(&echo(), 64);
+        assert!(conn.wants_read());
+        assert!(!conn.wants_write());
+        assert_eq!(conn.read_limit(1000), 64, "the whole bound, nothing owed");
+        assert_eq!(conn.read_limit(10), 10, "never more than the read buffer");
+        conn.receive(&[b'x'; 40]).unwrap();
+        assert_eq!(conn.owed(), 40);
+        assert!(conn.wants_write());
+        assert_eq!(conn.read_limit(1000), 24);
+        conn.receive(&[b'y'; 24]).unwrap();
+        assert!(!conn.wants_read(), "the bound is owed: stop reading");
+        assert_eq!(conn.read_limit(1000), 0);
+        conn.advance(1);
+        assert!(conn.wants_read());
+        assert_eq!(conn.read_limit(1000), 1);
+        assert_eq!(conn.unsent().len(), 63);
+        assert_eq!(conn.unsent()[..39], [b'x'; 39]);
+    }
+
+    #[test]
+    fn the_read_limit_leaves_room_for_the_prefix_and_the_held_line() {
+        // Each input byte may owe up to 10 bytes (a newline owes the 9-byte prefix too).
+        let lines = Protocol::new(ProtocolKind::Lines, 1000).with_prefix(b"123456789");
+        let mut conn = plain(&lines, 1000);
+        assert_eq!(conn.read_limit(1 << 16), 100);
+        conn.receive(b"abc").unwrap();
+        assert_eq!(conn.owed(), 0, "a partial line is held, not owed");
+        assert_eq!(conn.read_limit(1 << 16), 99, "(1000 - 3 held) / 10");
+        conn.receive(b"\n").unwrap();
+        assert_eq!(conn.unsent(), b"123456789abc\n");
+        assert_eq!(conn.read_limit(1 << 16), 98, "(1000 - 13 owed) / 10");
+        conn.receive(&[b'z'; 995]).unwrap();
+        assert!(
+            conn.wants_read(),
+            "held and owed are counted by read_limit, not by wants_read"
+        );
+        assert_eq!(
+            conn.read_limit(1 << 16),
+            1,
+            "less room than one byte's reply still reads one byte"
+        );
+    }
+
+    #[test]
+    fn eof_finishes_once_everything_owed_is_sent() {
+        let mut conn = plain(&echo(), 64);
+        assert!(!conn.is_finished(), "still reading");
+        conn.receive(b"abc").unwrap();
+        conn.receive_eof().unwrap();
+        assert!(!conn.wants_read());
+        assert_eq!(conn.read_limit(1000), 0);
+        assert!(!conn.is_finished(), "three bytes still owed");
+        assert_eq!(conn.unsent(), b"abc");
+        conn.advance(3);
+        assert!(conn.is_finished());
+        assert!(matches!(conn.finish_reason(false), CloseReason::PeerEof));
+        assert!(matches!(conn.finish_reason(true), CloseReason::PeerEof));
+        conn.receive(b"late").unwrap();
+        conn.receive_eof().unwrap();
+        assert_eq!(conn.owed(), 0, "nothing is owed for bytes after EOF");
+    }
+
+    #[test]
+    fn eof_queues_the_held_partial_line() {
+        let lines = Protocol::new(ProtocolKind::Lines, 64).with_prefix(b"> ");
+        let mut conn = plain(&lines, 64);
+        conn.receive(b"one\ntw").unwrap();
+        assert_eq!(conn.unsent(), b"> one\n");
+        conn.receive_eof().unwrap();
+        assert_eq!(conn.unsent(), b"> one\n> tw");
+    }
+
+    #[test]
+    fn quit_and_drain_finish_with_their_own_reasons() {
+        let until_quit = Protocol::new(ProtocolKind::UntilQuit, 64);
+        let mut conn = plain(&until_quit, 64);
+        conn.receive(b"hi\n").unwrap();
+        assert!(conn.wants_read());
+        conn.receive(b"quit\n").unwrap();
+        assert!(!conn.wants_read(), "quit ends reading");
+        assert_eq!(conn.unsent(), b"hi\nquit\n");
+        conn.receive(b"more\n").unwrap();
+        assert_eq!(conn.owed(), 8, "nothing after quit is collected");
+        conn.advance(8);
+        assert!(conn.is_finished());
+        assert!(matches!(conn.finish_reason(false), CloseReason::Quit));
+        assert!(matches!(conn.finish_reason(true), CloseReason::Drained));
+    }
+
+    #[test]
+    fn stop_reading_keeps_what_is_owed() {
+        let mut conn = plain(&echo(), 64);
+        conn.receive(b"abc").unwrap();
+        conn.stop_reading();
+        assert!(!conn.wants_read());
+        assert_eq!(conn.unsent(), b"abc", "a drain still sends what is owed");
+        conn.receive(b"def").unwrap();
+        assert_eq!(conn.unsent(), b"abc", "nothing read during drain is owed");
+        conn.advance(3);
+        assert!(conn.is_finished());
+    }
+
+    #[test]
+    fn a_handler_panic_closes_only_this_connection() {
+        let lines = Protocol::new(ProtocolKind::Lines, 64).with_panic_on(b"boom");
+        let mut conn = plain(&lines, 64);
+        conn.receive(b"ok\n").unwrap();
+        assert_eq!(conn.receive(b"boom\n"), Err(HandlerPanicked));
+        assert_eq!(
+            conn.unsent(),
+            b"ok\n",
+            "the line before the panic is still owed"
+        );
+        let log = LoopLog::default();
+        let mut conn = plain(&lines, 64);
+        assert!(matches!(
+            conn.on_read(Ok(5), b"boom\n", &log),
+            Err(CloseReason::HandlerPanicked)
+        ));
+        assert!(!is_in_handler(), "the flag is cleared after the handler");
+    }
+
+    #[test]
+    fn on_read_tells_input_eof_retry_and_failure_apart() {
+        let log = LoopLog::default();
+        let mut conn = plain(&echo(), 64);
+        assert_eq!(conn.on_read(Ok(3), b"abcdef", &log).ok(), Some(true));
+        assert_eq!(conn.unsent(), b"abc", "only the bytes read");
+        for transient in [io::ErrorKind::WouldBlock, io::ErrorKind::Interrupted] {
+            assert_eq!(
+                conn.on_read(Err(transient.into()), b"", &log).ok(),
+                Some(false),
+                "{transient:?} is tried again later"
+            );
+        }
+        assert!(conn.wants_read());
+        assert!(matches!(
+            conn.on_read(Err(io::ErrorKind::ConnectionReset.into()), b"", &log),
+            Err(CloseReason::Failed(_))
+        ));
+        assert_eq!(
+            conn.on_read(Ok(0), b"", &log).ok(),
+            Some(true),
+            "EOF is news too"
+        );
+        assert!(!conn.wants_read());
+    }
+
+    /// A non-blocking socket pair: the server's end as a [`Stream`], and the client's.
+    fn socket_pair() -> (Stream, UnixStream) {
+        let (server, client) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (Stream::Unix(server), client)
+    }
+
+    /// Runs `f` on a thread and fails if it has not returned within five seconds, so a
+    /// loop that never ends fails the test instead of hanging it.
+    fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("did not return within 5 s")
+    }
+
+    #[test]
+    fn read_from_reads_what_is_there_and_within_the_bound() {
+        use std::io::{Read, Write};
+        let log = LoopLog::default();
+        let (stream, mut client) = socket_pair();
+        let mut conn = plain(&echo(), 4);
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            conn.read_from(&stream, &mut buf, &log).ok(),
+            Some(false),
+            "nothing sent yet"
+        );
+        client.write_all(b"abcdef").unwrap();
+        assert_eq!(conn.read_from(&stream, &mut buf, &log).ok(), Some(true));
+        assert_eq!(conn.unsent(), b"abcd", "one read takes only the bound");
+        assert_eq!(
+            conn.read_from(&stream, &mut buf, &log).ok(),
+            Some(false),
+            "full: the socket is not read"
+        );
+        conn.flush_to(&stream, &log).unwrap();
+        assert!(!conn.wants_write());
+        let mut echoed = [0u8; 4];
+        client.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"abcd");
+        assert_eq!(conn.read_from(&stream, &mut buf, &log).ok(), Some(true));
+        assert_eq!(conn.unsent(), b"ef");
+        drop(client);
+        assert_eq!(
+            conn.read_from(&stream, &mut buf, &log).ok(),
+            Some(true),
+            "EOF"
+        );
+        assert!(!conn.wants_read());
+    }
+
+    #[test]
+    fn flush_to_stops_when_the_kernel_is_full_and_fails_when_the_peer_is_gone() {
+        use std::io::Read;
+        let (stream, mut client) = socket_pair();
+        let big = vec![7u8; 4 << 20];
+        let (stream, conn) = within_seconds(move || {
+            let log = LoopLog::default();
+            let mut conn = plain(&echo(), 8 << 20);
+            conn.receive(&big).unwrap();
+            conn.flush_to(&stream, &log).unwrap();
+            (stream, conn)
+        });
+        assert!(
+            conn.wants_write(),
+            "4 MiB do not fit a socket buffer: the rest waits for writable"
+        );
+        let sent = (4 << 20) - conn.owed();
+        assert!(sent > 0, "the kernel took some");
+        let mut got = vec![0u8; sent];
+        client.read_exact(&mut got).unwrap();
+        drop(client);
+        let failed = within_seconds(move || {
+            let (stream, mut conn) = (stream, conn);
+            conn.flush_to(&stream, &LoopLog::default())
+        });
+        assert!(matches!(failed, Err(CloseReason::Failed(_))), "{failed:?}");
+    }
+
+    #[test]
+    fn a_spare_allocation_is_lent_and_returned() {
+        let mut conn = plain(&echo(), 4096);
+        let mut spare = Vec::with_capacity(4096);
+        conn.lend_spare(&mut spare);
+        assert_eq!(spare.capacity(), 0, "lent to the connection");
+        conn.receive(b"abc").unwrap();
+        conn.advance(3);
+        conn.return_spare(&mut spare);
+        assert!(spare.capacity() >= 4096, "given back once nothing is owed");
+    }
+
+    #[test]
+    fn the_transport_follows_the_peer() {
+        let (socket, _peer) = UnixStream::pair().unwrap();
+        let unix_peer = Peer::Unix(socket.local_addr().unwrap());
+        let conn = Connection::new(&echo(), unix_peer, &limits(64), socket.as_fd());
+        assert_eq!(conn.transport(), Transport::Unix);
+        assert_eq!(plain(&echo(), 64).transport(), Transport::Tcp);
+    }
+
+    /// A connection that expects a PROXY protocol header first, with `greeting`.
+    fn behind_proxy(greeting: Option<&str>) -> (Connection, UnixStream) {
+        let (socket, peer) = UnixStream::pair().unwrap();
+        let mut limits = limits(1024);
+        limits.layers.proxy_protocol = true;
+        limits.layers.greeting = greeting.map(|g| Arc::new(Greeting::parse(g).unwrap()));
+        let conn = Connection::new(&echo(), ip_peer(), &limits, socket.as_fd());
+        // The setup deadline holds its own copy of the descriptor; the pair's other end
+        // stays open so that nothing is cut while the test runs.
+        (conn, peer)
+    }
+
+    #[test]
+    fn a_proxy_header_names_the_peer_and_starts_the_session() {
+        let (mut conn, _keep) = behind_proxy(Some("hello {peer}\n"));
+        assert!(conn.wants_read(), "reading the header");
+        assert_eq!(conn.owed(), 0, "no greeting before the header");
+        conn.receive(b"PROXY TCP4 192.0.2.1 198.51.100.2 40001 7")
+            .unwrap();
+        assert_eq!(conn.owed(), 0, "the header is not complete yet");
+        conn.receive(b"\r\necho me").unwrap();
+        assert_eq!(conn.peer().to_string(), "192.0.2.1:40001");
+        assert_eq!(conn.unsent(), b"hello 192.0.2.1:40001\necho me");
+        assert_eq!(conn.transport(), Transport::Tcp);
+    }
+
+    #[test]
+    fn a_bad_proxy_header_ends_the_connection() {
+        let (mut conn, _keep) = behind_proxy(None);
+        conn.receive(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert!(!conn.wants_read(), "a refused header ends reading");
+        assert_eq!(conn.owed(), 0, "and owes nothing");
+        assert!(conn.is_finished());
+        assert_eq!(
+            conn.peer().to_string(),
+            "127.0.0.1:40000",
+            "the socket's peer is kept"
+        );
+    }
+
+    #[test]
+    fn eof_before_the_proxy_header_owes_nothing() {
+        let (mut conn, _keep) = behind_proxy(Some("hello\n"));
+        conn.receive(b"PROXY TCP4").unwrap();
+        conn.receive_eof().unwrap();
+        assert!(!conn.wants_read());
+        assert_eq!(
+            conn.owed(),
+            0,
+            "no greeting for a peer that never said who it is"
+        );
+        assert!(conn.is_finished());
+        let (mut conn, _keep) = behind_proxy(Some("hello\n"));
+        conn.stop_reading();
+        assert_eq!(
+            conn.owed(),
+            0,
+            "a drain before the header owes nothing either"
+        );
+        assert!(conn.is_finished());
+    }
+
+    /// A TLS connection (a throwaway certificate) and a client that trusts anything, and
+    /// the socket pair the connection was made on (the server's end, then the peer's): the
+    /// setup deadline shuts the server's end down if it fires, which the peer's end sees.
+    fn over_tls(
+        protocol: &Protocol,
+        max_buffer_bytes: usize,
+        handshake_timeout: Duration,
+    ) -> (
+        Connection,
+        rustls::ClientConnection,
+        (UnixStream, UnixStream),
+    ) {
+        let (socket, peer) = UnixStream::pair().unwrap();
+        let mut limits = limits(max_buffer_bytes);
+        limits.layers.tls = Some(crate::layer::tls::TlsConfig::self_signed().unwrap());
+        limits.layers.tls_handshake_timeout = handshake_timeout;
+        let conn = Connection::new(protocol, ip_peer(), &limits, socket.as_fd());
+        let config = crate::tls_client::client_config(&crate::addr::TlsVerify::Insecure).unwrap();
+        let client =
+            rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
+        (conn, client, (socket, peer))
+    }
+
+    /// What the client made of the server's bytes so far.
+    #[derive(Debug, Default)]
+    struct ClientView {
+        plaintext: Vec<u8>,
+        has_seen_close_notify: bool,
+    }
+
+    /// Moves bytes both ways until neither side has more to say. The server's bytes are
+    /// taken `piece` bytes at a time, as a kernel taking short writes would.
+    fn exchange(
+        conn: &mut Connection,
+        client: &mut rustls::ClientConnection,
+        piece: usize,
+        view: &mut ClientView,
+    ) -> Result<(), HandlerPanicked> {
+        use std::io::Read;
+        for _ in 0..1000 {
+            let mut to_server = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut to_server).unwrap();
+            }
+            let mut outcome = Ok(());
+            if !to_server.is_empty() {
+                outcome = conn.receive(&to_server);
+            }
+            let mut to_client = Vec::new();
+            while conn.wants_write() {
+                let n = conn.unsent().len().min(piece);
+                to_client.extend_from_slice(&conn.unsent()[..n]);
+                conn.advance(n);
+            }
+            let mut slice = to_client.as_slice();
+            while !slice.is_empty() {
+                client.read_tls(&mut slice).unwrap();
+                client
+                    .process_new_packets()
+                    .expect("the client understands every record");
+                let mut buf = [0u8; 4096];
+                loop {
+                    match client.reader().read(&mut buf) {
+                        Ok(0) => {
+                            view.has_seen_close_notify = true;
+                            break;
+                        }
+                        Ok(n) => view.plaintext.extend_from_slice(&buf[..n]),
+                        Err(_) => break,
+                    }
+                }
+            }
+            outcome?;
+            if to_server.is_empty() && to_client.is_empty() {
+                return Ok(());
+            }
+        }
+        panic!("no quiet point after 1000 rounds");
+    }
+
+    #[test]
+    fn tls_carries_replies_and_closes_with_close_notify() {
+        use std::io::Write;
+        let (mut conn, mut client, _peer) = over_tls(&echo(), 64 * 1024, Duration::from_secs(10));
+        assert!(conn.wants_read(), "reading the ClientHello");
+        assert!(!conn.wants_write());
+        assert!(!conn.is_finished());
+        let mut view = ClientView::default();
+        exchange(&mut conn, &mut client, 1000, &mut view).unwrap();
+        assert!(!client.is_handshaking());
+        // 64 KiB through records of at most 16 KiB, sent to the client 1000 bytes at a time.
+        let input: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        client.writer().write_all(&input).unwrap();
+        exchange(&mut conn, &mut client, 1000, &mut view).unwrap();
+        assert!(
+            view.plaintext == input,
+            "{} bytes back",
+            view.plaintext.len()
+        );
+        assert!(
+            !view.has_seen_close_notify,
+            "still open while the client is"
+        );
+        assert_eq!(conn.owed(), 0);
+        assert!(!conn.is_finished());
+        client.send_close_notify();
+        exchange(&mut conn, &mut client, 1000, &mut view).unwrap();
+        assert!(
+            view.has_seen_close_notify,
+            "close_notify answers close_notify"
+        );
+        assert!(conn.is_finished());
+        assert!(matches!(conn.finish_reason(false), CloseReason::PeerEof));
+    }
+
+    #[test]
+    fn tls_bytes_owed_count_against_the_bound() {
+        let (mut conn, mut client, _peer) = over_tls(&echo(), 64 * 1024, Duration::from_secs(10));
+        assert_eq!(conn.read_limit(1 << 20), 64 * 1024);
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        conn.receive(&hello).unwrap();
+        let owed = conn.unsent().len();
+        assert!(owed > 0, "the server's handshake flight is owed");
+        assert_eq!(conn.owed(), owed);
+        assert!(conn.wants_write());
+        assert_eq!(
+            conn.read_limit(1 << 20),
+            64 * 1024 - owed,
+            "ciphertext owed counts against --max-buffer"
+        );
+        // A bound smaller than the server's flight: nothing more is read until it is sent.
+        let (mut conn, mut client, _peer) = over_tls(&echo(), 64, Duration::from_secs(10));
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        conn.receive(&hello).unwrap();
+        assert!(!conn.wants_read(), "the flight alone fills the bound");
+        assert_eq!(conn.read_limit(1 << 20), 0);
+    }
+
+    #[test]
+    fn tls_garbage_ends_the_connection_after_an_alert() {
+        let (mut conn, _client, _peer) = over_tls(&echo(), 64 * 1024, Duration::from_secs(10));
+        conn.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert!(!conn.wants_read());
+        assert!(conn.wants_write(), "an alert is owed");
+        let alert = conn.unsent().len();
+        assert!(!conn.is_finished());
+        conn.advance(alert);
+        assert!(conn.is_finished());
+    }
+
+    #[test]
+    fn tls_eof_or_drain_during_the_handshake_owes_nothing_more() {
+        let greeting = echo().with_greeting(b"hello\n");
+        let (mut conn, _client, _peer) = over_tls(&greeting, 64 * 1024, Duration::from_secs(10));
+        conn.receive_eof().unwrap();
+        assert!(!conn.wants_read());
+        assert!(conn.is_finished(), "the greeting is owed to nobody now");
+        let (mut conn, _client, _peer) = over_tls(&greeting, 64 * 1024, Duration::from_secs(10));
+        conn.stop_reading();
+        assert!(!conn.wants_read());
+        assert!(conn.is_finished());
+    }
+
+    #[test]
+    fn a_tls_panic_sends_the_replies_before_it_and_nothing_after() {
+        use std::io::Write;
+        let lines = Protocol::new(ProtocolKind::Lines, 1024).with_panic_on(b"boom");
+        let (mut conn, mut client, _peer) = over_tls(&lines, 64 * 1024, Duration::from_secs(10));
+        let mut view = ClientView::default();
+        exchange(&mut conn, &mut client, 1 << 20, &mut view).unwrap();
+        // Three records in one read: the panic must stop the session at the second.
+        client.writer().write_all(b"ok\n").unwrap();
+        client.writer().write_all(b"boom\n").unwrap();
+        client.writer().write_all(b"after\n").unwrap();
+        client.send_close_notify();
+        assert_eq!(
+            exchange(&mut conn, &mut client, 1 << 20, &mut view),
+            Err(HandlerPanicked),
+            "the panic is reported even with the peer's close_notify in the same read"
+        );
+        exchange(&mut conn, &mut client, 1 << 20, &mut view).unwrap();
+        assert_eq!(view.plaintext, b"ok\n");
+    }
+
+    #[test]
+    fn the_handshake_deadline_cuts_only_a_handshake_that_stalls() {
+        use std::io::Read;
+        let deadline = Duration::from_millis(200);
+        // Established in time: the deadline no longer applies.
+        let (mut conn, mut client, (_socket, mut peer)) = over_tls(&echo(), 64 * 1024, deadline);
+        exchange(&mut conn, &mut client, 1 << 20, &mut ClientView::default()).unwrap();
+        assert!(!client.is_handshaking());
+        // Stalled after its ClientHello: cut at the deadline.
+        let (mut stalled, mut stalled_client, (_stalled_socket, mut stalled_peer)) =
+            over_tls(&echo(), 64 * 1024, deadline);
+        let mut hello = Vec::new();
+        stalled_client.write_tls(&mut hello).unwrap();
+        stalled.receive(&hello).unwrap();
+        thread::sleep(3 * deadline);
+        let mut buf = [0u8; 1];
+        stalled_peer
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let read = stalled_peer
+            .read(&mut buf)
+            .expect("a handshake stalled past its deadline is shut down, not left open");
+        assert_eq!(read, 0);
+        peer.set_nonblocking(true).unwrap();
+        let read = peer.read(&mut buf);
+        assert!(
+            read.as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock),
+            "an established connection was cut by the handshake deadline: {read:?}"
+        );
+    }
+}

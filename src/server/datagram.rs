@@ -162,5 +162,116 @@ mod tests {
         assert!(!allowed("224.0.0.1:40000"));
         assert!(!allowed("[ff02::1]:40000"));
         assert!(!allowed("[::ffff:255.255.255.255]:40000"));
+        assert!(!allowed("0.0.0.0:40000"));
+        assert!(!allowed("[::]:40000"));
+    }
+
+    #[test]
+    fn the_guard_starts_at_port_1024() {
+        let allowed = |s: &str| datagram_source_allowed(&Peer::Ip(s.parse().unwrap()));
+        assert!(
+            !allowed("127.0.0.1:1023"),
+            "a system port may be another echo"
+        );
+        assert!(allowed("127.0.0.1:1024"));
+        assert!(!allowed("[::1]:1023"));
+        assert!(allowed("[::1]:1024"));
+        let (socket, _other) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let unix = Peer::Unix(socket.local_addr().unwrap());
+        assert!(
+            datagram_source_allowed(&unix),
+            "a Unix peer has no port to spoof"
+        );
+    }
+
+    #[test]
+    fn a_replier_answers_with_the_prefix_and_drops_what_it_must() {
+        use crate::protocol::ProtocolKind;
+        let log = LoopLog::default();
+        let protocol = Protocol::new(ProtocolKind::Lines, 64)
+            .with_prefix(b"> ")
+            .with_panic_on(b"boom");
+        let mut replier = DatagramReplier::new(protocol);
+        let client = Peer::Ip("127.0.0.1:40000".parse().unwrap());
+        assert_eq!(
+            replier.reply(&client, Transport::Udp, b"hi\n", &log),
+            Some(&b"> hi\n"[..])
+        );
+        assert_eq!(
+            replier.reply(&client, Transport::Udp, b"", &log),
+            Some(&b"> "[..]),
+            "an empty datagram gets the prefix alone"
+        );
+        let echo_port = Peer::Ip("127.0.0.1:7".parse().unwrap());
+        assert_eq!(
+            replier.reply(&echo_port, Transport::Udp, b"hi\n", &log),
+            None
+        );
+        assert_eq!(
+            replier.reply(&client, Transport::Udp, b"boom\n", &log),
+            None
+        );
+        assert_eq!(
+            replier.reply(&client, Transport::Udp, b"after\n", &log),
+            Some(&b"> after\n"[..]),
+            "a panic costs only its own datagram"
+        );
+    }
+
+    #[test]
+    fn answer_queued_answers_every_queued_datagram_then_returns() {
+        use crate::protocol::ProtocolKind;
+        use std::net::UdpSocket;
+        use std::time::Duration;
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        server.set_nonblocking(true).unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let socket = DatagramSocket::Udp(server);
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut replier = DatagramReplier::new(Protocol::new(ProtocolKind::Echo, 64));
+        let log = LoopLog::default();
+        let mut buf = [0u8; 64];
+        replier
+            .answer_queued(&socket, &mut buf, 8, &log)
+            .expect("an empty queue is not an error");
+        for datagram in [&b"one"[..], b"two", b"three"] {
+            client.send_to(datagram, server_addr).unwrap();
+        }
+        // Loopback delivers at once, but give the kernel a moment on a loaded machine.
+        std::thread::sleep(Duration::from_millis(50));
+        replier.answer_queued(&socket, &mut buf, 2, &log).unwrap();
+        let mut reply = [0u8; 64];
+        for expected in [&b"one"[..], b"two"] {
+            let n = client.recv(&mut reply).unwrap();
+            assert_eq!(&reply[..n], expected);
+        }
+        client.set_nonblocking(true).unwrap();
+        assert!(
+            client.recv(&mut reply).is_err(),
+            "at most `max` datagrams are answered at once"
+        );
+        replier.answer_queued(&socket, &mut buf, 2, &log).unwrap();
+        client.set_nonblocking(false).unwrap();
+        let n = client.recv(&mut reply).unwrap();
+        assert_eq!(&reply[..n], b"three");
+    }
+
+    #[test]
+    fn errors_about_an_earlier_peer_do_not_stop_the_socket() {
+        for kind in [
+            io::ErrorKind::Interrupted,
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::HostUnreachable,
+            io::ErrorKind::NetworkUnreachable,
+        ] {
+            assert!(is_per_peer_datagram_error(&kind.into()), "{kind:?}");
+        }
+        for kind in [io::ErrorKind::PermissionDenied, io::ErrorKind::InvalidInput] {
+            assert!(!is_per_peer_datagram_error(&kind.into()), "{kind:?}");
+        }
     }
 }
