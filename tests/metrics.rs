@@ -692,3 +692,74 @@ fn bad_requests_are_answered_and_the_endpoint_goes_on() {
     assert_eq!(get(&server, "/healthz"), (200, "ok\n".to_string()));
     server.stop();
 }
+
+/// The processes whose parent is `pid`, from `/proc`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
+                // Fields after the command name (in parentheses): state, then ppid.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// A `forking` child killed with SIGKILL keeps what it counted (counters never go
+/// backwards), its connection is counted closed (reason `error`) when the parent reaps
+/// it, and the server goes on counting the next connections.
+#[test]
+fn forking_child_killed_keeps_its_counts() {
+    let server = Server::start(
+        "forking",
+        &["--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+    );
+    let before = children_of(server.pid());
+    let mut victim = server.connect_tcp();
+    victim.write_all(&[b'k'; 10]).unwrap();
+    let mut back = [0u8; 10];
+    victim.read_exact(&mut back).unwrap();
+    let child = children_of(server.pid())
+        .into_iter()
+        .find(|pid| !before.contains(pid))
+        .expect("the connection's child");
+    let killed = Command::new("kill")
+        .args(["-KILL", &child.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let mut rest = Vec::new();
+    let _ = victim.read_to_end(&mut rest);
+    let mut after = server.connect_tcp();
+    after.write_all(&[b'a'; 5]).unwrap();
+    after.shutdown(std::net::Shutdown::Write).unwrap();
+    after.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, [b'a'; 5]);
+    let expected: BTreeMap<String, f64> = [
+        (r#"reverb_connections_accepted_total{transport="tcp"}"#, 2.0),
+        (r#"reverb_connections_open{transport="tcp"}"#, 0.0),
+        (
+            r#"reverb_connections_closed_total{reason="error",transport="tcp"}"#,
+            1.0,
+        ),
+        (
+            r#"reverb_connections_closed_total{reason="peer_eof",transport="tcp"}"#,
+            1.0,
+        ),
+        (r#"reverb_received_bytes_total{transport="tcp"}"#, 15.0),
+        (r#"reverb_sent_bytes_total{transport="tcp"}"#, 15.0),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect();
+    if !wait_for_counts(&server, "forking", &expected) {
+        return;
+    }
+    server.stop();
+}

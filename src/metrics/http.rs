@@ -73,7 +73,7 @@ impl MetricsServer {
     }
 
     /// Answers requests on this thread for the rest of the process. A failed `accept` is
-    /// logged (once until one succeeds again) and retried after [`ACCEPT_RETRY`].
+    /// logged (once until one succeeds again) and retried after 100 ms.
     pub fn run(self, metrics: Metrics, is_draining: Probe) {
         let mut is_failing = false;
         loop {

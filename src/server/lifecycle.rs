@@ -223,7 +223,7 @@ impl LoopLog {
     /// Every model sends datagram replies without waiting (a full queue at one peer
     /// answers `EAGAIN` at once), so a peer that never reads loses its own replies and
     /// delays nobody; such drops, and datagrams too large, are logged at most once per
-    /// [`DROPPED_DATAGRAM_LOG_INTERVAL`] by each loop.
+    /// second by each loop.
     pub fn dropped(&self, peer: &Peer, transport: Transport, reason: &DatagramDrop<'_>) {
         let counted = match reason {
             DatagramDrop::ReflectionGuard => DropReason::ReflectionGuard,
