@@ -113,6 +113,24 @@ impl Stream {
         Ok((Stream::Unix(stream), Peer::Unix(peer)))
     }
 
+    /// A second descriptor for the connected stream socket `fd`, which stays open while
+    /// either is: a runtime that owns its socket in its own type (tokio, io_uring) closes
+    /// its descriptor and hands this one to the lingering close.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `fcntl(F_DUPFD_CLOEXEC)` (`EMFILE` when out of descriptors) or of
+    /// `getsockopt(SO_DOMAIN)`.
+    pub fn duplicate(fd: BorrowedFd<'_>) -> io::Result<Stream> {
+        let is_unix = socket2::SockRef::from(&fd).domain()? == Domain::UNIX;
+        let fd = fd.try_clone_to_owned()?;
+        Ok(if is_unix {
+            Stream::Unix(UnixStream::from(fd))
+        } else {
+            Stream::Tcp(TcpStream::from(fd))
+        })
+    }
+
     /// Shuts down our sending side: the peer reads EOF after the bytes already sent.
     ///
     /// # Errors

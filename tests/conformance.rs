@@ -81,6 +81,10 @@ macro_rules! with_cases {
                 drain_timeout_bounds_shutdown,
                 out_of_descriptors_pauses,
                 datagram_full_peer_does_not_stall,
+                quit_lingers,
+                panic_replies_first,
+                idle_close_lingers,
+                drain_lingers,
                 $($($extra,)*)?
             ],
         }

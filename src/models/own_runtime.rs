@@ -19,11 +19,12 @@
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::runtime::{self, Async, Direction, Runtime, unless};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
+use crate::server::linger;
 use crate::server::task_buffers;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, CloseReason, Connection, ConnectionCounter,
-    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    accept_action, is_per_peer_datagram_error, listener_transport,
+    DatagramReplier, Ending, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError,
+    Shutdown, accept_action, is_per_peer_datagram_error, listener_transport,
 };
 use std::cell::Cell;
 use std::io;
@@ -169,9 +170,22 @@ async fn serve_connection(
         stream.get_ref().as_fd(),
     );
     let reason = converse(&stream, &mut connection, &state).await;
-    if reason.is_finished() {
+    match reason.ending() {
         // Everything owed was sent: the peer reads EOF after the last reply.
-        let _ = stream.shutdown(Half::Write);
+        Ending::Eof => drop(stream.shutdown(Half::Write)),
+        Ending::Lingering => {
+            if matches!(reason, CloseReason::Idle(_)) {
+                // With TLS this queues close_notify; an idle peer has room for it, and
+                // one that has none does not hold up the close.
+                connection.stop_reading();
+                if let Ok(sent) = stream.get_ref().write(connection.unsent()) {
+                    state.log.sent(connection.transport(), sent);
+                    connection.advance(sent);
+                }
+            }
+            linger::hand_off_duplicate(stream.get_ref().as_fd());
+        }
+        Ending::Refused | Ending::Abort => {}
     }
     let log = &state.log;
     log.closed(connection.peer(), connection.transport(), &reason);

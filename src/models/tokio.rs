@@ -17,12 +17,13 @@
 
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
+use crate::server::linger;
 use crate::server::stop_signal::StopSignal;
 use crate::server::task_buffers;
 use crate::server::{
     ACCEPT_PAUSE, AcceptAction, Admission, CloseReason, Connection, ConnectionCounter,
-    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    accept_action, is_per_peer_datagram_error, listener_transport,
+    DatagramReplier, Ending, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError,
+    Shutdown, accept_action, is_per_peer_datagram_error, listener_transport,
 };
 use crate::sys::async_fd;
 use std::future::poll_fn;
@@ -253,9 +254,25 @@ async fn serve(
 ) {
     let mut connection = Connection::new(&state.protocol, peer, &state.limits, stream.as_fd());
     let reason = converse(&mut stream, &mut connection, &state).await;
-    if reason.is_finished() {
+    match reason.ending() {
         // Everything owed was sent: the peer reads EOF after the last reply.
-        let _ = stream.shutdown().await;
+        Ending::Eof => drop(stream.shutdown().await),
+        Ending::Lingering => {
+            if matches!(reason, CloseReason::Idle(_)) {
+                // With TLS this queues close_notify; an idle peer has room for it, and
+                // one that has none does not hold up the close.
+                connection.stop_reading();
+                let owed = connection.unsent();
+                let write_once =
+                    |cx: &mut Context<'_>| Poll::Ready(Pin::new(&mut *stream).poll_write(cx, owed));
+                if let Poll::Ready(Ok(sent)) = poll_fn(write_once).await {
+                    state.with_log(|log| log.sent(connection.transport(), sent));
+                    connection.advance(sent);
+                }
+            }
+            linger::hand_off_duplicate(stream.as_fd());
+        }
+        Ending::Refused | Ending::Abort => {}
     }
     let transport = connection.transport();
     state.with_log(|log| log.closed(connection.peer(), transport, &reason));

@@ -21,8 +21,8 @@ use crate::server::idle_wheel::IdleWheel;
 use crate::server::readiness::LoopConfig;
 use crate::server::{
     ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, DatagramDrop, DatagramReplier,
-    Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown, datagram_transport,
-    is_per_peer_datagram_error, listener_transport, on_accept,
+    Ending, Linger, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    datagram_transport, end, is_per_peer_datagram_error, listener_transport, on_accept,
 };
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
@@ -172,16 +172,29 @@ impl Loop {
     }
 
     /// Ends `token`'s connection for `reason` (or retires a listener or datagram socket):
-    /// the one way this loop closes. A finished connection's peer reads EOF after the last
-    /// reply; the ring frees the socket once its operations have completed.
+    /// the one way this loop closes. A peer that half-closed reads EOF after the last
+    /// reply; one the server ends first gets a lingering close; the ring frees its own
+    /// descriptor once its operations have completed.
     fn close(&mut self, token: Token, reason: CloseReason) {
-        if let Some(Source::Conn(conn)) = self.sources.remove(token) {
-            if reason.is_finished() {
-                self.ring.shutdown_write(token);
-            }
-            let connection = &conn.connection;
+        if let Some(Source::Conn(mut conn)) = self.sources.remove(token) {
+            let connection = &mut conn.connection;
             self.log
                 .closed(connection.peer(), connection.transport(), &reason);
+            match reason.ending() {
+                Ending::Eof => self.ring.shutdown_write(token),
+                Ending::Abort => {}
+                // The ring keeps its descriptor until its operations complete; the
+                // lingering close gets a duplicate of it.
+                ending => {
+                    if let Some(Ok(stream)) = self.ring.fd(token).map(Stream::duplicate) {
+                        if !connection.is_finished() && !self.ring.is_sending(token) {
+                            // An idle timeout or a drain cut: with TLS, close_notify first.
+                            connection.close_first(&stream, &self.log);
+                        }
+                        end(stream, ending, Linger::Elsewhere);
+                    }
+                }
+            }
         }
         self.ring.close(token);
     }

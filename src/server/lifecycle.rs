@@ -1,8 +1,8 @@
 //! Where a connection's life is recorded and ended: every event of a loop passes through
 //! its [`LoopLog`], and every connection the server ends goes through [`close`].
 //!
-//! One place for each, so that what must reach every model is written once: the log lines
-//! today, per-loop counters and a lingering close later.
+//! One place for each, so that what must reach every model is written once: the log lines,
+//! the per-loop counters, and the lingering close.
 
 use super::ACCEPT_PAUSE;
 use crate::metrics::{self, Counters, DropReason, Metrics, Transport};
@@ -44,7 +44,10 @@ impl CloseReason {
     pub fn is_finished(&self) -> bool {
         matches!(
             self,
-            CloseReason::PeerEof | CloseReason::Quit | CloseReason::Drained
+            CloseReason::PeerEof
+                | CloseReason::Quit
+                | CloseReason::Drained
+                | CloseReason::HandlerPanicked
         )
     }
 
@@ -53,6 +56,22 @@ impl CloseReason {
     pub fn label(&self) -> &'static str {
         self.counted_as()
             .map_or("max_conns", metrics::CloseReason::label)
+    }
+
+    /// What closing for this reason does to the socket: every close the server starts
+    /// before the peer's EOF is a lingering close, so the peer's unread bytes cannot turn
+    /// it into a reset that destroys the replies still on their way.
+    pub fn ending(&self) -> Ending {
+        match self {
+            CloseReason::PeerEof => Ending::Eof,
+            CloseReason::Quit
+            | CloseReason::Drained
+            | CloseReason::HandlerPanicked
+            | CloseReason::Idle(_)
+            | CloseReason::DrainTimeout { .. } => Ending::Lingering,
+            CloseReason::OverLimit(_) => Ending::Refused,
+            CloseReason::CannotWatch(_) | CloseReason::Failed(_) => Ending::Abort,
+        }
     }
 
     /// The `reason` label it is counted under, or `None` for a connection never admitted.
@@ -321,15 +340,64 @@ pub(super) fn log_accept_pause(listener: &str, error: &io::Error) {
 
 /// Ends a connection: the one way the server closes one, whatever the model.
 ///
-/// A finished connection shuts down its sending side first, so the peer reads EOF after
-/// the last reply; every other reason just closes the descriptor.
-pub fn close(stream: Stream, peer: &Peer, reason: CloseReason, log: &LoopLog) {
-    if reason.is_finished() {
-        // The peer may be gone already; closing is all that is left either way.
-        let _ = stream.shutdown_write();
-    }
+/// What the socket gets depends on the reason ([`CloseReason::ending`]): a peer that
+/// half-closed reads EOF after the last reply; a connection the server ends first gets a
+/// lingering close ([`super::linger`]), on the lingering thread, or on the calling thread
+/// when `linger` says so; a broken one is just closed.
+pub fn close(stream: Stream, peer: &Peer, reason: CloseReason, log: &LoopLog, linger: Linger<'_>) {
     log.closed(peer, stream_transport(&stream), &reason);
-    drop(stream);
+    end(stream, reason.ending(), linger);
+}
+
+/// Where a lingering close waits for the peer.
+#[derive(Debug, Clone, Copy)]
+pub enum Linger<'a> {
+    /// On the lingering thread: the caller serves other connections (an event loop, an
+    /// async task's runtime, an accepting thread).
+    Elsewhere,
+    /// On the calling thread, which serves nothing else (a thread or process per
+    /// connection); `shutdown` and `drain_timeout` shorten it at exit.
+    Here {
+        /// The server's shutdown.
+        shutdown: &'a super::Shutdown,
+        /// `--drain-timeout`.
+        drain_timeout: Duration,
+    },
+}
+
+/// What closing does to the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The peer half-closed and has every reply: shut down our side, close.
+    Eof,
+    /// The server ends it first: shut down our side, read and discard until the peer's
+    /// EOF (bounded), close.
+    Lingering,
+    /// Refused before it was served: shut down our side, discard what already arrived,
+    /// close without waiting, so a refused peer holds no descriptor.
+    Refused,
+    /// Broken or never watched: close.
+    Abort,
+}
+
+/// Does `ending` to `stream` (see [`close`]), for a model that logged the close itself.
+pub fn end(stream: Stream, ending: Ending, linger: Linger<'_>) {
+    match (ending, linger) {
+        (Ending::Eof, _) => {
+            // The peer may be gone already; closing is all that is left either way.
+            let _ = stream.shutdown_write();
+        }
+        (Ending::Lingering, Linger::Elsewhere) => super::linger::hand_off(stream),
+        (
+            Ending::Lingering,
+            Linger::Here {
+                shutdown,
+                drain_timeout,
+            },
+        ) => super::linger::linger_here(&stream, shutdown, drain_timeout),
+        (Ending::Refused, _) => super::linger::close_now(&stream),
+        (Ending::Abort, _) => {}
+    }
 }
 
 /// `tcp` or `unix`.

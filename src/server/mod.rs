@@ -12,6 +12,7 @@ mod datagram;
 pub mod event_loops;
 pub mod idle_wheel;
 mod lifecycle;
+pub mod linger;
 mod listeners;
 pub mod one_socket;
 pub mod readiness;
@@ -25,8 +26,8 @@ pub use accept::{AcceptAction, Accepted, accept_action, accept_and_admit, on_acc
 pub use connection::{Connection, HandlerPanicked, is_in_handler};
 pub use datagram::{DatagramReplier, datagram_source_allowed, is_per_peer_datagram_error};
 pub use lifecycle::{
-    CloseReason, DatagramDrop, LoopLog, close, datagram_transport, listener_transport,
-    stream_transport,
+    CloseReason, DatagramDrop, Ending, Linger, LoopLog, close, datagram_transport, end,
+    listener_transport, stream_transport,
 };
 pub use listeners::{Admission, ConnectionCounter, Listeners};
 pub use shutdown::Shutdown;

@@ -18,7 +18,7 @@
 use super::accept::{Accepted, accept_and_admit};
 use super::event_loops::LoopSources;
 use super::idle_wheel::IdleWheel;
-use super::lifecycle::{CloseReason, LoopLog, close};
+use super::lifecycle::{CloseReason, Ending, Linger, LoopLog, close, end, stream_transport};
 use super::{
     ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners,
     Protocol, READ_BUFFER_BYTES, Shutdown,
@@ -111,6 +111,10 @@ pub struct ReadinessCore {
     accept_paused_until: Option<Instant>,
     /// Set when shutdown fired: connections still owing bytes are cut at this instant.
     drain_deadline: Option<Instant>,
+    /// Connections ended first whose sockets a kernel-kept mechanism (epoll) still
+    /// watches: [`ReadinessCore::sync`] unwatches them, then hands them to the lingering
+    /// close, whose descriptor would otherwise keep them in the interest list.
+    unwatching: Vec<(Token, Stream, Interest)>,
 }
 
 enum IdleTimer {
@@ -159,6 +163,7 @@ impl ReadinessCore {
             now: None,
             accept_paused_until: None,
             drain_deadline: None,
+            unwatching: Vec::new(),
         })
     }
 
@@ -218,7 +223,9 @@ impl ReadinessCore {
     /// Tells a mechanism that keeps interest in the kernel what changed since the last
     /// call: `update(token, fd, watched, wanted)` for each source whose interest changed
     /// (`Interest::NONE` as `watched`: not added yet; as `wanted`: remove it). Closed
-    /// connections need no call: closing their only descriptor removes them.
+    /// connections need no call (closing their only descriptor removes them), except those
+    /// closed with a lingering close, which the lingering thread keeps open: they are
+    /// removed here before it gets them.
     ///
     /// # Errors
     ///
@@ -228,6 +235,12 @@ impl ReadinessCore {
         &mut self,
         mut update: impl FnMut(Token, BorrowedFd<'_>, Interest, Interest) -> io::Result<()>,
     ) -> io::Result<()> {
+        for (token, stream, watched) in self.unwatching.drain(..) {
+            // A failure leaves a watched descriptor of a stale token: its events find no
+            // connection, and it leaves the set when the lingering close ends.
+            let _ = update(token, stream.as_fd(), watched, Interest::NONE);
+            end(stream, Ending::Lingering, Linger::Elsewhere);
+        }
         let mut changed = std::mem::take(&mut self.changed);
         for &token in &changed {
             let wanted = self.wanted(token);
@@ -444,15 +457,12 @@ impl ReadinessCore {
         let fd = stream.as_fd().as_raw_fd();
         if let Some((limit, name)) = self.fd_limit.filter(|(limit, _)| fd >= *limit) {
             let why = format!("fd {fd} >= {name} ({limit}): cannot watch it");
-            return close(stream, &peer, CloseReason::CannotWatch(why), &self.log);
+            let reason = CloseReason::CannotWatch(why);
+            return close(stream, &peer, reason, &self.log, Linger::Elsewhere);
         }
         if let Err(e) = stream.set_nonblocking(true) {
-            return close(
-                stream,
-                &peer,
-                CloseReason::CannotWatch(e.to_string()),
-                &self.log,
-            );
+            let reason = CloseReason::CannotWatch(e.to_string());
+            return close(stream, &peer, reason, &self.log, Linger::Elsewhere);
         }
         let limits = &self.config.limits;
         let connection = Connection::new(&self.config.protocol, peer, limits, stream.as_fd());
@@ -508,8 +518,31 @@ impl ReadinessCore {
     }
 
     fn close(&mut self, token: Token, reason: CloseReason) {
-        if let Some(entry) = self.connections.remove(token) {
-            close(entry.stream, entry.connection.peer(), reason, &self.log);
+        let Some(mut entry) = self.connections.remove(token) else {
+            return;
+        };
+        let ending = reason.ending();
+        if ending == Ending::Lingering && !entry.connection.is_finished() {
+            // An idle timeout or a drain cut: with TLS, close_notify goes out first.
+            entry.connection.close_first(&entry.stream, &self.log);
+        }
+        if ending == Ending::Lingering && entry.watched != Interest::NONE {
+            let transport = stream_transport(&entry.stream);
+            self.log.closed(entry.connection.peer(), transport, &reason);
+            self.unwatching.push((token, entry.stream, entry.watched));
+            return;
+        }
+        let peer = entry.connection.peer();
+        close(entry.stream, peer, reason, &self.log, Linger::Elsewhere);
+    }
+}
+
+impl Drop for ReadinessCore {
+    /// A loop that ends (its mechanism with it) still gives the connections it ended
+    /// first their lingering close.
+    fn drop(&mut self) {
+        for (_, stream, _) in self.unwatching.drain(..) {
+            end(stream, Ending::Lingering, Linger::Elsewhere);
         }
     }
 }

@@ -22,8 +22,8 @@ thread_local! {
 ///
 /// # Errors
 ///
-/// Why the connection must close: `read` failed, or the protocol handler panicked
-/// (already logged).
+/// Why the connection must close: `read` failed. A handler panic is no error here: the
+/// connection stops reading and finishes as usual.
 pub fn receive_into(
     connection: &mut Connection,
     log: &LoopLog,

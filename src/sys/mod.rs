@@ -15,6 +15,7 @@ pub mod errno;
 pub mod eventfd;
 pub mod poll;
 pub mod process;
+pub mod queues;
 pub mod rusage;
 pub mod select;
 pub mod shared_memory;

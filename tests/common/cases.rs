@@ -948,3 +948,153 @@ pub fn datagram_too_large_dropped(model: &str) {
     assert_eq!(dropped, Some(1), "{model}: counted as too_large");
     server.stop();
 }
+/// After the server closed first and `conn` has read its EOF: the server still reads and
+/// discards what the peer sends (a lingering close), so more bytes from the peer meet no
+/// reset, and the EOF stays readable. A server that closed outright would answer these
+/// bytes with a reset.
+pub fn assert_lingers(conn: &mut Conn, what: &str) {
+    for _ in 0..3 {
+        conn.write_all(&[b'z'; 16 * 1024])
+            .unwrap_or_else(|e| panic!("{what}: the server stopped lingering at once: {e}"));
+        thread::sleep(Duration::from_millis(100));
+        let mut buf = [0u8; 16];
+        match conn.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{what}: {n} more bytes after EOF"),
+            Err(e) => panic!("{what}: {e} after the server's EOF: it closed without lingering"),
+        }
+    }
+}
+
+/// Closing first (`until-quit` after `quit`): everything owed arrives, then EOF, even
+/// though the client sent a byte after `quit\n` and reads only 0.2 s later; then the
+/// server lingers instead of resetting.
+pub fn quit_lingers(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--protocol", "until-quit"]);
+    let mut conn = server.connect_conn();
+    let mut input = pattern(300_000, 13);
+    // The pattern never spells the quit line: its bytes are not newlines.
+    input
+        .iter_mut()
+        .filter(|b| **b == b'\n')
+        .for_each(|b| *b = b'.');
+    input.extend_from_slice(b"quit\n");
+    let expected = input.clone();
+    input.push(b'!');
+    let mut writer = conn.try_clone();
+    let sender = thread::spawn(move || writer.write_all(&input));
+    thread::sleep(Duration::from_millis(200));
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(
+        error.is_none(),
+        "{error:?} after {} of {} bytes",
+        got.len(),
+        expected.len()
+    );
+    assert!(
+        got == expected,
+        "{} bytes back, not the {} before and with quit",
+        got.len(),
+        expected.len()
+    );
+    sender.join().unwrap().expect("send");
+    assert_lingers(&mut conn, "after quit");
+    drop(conn);
+    server.stop();
+}
+
+/// `ok\nboom\n` in one write: `ok` is answered before the panic closes the connection,
+/// with a lingering close; the panic is logged once, with the peer.
+pub fn panic_replies_first(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "lines",
+            "--prefix",
+            "You Got ",
+            "--panic-on",
+            "boom",
+        ],
+    );
+    let mut conn = server.connect_conn();
+    let victim = match &conn {
+        Conn::Tcp(s) => s.local_addr().unwrap().to_string(),
+        Conn::Unix(_) => "unix:".to_string(),
+    };
+    conn.write_all(b"ok\nboom\nnever\n").unwrap();
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(error.is_none(), "{error:?} after {got:?}");
+    assert_eq!(String::from_utf8_lossy(&got), "You Got ok\n");
+    assert_lingers(&mut conn, "after the panic");
+    drop(conn);
+    server.wait_for_log("panicked");
+    let log = server.stderr();
+    let panics: Vec<&str> = log.lines().filter(|l| l.contains("panicked")).collect();
+    assert_eq!(panics.len(), 1, "the panic is logged once:\n{log}");
+    assert!(panics[0].contains(&victim), "{victim} not in {}", panics[0]);
+    server.stop();
+}
+
+/// `--idle-timeout 1`: the idle connection is closed with a lingering close; then a peer
+/// that keeps sending (and never closes) is cut at the lingering bound, not held for ever.
+pub fn idle_close_lingers(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--idle-timeout", "1"]);
+    let mut conn = server.connect_conn();
+    assert!(
+        conn.sees_close_within(Duration::from_secs(4)),
+        "idle connection closed"
+    );
+    let closed_at = Instant::now();
+    assert_lingers(&mut conn, "after the idle timeout");
+    conn.set_timeouts(Duration::from_millis(200));
+    // The documented bound is 5 s in all; allow for a loaded machine.
+    let cut = loop {
+        let waited = closed_at.elapsed();
+        assert!(
+            waited < Duration::from_secs(12),
+            "a peer that never closes still holds its connection after {waited:?}"
+        );
+        let mut buf = [0u8; 16];
+        let wrote = conn.write_all(b"still here");
+        let read = conn.read(&mut buf);
+        if wrote.is_err() || read.is_err() {
+            break waited;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        cut >= Duration::from_millis(1500),
+        "cut after {cut:?}: the lingering close gave up too early"
+    );
+    drop(conn);
+    server.stop();
+}
+
+/// SIGTERM while replies are owed and the client keeps sending: every owed reply still
+/// arrives, then EOF, never a reset (the drain closes with a lingering close).
+pub fn drain_lingers(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "5"]);
+    let mut conn = server.connect_slow_reader();
+    let input = pattern(200_000, 21);
+    conn.write_all(&input).unwrap();
+    thread::sleep(Duration::from_millis(500));
+    server.terminate();
+    thread::sleep(Duration::from_millis(200));
+    // Bytes the draining server no longer reads.
+    conn.write_all(&[b'u'; 10_000]).unwrap();
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(
+        error.is_none(),
+        "{error:?} after {} of {} bytes",
+        got.len(),
+        input.len()
+    );
+    assert!(got == input, "{} of {} owed bytes", got.len(), input.len());
+    drop(conn);
+    let mut server = server;
+    let status = server.wait_exit(PATIENCE).expect("exits after draining");
+    assert!(status.success(), "exit {status}; {}", server.stderr());
+}

@@ -15,7 +15,7 @@ use socket2::{SockAddr, SockRef};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem::{self, ManuallyDrop};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// Receive buffers in the provided-buffer ring (a power of two), and their size: a 1 KiB
@@ -191,6 +191,12 @@ impl Ring {
         if let Some(io) = self.open_ref(token) {
             let _ = SockRef::from(&io.fd).shutdown(std::net::Shutdown::Write);
         }
+    }
+
+    /// The descriptor of `token`'s open socket, for work the ring does not do (the
+    /// lingering close duplicates it).
+    pub fn fd(&self, token: Token) -> Option<BorrowedFd<'_>> {
+        self.open_ref(token).map(|io| io.fd.as_fd())
     }
 
     /// Sockets not yet freed: open, or closed with operations still in flight.
