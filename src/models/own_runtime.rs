@@ -249,9 +249,23 @@ async fn receive(
     loop {
         stream.ready(Direction::Read).await;
         // `None`: readiness was cached from an earlier edge; wait for the next one.
-        if task_buffers::receive_into(connection, log, |buf| stream.try_read(buf))?.is_some() {
+        if task_buffers::receive_into(connection, log, &mut TaskSocket(stream))?.is_some() {
             return Ok(());
         }
+    }
+}
+
+/// A connection's socket under this runtime: reads keep the reactor's readiness cache
+/// right; a write that finds no room is simply owed, and `write_all` waits for it.
+struct TaskSocket<'a>(&'a Async<Stream>);
+
+impl task_buffers::SocketIo for TaskSocket<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.get_ref().write(bytes)
     }
 }
 

@@ -330,6 +330,29 @@ async fn converse(
     }
 }
 
+/// A connection's socket inside a task being polled: `Pending` is `WouldBlock`.
+struct TaskSocket<'a, 'b, 'c> {
+    cx: &'a mut Context<'b>,
+    stream: &'a mut Box<dyn Socket + 'c>,
+}
+
+impl task_buffers::SocketIo for TaskSocket<'_, '_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut input = ReadBuf::new(buf);
+        match Pin::new(&mut **self.stream).poll_read(self.cx, &mut input) {
+            Poll::Ready(read) => read.map(|()| input.filled().len()),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match Pin::new(&mut **self.stream).poll_write(self.cx, bytes) {
+            Poll::Ready(written) => written,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
 /// Reads once into the loop's buffer and hands the bytes to `connection`; pending until
 /// the socket is readable. tokio's `poll_read` treats a short read as "drained", so no
 /// `read` returns `EAGAIN`.
@@ -340,13 +363,7 @@ fn poll_receive(
     state: &Loop,
 ) -> Poll<Result<(), CloseReason>> {
     let received = state.with_log(|log| {
-        task_buffers::receive_into(connection, log, |buf| {
-            let mut input = ReadBuf::new(buf);
-            match Pin::new(&mut **stream).poll_read(cx, &mut input) {
-                Poll::Ready(read) => read.map(|()| input.filled().len()),
-                Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-            }
-        })
+        task_buffers::receive_into(connection, log, &mut TaskSocket { cx, stream })
     });
     match received {
         Ok(None) => Poll::Pending,

@@ -15,30 +15,50 @@ thread_local! {
     static SPARE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `read` on this thread's read buffer, cut to what `connection` may take under its
-/// bound, and hands what came (bytes, counted in `log`, or EOF for `Ok(0)`) to
-/// `connection`. Returns how many bytes came, or `None` when `read` would block (nothing
-/// is handed over).
+/// One connection's socket as its task sees it: one non-blocking read or write at a time,
+/// `WouldBlock` when the kernel has nothing (or no room) now.
+pub trait SocketIo {
+    /// Reads into `buf`; `Ok(0)` is EOF.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock`, or the OS error of the read.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Writes a prefix of `bytes`, as much as the kernel takes now; returns its length.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock`, or the OS error of the write.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize>;
+}
+
+/// Reads from `socket` into this thread's read buffer, cut to what `connection` may take
+/// under its bound, and hands what came (bytes, counted in `log`, or EOF for `Ok(0)`) to
+/// `connection`; an echo goes straight back from the read buffer when nothing is owed
+/// (`Connection::receive_through`, counted as sent). Returns how many bytes came, or
+/// `None` when the read would block (nothing is handed over).
 ///
 /// # Errors
 ///
-/// Why the connection must close: `read` failed. A handler panic is no error here: the
-/// connection stops reading and finishes as usual.
+/// Why the connection must close: the read or a write-through failed. A handler panic is
+/// no error here: the connection stops reading and finishes as usual.
 pub fn receive_into(
     connection: &mut Connection,
     log: &LoopLog,
-    read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    socket: &mut impl SocketIo,
 ) -> Result<Option<usize>, CloseReason> {
     READ_BUFFER.with_borrow_mut(|buf| {
         let limit = connection.read_limit(buf.len());
-        let result = read(&mut buf[..limit]);
+        let result = socket.read(&mut buf[..limit]);
         let got = match &result {
             Ok(n) => *n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(_) => 0,
         };
         SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-        let handed_over = connection.on_read(result, buf, log)?;
+        let handed_over =
+            connection.on_read_through(result, buf, log, |bytes| socket.write(bytes))?;
         Ok(handed_over.then_some(got))
     })
 }
