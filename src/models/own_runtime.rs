@@ -22,9 +22,9 @@ use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::linger;
 use crate::server::task_buffers;
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    is_per_peer_datagram_error, listener_transport, log_drain_cut, log_idle, on_accept,
+    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, ConnectionCounter, DatagramReplier,
+    Ending, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    is_per_peer_datagram_error, listener_transport, on_accept,
 };
 use std::cell::Cell;
 use std::io;
@@ -41,6 +41,8 @@ struct Loop {
     is_draining: Cell<bool>,
     /// The drain timeout passed: stop sending too.
     is_cut: Cell<bool>,
+    /// This runtime's log and counters: every task of the loop runs on its one thread.
+    log: LoopLog,
 }
 
 /// Serves every listener on `--threads` runtimes until `shutdown` fires, then drains.
@@ -63,6 +65,7 @@ pub fn run(
         counter: listeners.counter.clone(),
         is_draining: Cell::new(false),
         is_cut: Cell::new(false),
+        log: LoopLog::new(listeners.limits.metrics),
     };
     run_loops(
         "async",
@@ -124,16 +127,17 @@ async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Re
         listener.get_ref().name(),
         listener_transport(listener.get_ref()),
     );
-    // Logs only: this model does not count yet.
-    let log = LoopLog::default();
     let accept = || listener.read_with(StreamListener::accept);
     while let Some(accepted) = unless(is_draining, None, accept()).await {
-        match on_accept(accepted, name, transport, &state.counter, &log)? {
+        match on_accept(accepted, name, transport, &state.counter, &state.log)? {
             Accepted::Connection(stream, peer, admission) => match Async::new(stream) {
                 Ok(stream) => {
                     runtime::spawn(serve_connection(stream, peer, admission, state.clone()));
                 }
-                Err(e) => tracing::warn!("closing {peer}: cannot watch it: {e}"),
+                Err(e) => {
+                    let why = CloseReason::CannotWatch(format!("cannot watch it: {e}"));
+                    state.log.closed(&peer, transport, &why);
+                }
             },
             Accepted::Paused => {
                 unless(is_draining, None, runtime::sleep(ACCEPT_PAUSE)).await;
@@ -145,7 +149,8 @@ async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Re
 }
 
 /// One connection's task: sends what is owed, reads, hands the bytes over, until the
-/// connection is finished. Its errors are logged here and never reach the loop.
+/// connection is finished. How it ended is logged and counted here and never reaches the
+/// loop.
 async fn serve_connection(
     stream: Async<Stream>,
     peer: Peer,
@@ -158,16 +163,34 @@ async fn serve_connection(
         &state.limits,
         stream.get_ref().as_fd(),
     );
-    if let Err(e) = converse(&stream, &mut connection, &state).await {
-        tracing::debug!("connection {} ended: {e}", connection.peer());
+    let reason = converse(&stream, &mut connection, &state).await;
+    match reason.ending() {
+        // Everything owed was sent: the peer reads EOF after the last reply.
+        Ending::Eof => drop(stream.shutdown(Half::Write)),
+        Ending::Lingering => {
+            if matches!(reason, CloseReason::Idle(_)) {
+                // With TLS this queues close_notify; an idle peer has room for it, and
+                // one that has none does not hold up the close.
+                connection.stop_reading();
+                if let Ok(sent) = stream.get_ref().write(connection.unsent()) {
+                    state.log.sent(connection.transport(), sent);
+                    connection.advance(sent);
+                }
+            }
+            linger::hand_off_duplicate(stream.get_ref().as_fd());
+        }
+        Ending::Refused | Ending::Abort => {}
     }
+    let log = &state.log;
+    log.closed(connection.peer(), connection.transport(), &reason);
 }
 
+/// Serves `connection` until it must close, and says why.
 async fn converse(
     stream: &Async<Stream>,
     connection: &mut Connection,
     state: &Loop,
-) -> io::Result<()> {
+) -> CloseReason {
     let (is_draining, is_cut) = (|| state.is_draining.get(), || state.is_cut.get());
     let idle_timeout = state.limits.idle_timeout;
     let mut idle = idle_timeout.map(runtime::sleep);
@@ -177,11 +200,12 @@ async fn converse(
             let owed = connection.owed();
             let Some(sent) = unless(is_cut, None, stream.write_all(connection.unsent())).await
             else {
-                log_drain_cut(connection.peer(), owed);
-                linger::hand_off_duplicate(stream.get_ref().as_fd());
-                return Ok(());
+                return CloseReason::DrainTimeout { owed };
             };
-            sent?;
+            if let Err(e) = sent {
+                return CloseReason::Failed(e);
+            }
+            state.log.sent(connection.transport(), owed);
             connection.advance(owed);
             task_buffers::return_spare(connection);
         }
@@ -189,44 +213,38 @@ async fn converse(
             connection.stop_reading();
         }
         if connection.is_finished() {
-            // Everything owed was sent: the peer reads EOF after the last reply.
-            if connection.needs_linger() {
-                linger::hand_off_duplicate(stream.get_ref().as_fd());
-            } else {
-                let _ = stream.shutdown(Half::Write);
-            }
-            return Ok(());
+            return connection.finish_reason(is_draining());
         }
         if let (Some(timer), Some(timeout)) = (&mut idle, idle_timeout) {
             timer.reset(runtime::now() + timeout);
         }
-        match unless(is_draining, idle.as_mut(), receive(stream, connection)).await {
-            Some(received) => received?,
+        match unless(
+            is_draining,
+            idle.as_mut(),
+            receive(stream, connection, &state.log),
+        )
+        .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(reason)) => return reason,
             // Shutdown began: stop reading at the top of the loop.
             None if is_draining() => {}
-            None => {
-                log_idle(connection.peer(), idle_timeout.unwrap_or_default());
-                // With TLS this queues close_notify; an idle peer has room for it, and
-                // one that has none does not hold up the close.
-                connection.stop_reading();
-                if let Ok(sent) = stream.get_ref().write(connection.unsent()) {
-                    connection.advance(sent);
-                }
-                linger::hand_off_duplicate(stream.get_ref().as_fd());
-                return Ok(());
-            }
+            None => return CloseReason::Idle(idle_timeout.unwrap_or_default()),
         }
     }
 }
 
 /// Waits for input, then reads it into the loop's buffer and hands it to `connection`.
-async fn receive(stream: &Async<Stream>, connection: &mut Connection) -> io::Result<()> {
+async fn receive(
+    stream: &Async<Stream>,
+    connection: &mut Connection,
+    log: &LoopLog,
+) -> Result<(), CloseReason> {
     loop {
         stream.ready(Direction::Read).await;
-        match task_buffers::receive_into(connection, &mut TaskSocket(stream)) {
-            // Readiness was cached from an earlier edge: wait for the next one.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            received => return received.map(drop),
+        // `None`: readiness was cached from an earlier edge; wait for the next one.
+        if task_buffers::receive_into(connection, log, &mut TaskSocket(stream))?.is_some() {
+            return Ok(());
         }
     }
 }
@@ -248,18 +266,16 @@ impl task_buffers::SocketIo for TaskSocket<'_> {
 /// Answers datagrams until shutdown.
 async fn answer_datagrams(socket: Async<DatagramSocket>, state: Rc<Loop>) -> io::Result<()> {
     let mut replier = DatagramReplier::new(state.protocol.clone());
-    // Logs only: this model does not count yet.
-    let log = LoopLog::default();
-    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
+    let mut buf = vec![0u8; socket.get_ref().max_datagram_bytes()];
     let is_draining = || state.is_draining.get();
     while let Some(received) = unless(is_draining, None, socket.recv_from(&mut buf)).await {
-        let (n, peer) = match received {
+        let (received, peer) = match received {
             Ok(received) => received,
             Err(e) if is_per_peer_datagram_error(&e) => continue,
             Err(e) => return Err(e),
         };
         // A full send buffer drops this one reply, as a lost datagram would.
-        replier.answer(socket.get_ref(), &peer, &buf[..n], &log);
+        replier.answer_received(socket.get_ref(), &peer, received, &buf, &state.log);
     }
     Ok(())
 }

@@ -21,9 +21,9 @@ use crate::server::linger;
 use crate::server::stop_signal::StopSignal;
 use crate::server::task_buffers;
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    accept_and_admit, is_per_peer_datagram_error, log_drain_cut, log_idle,
+    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, ConnectionCounter, DatagramReplier,
+    Ending, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    accept_and_admit, is_per_peer_datagram_error, stream_transport,
 };
 use crate::sys::async_fd;
 use std::future::poll_fn;
@@ -112,6 +112,15 @@ struct Loop {
     cut: StopSignal,
 }
 
+impl Loop {
+    /// Runs `f` with the log of the loop on this thread: every task of a loop runs on its
+    /// thread (a current-thread runtime), and tokio's tasks must be `Send`, so the log
+    /// and its counters are the thread's own rather than the task's.
+    fn with_log<R>(&self, f: impl FnOnce(&LoopLog) -> R) -> R {
+        LoopLog::with_thread_log(self.limits.metrics, f)
+    }
+}
+
 /// Held by every connection task: the loop knows all have ended when the last is dropped
 /// (mini-redis's shutdown_complete).
 type Done = mpsc::Sender<()>;
@@ -166,36 +175,36 @@ async fn serve_socket(
 ) -> io::Result<()> {
     let mut replier = DatagramReplier::new(state.protocol.clone());
     let mut buf = Vec::new();
-    // Logs only: this model does not count yet.
-    let log = LoopLog::default();
     loop {
         let mut ready = tokio::select! {
             () = state.draining.wait() => return Ok(()),
             ready = readiness.readable() => ready?,
         };
         match &socket {
-            Source::Stream(listener) => match accept_and_admit(listener, &state.counter, &log)? {
-                Accepted::Connection(stream, peer, admission) => {
-                    adopt(stream, peer, admission, &state, &done);
+            Source::Stream(listener) => {
+                match state.with_log(|log| accept_and_admit(listener, &state.counter, log))? {
+                    Accepted::Connection(stream, peer, admission) => {
+                        adopt(stream, peer, admission, &state, &done);
+                    }
+                    Accepted::Again => {}
+                    // Drained: tokio waits for the next edge.
+                    Accepted::Empty => ready.clear_ready(),
+                    Accepted::Paused => tokio::select! {
+                        () = state.draining.wait() => return Ok(()),
+                        () = sleep(ACCEPT_PAUSE) => {}
+                    },
                 }
-                Accepted::Again => {}
-                // Drained: tokio waits for the next edge.
-                Accepted::Empty => ready.clear_ready(),
-                Accepted::Paused => tokio::select! {
-                    () = state.draining.wait() => return Ok(()),
-                    () = sleep(ACCEPT_PAUSE) => {}
-                },
-            },
+            }
             Source::Datagram(socket) => {
-                buf.resize(DATAGRAM_BUFFER_BYTES, 0);
-                let (n, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {
+                buf.resize(socket.max_datagram_bytes(), 0);
+                let (received, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {
                     Ok(Ok(received)) => received,
                     Ok(Err(e)) if is_per_peer_datagram_error(&e) => continue,
                     Ok(Err(e)) => return Err(e),
                     Err(_would_block) => continue,
                 };
                 // A full send buffer drops this one reply, as a lost datagram would.
-                replier.answer(socket, &peer, &buf[..n], &log);
+                state.with_log(|log| replier.answer_received(socket, &peer, received, &buf, log));
             }
         }
     }
@@ -207,6 +216,7 @@ impl<S: AsyncRead + AsyncWrite + AsFd + Unpin + Send> Socket for S {}
 
 /// Hands an admitted connection to tokio and spawns its task.
 fn adopt(stream: Stream, peer: Peer, admission: Admission, state: &Arc<Loop>, done: &Done) {
+    let transport = stream_transport(&stream);
     let adopted = stream.set_nonblocking(true).and_then(|()| match stream {
         Stream::Tcp(s) => Ok(Box::new(TcpStream::from_std(s)?) as Box<dyn Socket>),
         Stream::Unix(s) => Ok(Box::new(UnixStream::from_std(s)?) as Box<dyn Socket>),
@@ -218,24 +228,54 @@ fn adopt(stream: Stream, peer: Peer, admission: Admission, state: &Arc<Loop>, do
             state.clone(),
             (admission, done.clone()),
         ))),
-        Err(e) => tracing::warn!("closing {peer}: tokio cannot watch it: {e}"),
+        Err(e) => {
+            let why = CloseReason::CannotWatch(format!("tokio cannot watch it: {e}"));
+            state.with_log(|log| log.closed(&peer, transport, &why));
+        }
     }
 }
 
 /// One connection's task: sends what is owed, reads, hands the bytes over, until the
-/// connection is finished. Its errors end only this connection.
-async fn serve(stream: Box<dyn Socket>, peer: Peer, state: Arc<Loop>, _held: (Admission, Done)) {
+/// connection is finished. How it ended is logged and counted here; it ends only this
+/// connection.
+async fn serve(
+    mut stream: Box<dyn Socket>,
+    peer: Peer,
+    state: Arc<Loop>,
+    _held: (Admission, Done),
+) {
     let mut connection = Connection::new(&state.protocol, peer, &state.limits, stream.as_fd());
-    if let Err(e) = converse(stream, &mut connection, &state).await {
-        tracing::debug!("connection {} ended: {e}", connection.peer());
+    let reason = converse(&mut stream, &mut connection, &state).await;
+    match reason.ending() {
+        // Everything owed was sent: the peer reads EOF after the last reply.
+        Ending::Eof => drop(stream.shutdown().await),
+        Ending::Lingering => {
+            if matches!(reason, CloseReason::Idle(_)) {
+                // With TLS this queues close_notify; an idle peer has room for it, and
+                // one that has none does not hold up the close.
+                connection.stop_reading();
+                let owed = connection.unsent();
+                let write_once =
+                    |cx: &mut Context<'_>| Poll::Ready(Pin::new(&mut *stream).poll_write(cx, owed));
+                if let Poll::Ready(Ok(sent)) = poll_fn(write_once).await {
+                    state.with_log(|log| log.sent(connection.transport(), sent));
+                    connection.advance(sent);
+                }
+            }
+            linger::hand_off_duplicate(stream.as_fd());
+        }
+        Ending::Refused | Ending::Abort => {}
     }
+    let transport = connection.transport();
+    state.with_log(|log| log.closed(connection.peer(), transport, &reason));
 }
 
+/// Serves `connection` until it must close, and says why.
 async fn converse(
-    mut stream: Box<dyn Socket>,
+    stream: &mut Box<dyn Socket>,
     connection: &mut Connection,
     state: &Loop,
-) -> io::Result<()> {
+) -> CloseReason {
     let idle_timeout = state.limits.idle_timeout;
     let mut idle = pin!(sleep(idle_timeout.unwrap_or_default()));
     // Made once: a fresh wait per message would take a lock.
@@ -246,13 +286,14 @@ async fn converse(
             let owed = connection.owed();
             tokio::select! {
                 biased;
-                sent = stream.write_all(connection.unsent()) => sent?,
-                () = &mut cut => {
-                    log_drain_cut(connection.peer(), owed);
-                    linger::hand_off_duplicate(stream.as_fd());
-                    return Ok(());
+                sent = stream.write_all(connection.unsent()) => {
+                    if let Err(e) = sent {
+                        return CloseReason::Failed(e);
+                    }
                 }
+                () = &mut cut => return CloseReason::DrainTimeout { owed },
             }
+            state.with_log(|log| log.sent(connection.transport(), owed));
             connection.advance(owed);
             task_buffers::return_spare(connection);
         }
@@ -260,33 +301,22 @@ async fn converse(
             connection.stop_reading();
         }
         if connection.is_finished() {
-            // Everything owed was sent: the peer reads EOF after the last reply.
-            if connection.needs_linger() {
-                linger::hand_off_duplicate(stream.as_fd());
-            } else {
-                let _ = stream.shutdown().await;
-            }
-            return Ok(());
+            return connection.finish_reason(state.draining.is_fired());
         }
         if let Some(timeout) = idle_timeout {
             idle.as_mut().reset(Instant::now() + timeout);
         }
         tokio::select! {
             biased;
-            received = poll_fn(|cx| poll_receive(cx, &mut stream, connection)) => received?,
+            received = poll_fn(|cx| poll_receive(cx, stream, connection, state)) => {
+                if let Err(reason) = received {
+                    return reason;
+                }
+            }
             // Shutdown began: stop reading at the top of the loop.
             () = &mut draining => {}
             () = &mut idle, if idle_timeout.is_some() => {
-                log_idle(connection.peer(), idle_timeout.unwrap_or_default());
-                // With TLS this queues close_notify; an idle peer has room for it, and
-                // one that has none does not hold up the close.
-                connection.stop_reading();
-                let owed = connection.unsent();
-                if let Poll::Ready(Ok(sent)) = poll_fn(|cx| Poll::Ready(Pin::new(&mut *stream).poll_write(cx, owed))).await {
-                    connection.advance(sent);
-                }
-                linger::hand_off_duplicate(stream.as_fd());
-                return Ok(());
+                return CloseReason::Idle(idle_timeout.unwrap_or_default());
             }
         }
     }
@@ -322,10 +352,13 @@ fn poll_receive(
     cx: &mut Context<'_>,
     stream: &mut Box<dyn Socket>,
     connection: &mut Connection,
-) -> Poll<io::Result<()>> {
-    let received = task_buffers::receive_into(connection, &mut TaskSocket { cx, stream });
+    state: &Loop,
+) -> Poll<Result<(), CloseReason>> {
+    let received = state.with_log(|log| {
+        task_buffers::receive_into(connection, log, &mut TaskSocket { cx, stream })
+    });
     match received {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+        Ok(None) => Poll::Pending,
         received => Poll::Ready(received.map(drop)),
     }
 }
