@@ -856,7 +856,11 @@ mod tests {
             Some(false),
             "full: the socket is not read"
         );
-        conn.flush_to(&stream, &log).unwrap();
+        // A flush that never ends fails here instead of hanging the test binary.
+        let (stream, mut conn) = within_seconds(move || {
+            conn.flush_to(&stream, &LoopLog::default()).unwrap();
+            (stream, conn)
+        });
         assert!(!conn.wants_write());
         let mut echoed = [0u8; 4];
         client.read_exact(&mut echoed).unwrap();
@@ -1033,6 +1037,7 @@ mod tests {
             }
             let mut to_client = Vec::new();
             while conn.wants_write() {
+                assert!(!conn.unsent().is_empty(), "wants_write with nothing unsent");
                 let n = conn.unsent().len().min(piece);
                 to_client.extend_from_slice(&conn.unsent()[..n]);
                 conn.advance(n);
