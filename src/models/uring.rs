@@ -20,9 +20,9 @@ use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
 use crate::server::readiness::LoopConfig;
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Ending, Linger, Listeners, LoopLog, Protocol, RunOptions, ServeError,
-    Shutdown, datagram_transport, end, is_per_peer_datagram_error, listener_transport, on_accept,
+    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, DatagramDrop, DatagramReplier,
+    Ending, Linger, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    datagram_transport, end, is_per_peer_datagram_error, listener_transport, on_accept,
 };
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
@@ -110,7 +110,8 @@ impl Loop {
         for socket in sources.datagrams {
             let replier = DatagramReplier::new(config.protocol.clone());
             let token = slab.insert(Source::Datagrams(replier, datagram_transport(&socket)));
-            ring.add_datagram(token, OwnedFd::from(socket), DATAGRAM_BUFFER_BYTES);
+            let max_datagram_bytes = socket.max_datagram_bytes();
+            ring.add_datagram(token, OwnedFd::from(socket), max_datagram_bytes);
             ring.arm_datagram_receive(token);
         }
         Ok(Loop {
@@ -369,9 +370,10 @@ impl Loop {
         match result {
             Ok(datagram) if datagram.is_truncated => {
                 let peer = Peer::from_sock_addr(&datagram.sender);
-                tracing::warn!(
-                    "dropping a datagram from {peer}: over {DATAGRAM_BUFFER_BYTES} bytes"
-                );
+                let (len, max) = (datagram.full_len, datagram.len);
+                self.log.datagram_received(*transport, len);
+                let too_large = DatagramDrop::TooLarge { len, max };
+                self.log.dropped(&peer, *transport, &too_large);
             }
             Ok(datagram) => {
                 let peer = Peer::from_sock_addr(&datagram.sender);

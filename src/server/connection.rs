@@ -97,7 +97,7 @@ impl Connection {
             None => None,
             Some(Ok(layer)) => Some(layer),
             Some(Err(e)) => {
-                tracing::warn!("closing {}: cannot start TLS: {e}", connection.peer);
+                tracing::warn!(peer = %connection.peer, "closing: cannot start TLS: {e}");
                 connection.is_reading = false;
                 return connection;
             }
@@ -279,7 +279,7 @@ impl Connection {
             }
         });
         if was_handshaking && !tls.is_handshaking() {
-            tracing::debug!("{}: TLS established, {}", self.peer, tls.describe());
+            tracing::debug!(peer = %self.peer, "TLS established, {}", tls.describe());
             if let Some(watch) = &layers.watch {
                 watch.finish();
             }
@@ -292,7 +292,7 @@ impl Connection {
                 } else {
                     "TLS error"
                 };
-                tracing::warn!("closing {}: {during}: {e}", self.peer);
+                tracing::warn!(peer = %self.peer, "closing: {during}: {e}");
                 self.fail();
             }
             Ok(TlsInput::PeerClosed) if outcome.is_ok() => self.receive_eof(),
@@ -325,7 +325,7 @@ impl Connection {
                 Some(rest)
             }
             Err(e) => {
-                tracing::warn!("closing {}: {e}", self.peer);
+                tracing::warn!(peer = %self.peer, "closing: {e}");
                 self.fail();
                 None
             }
@@ -345,16 +345,16 @@ impl Connection {
             } => (unix_peer(&source), unix_peer(&destination)),
             ProxyAddresses::Unspecified => {
                 tracing::debug!(
-                    "{}: PROXY v{} header without addresses; keeping the socket's",
-                    self.peer,
+                    peer = %self.peer,
+                    "PROXY v{} header without addresses; keeping the socket's",
                     header.version
                 );
                 return;
             }
         };
         tracing::debug!(
-            "{}: PROXY v{} header: client {source}, reached {destination}",
-            self.peer,
+            peer = %self.peer,
+            "PROXY v{} header: client {source}, reached {destination}",
             header.version
         );
         self.peer = source;
@@ -462,7 +462,7 @@ impl Connection {
             if let Some(what) = waiting_for {
                 // The setup deadline already logged the connection it cut.
                 if !has_fired {
-                    tracing::info!("closing {}: connection ended before {what}", self.peer);
+                    tracing::info!(peer = %self.peer, "closing: connection ended before {what}");
                 }
                 self.fail();
                 return;
@@ -725,7 +725,11 @@ fn catch_unwind_logged<T>(peer: &Peer, handler: impl FnOnce() -> T) -> Result<T,
             .map(String::as_str)
             .or_else(|| payload.downcast_ref::<&str>().copied())
             .unwrap_or("(no message)");
-        tracing::error!("handler for {peer} panicked: {message}; closing that connection only");
+        tracing::error!(
+            peer = %peer,
+            reason = "handler_panic",
+            "handler panicked: {message}; closing that connection only"
+        );
         HandlerPanicked
     })
 }

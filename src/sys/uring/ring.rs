@@ -310,7 +310,11 @@ impl Ring {
             return;
         };
         let header = datagram.receive.prepare_receive();
-        let entry = opcode::RecvMsg::new(fd, header).build();
+        // MSG_TRUNC: the result is the datagram's real length, so a truncated one is seen
+        // with its size (recv(2)).
+        let entry = opcode::RecvMsg::new(fd, header)
+            .flags(libc::MSG_TRUNC as u32)
+            .build();
         self.start(token, Op::DatagramReceive, entry);
     }
 
