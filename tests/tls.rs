@@ -36,7 +36,8 @@ tls_cases! {
     models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, own_runtime, tokio, uring],
     cases: [python_payload_half_close, python_unread_flood_bounded, openssl_s_client_until_quit,
             garbage_handshake_closes_only_that_connection, haproxy_send_proxy_v1_and_v2,
-            proxy_header_refusals_and_deadline, tls_handshake_deadline],
+            proxy_header_refusals_and_deadline, tls_handshake_deadline,
+            idle_and_drain_send_close_notify, refusals_linger],
 }
 
 /// The `--model` value for a module name: `own_runtime` is `async` (a keyword in Rust).
@@ -158,6 +159,72 @@ fn python_payload_half_close(model: &str) {
     }
     assert!(server.stderr().contains("SHA-256 fingerprint"));
     server.stop();
+}
+
+/// Closing first on a TLS connection (the idle timeout, a drain) sends close_notify
+/// before the EOF: Python's `ssl` sees a clean TLS close, not a reset or a bare EOF.
+fn idle_and_drain_send_close_notify(model: &str) {
+    if !have("python3", &["--version"]) {
+        return;
+    }
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--tls-self-signed",
+            "--idle-timeout",
+            "1",
+        ],
+    );
+    let (ok, line) = run_peer(&["silent", &server.addr("tcp"), "1.3", "8"]);
+    assert!(
+        ok,
+        "{model} idle timeout: {line}\nserver log:\n{}",
+        server.stderr()
+    );
+    server.stop();
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--tls-self-signed", "-v"]);
+    let addr = server.addr("tcp");
+    let peer = thread::spawn(move || run_peer(&["silent", &addr, "1.2", "20"]));
+    server.wait_for_log("TLS established");
+    server.terminate();
+    let (ok, line) = peer.join().expect("peer thread");
+    let mut server = server;
+    let status = server.wait_exit(PATIENCE);
+    assert!(
+        ok,
+        "{model} drain: {line}\nserver log:\n{}",
+        server.stderr()
+    );
+    assert!(status.is_some_and(|s| s.success()), "{}", server.stderr());
+}
+
+/// A refused PROXY header and a failed TLS handshake close with a lingering close: the
+/// peer reads EOF (after the TLS alert), and the bytes it sends after that meet no reset.
+fn refusals_linger(model: &str) {
+    for (flag, request) in [
+        (
+            "--proxy-protocol",
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        ),
+        ("--tls-self-signed", &[b'x'; 64][..]),
+    ] {
+        let server = Server::start(model, &["--tcp", "127.0.0.1:0", flag]);
+        let mut conn = server.connect_conn();
+        conn.write_all(request).expect("send");
+        // Sent at once, so some of it is surely unread when the server gives up.
+        conn.write_all(&[b'y'; 4096]).expect("send more");
+        let (_alert, error) = conn.read_to_end_lossy();
+        assert!(
+            error.is_none(),
+            "{model} {flag}: {error:?} instead of EOF\n{}",
+            server.stderr()
+        );
+        common::cases::assert_lingers(&mut conn, flag);
+        drop(conn);
+        server.stop();
+    }
 }
 
 /// A client sends 64 MiB over TLS without reading: the server stops reading it, its
@@ -435,7 +502,7 @@ fn haproxy_send_proxy_v1_and_v2(model: &str) {
         client.write_all(b"boom\n").expect("send");
         let mut rest = Vec::new();
         let _ = client.read_to_end(&mut rest);
-        server.wait_for_log(&format!("handler for {me} panicked"));
+        server.wait_for_log_line(&["handler panicked", &format!("peer={me}")]);
     }
     server.stop();
 }
@@ -509,10 +576,14 @@ fn proxy_header_refusals_and_deadline(model: &str) {
         (0.9..5.0).contains(&cut_after),
         "{model}: the trickled header was cut after {cut_after} s, not at the 1 s deadline"
     );
-    server.wait_for_log(&format!("closing {http_peer}: no PROXY protocol header: "));
-    server.wait_for_log(&format!(
-        "closing {slow_peer}: no PROXY protocol header within 1.0 s of accept"
-    ));
+    server.wait_for_log_line(&[
+        "closing: no PROXY protocol header: ",
+        &format!("peer={http_peer}"),
+    ]);
+    server.wait_for_log_line(&[
+        "closing: no PROXY protocol header within 1.0 s of accept",
+        &format!("peer={slow_peer}"),
+    ]);
 
     let mut local = early.take().unwrap_or_else(health_check);
     let mut reader = BufReader::new(local.try_clone().expect("clone"));
@@ -569,9 +640,10 @@ fn tls_handshake_deadline(model: &str) {
         (0.9..5.0).contains(&cut_after),
         "{model}: the stalled handshake was cut after {cut_after} s, not at the 1 s deadline"
     );
-    server.wait_for_log(&format!(
-        "closing {stalled_peer}: TLS handshake not finished within 1.0 s of accept"
-    ));
+    server.wait_for_log_line(&[
+        "closing: TLS handshake not finished within 1.0 s of accept",
+        &format!("peer={stalled_peer}"),
+    ]);
     assert_eq!(
         server.stderr().matches(&stalled_peer.to_string()).count(),
         1

@@ -1,12 +1,13 @@
 """Summary of paired windows (scripts/lib/paired.sh): per group, each side's median and
 the median of the per-window ratios, with a verdict where a target is given.
 
-    paired.py RESULTS [--metric cpu|rate] [--ratio A/B[<=X|>=X]]... [--sides A,B,...]
+    paired.py RESULTS [--metric cpu|rate|p99|max] [--ratio A/B[<=X|>=X]]... [--sides A,B,...]
 
 RESULTS holds lines "GROUP REP NAME JSON" (echoload's JSON, or any JSON with msgs,
 msgs_per_s, server_cpu_s or server_cpu_pct, errors). --metric cpu (the default) compares
 server CPU µs per message (server CPU seconds over the window / messages answered in it);
---metric rate compares MB/s (msgs_per_s x size). A ratio is computed per window, from the
+--metric rate compares MB/s (msgs_per_s x size); --metric p99 and max compare the
+round-trip latency in ms (`latency_us` of `reverb bench --json`, `lat_us` of echoload). A ratio is computed per window, from the
 two sides measured in that same window, and its median is the verdict's figure. Exit 0
 always: the verdicts are for reading.
 """
@@ -35,15 +36,26 @@ def mbytes_per_s(r):
     return None
 
 
+def latency_ms(key):
+    def value(r):
+        lat = r.get("latency_us") or r.get("lat_us") or {}
+        return lat[key] / 1000 if lat.get(key) is not None else None
+    return value
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("results")
-    p.add_argument("--metric", choices=("cpu", "rate"), default="cpu")
+    p.add_argument("--metric", choices=("cpu", "rate", "p99", "max"), default="cpu")
     p.add_argument("--ratio", action="append", default=[])
     p.add_argument("--sides", help="the order the sides are printed in")
     a = p.parse_args()
-    value = cpu_us_per_msg if a.metric == "cpu" else mbytes_per_s
-    unit = "µs/msg" if a.metric == "cpu" else "MB/s"
+    value, unit = {
+        "cpu": (cpu_us_per_msg, "µs/msg"),
+        "rate": (mbytes_per_s, "MB/s"),
+        "p99": (latency_ms("p99"), "p99 ms"),
+        "max": (latency_ms("max"), "max ms"),
+    }[a.metric]
     groups = {}
     for line in open(a.results):
         parts = line.rstrip("\n").split(" ", 3)

@@ -145,7 +145,11 @@ pub fn run(
         Model::Tokio => self::tokio::run,
         Model::Uring => uring::run,
     };
-    run(listeners, protocol, shutdown, options)
+    let drain_timeout = listeners.limits.drain_timeout;
+    let served = run(listeners, protocol, shutdown, options);
+    // Connections closed during the drain may still be lingering on the lingering thread.
+    crate::server::linger::finish(drain_timeout);
+    served
 }
 
 /// The default number of event loops: one per available core.

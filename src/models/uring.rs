@@ -20,9 +20,9 @@ use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::idle_wheel::IdleWheel;
 use crate::server::readiness::LoopConfig;
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    datagram_transport, is_per_peer_datagram_error, listener_transport, on_accept,
+    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, DatagramDrop, DatagramReplier,
+    Ending, Linger, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    datagram_transport, end, is_per_peer_datagram_error, listener_transport, on_accept,
 };
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
@@ -110,7 +110,8 @@ impl Loop {
         for socket in sources.datagrams {
             let replier = DatagramReplier::new(config.protocol.clone());
             let token = slab.insert(Source::Datagrams(replier, datagram_transport(&socket)));
-            ring.add_datagram(token, OwnedFd::from(socket), DATAGRAM_BUFFER_BYTES);
+            let max_datagram_bytes = socket.max_datagram_bytes();
+            ring.add_datagram(token, OwnedFd::from(socket), max_datagram_bytes);
             ring.arm_datagram_receive(token);
         }
         Ok(Loop {
@@ -171,16 +172,29 @@ impl Loop {
     }
 
     /// Ends `token`'s connection for `reason` (or retires a listener or datagram socket):
-    /// the one way this loop closes. A finished connection's peer reads EOF after the last
-    /// reply; the ring frees the socket once its operations have completed.
+    /// the one way this loop closes. A peer that half-closed reads EOF after the last
+    /// reply; one the server ends first gets a lingering close; the ring frees its own
+    /// descriptor once its operations have completed.
     fn close(&mut self, token: Token, reason: CloseReason) {
-        if let Some(Source::Conn(conn)) = self.sources.remove(token) {
-            if reason.is_finished() {
-                self.ring.shutdown_write(token);
-            }
-            let connection = &conn.connection;
+        if let Some(Source::Conn(mut conn)) = self.sources.remove(token) {
+            let connection = &mut conn.connection;
             self.log
                 .closed(connection.peer(), connection.transport(), &reason);
+            match reason.ending() {
+                Ending::Eof => self.ring.shutdown_write(token),
+                Ending::Abort => {}
+                // The ring keeps its descriptor until its operations complete; the
+                // lingering close gets a duplicate of it.
+                ending => {
+                    if let Some(Ok(stream)) = self.ring.fd(token).map(Stream::duplicate) {
+                        if !connection.is_finished() && !self.ring.is_sending(token) {
+                            // An idle timeout or a drain cut: with TLS, close_notify first.
+                            connection.close_first(&stream, &self.log);
+                        }
+                        end(stream, ending, Linger::Elsewhere);
+                    }
+                }
+            }
         }
         self.ring.close(token);
     }
@@ -356,9 +370,10 @@ impl Loop {
         match result {
             Ok(datagram) if datagram.is_truncated => {
                 let peer = Peer::from_sock_addr(&datagram.sender);
-                tracing::warn!(
-                    "dropping a datagram from {peer}: over {DATAGRAM_BUFFER_BYTES} bytes"
-                );
+                let (len, max) = (datagram.full_len, datagram.len);
+                self.log.datagram_received(*transport, len);
+                let too_large = DatagramDrop::TooLarge { len, max };
+                self.log.dropped(&peer, *transport, &too_large);
             }
             Ok(datagram) => {
                 let peer = Peer::from_sock_addr(&datagram.sender);

@@ -194,6 +194,13 @@ impl Session {
         }
     }
 
+    /// Whether every reply is exactly the input that caused it, owed as soon as it
+    /// arrives (`echo`; stream `echo` takes no prefix): a model may then send input straight
+    /// from its read buffer instead of copying it into a [`WriteBuffer`] first.
+    pub fn echoes_input(&self) -> bool {
+        matches!(self.state, State::Echo(_))
+    }
+
     /// Input bytes held inside the session, not yet owed to the peer (a partial line, or
     /// what `until-quit` collected). A model counts them against the write buffer's bound.
     pub fn held_bytes(&self) -> usize {

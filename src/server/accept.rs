@@ -1,7 +1,7 @@
 //! Accept and admit: taking a connection from a listener, sorting accept errors, and
 //! holding every connection to `--max-conns`, the same for every model.
 
-use super::lifecycle::{CloseReason, LoopLog, close, listener_transport};
+use super::lifecycle::{CloseReason, Linger, LoopLog, close, listener_transport};
 use super::{Admission, ConnectionCounter};
 use crate::metrics::Transport;
 use crate::net::{Peer, Stream, StreamListener};
@@ -97,7 +97,13 @@ pub fn on_accept(
     };
     let Some(admission) = counter.admit() else {
         let max_conns = counter.max_conns().unwrap_or(0);
-        close(stream, &peer, CloseReason::OverLimit(max_conns), log);
+        close(
+            stream,
+            &peer,
+            CloseReason::OverLimit(max_conns),
+            log,
+            Linger::Elsewhere,
+        );
         return Ok(Accepted::Again);
     };
     log.accepted(&peer, transport, listener);

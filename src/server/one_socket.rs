@@ -10,10 +10,10 @@
 
 use super::accept::{Accepted, accept_and_admit};
 use super::event_loops::LoopSources;
-use super::lifecycle::{CloseReason, LoopLog, close};
+use super::lifecycle::{CloseReason, Linger, LoopLog, close};
 use super::{
-    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES, DatagramReplier,
-    Limits, Listeners, READ_BUFFER_BYTES, Shutdown,
+    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners,
+    READ_BUFFER_BYTES, Shutdown,
 };
 use crate::metrics::Metrics;
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
@@ -107,7 +107,12 @@ pub fn serve_connection(
     let log = LoopLog::new(limits.metrics);
     let mut connection = Connection::new(protocol, peer, limits, stream.as_fd());
     let reason = drive(&stream, &mut connection, limits, shutdown, &log);
-    close(stream, connection.peer(), reason, &log);
+    // This thread (or process) serves nobody else: a lingering close waits right here.
+    let linger = Linger::Here {
+        shutdown,
+        drain_timeout: limits.drain_timeout,
+    };
+    close(stream, connection.peer(), reason, &log, linger);
 }
 
 /// Serves `connection` until it must close, and says why.
@@ -163,9 +168,11 @@ fn drive(
         }
         if drain_deadline.is_some_and(|d| now >= d) {
             let owed = connection.owed();
+            connection.close_first(stream, log);
             return CloseReason::DrainTimeout { owed };
         }
         if idle_deadline.is_some_and(|d| now >= d) {
+            connection.close_first(stream, log);
             return CloseReason::Idle(limits.idle_timeout.unwrap_or_default());
         }
         let ready = poll::ready_of(&entries[0]);
@@ -236,7 +243,7 @@ pub fn serve_datagrams(
     socket.set_nonblocking(true)?;
     let log = LoopLog::new(metrics);
     let mut replier = DatagramReplier::new(protocol.clone());
-    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
+    let mut buf = vec![0u8; socket.max_datagram_bytes()];
     loop {
         if wait_for(socket.as_fd(), Interest::READABLE, shutdown, None)? == Wake::Shutdown {
             return Ok(());

@@ -18,12 +18,12 @@
 use super::accept::{Accepted, accept_and_admit};
 use super::event_loops::LoopSources;
 use super::idle_wheel::IdleWheel;
-use super::lifecycle::{CloseReason, LoopLog, close};
+use super::lifecycle::{CloseReason, Ending, Linger, LoopLog, close, end, stream_transport};
 use super::{
-    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES, DatagramReplier,
-    Limits, Listeners, Protocol, READ_BUFFER_BYTES, Shutdown,
+    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners,
+    Protocol, READ_BUFFER_BYTES, Shutdown,
 };
-use crate::net::Stream;
+use crate::net::{DatagramSocket, Stream};
 use crate::slab::{Slab, Token};
 pub use crate::sys::Interest;
 use std::io;
@@ -95,6 +95,9 @@ pub struct ReadinessCore {
     replier: DatagramReplier,
     /// One read buffer for every connection and datagram: the loop reads one at a time.
     buf: Vec<u8>,
+    /// The longest datagram each datagram socket answers whole: the part of `buf` it
+    /// receives into, so a longer one is read truncated and dropped.
+    datagram_max: Vec<usize>,
     /// The output allocation lent to whichever connection is producing replies, so a
     /// message costs no allocation and an idle connection holds none.
     spare: Vec<u8>,
@@ -108,6 +111,10 @@ pub struct ReadinessCore {
     accept_paused_until: Option<Instant>,
     /// Set when shutdown fired: connections still owing bytes are cut at this instant.
     drain_deadline: Option<Instant>,
+    /// Connections ended first whose sockets a kernel-kept mechanism (epoll) still
+    /// watches: [`ReadinessCore::sync`] unwatches them, then hands them to the lingering
+    /// close, whose descriptor would otherwise keep them in the interest list.
+    unwatching: Vec<(Token, Stream, Interest)>,
 }
 
 enum IdleTimer {
@@ -129,11 +136,12 @@ impl ReadinessCore {
             socket.set_nonblocking(true)?;
         }
         let own_sources = 1 + sources.streams.len() + sources.datagrams.len();
-        let buf_bytes = if sources.datagrams.is_empty() {
-            READ_BUFFER_BYTES
-        } else {
-            DATAGRAM_BUFFER_BYTES
-        };
+        let datagram_max: Vec<usize> = (sources.datagrams.iter())
+            .map(DatagramSocket::max_datagram_bytes)
+            .collect();
+        let buf_bytes = datagram_max
+            .iter()
+            .fold(READ_BUFFER_BYTES, |a, &b| a.max(b));
         let idle = config.limits.idle_timeout.map(|timeout| match idle {
             IdleCheck::Scan => IdleTimer::Scan(timeout),
             IdleCheck::Wheel => IdleTimer::Wheel(IdleWheel::new(timeout)),
@@ -147,6 +155,7 @@ impl ReadinessCore {
             watched: vec![Interest::NONE; own_sources],
             changed: (0..own_sources).map(reserved).collect(),
             buf: vec![0; buf_bytes],
+            datagram_max,
             spare: Vec::new(),
             log,
             idle,
@@ -154,6 +163,7 @@ impl ReadinessCore {
             now: None,
             accept_paused_until: None,
             drain_deadline: None,
+            unwatching: Vec::new(),
         })
     }
 
@@ -213,7 +223,9 @@ impl ReadinessCore {
     /// Tells a mechanism that keeps interest in the kernel what changed since the last
     /// call: `update(token, fd, watched, wanted)` for each source whose interest changed
     /// (`Interest::NONE` as `watched`: not added yet; as `wanted`: remove it). Closed
-    /// connections need no call: closing their only descriptor removes them.
+    /// connections need no call (closing their only descriptor removes them), except those
+    /// closed with a lingering close, which the lingering thread keeps open: they are
+    /// removed here before it gets them.
     ///
     /// # Errors
     ///
@@ -223,6 +235,12 @@ impl ReadinessCore {
         &mut self,
         mut update: impl FnMut(Token, BorrowedFd<'_>, Interest, Interest) -> io::Result<()>,
     ) -> io::Result<()> {
+        for (token, stream, watched) in self.unwatching.drain(..) {
+            // A failure leaves a watched descriptor of a stale token: its events find no
+            // connection, and it leaves the set when the lingering close ends.
+            let _ = update(token, stream.as_fd(), watched, Interest::NONE);
+            end(stream, Ending::Lingering, Linger::Elsewhere);
+        }
         let mut changed = std::mem::take(&mut self.changed);
         for &token in &changed {
             let wanted = self.wanted(token);
@@ -352,8 +370,10 @@ impl ReadinessCore {
             Some(_) if self.is_draining() => {}
             Some(n) if n <= streams => self.accept_ready(n - 1)?,
             Some(n) => {
-                let socket = &self.sources.datagrams[n - 1 - streams];
-                (self.replier).answer_queued(socket, &mut self.buf, BATCH, &self.log)?;
+                let index = n - 1 - streams;
+                let socket = &self.sources.datagrams[index];
+                let buf = &mut self.buf[..self.datagram_max[index]];
+                (self.replier).answer_queued(socket, buf, BATCH, &self.log)?;
             }
         }
         Ok(())
@@ -437,15 +457,12 @@ impl ReadinessCore {
         let fd = stream.as_fd().as_raw_fd();
         if let Some((limit, name)) = self.fd_limit.filter(|(limit, _)| fd >= *limit) {
             let why = format!("fd {fd} >= {name} ({limit}): cannot watch it");
-            return close(stream, &peer, CloseReason::CannotWatch(why), &self.log);
+            let reason = CloseReason::CannotWatch(why);
+            return close(stream, &peer, reason, &self.log, Linger::Elsewhere);
         }
         if let Err(e) = stream.set_nonblocking(true) {
-            return close(
-                stream,
-                &peer,
-                CloseReason::CannotWatch(e.to_string()),
-                &self.log,
-            );
+            let reason = CloseReason::CannotWatch(e.to_string());
+            return close(stream, &peer, reason, &self.log, Linger::Elsewhere);
         }
         let limits = &self.config.limits;
         let connection = Connection::new(&self.config.protocol, peer, limits, stream.as_fd());
@@ -501,8 +518,31 @@ impl ReadinessCore {
     }
 
     fn close(&mut self, token: Token, reason: CloseReason) {
-        if let Some(entry) = self.connections.remove(token) {
-            close(entry.stream, entry.connection.peer(), reason, &self.log);
+        let Some(mut entry) = self.connections.remove(token) else {
+            return;
+        };
+        let ending = reason.ending();
+        if ending == Ending::Lingering && !entry.connection.is_finished() {
+            // An idle timeout or a drain cut: with TLS, close_notify goes out first.
+            entry.connection.close_first(&entry.stream, &self.log);
+        }
+        if ending == Ending::Lingering && entry.watched != Interest::NONE {
+            let transport = stream_transport(&entry.stream);
+            self.log.closed(entry.connection.peer(), transport, &reason);
+            self.unwatching.push((token, entry.stream, entry.watched));
+            return;
+        }
+        let peer = entry.connection.peer();
+        close(entry.stream, peer, reason, &self.log, Linger::Elsewhere);
+    }
+}
+
+impl Drop for ReadinessCore {
+    /// A loop that ends (its mechanism with it) still gives the connections it ended
+    /// first their lingering close.
+    fn drop(&mut self) {
+        for (_, stream, _) in self.unwatching.drain(..) {
+            end(stream, Ending::Lingering, Linger::Elsewhere);
         }
     }
 }

@@ -6,7 +6,7 @@
 //! allocation is lent to the connection producing replies and taken back once they are sent
 //! (`Connection::lend_spare`, `return_spare`).
 
-use super::{Connection, READ_BUFFER_BYTES};
+use super::{CloseReason, Connection, LoopLog, READ_BUFFER_BYTES};
 use std::cell::RefCell;
 use std::io;
 
@@ -15,28 +15,51 @@ thread_local! {
     static SPARE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `read` on this thread's read buffer, cut to what `connection` may take under its
-/// bound, and hands what came (bytes, or EOF for `Ok(0)`) to `connection`. Returns how many
-/// bytes came.
+/// One connection's socket as its task sees it: one non-blocking read or write at a time,
+/// `WouldBlock` when the kernel has nothing (or no room) now.
+pub trait SocketIo {
+    /// Reads into `buf`; `Ok(0)` is EOF.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock`, or the OS error of the read.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Writes a prefix of `bytes`, as much as the kernel takes now; returns its length.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock`, or the OS error of the write.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize>;
+}
+
+/// Reads from `socket` into this thread's read buffer, cut to what `connection` may take
+/// under its bound, and hands what came (bytes, counted in `log`, or EOF for `Ok(0)`) to
+/// `connection`; an echo goes straight back from the read buffer when nothing is owed
+/// (`Connection::receive_through`, counted as sent). Returns how many bytes came, or
+/// `None` when the read would block (nothing is handed over).
 ///
 /// # Errors
 ///
-/// What `read` returned (`WouldBlock` included: nothing is handed over), or `Other` when the
-/// protocol handler panicked (already logged): the task closes the connection.
+/// Why the connection must close: the read or a write-through failed. A handler panic is
+/// no error here: the connection stops reading and finishes as usual.
 pub fn receive_into(
     connection: &mut Connection,
-    read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
-) -> io::Result<usize> {
+    log: &LoopLog,
+    socket: &mut impl SocketIo,
+) -> Result<Option<usize>, CloseReason> {
     READ_BUFFER.with_borrow_mut(|buf| {
         let limit = connection.read_limit(buf.len());
-        let got = read(&mut buf[..limit])?;
-        SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-        let received = match got {
-            0 => connection.receive_eof(),
-            n => connection.receive(&buf[..n]),
+        let result = socket.read(&mut buf[..limit]);
+        let got = match &result {
+            Ok(n) => *n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(_) => 0,
         };
-        received.map_err(|_| io::Error::other("handler panicked"))?;
-        Ok(got)
+        SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
+        let handed_over =
+            connection.on_read_through(result, buf, log, |bytes| socket.write(bytes))?;
+        Ok(handed_over.then_some(got))
     })
 }
 

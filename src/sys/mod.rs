@@ -9,11 +9,13 @@
 pub mod activation;
 pub mod affinity;
 pub mod async_fd;
+pub mod datagram;
 pub mod epoll;
 pub mod errno;
 pub mod eventfd;
 pub mod poll;
 pub mod process;
+pub mod queues;
 pub mod rusage;
 pub mod select;
 pub mod shared_memory;

@@ -111,10 +111,8 @@ pub fn datagram_no_reply_cases(model: &str) {
         assert!(udp.recv(&mut buf).is_err(), "{word:?} got a reply");
     }
     // Logged with the sender's address.
-    server.wait_for_log(&format!(
-        "handler for {} panicked",
-        udp.local_addr().unwrap()
-    ));
+    let sender = format!("peer={}", udp.local_addr().unwrap());
+    server.wait_for_log_line(&["handler panicked", &sender]);
     let unnamed = UnixDatagram::unbound().unwrap();
     unnamed.send_to(b"anonymous\n", &path).unwrap();
     // The guard's boundary: port 1023 is dropped, 1024 answered.
@@ -872,4 +870,231 @@ pub fn datagram_full_peer_does_not_stall(model: &str) {
     let _ = std::fs::remove_file(&silent_path);
     let _ = std::fs::remove_file(&other_path);
     server.stop();
+}
+
+/// Unix datagrams above the default socket buffer (212,992 bytes here) come back whole:
+/// the server sizes its buffers for every datagram a client can send it. The client
+/// raises its own send buffer to send them; sizes it cannot send are not tried.
+pub fn datagram_big_unix(model: &str) {
+    let path = temp_socket_path(model);
+    let path_arg = path.to_str().unwrap().to_string();
+    let server = Server::start(model, &["--unix-dgram", &path_arg]);
+    let own = temp_socket_path("big-client");
+    let unix = UnixDatagram::bind(&own).unwrap();
+    let client = socket2::SockRef::from(&unix);
+    client.set_send_buffer_size(4 * 1024 * 1024).unwrap();
+    // The kernel refuses a datagram longer than the sender's buffer less 32 bytes.
+    let can_send = client.send_buffer_size().unwrap() - 32;
+    unix.set_read_timeout(Some(PATIENCE)).unwrap();
+    unix.set_write_timeout(Some(PATIENCE)).unwrap();
+    unix.connect(&path).unwrap();
+    let mut buf = vec![0u8; 2 * 1024 * 1024];
+    for size in [212_961usize, 300_000, 1_000_000] {
+        if size > can_send {
+            skip(&format!(
+                "{model}: a {size}-byte datagram (this client can send {can_send} bytes)"
+            ));
+            continue;
+        }
+        let datagram = pattern(size, size as u64);
+        unix.send(&datagram)
+            .unwrap_or_else(|e| panic!("send {size} bytes: {e}"));
+        let n = unix
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{model}: no reply to {size} bytes ({e})"));
+        assert_eq!(n, size, "{model}: the reply to {size} bytes is whole");
+        assert!(buf[..n] == datagram[..], "{model}: {size} bytes byte-exact");
+    }
+    let _ = std::fs::remove_file(&own);
+    server.stop();
+    assert!(!exists(&path));
+}
+
+/// A datagram longer than the server's maximum (UDP: 65,507 bytes; over IPv6 a payload of
+/// up to 65,527 bytes can be sent) is read truncated: it is dropped, not echoed short,
+/// logged, and counted as `too_large`; the next datagram is answered.
+pub fn datagram_too_large_dropped(model: &str) {
+    let Ok(udp) = UdpSocket::bind("[::1]:0") else {
+        skip(&format!(
+            "{model}: no IPv6 loopback to send a 65,508-byte UDP payload"
+        ));
+        return;
+    };
+    let server = Server::start(model, &["--udp", "[::1]:0", "--metrics", "127.0.0.1:0"]);
+    udp.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    udp.connect(server.addr("udp")).unwrap();
+    let mut buf = vec![0u8; 128 * 1024];
+    udp.send(&pattern(65_508, 1))
+        .expect("send 65,508 bytes over IPv6");
+    assert!(
+        udp.recv(&mut buf).is_err(),
+        "{model}: a truncated datagram was answered"
+    );
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    let whole = pattern(65_507, 2);
+    udp.send(&whole).unwrap();
+    let n = udp.recv(&mut buf).expect("the next datagram is answered");
+    assert!(
+        n == whole.len() && buf[..n] == whole[..],
+        "{model}: whole reply"
+    );
+    server.wait_for_log("65508");
+    let dropped = scrape_value(
+        &server,
+        "reverb_datagrams_dropped_total",
+        &[("transport", "udp"), ("reason", "too_large")],
+    );
+    assert_eq!(dropped, Some(1), "{model}: counted as too_large");
+    server.stop();
+}
+/// After the server closed first and `conn` has read its EOF: the server still reads and
+/// discards what the peer sends (a lingering close), so more bytes from the peer meet no
+/// reset, and the EOF stays readable. A server that closed outright would answer these
+/// bytes with a reset.
+pub fn assert_lingers(conn: &mut Conn, what: &str) {
+    for _ in 0..3 {
+        conn.write_all(&[b'z'; 16 * 1024])
+            .unwrap_or_else(|e| panic!("{what}: the server stopped lingering at once: {e}"));
+        thread::sleep(Duration::from_millis(100));
+        let mut buf = [0u8; 16];
+        match conn.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{what}: {n} more bytes after EOF"),
+            Err(e) => panic!("{what}: {e} after the server's EOF: it closed without lingering"),
+        }
+    }
+}
+
+/// Closing first (`until-quit` after `quit`): everything owed arrives, then EOF, even
+/// though the client sent a byte after `quit\n` and reads only 0.2 s later; then the
+/// server lingers instead of resetting.
+pub fn quit_lingers(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--protocol", "until-quit"]);
+    let mut conn = server.connect_conn();
+    let mut input = pattern(300_000, 13);
+    // The pattern never spells the quit line: its bytes are not newlines.
+    input
+        .iter_mut()
+        .filter(|b| **b == b'\n')
+        .for_each(|b| *b = b'.');
+    input.extend_from_slice(b"quit\n");
+    let expected = input.clone();
+    input.push(b'!');
+    let mut writer = conn.try_clone();
+    let sender = thread::spawn(move || writer.write_all(&input));
+    thread::sleep(Duration::from_millis(200));
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(
+        error.is_none(),
+        "{error:?} after {} of {} bytes",
+        got.len(),
+        expected.len()
+    );
+    assert!(
+        got == expected,
+        "{} bytes back, not the {} before and with quit",
+        got.len(),
+        expected.len()
+    );
+    sender.join().unwrap().expect("send");
+    assert_lingers(&mut conn, "after quit");
+    drop(conn);
+    server.stop();
+}
+
+/// `ok\nboom\n` in one write: `ok` is answered before the panic closes the connection,
+/// with a lingering close; the panic is logged once, with the peer.
+pub fn panic_replies_first(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "lines",
+            "--prefix",
+            "You Got ",
+            "--panic-on",
+            "boom",
+        ],
+    );
+    let mut conn = server.connect_conn();
+    let victim = match &conn {
+        Conn::Tcp(s) => s.local_addr().unwrap().to_string(),
+        Conn::Unix(_) => "unix:".to_string(),
+    };
+    conn.write_all(b"ok\nboom\nnever\n").unwrap();
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(error.is_none(), "{error:?} after {got:?}");
+    assert_eq!(String::from_utf8_lossy(&got), "You Got ok\n");
+    assert_lingers(&mut conn, "after the panic");
+    drop(conn);
+    server.wait_for_log("panicked");
+    let log = server.stderr();
+    let panics: Vec<&str> = log.lines().filter(|l| l.contains("panicked")).collect();
+    assert_eq!(panics.len(), 1, "the panic is logged once:\n{log}");
+    assert!(panics[0].contains(&victim), "{victim} not in {}", panics[0]);
+    server.stop();
+}
+
+/// `--idle-timeout 1`: the idle connection is closed with a lingering close; then a peer
+/// that keeps sending (and never closes) is cut at the lingering bound, not held for ever.
+pub fn idle_close_lingers(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--idle-timeout", "1"]);
+    let mut conn = server.connect_conn();
+    assert!(
+        conn.sees_close_within(Duration::from_secs(4)),
+        "idle connection closed"
+    );
+    let closed_at = Instant::now();
+    assert_lingers(&mut conn, "after the idle timeout");
+    conn.set_timeouts(Duration::from_millis(200));
+    // The documented bound is 5 s in all; allow for a loaded machine.
+    let cut = loop {
+        let waited = closed_at.elapsed();
+        assert!(
+            waited < Duration::from_secs(12),
+            "a peer that never closes still holds its connection after {waited:?}"
+        );
+        let mut buf = [0u8; 16];
+        let wrote = conn.write_all(b"still here");
+        let read = conn.read(&mut buf);
+        if wrote.is_err() || read.is_err() {
+            break waited;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        cut >= Duration::from_millis(1500),
+        "cut after {cut:?}: the lingering close gave up too early"
+    );
+    drop(conn);
+    server.stop();
+}
+
+/// SIGTERM while replies are owed and the client keeps sending: every owed reply still
+/// arrives, then EOF, never a reset (the drain closes with a lingering close).
+pub fn drain_lingers(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "5"]);
+    let mut conn = server.connect_slow_reader();
+    let input = pattern(200_000, 21);
+    conn.write_all(&input).unwrap();
+    thread::sleep(Duration::from_millis(500));
+    server.terminate();
+    thread::sleep(Duration::from_millis(200));
+    // Bytes the draining server no longer reads.
+    conn.write_all(&[b'u'; 10_000]).unwrap();
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(
+        error.is_none(),
+        "{error:?} after {} of {} bytes",
+        got.len(),
+        input.len()
+    );
+    assert!(got == input, "{} of {} owed bytes", got.len(), input.len());
+    drop(conn);
+    let mut server = server;
+    let status = server.wait_exit(PATIENCE).expect("exits after draining");
+    assert!(status.success(), "exit {status}; {}", server.stderr());
 }

@@ -7,6 +7,9 @@
     peer.py flood TARGET VERSION SIZE     as payload, but first send without reading until
                                           the server stops taking bytes; print
                                           "blocked SENT", wait for a line on stdin, go on
+    peer.py silent TARGET VERSION SECONDS send nothing after the handshake; expect the
+                                          server's close_notify (an idle timeout, a drain)
+                                          within SECONDS, then a clean EOF, never a reset
 
 TARGET is HOST:PORT or unix:PATH; VERSION is 1.2 or 1.3. Prints one "ok ..." line and
 exits 0, or one line naming what went wrong and exits 1.
@@ -120,7 +123,31 @@ def fail(message):
     return 1
 
 
+def silent(target, version, seconds):
+    peer = Peer(target, version)
+    deadline = time.monotonic() + seconds
+    # The handshake needs our writes; after it, nothing of ours goes out.
+    while not (peer.handshake_done and not peer.wire_out):
+        if time.monotonic() > deadline:
+            return fail("no handshake in time")
+        peer.step(b"", 0, may_read=True, may_write=False)
+    while not peer.peer_closed:
+        if time.monotonic() > deadline:
+            return fail(f"no close_notify within {seconds} s")
+        if peer.socket_eof:
+            return fail("EOF without close_notify")
+        peer.step(b"", 0, may_read=True, may_write=False)
+    while not peer.socket_eof:
+        if time.monotonic() > deadline:
+            return fail("close_notify, but no EOF after it")
+        peer.step(b"", 0, may_read=True, may_write=False)
+    print(f"ok close_notify, then EOF, over {peer.tls.version()}", flush=True)
+    return 0
+
+
 def main():
+    if sys.argv[1] == "silent":
+        return silent(sys.argv[2], sys.argv[3], float(sys.argv[4]))
     mode, target, version, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     payload = os.urandom(size)
     peer = Peer(target, version)

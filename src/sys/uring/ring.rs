@@ -15,7 +15,7 @@ use socket2::{SockAddr, SockRef};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem::{self, ManuallyDrop};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// Receive buffers in the provided-buffer ring (a power of two), and their size: a 1 KiB
@@ -193,6 +193,12 @@ impl Ring {
         }
     }
 
+    /// The descriptor of `token`'s open socket, for work the ring does not do (the
+    /// lingering close duplicates it).
+    pub fn fd(&self, token: Token) -> Option<BorrowedFd<'_>> {
+        self.open_ref(token).map(|io| io.fd.as_fd())
+    }
+
     /// Sockets not yet freed: open, or closed with operations still in flight.
     pub fn live_slots(&self) -> usize {
         self.slots.iter().flatten().count() + self.closing.len()
@@ -304,7 +310,11 @@ impl Ring {
             return;
         };
         let header = datagram.receive.prepare_receive();
-        let entry = opcode::RecvMsg::new(fd, header).build();
+        // MSG_TRUNC: the result is the datagram's real length, so a truncated one is seen
+        // with its size (recv(2)).
+        let entry = opcode::RecvMsg::new(fd, header)
+            .flags(libc::MSG_TRUNC as u32)
+            .build();
         self.start(token, Op::DatagramReceive, entry);
     }
 

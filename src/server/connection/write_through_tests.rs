@@ -1,0 +1,229 @@
+//! The connection core without a socket: reads in any split, writes that take any short
+//! count or nothing, against what the protocol owes for the whole input at once.
+
+use super::*;
+use crate::protocol::ProtocolKind;
+use proptest::prelude::*;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+
+/// A peer's socket as the kernel would treat it: each write takes the next count of its
+/// script (`None`: `WouldBlock`; a count larger than offered takes everything), then
+/// everything once the script is used up.
+struct Sink {
+    taken: Vec<u8>,
+    script: Vec<Option<usize>>,
+    next: usize,
+}
+
+impl Sink {
+    fn new(script: Vec<Option<usize>>) -> Self {
+        Sink {
+            taken: Vec::new(),
+            script,
+            next: 0,
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let step = self.script.get(self.next).copied();
+        self.next += 1;
+        let count = match step {
+            Some(None) => return Err(io::ErrorKind::WouldBlock.into()),
+            Some(Some(count)) => count.min(bytes.len()),
+            None => bytes.len(),
+        };
+        self.taken.extend_from_slice(&bytes[..count]);
+        Ok(count)
+    }
+}
+
+fn connection(protocol: &Protocol, max_buffer_bytes: usize) -> Connection {
+    let (socket, _) = UnixStream::pair().expect("a socket pair");
+    let limits = Limits {
+        max_buffer_bytes,
+        ..Limits::default()
+    };
+    let peer = Peer::Ip("127.0.0.1:9".parse().expect("an address"));
+    Connection::new(protocol, peer, &limits, socket.as_fd())
+}
+
+/// What the protocol owes for `input` arriving in one piece, then EOF.
+fn owed_for_whole(protocol: &Protocol, input: &[u8]) -> Vec<u8> {
+    let mut session = protocol.new_session();
+    let mut out = WriteBuffer::new(usize::MAX);
+    session.on_connect(&mut out);
+    let _ = session.on_data(input, &mut out);
+    session.on_eof(&mut out);
+    out.unsent().to_vec()
+}
+
+/// Feeds `input` in reads of the sizes `splits` gives (cut to what the connection may
+/// take), writing through `sink` after every read and flushing when `flushes` says so;
+/// then EOF, and flushes until finished. Returns what the peer received.
+fn run(
+    protocol: &Protocol,
+    max_buffer_bytes: usize,
+    input: &[u8],
+    splits: &[usize],
+    flushes: &[bool],
+    script: Vec<Option<usize>>,
+) -> Vec<u8> {
+    let log = LoopLog::default();
+    let mut connection = connection(protocol, max_buffer_bytes);
+    let mut sink = Sink::new(script);
+    let mut offset = 0;
+    let mut step = 0;
+    while offset < input.len() {
+        let limit = connection.read_limit(64 * 1024);
+        if limit == 0 {
+            // Backpressure: the peer must take replies before it is read again.
+            connection
+                .flush_with(|bytes| sink.write(bytes), &log)
+                .expect("the sink never fails");
+            continue;
+        }
+        let split = splits[step % splits.len()].max(1);
+        let n = split.min(limit).min(input.len() - offset);
+        let chunk = &input[offset..offset + n];
+        connection
+            .on_read_through(Ok(n), chunk, &log, |bytes| sink.write(bytes))
+            .expect("the sink never fails");
+        offset += n;
+        // Echo owes at most the bound; `lines` may pass it by a prefixed piece of a line
+        // (the hold limit's answer), which write-through does not touch.
+        let bound = match connection.session.echoes_input() {
+            true => max_buffer_bytes,
+            false => 2 * max_buffer_bytes,
+        };
+        assert!(
+            connection.owed() <= bound,
+            "{} bytes owed past {bound}",
+            connection.owed()
+        );
+        if flushes[step % flushes.len()] {
+            connection
+                .flush_with(|bytes| sink.write(bytes), &log)
+                .expect("the sink never fails");
+        }
+        step += 1;
+    }
+    connection
+        .on_read(Ok(0), &[], &log)
+        .expect("EOF is handled");
+    for _ in 0..10_000 {
+        if connection.is_finished() {
+            break;
+        }
+        connection
+            .flush_with(|bytes| sink.write(bytes), &log)
+            .expect("the sink never fails");
+    }
+    assert!(connection.is_finished(), "owed bytes never drained");
+    sink.taken
+}
+
+fn write_step() -> impl Strategy<Value = Option<usize>> {
+    prop_oneof![Just(None), (0usize..3000).prop_map(Some)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Echo writes through when nothing is owed; whatever the reads' split and the
+    /// kernel's short writes, the peer gets every byte once, in order, and the owed bytes
+    /// stay within the bound.
+    #[test]
+    fn echo_with_write_through_keeps_order_and_bound(
+        input in proptest::collection::vec(any::<u8>(), 0..20_000),
+        splits in proptest::collection::vec(1usize..5000, 1..8),
+        flushes in proptest::collection::vec(any::<bool>(), 1..8),
+        script in proptest::collection::vec(write_step(), 0..64),
+        max_buffer_bytes in 1usize..8192,
+    ) {
+        let protocol = Protocol::new(ProtocolKind::Echo, max_buffer_bytes);
+        let got = run(&protocol, max_buffer_bytes, &input, &splits, &flushes, script);
+        prop_assert_eq!(got, input);
+    }
+
+    /// The same with a greeting owed first: it goes out before any echoed byte.
+    #[test]
+    fn echo_after_a_greeting_keeps_order(
+        input in proptest::collection::vec(any::<u8>(), 0..5000),
+        splits in proptest::collection::vec(1usize..2000, 1..8),
+        flushes in proptest::collection::vec(any::<bool>(), 1..8),
+        script in proptest::collection::vec(write_step(), 0..64),
+    ) {
+        let protocol = Protocol::new(ProtocolKind::Echo, 4096).with_greeting(b"hello\n");
+        let got = run(&protocol, 4096, &input, &splits, &flushes, script);
+        prop_assert_eq!(got, owed_for_whole(&protocol, &input));
+    }
+
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// `lines` replies differ from the input: nothing is written through, and the peer
+    /// gets what the protocol owes for the whole input, whatever the split.
+    #[test]
+    fn lines_are_never_written_through(
+        input in proptest::collection::vec(prop_oneof![Just(b'\n'), Just(b'a'), any::<u8>()], 0..3000),
+        splits in proptest::collection::vec(1usize..2000, 1..8),
+        flushes in proptest::collection::vec(any::<bool>(), 1..8),
+        script in proptest::collection::vec(write_step(), 0..64),
+    ) {
+        let protocol = Protocol::new(ProtocolKind::Lines, 4096).with_prefix(b"> ");
+        let got = run(&protocol, 4096, &input, &splits, &flushes, script);
+        prop_assert_eq!(got, owed_for_whole(&protocol, &input));
+    }
+}
+
+#[test]
+fn an_echo_leaves_from_the_read_buffer_when_nothing_is_owed() {
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    let mut sink = Sink::new(vec![Some(3)]);
+    let sent = connection
+        .receive_through(b"hello", |bytes| sink.write(bytes))
+        .expect("the sink never fails");
+    // The kernel took 3 bytes in the first write and the rest in the second.
+    assert_eq!(sent, 5);
+    assert_eq!(sink.taken, b"hello");
+    assert_eq!(
+        connection.owed(),
+        0,
+        "nothing was copied into the write buffer"
+    );
+}
+
+#[test]
+fn only_what_the_kernel_did_not_take_is_owed() {
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    let mut sink = Sink::new(vec![Some(2), None]);
+    let sent = connection
+        .receive_through(b"hello", |bytes| sink.write(bytes))
+        .expect("the sink never fails");
+    assert_eq!(sent, 2);
+    assert_eq!(connection.unsent(), b"llo");
+    // Owed bytes come first: the next input waits behind them, never overtakes them.
+    let sent = connection
+        .receive_through(b"!", |bytes| sink.write(bytes))
+        .expect("the sink never fails");
+    assert_eq!(sent, 0);
+    assert_eq!(connection.unsent(), b"llo!");
+}
+
+#[test]
+fn a_failed_write_through_closes_the_connection() {
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    let result = connection.receive_through(b"hello", |_| {
+        Err(io::Error::from(io::ErrorKind::ConnectionReset))
+    });
+    assert_eq!(
+        result.map_err(|e| e.kind()),
+        Err(io::ErrorKind::ConnectionReset)
+    );
+}

@@ -1,0 +1,453 @@
+//! The lingering close: how the server closes a connection first without destroying the
+//! replies it still owes.
+//!
+//! A socket closed while the peer's bytes wait unread in it is answered by the kernel with
+//! a reset, and a reset throws away everything still queued to send: a client that sent
+//! one byte after `quit\n` would lose the tail of its reply. So whenever the server closes
+//! first (the protocol said goodbye, a handler panicked, an idle timeout, a drain, a
+//! refused PROXY header or TLS handshake), the connection sends everything it owes, shuts
+//! down its sending side (the peer reads EOF after the last reply), and only then comes
+//! here: the server reads and throws away whatever the peer still sends until the peer's
+//! EOF, and closes after that. nginx (`lingering_close`) and Apache (`lingering_close()`)
+//! do the same for the same reason.
+//!
+//! Bounded, so that no peer can hold a descriptor:
+//!
+//! - [`LINGER_TIME`]: 5 s in all;
+//! - [`LINGER_TIMEOUT`]: 2 s without a byte from the peer;
+//! - [`LINGER_MAX_BYTES`]: 1 MiB thrown away.
+//!
+//! Past any bound the socket is closed as it is. nginx's defaults are `lingering_time 30s`
+//! and `lingering_timeout 5s`, sized for HTTP request bodies still arriving over slow
+//! links; an echo peer only has to notice our EOF and stop, so reverb waits a sixth of
+//! that in all and less than half between bytes. nginx bounds no byte count; reverb does,
+//! so that a peer flooding a closed connection costs at most 1 MiB of reads.
+//!
+//! At shutdown a lingering connection is closed as soon as both kernel queues are empty
+//! (the peer has everything we sent, and no unread input can turn the close into a
+//! reset), and at the latest [`LINGER_TIMEOUT`] (or `--drain-timeout`, if shorter) after
+//! the drain ended, so a server still stops promptly.
+//!
+//! Where the waiting happens is the model's business, the rules above are not: a model
+//! with a thread (or process) per connection lingers on that thread ([`linger_here`]);
+//! event loops and async tasks hand the socket to one lingering thread ([`hand_off`]), as
+//! Apache's event MPM hands lingering connections to its listener thread, so no loop keeps
+//! a finished connection in its tables.
+
+use super::Shutdown;
+use crate::net::Stream;
+use crate::sys::eventfd::EventFd;
+use crate::sys::poll::{self, POLLIN};
+use crate::sys::queues;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long a lingering close waits for the peer's EOF in all.
+pub const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// How long a lingering close waits for the next byte (or the EOF) from the peer.
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many bytes from the peer a lingering close reads and throws away at most.
+pub const LINGER_MAX_BYTES: usize = 1024 * 1024;
+
+/// How often a lingering close at shutdown looks again at the kernel queues: emptying
+/// them wakes no `poll`.
+const EXIT_RECHECK: Duration = Duration::from_millis(10);
+
+/// Bytes read per `read` while throwing input away.
+const DISCARD_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Where one lingering close stands.
+#[derive(Debug)]
+struct Lingering {
+    since: Instant,
+    last_input: Instant,
+    discarded: usize,
+}
+
+/// What a look at a lingering socket found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Keep waiting for the peer.
+    Wait,
+    /// Close now: the peer's EOF arrived, it went away, or a bound passed.
+    Close,
+}
+
+impl Lingering {
+    fn new(now: Instant) -> Self {
+        Lingering {
+            since: now,
+            last_input: now,
+            discarded: 0,
+        }
+    }
+
+    /// Reads and throws away what the non-blocking `stream` holds.
+    fn discard(&mut self, stream: &Stream, now: Instant) -> Step {
+        let mut buf = [0u8; DISCARD_CHUNK_BYTES];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return Step::Close,
+                Ok(n) => {
+                    self.discarded += n;
+                    self.last_input = now;
+                    if self.discarded > LINGER_MAX_BYTES {
+                        return Step::Close;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return self.check(now),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Reset or gone: nothing is left to protect.
+                Err(_) => return Step::Close,
+            }
+        }
+    }
+
+    /// When the time bounds end this lingering close.
+    fn deadline(&self) -> Instant {
+        (self.since + LINGER_TIME).min(self.last_input + LINGER_TIMEOUT)
+    }
+
+    fn check(&self, now: Instant) -> Step {
+        if now >= self.deadline() {
+            Step::Close
+        } else {
+            Step::Wait
+        }
+    }
+}
+
+/// Whether closing `stream` now can hurt nobody: the peer has taken every byte we sent,
+/// and nothing unread waits that would make the kernel answer the close with a reset.
+fn is_settled(stream: &Stream) -> bool {
+    queues::queued(stream.as_fd()).is_ok_and(|q| q.unread == 0 && q.unsent == 0)
+}
+
+/// How long a lingering close may still run once shutdown's drain has ended.
+pub fn exit_bound(drain_timeout: Duration) -> Duration {
+    LINGER_TIMEOUT.min(drain_timeout)
+}
+
+/// Closes `stream` with a lingering close on the calling thread, which waits for it: for
+/// models with a thread or process per connection. Everything owed must have been sent.
+///
+/// Shutdown firing meanwhile shortens the wait as the module header says.
+pub fn linger_here(stream: &Stream, shutdown: &Shutdown, drain_timeout: Duration) {
+    // The peer may be gone already; the reads below then end at once.
+    let _ = stream.shutdown_write();
+    if stream.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut lingering = Lingering::new(Instant::now());
+    let mut exit_deadline: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if lingering.discard(stream, now) == Step::Close {
+            return;
+        }
+        if exit_deadline.is_none() && shutdown.is_fired() {
+            exit_deadline = Some(now + exit_bound(drain_timeout));
+        }
+        let mut timeout = lingering.deadline().saturating_duration_since(now);
+        if let Some(exit_deadline) = exit_deadline {
+            if now >= exit_deadline || is_settled(stream) {
+                return;
+            }
+            timeout = timeout.min(EXIT_RECHECK);
+        }
+        let mut entries = [
+            poll::entry(stream.as_fd(), POLLIN),
+            if exit_deadline.is_none() {
+                poll::entry(shutdown.fd(), POLLIN)
+            } else {
+                poll::unused_entry()
+            },
+        ];
+        if poll::poll(&mut entries, Some(timeout)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Starts a lingering close of `stream` and returns at once: the socket is shut down for
+/// sending here, and the lingering thread reads and closes it later. Everything owed must
+/// have been sent. For event loops and async tasks, which cannot wait.
+pub fn hand_off(stream: Stream) {
+    // The peer may be gone already; the reads below then end at once.
+    let _ = stream.shutdown_write();
+    if stream.set_nonblocking(true).is_err() {
+        return;
+    }
+    // Most peers that already sent their last byte close at once: no thread needed then.
+    if Lingering::new(Instant::now()).discard(&stream, Instant::now()) == Step::Close {
+        return;
+    }
+    match lingerer() {
+        Some(lingerer) => lingerer.add(stream),
+        // Without the thread, closing now is all that is left (logged once, at its start).
+        None => drop(stream),
+    }
+}
+
+/// As [`hand_off`], for a model whose runtime keeps the socket in a type of its own
+/// (tokio, io_uring): the lingering close gets a duplicate of `fd`, and the caller then
+/// closes its own descriptor as usual. Everything owed must have been sent.
+pub fn hand_off_duplicate(fd: BorrowedFd<'_>) {
+    match Stream::duplicate(fd) {
+        Ok(stream) => hand_off(stream),
+        Err(e) => tracing::debug!("closing without lingering: cannot duplicate the socket: {e}"),
+    }
+}
+
+/// Closes `stream` without waiting: shuts down our side and discards what the peer
+/// already sent, so the close is a reset only if more arrives later. For a connection
+/// refused before it was served: it is owed nothing, and waiting would let refused peers
+/// hold descriptors past `--max-conns`.
+pub fn close_now(stream: &Stream) {
+    let _ = stream.shutdown_write();
+    if stream.set_nonblocking(true).is_ok() {
+        Lingering::new(Instant::now()).discard(stream, Instant::now());
+    }
+}
+
+/// At shutdown, after the model's loops have returned: gives sockets still lingering on
+/// the lingering thread until they settle, or [`exit_bound`] passes.
+pub fn finish(drain_timeout: Duration) {
+    let Some(lingerer) = LINGERER.get().and_then(Option::as_ref) else {
+        return;
+    };
+    let deadline = Instant::now() + exit_bound(drain_timeout);
+    let mut state = lingerer.lock();
+    state.is_exiting = true;
+    let _ = lingerer.wake.notify();
+    while state.lingering + state.incoming.len() > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        state = match lingerer.settled.wait_timeout(state, left) {
+            Ok((state, _)) => state,
+            Err(poisoned) => poisoned.into_inner().0,
+        };
+    }
+    // A later server in the same process lingers in full again.
+    state.is_exiting = false;
+}
+
+/// The process's one lingering thread, started on first use.
+static LINGERER: OnceLock<Option<Arc<Lingerer>>> = OnceLock::new();
+
+fn lingerer() -> Option<&'static Arc<Lingerer>> {
+    LINGERER.get_or_init(start_lingerer).as_ref()
+}
+
+fn start_lingerer() -> Option<Arc<Lingerer>> {
+    let started = EventFd::new().and_then(|wake| {
+        let lingerer = Arc::new(Lingerer {
+            state: Mutex::new(LingererState::default()),
+            settled: Condvar::new(),
+            wake,
+        });
+        let shared = lingerer.clone();
+        std::thread::Builder::new()
+            .name("reverb-linger".into())
+            .spawn(move || shared.run())?;
+        Ok(lingerer)
+    });
+    match started {
+        Ok(lingerer) => Some(lingerer),
+        Err(e) => {
+            tracing::warn!(
+                "cannot start the lingering-close thread: {e}; connections the server ends \
+                 are closed at once"
+            );
+            None
+        }
+    }
+}
+
+/// The lingering thread and what it shares with the threads that hand sockets to it.
+#[derive(Debug)]
+struct Lingerer {
+    state: Mutex<LingererState>,
+    /// Signalled whenever nothing is left lingering.
+    settled: Condvar,
+    /// Wakes the thread: a socket was handed over, or shutdown began.
+    wake: EventFd,
+}
+
+#[derive(Debug, Default)]
+struct LingererState {
+    /// Sockets handed over and not yet taken by the thread.
+    incoming: Vec<Stream>,
+    /// How many sockets the thread holds.
+    lingering: usize,
+    /// Whether shutdown began: close settled sockets at once.
+    is_exiting: bool,
+}
+
+impl Lingerer {
+    fn lock(&self) -> MutexGuard<'_, LingererState> {
+        // A panic elsewhere cannot leave this state half-changed: every change is one
+        // assignment or push.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn add(&self, stream: Stream) {
+        self.lock().incoming.push(stream);
+        if let Err(e) = self.wake.notify() {
+            tracing::debug!("cannot wake the lingering-close thread: {e}");
+        }
+    }
+
+    fn run(&self) {
+        let mut lingering: Vec<(Stream, Lingering)> = Vec::new();
+        let mut entries = Vec::new();
+        let mut timeout = None;
+        loop {
+            entries.clear();
+            entries.push(poll::entry(self.wake.as_fd(), POLLIN));
+            entries.extend(
+                lingering
+                    .iter()
+                    .map(|(s, _)| poll::entry(s.as_fd(), POLLIN)),
+            );
+            if let Err(e) = poll::poll(&mut entries, timeout) {
+                // Only a lack of kernel memory gets here; closing is what is left.
+                tracing::warn!("lingering close: poll failed: {e}; closing those sockets");
+                lingering.clear();
+            }
+            let _ = self.wake.drain();
+            let now = Instant::now();
+            let mut steps: Vec<Step> = lingering
+                .iter_mut()
+                .zip(entries.iter().skip(1))
+                .map(|((stream, state), entry)| {
+                    if entry.revents != 0 {
+                        state.discard(stream, now)
+                    } else {
+                        state.check(now)
+                    }
+                })
+                .collect();
+            let is_exiting = {
+                let mut state = self.lock();
+                for stream in state.incoming.drain(..) {
+                    lingering.push((stream, Lingering::new(now)));
+                    steps.push(Step::Wait);
+                }
+                // Counted before they leave `incoming`, so `finish` never sees a gap.
+                state.lingering = lingering.len();
+                state.is_exiting
+            };
+            let mut steps = steps.into_iter();
+            lingering.retain(|(stream, _)| {
+                steps.next() == Some(Step::Wait) && !(is_exiting && is_settled(stream))
+            });
+            let mut state = self.lock();
+            state.lingering = lingering.len();
+            if lingering.is_empty() && state.incoming.is_empty() {
+                self.settled.notify_all();
+            }
+            drop(state);
+            let next = lingering.iter().map(|(_, l)| l.deadline()).min();
+            timeout = next.map(|deadline| deadline.saturating_duration_since(now));
+            if is_exiting && !lingering.is_empty() {
+                timeout = Some(timeout.map_or(EXIT_RECHECK, |t| t.min(EXIT_RECHECK)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    fn pair() -> (Stream, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        (Stream::Unix(ours), theirs)
+    }
+
+    #[test]
+    fn the_peer_reads_eof_and_its_bytes_are_thrown_away_until_its_eof() {
+        let (ours, mut theirs) = pair();
+        ours.write(b"owed").unwrap();
+        theirs.write_all(b"unread").unwrap();
+        let shutdown = Shutdown::new().unwrap();
+        let closer = std::thread::spawn(move || {
+            linger_here(&ours, &shutdown, Duration::from_secs(5));
+        });
+        let mut got = Vec::new();
+        theirs.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"owed");
+        theirs.write_all(&[0u8; 100_000]).unwrap();
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        closer.join().unwrap();
+    }
+
+    #[test]
+    fn a_peer_that_floods_is_cut_at_the_byte_bound() {
+        let (ours, theirs) = pair();
+        let mut writer = theirs.try_clone().unwrap();
+        let flood = std::thread::spawn(move || {
+            let chunk = [1u8; 64 * 1024];
+            let mut sent = 0;
+            while writer.write_all(&chunk).is_ok() {
+                sent += chunk.len();
+            }
+            sent
+        });
+        let start = Instant::now();
+        linger_here(&ours, &Shutdown::new().unwrap(), Duration::from_secs(5));
+        assert!(start.elapsed() < LINGER_TIME, "{:?}", start.elapsed());
+        drop(ours);
+        let sent = flood.join().unwrap();
+        assert!(sent >= LINGER_MAX_BYTES, "cut after {sent} bytes");
+    }
+
+    #[test]
+    fn the_inactivity_bound_ends_a_silent_linger() {
+        let mut lingering = Lingering::new(Instant::now());
+        let start = lingering.since;
+        assert_eq!(lingering.check(start), Step::Wait);
+        assert_eq!(lingering.check(start + LINGER_TIMEOUT), Step::Close);
+        lingering.last_input = start + Duration::from_secs(1);
+        assert_eq!(lingering.check(start + LINGER_TIMEOUT), Step::Wait);
+        lingering.last_input = start + LINGER_TIME;
+        assert_eq!(lingering.check(start + LINGER_TIME), Step::Close);
+    }
+
+    #[test]
+    fn handed_off_sockets_close_at_the_peers_eof() {
+        let (ours, mut theirs) = pair();
+        theirs.write_all(b"late").unwrap();
+        hand_off(ours);
+        let mut got = Vec::new();
+        theirs.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty());
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        // The lingering thread takes the peer's EOF and closes our end.
+        let lingerer = lingerer().expect("the lingering thread starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = lingerer.lock();
+            if state.lingering + state.incoming.len() == 0 {
+                break;
+            }
+            drop(state);
+            assert!(Instant::now() < deadline, "still lingering");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
