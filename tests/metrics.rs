@@ -402,3 +402,45 @@ counting_models! {
     epoll => "epoll",
     uring => "uring",
 }
+
+/// The value of the sample line starting with `sample` in the scrape `body`.
+fn sample(body: &str, sample: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+}
+
+/// A refused PROXY header and a failed TLS handshake are counted as `rejected`, not as the
+/// protocol's `quit`.
+#[test]
+fn refused_setups_are_counted_as_rejected() {
+    for (flag, garbage) in [
+        ("--proxy-protocol", &b"GET / HTTP/1.0\r\n\r\n"[..]),
+        ("--tls-self-signed", &b"\x16\x03\x01\x00\x05hello"[..]),
+    ] {
+        let server = Server::start(
+            "epoll",
+            &["--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0", flag],
+        );
+        let mut peer = server.connect_tcp();
+        peer.write_all(garbage).unwrap();
+        let mut rest = Vec::new();
+        // The close may come as a reset when the server's alert meets unread bytes.
+        let _ = peer.read_to_end(&mut rest);
+        let rejected = r#"reverb_connections_closed_total{transport="tcp",reason="rejected"}"#;
+        let quit = r#"reverb_connections_closed_total{transport="tcp",reason="quit"}"#;
+        let deadline = Instant::now() + PATIENCE;
+        let body = loop {
+            let body = get(&server, "/metrics").1;
+            if sample(&body, rejected) == Some(1.0) {
+                break body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{flag}: never counted as rejected:\n{body}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(sample(&body, quit), Some(0.0), "{flag}:\n{body}");
+        server.stop();
+    }
+}
