@@ -11,7 +11,7 @@
 //! `poll` waits no longer than that connection's idle deadline.
 
 use crate::server::is_per_peer_datagram_error;
-use crate::server::one_socket::serve_connection;
+use crate::server::one_socket::{LingerOn, serve_connection};
 use crate::server::{
     ACCEPT_PAUSE, Accepted, Admission, DATAGRAM_BUFFER_BYTES, DatagramReplier, Listeners, LoopLog,
     Protocol, RunOptions, ServeError, Shutdown, accept_and_admit,
@@ -118,7 +118,16 @@ fn accept_one(
         Forked::Child => {
             let limits = listeners.limits.clone();
             close_listeners(listeners);
-            run_child(|| serve_connection(stream, peer, protocol, &limits, shutdown))
+            run_child(|| {
+                serve_connection(
+                    stream,
+                    peer,
+                    protocol,
+                    &limits,
+                    shutdown,
+                    LingerOn::ThisThread,
+                )
+            })
         }
         Forked::Parent(pid) => {
             tracing::debug!("child {pid} serves {peer}");
