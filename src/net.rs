@@ -4,7 +4,7 @@
 //! Binding with the command line's rules (stale Unix sockets, "address in use") lives in
 //! `server::Listeners`; these types only know the sockets themselves.
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -14,6 +14,34 @@ use std::os::unix::net::{self, UnixDatagram, UnixListener, UnixStream};
 
 /// Pending connections the kernel may queue per listener before the model accepts them.
 const LISTEN_BACKLOG: i32 = 1024;
+
+/// The largest UDP datagram the server receives and answers whole: a 65,535-byte IPv4
+/// packet less its 20-byte IP header and 8-byte UDP header (RFC 791, RFC 768). A larger
+/// IPv6 payload (up to 65,527 bytes) is read truncated and dropped.
+pub const MAX_UDP_DATAGRAM_BYTES: usize = 65_507;
+
+/// The most memory one Unix datagram may take in the server, whatever the kernel would
+/// allow: the user-space receive buffer of each Unix datagram socket is at most this.
+pub const MAX_UNIX_DATAGRAM_BYTES: usize = 16 * 1024 * 1024;
+
+/// Bytes of a Unix datagram socket's send buffer no datagram can use: Linux refuses a
+/// datagram longer than `SO_SNDBUF - 32` with `EMSGSIZE` (`unix_dgram_sendmsg` in
+/// `net/unix/af_unix.c`).
+const UNIX_DATAGRAM_SEND_OVERHEAD: usize = 32;
+
+/// The kernel buffers (each way) a UDP socket asks for: room for several datagrams of
+/// [`MAX_UDP_DATAGRAM_BYTES`], so one whole datagram always fits.
+const UDP_SOCKET_BUFFER_BYTES: usize = 1024 * 1024;
+
+/// How much of one datagram a receive got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// All of it: this many bytes at the start of the buffer.
+    Whole(usize),
+    /// Only the buffer's length of it: the datagram had this many bytes, more than the
+    /// buffer holds. It must not be answered (that would echo it short).
+    Truncated(usize),
+}
 
 /// Who is at the other end of a connection or sent a datagram.
 #[derive(Clone, Debug)]
@@ -358,15 +386,62 @@ impl DatagramSocket {
         Ok((DatagramSocket::Udp(socket), local))
     }
 
-    /// Receives one datagram into `buf`; returns its length and sender.
+    /// Receives one datagram into `buf`; returns how much of it `buf` got, and its
+    /// sender. A datagram longer than `buf` is [`Received::Truncated`] (the kernel says so:
+    /// `recvfrom` with `MSG_TRUNC` returns the real length).
     ///
     /// # Errors
     ///
     /// The OS error of `recvfrom`, including `WouldBlock` on a non-blocking socket.
-    pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, Peer)> {
+    pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(Received, Peer)> {
+        let (len, sender) = crate::sys::datagram::recv_from_whole(self.as_fd(), buf)?;
+        let received = if len > buf.len() {
+            Received::Truncated(len)
+        } else {
+            Received::Whole(len)
+        };
+        Ok((received, Peer::from_sock_addr(&sender)))
+    }
+
+    /// Raises the kernel's send and receive buffers of this socket so that every datagram
+    /// up to [`DatagramSocket::max_datagram_bytes`] can be received and answered whole.
+    ///
+    /// Linux doubles what is asked (for its own bookkeeping) and silently caps the request
+    /// at `net.core.wmem_max` / `net.core.rmem_max` (socket(7)); a buffer that is already
+    /// larger is left alone.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `getsockopt` or `setsockopt`.
+    pub fn size_buffers(&self) -> io::Result<()> {
+        let socket = SockRef::from(self);
+        let wanted = match self {
+            DatagramSocket::Udp(_) => UDP_SOCKET_BUFFER_BYTES,
+            DatagramSocket::Unix(_) => MAX_UNIX_DATAGRAM_BYTES + UNIX_DATAGRAM_SEND_OVERHEAD,
+        };
+        if socket.send_buffer_size()? < wanted {
+            socket.set_send_buffer_size(wanted.div_ceil(2))?;
+        }
+        if socket.recv_buffer_size()? < wanted {
+            socket.set_recv_buffer_size(wanted.div_ceil(2))?;
+        }
+        Ok(())
+    }
+
+    /// The longest datagram this socket receives and answers whole, so the size of its
+    /// receive buffer: [`MAX_UDP_DATAGRAM_BYTES`] for UDP; for Unix datagrams, what its
+    /// send buffer lets it send back (`SO_SNDBUF - 32`; after
+    /// [`DatagramSocket::size_buffers`] that is `2 * net.core.wmem_max - 32`), at most
+    /// [`MAX_UNIX_DATAGRAM_BYTES`].
+    pub fn max_datagram_bytes(&self) -> usize {
         match self {
-            DatagramSocket::Udp(s) => s.recv_from(buf).map(|(n, a)| (n, Peer::Ip(a))),
-            DatagramSocket::Unix(s) => s.recv_from(buf).map(|(n, a)| (n, Peer::Unix(a))),
+            DatagramSocket::Udp(_) => MAX_UDP_DATAGRAM_BYTES,
+            DatagramSocket::Unix(socket) => SockRef::from(socket)
+                .send_buffer_size()
+                .map_or(MAX_UDP_DATAGRAM_BYTES, |bytes| {
+                    bytes.saturating_sub(UNIX_DATAGRAM_SEND_OVERHEAD)
+                })
+                .min(MAX_UNIX_DATAGRAM_BYTES),
         }
     }
 

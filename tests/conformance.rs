@@ -92,12 +92,13 @@ macro_rules! with_cases {
 }
 
 // `prefix_flood_bounded` sets its own transport (TCP, whose kernel queues it reads) and
-// `--max-buffer`, so it runs once per model, not again under each variant.
+// `--max-buffer`, so it runs once per model, not again under each variant; so do the
+// datagram size cases (datagram sockets only).
 with_cases!(
     {
         models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, own_runtime, tokio, uring],
     },
-    extra: [prefix_flood_bounded]
+    extra: [prefix_flood_bounded, datagram_big_unix, datagram_too_large_dropped]
 );
 
 // uring's Unix paths (accept without a peer port, receives and sends on Unix sockets) and a

@@ -13,12 +13,17 @@ use std::time::{Duration, Instant};
 
 /// `GET path` on the metrics endpoint: status code and body.
 fn get(server: &Server, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(server.addr("http")).expect("connect to metrics");
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream.set_write_timeout(Some(PATIENCE)).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").expect("send request");
+    try_get(server, path).expect("GET from the metrics endpoint")
+}
+
+/// `GET path` on the metrics endpoint, or the error of connecting or reading.
+fn try_get(server: &Server, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(server.addr("http"))?;
+    stream.set_read_timeout(Some(PATIENCE))?;
+    stream.set_write_timeout(Some(PATIENCE))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
+    stream.read_to_string(&mut response)?;
     let status = response
         .split_whitespace()
         .nth(1)
@@ -27,7 +32,7 @@ fn get(server: &Server, path: &str) -> (u16, String) {
     let body = response
         .split_once("\r\n\r\n")
         .map_or(String::new(), |(_, body)| body.to_string());
-    (status, body)
+    Ok((status, body))
 }
 
 /// Parses a scrape with `prometheus_client.parser.text_string_to_metric_families` and
@@ -380,12 +385,258 @@ fn counts_known_traffic(model: &str) {
     server.stop();
 }
 
+/// Scrapes until every series in `expected` has exactly its value (counts land just after
+/// the event), failing after `PATIENCE` with what the last scrape showed. `false` when the
+/// parser is not installed (outside CI).
+fn wait_for_counts(server: &Server, model: &str, expected: &BTreeMap<String, f64>) -> bool {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, body) = get(server, "/metrics");
+        let Some(samples) = parse_scrape(&body) else {
+            return false;
+        };
+        let seen: BTreeMap<String, f64> = expected
+            .keys()
+            .map(|name| (name.clone(), samples.get(name).copied().unwrap_or(f64::NAN)))
+            .collect();
+        if seen == *expected {
+            return true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{model}: the scrape never showed the traffic; last:\n{seen:#?}\nexpected:\n{expected:#?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A UDP socket on a free loopback address 127.0.0.2-254 at source `port`, or `None`
+/// without the privilege to bind a port below 1024.
+fn bind_udp_port(port: u16) -> Option<std::net::UdpSocket> {
+    (2..255).find_map(|host| std::net::UdpSocket::bind(format!("127.0.0.{host}:{port}")).ok())
+}
+
+/// Every way a connection or a datagram can end, counted under its reason: a handler
+/// panic (TCP and UDP), an idle timeout, `quit`, the reflection guard, a peer that never
+/// reads its Unix datagram replies; and accepts paused for lack of descriptors.
+fn counts_reasons(model: &str) {
+    use std::os::unix::net::{UnixDatagram, UnixStream};
+    let dgram_path = common::temp_socket_path("metrics-dgram");
+    let dgram_text = dgram_path.to_str().unwrap().to_string();
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--unix-dgram",
+            &dgram_text,
+            "--protocol",
+            "lines",
+            "--panic-on",
+            "boom",
+            "--idle-timeout",
+            "1",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    // A handler panic closes that connection only.
+    let mut panics = server.connect_tcp();
+    panics.write_all(b"boom\n").unwrap();
+    let mut back = Vec::new();
+    let _ = panics.read_to_end(&mut back);
+    assert!(back.is_empty(), "{model}: the panic word got a reply");
+    // A silent connection is closed by --idle-timeout.
+    let mut idle = server.connect_tcp();
+    let _ = idle.read_to_end(&mut back);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    udp.send_to(b"boom\n", server.addr("udp")).unwrap();
+    udp.send_to(b"fine\n", server.addr("udp")).unwrap();
+    let mut reply = [0u8; 64];
+    assert_eq!(udp.recv(&mut reply).unwrap(), 5);
+    let guarded = bind_udp_port(1023);
+    if let Some(low) = &guarded {
+        low.send_to(b"spoofed\n", server.addr("udp")).unwrap();
+    }
+    // Replies to a Unix datagram peer that never reads fill its queue; the rest are dropped.
+    let silent_path = common::temp_socket_path("metrics-silent");
+    let silent = UnixDatagram::bind(&silent_path).unwrap();
+    for n in 0..20u8 {
+        silent.send_to(&[b'a' + n, b'\n'], &dgram_path).unwrap();
+        thread::sleep(Duration::from_millis(10));
+    }
+    let unix_received = r#"reverb_datagrams_received_total{transport="unix-dgram"}"#;
+    let deadline = Instant::now() + PATIENCE;
+    while samples_of_server(&server, unix_received).is_some_and(|n| n != 20.0) {
+        assert!(
+            Instant::now() < deadline,
+            "{model}: 20 Unix datagrams never counted"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let Some(not_reading) = samples_of_server(
+        &server,
+        r#"reverb_datagrams_dropped_total{reason="peer_not_reading",transport="unix-dgram"}"#,
+    ) else {
+        return;
+    };
+    assert!(
+        (1.0..20.0).contains(&not_reading),
+        "{model}: {not_reading} replies dropped for a peer that never reads"
+    );
+    let expected: BTreeMap<String, f64> = [
+        (r#"reverb_connections_accepted_total{transport="tcp"}"#, 2.0),
+        (r#"reverb_connections_open{transport="tcp"}"#, 0.0),
+        (
+            r#"reverb_connections_closed_total{reason="handler_panic",transport="tcp"}"#,
+            1.0,
+        ),
+        (
+            r#"reverb_connections_closed_total{reason="idle_timeout",transport="tcp"}"#,
+            1.0,
+        ),
+        (r#"reverb_handler_panics_total{transport="tcp"}"#, 1.0),
+        (r#"reverb_received_bytes_total{transport="tcp"}"#, 5.0),
+        (r#"reverb_sent_bytes_total{transport="tcp"}"#, 0.0),
+        (r#"reverb_handler_panics_total{transport="udp"}"#, 1.0),
+        (
+            r#"reverb_datagrams_received_total{transport="udp"}"#,
+            if guarded.is_some() { 3.0 } else { 2.0 },
+        ),
+        (r#"reverb_datagrams_answered_total{transport="udp"}"#, 1.0),
+        (
+            r#"reverb_datagrams_dropped_total{reason="handler_panic",transport="udp"}"#,
+            1.0,
+        ),
+        (
+            r#"reverb_datagrams_dropped_total{reason="reflection_guard",transport="udp"}"#,
+            if guarded.is_some() { 1.0 } else { 0.0 },
+        ),
+        (
+            r#"reverb_datagrams_received_total{transport="unix-dgram"}"#,
+            20.0,
+        ),
+        (
+            r#"reverb_datagrams_answered_total{transport="unix-dgram"}"#,
+            20.0 - not_reading,
+        ),
+        (
+            r#"reverb_received_bytes_total{transport="unix-dgram"}"#,
+            40.0,
+        ),
+        (
+            r#"reverb_sent_bytes_total{transport="unix-dgram"}"#,
+            2.0 * (20.0 - not_reading),
+        ),
+        (
+            r#"reverb_datagrams_dropped_total{reason="error",transport="unix-dgram"}"#,
+            0.0,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect();
+    if !wait_for_counts(&server, model, &expected) {
+        return;
+    }
+    drop(silent);
+    let _ = std::fs::remove_file(&silent_path);
+    server.stop();
+
+    // until-quit's goodbye, over a Unix stream socket.
+    let unix_path = common::temp_socket_path("metrics-quit");
+    let unix_text = unix_path.to_str().unwrap().to_string();
+    let server = Server::start(
+        model,
+        &[
+            "--unix",
+            &unix_text,
+            "--protocol",
+            "until-quit",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut quits = UnixStream::connect(&unix_path).unwrap();
+    quits.set_read_timeout(Some(PATIENCE)).unwrap();
+    quits.write_all(b"bye quit\n").unwrap();
+    back.clear();
+    let _ = quits.read_to_end(&mut back);
+    assert_eq!(back, b"bye quit\n");
+    let expected: BTreeMap<String, f64> = [
+        (
+            r#"reverb_connections_closed_total{reason="quit",transport="unix"}"#,
+            1.0,
+        ),
+        (r#"reverb_received_bytes_total{transport="unix"}"#, 9.0),
+        (r#"reverb_sent_bytes_total{transport="unix"}"#, 9.0),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect();
+    if !wait_for_counts(&server, model, &expected) {
+        return;
+    }
+    server.stop();
+
+    // Out of descriptors: accepts pause, and each pause is counted. A serial model holds
+    // one connection at a time and a forking parent hands each away: neither runs out.
+    if model == "blocking" || model == "forking" {
+        return;
+    }
+    let server = Server::start_with_fd_limit(
+        model,
+        &["--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+        48,
+    );
+    let held: Vec<TcpStream> = (0..60)
+        .map(|_| TcpStream::connect(server.addr("tcp")).unwrap())
+        .collect();
+    server.wait_for_log("pausing accepts");
+    drop(held);
+    // The endpoint itself may meet the descriptor limit while the loops catch up (and
+    // starts again): ask until it answers.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok((200, body)) = try_get(&server, "/metrics") {
+            let Some(samples) = parse_scrape(&body) else {
+                return;
+            };
+            let name = r#"reverb_accept_pauses_total{transport="tcp"}"#;
+            if samples.get(name).is_some_and(|&pauses| pauses >= 1.0) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{model}: accept pauses never counted"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    server.stop();
+}
+
+/// One series of a scrape of `server`; `None` without the parser.
+fn samples_of_server(server: &Server, name: &str) -> Option<f64> {
+    let (_, body) = get(server, "/metrics");
+    parse_scrape(&body).map(|samples| samples.get(name).copied().unwrap_or(f64::NAN))
+}
+
 macro_rules! counting_models {
     ($($model:ident => $name:literal),* $(,)?) => {
         mod counts {
             $(#[test]
             fn $model() {
                 super::counts_known_traffic($name);
+            })*
+        }
+        mod reasons {
+            $(#[test]
+            fn $model() {
+                super::counts_reasons($name);
             })*
         }
     };
@@ -400,6 +651,8 @@ counting_models! {
     select => "select",
     poll => "poll",
     epoll => "epoll",
+    own_runtime => "async",
+    tokio => "tokio",
     uring => "uring",
 }
 
@@ -443,4 +696,112 @@ fn refused_setups_are_counted_as_rejected() {
         assert_eq!(sample(&body, quit), Some(0.0), "{flag}:\n{body}");
         server.stop();
     }
+}
+
+/// The endpoint answers what it cannot serve with a status of its own and goes on: a
+/// method other than GET or HEAD is 405, a malformed request 400, a request past 8 KiB 431;
+/// HEAD gets GET's headers without the body.
+#[test]
+fn bad_requests_are_answered_and_the_endpoint_goes_on() {
+    let server = Server::start(
+        "epoll",
+        &["--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+    );
+    let raw = |request: &[u8]| {
+        let mut stream = TcpStream::connect(server.addr("http")).expect("connect to metrics");
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.write_all(request).expect("send request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read response");
+        response
+    };
+    let status = |response: &str| response.split_whitespace().nth(1).map(str::to_string);
+    let post = raw(b"POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status(&post).as_deref(), Some("405"), "{post}");
+    let garbage = raw(b"\x01\x02 nonsense\r\n\r\n");
+    assert_eq!(status(&garbage).as_deref(), Some("400"), "{garbage}");
+    let mut huge = b"GET /metrics HTTP/1.1\r\nX-Filler: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 9000));
+    huge.extend(b"\r\n\r\n");
+    let too_large = raw(&huge);
+    assert_eq!(status(&too_large).as_deref(), Some("431"), "{too_large}");
+    let head = raw(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK\r\n") && head.contains("Content-Length: 3\r\n"),
+        "{head}"
+    );
+    assert!(head.ends_with("\r\n\r\n"), "no body after HEAD: {head:?}");
+    assert_eq!(get(&server, "/healthz"), (200, "ok\n".to_string()));
+    server.stop();
+}
+
+/// The processes whose parent is `pid`, from `/proc`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
+                // Fields after the command name (in parentheses): state, then ppid.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// A `forking` child killed with SIGKILL keeps what it counted (counters never go
+/// backwards), its connection is counted closed (reason `error`) when the parent reaps
+/// it, and the server goes on counting the next connections.
+#[test]
+fn forking_child_killed_keeps_its_counts() {
+    let server = Server::start(
+        "forking",
+        &["--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+    );
+    let before = children_of(server.pid());
+    let mut victim = server.connect_tcp();
+    victim.write_all(&[b'k'; 10]).unwrap();
+    let mut back = [0u8; 10];
+    victim.read_exact(&mut back).unwrap();
+    let child = children_of(server.pid())
+        .into_iter()
+        .find(|pid| !before.contains(pid))
+        .expect("the connection's child");
+    let killed = Command::new("kill")
+        .args(["-KILL", &child.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let mut rest = Vec::new();
+    let _ = victim.read_to_end(&mut rest);
+    let mut after = server.connect_tcp();
+    after.write_all(&[b'a'; 5]).unwrap();
+    after.shutdown(std::net::Shutdown::Write).unwrap();
+    after.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, [b'a'; 5]);
+    let expected: BTreeMap<String, f64> = [
+        (r#"reverb_connections_accepted_total{transport="tcp"}"#, 2.0),
+        (r#"reverb_connections_open{transport="tcp"}"#, 0.0),
+        (
+            r#"reverb_connections_closed_total{reason="error",transport="tcp"}"#,
+            1.0,
+        ),
+        (
+            r#"reverb_connections_closed_total{reason="peer_eof",transport="tcp"}"#,
+            1.0,
+        ),
+        (r#"reverb_received_bytes_total{transport="tcp"}"#, 15.0),
+        (r#"reverb_sent_bytes_total{transport="tcp"}"#, 15.0),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect();
+    if !wait_for_counts(&server, "forking", &expected) {
+        return;
+    }
+    server.stop();
 }

@@ -502,7 +502,7 @@ fn haproxy_send_proxy_v1_and_v2(model: &str) {
         client.write_all(b"boom\n").expect("send");
         let mut rest = Vec::new();
         let _ = client.read_to_end(&mut rest);
-        server.wait_for_log(&format!("handler for {me} panicked"));
+        server.wait_for_log_line(&["handler panicked", &format!("peer={me}")]);
     }
     server.stop();
 }
@@ -576,10 +576,14 @@ fn proxy_header_refusals_and_deadline(model: &str) {
         (0.9..5.0).contains(&cut_after),
         "{model}: the trickled header was cut after {cut_after} s, not at the 1 s deadline"
     );
-    server.wait_for_log(&format!("closing {http_peer}: no PROXY protocol header: "));
-    server.wait_for_log(&format!(
-        "closing {slow_peer}: no PROXY protocol header within 1.0 s of accept"
-    ));
+    server.wait_for_log_line(&[
+        "closing: no PROXY protocol header: ",
+        &format!("peer={http_peer}"),
+    ]);
+    server.wait_for_log_line(&[
+        "closing: no PROXY protocol header within 1.0 s of accept",
+        &format!("peer={slow_peer}"),
+    ]);
 
     let mut local = early.take().unwrap_or_else(health_check);
     let mut reader = BufReader::new(local.try_clone().expect("clone"));
@@ -636,9 +640,10 @@ fn tls_handshake_deadline(model: &str) {
         (0.9..5.0).contains(&cut_after),
         "{model}: the stalled handshake was cut after {cut_after} s, not at the 1 s deadline"
     );
-    server.wait_for_log(&format!(
-        "closing {stalled_peer}: TLS handshake not finished within 1.0 s of accept"
-    ));
+    server.wait_for_log_line(&[
+        "closing: TLS handshake not finished within 1.0 s of accept",
+        &format!("peer={stalled_peer}"),
+    ]);
     assert_eq!(
         server.stderr().matches(&stalled_peer.to_string()).count(),
         1

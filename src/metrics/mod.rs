@@ -8,6 +8,10 @@
 //! created before any fork, so a `forking` child writes where its parent's metrics
 //! server reads. When a slot's owner ends, its counts are folded into a slot of retired
 //! totals under a short lock that scrapes take too, so a sum never sees them twice.
+//! A slot names the process that claimed it: a `forking` child never folds its own (it
+//! may be killed at any moment, even halfway through); the parent folds it when it reaps
+//! the child ([`Metrics::retire_process`]), so a killed child frees its slot and keeps
+//! its counts.
 //!
 //! Without `--metrics`, [`Metrics::disabled`] hands out counters that count nothing.
 
@@ -177,8 +181,14 @@ const READY: usize = 0;
 const FOLD_LOCK: usize = 1;
 const HIGH_WATER: usize = 2;
 
+/// A slot's state word: `FREE`, or the process id of the owner that claimed it.
 const FREE: u64 = 0;
-const CLAIMED: u64 = 1;
+
+/// The state word of a slot claimed by process `pid`.
+fn claimed_by(pid: libc::pid_t) -> u64 {
+    // A process id is positive, so this is never FREE.
+    u64::from(pid.unsigned_abs())
+}
 
 /// The server's metrics: a cheap, copyable handle. [`Metrics::disabled`] counts nothing.
 #[derive(Clone, Copy, Debug)]
@@ -233,11 +243,12 @@ impl Metrics {
             return Counters::nothing();
         };
         let words = shared.words();
+        let owner = claimed_by(crate::sys::process::id());
         for slot in OVERFLOW_SLOT + 1..SLOTS {
             let state = &words[slot_start(slot)];
             if state.load(Ordering::Relaxed) == FREE
                 && state
-                    .compare_exchange(FREE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
+                    .compare_exchange(FREE, owner, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
                 words[HIGH_WATER].fetch_max(slot as u64 + 1, Ordering::Release);
@@ -273,7 +284,7 @@ impl Metrics {
         let high_water = (words[HIGH_WATER].load(Ordering::Acquire) as usize).min(SLOTS);
         for slot in 0..high_water {
             let start = slot_start(slot);
-            if slot > OVERFLOW_SLOT && words[start].load(Ordering::Acquire) != CLAIMED {
+            if slot > OVERFLOW_SLOT && words[start].load(Ordering::Acquire) == FREE {
                 continue;
             }
             for (total, word) in totals.values.iter_mut().zip(&words[start + 1..]) {
@@ -281,6 +292,23 @@ impl Metrics {
             }
         }
         totals
+    }
+
+    /// Folds the slots of process `pid`, which has ended (a `forking` child its parent
+    /// reaped), into the retired totals and frees them: the counts stay, the slots are
+    /// reused. Call only once `pid` can no longer write (it was reaped).
+    pub fn retire_process(&self, pid: libc::pid_t) {
+        let Some(shared) = self.shared else {
+            return;
+        };
+        let words = shared.words();
+        let owner = claimed_by(pid);
+        let high_water = (words[HIGH_WATER].load(Ordering::Acquire) as usize).min(SLOTS);
+        for slot in OVERFLOW_SLOT + 1..high_water {
+            if words[slot_start(slot)].load(Ordering::Acquire) == owner {
+                shared.retire(slot);
+            }
+        }
     }
 
     fn server_pid(&self) -> libc::pid_t {
@@ -292,6 +320,23 @@ impl Metrics {
 impl Shared {
     fn words(&self) -> &[AtomicU64] {
         self.words.words()
+    }
+
+    /// Folds `slot`'s counts into the retired totals under the fold lock, then frees it.
+    fn retire(&self, slot: usize) {
+        let words = self.words();
+        let start = slot_start(slot);
+        {
+            let _lock = self.lock_folds();
+            let retired = &words[slot_start(RETIRED_SLOT) + 1..];
+            for (total, word) in retired
+                .iter()
+                .zip(&words[start + 1..start + 1 + COUNTER_WORDS])
+            {
+                total.fetch_add(word.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        words[start].store(FREE, Ordering::Release);
     }
 
     /// Takes the fold lock. Holders: a slot's retirement and a scrape, in the server and
@@ -426,22 +471,13 @@ impl Drop for Counters {
         let Some(shared) = self.shared else {
             return;
         };
-        if self.is_overflow {
+        // A forked child leaves its slot to the parent that reaps it: killed halfway
+        // through a fold (or while holding the fold lock) it would lose counts or stop
+        // every scrape.
+        if self.is_overflow || crate::sys::process::id() != shared.server_pid {
             return;
         }
-        let words = shared.words();
-        let start = slot_start(self.slot);
-        {
-            let _lock = shared.lock_folds();
-            let retired = &words[slot_start(RETIRED_SLOT) + 1..];
-            for (total, word) in retired
-                .iter()
-                .zip(&words[start + 1..start + 1 + COUNTER_WORDS])
-            {
-                total.fetch_add(word.swap(0, Ordering::Relaxed), Ordering::Relaxed);
-            }
-        }
-        words[start].store(FREE, Ordering::Release);
+        shared.retire(self.slot);
     }
 }
 
@@ -515,6 +551,35 @@ mod tests {
         third.sent(Transport::Udp, 5);
         assert_eq!(metrics.totals().accepted(Transport::Tcp), 2);
         assert_eq!(metrics.totals().sent_bytes(Transport::Udp), 5);
+    }
+
+    #[test]
+    fn a_retired_process_keeps_its_counts_and_frees_its_slots() {
+        let metrics = Metrics::new().expect("metrics");
+        let words = metrics.shared.expect("enabled").words();
+        // A slot as a forked child that was killed leaves it: claimed by its pid, never
+        // dropped.
+        let child_pid = crate::sys::process::id() + 1;
+        let slot = OVERFLOW_SLOT + 1;
+        words[slot_start(slot)].store(claimed_by(child_pid), Ordering::Relaxed);
+        words[HIGH_WATER].fetch_max(slot as u64 + 1, Ordering::Relaxed);
+        let child = Counters::owning(metrics.shared.expect("enabled"), slot, false);
+        child.accepted(Transport::Unix);
+        child.received(Transport::Unix, 7);
+        std::mem::forget(child);
+        metrics.retire_process(child_pid + 1);
+        assert_eq!(
+            words[slot_start(slot)].load(Ordering::Relaxed),
+            claimed_by(child_pid)
+        );
+        metrics.retire_process(child_pid);
+        assert_eq!(words[slot_start(slot)].load(Ordering::Relaxed), FREE);
+        let totals = metrics.totals();
+        assert_eq!(totals.accepted(Transport::Unix), 1);
+        assert_eq!(totals.received_bytes(Transport::Unix), 7);
+        // Retiring again adds nothing.
+        metrics.retire_process(child_pid);
+        assert_eq!(metrics.totals().accepted(Transport::Unix), 1);
     }
 
     #[test]

@@ -10,14 +10,16 @@
 //! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
 //! `poll` waits no longer than that connection's idle deadline.
 
+use crate::metrics::{Metrics, Transport};
+use crate::net::{DatagramSocket, Peer, Received};
 use crate::server::is_per_peer_datagram_error;
 use crate::server::one_socket::{LingerOn, serve_connection};
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, DATAGRAM_BUFFER_BYTES, DatagramReplier, Listeners, LoopLog,
-    Protocol, RunOptions, ServeError, Shutdown, accept_and_admit,
+    ACCEPT_PAUSE, Accepted, Admission, CloseReason, DatagramReplier, Listeners, LoopLog, Protocol,
+    RunOptions, ServeError, Shutdown, accept_and_admit, stream_transport,
 };
 use crate::sys::poll::{self, POLLIN};
-use crate::sys::process::{self, Forked, Pid};
+use crate::sys::process::{self, ChildEnd, Forked, Pid};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
@@ -51,13 +53,15 @@ pub fn run(
     }
     let RunOptions { threads: _ } = options;
     // Each child holds its place under --max-conns until the parent reaps it.
-    let mut children: HashMap<Pid, Option<Admission>> = HashMap::new();
-    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
+    let mut children = Children::new();
+    let most = (listeners.datagrams.iter()).map(DatagramSocket::max_datagram_bytes);
+    let mut buf = vec![0u8; most.max().unwrap_or(0)];
+    let metrics = listeners.limits.metrics;
     let mut replier = DatagramReplier::new(protocol.clone());
     // The parent's own counters (accepts); every child counts in a slot of its own.
     let log = LoopLog::new(listeners.limits.metrics);
     loop {
-        reap(&mut children)?;
+        reap(&mut children, metrics, &log)?;
         let mut entries: Vec<_> = listeners
             .streams
             .iter()
@@ -89,11 +93,12 @@ pub fn run(
                     &mut replier,
                     &mut buf,
                     &mut children,
+                    &log,
                 )?;
             }
         }
     }
-    drain_children(&mut children, listeners.limits.drain_timeout)?;
+    drain_children(&mut children, listeners.limits.drain_timeout, metrics, &log)?;
     Ok(())
 }
 
@@ -102,7 +107,7 @@ fn accept_one(
     index: usize,
     protocol: &Protocol,
     shutdown: &Shutdown,
-    children: &mut HashMap<Pid, Option<Admission>>,
+    children: &mut Children,
     log: &LoopLog,
 ) -> io::Result<()> {
     let listener = &listeners.streams[index];
@@ -130,11 +135,12 @@ fn accept_one(
             })
         }
         Forked::Parent(pid) => {
-            tracing::debug!("child {pid} serves {peer}");
+            tracing::debug!(peer = %peer, "child {pid} serves it");
             // The child has its own copy; the parent's must close, or the peer would never
             // see EOF after the child exits.
+            let transport = stream_transport(&stream);
             drop(stream);
-            children.insert(pid, Some(admission));
+            children.insert(pid, Some((admission, peer, transport)));
             Ok(())
         }
     }
@@ -145,10 +151,18 @@ fn answer_one(
     index: usize,
     replier: &mut DatagramReplier,
     buf: &mut [u8],
-    children: &mut HashMap<Pid, Option<Admission>>,
+    children: &mut Children,
+    log: &LoopLog,
 ) -> io::Result<()> {
-    let (n, peer) = match listeners.datagrams[index].recv_from(buf) {
-        Ok(received) => received,
+    let socket = &listeners.datagrams[index];
+    let buf = &mut buf[..socket.max_datagram_bytes()];
+    let (received, peer) = match socket.recv_from(buf) {
+        Ok((Received::Whole(len), peer)) => (len, peer),
+        Ok((truncated, peer)) => {
+            // Dropped here, without a child: the parent counts it in its own slot.
+            replier.answer_received(socket, &peer, truncated, buf, log);
+            return Ok(());
+        }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock || is_per_peer_datagram_error(&e) => {
             return Ok(());
         }
@@ -163,7 +177,7 @@ fn answer_one(
                 // The child's own slot, in the mapping its parent's metrics server reads:
                 // the parent's log has one writer, the parent.
                 let log = LoopLog::new(metrics);
-                replier.answer(&socket, &peer, &buf[..n], &log);
+                replier.answer(&socket, &peer, &buf[..received], &log);
             })
         }
         Forked::Parent(pid) => {
@@ -191,9 +205,24 @@ fn run_child(work: impl FnOnce()) -> ! {
     process::exit_now(code)
 }
 
-fn reap(children: &mut HashMap<Pid, Option<Admission>>) -> io::Result<()> {
-    while let Some(pid) = process::reap_child()? {
-        children.remove(&pid);
+/// The children not reaped yet. A connection's child holds the connection's place under
+/// `--max-conns`, its peer and its transport, so that the parent can record the close of a
+/// connection whose child was killed before it could.
+type Children = HashMap<Pid, Option<(Admission, Peer, Transport)>>;
+
+/// Reaps every child that ended, freeing its place under `--max-conns` and its counter
+/// slots (its counts are kept): a child killed before it could hand its slot back would
+/// otherwise hold it for ever. A connection whose child a signal killed is counted closed
+/// here (reason `error`), since its child never got to.
+fn reap(children: &mut Children, metrics: Metrics, log: &LoopLog) -> io::Result<()> {
+    while let Some((pid, end)) = process::reap_child()? {
+        let child = children.remove(&pid);
+        metrics.retire_process(pid);
+        if let (Some(Some((_admission, peer, transport))), ChildEnd::Killed(signal)) = (child, end)
+        {
+            let killed = io::Error::other(format!("its child {pid} was killed by signal {signal}"));
+            log.closed(&peer, transport, &CloseReason::Failed(killed));
+        }
     }
     Ok(())
 }
@@ -201,13 +230,15 @@ fn reap(children: &mut HashMap<Pid, Option<Admission>>) -> io::Result<()> {
 /// Children heard the shutdown through the shared eventfd; wait for them to finish, and
 /// kill those still running after the drain timeout.
 fn drain_children(
-    children: &mut HashMap<Pid, Option<Admission>>,
+    children: &mut Children,
     drain_timeout: Duration,
+    metrics: Metrics,
+    log: &LoopLog,
 ) -> io::Result<()> {
     let deadline = Instant::now() + drain_timeout;
     let mut killed_at: Option<Instant> = None;
     while !children.is_empty() {
-        reap(children)?;
+        reap(children, metrics, log)?;
         // Children end at their own drain deadline, the same as ours: often just now.
         if children.is_empty() {
             break;

@@ -22,10 +22,9 @@ use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::linger;
 use crate::server::task_buffers;
 use crate::server::{
-    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    accept_action, is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle,
-    log_over_limit,
+    ACCEPT_PAUSE, AcceptAction, Admission, CloseReason, Connection, ConnectionCounter,
+    DatagramReplier, Ending, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError,
+    Shutdown, accept_action, is_per_peer_datagram_error, listener_transport,
 };
 use std::cell::Cell;
 use std::io;
@@ -42,6 +41,8 @@ struct Loop {
     is_draining: Cell<bool>,
     /// The drain timeout passed: stop sending too.
     is_cut: Cell<bool>,
+    /// This runtime's log and counters: every task of the loop runs on its one thread.
+    log: LoopLog,
 }
 
 /// Serves every listener on `--threads` runtimes until `shutdown` fires, then drains.
@@ -64,6 +65,7 @@ pub fn run(
         counter: listeners.counter.clone(),
         is_draining: Cell::new(false),
         is_cut: Cell::new(false),
+        log: LoopLog::new(listeners.limits.metrics),
     };
     run_loops(
         "async",
@@ -121,18 +123,28 @@ fn serve_loop(
 /// Accepts connections until shutdown, spawning a task for each admitted one.
 async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Result<()> {
     let is_draining = || state.is_draining.get();
+    let (name, transport) = (
+        listener.get_ref().name(),
+        listener_transport(listener.get_ref()),
+    );
     while let Some(accepted) = unless(is_draining, None, listener.accept()).await {
         match accepted {
             Ok((stream, peer)) => match state.counter.admit() {
                 Some(admission) => {
+                    state.log.accepted(&peer, transport, name);
                     runtime::spawn(serve_connection(stream, peer, admission, state.clone()));
                 }
-                None => log_over_limit(&peer, state.counter.max_conns().unwrap_or(0)),
+                None => {
+                    let max_conns = state.counter.max_conns().unwrap_or(0);
+                    state
+                        .log
+                        .closed(&peer, transport, &CloseReason::OverLimit(max_conns));
+                }
             },
             Err(e) => match accept_action(&e) {
                 AcceptAction::Wait | AcceptAction::Retry => {}
                 AcceptAction::Pause => {
-                    log_accept_pause(listener.get_ref().name(), &e);
+                    state.log.accept_paused(name, transport, &e);
                     unless(is_draining, None, runtime::sleep(ACCEPT_PAUSE)).await;
                 }
                 AcceptAction::Fail => return Err(e),
@@ -143,7 +155,8 @@ async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Re
 }
 
 /// One connection's task: sends what is owed, reads, hands the bytes over, until the
-/// connection is finished. Its errors are logged here and never reach the loop.
+/// connection is finished. How it ended is logged and counted here and never reaches the
+/// loop.
 async fn serve_connection(
     stream: Async<Stream>,
     peer: Peer,
@@ -156,16 +169,34 @@ async fn serve_connection(
         &state.limits,
         stream.get_ref().as_fd(),
     );
-    if let Err(e) = converse(&stream, &mut connection, &state).await {
-        tracing::debug!("connection {} ended: {e}", connection.peer());
+    let reason = converse(&stream, &mut connection, &state).await;
+    match reason.ending() {
+        // Everything owed was sent: the peer reads EOF after the last reply.
+        Ending::Eof => drop(stream.shutdown(Half::Write)),
+        Ending::Lingering => {
+            if matches!(reason, CloseReason::Idle(_)) {
+                // With TLS this queues close_notify; an idle peer has room for it, and
+                // one that has none does not hold up the close.
+                connection.stop_reading();
+                if let Ok(sent) = stream.get_ref().write(connection.unsent()) {
+                    state.log.sent(connection.transport(), sent);
+                    connection.advance(sent);
+                }
+            }
+            linger::hand_off_duplicate(stream.get_ref().as_fd());
+        }
+        Ending::Refused | Ending::Abort => {}
     }
+    let log = &state.log;
+    log.closed(connection.peer(), connection.transport(), &reason);
 }
 
+/// Serves `connection` until it must close, and says why.
 async fn converse(
     stream: &Async<Stream>,
     connection: &mut Connection,
     state: &Loop,
-) -> io::Result<()> {
+) -> CloseReason {
     let (is_draining, is_cut) = (|| state.is_draining.get(), || state.is_cut.get());
     let idle_timeout = state.limits.idle_timeout;
     let mut idle = idle_timeout.map(runtime::sleep);
@@ -175,11 +206,12 @@ async fn converse(
             let owed = connection.owed();
             let Some(sent) = unless(is_cut, None, stream.write_all(connection.unsent())).await
             else {
-                log_drain_cut(connection.peer(), owed);
-                linger::hand_off_duplicate(stream.get_ref().as_fd());
-                return Ok(());
+                return CloseReason::DrainTimeout { owed };
             };
-            sent?;
+            if let Err(e) = sent {
+                return CloseReason::Failed(e);
+            }
+            state.log.sent(connection.transport(), owed);
             connection.advance(owed);
             task_buffers::return_spare(connection);
         }
@@ -187,44 +219,38 @@ async fn converse(
             connection.stop_reading();
         }
         if connection.is_finished() {
-            // Everything owed was sent: the peer reads EOF after the last reply.
-            if connection.needs_linger() {
-                linger::hand_off_duplicate(stream.get_ref().as_fd());
-            } else {
-                let _ = stream.shutdown(Half::Write);
-            }
-            return Ok(());
+            return connection.finish_reason(is_draining());
         }
         if let (Some(timer), Some(timeout)) = (&mut idle, idle_timeout) {
             timer.reset(runtime::now() + timeout);
         }
-        match unless(is_draining, idle.as_mut(), receive(stream, connection)).await {
-            Some(received) => received?,
+        match unless(
+            is_draining,
+            idle.as_mut(),
+            receive(stream, connection, &state.log),
+        )
+        .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(reason)) => return reason,
             // Shutdown began: stop reading at the top of the loop.
             None if is_draining() => {}
-            None => {
-                log_idle(connection.peer(), idle_timeout.unwrap_or_default());
-                // With TLS this queues close_notify; an idle peer has room for it, and
-                // one that has none does not hold up the close.
-                connection.stop_reading();
-                if let Ok(sent) = stream.get_ref().write(connection.unsent()) {
-                    connection.advance(sent);
-                }
-                linger::hand_off_duplicate(stream.get_ref().as_fd());
-                return Ok(());
-            }
+            None => return CloseReason::Idle(idle_timeout.unwrap_or_default()),
         }
     }
 }
 
 /// Waits for input, then reads it into the loop's buffer and hands it to `connection`.
-async fn receive(stream: &Async<Stream>, connection: &mut Connection) -> io::Result<()> {
+async fn receive(
+    stream: &Async<Stream>,
+    connection: &mut Connection,
+    log: &LoopLog,
+) -> Result<(), CloseReason> {
     loop {
         stream.ready(Direction::Read).await;
-        match task_buffers::receive_into(connection, &mut TaskSocket(stream)) {
-            // Readiness was cached from an earlier edge: wait for the next one.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            received => return received.map(drop),
+        // `None`: readiness was cached from an earlier edge; wait for the next one.
+        if task_buffers::receive_into(connection, log, &mut TaskSocket(stream))?.is_some() {
+            return Ok(());
         }
     }
 }
@@ -246,18 +272,16 @@ impl task_buffers::SocketIo for TaskSocket<'_> {
 /// Answers datagrams until shutdown.
 async fn answer_datagrams(socket: Async<DatagramSocket>, state: Rc<Loop>) -> io::Result<()> {
     let mut replier = DatagramReplier::new(state.protocol.clone());
-    // Logs only: this model does not count yet.
-    let log = LoopLog::default();
-    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
+    let mut buf = vec![0u8; socket.get_ref().max_datagram_bytes()];
     let is_draining = || state.is_draining.get();
     while let Some(received) = unless(is_draining, None, socket.recv_from(&mut buf)).await {
-        let (n, peer) = match received {
+        let (received, peer) = match received {
             Ok(received) => received,
             Err(e) if is_per_peer_datagram_error(&e) => continue,
             Err(e) => return Err(e),
         };
         // A full send buffer drops this one reply, as a lost datagram would.
-        replier.answer(socket.get_ref(), &peer, &buf[..n], &log);
+        replier.answer_received(socket.get_ref(), &peer, received, &buf, &state.log);
     }
     Ok(())
 }

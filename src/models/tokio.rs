@@ -21,10 +21,9 @@ use crate::server::linger;
 use crate::server::stop_signal::StopSignal;
 use crate::server::task_buffers;
 use crate::server::{
-    ACCEPT_PAUSE, AcceptAction, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES,
-    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    accept_action, is_per_peer_datagram_error, log_accept_pause, log_drain_cut, log_idle,
-    log_over_limit,
+    ACCEPT_PAUSE, AcceptAction, Admission, CloseReason, Connection, ConnectionCounter,
+    DatagramReplier, Ending, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError,
+    Shutdown, accept_action, is_per_peer_datagram_error, listener_transport,
 };
 use crate::sys::async_fd;
 use std::future::poll_fn;
@@ -113,6 +112,15 @@ struct Loop {
     cut: StopSignal,
 }
 
+impl Loop {
+    /// Runs `f` with the log of the loop on this thread: every task of a loop runs on its
+    /// thread (a current-thread runtime), and tokio's tasks must be `Send`, so the log
+    /// and its counters are the thread's own rather than the task's.
+    fn with_log<R>(&self, f: impl FnOnce(&LoopLog) -> R) -> R {
+        LoopLog::with_thread_log(self.limits.metrics, f)
+    }
+}
+
 /// Held by every connection task: the loop knows all have ended when the last is dropped
 /// (mini-redis's shutdown_complete).
 type Done = mpsc::Sender<()>;
@@ -174,11 +182,12 @@ async fn serve_socket(
         };
         match &socket {
             Source::Stream(listener) => match ready.try_io(|_| listener.accept()) {
-                Ok(Ok((stream, peer))) => admit(stream, peer, listener.name(), &state, &done),
+                Ok(Ok((stream, peer))) => admit(stream, peer, listener, &state, &done),
                 Ok(Err(e)) => match accept_action(&e) {
                     AcceptAction::Wait | AcceptAction::Retry => {}
                     AcceptAction::Pause => {
-                        log_accept_pause(listener.name(), &e);
+                        let transport = listener_transport(listener);
+                        state.with_log(|log| log.accept_paused(listener.name(), transport, &e));
                         tokio::select! {
                             () = state.draining.wait() => return Ok(()),
                             () = sleep(ACCEPT_PAUSE) => {}
@@ -189,15 +198,15 @@ async fn serve_socket(
                 Err(_would_block) => {}
             },
             Source::Datagram(socket) => {
-                buf.resize(DATAGRAM_BUFFER_BYTES, 0);
-                let (n, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {
+                buf.resize(socket.max_datagram_bytes(), 0);
+                let (received, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {
                     Ok(Ok(received)) => received,
                     Ok(Err(e)) if is_per_peer_datagram_error(&e) => continue,
                     Ok(Err(e)) => return Err(e),
                     Err(_would_block) => continue,
                 };
                 // A full send buffer drops this one reply, as a lost datagram would.
-                replier.answer(socket, &peer, &buf[..n], &LoopLog::default());
+                state.with_log(|log| replier.answer_received(socket, &peer, received, &buf, log));
             }
         }
     }
@@ -208,11 +217,14 @@ trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + AsFd + Unpin + Send> Socket for S {}
 
 /// Hands an accepted connection to tokio and spawns its task, if `--max-conns` admits it.
-fn admit(stream: Stream, peer: Peer, listener: &str, state: &Arc<Loop>, done: &Done) {
+fn admit(stream: Stream, peer: Peer, listener: &StreamListener, state: &Arc<Loop>, done: &Done) {
+    let transport = listener_transport(listener);
     let Some(admission) = state.counter.admit() else {
-        return log_over_limit(&peer, state.counter.max_conns().unwrap_or(0));
+        let max_conns = state.counter.max_conns().unwrap_or(0);
+        let over = CloseReason::OverLimit(max_conns);
+        return state.with_log(|log| log.closed(&peer, transport, &over));
     };
-    tracing::debug!("accepted {peer} on {listener}");
+    state.with_log(|log| log.accepted(&peer, transport, listener.name()));
     let adopted = stream.set_nonblocking(true).and_then(|()| match stream {
         Stream::Tcp(s) => Ok(Box::new(TcpStream::from_std(s)?) as Box<dyn Socket>),
         Stream::Unix(s) => Ok(Box::new(UnixStream::from_std(s)?) as Box<dyn Socket>),
@@ -224,24 +236,54 @@ fn admit(stream: Stream, peer: Peer, listener: &str, state: &Arc<Loop>, done: &D
             state.clone(),
             (admission, done.clone()),
         ))),
-        Err(e) => tracing::warn!("closing {peer}: tokio cannot watch it: {e}"),
+        Err(e) => {
+            let why = CloseReason::CannotWatch(format!("tokio cannot watch it: {e}"));
+            state.with_log(|log| log.closed(&peer, transport, &why));
+        }
     }
 }
 
 /// One connection's task: sends what is owed, reads, hands the bytes over, until the
-/// connection is finished. Its errors end only this connection.
-async fn serve(stream: Box<dyn Socket>, peer: Peer, state: Arc<Loop>, _held: (Admission, Done)) {
+/// connection is finished. How it ended is logged and counted here; it ends only this
+/// connection.
+async fn serve(
+    mut stream: Box<dyn Socket>,
+    peer: Peer,
+    state: Arc<Loop>,
+    _held: (Admission, Done),
+) {
     let mut connection = Connection::new(&state.protocol, peer, &state.limits, stream.as_fd());
-    if let Err(e) = converse(stream, &mut connection, &state).await {
-        tracing::debug!("connection {} ended: {e}", connection.peer());
+    let reason = converse(&mut stream, &mut connection, &state).await;
+    match reason.ending() {
+        // Everything owed was sent: the peer reads EOF after the last reply.
+        Ending::Eof => drop(stream.shutdown().await),
+        Ending::Lingering => {
+            if matches!(reason, CloseReason::Idle(_)) {
+                // With TLS this queues close_notify; an idle peer has room for it, and
+                // one that has none does not hold up the close.
+                connection.stop_reading();
+                let owed = connection.unsent();
+                let write_once =
+                    |cx: &mut Context<'_>| Poll::Ready(Pin::new(&mut *stream).poll_write(cx, owed));
+                if let Poll::Ready(Ok(sent)) = poll_fn(write_once).await {
+                    state.with_log(|log| log.sent(connection.transport(), sent));
+                    connection.advance(sent);
+                }
+            }
+            linger::hand_off_duplicate(stream.as_fd());
+        }
+        Ending::Refused | Ending::Abort => {}
     }
+    let transport = connection.transport();
+    state.with_log(|log| log.closed(connection.peer(), transport, &reason));
 }
 
+/// Serves `connection` until it must close, and says why.
 async fn converse(
-    mut stream: Box<dyn Socket>,
+    stream: &mut Box<dyn Socket>,
     connection: &mut Connection,
     state: &Loop,
-) -> io::Result<()> {
+) -> CloseReason {
     let idle_timeout = state.limits.idle_timeout;
     let mut idle = pin!(sleep(idle_timeout.unwrap_or_default()));
     // Made once: a fresh wait per message would take a lock.
@@ -252,13 +294,14 @@ async fn converse(
             let owed = connection.owed();
             tokio::select! {
                 biased;
-                sent = stream.write_all(connection.unsent()) => sent?,
-                () = &mut cut => {
-                    log_drain_cut(connection.peer(), owed);
-                    linger::hand_off_duplicate(stream.as_fd());
-                    return Ok(());
+                sent = stream.write_all(connection.unsent()) => {
+                    if let Err(e) = sent {
+                        return CloseReason::Failed(e);
+                    }
                 }
+                () = &mut cut => return CloseReason::DrainTimeout { owed },
             }
+            state.with_log(|log| log.sent(connection.transport(), owed));
             connection.advance(owed);
             task_buffers::return_spare(connection);
         }
@@ -266,33 +309,22 @@ async fn converse(
             connection.stop_reading();
         }
         if connection.is_finished() {
-            // Everything owed was sent: the peer reads EOF after the last reply.
-            if connection.needs_linger() {
-                linger::hand_off_duplicate(stream.as_fd());
-            } else {
-                let _ = stream.shutdown().await;
-            }
-            return Ok(());
+            return connection.finish_reason(state.draining.is_fired());
         }
         if let Some(timeout) = idle_timeout {
             idle.as_mut().reset(Instant::now() + timeout);
         }
         tokio::select! {
             biased;
-            received = poll_fn(|cx| poll_receive(cx, &mut stream, connection)) => received?,
+            received = poll_fn(|cx| poll_receive(cx, stream, connection, state)) => {
+                if let Err(reason) = received {
+                    return reason;
+                }
+            }
             // Shutdown began: stop reading at the top of the loop.
             () = &mut draining => {}
             () = &mut idle, if idle_timeout.is_some() => {
-                log_idle(connection.peer(), idle_timeout.unwrap_or_default());
-                // With TLS this queues close_notify; an idle peer has room for it, and
-                // one that has none does not hold up the close.
-                connection.stop_reading();
-                let owed = connection.unsent();
-                if let Poll::Ready(Ok(sent)) = poll_fn(|cx| Poll::Ready(Pin::new(&mut *stream).poll_write(cx, owed))).await {
-                    connection.advance(sent);
-                }
-                linger::hand_off_duplicate(stream.as_fd());
-                return Ok(());
+                return CloseReason::Idle(idle_timeout.unwrap_or_default());
             }
         }
     }
@@ -328,10 +360,13 @@ fn poll_receive(
     cx: &mut Context<'_>,
     stream: &mut Box<dyn Socket>,
     connection: &mut Connection,
-) -> Poll<io::Result<()>> {
-    let received = task_buffers::receive_into(connection, &mut TaskSocket { cx, stream });
+    state: &Loop,
+) -> Poll<Result<(), CloseReason>> {
+    let received = state.with_log(|log| {
+        task_buffers::receive_into(connection, log, &mut TaskSocket { cx, stream })
+    });
     match received {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+        Ok(None) => Poll::Pending,
         received => Poll::Ready(received.map(drop)),
     }
 }

@@ -8,7 +8,7 @@
 
 use super::executor::{Core, current};
 use super::reactor::Direction;
-use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
+use crate::net::{DatagramSocket, Peer, Received, Stream, StreamListener};
 use crate::slab::Token;
 use socket2::SockRef;
 use std::future::poll_fn;
@@ -228,12 +228,13 @@ impl Async<Stream> {
 }
 
 impl Async<DatagramSocket> {
-    /// Receives one datagram into `buf`; returns its length and sender.
+    /// Receives one datagram into `buf`; returns how much of it `buf` got (see
+    /// [`DatagramSocket::recv_from`]) and its sender.
     ///
     /// # Errors
     ///
     /// The OS error of `recvfrom`.
-    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, Peer)> {
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(Received, Peer)> {
         self.read_with(|socket| socket.recv_from(buf)).await
     }
 

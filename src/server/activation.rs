@@ -58,7 +58,9 @@ impl Listeners {
                 (true, _, Type::DGRAM) => {
                     let socket: UdpSocket = socket.into();
                     let local = socket.local_addr().map_err(fail)?;
-                    listeners.push_datagram(format!("udp://{local}"), DatagramSocket::Udp(socket));
+                    listeners
+                        .push_datagram(format!("udp://{local}"), DatagramSocket::Udp(socket))
+                        .map_err(fail)?;
                 }
                 (_, true, Type::STREAM) => {
                     let listener: UnixListener = socket.into();
@@ -70,7 +72,9 @@ impl Listeners {
                     let socket: UnixDatagram = socket.into();
                     let local = socket.local_addr().map_err(fail)?;
                     let name = unix_name(&local, true);
-                    listeners.push_datagram(name, DatagramSocket::Unix(socket));
+                    listeners
+                        .push_datagram(name, DatagramSocket::Unix(socket))
+                        .map_err(fail)?;
                 }
                 _ => return Err(unsupported("an unsupported socket family or type")),
             }
@@ -83,9 +87,11 @@ impl Listeners {
         self.streams.push(listener);
     }
 
-    fn push_datagram(&mut self, name: String, socket: DatagramSocket) {
+    fn push_datagram(&mut self, name: String, socket: DatagramSocket) -> io::Result<()> {
+        socket.size_buffers()?;
         self.names.push(name);
         self.datagrams.push(socket);
+        Ok(())
     }
 }
 

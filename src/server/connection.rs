@@ -100,7 +100,7 @@ impl Connection {
             None => None,
             Some(Ok(layer)) => Some(layer),
             Some(Err(e)) => {
-                tracing::warn!("closing {}: cannot start TLS: {e}", connection.peer);
+                tracing::warn!(peer = %connection.peer, "closing: cannot start TLS: {e}");
                 connection.is_reading = false;
                 return connection;
             }
@@ -283,7 +283,7 @@ impl Connection {
             }
         });
         if was_handshaking && !tls.is_handshaking() {
-            tracing::debug!("{}: TLS established, {}", self.peer, tls.describe());
+            tracing::debug!(peer = %self.peer, "TLS established, {}", tls.describe());
             if let Some(watch) = &layers.watch {
                 watch.finish();
             }
@@ -296,7 +296,7 @@ impl Connection {
                 } else {
                     "TLS error"
                 };
-                tracing::warn!("closing {}: {during}: {e}", self.peer);
+                tracing::warn!(peer = %self.peer, "closing: {during}: {e}");
                 self.reject();
             }
             Ok(TlsInput::PeerClosed) if outcome.is_ok() => self.receive_eof(),
@@ -329,7 +329,7 @@ impl Connection {
                 Some(rest)
             }
             Err(e) => {
-                tracing::warn!("closing {}: {e}", self.peer);
+                tracing::warn!(peer = %self.peer, "closing: {e}");
                 self.reject();
                 None
             }
@@ -349,16 +349,16 @@ impl Connection {
             } => (unix_peer(&source), unix_peer(&destination)),
             ProxyAddresses::Unspecified => {
                 tracing::debug!(
-                    "{}: PROXY v{} header without addresses; keeping the socket's",
-                    self.peer,
+                    peer = %self.peer,
+                    "PROXY v{} header without addresses; keeping the socket's",
                     header.version
                 );
                 return;
             }
         };
         tracing::debug!(
-            "{}: PROXY v{} header: client {source}, reached {destination}",
-            self.peer,
+            peer = %self.peer,
+            "PROXY v{} header: client {source}, reached {destination}",
             header.version
         );
         self.peer = source;
@@ -477,7 +477,7 @@ impl Connection {
                 if has_fired {
                     self.reject();
                 } else {
-                    tracing::info!("closing {}: connection ended before {what}", self.peer);
+                    tracing::info!(peer = %self.peer, "closing: connection ended before {what}");
                     self.fail();
                 }
                 return;
@@ -747,7 +747,11 @@ fn catch_unwind_logged<T>(peer: &Peer, handler: impl FnOnce() -> T) -> Result<T,
             .map(String::as_str)
             .or_else(|| payload.downcast_ref::<&str>().copied())
             .unwrap_or("(no message)");
-        tracing::error!("handler for {peer} panicked: {message}; closing that connection only");
+        tracing::error!(
+            peer = %peer,
+            reason = "handler_panic",
+            "handler panicked: {message}; closing that connection only"
+        );
         HandlerPanicked
     })
 }
@@ -1171,13 +1175,21 @@ mod tests {
             }
             let mut to_client = Vec::new();
             while conn.wants_write() {
+                assert!(!conn.unsent().is_empty(), "wants_write with nothing unsent");
+                assert!(
+                    to_client.len() < 16 << 20,
+                    "the server keeps producing bytes the client never asked for"
+                );
                 let n = conn.unsent().len().min(piece);
                 to_client.extend_from_slice(&conn.unsent()[..n]);
                 conn.advance(n);
             }
             let mut slice = to_client.as_slice();
             while !slice.is_empty() {
-                client.read_tls(&mut slice).unwrap();
+                if client.read_tls(&mut slice).unwrap() == 0 {
+                    // After close_notify the client takes nothing more.
+                    break;
+                }
                 client
                     .process_new_packets()
                     .expect("the client understands every record");

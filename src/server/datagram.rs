@@ -3,13 +3,10 @@
 use super::connection::{HandlerPanicked, catch_datagram_panic};
 use super::lifecycle::{DatagramDrop, LoopLog, datagram_transport};
 use crate::metrics::Transport;
-use crate::net::{DatagramSocket, Peer};
+use crate::net::{DatagramSocket, Peer, Received};
 use crate::protocol::Protocol;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 /// Whether an echo may answer a datagram from `peer`.
 ///
@@ -89,8 +86,30 @@ impl DatagramReplier {
         }
     }
 
+    /// Answers what one receive on `socket` got into `buf` from `peer`: a whole datagram
+    /// is answered ([`DatagramReplier::answer`]); a truncated one is counted, logged and
+    /// dropped (`too_large`), never echoed short.
+    pub fn answer_received(
+        &mut self,
+        socket: &DatagramSocket,
+        peer: &Peer,
+        received: Received,
+        buf: &[u8],
+        log: &LoopLog,
+    ) {
+        match received {
+            Received::Whole(len) => self.answer(socket, peer, &buf[..len], log),
+            Received::Truncated(len) => {
+                let transport = datagram_transport(socket);
+                log.datagram_received(transport, len);
+                let max = buf.len();
+                log.dropped(peer, transport, &DatagramDrop::TooLarge { len, max });
+            }
+        }
+    }
+
     /// Receives and answers up to `max` datagrams queued on the non-blocking `socket`,
-    /// using `buf` to receive.
+    /// using `buf` (of [`DatagramSocket::max_datagram_bytes`]) to receive.
     ///
     /// # Errors
     ///
@@ -104,13 +123,13 @@ impl DatagramReplier {
         log: &LoopLog,
     ) -> io::Result<()> {
         for _ in 0..max {
-            let (n, peer) = match socket.recv_from(buf) {
+            let (received, peer) = match socket.recv_from(buf) {
                 Ok(received) => received,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if is_per_peer_datagram_error(&e) => continue,
                 Err(e) => return Err(e),
             };
-            self.answer(socket, &peer, &buf[..n], log);
+            self.answer_received(socket, &peer, received, buf, log);
         }
         Ok(())
     }
@@ -127,42 +146,6 @@ pub fn is_per_peer_datagram_error(error: &io::Error) -> bool {
             | io::ErrorKind::HostUnreachable
             | io::ErrorKind::NetworkUnreachable
     )
-}
-
-/// At most one line a second tells of dropped replies, however many are dropped: a peer
-/// that never reads its replies must not flood the log (nor slow the loop with logging).
-pub const DROPPED_REPLY_LOG_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Replies dropped since the server started, across every socket and loop.
-static DROPPED_REPLIES: AtomicU64 = AtomicU64::new(0);
-/// When a dropped reply was last logged, in milliseconds after `CLOCK_START`, plus one
-/// (0: never).
-static LAST_DROP_LOG_MS: AtomicU64 = AtomicU64::new(0);
-static CLOCK_START: OnceLock<Instant> = OnceLock::new();
-
-/// Counts a reply that could not be sent and logs it, at most once per
-/// `DROPPED_REPLY_LOG_INTERVAL` (for [`LoopLog::dropped`], the one caller).
-///
-/// Every model sends datagram replies without waiting (a full queue at one peer answers
-/// `EAGAIN` at once), so a peer that never reads loses its own replies and delays nobody.
-pub(super) fn log_dropped_reply(peer: &Peer, error: &io::Error) {
-    let dropped = DROPPED_REPLIES.fetch_add(1, Ordering::Relaxed) + 1;
-    let start = *CLOCK_START.get_or_init(Instant::now);
-    let now_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
-    let last_ms = LAST_DROP_LOG_MS.load(Ordering::Relaxed);
-    let interval_ms = DROPPED_REPLY_LOG_INTERVAL.as_millis() as u64;
-    let is_due = last_ms == 0 || now_ms.saturating_sub(last_ms) >= interval_ms;
-    // One thread wins the right to log this interval; the others only count.
-    if is_due
-        && LAST_DROP_LOG_MS
-            .compare_exchange(last_ms, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        tracing::warn!(
-            "cannot answer the datagram from {peer}: {error}; reply dropped \
-             ({dropped} dropped since start, logged at most once a second)"
-        );
-    }
 }
 
 #[cfg(test)]

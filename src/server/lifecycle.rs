@@ -7,8 +7,9 @@
 use super::ACCEPT_PAUSE;
 use crate::metrics::{self, Counters, DropReason, Metrics, Transport};
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
+use std::cell::{Cell, OnceCell};
 use std::io;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Why the server ends a connection.
 #[derive(Debug)]
@@ -51,6 +52,13 @@ impl CloseReason {
                 | CloseReason::Drained
                 | CloseReason::HandlerPanicked
         )
+    }
+
+    /// The `reason` field of its log line: the label it is counted under, or `max_conns`
+    /// for a connection refused by `--max-conns`.
+    pub fn label(&self) -> &'static str {
+        self.counted_as()
+            .map_or("max_conns", metrics::CloseReason::label)
     }
 
     /// What closing for this reason does to the socket: every close the server starts
@@ -99,17 +107,63 @@ pub enum DatagramDrop<'a> {
     ReflectionGuard,
     /// The protocol handler panicked (already logged).
     HandlerPanicked,
+    /// It was longer than the socket's receive buffer, so it was read truncated.
+    TooLarge {
+        /// Its real length in bytes.
+        len: usize,
+        /// The longest datagram the socket answers, in bytes.
+        max: usize,
+    },
     /// `sendto` failed.
     SendFailed(&'a io::Error),
 }
 
+/// At most one line per interval tells of dropped datagrams of one kind, per loop, however
+/// many are dropped: a peer that never reads its replies, or one that sends datagrams too
+/// large, must not flood the log (nor slow the loop with logging).
+pub const DROPPED_DATAGRAM_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Rate limit of one kind of drop line: drops since the last line, and when it was.
+#[derive(Clone, Copy, Debug, Default)]
+struct DropLines {
+    unlogged: u64,
+    last_line: Option<Instant>,
+}
+
+impl DropLines {
+    /// Counts one drop; returns how many drops the line due now tells of, or `None` when
+    /// a line was written less than [`DROPPED_DATAGRAM_LOG_INTERVAL`] ago.
+    fn count(cell: &Cell<DropLines>) -> Option<u64> {
+        let mut lines = cell.get();
+        lines.unlogged += 1;
+        let now = Instant::now();
+        let is_due = lines
+            .last_line
+            .is_none_or(|at| now.duration_since(at) >= DROPPED_DATAGRAM_LOG_INTERVAL);
+        let told = is_due.then_some(lines.unlogged);
+        if is_due {
+            lines = DropLines {
+                unlogged: 0,
+                last_line: Some(now),
+            };
+        }
+        cell.set(lines);
+        told
+    }
+}
+
 /// The one place every connection event of one loop (or thread, or forked child) passes:
 /// accepted, refused, closed with its reason, bytes in and out, datagrams answered and
-/// dropped, accepts paused. It writes the log lines and this loop's counters (`--metrics`),
-/// of which it is the only writer.
+/// dropped, accepts paused. It writes the log lines (with the fields `peer`, `listener` and
+/// `reason`, never folded into the message) and this loop's counters (`--metrics`), of
+/// which it is the only writer.
 #[derive(Debug)]
 pub struct LoopLog {
     counters: Counters,
+    /// Replies dropped because `sendto` failed, told of at most once an interval.
+    dropped_replies: Cell<DropLines>,
+    /// Datagrams dropped as too large, told of at most once an interval.
+    too_large: Cell<DropLines>,
 }
 
 impl Default for LoopLog {
@@ -119,18 +173,33 @@ impl Default for LoopLog {
     }
 }
 
+thread_local! {
+    /// The log of the loop running on this thread, for runtimes whose tasks cannot borrow
+    /// one (tokio's tasks must be `Send`).
+    static THREAD_LOG: OnceCell<LoopLog> = const { OnceCell::new() };
+}
+
 impl LoopLog {
     /// A log counting into a slot of its own in `metrics`; the slot's counts are kept
     /// when the log is dropped.
     pub fn new(metrics: Metrics) -> Self {
         LoopLog {
             counters: metrics.counters(),
+            dropped_replies: Cell::default(),
+            too_large: Cell::default(),
         }
+    }
+
+    /// Runs `f` with this thread's own log, made on first use and counting into
+    /// `metrics`; its counts are kept when the thread ends. For a loop whose tasks run on
+    /// its one thread but cannot hold a reference to a log (tokio's must be `Send`).
+    pub fn with_thread_log<R>(metrics: Metrics, f: impl FnOnce(&LoopLog) -> R) -> R {
+        THREAD_LOG.with(|log| f(log.get_or_init(|| LoopLog::new(metrics))))
     }
 
     /// A connection from `peer` over `transport` was accepted on `listener` and admitted.
     pub fn accepted(&self, peer: &Peer, transport: Transport, listener: &str) {
-        tracing::debug!("accepted {peer} on {listener}");
+        tracing::debug!(peer = %peer, listener, "accepted");
         self.counters.accepted(transport);
     }
 
@@ -174,26 +243,53 @@ impl LoopLog {
     }
 
     /// A datagram from `peer` got no answer.
+    ///
+    /// Every model sends datagram replies without waiting (a full queue at one peer
+    /// answers `EAGAIN` at once), so a peer that never reads loses its own replies and
+    /// delays nobody; such drops, and datagrams too large, are logged at most once per
+    /// second by each loop.
     pub fn dropped(&self, peer: &Peer, transport: Transport, reason: &DatagramDrop<'_>) {
         let counted = match reason {
-            DatagramDrop::ReflectionGuard => {
-                tracing::debug!("dropping a datagram from {peer}: reflection guard");
-                DropReason::ReflectionGuard
-            }
+            DatagramDrop::ReflectionGuard => DropReason::ReflectionGuard,
             DatagramDrop::HandlerPanicked => {
                 self.counters.handler_panicked(transport);
                 DropReason::HandlerPanic
             }
-            DatagramDrop::SendFailed(e) => {
-                super::datagram::log_dropped_reply(peer, e);
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    DropReason::PeerNotReading
-                } else {
-                    DropReason::Error
-                }
+            DatagramDrop::TooLarge { .. } => DropReason::TooLarge,
+            DatagramDrop::SendFailed(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                DropReason::PeerNotReading
             }
+            DatagramDrop::SendFailed(_) => DropReason::Error,
         };
         self.counters.datagram_dropped(transport, counted);
+        let label = counted.label();
+        match reason {
+            DatagramDrop::ReflectionGuard => {
+                tracing::debug!(peer = %peer, reason = label, "dropping a datagram");
+            }
+            DatagramDrop::HandlerPanicked => {}
+            DatagramDrop::TooLarge { len, max } => {
+                if let Some(dropped) = DropLines::count(&self.too_large) {
+                    tracing::warn!(
+                        peer = %peer,
+                        reason = label,
+                        "dropping a datagram of {len} bytes: over {max} bytes, the most this \
+                         socket answers whole ({dropped} dropped since the last such line, \
+                         logged at most once a second)"
+                    );
+                }
+            }
+            DatagramDrop::SendFailed(e) => {
+                if let Some(dropped) = DropLines::count(&self.dropped_replies) {
+                    tracing::warn!(
+                        peer = %peer,
+                        reason = label,
+                        "cannot answer a datagram: {e}; reply dropped ({dropped} dropped since \
+                         the last such line, logged at most once a second)"
+                    );
+                }
+            }
+        }
     }
 
     /// Accepting on the listener named `listener`, of `transport`, failed for want of
@@ -206,6 +302,7 @@ impl LoopLog {
 
 /// The line for a connection that ended for `reason` (nothing for an ordinary end).
 pub(super) fn log_close(peer: &Peer, reason: &CloseReason) {
+    let label = reason.label();
     match reason {
         CloseReason::PeerEof
         | CloseReason::Quit
@@ -213,24 +310,36 @@ pub(super) fn log_close(peer: &Peer, reason: &CloseReason) {
         | CloseReason::Drained
         | CloseReason::HandlerPanicked => {}
         CloseReason::Idle(timeout) => tracing::info!(
-            "closing {peer}: idle for {:.1} s (--idle-timeout)",
+            peer = %peer,
+            reason = label,
+            "closing: idle for {:.1} s (--idle-timeout)",
             timeout.as_secs_f64()
         ),
-        CloseReason::OverLimit(max_conns) => {
-            tracing::warn!("refusing {peer}: already {max_conns} connections open (--max-conns)");
+        CloseReason::OverLimit(max_conns) => tracing::warn!(
+            peer = %peer,
+            reason = label,
+            "refusing: already {max_conns} connections open (--max-conns)"
+        ),
+        CloseReason::DrainTimeout { owed } => tracing::warn!(
+            peer = %peer,
+            reason = label,
+            "closing: drain timeout with {owed} bytes still owed"
+        ),
+        CloseReason::CannotWatch(why) => {
+            tracing::warn!(peer = %peer, reason = label, "closing: {why}");
         }
-        CloseReason::DrainTimeout { owed } => {
-            tracing::warn!("closing {peer}: drain timeout with {owed} bytes still owed");
+        CloseReason::Failed(e) => {
+            tracing::debug!(peer = %peer, reason = label, "connection ended: {e}");
         }
-        CloseReason::CannotWatch(why) => tracing::warn!("closing {peer}: {why}"),
-        CloseReason::Failed(e) => tracing::debug!("connection {peer} ended: {e}"),
     }
 }
 
 /// The line for an accept pause on the listener named `listener`, once per pause.
 pub(super) fn log_accept_pause(listener: &str, error: &io::Error) {
     tracing::warn!(
-        "accept on {listener} failed: {error}; pausing accepts for {} ms",
+        listener,
+        reason = "accept_paused",
+        "accept failed: {error}; pausing accepts for {} ms",
         ACCEPT_PAUSE.as_millis()
     );
 }

@@ -133,6 +133,7 @@ impl Listeners {
                 }
                 ListenSpec::Udp(want) => {
                     let (socket, local) = DatagramSocket::bind_udp(*want).map_err(bind_error)?;
+                    socket.size_buffers().map_err(bind_error)?;
                     listeners.names.push(format!("udp://{local}"));
                     listeners.datagrams.push(socket);
                 }
@@ -154,9 +155,11 @@ impl Listeners {
                     listeners
                         .unix_paths
                         .push(guard_for(path).map_err(bind_error)?);
+                    let socket = DatagramSocket::Unix(socket);
+                    socket.size_buffers().map_err(bind_error)?;
                     let name = ListenSpec::UnixDatagram(absolute_or_as_typed(path));
                     listeners.names.push(name.to_string());
-                    listeners.datagrams.push(DatagramSocket::Unix(socket));
+                    listeners.datagrams.push(socket);
                 }
             }
         }

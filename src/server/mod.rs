@@ -33,7 +33,6 @@ pub use listeners::{Admission, ConnectionCounter, Listeners};
 pub use shutdown::Shutdown;
 
 use crate::metrics::Metrics;
-use crate::net::Peer;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,11 +46,6 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Bytes a model reads from a stream at once; also the largest UDP payload (65,507) fits.
 pub const READ_BUFFER_BYTES: usize = 64 * 1024;
-/// Receive buffer for datagrams: a UDP payload is at most 65,507 bytes, and Unix datagrams
-/// are limited by the socket's send buffer (212,992 bytes by default), so nothing is
-/// truncated.
-pub const DATAGRAM_BUFFER_BYTES: usize = 256 * 1024;
-
 /// The operator's limits and stream settings, the same for every model.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -148,26 +142,4 @@ pub enum ServeError {
     /// The server failed while running.
     #[error("server failed: {0}")]
     Io(#[from] io::Error),
-}
-
-/// Logs an accept error that leads to a pause, once per pause (for models that have no
-/// [`LoopLog`] yet).
-pub fn log_accept_pause(listener: &str, error: &io::Error) {
-    lifecycle::log_accept_pause(listener, error);
-}
-
-/// Logs a connection refused by `--max-conns` (for models that have no [`LoopLog`] yet).
-pub fn log_over_limit(peer: &Peer, max_conns: usize) {
-    lifecycle::log_close(peer, &CloseReason::OverLimit(max_conns));
-}
-
-/// Logs a connection cut because `--drain-timeout` passed with `owed` bytes unsent (for
-/// models that have no [`LoopLog`] yet).
-pub fn log_drain_cut(peer: &Peer, owed: usize) {
-    lifecycle::log_close(peer, &CloseReason::DrainTimeout { owed });
-}
-
-/// Logs a connection closed by `--idle-timeout` (for models that have no [`LoopLog`] yet).
-pub fn log_idle(peer: &Peer, idle_timeout: Duration) {
-    lifecycle::log_close(peer, &CloseReason::Idle(idle_timeout));
 }

@@ -12,8 +12,8 @@ use super::accept::{Accepted, accept_and_admit};
 use super::event_loops::LoopSources;
 use super::lifecycle::{CloseReason, Linger, LoopLog, close};
 use super::{
-    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES, DatagramReplier,
-    Limits, Listeners, READ_BUFFER_BYTES, Shutdown,
+    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners,
+    READ_BUFFER_BYTES, Shutdown,
 };
 use crate::metrics::Metrics;
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
@@ -257,7 +257,7 @@ pub fn serve_datagrams(
     socket.set_nonblocking(true)?;
     let log = LoopLog::new(metrics);
     let mut replier = DatagramReplier::new(protocol.clone());
-    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
+    let mut buf = vec![0u8; socket.max_datagram_bytes()];
     loop {
         if wait_for(socket.as_fd(), Interest::READABLE, shutdown, None)? == Wake::Shutdown {
             return Ok(());

@@ -20,10 +20,10 @@ use super::event_loops::LoopSources;
 use super::idle_wheel::IdleWheel;
 use super::lifecycle::{CloseReason, Ending, Linger, LoopLog, close, end, stream_transport};
 use super::{
-    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DATAGRAM_BUFFER_BYTES, DatagramReplier,
-    Limits, Listeners, Protocol, READ_BUFFER_BYTES, Shutdown,
+    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners,
+    Protocol, READ_BUFFER_BYTES, Shutdown,
 };
-use crate::net::Stream;
+use crate::net::{DatagramSocket, Stream};
 use crate::slab::{Slab, Token};
 pub use crate::sys::Interest;
 use std::io;
@@ -95,6 +95,9 @@ pub struct ReadinessCore {
     replier: DatagramReplier,
     /// One read buffer for every connection and datagram: the loop reads one at a time.
     buf: Vec<u8>,
+    /// The longest datagram each datagram socket answers whole: the part of `buf` it
+    /// receives into, so a longer one is read truncated and dropped.
+    datagram_max: Vec<usize>,
     /// The output allocation lent to whichever connection is producing replies, so a
     /// message costs no allocation and an idle connection holds none.
     spare: Vec<u8>,
@@ -133,11 +136,12 @@ impl ReadinessCore {
             socket.set_nonblocking(true)?;
         }
         let own_sources = 1 + sources.streams.len() + sources.datagrams.len();
-        let buf_bytes = if sources.datagrams.is_empty() {
-            READ_BUFFER_BYTES
-        } else {
-            DATAGRAM_BUFFER_BYTES
-        };
+        let datagram_max: Vec<usize> = (sources.datagrams.iter())
+            .map(DatagramSocket::max_datagram_bytes)
+            .collect();
+        let buf_bytes = datagram_max
+            .iter()
+            .fold(READ_BUFFER_BYTES, |a, &b| a.max(b));
         let idle = config.limits.idle_timeout.map(|timeout| match idle {
             IdleCheck::Scan => IdleTimer::Scan(timeout),
             IdleCheck::Wheel => IdleTimer::Wheel(IdleWheel::new(timeout)),
@@ -151,6 +155,7 @@ impl ReadinessCore {
             watched: vec![Interest::NONE; own_sources],
             changed: (0..own_sources).map(reserved).collect(),
             buf: vec![0; buf_bytes],
+            datagram_max,
             spare: Vec::new(),
             log,
             idle,
@@ -365,8 +370,10 @@ impl ReadinessCore {
             Some(_) if self.is_draining() => {}
             Some(n) if n <= streams => self.accept_ready(n - 1)?,
             Some(n) => {
-                let socket = &self.sources.datagrams[n - 1 - streams];
-                (self.replier).answer_queued(socket, &mut self.buf, BATCH, &self.log)?;
+                let index = n - 1 - streams;
+                let socket = &self.sources.datagrams[index];
+                let buf = &mut self.buf[..self.datagram_max[index]];
+                (self.replier).answer_queued(socket, buf, BATCH, &self.log)?;
             }
         }
         Ok(())

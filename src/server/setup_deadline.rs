@@ -139,7 +139,7 @@ pub fn watch(
     let fd = match socket.try_clone_to_owned() {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::warn!("no setup deadline for {peer}: {e}");
+            tracing::warn!(peer = %peer, "no setup deadline: {e}");
             return None;
         }
     };
@@ -225,8 +225,8 @@ fn expire(due: Due) -> Option<Due> {
         SetupStage::TlsHandshake => "TLS handshake not finished",
     };
     tracing::warn!(
-        "closing {}: {what} within {:.1} s of accept",
-        due.peer,
+        peer = %due.peer,
+        "closing: {what} within {:.1} s of accept",
         timeout.as_secs_f64()
     );
     // Failing means the peer is already gone; the model closes the connection either way.

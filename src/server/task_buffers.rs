@@ -6,7 +6,7 @@
 //! allocation is lent to the connection producing replies and taken back once they are sent
 //! (`Connection::lend_spare`, `return_spare`).
 
-use super::{Connection, READ_BUFFER_BYTES};
+use super::{CloseReason, Connection, LoopLog, READ_BUFFER_BYTES};
 use std::cell::RefCell;
 use std::io;
 
@@ -34,27 +34,32 @@ pub trait SocketIo {
 }
 
 /// Reads from `socket` into this thread's read buffer, cut to what `connection` may take
-/// under its bound, and hands what came (bytes, or EOF for `Ok(0)`) to `connection`; an
-/// echo goes straight back from the read buffer when nothing is owed
-/// (`Connection::receive_through`). Returns how many bytes came.
+/// under its bound, and hands what came (bytes, counted in `log`, or EOF for `Ok(0)`) to
+/// `connection`; an echo goes straight back from the read buffer when nothing is owed
+/// (`Connection::receive_through`, counted as sent). Returns how many bytes came, or
+/// `None` when the read would block (nothing is handed over).
 ///
 /// # Errors
 ///
-/// What the read returned (`WouldBlock` included: nothing is handed over), or a failed
-/// write-through: the task closes the connection. A handler panic is no error here: the
-/// connection stops reading and finishes as usual.
-pub fn receive_into(connection: &mut Connection, socket: &mut impl SocketIo) -> io::Result<usize> {
+/// Why the connection must close: the read or a write-through failed. A handler panic is
+/// no error here: the connection stops reading and finishes as usual.
+pub fn receive_into(
+    connection: &mut Connection,
+    log: &LoopLog,
+    socket: &mut impl SocketIo,
+) -> Result<Option<usize>, CloseReason> {
     READ_BUFFER.with_borrow_mut(|buf| {
         let limit = connection.read_limit(buf.len());
-        let got = socket.read(&mut buf[..limit])?;
+        let result = socket.read(&mut buf[..limit]);
+        let got = match &result {
+            Ok(n) => *n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(_) => 0,
+        };
         SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
-        match got {
-            0 => connection.receive_eof(),
-            n => {
-                connection.receive_through(&buf[..n], |bytes| socket.write(bytes))?;
-            }
-        }
-        Ok(got)
+        let handed_over =
+            connection.on_read_through(result, buf, log, |bytes| socket.write(bytes))?;
+        Ok(handed_over.then_some(got))
     })
 }
 

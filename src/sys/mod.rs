@@ -9,6 +9,7 @@
 pub mod activation;
 pub mod affinity;
 pub mod async_fd;
+pub mod datagram;
 pub mod epoll;
 pub mod errno;
 pub mod eventfd;

@@ -58,17 +58,30 @@ pub fn fork() -> io::Result<Forked> {
     })
 }
 
-/// Reaps one exited child without waiting; `None` when no child has exited.
+/// How a reaped child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildEnd {
+    /// It exited (`_exit`), with this status.
+    Exited(i32),
+    /// A signal killed it (SIGKILL, say): it ran no code of its own to the end.
+    Killed(i32),
+}
+
+/// Reaps one exited child without waiting: its pid and how it ended; `None` when no
+/// child has exited.
 ///
 /// # Errors
 ///
 /// `waitpid`'s OS error; `ECHILD` (no children at all) is reported as `None`.
-pub fn reap_child() -> io::Result<Option<Pid>> {
+pub fn reap_child() -> io::Result<Option<(Pid, ChildEnd)>> {
     let mut status = 0;
     // SAFETY: `status` is a valid, writable int for the duration of the call.
     match cvt(unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) }) {
         Ok(0) => Ok(None),
-        Ok(pid) => Ok(Some(pid)),
+        Ok(pid) if libc::WIFSIGNALED(status) => {
+            Ok(Some((pid, ChildEnd::Killed(libc::WTERMSIG(status)))))
+        }
+        Ok(pid) => Ok(Some((pid, ChildEnd::Exited(libc::WEXITSTATUS(status))))),
         Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(None),
         Err(e) => Err(e),
     }

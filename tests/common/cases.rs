@@ -111,10 +111,8 @@ pub fn datagram_no_reply_cases(model: &str) {
         assert!(udp.recv(&mut buf).is_err(), "{word:?} got a reply");
     }
     // Logged with the sender's address.
-    server.wait_for_log(&format!(
-        "handler for {} panicked",
-        udp.local_addr().unwrap()
-    ));
+    let sender = format!("peer={}", udp.local_addr().unwrap());
+    server.wait_for_log_line(&["handler panicked", &sender]);
     let unnamed = UnixDatagram::unbound().unwrap();
     unnamed.send_to(b"anonymous\n", &path).unwrap();
     // The guard's boundary: port 1023 is dropped, 1024 answered.
@@ -874,6 +872,82 @@ pub fn datagram_full_peer_does_not_stall(model: &str) {
     server.stop();
 }
 
+/// Unix datagrams above the default socket buffer (212,992 bytes here) come back whole:
+/// the server sizes its buffers for every datagram a client can send it. The client
+/// raises its own send buffer to send them; sizes it cannot send are not tried.
+pub fn datagram_big_unix(model: &str) {
+    let path = temp_socket_path(model);
+    let path_arg = path.to_str().unwrap().to_string();
+    let server = Server::start(model, &["--unix-dgram", &path_arg]);
+    let own = temp_socket_path("big-client");
+    let unix = UnixDatagram::bind(&own).unwrap();
+    let client = socket2::SockRef::from(&unix);
+    client.set_send_buffer_size(4 * 1024 * 1024).unwrap();
+    // The kernel refuses a datagram longer than the sender's buffer less 32 bytes.
+    let can_send = client.send_buffer_size().unwrap() - 32;
+    unix.set_read_timeout(Some(PATIENCE)).unwrap();
+    unix.set_write_timeout(Some(PATIENCE)).unwrap();
+    unix.connect(&path).unwrap();
+    let mut buf = vec![0u8; 2 * 1024 * 1024];
+    for size in [212_961usize, 300_000, 1_000_000] {
+        if size > can_send {
+            skip(&format!(
+                "{model}: a {size}-byte datagram (this client can send {can_send} bytes)"
+            ));
+            continue;
+        }
+        let datagram = pattern(size, size as u64);
+        unix.send(&datagram)
+            .unwrap_or_else(|e| panic!("send {size} bytes: {e}"));
+        let n = unix
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{model}: no reply to {size} bytes ({e})"));
+        assert_eq!(n, size, "{model}: the reply to {size} bytes is whole");
+        assert!(buf[..n] == datagram[..], "{model}: {size} bytes byte-exact");
+    }
+    let _ = std::fs::remove_file(&own);
+    server.stop();
+    assert!(!exists(&path));
+}
+
+/// A datagram longer than the server's maximum (UDP: 65,507 bytes; over IPv6 a payload of
+/// up to 65,527 bytes can be sent) is read truncated: it is dropped, not echoed short,
+/// logged, and counted as `too_large`; the next datagram is answered.
+pub fn datagram_too_large_dropped(model: &str) {
+    let Ok(udp) = UdpSocket::bind("[::1]:0") else {
+        skip(&format!(
+            "{model}: no IPv6 loopback to send a 65,508-byte UDP payload"
+        ));
+        return;
+    };
+    let server = Server::start(model, &["--udp", "[::1]:0", "--metrics", "127.0.0.1:0"]);
+    udp.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    udp.connect(server.addr("udp")).unwrap();
+    let mut buf = vec![0u8; 128 * 1024];
+    udp.send(&pattern(65_508, 1))
+        .expect("send 65,508 bytes over IPv6");
+    assert!(
+        udp.recv(&mut buf).is_err(),
+        "{model}: a truncated datagram was answered"
+    );
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    let whole = pattern(65_507, 2);
+    udp.send(&whole).unwrap();
+    let n = udp.recv(&mut buf).expect("the next datagram is answered");
+    assert!(
+        n == whole.len() && buf[..n] == whole[..],
+        "{model}: whole reply"
+    );
+    server.wait_for_log("65508");
+    let dropped = scrape_value(
+        &server,
+        "reverb_datagrams_dropped_total",
+        &[("transport", "udp"), ("reason", "too_large")],
+    );
+    assert_eq!(dropped, Some(1), "{model}: counted as too_large");
+    server.stop();
+}
 /// After the server closed first and `conn` has read its EOF: the server still reads and
 /// discards what the peer sends (a lingering close), so more bytes from the peer meet no
 /// reset, and the EOF stays readable. A server that closed outright would answer these

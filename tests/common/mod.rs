@@ -343,6 +343,25 @@ impl Server {
         }
     }
 
+    /// Waits until one line of the server's log holds every one of `needles` (a message
+    /// and its fields, such as `peer=127.0.0.1:4000`); fails the test after `PATIENCE`.
+    pub fn wait_for_log_line(&self, needles: &[&str]) {
+        let deadline = Instant::now() + PATIENCE;
+        let has_line = || {
+            let log = self.stderr();
+            log.lines()
+                .any(|line| needles.iter().all(|needle| line.contains(needle)))
+        };
+        while !has_line() {
+            assert!(
+                Instant::now() < deadline,
+                "no log line said all of {needles:?}:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let status = Command::new("kill")
@@ -706,4 +725,43 @@ impl FloodSample {
 /// Whether `path` exists (as anything).
 pub fn exists(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok()
+}
+
+/// `GET /metrics` from the server's `--metrics` listener: the body.
+pub fn scrape(server: &Server) -> String {
+    let mut stream = TcpStream::connect(server.addr("http")).expect("connect to metrics");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.set_write_timeout(Some(PATIENCE)).unwrap();
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n").expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string())
+}
+
+/// The value of the series `name` with exactly `labels` (in any order) in a scrape, read
+/// until it is present and stable for `PATIENCE` at most (counts land just after the
+/// event). `None` when the series never appears.
+pub fn scrape_value(server: &Server, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let body = scrape(server);
+        let found = body.lines().find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let inner = rest.strip_suffix('}')?;
+            let mut have: Vec<&str> = inner.split(',').filter(|p| !p.is_empty()).collect();
+            let mut want: Vec<String> =
+                labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            have.sort_unstable();
+            want.sort_unstable();
+            (series_name == name && have == want).then(|| value.parse::<u64>().ok())?
+        });
+        match found {
+            Some(value) if value > 0 || Instant::now() >= deadline => return Some(value),
+            None if Instant::now() >= deadline => return None,
+            _ => thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }

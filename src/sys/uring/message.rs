@@ -11,6 +11,8 @@ use std::mem;
 pub struct ReceivedDatagram {
     /// Bytes received (at most the receive buffer's size).
     pub len: usize,
+    /// The datagram's real length: more than `len` when it was truncated.
+    pub full_len: usize,
     /// Who sent it (an unnamed Unix socket has an empty address).
     pub sender: SockAddr,
     /// The datagram was longer than the buffer (`MSG_TRUNC`): `len` bytes are a prefix.
@@ -81,7 +83,8 @@ impl Message {
         &raw mut self.header
     }
 
-    /// What a completed receive of `result` bytes left in the header.
+    /// What a completed receive of a datagram of `len` bytes (its real length: the
+    /// receive asks for `MSG_TRUNC`) left in the header.
     pub(super) fn received(&self, len: usize) -> ReceivedDatagram {
         let mut storage = SockAddrStorage::zeroed();
         // SAFETY: `sockaddr_storage` is this platform's type that SockAddrStorage wraps.
@@ -91,8 +94,9 @@ impl Message {
         let sender = unsafe { SockAddr::new(storage, self.header.msg_namelen) };
         ReceivedDatagram {
             len: len.min(self.bytes.len()),
+            full_len: len,
             sender,
-            is_truncated: self.header.msg_flags & libc::MSG_TRUNC != 0,
+            is_truncated: len > self.bytes.len() || self.header.msg_flags & libc::MSG_TRUNC != 0,
         }
     }
 }
