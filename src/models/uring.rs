@@ -26,7 +26,7 @@ use crate::server::{
 };
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
-use crate::sys::uring::{Completion, PROVIDED_RING_BYTES, Received, ReceivedDatagram, Ring};
+use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
@@ -34,9 +34,8 @@ use std::time::{Duration, Instant};
 
 /// After the drain timeout, how long cancelled operations may take to complete.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
-/// The least one receive is armed for, whatever the number of connections: one provided
-/// buffer's worth, so a receive always makes progress.
-const MIN_RECEIVE_SHARE_BYTES: usize = 8 * 1024;
+/// The most one receive may be armed for; the output buffer's room usually decides.
+const MAX_RECEIVE_BUDGET_BYTES: usize = 1 << 30;
 
 /// Serves every listener from `options.threads` rings (default: one per core) until
 /// `shutdown` fires and the drain ends.
@@ -88,8 +87,6 @@ struct Loop {
     idle: Option<IdleWheel>,
     /// Where every connection event of this loop is logged.
     log: LoopLog,
-    /// Stream connections open now: they share the provided-buffer ring.
-    open_connections: usize,
     /// Connections touched by this batch of completions (see `Loop::mark`).
     dirty: Vec<Token>,
     /// Set when shutdown fired: stop accepting, send what is owed until then.
@@ -123,7 +120,6 @@ impl Loop {
             paused: Vec::new(),
             idle: config.limits.idle_timeout.map(IdleWheel::new),
             log: LoopLog::new(config.limits.metrics),
-            open_connections: 0,
             config,
             dirty: Vec::new(),
             drain_deadline: None,
@@ -181,7 +177,6 @@ impl Loop {
     /// descriptor once its operations have completed.
     fn close(&mut self, token: Token, reason: CloseReason) {
         if let Some(Source::Conn(mut conn)) = self.sources.remove(token) {
-            self.open_connections -= 1;
             let connection = &mut conn.connection;
             self.log
                 .closed(connection.peer(), connection.transport(), &reason);
@@ -279,7 +274,6 @@ impl Loop {
             _admission: admission,
         };
         let token = self.sources.insert(Source::Conn(conn));
-        self.open_connections += 1;
         self.ring.add(token, OwnedFd::from(stream));
         if let Some(wheel) = self.idle.as_mut() {
             wheel.insert_at(token, last_input);
@@ -353,12 +347,7 @@ impl Loop {
             self.ring.send(token, conn.connection.unsent());
         }
         // Backpressure: with no room the receive stays unarmed until a send drains.
-        // Fairness: one receive takes at most this connection's share of the provided
-        // buffers, so a burst on a few connections cannot leave the rest with none (their
-        // receives would end in ENOBUFS and wait behind the burst).
-        let budget = conn
-            .connection
-            .read_limit(receive_share(self.open_connections));
+        let budget = conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES);
         if budget > 0 && !self.ring.is_receiving(token) {
             self.ring.arm_receive(token, budget);
         }
@@ -419,10 +408,4 @@ impl Loop {
             self.pump(token);
         }
     }
-}
-
-/// How many bytes one receive may take when `open_connections` share the provided-buffer
-/// ring: an equal part of it, and at least one buffer.
-fn receive_share(open_connections: usize) -> usize {
-    (PROVIDED_RING_BYTES / open_connections.max(1)).max(MIN_RECEIVE_SHARE_BYTES)
 }

@@ -23,8 +23,6 @@ use std::time::{Duration, Instant};
 const PROVIDED_BUFFERS: u16 = 128;
 /// Bytes per provided buffer.
 const PROVIDED_BUFFER_BYTES: usize = 8192;
-/// Bytes in the whole provided-buffer ring, shared by every receive of one ring.
-pub const PROVIDED_RING_BYTES: usize = PROVIDED_BUFFERS as usize * PROVIDED_BUFFER_BYTES;
 /// At most this many bytes go into one stream send; the rest waits for its completion.
 const MAX_SEND_BYTES: usize = 128 * 1024;
 /// A send buffer that grew past this is given back once its send completes.
