@@ -1153,13 +1153,21 @@ mod tests {
             }
             let mut to_client = Vec::new();
             while conn.wants_write() {
+                assert!(!conn.unsent().is_empty(), "wants_write with nothing unsent");
+                assert!(
+                    to_client.len() < 16 << 20,
+                    "the server keeps producing bytes the client never asked for"
+                );
                 let n = conn.unsent().len().min(piece);
                 to_client.extend_from_slice(&conn.unsent()[..n]);
                 conn.advance(n);
             }
             let mut slice = to_client.as_slice();
             while !slice.is_empty() {
-                client.read_tls(&mut slice).unwrap();
+                if client.read_tls(&mut slice).unwrap() == 0 {
+                    // After close_notify the client takes nothing more.
+                    break;
+                }
                 client
                     .process_new_packets()
                     .expect("the client understands every record");
