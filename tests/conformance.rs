@@ -125,3 +125,15 @@ with_cases!({
     },
     models: [epoll, uring],
 });
+
+// `--threads` sizes only `pool`'s workers, so this case runs for `pool` alone.
+mod pool_workers {
+    #[test]
+    fn lingering_peers_hold_no_worker() {
+        super::common::run_case(
+            "pool",
+            "lingering_peers_hold_no_worker",
+            super::common::cases::lingering_peers_hold_no_worker,
+        );
+    }
+}

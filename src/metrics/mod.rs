@@ -74,6 +74,9 @@ pub enum CloseReason {
     IdleTimeout,
     /// `until-quit` answered `quit` and closed.
     Quit,
+    /// The setup refused the peer: a bad PROXY header, a failed TLS handshake, or the
+    /// setup deadline passed.
+    Rejected,
     /// The protocol handler panicked.
     HandlerPanic,
     /// The peer reset the connection (`ECONNRESET`, `EPIPE`).
@@ -87,10 +90,11 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 8] = [
+    const ALL: [CloseReason; 9] = [
         CloseReason::PeerEof,
         CloseReason::IdleTimeout,
         CloseReason::Quit,
+        CloseReason::Rejected,
         CloseReason::HandlerPanic,
         CloseReason::Reset,
         CloseReason::Drain,
@@ -104,6 +108,7 @@ impl CloseReason {
             CloseReason::PeerEof => "peer_eof",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Quit => "quit",
+            CloseReason::Rejected => "rejected",
             CloseReason::HandlerPanic => "handler_panic",
             CloseReason::Reset => "reset",
             CloseReason::Drain => "drain",

@@ -10,7 +10,9 @@
 //! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
 //! `poll` waits no longer than that connection's idle deadline.
 
-use crate::server::one_socket::{accept_until_shutdown, serve_connection, serve_each_socket};
+use crate::server::one_socket::{
+    LingerOn, accept_until_shutdown, serve_connection, serve_each_socket,
+};
 use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
 
 /// Serves each listener serially on its own thread until `shutdown` fires.
@@ -37,7 +39,14 @@ pub fn run(
             metrics,
             |stream, peer, _admission| {
                 // Served right here: the next accept waits until this client is done.
-                serve_connection(stream, peer, &protocol, &limits, &shutdown);
+                serve_connection(
+                    stream,
+                    peer,
+                    &protocol,
+                    &limits,
+                    &shutdown,
+                    LingerOn::ThisThread,
+                );
             },
         )
     })?;

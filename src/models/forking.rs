@@ -13,7 +13,7 @@
 use crate::metrics::{Metrics, Transport};
 use crate::net::{DatagramSocket, Peer, Received};
 use crate::server::is_per_peer_datagram_error;
-use crate::server::one_socket::serve_connection;
+use crate::server::one_socket::{LingerOn, serve_connection};
 use crate::server::{
     ACCEPT_PAUSE, Accepted, Admission, CloseReason, DatagramReplier, Listeners, LoopLog, Protocol,
     RunOptions, ServeError, Shutdown, accept_and_admit, stream_transport,
@@ -123,7 +123,16 @@ fn accept_one(
         Forked::Child => {
             let limits = listeners.limits.clone();
             close_listeners(listeners);
-            run_child(|| serve_connection(stream, peer, protocol, &limits, shutdown))
+            run_child(|| {
+                serve_connection(
+                    stream,
+                    peer,
+                    protocol,
+                    &limits,
+                    shutdown,
+                    LingerOn::ThisThread,
+                )
+            })
         }
         Forked::Parent(pid) => {
             tracing::debug!(peer = %peer, "child {pid} serves it");

@@ -5,13 +5,16 @@
 //! (the tutorial's `ThreadPoolExecutor(max_workers=5)`, step 3 of the ladder).
 //! Cost: threads are made once, not per client, so a burst of short connections is cheap.
 //! Limit: at most `--threads` clients are served at once; the next ones wait in the queue,
-//! unanswered, until a worker's client leaves.
+//! unanswered, until a worker's client leaves. A connection the server closes first is
+//! handed to the lingering thread, so a worker never waits on a peer it already finished.
 //!
 //! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
 //! `poll` waits no longer than that connection's idle deadline.
 
 use crate::net::{Peer, Stream};
-use crate::server::one_socket::{accept_until_shutdown, serve_connection, serve_each_socket};
+use crate::server::one_socket::{
+    LingerOn, accept_until_shutdown, serve_connection, serve_each_socket,
+};
 use crate::server::{Admission, Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, sync_channel};
@@ -49,7 +52,14 @@ pub fn run(
                         // Accepted but never served before shutdown: nothing is owed.
                         continue;
                     }
-                    serve_connection(stream, peer, protocol, limits, shutdown_ref);
+                    serve_connection(
+                        stream,
+                        peer,
+                        protocol,
+                        limits,
+                        shutdown_ref,
+                        LingerOn::LingeringThread,
+                    );
                     drop(admission);
                 }
             });

@@ -9,7 +9,9 @@
 //! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
 //! `poll` waits no longer than that connection's idle deadline.
 
-use crate::server::one_socket::{accept_until_shutdown, serve_connection, serve_each_socket};
+use crate::server::one_socket::{
+    LingerOn, accept_until_shutdown, serve_connection, serve_each_socket,
+};
 use crate::server::{Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use std::thread;
 
@@ -45,7 +47,14 @@ pub fn run(
                     let spawned = thread::Builder::new()
                         .stack_size(CONNECTION_STACK_BYTES)
                         .spawn_scoped(connections, move || {
-                            serve_connection(stream, peer, protocol, limits, shutdown_ref);
+                            serve_connection(
+                                stream,
+                                peer,
+                                protocol,
+                                limits,
+                                shutdown_ref,
+                                LingerOn::ThisThread,
+                            );
                             drop(admission);
                         });
                     if let Err(e) = spawned {

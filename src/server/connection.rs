@@ -68,6 +68,9 @@ struct Layers {
     has_started: bool,
     /// A layer refused the peer's bytes: send only what is already owed (an alert).
     has_failed: bool,
+    /// The setup was refused (a bad PROXY header, a failed TLS handshake, the setup
+    /// deadline), rather than stopped by a drain.
+    is_rejected: bool,
     watch: Option<Arc<SetupWatch>>,
 }
 
@@ -124,6 +127,7 @@ impl Connection {
             local: settings.greeting.as_ref().and_then(|_| local_of(socket)),
             has_started: false,
             has_failed: false,
+            is_rejected: false,
             watch,
         }));
         if !settings.proxy_protocol {
@@ -293,7 +297,7 @@ impl Connection {
                     "TLS error"
                 };
                 tracing::warn!(peer = %self.peer, "closing: {during}: {e}");
-                self.fail();
+                self.reject();
             }
             Ok(TlsInput::PeerClosed) if outcome.is_ok() => self.receive_eof(),
             Ok(_) => {}
@@ -326,7 +330,7 @@ impl Connection {
             }
             Err(e) => {
                 tracing::warn!(peer = %self.peer, "closing: {e}");
-                self.fail();
+                self.reject();
                 None
             }
         }
@@ -380,6 +384,15 @@ impl Connection {
         }
         self.session.on_connect(&mut self.out);
         self.pump();
+    }
+
+    /// A layer refused the peer: as [`Connection::fail`], and the connection is counted as
+    /// rejected.
+    fn reject(&mut self) {
+        if let Some(layers) = self.layers.as_deref_mut() {
+            layers.is_rejected = true;
+        }
+        self.fail();
     }
 
     /// A layer refused the peer: read nothing more, send only what the layer owes (a TLS
@@ -461,10 +474,12 @@ impl Connection {
             };
             if let Some(what) = waiting_for {
                 // The setup deadline already logged the connection it cut.
-                if !has_fired {
+                if has_fired {
+                    self.reject();
+                } else {
                     tracing::info!(peer = %self.peer, "closing: connection ended before {what}");
+                    self.fail();
                 }
-                self.fail();
                 return;
             }
         }
@@ -477,10 +492,17 @@ impl Connection {
         self.pump();
     }
 
-    /// Why a finished connection ended: the peer's EOF, a drain, or the protocol (`quit`).
+    /// Why a finished connection ended: a refused setup, the peer's EOF, a drain, or the
+    /// protocol (`quit`).
     pub fn finish_reason(&self, is_draining: bool) -> CloseReason {
         if self.has_panicked {
             CloseReason::HandlerPanicked
+        } else if self
+            .layers
+            .as_deref()
+            .is_some_and(|layers| layers.is_rejected)
+        {
+            CloseReason::Rejected
         } else if self.has_seen_eof {
             CloseReason::PeerEof
         } else if is_draining {

@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 pub enum CloseReason {
     /// The peer half-closed and every reply owed was sent: it reads EOF after the last.
     PeerEof,
-    /// The protocol said goodbye (`until-quit`'s `quit`, or a layer refused the peer's
-    /// bytes) and everything owed was sent.
+    /// The protocol said goodbye (`until-quit`'s `quit`) and everything owed was sent.
     Quit,
+    /// A layer refused the peer before the protocol began (a bad PROXY header, a failed
+    /// TLS handshake, the setup deadline); what it owed (a TLS alert) was sent.
+    Rejected,
     /// Shutdown: everything owed was sent before `--drain-timeout`.
     Drained,
     /// Nothing arrived for `--idle-timeout`.
@@ -46,6 +48,7 @@ impl CloseReason {
             self,
             CloseReason::PeerEof
                 | CloseReason::Quit
+                | CloseReason::Rejected
                 | CloseReason::Drained
                 | CloseReason::HandlerPanicked
         )
@@ -65,6 +68,7 @@ impl CloseReason {
         match self {
             CloseReason::PeerEof => Ending::Eof,
             CloseReason::Quit
+            | CloseReason::Rejected
             | CloseReason::Drained
             | CloseReason::HandlerPanicked
             | CloseReason::Idle(_)
@@ -79,6 +83,7 @@ impl CloseReason {
         Some(match self {
             CloseReason::PeerEof => metrics::CloseReason::PeerEof,
             CloseReason::Quit => metrics::CloseReason::Quit,
+            CloseReason::Rejected => metrics::CloseReason::Rejected,
             CloseReason::Drained => metrics::CloseReason::Drain,
             CloseReason::Idle(_) => metrics::CloseReason::IdleTimeout,
             CloseReason::OverLimit(_) => return None,
@@ -301,6 +306,7 @@ pub(super) fn log_close(peer: &Peer, reason: &CloseReason) {
     match reason {
         CloseReason::PeerEof
         | CloseReason::Quit
+        | CloseReason::Rejected
         | CloseReason::Drained
         | CloseReason::HandlerPanicked => {}
         CloseReason::Idle(timeout) => tracing::info!(

@@ -30,7 +30,8 @@
 //!
 //! Where the waiting happens is the model's business, the rules above are not: a model
 //! with a thread (or process) per connection lingers on that thread ([`linger_here`]);
-//! event loops and async tasks hand the socket to one lingering thread ([`hand_off`]), as
+//! event loops, async tasks and pooled workers (which must move on to the next client)
+//! hand the socket to one lingering thread ([`hand_off`]), as
 //! Apache's event MPM hands lingering connections to its listener thread, so no loop keeps
 //! a finished connection in its tables.
 

@@ -94,6 +94,17 @@ pub fn accept_until_shutdown(
     }
 }
 
+/// Where [`serve_connection`] leaves a connection the server closes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LingerOn {
+    /// The calling thread (or process) serves nobody else after this connection: the
+    /// lingering close waits right here.
+    ThisThread,
+    /// The calling thread serves the next connection (a pooled worker): the lingering
+    /// thread takes the socket, so lingering peers cannot hold every worker.
+    LingeringThread,
+}
+
 /// Serves one stream connection on the calling thread until the peer is done, its
 /// handler panics, it idles out, or shutdown's drain ends; errors are logged, not returned.
 pub fn serve_connection(
@@ -102,15 +113,18 @@ pub fn serve_connection(
     protocol: &Protocol,
     limits: &Limits,
     shutdown: &Shutdown,
+    linger_on: LingerOn,
 ) {
     // A counter slot for this connection's thread (or forked child), kept when it ends.
     let log = LoopLog::new(limits.metrics);
     let mut connection = Connection::new(protocol, peer, limits, stream.as_fd());
     let reason = drive(&stream, &mut connection, limits, shutdown, &log);
-    // This thread (or process) serves nobody else: a lingering close waits right here.
-    let linger = Linger::Here {
-        shutdown,
-        drain_timeout: limits.drain_timeout,
+    let linger = match linger_on {
+        LingerOn::ThisThread => Linger::Here {
+            shutdown,
+            drain_timeout: limits.drain_timeout,
+        },
+        LingerOn::LingeringThread => Linger::Elsewhere,
     };
     close(stream, connection.peer(), reason, &log, linger);
 }

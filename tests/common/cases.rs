@@ -1098,3 +1098,44 @@ pub fn drain_lingers(model: &str) {
     let status = server.wait_exit(PATIENCE).expect("exits after draining");
     assert!(status.success(), "exit {status}; {}", server.stderr());
 }
+
+/// `pool --threads 2`: two clients that got their reply and EOF after `quit` but keep their
+/// sockets open (each lingering close waits up to 2 s for them) hold no worker: a third
+/// client is answered well within that bound.
+pub fn lingering_peers_hold_no_worker(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "until-quit",
+            "--threads",
+            "2",
+        ],
+    );
+    let lingering: Vec<Conn> = (0..2)
+        .map(|_| {
+            let mut conn = server.connect_conn();
+            conn.write_all(b"quit\n").expect("send quit");
+            let (got, error) = conn.read_to_end_lossy();
+            assert!(error.is_none(), "{error:?} after {got:?}");
+            assert_eq!(got, b"quit\n");
+            conn
+        })
+        .collect();
+    let started = Instant::now();
+    let mut third = server.connect_conn();
+    // until-quit answers once `quit\n` arrives.
+    third.write_all(b"hello\nquit\n").expect("send");
+    assert_eq!(third.read_exactly(11), b"hello\nquit\n");
+    let waited = started.elapsed();
+    // Lingering workers would keep it waiting for the 2 s lingering timeout.
+    assert!(
+        waited < Duration::from_secs(1),
+        "the third client waited {waited:?}: lingering peers hold the workers"
+    );
+    drop(lingering);
+    drop(third);
+    server.stop();
+}
