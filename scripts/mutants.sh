@@ -121,14 +121,18 @@ run_stage() {
         return 2
     fi
     [[ $iterate == yes ]] && extra+=(--iterate)
-    [[ ${MUTANTS_IN_PLACE:-0} == 1 ]] && extra+=(--in-place)
+    # --in-place builds in the tree itself, one mutant at a time.
+    if [[ ${MUTANTS_IN_PLACE:-0} == 1 ]]; then
+        extra+=(--in-place)
+    else
+        extra+=(--jobs "${MUTANTS_JOBS:-1}")
+    fi
     echo "cargo mutants on $* (tests: ${tests[*]})" >&2
     local status=0
     # shellcheck disable=SC2086 # MUTANTS_ARGS is split on purpose
     TMPDIR="$scratch" CARGO_TARGET_DIR="$target_dir" \
         CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 cargo mutants \
         "${file_args[@]}" \
-        --jobs "${MUTANTS_JOBS:-1}" \
         --timeout "${MUTANTS_TIMEOUT:-150}" \
         --output "$dir" \
         --no-shuffle \
