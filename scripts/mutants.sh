@@ -6,8 +6,11 @@
 #   small       src/buffer.rs, src/protocol/, src/addr.rs: the library's unit tests
 #   datagram    src/server/datagram.rs: its unit tests, then the datagram cases of poll
 #   connection  src/server/connection.rs: its unit tests, then poll's conformance cases
-#   readiness   src/server/readiness.rs: poll's conformance cases (it has no unit tests)
-#   shared      src/server/accept.rs, lifecycle.rs, mod.rs: poll's conformance cases
+#   readiness   src/server/readiness.rs: poll's conformance cases, then epoll's (poll
+#               rebuilds its interest each turn and scans for idle connections; epoll
+#               keeps interest in the kernel, `sync`, and uses the idle wheel)
+#   shared      src/server/accept.rs, lifecycle.rs, mod.rs: the unit tests, then poll's
+#               conformance cases
 #   server      connection, readiness and shared, one after another
 #   all         every group above
 #   FILE...     the named files: the unit tests, then poll's conformance cases
@@ -57,10 +60,12 @@ POLL_ONLY=(--skip 'epoll::' --skip 'busy_poll::')
 # file reaches and which take a third of the time.
 UNIT_TESTS=(--lib -- --skip 'runtime::' --skip 'bench::' --skip 'compare::')
 UNIT_DATAGRAM=(--lib -- 'server::datagram::')
+UNIT_SERVER=(--lib -- 'server::')
 UNIT_CONNECTION=(--lib -- 'server::connection::')
 # poll's conformance cases over TCP (the Unix-socket and 4 MiB variants repeat the same
 # code paths), and only its datagram cases.
 CONFORMANCE=(--test conformance -- 'poll::' "${POLL_ONLY[@]}" --skip 'unix_stream' --skip 'tcp_4m')
+CONFORMANCE_EPOLL=(--test conformance -- 'epoll::' --skip 'unix_stream' --skip 'tcp_4m')
 CONFORMANCE_DATAGRAM=(--test conformance -- 'poll::datagram' "${POLL_ONLY[@]}")
 
 if ! cargo mutants --version >/dev/null 2>&1; then
@@ -195,8 +200,8 @@ group() {
         small) run_group small UNIT_TESTS "${SMALL_FILES[@]}" ;;
         datagram) run_group datagram "UNIT_DATAGRAM CONFORMANCE_DATAGRAM" "${DATAGRAM_FILES[@]}" ;;
         connection) run_group connection "UNIT_CONNECTION CONFORMANCE" "${CONNECTION_FILES[@]}" ;;
-        readiness) run_group readiness CONFORMANCE "${READINESS_FILES[@]}" ;;
-        shared) run_group shared CONFORMANCE "${SHARED_FILES[@]}" ;;
+        readiness) run_group readiness "CONFORMANCE CONFORMANCE_EPOLL" "${READINESS_FILES[@]}" ;;
+        shared) run_group shared "UNIT_SERVER CONFORMANCE" "${SHARED_FILES[@]}" ;;
         server) group connection && group readiness && group shared ;;
         all) group small && group datagram && group server ;;
         *) run_group files "UNIT_TESTS CONFORMANCE" "$@" ;;
