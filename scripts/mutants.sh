@@ -136,6 +136,19 @@ run_stage() {
     else
         extra+=(--jobs "${MUTANTS_JOBS:-1}")
     fi
+    # The test targets (`--lib`, `--test conformance`) go to the build as well, so that a
+    # mutant builds only what its tests run (cargo-mutants builds every test target
+    # otherwise); the filters after `--` go to the test binaries.
+    local arg is_filter=no filters=()
+    for arg in "${tests[@]}"; do
+        if [[ $is_filter == yes ]]; then
+            filters+=("$arg")
+        elif [[ $arg == -- ]]; then
+            is_filter=yes
+        else
+            extra+=("--cargo-arg=$arg")
+        fi
+    done
     echo "cargo mutants on $* (tests: ${tests[*]})" >&2
     local status=0
     # shellcheck disable=SC2086 # MUTANTS_ARGS is split on purpose
@@ -147,7 +160,7 @@ run_stage() {
         --no-shuffle \
         "${extra[@]}" \
         ${MUTANTS_ARGS:-} \
-        -- "${tests[@]}" \
+        -- -- "${filters[@]}" \
         || status=$?
     kill_leftover_servers all
     # cargo-mutants exits 2 when a mutant was missed and 3 when one timed out: those are
