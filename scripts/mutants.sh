@@ -11,7 +11,7 @@
 #               rebuilds its interest each turn and scans for idle connections; epoll
 #               keeps interest in the kernel, `sync`, and uses the idle wheel)
 #   shared      src/server/accept.rs, lifecycle.rs, mod.rs: the unit tests, poll's quicker
-#               cases, then all of epoll's
+#               cases, poll's metrics tests, then all of epoll's cases
 #   server      connection, readiness and shared, one after another
 #   all         every group above
 #   FILE...     the named files: the unit tests, poll's quicker cases, then all of epoll's
@@ -70,6 +70,8 @@ UNIT_CONNECTION=(--lib -- 'server::connection::')
 CONFORMANCE=(--test conformance -- 'poll::' "${POLL_ONLY[@]}" --skip 'unix_stream' --skip 'tcp_4m'
              --skip 'idle_close_lingers' --skip 'unread_flood_bounded')
 CONFORMANCE_EPOLL=(--test conformance -- 'epoll::' --skip 'unix_stream' --skip 'tcp_4m')
+# What poll counts (`--metrics`): the log's counters, which no conformance case reads.
+METRICS=(--test metrics -- 'counts::poll' 'reasons::poll')
 CONFORMANCE_DATAGRAM=(--test conformance -- 'poll::datagram' "${POLL_ONLY[@]}")
 
 if ! cargo mutants --version >/dev/null 2>&1; then
@@ -218,7 +220,7 @@ group() {
         datagram) run_group datagram "UNIT_DATAGRAM CONFORMANCE_DATAGRAM" "${DATAGRAM_FILES[@]}" ;;
         connection) run_group connection "UNIT_CONNECTION CONFORMANCE CONFORMANCE_EPOLL" "${CONNECTION_FILES[@]}" ;;
         readiness) run_group readiness "CONFORMANCE CONFORMANCE_EPOLL" "${READINESS_FILES[@]}" ;;
-        shared) run_group shared "UNIT_SERVER CONFORMANCE CONFORMANCE_EPOLL" "${SHARED_FILES[@]}" ;;
+        shared) run_group shared "UNIT_SERVER CONFORMANCE METRICS CONFORMANCE_EPOLL" "${SHARED_FILES[@]}" ;;
         server) group connection && group readiness && group shared ;;
         all) group small && group datagram && group server ;;
         *) run_group files "UNIT_TESTS CONFORMANCE CONFORMANCE_EPOLL" "$@" ;;
