@@ -7,9 +7,10 @@
 #   datagram    src/server/datagram.rs: its unit tests, then the datagram cases of poll
 #   connection  src/server/connection.rs: its unit tests, poll's quicker cases, then all
 #               of epoll's
-#   readiness   src/server/readiness.rs: poll's quicker cases, then all of epoll's (poll
-#               rebuilds its interest each turn and scans for idle connections; epoll
-#               keeps interest in the kernel, `sync`, and uses the idle wheel)
+#   readiness   src/server/readiness.rs: poll's quicker cases, select past FD_SETSIZE,
+#               then all of epoll's cases (poll rebuilds its interest each turn and scans
+#               for idle connections; epoll keeps interest in the kernel, `sync`, and uses
+#               the idle wheel)
 #   shared      src/server/accept.rs, lifecycle.rs, mod.rs: the unit tests, poll's quicker
 #               cases, poll's metrics tests, then all of epoll's cases
 #   server      connection, readiness and shared, one after another
@@ -70,6 +71,8 @@ UNIT_CONNECTION=(--lib -- 'server::connection::')
 CONFORMANCE=(--test conformance -- 'poll::' "${POLL_ONLY[@]}" --skip 'unix_stream' --skip 'tcp_4m'
              --skip 'idle_close_lingers' --skip 'unread_flood_bounded')
 CONFORMANCE_EPOLL=(--test conformance -- 'epoll::' --skip 'unix_stream' --skip 'tcp_4m')
+# select past FD_SETSIZE: the only model whose core refuses descriptors it cannot watch.
+SCALE=(--test scale -- 'select')
 # What poll counts (`--metrics`): the log's counters, which no conformance case reads.
 METRICS=(--test metrics -- 'counts::poll' 'reasons::poll')
 CONFORMANCE_DATAGRAM=(--test conformance -- 'poll::datagram' "${POLL_ONLY[@]}")
@@ -219,7 +222,7 @@ group() {
         small) run_group small UNIT_TESTS "${SMALL_FILES[@]}" ;;
         datagram) run_group datagram "UNIT_DATAGRAM CONFORMANCE_DATAGRAM" "${DATAGRAM_FILES[@]}" ;;
         connection) run_group connection "UNIT_CONNECTION CONFORMANCE CONFORMANCE_EPOLL" "${CONNECTION_FILES[@]}" ;;
-        readiness) run_group readiness "CONFORMANCE CONFORMANCE_EPOLL" "${READINESS_FILES[@]}" ;;
+        readiness) run_group readiness "CONFORMANCE SCALE CONFORMANCE_EPOLL" "${READINESS_FILES[@]}" ;;
         shared) run_group shared "UNIT_SERVER CONFORMANCE METRICS CONFORMANCE_EPOLL" "${SHARED_FILES[@]}" ;;
         server) group connection && group readiness && group shared ;;
         all) group small && group datagram && group server ;;
