@@ -57,6 +57,10 @@ pub enum Completion {
         token: Token,
         /// Bytes sent.
         result: io::Result<usize>,
+        /// For a send straight from a provided buffer ([`Ring::send_received`]): that
+        /// buffer, ours again, so the caller can keep what the kernel did not take
+        /// before giving it back with [`Ring::recycle`].
+        from: Option<Received>,
     },
     /// A datagram arrived; its bytes wait in the socket's slot ([`Ring::datagram_bytes`]).
     DatagramReceived {
@@ -85,6 +89,9 @@ struct SlotIo {
     /// The bytes of the stream send in flight: a copy, because the caller's output buffer
     /// may grow and move while the kernel reads this one.
     send: Vec<u8>,
+    /// The provided buffer the stream send in flight reads instead, kept lent (out of the
+    /// kernel's ring) until that send's completion.
+    send_from: Option<Received>,
     /// Datagram sockets: one message each way.
     datagram: Option<Box<Datagram>>,
 }
@@ -158,6 +165,7 @@ impl Ring {
             budget: 0,
             received_since_arm: 0,
             send: Vec::new(),
+            send_from: None,
             datagram,
         });
     }
@@ -183,6 +191,14 @@ impl Ring {
     pub fn is_sending(&self, token: Token) -> bool {
         self.open_ref(token)
             .is_some_and(|io| io.is_in_flight(Op::Send))
+    }
+
+    /// Bytes of a provided buffer that `token`'s send in flight reads
+    /// ([`Ring::send_received`]): sent input the caller no longer counts as owed.
+    pub fn sending_received(&self, token: Token) -> usize {
+        self.open_ref(token)
+            .and_then(|io| io.send_from.as_ref())
+            .map_or(0, Received::len)
     }
 
     /// Shuts down the sending side of an open slot's socket, so the peer reads EOF after
@@ -300,6 +316,30 @@ impl Ring {
         offered
     }
 
+    /// Sends the bytes of `received` straight from its provided buffer (zero-copy), unless
+    /// a send is in flight or the slot is closed; then the buffer is handed back, and the
+    /// caller keeps its bytes some other way. The ring holds the buffer until the send's
+    /// [`Completion::Sent`], which returns it.
+    ///
+    /// # Errors
+    ///
+    /// `received` itself, when it was not sent.
+    pub fn send_received(&mut self, token: Token, received: Received) -> Result<(), Received> {
+        let bytes = self.provided.bytes(&received);
+        let (pointer, len) = (bytes.as_ptr(), bytes.len() as u32);
+        let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| len > 0) else {
+            return Err(received);
+        };
+        // The buffer stays lent, so the kernel does not hand it to a receive while this
+        // send reads it; `complete` gives it back only after the send's completion.
+        io.send_from = Some(received);
+        let entry = opcode::Send::new(fd, pointer, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        self.start(token, Op::Send, entry);
+        Ok(())
+    }
+
     /// Arms a receive of one datagram (no-op if armed, closed or not a datagram slot).
     /// The last datagram's bytes are gone from then on.
     pub fn arm_datagram_receive(&mut self, token: Token) {
@@ -380,8 +420,12 @@ impl Ring {
         }
     }
 
-    fn retire(&mut self, io: SlotIo) {
+    fn retire(&mut self, mut io: SlotIo) {
         if io.in_flight == 0 {
+            // No send reads a provided buffer any more (its completion took it back).
+            if let Some(from) = io.send_from.take() {
+                self.provided.recycle(from);
+            }
             return;
         }
         let key = Key::of(io.token);
@@ -527,6 +571,7 @@ impl Ring {
                 Completion::Sent {
                     token,
                     result: count_result(result),
+                    from: io.send_from.take(),
                 }
             }
             Op::DatagramReceive => {
@@ -556,6 +601,12 @@ impl Ring {
         };
         if !more {
             io.in_flight &= !(op as u8);
+        }
+        if op == Op::Send {
+            // The send that read this provided buffer is over: the kernel may have it back.
+            if let Some(from) = io.send_from.take() {
+                self.provided.recycle(from);
+            }
         }
         if io.in_flight == 0 {
             self.closing.remove(&key);
