@@ -87,6 +87,9 @@ struct Loop {
     idle: Option<IdleWheel>,
     /// Where every connection event of this loop is logged.
     log: LoopLog,
+    /// The output allocation lent to whichever connection must copy a reply, so that
+    /// an idle connection holds none ([`Connection::lend_spare`]).
+    spare: Vec<u8>,
     /// Connections touched by this batch of completions (see `Loop::mark`).
     dirty: Vec<Token>,
     /// Set when shutdown fired: stop accepting, send what is owed until then.
@@ -121,6 +124,7 @@ impl Loop {
             idle: config.limits.idle_timeout.map(IdleWheel::new),
             log: LoopLog::new(config.limits.metrics),
             config,
+            spare: Vec::new(),
             dirty: Vec::new(),
             drain_deadline: None,
             now: Instant::now(),
@@ -304,6 +308,7 @@ impl Loop {
                 // Write-through: with nothing owed and no send in flight, an echo leaves
                 // straight from the provided buffer, which the ring keeps until it is sent.
                 let is_sending = self.ring.is_sending(token);
+                conn.connection.lend_spare(&mut self.spare);
                 let through = conn
                     .connection
                     .receive_through(bytes, |input| match is_sending {
@@ -320,6 +325,7 @@ impl Loop {
                     }
                     _ => self.ring.recycle(received),
                 }
+                conn.connection.return_spare(&mut self.spare);
                 Ok(true)
             }
             // EOF (`Ok(0)`) or an error.
@@ -347,6 +353,8 @@ impl Loop {
                         }
                         None => conn.connection.advance(written),
                     }
+                    // An idle connection keeps no output allocation.
+                    conn.connection.return_spare(&mut self.spare);
                     self.log.sent(conn.connection.transport(), written);
                     self.mark(token);
                 }

@@ -25,8 +25,11 @@ const PROVIDED_BUFFERS: u16 = 128;
 const PROVIDED_BUFFER_BYTES: usize = 8192;
 /// At most this many bytes go into one stream send; the rest waits for its completion.
 const MAX_SEND_BYTES: usize = 128 * 1024;
-/// A send buffer that grew past this is given back once its send completes.
+/// A send buffer that grew past this is freed once its send completes.
 const KEPT_SEND_BUFFER_BYTES: usize = 16 * 1024;
+/// At most this many send buffers wait for reuse between sends; a slot holds one only
+/// while its send is in flight, so an idle connection holds none.
+const SPARE_SEND_BUFFERS: usize = 16;
 /// How long dropping a ring waits for cancelled operations before it leaks their buffers.
 const DROP_WAIT: Duration = Duration::from_secs(2);
 
@@ -114,6 +117,8 @@ pub struct Ring {
     completions: VecDeque<cqueue::Entry>,
     /// Entries that did not fit the submission queue yet.
     backlog: Vec<squeue::Entry>,
+    /// Send buffers of completed sends, for the next ones (at most `SPARE_SEND_BUFFERS`).
+    spare_sends: Vec<Vec<u8>>,
     /// Whether multishot receives take a total limit; cleared on the first EINVAL.
     has_receive_limit: bool,
 }
@@ -134,6 +139,7 @@ impl Ring {
             provided: ManuallyDrop::new(provided),
             completions: VecDeque::new(),
             backlog: Vec::new(),
+            spare_sends: Vec::new(),
             has_receive_limit: true,
         })
     }
@@ -304,11 +310,14 @@ impl Ring {
     /// bytes were offered. The kernel may take fewer: see [`Completion::Sent`].
     pub fn send(&mut self, token: Token, bytes: &[u8]) -> usize {
         let offered = bytes.len().min(MAX_SEND_BYTES);
+        let mut send = self.spare_sends.pop().unwrap_or_default();
         let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| offered > 0) else {
+            self.spare_sends.push(send);
             return 0;
         };
-        io.send.clear();
-        io.send.extend_from_slice(&bytes[..offered]);
+        send.clear();
+        send.extend_from_slice(&bytes[..offered]);
+        io.send = send;
         let entry = opcode::Send::new(fd, io.send.as_ptr(), offered as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build();
@@ -565,8 +574,10 @@ impl Ring {
                 }
             }
             Op::Send => {
-                if io.send.capacity() > KEPT_SEND_BUFFER_BYTES {
-                    io.send = Vec::new();
+                let send = mem::take(&mut io.send);
+                let is_kept = (1..=KEPT_SEND_BUFFER_BYTES).contains(&send.capacity());
+                if is_kept && self.spare_sends.len() < SPARE_SEND_BUFFERS {
+                    self.spare_sends.push(send);
                 }
                 Completion::Sent {
                     token,
