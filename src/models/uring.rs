@@ -199,7 +199,7 @@ impl Loop {
                             // An idle timeout or a drain cut: with TLS, close_notify first.
                             connection.close_first(&stream, &self.log);
                         }
-                        end(stream, ending, Linger::Elsewhere);
+                        end(stream, ending, Linger::Elsewhere(Some(conn._admission)));
                     }
                 }
             }
