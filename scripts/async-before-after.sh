@@ -19,8 +19,8 @@ for rep in $(seq "${REPEATS:-5}"); do
     for config in "${configs[@]}"; do
         read -r conns size depth <<<"$config"
         for model in ${MODELS:-async tokio}; do
-            paired_server before "$old" serve --model "$model" --threads 1 --tcp 127.0.0.1:PORT
-            paired_server after "$new" serve --model "$model" --threads 1 --tcp 127.0.0.1:PORT
+            paired_server before "$old" serve --model "$model" --threads 1 --tcp "$PAIRED_HOST:PORT"
+            paired_server after "$new" serve --model "$model" --threads 1 --tcp "$PAIRED_HOST:PORT"
             paired_window "$model/c=$conns/s=$size/depth=$depth" "$rep" "$conns" "$size" "$depth" \
                 before after
             paired_stop

@@ -26,9 +26,9 @@ paired_header "before"
 for rep in $(seq "$repeats"); do
     for config in "50 1024 1" "50 1024 8" "500 1024 1" "500 1024 8"; do
         read -r conns size depth <<<"$config"
-        paired_server old "$old" serve --model "$model" --threads 1 --tcp 127.0.0.1:PORT
-        paired_server new "$new" serve --model "$model" --threads 1 --tcp 127.0.0.1:PORT
-        paired_server c "$YARDSTICK/c-epoll-echo" PORT 127.0.0.1
+        paired_server old "$old" serve --model "$model" --threads 1 --tcp "$PAIRED_HOST:PORT"
+        paired_server new "$new" serve --model "$model" --threads 1 --tcp "$PAIRED_HOST:PORT"
+        paired_server c "$YARDSTICK/c-epoll-echo" PORT "$PAIRED_HOST"
         paired_window "c=$conns/s=$size/depth=$depth" "$rep" "$conns" "$size" "$depth" old new c
         paired_stop
         echo "repeat $rep c=$conns s=$size depth $depth done" >&2

@@ -19,19 +19,20 @@ REVERB=${REVERB:-target/release/reverb}
 source scripts/lib/paired.sh
 
 paired_load() { # NAME REP CONNS SIZE DEPTH: the bench's JSON
-    timeout $((DURATION + 60)) taskset -c 1 "$REVERB" bench "tcp://127.0.0.1:${PAIRED_PORT[$1]}" \
+    timeout $((DURATION + 60)) taskset -c 1 "${PAIRED_LOAD_NS[@]}" \
+        "$REVERB" bench "tcp://$PAIRED_HOST:${PAIRED_PORT[$1]}" \
         --conns "$3" --size "$4" --depth "$5" --warmup 1 --duration "$DURATION" --json |
         python3 -c 'import json, sys; r = json.load(sys.stdin); print(json.dumps({k: r[k] for k in ("msgs", "msgs_per_s", "errors", "latency_us")}))'
 }
 
 for rep in $(seq "$repeats"); do
     for model in epoll uring; do
-        paired_server "$model" "$REVERB" serve --model "$model" --threads 1 --tcp 127.0.0.1:PORT
+        paired_server "$model" "$REVERB" serve --model "$model" --threads 1 --tcp "$PAIRED_HOST:PORT"
     done
     paired_window "uring-vs-epoll" "$rep" "$conns" "$size" "$depth" epoll uring
     paired_stop
     for model in epoll async tokio; do
-        paired_server "$model" "$REVERB" serve --model "$model" --threads 1 --tcp 127.0.0.1:PORT
+        paired_server "$model" "$REVERB" serve --model "$model" --threads 1 --tcp "$PAIRED_HOST:PORT"
     done
     paired_window "epoll-async-tokio" "$rep" "$conns" "$size" "$depth" epoll async tokio
     paired_stop

@@ -12,13 +12,18 @@
 #
 #   scripts/kernel-limit.sh                      # REPEATS=5 DURATION=3: about 10 minutes
 #   REPEATS=9 DURATION=5 scripts/kernel-limit.sh # the full run, on a quiet machine
+#   NETNS=1 PARTS=cpu,rate scripts/kernel-limit.sh
+#                      # off loopback: servers and load in two network namespaces joined
+#                      # by a veth pair (root; scripts/lib/paired.sh), deleted on exit
 #
 # Every CPU and throughput figure is the median of REPEATS windows; in each window the
 # sides run at the same time, servers pinned to CPU 0 and their echoload clients to CPU 1,
 # and which side starts first alternates (scripts/lib/paired.sh). Every reverb model runs
 # with --threads 1. tokio-echo is bench/tokio-echo on its current-thread runtime.
 # Env: REPEATS (5), DURATION (3 s), CONFIGS ("conns size depth,..." for the CPU targets),
-#      IDLE_CONNS (10000), PARTS (cpu,rate,idle: which parts to run), REVERB (binary).
+#      IDLE_CONNS (10000), PARTS (cpu,rate,idle: which parts to run), REVERB (binary),
+#      NETNS (1: the CPU and throughput parts over a veth pair; idle memory stays on
+#      loopback, where the path makes no difference to what a connection holds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +37,7 @@ build_tokio_echo
 ulimit -n "$(ulimit -Hn)"
 
 reverb_server() { # NAME MODEL
-    paired_server "$1" "$REVERB" serve --model "$2" --threads 1 --tcp 127.0.0.1:PORT
+    paired_server "$1" "$REVERB" serve --model "$2" --threads 1 --tcp "$PAIRED_HOST:PORT"
 }
 has_part() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 
@@ -41,13 +46,13 @@ if has_part cpu; then
     for config in "${configs[@]}"; do
         read -r conns size depth <<<"$config"
         for rep in $(seq "$REPEATS"); do
-            paired_server c-epoll "$YARDSTICK/c-epoll-echo" PORT 127.0.0.1
+            paired_server c-epoll "$YARDSTICK/c-epoll-echo" PORT "$PAIRED_HOST"
             reverb_server epoll epoll
             reverb_server uring uring
             paired_window "c=$conns/s=$size/depth=$depth/vs-c" "$rep" "$conns" "$size" "$depth" \
                 c-epoll epoll uring
             paired_stop
-            paired_server tokio-echo "$TOKIO_ECHO" --port PORT --runtime current
+            paired_server tokio-echo "$TOKIO_ECHO" --host "$PAIRED_HOST" --port PORT --runtime current
             reverb_server async async
             reverb_server tokio tokio
             paired_window "c=$conns/s=$size/depth=$depth/vs-tokio" "$rep" "$conns" "$size" "$depth" \
@@ -66,7 +71,7 @@ fi
 if has_part rate; then
     for rep in $(seq "$REPEATS"); do
         for model in select poll epoll async tokio uring; do
-            paired_server c-epoll "$YARDSTICK/c-epoll-echo" PORT 127.0.0.1
+            paired_server c-epoll "$YARDSTICK/c-epoll-echo" PORT "$PAIRED_HOST"
             reverb_server "$model" "$model"
             paired_window "c=50/s=65536/depth=1/$model" "$rep" 50 65536 1 c-epoll "$model"
             paired_stop

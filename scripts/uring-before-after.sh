@@ -20,9 +20,9 @@ source scripts/lib/paired.sh
 for config in "50 1" "50 8" "500 1" "500 8"; do
     read -r conns depth <<<"$config"
     for rep in $(seq "$REPS"); do
-        paired_server c-epoll "$YARDSTICK/c-epoll-echo" PORT 127.0.0.1
-        paired_server before "$BEFORE" serve --model uring --threads 1 --tcp 127.0.0.1:PORT
-        paired_server after "$REVERB" serve --model uring --threads 1 --tcp 127.0.0.1:PORT
+        paired_server c-epoll "$YARDSTICK/c-epoll-echo" PORT "$PAIRED_HOST"
+        paired_server before "$BEFORE" serve --model uring --threads 1 --tcp "$PAIRED_HOST:PORT"
+        paired_server after "$REVERB" serve --model uring --threads 1 --tcp "$PAIRED_HOST:PORT"
         paired_window "c=$conns/s=1024/depth=$depth" "$rep" "$conns" 1024 "$depth" c-epoll before after
         paired_stop
     done

@@ -85,6 +85,7 @@ macro_rules! with_cases {
                 panic_replies_first,
                 idle_close_lingers,
                 drain_lingers,
+                lingering_holds_its_place,
                 $($($extra,)*)?
             ],
         }

@@ -102,7 +102,7 @@ pub fn on_accept(
             &peer,
             CloseReason::OverLimit(max_conns),
             log,
-            Linger::Elsewhere,
+            Linger::Elsewhere(None),
         );
         return Ok(Accepted::Again);
     };

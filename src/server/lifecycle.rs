@@ -4,7 +4,7 @@
 //! One place for each, so that what must reach every model is written once: the log lines,
 //! the per-loop counters, and the lingering close.
 
-use super::ACCEPT_PAUSE;
+use super::{ACCEPT_PAUSE, Admission};
 use crate::metrics::{self, Counters, DropReason, Metrics, Transport};
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use std::cell::{Cell, OnceCell};
@@ -356,11 +356,13 @@ pub fn close(stream: Stream, peer: &Peer, reason: CloseReason, log: &LoopLog, li
 }
 
 /// Where a lingering close waits for the peer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub enum Linger<'a> {
     /// On the lingering thread: the caller serves other connections (an event loop, an
-    /// async task's runtime, an accepting thread).
-    Elsewhere,
+    /// async task's runtime, a pooled worker, an accepting thread). The connection's place
+    /// under `--max-conns`, if it was admitted, goes with the socket: it is released when
+    /// the socket is finally closed, so lingering peers count against the limit.
+    Elsewhere(Option<Admission>),
     /// On the calling thread, which serves nothing else (a thread or process per
     /// connection); `shutdown` and `drain_timeout` shorten it at exit.
     Here {
@@ -393,7 +395,7 @@ pub fn end(stream: Stream, ending: Ending, linger: Linger<'_>) {
             // The peer may be gone already; closing is all that is left either way.
             let _ = stream.shutdown_write();
         }
-        (Ending::Lingering, Linger::Elsewhere) => super::linger::hand_off(stream),
+        (Ending::Lingering, Linger::Elsewhere(place)) => super::linger::hand_off(stream, place),
         (
             Ending::Lingering,
             Linger::Here {

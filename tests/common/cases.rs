@@ -1045,6 +1045,66 @@ pub fn quit_lingers(model: &str) {
     server.stop();
 }
 
+/// `--max-conns 2` counts lingering connections: two clients that quit and then stay
+/// silent are still owed a lingering close (2 s without a byte), so they hold their
+/// places and a third client is refused; once their lingering ends, a client is served.
+/// A serial model lingers on its one thread, so there a second client waits instead.
+pub fn lingering_holds_its_place(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "until-quit",
+            "--max-conns",
+            "2",
+        ],
+    );
+    let started = Instant::now();
+    let lingering: Vec<Conn> = (0..if is_serial(model) { 1 } else { 2 })
+        .map(|_| {
+            let mut conn = server.connect_conn();
+            conn.write_all(b"quit\n").expect("send quit");
+            let (got, error) = conn.read_to_end_lossy();
+            assert!(error.is_none(), "{error:?} after {got:?}");
+            assert_eq!(got, b"quit\n");
+            conn
+        })
+        .collect();
+    let try_one = || {
+        let mut conn = server.connect_conn();
+        let _ = conn.write_all(b"again\nquit\n");
+        conn.read_to_end_lossy().0
+    };
+    if !is_serial(model) {
+        let got = try_one();
+        // Past the lingering timeout the places are free again: nothing left to check.
+        if started.elapsed() < Duration::from_millis(1500) {
+            assert!(
+                got.is_empty(),
+                "a third client was served while two peers lingered: {got:?}"
+            );
+            server.wait_for_log("max-conns");
+        }
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while try_one() != b"again\nquit\n" {
+        assert!(
+            Instant::now() < deadline,
+            "no place freed after the lingering ended"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "served after {waited:?}, before the lingering peers were cut"
+    );
+    drop(lingering);
+    server.stop();
+}
+
 /// `ok\nboom\n` in one write: `ok` is answered before the panic closes the connection,
 /// with a lingering close; the panic is logged once, with the peer.
 pub fn panic_replies_first(model: &str) {
