@@ -668,6 +668,42 @@ fn counts_reasons(model: &str) {
     server.stop();
 }
 
+/// A client that sends and never reads is still owed replies when `--drain-timeout`
+/// passes: its connection is closed for the reason `drain_cut`, once, in every model (a
+/// `forking` child was killed at the deadline and counted `error` instead). The endpoint
+/// stops with the server, a moment after the cut, so the log line, written with the count
+/// by the same call and carrying the same label, is what is checked.
+fn counts_drain_cut(model: &str) {
+    let args = ["--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0"];
+    let mut server = Server::start(model, &[&args[..], &["--drain-timeout", "1"]].concat());
+    let mut stuck = server.connect_tcp();
+    stuck
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // It keeps sending through the drain and the lingering close after the cut, so
+    // neither ends early; it stops when the server is gone or a write times out.
+    let sender = thread::spawn(move || {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..1024 {
+            if stuck.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(500));
+    server.terminate();
+    let status = server.wait_exit(PATIENCE).expect("exit after the drain");
+    let _ = sender.join();
+    assert!(status.success(), "{model}: exit {status}");
+    let log = server.stderr();
+    let cuts = log
+        .lines()
+        .filter(|l| l.contains("reason=\"drain_cut\""))
+        .count();
+    assert_eq!(cuts, 1, "{model}: the cut connection, in\n{log}");
+    assert!(!log.contains("killing"), "{model}: {log}");
+}
+
 /// One series of a scrape of `server`; `None` without the parser.
 fn samples_of_server(server: &Server, name: &str) -> Option<f64> {
     let (_, body) = get(server, "/metrics");
@@ -686,6 +722,12 @@ macro_rules! counting_models {
             $(#[test]
             fn $model() {
                 super::counts_reasons($name);
+            })*
+        }
+        mod drain_cuts {
+            $(#[test]
+            fn $model() {
+                super::counts_drain_cut($name);
             })*
         }
     };

@@ -12,12 +12,12 @@
 
 use crate::metrics::{Metrics, Transport};
 use crate::net::{DatagramSocket, Peer, Received};
-use crate::server::is_per_peer_datagram_error;
 use crate::server::one_socket::{LingerOn, serve_connection};
 use crate::server::{
     ACCEPT_PAUSE, Accepted, Admission, CloseReason, DatagramReplier, Listeners, LoopLog, Protocol,
     RunOptions, ServeError, Shutdown, accept_and_admit, stream_transport,
 };
+use crate::server::{is_per_peer_datagram_error, linger};
 use crate::sys::poll::{self, POLLIN};
 use crate::sys::process::{self, ChildEnd, Forked, Pid};
 use std::collections::HashMap;
@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 /// How often the parent wakes to reap children when nothing else happens; a zombie waits
 /// at most this long.
 const REAP_INTERVAL: Duration = Duration::from_millis(200);
-/// After the drain timeout, children still running get this long to die after SIGKILL.
+/// How long a child may outlive its drain and lingering bounds before it is killed, and
+/// then how long it gets to die after SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves every listener with a child per connection until `shutdown` fires, then waits
@@ -62,18 +63,10 @@ pub fn run(
     let log = LoopLog::new(listeners.limits.metrics);
     loop {
         reap(&mut children, metrics, &log)?;
-        let mut entries: Vec<_> = listeners
-            .streams
-            .iter()
-            .map(|l| poll::entry(l.as_fd(), POLLIN))
-            .chain(
-                listeners
-                    .datagrams
-                    .iter()
-                    .map(|d| poll::entry(d.as_fd(), POLLIN)),
-            )
-            .collect();
-        entries.push(poll::entry(shutdown.fd(), POLLIN));
+        let streams = listeners.streams.iter().map(AsFd::as_fd);
+        let sockets = streams.chain(listeners.datagrams.iter().map(AsFd::as_fd));
+        let fds = sockets.chain([shutdown.fd()]);
+        let mut entries: Vec<_> = fds.map(|fd| poll::entry(fd, POLLIN)).collect();
         poll::poll(&mut entries, Some(REAP_INTERVAL))?;
         if entries.last().is_some_and(|e| e.revents != 0) {
             break;
@@ -227,24 +220,27 @@ fn reap(children: &mut Children, metrics: Metrics, log: &LoopLog) -> io::Result<
     Ok(())
 }
 
-/// Children heard the shutdown through the shared eventfd; wait for them to finish, and
-/// kill those still running after the drain timeout.
+/// Children heard the shutdown through the shared eventfd and drain on their own: each
+/// cuts its connection at its own drain deadline (counted `drain_cut` there, with what it
+/// still owed) and lingers at most `linger::exit_bound` after it. Waits for them; a child
+/// still running [`KILL_GRACE`] past both bounds is stuck, and is killed.
 fn drain_children(
     children: &mut Children,
     drain_timeout: Duration,
     metrics: Metrics,
     log: &LoopLog,
 ) -> io::Result<()> {
-    let deadline = Instant::now() + drain_timeout;
+    // Killed at our own drain deadline, a child would often die just before its own
+    // (it heard the shutdown a moment later) and its connection would count as `error`.
+    let kill_at = Instant::now() + drain_timeout + linger::exit_bound(drain_timeout) + KILL_GRACE;
     let mut killed_at: Option<Instant> = None;
     while !children.is_empty() {
         reap(children, metrics, log)?;
-        // Children end at their own drain deadline, the same as ours: often just now.
         if children.is_empty() {
             break;
         }
         let now = Instant::now();
-        if killed_at.is_none() && now >= deadline {
+        if killed_at.is_none() && now >= kill_at {
             tracing::warn!("killing {} children still draining", children.len());
             for &pid in children.keys() {
                 let _ = process::kill(pid, process::SIGKILL);

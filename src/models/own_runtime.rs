@@ -16,19 +16,18 @@
 //! Idle timeout: one runtime timer per connection, moved to "now + timeout" whenever the
 //! task starts waiting for input, so waiting to send never counts as idle.
 
-use crate::net::{DatagramSocket, Stream, StreamListener};
+use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::runtime::{self, Async, Direction, Runtime, unless};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
-use crate::server::linger;
+use crate::server::task::{TaskWaits, Woke, close_served, converse};
 use crate::server::task_buffers;
 use crate::server::{
     ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, ConnectionCounter, DatagramReplier,
-    Ending, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
     is_per_peer_datagram_error, listener_transport, on_accept,
 };
 use std::cell::Cell;
 use std::io;
-use std::net::Shutdown as Half;
 use std::os::fd::AsFd;
 use std::pin::pin;
 use std::rc::Rc;
@@ -133,11 +132,7 @@ async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Re
         match on_accept(accepted, name, transport, &state.counter, &state.log)? {
             Accepted::Connection(stream, peer, admission) => match Async::new(stream) {
                 Ok(stream) => {
-                    // Built here, not in the task: an async fn keeps its arguments for its
-                    // whole life, so a task given `peer` would hold the address twice.
-                    let socket = stream.get_ref().as_fd();
-                    let connection = Connection::new(&state.protocol, peer, &state.limits, socket);
-                    let task = serve_connection(stream, connection, admission, state.clone());
+                    let task = serve_connection(stream, peer, admission, state.clone());
                     runtime::spawn_detached(task);
                 }
                 Err(e) => {
@@ -154,104 +149,73 @@ async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Re
     Ok(())
 }
 
-/// One connection's task: sends what is owed, reads, hands the bytes over, until the
-/// connection is finished. How it ended is logged and counted here and never reaches the
-/// loop.
+/// One connection's task: the shared steps ([`converse`], [`close_served`]), waiting the
+/// way this runtime does ([`Task`]). How it ended is logged and counted, and never
+/// reaches the loop.
 ///
 /// A function returning an `async move` block rather than an `async fn`: an `async fn`
 /// moves each argument into a local of its body and keeps both copies, which cost every
-/// connection 312 bytes (`-Zprint-type-sizes`); the block uses what it captures in place.
-#[expect(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
+/// connection 312 bytes (`-Zprint-type-sizes`); the block uses what it captures in place,
+/// and the `Connection` is built before it, so the peer's address is not held twice.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice"
+)]
 fn serve_connection(
     stream: Async<Stream>,
-    mut connection: Connection,
-    admission: Admission,
+    peer: Peer,
+    place: Admission,
     state: Rc<Loop>,
 ) -> impl Future<Output = ()> {
+    let fd = stream.get_ref().as_fd();
+    let mut connection = Connection::new(&state.protocol, peer, &state.limits, fd);
     async move {
-        let reason = converse(&stream, &mut connection, &state).await;
-        end_connection(&stream, &mut connection, &state, &reason);
-        // Held to the end: the connection's place under `--max-conns`.
-        drop(admission);
+        let idle = state.limits.idle_timeout.map(runtime::sleep);
+        let mut task = Task {
+            stream: &stream,
+            state: &state,
+            idle,
+        };
+        let reason = converse(&mut task, &mut connection).await;
+        let fd = stream.get_ref().as_fd();
+        close_served(fd, &mut connection, reason, &state.log, place);
     }
 }
 
-/// How a connection's task ends once `converse` said why: shut down, or hand off for
-/// the lingering close; then log and count it.
-fn end_connection(
-    stream: &Async<Stream>,
-    connection: &mut Connection,
-    state: &Loop,
-    reason: &CloseReason,
-) {
-    match reason.ending() {
-        // Everything owed was sent: the peer reads EOF after the last reply.
-        Ending::Eof => drop(stream.shutdown(Half::Write)),
-        Ending::Lingering => {
-            if matches!(reason, CloseReason::Idle(_)) {
-                // With TLS this queues close_notify; an idle peer has room for it, and
-                // one that has none does not hold up the close.
-                connection.stop_reading();
-                if let Ok(sent) = stream.get_ref().write(connection.unsent()) {
-                    state.log.sent(connection.transport(), sent);
-                    connection.advance(sent);
-                }
-            }
-            linger::hand_off_duplicate(stream.get_ref().as_fd());
-        }
-        Ending::Refused | Ending::Abort => {}
-    }
-    let log = &state.log;
-    log.closed(connection.peer(), connection.transport(), reason);
+/// How a connection's task waits under this runtime: `unless` the loop's flags say
+/// stop, with one runtime timer per connection for its idle timeout.
+struct Task<'a> {
+    stream: &'a Async<Stream>,
+    state: &'a Loop,
+    idle: Option<runtime::Timer>,
 }
 
-/// Serves `connection` until it must close, and says why.
-async fn converse(
-    stream: &Async<Stream>,
-    connection: &mut Connection,
-    state: &Loop,
-) -> CloseReason {
-    let (is_draining, is_cut) = (|| state.is_draining.get(), || state.is_cut.get());
-    let idle_timeout = state.limits.idle_timeout;
-    let mut idle = idle_timeout.map(runtime::sleep);
-    loop {
-        if connection.wants_write() {
-            // While the peer does not take its replies, it is not read (backpressure).
-            let owed = connection.owed();
-            let Some(sent) =
-                unless(is_cut, None, pin!(stream.write_all(connection.unsent()))).await
-            else {
-                return CloseReason::DrainTimeout { owed };
-            };
-            if let Err(e) = sent {
-                return CloseReason::Failed(e);
-            }
-            state.log.sent(connection.transport(), owed);
-            connection.advance(owed);
-            task_buffers::return_spare(connection);
-        }
-        if is_draining() {
-            connection.stop_reading();
-        }
-        if connection.is_finished() {
-            return connection.finish_reason(is_draining());
-        }
-        if let (Some(timer), Some(timeout)) = (&mut idle, idle_timeout) {
+impl TaskWaits for Task<'_> {
+    async fn send_all(&mut self, bytes: &[u8]) -> Option<io::Result<()>> {
+        let is_cut = || self.state.is_cut.get();
+        unless(is_cut, None, pin!(self.stream.write_all(bytes))).await
+    }
+
+    async fn receive(&mut self, connection: &mut Connection) -> Woke {
+        let timeout = self.state.limits.idle_timeout.unwrap_or_default();
+        if let Some(timer) = &mut self.idle {
             timer.reset(runtime::now() + timeout);
         }
-        match unless(
-            is_draining,
-            idle.as_mut(),
-            pin!(receive(stream, connection, &state.log)),
-        )
-        .await
-        {
-            Some(Ok(())) => {}
-            Some(Err(reason)) => return reason,
-            // Shutdown began: stop reading at the top of the loop.
-            None if is_draining() => {}
-            None => return CloseReason::Idle(idle_timeout.unwrap_or_default()),
+        let is_draining = || self.state.is_draining.get();
+        let receive = pin!(receive(self.stream, connection, &self.state.log));
+        match unless(is_draining, self.idle.as_mut(), receive).await {
+            Some(received) => Woke::Received(received),
+            None if is_draining() => Woke::Draining,
+            None => Woke::Idle(timeout),
         }
+    }
+
+    fn is_draining(&self) -> bool {
+        self.state.is_draining.get()
+    }
+
+    fn with_log<R>(&self, f: impl FnOnce(&LoopLog) -> R) -> R {
+        f(&self.state.log)
     }
 }
 

@@ -58,9 +58,8 @@ pub fn run(
                         protocol,
                         limits,
                         shutdown_ref,
-                        LingerOn::LingeringThread,
+                        LingerOn::LingeringThread(admission),
                     );
-                    drop(admission);
                 }
             });
         }

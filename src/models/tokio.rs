@@ -17,13 +17,13 @@
 
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
-use crate::server::linger;
-use crate::server::stop_signal::StopSignal;
+use crate::server::stop_signal::{StopSignal, StopWait};
+use crate::server::task::{TaskWaits, Woke, close_served, converse};
 use crate::server::task_buffers;
 use crate::server::{
     ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, ConnectionCounter, DatagramReplier,
-    Ending, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    accept_and_admit, is_per_peer_datagram_error, stream_transport,
+    Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown, accept_and_admit,
+    is_per_peer_datagram_error, stream_transport,
 };
 use crate::sys::async_fd;
 use std::future::poll_fn;
@@ -36,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, unix::A
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, Sleep, sleep, timeout};
 
 /// Serves every listener with `threads` runtimes until `shutdown` fires and drains.
 ///
@@ -235,90 +235,69 @@ fn adopt(stream: Stream, peer: Peer, admission: Admission, state: &Arc<Loop>, do
     }
 }
 
-/// One connection's task: sends what is owed, reads, hands the bytes over, until the
-/// connection is finished. How it ended is logged and counted here; it ends only this
+/// One connection's task: the shared steps ([`converse`], [`close_served`]), waiting the
+/// way tokio does ([`Task`]). How it ended is logged and counted here; it ends only this
 /// connection.
-async fn serve(
-    mut stream: Box<dyn Socket>,
-    peer: Peer,
-    state: Arc<Loop>,
-    _held: (Admission, Done),
-) {
+async fn serve(mut stream: Box<dyn Socket>, peer: Peer, state: Arc<Loop>, held: (Admission, Done)) {
     let mut connection = Connection::new(&state.protocol, peer, &state.limits, stream.as_fd());
-    let reason = converse(&mut stream, &mut connection, &state).await;
-    match reason.ending() {
-        // Everything owed was sent: the peer reads EOF after the last reply.
-        Ending::Eof => drop(stream.shutdown().await),
-        Ending::Lingering => {
-            if matches!(reason, CloseReason::Idle(_)) {
-                // With TLS this queues close_notify; an idle peer has room for it, and
-                // one that has none does not hold up the close.
-                connection.stop_reading();
-                let owed = connection.unsent();
-                let write_once =
-                    |cx: &mut Context<'_>| Poll::Ready(Pin::new(&mut *stream).poll_write(cx, owed));
-                if let Poll::Ready(Ok(sent)) = poll_fn(write_once).await {
-                    state.with_log(|log| log.sent(connection.transport(), sent));
-                    connection.advance(sent);
-                }
-            }
-            linger::hand_off_duplicate(stream.as_fd());
-        }
-        Ending::Refused | Ending::Abort => {}
-    }
-    let transport = connection.transport();
-    state.with_log(|log| log.closed(connection.peer(), transport, &reason));
+    let idle_timeout = state.limits.idle_timeout;
+    let mut task = Task {
+        stream: &mut stream,
+        state: &state,
+        idle: pin!(sleep(idle_timeout.unwrap_or_default())),
+        // Made once: a fresh wait per message would take a lock.
+        draining: state.draining.wait(),
+        cut: state.cut.wait(),
+    };
+    let reason = converse(&mut task, &mut connection).await;
+    drop(task);
+    let (fd, place) = (stream.as_fd(), held.0);
+    state.with_log(|log| close_served(fd, &mut connection, reason, log, place));
 }
 
-/// Serves `connection` until it must close, and says why.
-async fn converse(
-    stream: &mut Box<dyn Socket>,
-    connection: &mut Connection,
-    state: &Loop,
-) -> CloseReason {
-    let idle_timeout = state.limits.idle_timeout;
-    let mut idle = pin!(sleep(idle_timeout.unwrap_or_default()));
-    // Made once: a fresh wait per message would take a lock.
-    let (mut draining, mut cut) = (pin!(state.draining.wait()), pin!(state.cut.wait()));
-    loop {
-        if connection.wants_write() {
-            // While the peer does not take its replies, it is not read (backpressure).
-            let owed = connection.owed();
-            tokio::select! {
-                biased;
-                sent = stream.write_all(connection.unsent()) => {
-                    if let Err(e) = sent {
-                        return CloseReason::Failed(e);
-                    }
-                }
-                () = &mut cut => return CloseReason::DrainTimeout { owed },
-            }
-            state.with_log(|log| log.sent(connection.transport(), owed));
-            connection.advance(owed);
-            task_buffers::return_spare(connection);
+/// How a connection's task waits under tokio: `select!` over the socket, the loop's
+/// signals and one tokio timer per connection for its idle timeout.
+struct Task<'a> {
+    stream: &'a mut Box<dyn Socket>,
+    state: &'a Loop,
+    idle: Pin<&'a mut Sleep>,
+    draining: StopWait<'a>,
+    cut: StopWait<'a>,
+}
+
+impl TaskWaits for Task<'_> {
+    async fn send_all(&mut self, bytes: &[u8]) -> Option<io::Result<()>> {
+        tokio::select! {
+            biased;
+            sent = self.stream.write_all(bytes) => Some(sent),
+            () = &mut self.cut => None,
         }
-        if state.draining.is_fired() {
-            connection.stop_reading();
-        }
-        if connection.is_finished() {
-            return connection.finish_reason(state.draining.is_fired());
-        }
+    }
+
+    async fn receive(&mut self, connection: &mut Connection) -> Woke {
+        let idle_timeout = self.state.limits.idle_timeout;
         if let Some(timeout) = idle_timeout {
-            idle.as_mut().reset(Instant::now() + timeout);
+            self.idle.as_mut().reset(Instant::now() + timeout);
         }
+        let (stream, state) = (&mut *self.stream, self.state);
         tokio::select! {
             biased;
             received = poll_fn(|cx| poll_receive(cx, stream, connection, state)) => {
-                if let Err(reason) = received {
-                    return reason;
-                }
+                Woke::Received(received)
             }
-            // Shutdown began: stop reading at the top of the loop.
-            () = &mut draining => {}
-            () = &mut idle, if idle_timeout.is_some() => {
-                return CloseReason::Idle(idle_timeout.unwrap_or_default());
+            () = &mut self.draining => Woke::Draining,
+            () = &mut self.idle, if idle_timeout.is_some() => {
+                Woke::Idle(idle_timeout.unwrap_or_default())
             }
         }
+    }
+
+    fn is_draining(&self) -> bool {
+        self.state.draining.is_fired()
+    }
+
+    fn with_log<R>(&self, f: impl FnOnce(&LoopLog) -> R) -> R {
+        self.state.with_log(f)
     }
 }
 

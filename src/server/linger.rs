@@ -35,13 +35,13 @@
 //! Apache's event MPM hands lingering connections to its listener thread, so no loop keeps
 //! a finished connection in its tables.
 
-use super::Shutdown;
+use super::{Admission, Shutdown};
 use crate::net::Stream;
 use crate::sys::eventfd::EventFd;
 use crate::sys::poll::{self, POLLIN};
 use crate::sys::queues;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -176,8 +176,12 @@ pub fn linger_here(stream: &Stream, shutdown: &Shutdown, drain_timeout: Duration
 
 /// Starts a lingering close of `stream` and returns at once: the socket is shut down for
 /// sending here, and the lingering thread reads and closes it later. Everything owed must
-/// have been sent. For event loops and async tasks, which cannot wait.
-pub fn hand_off(stream: Stream) {
+/// have been sent. For event loops, async tasks and pooled workers, which cannot wait.
+///
+/// `place`, the connection's place under `--max-conns`, goes with the socket and is
+/// released when the lingering close ends: a lingering peer still holds a descriptor, so
+/// it still counts.
+pub fn hand_off(stream: Stream, place: Option<Admission>) {
     // The peer may be gone already; the reads below then end at once.
     let _ = stream.shutdown_write();
     if stream.set_nonblocking(true).is_err() {
@@ -188,19 +192,12 @@ pub fn hand_off(stream: Stream) {
         return;
     }
     match lingerer() {
-        Some(lingerer) => lingerer.add(stream),
+        Some(lingerer) => lingerer.add(Handed {
+            stream,
+            _place: place,
+        }),
         // Without the thread, closing now is all that is left (logged once, at its start).
         None => drop(stream),
-    }
-}
-
-/// As [`hand_off`], for a model whose runtime keeps the socket in a type of its own
-/// (tokio, io_uring): the lingering close gets a duplicate of `fd`, and the caller then
-/// closes its own descriptor as usual. Everything owed must have been sent.
-pub fn hand_off_duplicate(fd: BorrowedFd<'_>) {
-    match Stream::duplicate(fd) {
-        Ok(stream) => hand_off(stream),
-        Err(e) => tracing::debug!("closing without lingering: cannot duplicate the socket: {e}"),
     }
 }
 
@@ -281,10 +278,18 @@ struct Lingerer {
     wake: EventFd,
 }
 
+/// A socket handed to the lingering thread, with the place under `--max-conns` that it
+/// holds until the thread closes it.
+#[derive(Debug)]
+struct Handed {
+    stream: Stream,
+    _place: Option<Admission>,
+}
+
 #[derive(Debug, Default)]
 struct LingererState {
     /// Sockets handed over and not yet taken by the thread.
-    incoming: Vec<Stream>,
+    incoming: Vec<Handed>,
     /// How many sockets the thread holds.
     lingering: usize,
     /// Whether shutdown began: close settled sockets at once.
@@ -300,15 +305,15 @@ impl Lingerer {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn add(&self, stream: Stream) {
-        self.lock().incoming.push(stream);
+    fn add(&self, handed: Handed) {
+        self.lock().incoming.push(handed);
         if let Err(e) = self.wake.notify() {
             tracing::debug!("cannot wake the lingering-close thread: {e}");
         }
     }
 
     fn run(&self) {
-        let mut lingering: Vec<(Stream, Lingering)> = Vec::new();
+        let mut lingering: Vec<(Handed, Lingering)> = Vec::new();
         let mut entries = Vec::new();
         let mut timeout = None;
         loop {
@@ -317,7 +322,7 @@ impl Lingerer {
             entries.extend(
                 lingering
                     .iter()
-                    .map(|(s, _)| poll::entry(s.as_fd(), POLLIN)),
+                    .map(|(h, _)| poll::entry(h.stream.as_fd(), POLLIN)),
             );
             if let Err(e) = poll::poll(&mut entries, timeout) {
                 // Only a lack of kernel memory gets here; closing is what is left.
@@ -329,9 +334,9 @@ impl Lingerer {
             let mut steps: Vec<Step> = lingering
                 .iter_mut()
                 .zip(entries.iter().skip(1))
-                .map(|((stream, state), entry)| {
+                .map(|((handed, state), entry)| {
                     if entry.revents != 0 {
-                        state.discard(stream, now)
+                        state.discard(&handed.stream, now)
                     } else {
                         state.check(now)
                     }
@@ -339,8 +344,8 @@ impl Lingerer {
                 .collect();
             let is_exiting = {
                 let mut state = self.lock();
-                for stream in state.incoming.drain(..) {
-                    lingering.push((stream, Lingering::new(now)));
+                for handed in state.incoming.drain(..) {
+                    lingering.push((handed, Lingering::new(now)));
                     steps.push(Step::Wait);
                 }
                 // Counted before they leave `incoming`, so `finish` never sees a gap.
@@ -348,8 +353,9 @@ impl Lingerer {
                 state.is_exiting
             };
             let mut steps = steps.into_iter();
-            lingering.retain(|(stream, _)| {
-                steps.next() == Some(Step::Wait) && !(is_exiting && is_settled(stream))
+            // Dropping a socket closes it and releases its place under --max-conns.
+            lingering.retain(|(handed, _)| {
+                steps.next() == Some(Step::Wait) && !(is_exiting && is_settled(&handed.stream))
             });
             let mut state = self.lock();
             state.lingering = lingering.len();
@@ -430,23 +436,19 @@ mod tests {
     }
 
     #[test]
-    fn handed_off_sockets_close_at_the_peers_eof() {
+    fn handed_off_sockets_close_at_the_peers_eof_and_release_their_place() {
         let (ours, mut theirs) = pair();
         theirs.write_all(b"late").unwrap();
-        hand_off(ours);
+        let counter = crate::server::ConnectionCounter::new(Some(1));
+        hand_off(ours, counter.admit());
         let mut got = Vec::new();
         theirs.read_to_end(&mut got).unwrap();
         assert!(got.is_empty());
+        assert_eq!(counter.open(), 1, "a lingering socket holds its place");
         theirs.shutdown(std::net::Shutdown::Write).unwrap();
-        // The lingering thread takes the peer's EOF and closes our end.
-        let lingerer = lingerer().expect("the lingering thread starts");
+        // The lingering thread takes the peer's EOF, closes our end, frees the place.
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let state = lingerer.lock();
-            if state.lingering + state.incoming.len() == 0 {
-                break;
-            }
-            drop(state);
+        while counter.open() > 0 {
             assert!(Instant::now() < deadline, "still lingering");
             std::thread::sleep(Duration::from_millis(20));
         }

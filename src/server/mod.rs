@@ -19,6 +19,7 @@ pub mod readiness;
 pub mod setup_deadline;
 mod shutdown;
 pub mod stop_signal;
+pub mod task;
 pub mod task_buffers;
 
 pub use crate::protocol::Protocol;

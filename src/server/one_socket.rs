@@ -95,14 +95,16 @@ pub fn accept_until_shutdown(
 }
 
 /// Where [`serve_connection`] leaves a connection the server closes first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum LingerOn {
     /// The calling thread (or process) serves nobody else after this connection: the
-    /// lingering close waits right here.
+    /// lingering close waits right here, and the caller holds the connection's place
+    /// under `--max-conns` until it returns.
     ThisThread,
     /// The calling thread serves the next connection (a pooled worker): the lingering
-    /// thread takes the socket, so lingering peers cannot hold every worker.
-    LingeringThread,
+    /// thread takes the socket with its place under `--max-conns`, so lingering peers
+    /// cannot hold every worker, but still count against the limit.
+    LingeringThread(Admission),
 }
 
 /// Serves one stream connection on the calling thread until the peer is done, its
@@ -124,7 +126,7 @@ pub fn serve_connection(
             shutdown,
             drain_timeout: limits.drain_timeout,
         },
-        LingerOn::LingeringThread => Linger::Elsewhere,
+        LingerOn::LingeringThread(place) => Linger::Elsewhere(Some(place)),
     };
     close(stream, connection.peer(), reason, &log, linger);
 }

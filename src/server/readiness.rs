@@ -84,8 +84,9 @@ struct Entry {
     connection: Connection,
     /// The turn in which the peer last sent something, for `--idle-timeout`.
     last_input: Instant,
-    /// Holds this connection's place under `--max-conns` until the slot empties.
-    _admission: Admission,
+    /// This connection's place under `--max-conns`, held until its socket is closed
+    /// (after the lingering close, if it gets one).
+    place: Admission,
 }
 
 /// One loop's sockets and connections, and everything it does with them except waiting.
@@ -119,7 +120,7 @@ pub struct ReadinessCore {
     /// Connections ended first whose sockets a kernel-kept mechanism (epoll) still
     /// watches: [`ReadinessCore::sync`] unwatches them, then hands them to the lingering
     /// close, whose descriptor would otherwise keep them in the interest list.
-    unwatching: Vec<(Token, Stream, Interest)>,
+    unwatching: Vec<(Token, Stream, Interest, Admission)>,
 }
 
 enum IdleTimer {
@@ -240,11 +241,11 @@ impl ReadinessCore {
         &mut self,
         mut update: impl FnMut(Token, BorrowedFd<'_>, Interest, Interest) -> io::Result<()>,
     ) -> io::Result<()> {
-        for (token, stream, watched) in self.unwatching.drain(..) {
+        for (token, stream, watched, place) in self.unwatching.drain(..) {
             // A failure leaves a watched descriptor of a stale token: its events find no
             // connection, and it leaves the set when the lingering close ends.
             let _ = update(token, stream.as_fd(), watched, Interest::NONE);
-            end(stream, Ending::Lingering, Linger::Elsewhere);
+            end(stream, Ending::Lingering, Linger::Elsewhere(Some(place)));
         }
         let mut changed = std::mem::take(&mut self.changed);
         for &token in &changed {
@@ -463,11 +464,11 @@ impl ReadinessCore {
         if let Some((limit, name)) = self.fd_limit.filter(|(limit, _)| fd >= *limit) {
             let why = format!("fd {fd} >= {name} ({limit}): cannot watch it");
             let reason = CloseReason::CannotWatch(why);
-            return close(stream, &peer, reason, &self.log, Linger::Elsewhere);
+            return close(stream, &peer, reason, &self.log, Linger::Elsewhere(None));
         }
         if let Err(e) = stream.set_nonblocking(true) {
             let reason = CloseReason::CannotWatch(e.to_string());
-            return close(stream, &peer, reason, &self.log, Linger::Elsewhere);
+            return close(stream, &peer, reason, &self.log, Linger::Elsewhere(None));
         }
         let limits = &self.config.limits;
         let connection = Connection::new(&self.config.protocol, peer, limits, stream.as_fd());
@@ -475,7 +476,7 @@ impl ReadinessCore {
         let token = self.connections.insert(Entry {
             stream,
             connection,
-            _admission: admission,
+            place: admission,
             last_input: now,
             watched: Interest::NONE,
         });
@@ -537,11 +538,14 @@ impl ReadinessCore {
         if ending == Ending::Lingering && entry.watched != Interest::NONE {
             let transport = stream_transport(&entry.stream);
             self.log.closed(entry.connection.peer(), transport, &reason);
-            self.unwatching.push((token, entry.stream, entry.watched));
+            (self.unwatching).push((token, entry.stream, entry.watched, entry.place));
             return;
         }
-        let peer = entry.connection.peer();
-        close(entry.stream, peer, reason, &self.log, Linger::Elsewhere);
+        let (peer, linger) = (
+            entry.connection.peer(),
+            Linger::Elsewhere(Some(entry.place)),
+        );
+        close(entry.stream, peer, reason, &self.log, linger);
     }
 }
 
@@ -549,8 +553,8 @@ impl Drop for ReadinessCore {
     /// A loop that ends (its mechanism with it) still gives the connections it ended
     /// first their lingering close.
     fn drop(&mut self) {
-        for (_, stream, _) in self.unwatching.drain(..) {
-            end(stream, Ending::Lingering, Linger::Elsewhere);
+        for (_, stream, _, place) in self.unwatching.drain(..) {
+            end(stream, Ending::Lingering, Linger::Elsewhere(Some(place)));
         }
     }
 }

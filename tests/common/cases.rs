@@ -82,6 +82,48 @@ pub fn datagram_each(model: &str) {
     assert!(!exists(&path));
 }
 
+/// Stream listeners and datagram sockets in one server: every one is served, whichever
+/// order they were given in (a loop numbers its sockets in one sequence, listeners first).
+pub fn streams_and_datagrams_together(model: &str) {
+    let stream_path = temp_socket_path(model);
+    let datagram_path = temp_socket_path(model);
+    let server = Server::start(
+        model,
+        &[
+            "--udp",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+            "--unix-dgram",
+            datagram_path.to_str().unwrap(),
+            "--unix",
+            stream_path.to_str().unwrap(),
+        ],
+    );
+    for scheme in ["tcp", "unix"] {
+        let addr = format!("{scheme}://{}", server.addr(scheme));
+        let input = pattern(10_000, 3);
+        let got = round_trip(Conn::connect(&addr).expect("connect"), input.clone());
+        assert!(got == input, "{addr}: echo differs");
+    }
+    let mut buf = [0u8; 64];
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    udp.connect(server.addr("udp")).unwrap();
+    udp.send(b"over udp").unwrap();
+    let n = udp.recv(&mut buf).expect("a reply over UDP");
+    assert_eq!(&buf[..n], b"over udp");
+    let own = temp_socket_path("client");
+    let unix = UnixDatagram::bind(&own).unwrap();
+    unix.set_read_timeout(Some(PATIENCE)).unwrap();
+    unix.connect(&datagram_path).unwrap();
+    unix.send(b"over unix-dgram").unwrap();
+    let n = unix.recv(&mut buf).expect("a reply over unix-dgram");
+    assert_eq!(&buf[..n], b"over unix-dgram");
+    let _ = std::fs::remove_file(&own);
+    server.stop();
+}
+
 /// Datagrams that get no reply leave the socket serving: a datagram equal to the
 /// `--panic-on` word (logged with its sender), one from an unnamed Unix socket, and one
 /// from a source port below 1024 (the reflection guard; only tried where we may bind it).
@@ -1000,6 +1042,66 @@ pub fn quit_lingers(model: &str) {
     sender.join().unwrap().expect("send");
     assert_lingers(&mut conn, "after quit");
     drop(conn);
+    server.stop();
+}
+
+/// `--max-conns 2` counts lingering connections: two clients that quit and then stay
+/// silent are still owed a lingering close (2 s without a byte), so they hold their
+/// places and a third client is refused; once their lingering ends, a client is served.
+/// A serial model lingers on its one thread, so there a second client waits instead.
+pub fn lingering_holds_its_place(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--protocol",
+            "until-quit",
+            "--max-conns",
+            "2",
+        ],
+    );
+    let started = Instant::now();
+    let lingering: Vec<Conn> = (0..if is_serial(model) { 1 } else { 2 })
+        .map(|_| {
+            let mut conn = server.connect_conn();
+            conn.write_all(b"quit\n").expect("send quit");
+            let (got, error) = conn.read_to_end_lossy();
+            assert!(error.is_none(), "{error:?} after {got:?}");
+            assert_eq!(got, b"quit\n");
+            conn
+        })
+        .collect();
+    let try_one = || {
+        let mut conn = server.connect_conn();
+        let _ = conn.write_all(b"again\nquit\n");
+        conn.read_to_end_lossy().0
+    };
+    if !is_serial(model) {
+        let got = try_one();
+        // Past the lingering timeout the places are free again: nothing left to check.
+        if started.elapsed() < Duration::from_millis(1500) {
+            assert!(
+                got.is_empty(),
+                "a third client was served while two peers lingered: {got:?}"
+            );
+            server.wait_for_log("max-conns");
+        }
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while try_one() != b"again\nquit\n" {
+        assert!(
+            Instant::now() < deadline,
+            "no place freed after the lingering ended"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "served after {waited:?}, before the lingering peers were cut"
+    );
+    drop(lingering);
     server.stop();
 }
 
