@@ -157,10 +157,6 @@ async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Re
 /// moves each argument into a local of its body and keeps both copies, which cost every
 /// connection 312 bytes (`-Zprint-type-sizes`); the block uses what it captures in place,
 /// and the `Connection` is built before it, so the peer's address is not held twice.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn would hold its arguments twice"
-)]
 fn serve_connection(
     stream: Async<Stream>,
     peer: Peer,
