@@ -41,10 +41,10 @@ const KILL_GRACE: Duration = Duration::from_secs(1);
 ///
 /// A listener that broke, or `fork` refusing (for example: the process has threads).
 pub fn run(
-    listeners: Listeners,
+    mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    RunOptions { threads: _ }: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
     for listener in &listeners.streams {
         listener.set_nonblocking(true)?;
@@ -52,15 +52,16 @@ pub fn run(
     for socket in &listeners.datagrams {
         socket.set_nonblocking(true)?;
     }
+    let RunOptions { threads: _ } = options;
     let most = (listeners.datagrams.iter()).map(DatagramSocket::max_datagram_bytes);
     let mut parent = Parent {
         buf: vec![0u8; most.max().unwrap_or(0)],
         replier: DatagramReplier::new(protocol.clone()),
         log: LoopLog::new(listeners.limits.metrics),
         children: Children::new(),
-        listeners,
-        protocol,
-        shutdown,
+        listeners: &mut listeners,
+        protocol: &protocol,
+        shutdown: &shutdown,
     };
     loop {
         parent.reap()?;
@@ -87,10 +88,10 @@ pub fn run(
 }
 
 /// The single-threaded parent: what it serves, and the children serving it.
-struct Parent {
-    listeners: Listeners,
-    protocol: Protocol,
-    shutdown: Shutdown,
+struct Parent<'a> {
+    listeners: &'a mut Listeners,
+    protocol: &'a Protocol,
+    shutdown: &'a Shutdown,
     /// Each child holds its place under --max-conns until the parent reaps it.
     children: Children,
     replier: DatagramReplier,
@@ -100,7 +101,7 @@ struct Parent {
     log: LoopLog,
 }
 
-impl Parent {
+impl Parent<'_> {
     fn accept_one(&mut self, index: usize) -> io::Result<()> {
         let (listener, counter) = (&self.listeners.streams[index], &self.listeners.counter);
         let (stream, peer, admission) = match accept_and_admit(listener, counter, &self.log)? {
@@ -114,8 +115,8 @@ impl Parent {
         match process::fork()? {
             Forked::Child => {
                 let limits = self.listeners.limits.clone();
-                close_listeners(&mut self.listeners);
-                let (protocol, shutdown) = (&self.protocol, &self.shutdown);
+                close_listeners(self.listeners);
+                let (protocol, shutdown) = (self.protocol, self.shutdown);
                 let linger = LingerOn::ThisThread;
                 run_child(|| serve_connection(stream, peer, protocol, &limits, shutdown, linger))
             }
@@ -150,7 +151,7 @@ impl Parent {
         match process::fork()? {
             Forked::Child => {
                 let socket = self.listeners.datagrams.swap_remove(index);
-                close_listeners(&mut self.listeners);
+                close_listeners(self.listeners);
                 let (metrics, replier) = (self.listeners.limits.metrics, &mut self.replier);
                 run_child(|| {
                     // The child's own slot, in the mapping its parent's metrics server
