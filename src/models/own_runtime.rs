@@ -3,7 +3,8 @@
 //! Technique: step 9 of the ladder. `--threads` runtimes, each on its own thread with its
 //! own SO_REUSEPORT listener; every connection is one task (asyncio's `start_server`)
 //! written as straight-line code: `write_all(..).await` what is owed, `ready().await` for
-//! input, read it, hand it to `Connection`.
+//! input, read it, hand it to `Connection` (those steps, shared with `tokio`, are
+//! `server::task`; this file says how this runtime waits).
 //! Cost: as `epoll`, plus a wake (a run-queue push) and a poll of the task's future per
 //! readiness event; an idle connection is a boxed future of a few hundred bytes, not a stack.
 //! Limit: Linux only; a task that computes without awaiting stalls its whole runtime.

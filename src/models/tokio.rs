@@ -2,7 +2,8 @@
 //!
 //! Technique: step 10 of the ladder. A current-thread runtime per loop, all accepting from
 //! the same listeners; every connection is one task in straight-line code:
-//! `write_all(..).await` what is owed, then wait for input, read it, hand it to `Connection`.
+//! `write_all(..).await` what is owed, then wait for input, read it, hand it to `Connection`
+//! (the steps `async` takes too, in `server::task`; this file says how tokio waits).
 //! Cost: a task switch and a waker per readiness on top of `epoll`'s system calls.
 //! Limit: a handler that blocks stalls every task of its loop; datagrams are served by loop 0.
 //!
