@@ -48,6 +48,20 @@ impl WriteBuffer {
         self.bytes.extend_from_slice(bytes);
     }
 
+    /// Puts `bytes` before everything owed: bytes offered to the kernel from somewhere
+    /// else (a send straight from a read buffer) that it did not take, and that are owed
+    /// before whatever was pushed since.
+    pub fn push_front(&mut self, bytes: &[u8]) {
+        if let Some(start) = self.start.checked_sub(bytes.len()) {
+            // The sent prefix has room: no bytes move.
+            self.bytes[start..self.start].copy_from_slice(bytes);
+            self.start = start;
+        } else {
+            self.bytes
+                .splice(self.start..self.start, bytes.iter().copied());
+        }
+    }
+
     /// The owed bytes, in order: what to offer the kernel next.
     pub fn unsent(&self) -> &[u8] {
         &self.bytes[self.start..]
@@ -138,6 +152,20 @@ impl WriteBuffer {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn push_front_owes_bytes_before_those_pushed() {
+        let mut buffer = WriteBuffer::new(64);
+        buffer.push(b"abcdef");
+        buffer.advance(4);
+        buffer.push_front(b"12");
+        assert_eq!(buffer.unsent(), b"12ef");
+        buffer.push_front(b"xyz");
+        assert_eq!(buffer.unsent(), b"xyz12ef");
+        buffer.push(b"!");
+        assert_eq!(buffer.unsent(), b"xyz12ef!");
+        assert_eq!(buffer.len(), 8);
+    }
 
     #[test]
     fn short_writes_keep_order() {

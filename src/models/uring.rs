@@ -87,6 +87,9 @@ struct Loop {
     idle: Option<IdleWheel>,
     /// Where every connection event of this loop is logged.
     log: LoopLog,
+    /// The output allocation lent to whichever connection must copy a reply, so that
+    /// an idle connection holds none ([`Connection::lend_spare`]).
+    spare: Vec<u8>,
     /// Connections touched by this batch of completions (see `Loop::mark`).
     dirty: Vec<Token>,
     /// Set when shutdown fired: stop accepting, send what is owed until then.
@@ -121,6 +124,7 @@ impl Loop {
             idle: config.limits.idle_timeout.map(IdleWheel::new),
             log: LoopLog::new(config.limits.metrics),
             config,
+            spare: Vec::new(),
             dirty: Vec::new(),
             drain_deadline: None,
             now: Instant::now(),
@@ -151,7 +155,11 @@ impl Loop {
                         self.on_accept(token, result, is_armed)?;
                     }
                     Completion::Received { token, result } => self.on_receive(token, result),
-                    Completion::Sent { token, result } => self.on_sent(token, result),
+                    Completion::Sent {
+                        token,
+                        result,
+                        from,
+                    } => self.on_sent(token, result, from),
                     Completion::DatagramReceived { token, result } => {
                         self.on_datagram(token, result)?;
                     }
@@ -296,9 +304,29 @@ impl Loop {
             // The ring's budget was the connection's read limit, so these bytes fit.
             Ok(Some(received)) => {
                 let bytes = self.ring.received(&received);
-                let outcome = conn.connection.on_read(Ok(bytes.len()), bytes, &self.log);
-                self.ring.recycle(received);
-                outcome
+                self.log.received(conn.connection.transport(), bytes.len());
+                // Write-through: with nothing owed and no send in flight, an echo leaves
+                // straight from the provided buffer, which the ring keeps until it is sent.
+                let is_sending = self.ring.is_sending(token);
+                conn.connection.lend_spare(&mut self.spare);
+                let through = conn
+                    .connection
+                    .receive_through(bytes, |input| match is_sending {
+                        true => Err(io::ErrorKind::WouldBlock.into()),
+                        false => Ok(input.len()),
+                    });
+                match through {
+                    Ok(sent) if sent > 0 => {
+                        if let Err(received) = self.ring.send_received(token, received) {
+                            // Not sent after all (never expected): owe it as a copy.
+                            conn.connection.owe_first(self.ring.received(&received));
+                            self.ring.recycle(received);
+                        }
+                    }
+                    _ => self.ring.recycle(received),
+                }
+                conn.connection.return_spare(&mut self.spare);
+                Ok(true)
             }
             // EOF (`Ok(0)`) or an error.
             result => (conn.connection).on_read(result.map(|_| 0), &[], &self.log),
@@ -312,18 +340,29 @@ impl Loop {
         }
     }
 
-    fn on_sent(&mut self, token: Token, result: io::Result<usize>) {
-        let Some(Source::Conn(conn)) = self.sources.get_mut(token) else {
-            return;
-        };
-        match result {
-            // The kernel may take fewer bytes than offered; the rest goes in the next send.
-            Ok(written) => {
-                conn.connection.advance(written);
-                self.log.sent(conn.connection.transport(), written);
-                self.mark(token);
+    fn on_sent(&mut self, token: Token, result: io::Result<usize>, from: Option<Received>) {
+        if let Some(Source::Conn(conn)) = self.sources.get_mut(token) {
+            match result {
+                // The kernel may take fewer bytes than offered; the rest goes in the next
+                // send, ahead of anything queued meanwhile.
+                Ok(written) => {
+                    match &from {
+                        Some(from) => {
+                            let rest = self.ring.received(from).get(written..);
+                            conn.connection.owe_first(rest.unwrap_or_default());
+                        }
+                        None => conn.connection.advance(written),
+                    }
+                    // An idle connection keeps no output allocation.
+                    conn.connection.return_spare(&mut self.spare);
+                    self.log.sent(conn.connection.transport(), written);
+                    self.mark(token);
+                }
+                Err(e) => self.close(token, CloseReason::Failed(e)),
             }
-            Err(e) => self.close(token, CloseReason::Failed(e)),
+        }
+        if let Some(from) = from {
+            self.ring.recycle(from);
         }
     }
 
@@ -347,7 +386,10 @@ impl Loop {
             self.ring.send(token, conn.connection.unsent());
         }
         // Backpressure: with no room the receive stays unarmed until a send drains.
-        let budget = conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES);
+        // Input still being sent from a provided buffer counts against the bound too.
+        let in_flight = self.ring.sending_received(token);
+        let budget =
+            (conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES)).saturating_sub(in_flight);
         if budget > 0 && !self.ring.is_receiving(token) {
             self.ring.arm_receive(token, budget);
         }

@@ -671,6 +671,13 @@ impl Connection {
         }
     }
 
+    /// Bytes that [`Connection::receive_through`] handed to a send which then took fewer
+    /// of them than offered (a send that completes later, as io_uring's does): they are
+    /// owed first, before any reply queued since.
+    pub fn owe_first(&mut self, unsent: &[u8]) {
+        self.out.push_front(unsent);
+    }
+
     /// Lends an event loop's spare output allocation to this connection (see
     /// [`WriteBuffer::lend_spare`]), so replies need no allocation of their own.
     pub fn lend_spare(&mut self, spare: &mut Vec<u8>) {

@@ -266,6 +266,48 @@ mod tests {
     }
 
     #[test]
+    fn an_icmp_error_about_an_earlier_reply_is_skipped_and_the_next_datagram_answered() {
+        use crate::protocol::ProtocolKind;
+        use std::net::UdpSocket;
+        use std::time::Duration;
+        // A connected UDP socket is told of a port unreachable for what it sent: the next
+        // receive returns ECONNREFUSED (udp(7)), ahead of any datagram queued since.
+        let gone = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let gone_addr = gone.local_addr().unwrap();
+        drop(gone);
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        server.connect(gone_addr).unwrap();
+        server.send(b"reply to a peer that left").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let Ok(client) = UdpSocket::bind(gone_addr) else {
+            eprintln!(
+                "skipped: port {} was taken again meanwhile",
+                gone_addr.port()
+            );
+            return;
+        };
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client
+            .send_to(b"next", server.local_addr().unwrap())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        server.set_nonblocking(true).unwrap();
+        let socket = DatagramSocket::Udp(server);
+        let mut replier = DatagramReplier::new(Protocol::new(ProtocolKind::Echo, 64));
+        let mut buf = [0u8; 64];
+        replier
+            .answer_queued(&socket, &mut buf, 8, &LoopLog::default())
+            .expect("an error about an earlier peer is not the socket's");
+        let mut reply = [0u8; 64];
+        let n = client
+            .recv(&mut reply)
+            .expect("the datagram behind the error is answered in the same batch");
+        assert_eq!(&reply[..n], b"next");
+    }
+
+    #[test]
     fn errors_about_an_earlier_peer_do_not_stop_the_socket() {
         for kind in [
             io::ErrorKind::Interrupted,

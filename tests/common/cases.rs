@@ -82,6 +82,48 @@ pub fn datagram_each(model: &str) {
     assert!(!exists(&path));
 }
 
+/// Stream listeners and datagram sockets in one server: every one is served, whichever
+/// order they were given in (a loop numbers its sockets in one sequence, listeners first).
+pub fn streams_and_datagrams_together(model: &str) {
+    let stream_path = temp_socket_path(model);
+    let datagram_path = temp_socket_path(model);
+    let server = Server::start(
+        model,
+        &[
+            "--udp",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+            "--unix-dgram",
+            datagram_path.to_str().unwrap(),
+            "--unix",
+            stream_path.to_str().unwrap(),
+        ],
+    );
+    for scheme in ["tcp", "unix"] {
+        let addr = format!("{scheme}://{}", server.addr(scheme));
+        let input = pattern(10_000, 3);
+        let got = round_trip(Conn::connect(&addr).expect("connect"), input.clone());
+        assert!(got == input, "{addr}: echo differs");
+    }
+    let mut buf = [0u8; 64];
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    udp.connect(server.addr("udp")).unwrap();
+    udp.send(b"over udp").unwrap();
+    let n = udp.recv(&mut buf).expect("a reply over UDP");
+    assert_eq!(&buf[..n], b"over udp");
+    let own = temp_socket_path("client");
+    let unix = UnixDatagram::bind(&own).unwrap();
+    unix.set_read_timeout(Some(PATIENCE)).unwrap();
+    unix.connect(&datagram_path).unwrap();
+    unix.send(b"over unix-dgram").unwrap();
+    let n = unix.recv(&mut buf).expect("a reply over unix-dgram");
+    assert_eq!(&buf[..n], b"over unix-dgram");
+    let _ = std::fs::remove_file(&own);
+    server.stop();
+}
+
 /// Datagrams that get no reply leave the socket serving: a datagram equal to the
 /// `--panic-on` word (logged with its sender), one from an unnamed Unix socket, and one
 /// from a source port below 1024 (the reflection guard; only tried where we may bind it).

@@ -25,8 +25,11 @@ const PROVIDED_BUFFERS: u16 = 128;
 const PROVIDED_BUFFER_BYTES: usize = 8192;
 /// At most this many bytes go into one stream send; the rest waits for its completion.
 const MAX_SEND_BYTES: usize = 128 * 1024;
-/// A send buffer that grew past this is given back once its send completes.
+/// A send buffer that grew past this is freed once its send completes.
 const KEPT_SEND_BUFFER_BYTES: usize = 16 * 1024;
+/// At most this many send buffers wait for reuse between sends; a slot holds one only
+/// while its send is in flight, so an idle connection holds none.
+const SPARE_SEND_BUFFERS: usize = 16;
 /// How long dropping a ring waits for cancelled operations before it leaks their buffers.
 const DROP_WAIT: Duration = Duration::from_secs(2);
 
@@ -57,6 +60,10 @@ pub enum Completion {
         token: Token,
         /// Bytes sent.
         result: io::Result<usize>,
+        /// For a send straight from a provided buffer ([`Ring::send_received`]): that
+        /// buffer, ours again, so the caller can keep what the kernel did not take
+        /// before giving it back with [`Ring::recycle`].
+        from: Option<Received>,
     },
     /// A datagram arrived; its bytes wait in the socket's slot ([`Ring::datagram_bytes`]).
     DatagramReceived {
@@ -85,6 +92,9 @@ struct SlotIo {
     /// The bytes of the stream send in flight: a copy, because the caller's output buffer
     /// may grow and move while the kernel reads this one.
     send: Vec<u8>,
+    /// The provided buffer the stream send in flight reads instead, kept lent (out of the
+    /// kernel's ring) until that send's completion.
+    send_from: Option<Received>,
     /// Datagram sockets: one message each way.
     datagram: Option<Box<Datagram>>,
 }
@@ -107,6 +117,8 @@ pub struct Ring {
     completions: VecDeque<cqueue::Entry>,
     /// Entries that did not fit the submission queue yet.
     backlog: Vec<squeue::Entry>,
+    /// Send buffers of completed sends, for the next ones (at most `SPARE_SEND_BUFFERS`).
+    spare_sends: Vec<Vec<u8>>,
     /// Whether multishot receives take a total limit; cleared on the first EINVAL.
     has_receive_limit: bool,
 }
@@ -127,6 +139,7 @@ impl Ring {
             provided: ManuallyDrop::new(provided),
             completions: VecDeque::new(),
             backlog: Vec::new(),
+            spare_sends: Vec::new(),
             has_receive_limit: true,
         })
     }
@@ -158,6 +171,7 @@ impl Ring {
             budget: 0,
             received_since_arm: 0,
             send: Vec::new(),
+            send_from: None,
             datagram,
         });
     }
@@ -183,6 +197,14 @@ impl Ring {
     pub fn is_sending(&self, token: Token) -> bool {
         self.open_ref(token)
             .is_some_and(|io| io.is_in_flight(Op::Send))
+    }
+
+    /// Bytes of a provided buffer that `token`'s send in flight reads
+    /// ([`Ring::send_received`]): sent input the caller no longer counts as owed.
+    pub fn sending_received(&self, token: Token) -> usize {
+        self.open_ref(token)
+            .and_then(|io| io.send_from.as_ref())
+            .map_or(0, Received::len)
     }
 
     /// Shuts down the sending side of an open slot's socket, so the peer reads EOF after
@@ -288,16 +310,43 @@ impl Ring {
     /// bytes were offered. The kernel may take fewer: see [`Completion::Sent`].
     pub fn send(&mut self, token: Token, bytes: &[u8]) -> usize {
         let offered = bytes.len().min(MAX_SEND_BYTES);
+        let mut send = self.spare_sends.pop().unwrap_or_default();
         let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| offered > 0) else {
+            self.spare_sends.push(send);
             return 0;
         };
-        io.send.clear();
-        io.send.extend_from_slice(&bytes[..offered]);
+        send.clear();
+        send.extend_from_slice(&bytes[..offered]);
+        io.send = send;
         let entry = opcode::Send::new(fd, io.send.as_ptr(), offered as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build();
         self.start(token, Op::Send, entry);
         offered
+    }
+
+    /// Sends the bytes of `received` straight from its provided buffer (zero-copy), unless
+    /// a send is in flight or the slot is closed; then the buffer is handed back, and the
+    /// caller keeps its bytes some other way. The ring holds the buffer until the send's
+    /// [`Completion::Sent`], which returns it.
+    ///
+    /// # Errors
+    ///
+    /// `received` itself, when it was not sent.
+    pub fn send_received(&mut self, token: Token, received: Received) -> Result<(), Received> {
+        let bytes = self.provided.bytes(&received);
+        let (pointer, len) = (bytes.as_ptr(), bytes.len() as u32);
+        let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| len > 0) else {
+            return Err(received);
+        };
+        // The buffer stays lent, so the kernel does not hand it to a receive while this
+        // send reads it; `complete` gives it back only after the send's completion.
+        io.send_from = Some(received);
+        let entry = opcode::Send::new(fd, pointer, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        self.start(token, Op::Send, entry);
+        Ok(())
     }
 
     /// Arms a receive of one datagram (no-op if armed, closed or not a datagram slot).
@@ -380,8 +429,12 @@ impl Ring {
         }
     }
 
-    fn retire(&mut self, io: SlotIo) {
+    fn retire(&mut self, mut io: SlotIo) {
         if io.in_flight == 0 {
+            // No send reads a provided buffer any more (its completion took it back).
+            if let Some(from) = io.send_from.take() {
+                self.provided.recycle(from);
+            }
             return;
         }
         let key = Key::of(io.token);
@@ -521,12 +574,15 @@ impl Ring {
                 }
             }
             Op::Send => {
-                if io.send.capacity() > KEPT_SEND_BUFFER_BYTES {
-                    io.send = Vec::new();
+                let send = mem::take(&mut io.send);
+                let is_kept = (1..=KEPT_SEND_BUFFER_BYTES).contains(&send.capacity());
+                if is_kept && self.spare_sends.len() < SPARE_SEND_BUFFERS {
+                    self.spare_sends.push(send);
                 }
                 Completion::Sent {
                     token,
                     result: count_result(result),
+                    from: io.send_from.take(),
                 }
             }
             Op::DatagramReceive => {
@@ -556,6 +612,12 @@ impl Ring {
         };
         if !more {
             io.in_flight &= !(op as u8);
+        }
+        if op == Op::Send {
+            // The send that read this provided buffer is over: the kernel may have it back.
+            if let Some(from) = io.send_from.take() {
+                self.provided.recycle(from);
+            }
         }
         if io.in_flight == 0 {
             self.closing.remove(&key);

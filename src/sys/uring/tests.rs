@@ -130,3 +130,56 @@ fn close_waits_for_cancelled_operations() {
     assert!(!ring.is_receiving(token));
     assert!(!ring.is_receiving(reused));
 }
+
+/// A send straight from a provided buffer keeps that buffer out of the kernel's reach
+/// until the send completes, then hands it back with the bytes the kernel did not take.
+#[test]
+fn send_received_returns_its_buffer_with_the_unsent_tail() {
+    let mut ring = Ring::new().unwrap();
+    let mut tokens = Slab::default();
+    let (ours, mut theirs) = UnixStream::pair().unwrap();
+    // A small send buffer (the kernel's minimum, 4608 bytes) so one 8000-byte send
+    // can only go out in part while the peer reads nothing.
+    socket2::SockRef::from(&ours)
+        .set_send_buffer_size(1)
+        .unwrap();
+    let token = tokens.insert(());
+    ring.add(token, OwnedFd::from(ours));
+    let input: Vec<u8> = (0..8000u32).map(|i| (i % 251) as u8).collect();
+    theirs.write_all(&input).unwrap();
+    ring.arm_receive(token, 2 * input.len());
+    let received = match next(&mut ring) {
+        Completion::Received {
+            result: Ok(Some(received)),
+            ..
+        } => received,
+        other => panic!("{other:?}"),
+    };
+    let len = received.len();
+    assert!(len > 4608, "one receive took only {len} bytes");
+    ring.send_received(token, received).unwrap();
+    assert!(ring.is_sending(token));
+    assert_eq!(ring.sending_received(token), len);
+    let (sent, from) = loop {
+        match next(&mut ring) {
+            Completion::Sent { result, from, .. } => break (result.unwrap(), from.unwrap()),
+            Completion::Received { result, .. } => {
+                if let Ok(Some(received)) = result {
+                    ring.recycle(received);
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(0 < sent && sent < len, "sent {sent} of {len} bytes at once");
+    assert_eq!(
+        ring.received(&from),
+        &input[..len],
+        "the buffer was reused in flight"
+    );
+    assert_eq!(ring.sending_received(token), 0);
+    let mut echoed = vec![0u8; sent];
+    theirs.read_exact(&mut echoed).unwrap();
+    assert_eq!(echoed, input[..sent]);
+    ring.recycle(from);
+}
