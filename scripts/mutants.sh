@@ -2,46 +2,80 @@
 # Mutation testing of reverb's core: for each small change cargo-mutants makes to the core
 # (a condition negated, a return value replaced, a `/` turned into `*`), does a test fail?
 #
-# Usage: scripts/mutants.sh [small|datagram|server|all|FILE...]   (default: small)
-#   small     src/buffer.rs, src/protocol/, src/addr.rs, against the library's unit tests
-#   datagram  src/server/datagram.rs, against the unit tests and the conformance cases of
-#             one model (epoll, over TCP)
-#   server    the shared stream core (src/server/connection.rs, readiness.rs, accept.rs,
-#             lifecycle.rs, mod.rs: whichever exist), against the unit tests and the
-#             conformance cases of epoll (cargo stops at the first failing test binary,
-#             so a mutant the unit tests catch costs no conformance run)
-#   all       the three groups above, one after another
-#   FILE...   the named files, against the unit tests and epoll's conformance cases
+# Usage: scripts/mutants.sh [GROUP|FILE...]   (default: small)
+#   small       src/buffer.rs, src/protocol/, src/addr.rs: the library's unit tests
+#   datagram    src/server/datagram.rs: its unit tests, then the datagram cases of poll
+#   connection  src/server/connection.rs: its unit tests, poll's quicker cases, then all
+#               of epoll's
+#   readiness   src/server/readiness.rs: poll's quicker cases, select past FD_SETSIZE,
+#               then all of epoll's cases (poll rebuilds its interest each turn and scans
+#               for idle connections; epoll keeps interest in the kernel, `sync`, and uses
+#               the idle wheel)
+#   shared      src/server/accept.rs, lifecycle.rs, mod.rs: the unit tests, poll's quicker
+#               cases, poll's metrics tests, then all of epoll's cases
+#   server      connection, readiness and shared, one after another
+#   all         every group above
+#   FILE...     the named files: the unit tests, poll's quicker cases, then all of epoll's
+#
+# Each group runs in stages, cheapest first: a later stage (`--iterate`) tests only the
+# mutants the earlier ones missed or that timed out, so a mutant the unit tests catch
+# costs one build of the library's unit tests, not of the binary and the conformance
+# tests as well. `poll` stands for the readiness models: it runs the same shared core as
+# epoll, select and busy-poll (`src/server/readiness.rs`), and its cases take no longer.
 #
 # Environment:
-#   MUTANTS_TIMEOUT   seconds one mutant's tests may take before it counts as timed out
-#                     (default 300; a hung test is a failure of the tests, see
-#                     docs/testing.md)
-#   MUTANTS_JOBS      mutants built and tested at once (default 1: the machine is shared)
-#   MUTANTS_OUT       where each group's mutants.out goes, in a directory named after the
-#                     group (default target/mutants)
-#   MUTANTS_ARGS      more cargo-mutants arguments, split on spaces (`--re read_limit`)
+#   MUTANTS_TIMEOUT     seconds one mutant's tests may take before it counts as timed out
+#                       (default 150; a hung case fails by itself within a minute, see
+#                       docs/testing.md)
+#   MUTANTS_JOBS        mutants built and tested at once (default 1: the machine is shared)
+#   MUTANTS_OUT         where each group's mutants.out goes, in a directory named after
+#                       the group (default target/mutants)
+#   MUTANTS_TARGET_DIR  the cargo target directory of the mutants' builds (default
+#                       target/mutants-build); it is kept, so the dependencies are built
+#                       once, not once per run
+#   MUTANTS_IN_PLACE    1: mutate this tree itself instead of a copy (`--in-place`), so
+#                       the crate's own build is incremental from run to run; the tree must
+#                       not be edited while it runs (use a separate worktree)
+#   MUTANTS_ARGS        more cargo-mutants arguments, split on spaces (`--re read_limit`,
+#                       `--iterate` to resume a run into the same MUTANTS_OUT)
 #
 # Mutants are built without debug information (CARGO_PROFILE_*_DEBUG=0): each one is a
 # rebuild of the crate, and the debug information is most of the link time.
 #
 # Servers a killed test left running (their test process is gone) are killed, by pid, as
-# soon as they are seen, and every server started from the scratch copies is killed at the
-# end. Prints each group's caught, missed, timed-out and unviable counts, and the missed
-# mutants.
+# soon as they are seen, and at the end of each stage every process started from the
+# mutants' target directory is killed. Prints each group's caught, missed, timed-out and
+# unviable counts, and the missed mutants.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SMALL_FILES=(src/buffer.rs 'src/protocol/*.rs' src/addr.rs)
 DATAGRAM_FILES=(src/server/datagram.rs)
-SERVER_FILES=(src/server/connection.rs src/server/readiness.rs src/server/accept.rs
-              src/server/lifecycle.rs src/server/mod.rs)
+CONNECTION_FILES=(src/server/connection.rs)
+READINESS_FILES=(src/server/readiness.rs)
+SHARED_FILES=(src/server/accept.rs src/server/lifecycle.rs src/server/mod.rs)
 
-# Test selections, as cargo test arguments. Conformance: every case of epoll over TCP (the
-# Unix-socket and 4 MiB variants repeat the same code paths).
-CONFORMANCE_FILTER=('epoll::' --skip 'unix_stream' --skip 'tcp_4m')
-UNIT_TESTS=(--lib)
-UNIT_AND_CONFORMANCE=(--lib --test conformance -- 'tests::' "${CONFORMANCE_FILTER[@]}")
+# Test selections, as cargo test arguments (libtest filters match substrings, so `poll::`
+# needs epoll and busy-poll skipped).
+POLL_ONLY=(--skip 'epoll::' --skip 'busy_poll::')
+# Unit tests: all but the runtime's, the load generator's and compare's, which no core
+# file reaches and which take a third of the time.
+UNIT_TESTS=(--lib -- --skip 'runtime::' --skip 'bench::' --skip 'compare::')
+UNIT_DATAGRAM=(--lib -- 'server::datagram::')
+UNIT_SERVER=(--lib -- 'server::')
+UNIT_CONNECTION=(--lib -- 'server::connection::')
+# poll's conformance cases over TCP (the Unix-socket and 4 MiB variants repeat the same
+# code paths), and only its datagram cases.
+# Without the two slowest cases (half the time): a later stage runs every case on what
+# this one misses.
+CONFORMANCE=(--test conformance -- 'poll::' "${POLL_ONLY[@]}" --skip 'unix_stream' --skip 'tcp_4m'
+             --skip 'idle_close_lingers' --skip 'unread_flood_bounded')
+CONFORMANCE_EPOLL=(--test conformance -- 'epoll::' --skip 'unix_stream' --skip 'tcp_4m')
+# select past FD_SETSIZE: the only model whose core refuses descriptors it cannot watch.
+SCALE=(--test scale -- 'select')
+# What poll counts (`--metrics`): the log's counters, which no conformance case reads.
+METRICS=(--test metrics -- 'counts::poll' 'reasons::poll')
+CONFORMANCE_DATAGRAM=(--test conformance -- 'poll::datagram' "${POLL_ONLY[@]}")
 
 if ! cargo mutants --version >/dev/null 2>&1; then
     echo "installing cargo-mutants" >&2
@@ -50,18 +84,20 @@ fi
 
 out="${MUTANTS_OUT:-target/mutants}"
 mkdir -p "$out"
-# Scratch copies (and the servers their tests start) live under one directory of our own,
-# so that a leftover server is recognised by where its binary is, and nothing else is.
+target_dir="${MUTANTS_TARGET_DIR:-target/mutants-build}"
+mkdir -p "$target_dir"
+target_dir="$(cd "$target_dir" && pwd -P)"
+# Scratch copies of the tree live under one directory of our own, removed at the end.
 scratch="$(mktemp -d "${TMPDIR:-/tmp}/reverb-mutants.XXXXXX")"
 
-# Kills, by pid, every process whose binary lies under the scratch directory and whose
-# parent is gone (reparented to pid 1); with "all", every such process.
+# Kills, by pid, every process whose binary lies under the mutants' target directory and
+# whose parent is gone (reparented to pid 1); with "all", every such process.
 kill_leftover_servers() {
     local which="$1" pid exe ppid
     for proc in /proc/[0-9]*; do
         pid="${proc#/proc/}"
         exe="$(readlink "$proc/exe" 2>/dev/null)" || continue
-        [[ $exe == "$scratch"/* ]] || continue
+        [[ $exe == "$target_dir"/* ]] || continue
         ppid="$(awk '/^PPid:/ {print $2}' "$proc/status" 2>/dev/null)" || continue
         if [[ $which == all || $ppid == 1 ]]; then
             echo "killing leftover server $pid ($exe)" >&2
@@ -81,13 +117,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Runs cargo-mutants on one group of files and prints its counts; the exit status is 0
-# unless cargo-mutants itself failed (a broken baseline, a bad flag).
-run_group() {
-    local group="$1" tests_name="$2"
-    shift 2
+# Runs one stage of cargo-mutants on the files of a group, against one test selection;
+# the exit status is 0 unless cargo-mutants itself failed (a broken baseline, a bad flag).
+run_stage() {
+    local dir="$1" iterate="$2" tests_name="$3"
+    shift 3
     local -n tests="$tests_name"
-    local file_args=() pattern
+    local file_args=() pattern extra=()
     for pattern in "$@"; do
         # Globs are expanded by cargo-mutants; plain paths must exist.
         if [[ $pattern == *'*'* || -e $pattern ]]; then
@@ -95,31 +131,64 @@ run_group() {
         fi
     done
     if [[ ${#file_args[@]} -eq 0 ]]; then
-        echo "$group: none of $* exists" >&2
+        echo "none of $* exists" >&2
         return 2
     fi
-    local dir="$out/$group"
-    mkdir -p "$dir"
-    echo "$group: cargo mutants on $* (tests: ${tests[*]})" >&2
-    local status=0 started=$SECONDS
+    [[ $iterate == yes ]] && extra+=(--iterate)
+    # --in-place builds in the tree itself, one mutant at a time.
+    if [[ ${MUTANTS_IN_PLACE:-0} == 1 ]]; then
+        extra+=(--in-place)
+    else
+        extra+=(--jobs "${MUTANTS_JOBS:-1}")
+    fi
+    # The test targets (`--lib`, `--test conformance`) go to the build as well, so that a
+    # mutant builds only what its tests run (cargo-mutants builds every test target
+    # otherwise); the filters after `--` go to the test binaries.
+    local arg is_filter=no filters=()
+    for arg in "${tests[@]}"; do
+        if [[ $is_filter == yes ]]; then
+            filters+=("$arg")
+        elif [[ $arg == -- ]]; then
+            is_filter=yes
+        else
+            extra+=("--cargo-arg=$arg")
+        fi
+    done
+    echo "cargo mutants on $* (tests: ${tests[*]})" >&2
+    local status=0
     # shellcheck disable=SC2086 # MUTANTS_ARGS is split on purpose
-    TMPDIR="$scratch" CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 cargo mutants \
+    TMPDIR="$scratch" CARGO_TARGET_DIR="$target_dir" \
+        CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 cargo mutants \
         "${file_args[@]}" \
-        --jobs "${MUTANTS_JOBS:-1}" \
-        --timeout "${MUTANTS_TIMEOUT:-300}" \
+        --timeout "${MUTANTS_TIMEOUT:-150}" \
         --output "$dir" \
         --no-shuffle \
+        "${extra[@]}" \
         ${MUTANTS_ARGS:-} \
-        -- "${tests[@]}" \
+        -- -- "${filters[@]}" \
         || status=$?
     kill_leftover_servers all
-    report "$group" "$dir/mutants.out" $((SECONDS - started))
     # cargo-mutants exits 2 when a mutant was missed and 3 when one timed out: those are
-    # the counts above; anything else is a failure of the run.
+    # the counts the report prints; anything else is a failure of the run.
     case $status in
         0 | 2 | 3) return 0 ;;
         *) return "$status" ;;
     esac
+}
+
+# Runs a group: `run_group NAME "STAGE..." FILE...`, each stage the name of a test
+# selection above; the second and later stages test only what the earlier ones left.
+run_group() {
+    local group="$1" stages="$2"
+    shift 2
+    local dir="$out/$group" started=$SECONDS iterate=no stage
+    mkdir -p "$dir"
+    echo "$group:" >&2
+    for stage in $stages; do
+        run_stage "$dir" "$iterate" "$stage" "$@"
+        iterate=yes
+    done
+    report "$group" "$dir/mutants.out" $((SECONDS - started))
 }
 
 # `grep -c` prints 0 itself on an empty file (and exits 1): count only when it exists.
@@ -127,10 +196,13 @@ count() {
     if [[ -f $1 ]]; then grep -c . "$1" || true; else echo 0; fi
 }
 
+# With `--iterate`, caught and unviable mutants of earlier stages are listed in
+# previously_caught.txt, and this stage's in caught.txt and unviable.txt.
 report() {
     local group="$1" dir="$2" seconds="$3"
     echo
     echo "$group ($((seconds / 60)) min $((seconds % 60)) s):"
+    echo "  caught or unviable before the last stage: $(count "$dir/previously_caught.txt")"
     echo "  caught:    $(count "$dir/caught.txt")"
     echo "  missed:    $(count "$dir/missed.txt")"
     echo "  timed out: $(count "$dir/timeout.txt")"
@@ -145,14 +217,16 @@ report() {
     fi
 }
 
-case "${1:-small}" in
-    small) run_group small UNIT_TESTS "${SMALL_FILES[@]}" ;;
-    datagram) run_group datagram UNIT_AND_CONFORMANCE "${DATAGRAM_FILES[@]}" ;;
-    server) run_group server UNIT_AND_CONFORMANCE "${SERVER_FILES[@]}" ;;
-    all)
-        run_group small UNIT_TESTS "${SMALL_FILES[@]}"
-        run_group datagram UNIT_AND_CONFORMANCE "${DATAGRAM_FILES[@]}"
-        run_group server UNIT_AND_CONFORMANCE "${SERVER_FILES[@]}"
-        ;;
-    *) run_group files UNIT_AND_CONFORMANCE "$@" ;;
-esac
+group() {
+    case "$1" in
+        small) run_group small UNIT_TESTS "${SMALL_FILES[@]}" ;;
+        datagram) run_group datagram "UNIT_DATAGRAM CONFORMANCE_DATAGRAM" "${DATAGRAM_FILES[@]}" ;;
+        connection) run_group connection "UNIT_CONNECTION CONFORMANCE CONFORMANCE_EPOLL" "${CONNECTION_FILES[@]}" ;;
+        readiness) run_group readiness "CONFORMANCE SCALE CONFORMANCE_EPOLL" "${READINESS_FILES[@]}" ;;
+        shared) run_group shared "UNIT_SERVER CONFORMANCE METRICS CONFORMANCE_EPOLL" "${SHARED_FILES[@]}" ;;
+        server) group connection && group readiness && group shared ;;
+        all) group small && group datagram && group server ;;
+        *) run_group files "UNIT_TESTS CONFORMANCE CONFORMANCE_EPOLL" "$@" ;;
+    esac
+}
+group "${@:-small}"

@@ -94,12 +94,17 @@ macro_rules! with_cases {
 
 // `prefix_flood_bounded` sets its own transport (TCP, whose kernel queues it reads) and
 // `--max-buffer`, so it runs once per model, not again under each variant; so do the
-// datagram size cases (datagram sockets only).
+// datagram size cases (datagram sockets only) and the case with every kind of socket.
 with_cases!(
     {
         models: [blocking, threaded, pool, forking, busy_poll, select, poll, epoll, own_runtime, tokio, uring],
     },
-    extra: [prefix_flood_bounded, datagram_big_unix, datagram_too_large_dropped]
+    extra: [
+        prefix_flood_bounded,
+        datagram_big_unix,
+        datagram_too_large_dropped,
+        streams_and_datagrams_together,
+    ]
 );
 
 // uring's Unix paths (accept without a peer port, receives and sends on Unix sockets) and a

@@ -124,3 +124,52 @@ pub fn accept_and_admit(
     let transport = listener_transport(listener);
     on_accept(listener.accept(), listener.name(), transport, counter, log)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action_of(errno: i32) -> AcceptAction {
+        accept_action(&io::Error::from_raw_os_error(errno))
+    }
+
+    #[test]
+    fn an_empty_queue_waits_for_readiness() {
+        assert_eq!(
+            accept_action(&io::Error::from(io::ErrorKind::WouldBlock)),
+            AcceptAction::Wait
+        );
+    }
+
+    #[test]
+    fn a_connection_that_died_in_the_queue_is_retried_at_once() {
+        for errno in [
+            errno::ECONNABORTED,
+            errno::EINTR,
+            errno::EPROTO,
+            errno::ECONNRESET,
+            errno::ENETUNREACH,
+            errno::EPERM,
+        ] {
+            assert_eq!(action_of(errno), AcceptAction::Retry, "errno {errno}");
+        }
+    }
+
+    #[test]
+    fn running_out_of_descriptors_or_memory_pauses_accepting() {
+        for errno in [errno::EMFILE, errno::ENFILE, errno::ENOBUFS, errno::ENOMEM] {
+            assert_eq!(action_of(errno), AcceptAction::Pause, "errno {errno}");
+        }
+    }
+
+    #[test]
+    fn a_broken_listener_fails_the_server() {
+        for errno in [errno::ECONNREFUSED, errno::EPROTOTYPE, errno::EINPROGRESS] {
+            assert_eq!(action_of(errno), AcceptAction::Fail, "errno {errno}");
+        }
+        assert_eq!(
+            accept_action(&io::Error::other("not from the kernel")),
+            AcceptAction::Fail
+        );
+    }
+}

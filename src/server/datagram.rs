@@ -8,6 +8,10 @@ use crate::protocol::Protocol;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
+/// Datagrams a thread or task answers per readiness of one socket before it looks at
+/// shutdown and its other work again ([`DatagramReplier::answer_queued`]'s `max`).
+pub const DATAGRAM_BATCH: usize = 64;
+
 /// Whether an echo may answer a datagram from `peer`.
 ///
 /// Spoofed sources are how echo servers become reflectors: a datagram "from" another
@@ -109,7 +113,9 @@ impl DatagramReplier {
     }
 
     /// Receives and answers up to `max` datagrams queued on the non-blocking `socket`,
-    /// using `buf` (of [`DatagramSocket::max_datagram_bytes`]) to receive.
+    /// using `buf` (of [`DatagramSocket::max_datagram_bytes`]) to receive. Returns whether
+    /// the queue was emptied (a receive found nothing), so that a runtime that caches
+    /// readiness knows to wait for the next edge; `false`: more may wait.
     ///
     /// # Errors
     ///
@@ -121,17 +127,17 @@ impl DatagramReplier {
         buf: &mut [u8],
         max: usize,
         log: &LoopLog,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         for _ in 0..max {
             let (received, peer) = match socket.recv_from(buf) {
                 Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if is_per_peer_datagram_error(&e) => continue,
                 Err(e) => return Err(e),
             };
             self.answer_received(socket, &peer, received, buf, log);
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -234,15 +240,15 @@ mod tests {
         let mut replier = DatagramReplier::new(Protocol::new(ProtocolKind::Echo, 64));
         let log = LoopLog::default();
         let mut buf = [0u8; 64];
-        replier
-            .answer_queued(&socket, &mut buf, 8, &log)
-            .expect("an empty queue is not an error");
+        let emptied = replier.answer_queued(&socket, &mut buf, 8, &log);
+        assert!(emptied.expect("an empty queue is not an error"));
         for datagram in [&b"one"[..], b"two", b"three"] {
             client.send_to(datagram, server_addr).unwrap();
         }
         // Loopback delivers at once, but give the kernel a moment on a loaded machine.
         std::thread::sleep(Duration::from_millis(50));
-        replier.answer_queued(&socket, &mut buf, 2, &log).unwrap();
+        let emptied = replier.answer_queued(&socket, &mut buf, 2, &log).unwrap();
+        assert!(!emptied, "a third datagram waits");
         let mut reply = [0u8; 64];
         for expected in [&b"one"[..], b"two"] {
             let n = client.recv(&mut reply).unwrap();
@@ -257,6 +263,48 @@ mod tests {
         client.set_nonblocking(false).unwrap();
         let n = client.recv(&mut reply).unwrap();
         assert_eq!(&reply[..n], b"three");
+    }
+
+    #[test]
+    fn an_icmp_error_about_an_earlier_reply_is_skipped_and_the_next_datagram_answered() {
+        use crate::protocol::ProtocolKind;
+        use std::net::UdpSocket;
+        use std::time::Duration;
+        // A connected UDP socket is told of a port unreachable for what it sent: the next
+        // receive returns ECONNREFUSED (udp(7)), ahead of any datagram queued since.
+        let gone = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let gone_addr = gone.local_addr().unwrap();
+        drop(gone);
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        server.connect(gone_addr).unwrap();
+        server.send(b"reply to a peer that left").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let Ok(client) = UdpSocket::bind(gone_addr) else {
+            eprintln!(
+                "skipped: port {} was taken again meanwhile",
+                gone_addr.port()
+            );
+            return;
+        };
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client
+            .send_to(b"next", server.local_addr().unwrap())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        server.set_nonblocking(true).unwrap();
+        let socket = DatagramSocket::Udp(server);
+        let mut replier = DatagramReplier::new(Protocol::new(ProtocolKind::Echo, 64));
+        let mut buf = [0u8; 64];
+        replier
+            .answer_queued(&socket, &mut buf, 8, &LoopLog::default())
+            .expect("an error about an earlier peer is not the socket's");
+        let mut reply = [0u8; 64];
+        let n = client
+            .recv(&mut reply)
+            .expect("the datagram behind the error is answered in the same batch");
+        assert_eq!(&reply[..n], b"next");
     }
 
     #[test]

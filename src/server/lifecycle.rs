@@ -432,3 +432,132 @@ pub fn datagram_transport(socket: &DatagramSocket) -> Transport {
         DatagramSocket::Unix(_) => Transport::UnixDatagram,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::{UnixDatagram, UnixStream};
+
+    fn failed(kind: io::ErrorKind) -> CloseReason {
+        CloseReason::Failed(kind.into())
+    }
+
+    #[test]
+    fn only_an_end_with_nothing_owed_counts_as_finished() {
+        for reason in [
+            CloseReason::PeerEof,
+            CloseReason::Quit,
+            CloseReason::Rejected,
+            CloseReason::Drained,
+            CloseReason::HandlerPanicked,
+        ] {
+            assert!(reason.is_finished(), "{reason:?}");
+        }
+        for reason in [
+            CloseReason::Idle(Duration::from_secs(1)),
+            CloseReason::OverLimit(1),
+            CloseReason::DrainTimeout { owed: 1 },
+            CloseReason::CannotWatch("fd 1024".into()),
+            failed(io::ErrorKind::ConnectionReset),
+        ] {
+            assert!(!reason.is_finished(), "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn each_reason_has_its_label() {
+        let labels = [
+            (CloseReason::PeerEof, "peer_eof"),
+            (CloseReason::Quit, "quit"),
+            (CloseReason::Rejected, "rejected"),
+            (CloseReason::Drained, "drain"),
+            (CloseReason::Idle(Duration::from_secs(1)), "idle_timeout"),
+            (CloseReason::OverLimit(1), "max_conns"),
+            (CloseReason::HandlerPanicked, "handler_panic"),
+            (CloseReason::DrainTimeout { owed: 1 }, "drain_cut"),
+            (CloseReason::CannotWatch("fd 1024".into()), "error"),
+            (failed(io::ErrorKind::ConnectionReset), "reset"),
+            (failed(io::ErrorKind::BrokenPipe), "reset"),
+            (failed(io::ErrorKind::TimedOut), "error"),
+        ];
+        for (reason, label) in labels {
+            assert_eq!(reason.label(), label, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn the_server_ending_first_lingers_and_a_broken_connection_is_just_closed() {
+        let endings = [
+            (CloseReason::PeerEof, Ending::Eof),
+            (CloseReason::Quit, Ending::Lingering),
+            (CloseReason::Idle(Duration::from_secs(1)), Ending::Lingering),
+            (CloseReason::DrainTimeout { owed: 1 }, Ending::Lingering),
+            (CloseReason::OverLimit(1), Ending::Refused),
+            (CloseReason::CannotWatch("fd 1024".into()), Ending::Abort),
+            (failed(io::ErrorKind::ConnectionReset), Ending::Abort),
+        ];
+        for (reason, ending) in endings {
+            assert_eq!(reason.ending(), ending, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn drop_lines_tell_of_every_drop_at_most_once_an_interval() {
+        let cell = Cell::new(DropLines::default());
+        assert_eq!(
+            DropLines::count(&cell),
+            Some(1),
+            "the first drop is told at once"
+        );
+        assert_eq!(DropLines::count(&cell), None);
+        assert_eq!(DropLines::count(&cell), None);
+        // An interval later, the next line tells of the drops since the last one.
+        let lines = cell.get();
+        let Some(earlier) = lines.last_line.and_then(|at| {
+            at.checked_sub(DROPPED_DATAGRAM_LOG_INTERVAL + Duration::from_millis(1))
+        }) else {
+            return;
+        };
+        cell.set(DropLines {
+            last_line: Some(earlier),
+            ..lines
+        });
+        assert_eq!(DropLines::count(&cell), Some(3));
+        assert_eq!(DropLines::count(&cell), None);
+    }
+
+    #[test]
+    fn the_log_counts_accepted_closed_refused_and_bytes() {
+        let metrics = Metrics::new().expect("metrics");
+        let log = LoopLog::new(metrics);
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let peer = Peer::Unix(ours.local_addr().unwrap());
+        log.accepted(&peer, Transport::Tcp, "127.0.0.1:7");
+        log.accepted(&peer, Transport::Tcp, "127.0.0.1:7");
+        log.received(Transport::Tcp, 5);
+        log.sent(Transport::Tcp, 3);
+        log.closed(&peer, Transport::Tcp, &CloseReason::PeerEof);
+        log.closed(&peer, Transport::Tcp, &CloseReason::OverLimit(1));
+        let totals = metrics.totals();
+        assert_eq!(totals.accepted(Transport::Tcp), 2);
+        assert_eq!(
+            totals.closed(Transport::Tcp, metrics::CloseReason::PeerEof),
+            1
+        );
+        assert_eq!(totals.refused(Transport::Tcp), 1);
+        assert_eq!(totals.open(Transport::Tcp), 1);
+        assert_eq!(totals.received_bytes(Transport::Tcp), 5);
+        assert_eq!(totals.sent_bytes(Transport::Tcp), 3);
+    }
+
+    #[test]
+    fn transports_are_named_by_the_socket() {
+        let (stream, _other) = UnixStream::pair().unwrap();
+        assert_eq!(stream_transport(&Stream::Unix(stream)), Transport::Unix);
+        let tcp = StreamListener::bind_tcp("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        assert_eq!(listener_transport(&tcp), Transport::Tcp);
+        let (datagram, _other) = UnixDatagram::pair().unwrap();
+        let unix = DatagramSocket::Unix(datagram);
+        assert_eq!(datagram_transport(&unix), Transport::UnixDatagram);
+    }
+}
