@@ -368,76 +368,65 @@ fn counts_known_traffic(model: &str) {
     } else {
         (0.0, 0.0)
     };
-    let expected: BTreeMap<&str, f64> = [
-        (
-            r#"reverb_connections_accepted_total{transport="tcp"}"#,
-            3.0 + held,
-        ),
-        (
-            r#"reverb_connections_accepted_total{transport="unix"}"#,
-            1.0,
-        ),
-        (
-            r#"reverb_connections_refused_total{transport="tcp"}"#,
-            refused,
-        ),
-        (r#"reverb_connections_open{transport="tcp"}"#, 0.0),
-        (
-            r#"reverb_connections_closed_total{reason="peer_eof",transport="tcp"}"#,
-            3.0 + held,
-        ),
-        (
-            r#"reverb_connections_closed_total{reason="peer_eof",transport="unix"}"#,
-            1.0,
-        ),
-        (
-            r#"reverb_connections_closed_total{reason="error",transport="tcp"}"#,
-            0.0,
-        ),
-        (
-            r#"reverb_received_bytes_total{transport="tcp"}"#,
-            300.0 + held,
-        ),
-        (r#"reverb_sent_bytes_total{transport="tcp"}"#, 300.0 + held),
-        (r#"reverb_received_bytes_total{transport="unix"}"#, 50.0),
-        (r#"reverb_sent_bytes_total{transport="unix"}"#, 50.0),
-        (r#"reverb_datagrams_received_total{transport="udp"}"#, 2.0),
-        (r#"reverb_datagrams_answered_total{transport="udp"}"#, 2.0),
-        (r#"reverb_received_bytes_total{transport="udp"}"#, 20.0),
-        (r#"reverb_sent_bytes_total{transport="udp"}"#, 20.0),
-        (r#"reverb_handler_panics_total{transport="tcp"}"#, 0.0),
-    ]
-    .into_iter()
-    .collect();
-    let deadline = Instant::now() + PATIENCE;
-    let mut last = String::new();
-    loop {
-        let (_, body) = get(&server, "/metrics");
-        let Some(samples) = parse_scrape(&body) else {
-            return;
-        };
-        let seen: BTreeMap<&str, f64> = expected
-            .keys()
-            .map(|&name| (name, samples.get(name).copied().unwrap_or(f64::NAN)))
-            .collect();
-        if seen == expected {
-            break;
-        }
-        last = format!("{seen:#?}");
-        assert!(
-            Instant::now() < deadline,
-            "{model}: the scrape never showed the traffic; last:\n{last}\nexpected:\n{expected:#?}"
-        );
-        thread::sleep(Duration::from_millis(50));
+    let expected = Expected::default()
+        .series("connections_accepted_total", "tcp", 3.0 + held)
+        .series("connections_accepted_total", "unix", 1.0)
+        .series("connections_refused_total", "tcp", refused)
+        .series("connections_open", "tcp", 0.0)
+        .closed("peer_eof", "tcp", 3.0 + held)
+        .closed("peer_eof", "unix", 1.0)
+        .closed("error", "tcp", 0.0)
+        .series("received_bytes_total", "tcp", 300.0 + held)
+        .series("sent_bytes_total", "tcp", 300.0 + held)
+        .series("received_bytes_total", "unix", 50.0)
+        .series("sent_bytes_total", "unix", 50.0)
+        .series("datagrams_received_total", "udp", 2.0)
+        .series("datagrams_answered_total", "udp", 2.0)
+        .series("received_bytes_total", "udp", 20.0)
+        .series("sent_bytes_total", "udp", 20.0)
+        .series("handler_panics_total", "tcp", 0.0);
+    if !wait_for_counts(&server, model, &expected) {
+        return;
     }
-    drop(last);
     server.stop();
+}
+
+/// The series a scrape must show, each with its value, named as [`parse_scrape`] names
+/// them (labels sorted).
+#[derive(Debug, Default)]
+struct Expected(BTreeMap<String, f64>);
+
+impl Expected {
+    /// `reverb_{name}{transport="transport"}` is `value`.
+    fn series(self, name: &str, transport: &str, value: f64) -> Self {
+        self.with(
+            format!(r#"reverb_{name}{{transport="{transport}"}}"#),
+            value,
+        )
+    }
+
+    /// `reverb_connections_closed_total{reason="reason",transport="transport"}` is `value`.
+    fn closed(self, reason: &str, transport: &str, value: f64) -> Self {
+        let labels = format!(r#"{{reason="{reason}",transport="{transport}"}}"#);
+        self.with(format!("reverb_connections_closed_total{labels}"), value)
+    }
+
+    /// `reverb_datagrams_dropped_total{reason="reason",transport="transport"}` is `value`.
+    fn dropped(self, reason: &str, transport: &str, value: f64) -> Self {
+        let labels = format!(r#"{{reason="{reason}",transport="{transport}"}}"#);
+        self.with(format!("reverb_datagrams_dropped_total{labels}"), value)
+    }
+
+    fn with(mut self, series: String, value: f64) -> Self {
+        self.0.insert(series, value);
+        self
+    }
 }
 
 /// Scrapes until every series in `expected` has exactly its value (counts land just after
 /// the event), failing after `PATIENCE` with what the last scrape showed. `false` when the
 /// parser is not installed (outside CI).
-fn wait_for_counts(server: &Server, model: &str, expected: &BTreeMap<String, f64>) -> bool {
+fn wait_for_counts(server: &Server, model: &str, Expected(expected): &Expected) -> bool {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let (_, body) = get(server, "/metrics");
@@ -536,58 +525,25 @@ fn counts_reasons(model: &str) {
         (1.0..20.0).contains(&not_reading),
         "{model}: {not_reading} replies dropped for a peer that never reads"
     );
-    let expected: BTreeMap<String, f64> = [
-        (r#"reverb_connections_accepted_total{transport="tcp"}"#, 2.0),
-        (r#"reverb_connections_open{transport="tcp"}"#, 0.0),
-        (
-            r#"reverb_connections_closed_total{reason="handler_panic",transport="tcp"}"#,
-            1.0,
-        ),
-        (
-            r#"reverb_connections_closed_total{reason="idle_timeout",transport="tcp"}"#,
-            1.0,
-        ),
-        (r#"reverb_handler_panics_total{transport="tcp"}"#, 1.0),
-        (r#"reverb_received_bytes_total{transport="tcp"}"#, 5.0),
-        (r#"reverb_sent_bytes_total{transport="tcp"}"#, 0.0),
-        (r#"reverb_handler_panics_total{transport="udp"}"#, 1.0),
-        (
-            r#"reverb_datagrams_received_total{transport="udp"}"#,
-            if guarded.is_some() { 3.0 } else { 2.0 },
-        ),
-        (r#"reverb_datagrams_answered_total{transport="udp"}"#, 1.0),
-        (
-            r#"reverb_datagrams_dropped_total{reason="handler_panic",transport="udp"}"#,
-            1.0,
-        ),
-        (
-            r#"reverb_datagrams_dropped_total{reason="reflection_guard",transport="udp"}"#,
-            if guarded.is_some() { 1.0 } else { 0.0 },
-        ),
-        (
-            r#"reverb_datagrams_received_total{transport="unix-dgram"}"#,
-            20.0,
-        ),
-        (
-            r#"reverb_datagrams_answered_total{transport="unix-dgram"}"#,
-            20.0 - not_reading,
-        ),
-        (
-            r#"reverb_received_bytes_total{transport="unix-dgram"}"#,
-            40.0,
-        ),
-        (
-            r#"reverb_sent_bytes_total{transport="unix-dgram"}"#,
-            2.0 * (20.0 - not_reading),
-        ),
-        (
-            r#"reverb_datagrams_dropped_total{reason="error",transport="unix-dgram"}"#,
-            0.0,
-        ),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_string(), value))
-    .collect();
+    let spoofed = if guarded.is_some() { 1.0 } else { 0.0 };
+    let expected = Expected::default()
+        .series("connections_accepted_total", "tcp", 2.0)
+        .series("connections_open", "tcp", 0.0)
+        .closed("handler_panic", "tcp", 1.0)
+        .closed("idle_timeout", "tcp", 1.0)
+        .series("handler_panics_total", "tcp", 1.0)
+        .series("received_bytes_total", "tcp", 5.0)
+        .series("sent_bytes_total", "tcp", 0.0)
+        .series("handler_panics_total", "udp", 1.0)
+        .series("datagrams_received_total", "udp", 2.0 + spoofed)
+        .series("datagrams_answered_total", "udp", 1.0)
+        .dropped("handler_panic", "udp", 1.0)
+        .dropped("reflection_guard", "udp", spoofed)
+        .series("datagrams_received_total", "unix-dgram", 20.0)
+        .series("datagrams_answered_total", "unix-dgram", 20.0 - not_reading)
+        .series("received_bytes_total", "unix-dgram", 40.0)
+        .series("sent_bytes_total", "unix-dgram", 2.0 * (20.0 - not_reading))
+        .dropped("error", "unix-dgram", 0.0);
     if !wait_for_counts(&server, model, &expected) {
         return;
     }
@@ -615,17 +571,10 @@ fn counts_reasons(model: &str) {
     back.clear();
     let _ = quits.read_to_end(&mut back);
     assert_eq!(back, b"bye quit\n");
-    let expected: BTreeMap<String, f64> = [
-        (
-            r#"reverb_connections_closed_total{reason="quit",transport="unix"}"#,
-            1.0,
-        ),
-        (r#"reverb_received_bytes_total{transport="unix"}"#, 9.0),
-        (r#"reverb_sent_bytes_total{transport="unix"}"#, 9.0),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_string(), value))
-    .collect();
+    let expected = Expected::default()
+        .closed("quit", "unix", 1.0)
+        .series("received_bytes_total", "unix", 9.0)
+        .series("sent_bytes_total", "unix", 9.0);
     if !wait_for_counts(&server, model, &expected) {
         return;
     }
@@ -677,20 +626,22 @@ fn counts_drain_cut(model: &str) {
     let args = ["--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0"];
     let mut server = Server::start(model, &[&args[..], &["--drain-timeout", "1"]].concat());
     let mut stuck = server.connect_tcp();
-    stuck
-        .set_write_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    // Until the kernel's buffers both ways are full and the server stopped reading, so
+    // replies are still owed when the drain timeout passes.
+    let pause = Some(Duration::from_millis(500));
+    stuck.set_write_timeout(pause).unwrap();
+    while stuck.write(&chunk).is_ok_and(|n| n > 0) {}
     // It keeps sending through the drain and the lingering close after the cut, so
     // neither ends early; it stops when the server is gone or a write times out.
+    stuck.set_write_timeout(Some(PATIENCE)).unwrap();
     let sender = thread::spawn(move || {
-        let chunk = vec![b'x'; 64 * 1024];
         for _ in 0..1024 {
             if stuck.write_all(&chunk).is_err() {
                 break;
             }
         }
     });
-    thread::sleep(Duration::from_millis(500));
     server.terminate();
     let status = server.wait_exit(PATIENCE).expect("exit after the drain");
     let _ = sender.join();
@@ -874,23 +825,13 @@ fn forking_child_killed_keeps_its_counts() {
     after.shutdown(std::net::Shutdown::Write).unwrap();
     after.read_to_end(&mut rest).unwrap();
     assert_eq!(rest, [b'a'; 5]);
-    let expected: BTreeMap<String, f64> = [
-        (r#"reverb_connections_accepted_total{transport="tcp"}"#, 2.0),
-        (r#"reverb_connections_open{transport="tcp"}"#, 0.0),
-        (
-            r#"reverb_connections_closed_total{reason="error",transport="tcp"}"#,
-            1.0,
-        ),
-        (
-            r#"reverb_connections_closed_total{reason="peer_eof",transport="tcp"}"#,
-            1.0,
-        ),
-        (r#"reverb_received_bytes_total{transport="tcp"}"#, 15.0),
-        (r#"reverb_sent_bytes_total{transport="tcp"}"#, 15.0),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_string(), value))
-    .collect();
+    let expected = Expected::default()
+        .series("connections_accepted_total", "tcp", 2.0)
+        .series("connections_open", "tcp", 0.0)
+        .closed("error", "tcp", 1.0)
+        .closed("peer_eof", "tcp", 1.0)
+        .series("received_bytes_total", "tcp", 15.0)
+        .series("sent_bytes_total", "tcp", 15.0);
     if !wait_for_counts(&server, "forking", &expected) {
         return;
     }

@@ -62,6 +62,20 @@ fn have(tool: &str, probe: &[&str]) -> bool {
     found
 }
 
+/// Starts `model` serving TLS with a self-signed certificate on a TCP port, plus `extra`.
+fn start_tls(model: &str, extra: &[&str]) -> Server {
+    let tls = ["--tcp", "127.0.0.1:0", "--tls-self-signed"];
+    Server::start(model, &[&tls[..], extra].concat())
+}
+
+/// Runs tests/tls/peer.py with `args` and asserts that it succeeded, naming `what` and
+/// `server`'s log; returns the peer's line.
+fn assert_peer(server: &Server, what: &str, args: &[&str]) -> String {
+    let (ok, line) = run_peer(args);
+    assert!(ok, "{what}: {line}\nserver log:\n{}", server.stderr());
+    line
+}
+
 fn peer_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls/peer.py")
 }
@@ -137,24 +151,11 @@ fn python_payload_half_close(model: &str) {
     }
     let path = temp_socket_path("tls");
     let path_text = path.display().to_string();
-    let server = Server::start(
-        model,
-        &[
-            "--tcp",
-            "127.0.0.1:0",
-            "--unix",
-            &path_text,
-            "--tls-self-signed",
-        ],
-    );
+    let server = start_tls(model, &["--unix", &path_text]);
     let tcp = server.addr("tcp");
     for (target, version) in [(tcp, "1.3"), (format!("unix:{path_text}"), "1.2")] {
-        let (ok, line) = run_peer(&["payload", &target, version, "1048576"]);
-        assert!(
-            ok,
-            "{model} {target} TLS {version}: {line}\nserver log:\n{}",
-            server.stderr()
-        );
+        let what = format!("{model} {target} TLS {version}");
+        let line = assert_peer(&server, &what, &["payload", &target, version, "1048576"]);
         assert!(line.contains(&format!("TLSv{version}")), "{line}");
     }
     assert!(server.stderr().contains("SHA-256 fingerprint"));
@@ -167,24 +168,11 @@ fn idle_and_drain_send_close_notify(model: &str) {
     if !have("python3", &["--version"]) {
         return;
     }
-    let server = Server::start(
-        model,
-        &[
-            "--tcp",
-            "127.0.0.1:0",
-            "--tls-self-signed",
-            "--idle-timeout",
-            "1",
-        ],
-    );
-    let (ok, line) = run_peer(&["silent", &server.addr("tcp"), "1.3", "8"]);
-    assert!(
-        ok,
-        "{model} idle timeout: {line}\nserver log:\n{}",
-        server.stderr()
-    );
+    let server = start_tls(model, &["--idle-timeout", "1"]);
+    let what = format!("{model} idle timeout");
+    assert_peer(&server, &what, &["silent", &server.addr("tcp"), "1.3", "8"]);
     server.stop();
-    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--tls-self-signed", "-v"]);
+    let server = start_tls(model, &["-v"]);
     let addr = server.addr("tcp");
     let peer = thread::spawn(move || run_peer(&["silent", &addr, "1.2", "20"]));
     server.wait_for_log("TLS established");
@@ -233,7 +221,7 @@ fn python_unread_flood_bounded(model: &str) {
     if !have("python3", &["--version"]) {
         return;
     }
-    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--tls-self-signed"]);
+    let server = start_tls(model, &[]);
     let before = server.rss_kib();
     let mut child = Command::new("python3")
         .arg(peer_script())
@@ -288,16 +276,7 @@ fn openssl_s_client_until_quit(model: &str) {
     if !have("openssl", &["version"]) {
         return;
     }
-    let server = Server::start(
-        model,
-        &[
-            "--tcp",
-            "127.0.0.1:0",
-            "--tls-self-signed",
-            "--protocol",
-            "until-quit",
-        ],
-    );
+    let server = start_tls(model, &["--protocol", "until-quit"]);
     // Hex text: s_client is a line-oriented tool, and hex never spells "quit".
     let mut payload: Vec<u8> = pattern(512 * 1024, 16)
         .iter()
@@ -342,7 +321,7 @@ fn garbage_handshake_closes_only_that_connection(model: &str) {
     if !have("python3", &["--version"]) {
         return;
     }
-    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--tls-self-signed"]);
+    let server = start_tls(model, &[]);
     let mut garbage = TcpStream::connect(server.addr("tcp")).expect("connect");
     garbage.set_read_timeout(Some(PATIENCE)).unwrap();
     garbage.write_all(&pattern(4096, 7)).expect("send garbage");
@@ -355,8 +334,11 @@ fn garbage_handshake_closes_only_that_connection(model: &str) {
     );
     server.wait_for_log("TLS handshake failed");
     assert_eq!(server.stderr().matches("TLS handshake failed").count(), 1);
-    let (ok, line) = run_peer(&["payload", &server.addr("tcp"), "1.3", "65536"]);
-    assert!(ok, "{model}: {line}");
+    assert_peer(
+        &server,
+        model,
+        &["payload", &server.addr("tcp"), "1.3", "65536"],
+    );
     server.stop();
 }
 
@@ -612,16 +594,7 @@ fn proxy_header_refusals_and_deadline(model: &str) {
 /// A client that connects and never finishes its TLS handshake is cut at
 /// `--tls-handshake-timeout` with one log line; others are served meanwhile.
 fn tls_handshake_deadline(model: &str) {
-    let server = Server::start(
-        model,
-        &[
-            "--tcp",
-            "127.0.0.1:0",
-            "--tls-self-signed",
-            "--tls-handshake-timeout",
-            "1",
-        ],
-    );
+    let server = start_tls(model, &["--tls-handshake-timeout", "1"]);
     let mut stalled = TcpStream::connect(server.addr("tcp")).expect("connect");
     let stalled_peer = stalled.local_addr().unwrap();
     let start = Instant::now();
@@ -923,24 +896,14 @@ fn haproxy_in_front_of_tls() {
     if !have("haproxy", &["-v"]) || !have("python3", &["--version"]) {
         return;
     }
-    let server = Server::start(
-        "epoll",
-        &[
-            "--tcp",
-            "127.0.0.1:0",
-            "--proxy-protocol",
-            "--tls-self-signed",
-            "-v",
-        ],
-    );
+    let server = start_tls("epoll", &["--proxy-protocol", "-v"]);
     let haproxy = Haproxy::start(&server.addr("tcp"));
     for (port, version) in haproxy.ports.iter().zip([1, 2]) {
-        let (ok, line) = run_peer(&["payload", &format!("127.0.0.1:{port}"), "1.3", "1048576"]);
-        assert!(
-            ok,
-            "through haproxy port {port}: {line}\nlog:\n{}",
-            server.stderr()
+        let (what, target) = (
+            format!("through haproxy port {port}"),
+            format!("127.0.0.1:{port}"),
         );
+        assert_peer(&server, &what, &["payload", &target, "1.3", "1048576"]);
         server.wait_for_log(&format!("PROXY v{version} header: client 127.0.0.1:"));
     }
     server.wait_for_log("TLS established");

@@ -10,7 +10,7 @@
 //! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
 //! `poll` waits no longer than that connection's idle deadline.
 
-use crate::metrics::{Metrics, Transport};
+use crate::metrics::Transport;
 use crate::net::{DatagramSocket, Peer, Received};
 use crate::server::one_socket::{LingerOn, serve_connection};
 use crate::server::{
@@ -53,19 +53,22 @@ pub fn run(
         socket.set_nonblocking(true)?;
     }
     let RunOptions { threads: _ } = options;
-    // Each child holds its place under --max-conns until the parent reaps it.
-    let mut children = Children::new();
     let most = (listeners.datagrams.iter()).map(DatagramSocket::max_datagram_bytes);
-    let mut buf = vec![0u8; most.max().unwrap_or(0)];
-    let metrics = listeners.limits.metrics;
-    let mut replier = DatagramReplier::new(protocol.clone());
-    // The parent's own counters (accepts); every child counts in a slot of its own.
-    let log = LoopLog::new(listeners.limits.metrics);
+    let mut parent = Parent {
+        buf: vec![0u8; most.max().unwrap_or(0)],
+        replier: DatagramReplier::new(protocol.clone()),
+        log: LoopLog::new(listeners.limits.metrics),
+        children: Children::new(),
+        listeners: &mut listeners,
+        protocol: &protocol,
+        shutdown: &shutdown,
+    };
     loop {
-        reap(&mut children, metrics, &log)?;
+        parent.reap()?;
+        let Parent { listeners, .. } = &parent;
         let streams = listeners.streams.iter().map(AsFd::as_fd);
         let sockets = streams.chain(listeners.datagrams.iter().map(AsFd::as_fd));
-        let fds = sockets.chain([shutdown.fd()]);
+        let fds = sockets.chain([parent.shutdown.fd()]);
         let mut entries: Vec<_> = fds.map(|fd| poll::entry(fd, POLLIN)).collect();
         poll::poll(&mut entries, Some(REAP_INTERVAL))?;
         if entries.last().is_some_and(|e| e.revents != 0) {
@@ -73,110 +76,148 @@ pub fn run(
         }
         let streams = listeners.streams.len();
         for (index, entry) in entries[..entries.len() - 1].iter().enumerate() {
-            if entry.revents == 0 {
-                continue;
-            }
-            if index < streams {
-                let children = &mut children;
-                accept_one(&mut listeners, index, &protocol, &shutdown, children, &log)?;
-            } else {
-                answer_one(
-                    &mut listeners,
-                    index - streams,
-                    &mut replier,
-                    &mut buf,
-                    &mut children,
-                    &log,
-                )?;
+            match (entry.revents != 0, index.checked_sub(streams)) {
+                (false, _) => {}
+                (true, None) => parent.accept_one(index)?,
+                (true, Some(index)) => parent.answer_one(index)?,
             }
         }
     }
-    drain_children(&mut children, listeners.limits.drain_timeout, metrics, &log)?;
+    parent.drain_children()?;
     Ok(())
 }
 
-fn accept_one(
-    listeners: &mut Listeners,
-    index: usize,
-    protocol: &Protocol,
-    shutdown: &Shutdown,
-    children: &mut Children,
-    log: &LoopLog,
-) -> io::Result<()> {
-    let listener = &listeners.streams[index];
-    let (stream, peer, admission) = match accept_and_admit(listener, &listeners.counter, log)? {
-        Accepted::Connection(stream, peer, admission) => (stream, peer, admission),
-        Accepted::Again | Accepted::Empty => return Ok(()),
-        Accepted::Paused => {
-            thread::sleep(ACCEPT_PAUSE);
-            return Ok(());
-        }
-    };
-    match process::fork()? {
-        Forked::Child => {
-            let limits = listeners.limits.clone();
-            close_listeners(listeners);
-            run_child(|| {
-                serve_connection(
-                    stream,
-                    peer,
-                    protocol,
-                    &limits,
-                    shutdown,
-                    LingerOn::ThisThread,
-                )
-            })
-        }
-        Forked::Parent(pid) => {
-            tracing::debug!(peer = %peer, "child {pid} serves it");
-            // The child has its own copy; the parent's must close, or the peer would never
-            // see EOF after the child exits.
-            let transport = stream_transport(&stream);
-            drop(stream);
-            children.insert(pid, Some((admission, peer, transport)));
-            Ok(())
-        }
-    }
+/// The single-threaded parent: what it serves, and the children serving it.
+struct Parent<'a> {
+    listeners: &'a mut Listeners,
+    protocol: &'a Protocol,
+    shutdown: &'a Shutdown,
+    /// Each child holds its place under --max-conns until the parent reaps it.
+    children: Children,
+    replier: DatagramReplier,
+    /// Receives datagrams: the longest any datagram socket answers.
+    buf: Vec<u8>,
+    /// The parent's own counters (accepts); every child counts in a slot of its own.
+    log: LoopLog,
 }
 
-fn answer_one(
-    listeners: &mut Listeners,
-    index: usize,
-    replier: &mut DatagramReplier,
-    buf: &mut [u8],
-    children: &mut Children,
-    log: &LoopLog,
-) -> io::Result<()> {
-    let socket = &listeners.datagrams[index];
-    let buf = &mut buf[..socket.max_datagram_bytes()];
-    let (received, peer) = match socket.recv_from(buf) {
-        Ok((Received::Whole(len), peer)) => (len, peer),
-        Ok((truncated, peer)) => {
-            // Dropped here, without a child: the parent counts it in its own slot.
-            replier.answer_received(socket, &peer, truncated, buf, log);
-            return Ok(());
+impl Parent<'_> {
+    fn accept_one(&mut self, index: usize) -> io::Result<()> {
+        let (listener, counter) = (&self.listeners.streams[index], &self.listeners.counter);
+        let (stream, peer, admission) = match accept_and_admit(listener, counter, &self.log)? {
+            Accepted::Connection(stream, peer, admission) => (stream, peer, admission),
+            Accepted::Again | Accepted::Empty => return Ok(()),
+            Accepted::Paused => {
+                thread::sleep(ACCEPT_PAUSE);
+                return Ok(());
+            }
+        };
+        match process::fork()? {
+            Forked::Child => {
+                let limits = self.listeners.limits.clone();
+                close_listeners(self.listeners);
+                let (protocol, shutdown) = (self.protocol, self.shutdown);
+                let linger = LingerOn::ThisThread;
+                run_child(|| serve_connection(stream, peer, protocol, &limits, shutdown, linger))
+            }
+            Forked::Parent(pid) => {
+                tracing::debug!(peer = %peer, "child {pid} serves it");
+                // The child has its own copy; the parent's must close, or the peer would
+                // never see EOF after the child exits.
+                let transport = stream_transport(&stream);
+                drop(stream);
+                self.children
+                    .insert(pid, Some((admission, peer, transport)));
+                Ok(())
+            }
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock || is_per_peer_datagram_error(&e) => {
-            return Ok(());
+    }
+
+    fn answer_one(&mut self, index: usize) -> io::Result<()> {
+        let socket = &self.listeners.datagrams[index];
+        let buf = &mut self.buf[..socket.max_datagram_bytes()];
+        let (received, peer) = match socket.recv_from(buf) {
+            Ok((Received::Whole(len), peer)) => (len, peer),
+            Ok((truncated, peer)) => {
+                // Dropped here, without a child: the parent counts it in its own slot.
+                (self.replier).answer_received(socket, &peer, truncated, buf, &self.log);
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || is_per_peer_datagram_error(&e) => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        match process::fork()? {
+            Forked::Child => {
+                let socket = self.listeners.datagrams.swap_remove(index);
+                close_listeners(self.listeners);
+                let (metrics, replier) = (self.listeners.limits.metrics, &mut self.replier);
+                run_child(|| {
+                    // The child's own slot, in the mapping its parent's metrics server
+                    // reads: the parent's log has one writer, the parent.
+                    let log = LoopLog::new(metrics);
+                    replier.answer(&socket, &peer, &self.buf[..received], &log);
+                })
+            }
+            Forked::Parent(pid) => {
+                self.children.insert(pid, None);
+                Ok(())
+            }
         }
-        Err(e) => return Err(e),
-    };
-    match process::fork()? {
-        Forked::Child => {
-            let socket = listeners.datagrams.swap_remove(index);
-            close_listeners(listeners);
-            let metrics = listeners.limits.metrics;
-            run_child(|| {
-                // The child's own slot, in the mapping its parent's metrics server reads:
-                // the parent's log has one writer, the parent.
-                let log = LoopLog::new(metrics);
-                replier.answer(&socket, &peer, &buf[..received], &log);
-            })
+    }
+
+    /// Reaps every child that ended, freeing its place under `--max-conns` and its counter
+    /// slots (its counts are kept): a child killed before it could hand its slot back
+    /// would otherwise hold it for ever. A connection whose child a signal killed is
+    /// counted closed here (reason `error`), since its child never got to.
+    fn reap(&mut self) -> io::Result<()> {
+        while let Some((pid, end)) = process::reap_child()? {
+            let child = self.children.remove(&pid);
+            self.listeners.limits.metrics.retire_process(pid);
+            if let (Some(Some((_, peer, transport))), ChildEnd::Killed(signal)) = (child, end) {
+                let killed = format!("its child {pid} was killed by signal {signal}");
+                let reason = CloseReason::Failed(io::Error::other(killed));
+                self.log.closed(&peer, transport, &reason);
+            }
         }
-        Forked::Parent(pid) => {
-            children.insert(pid, None);
-            Ok(())
+        Ok(())
+    }
+
+    /// Children heard the shutdown through the shared eventfd and drain on their own: each
+    /// cuts its connection at its own drain deadline (counted `drain_cut` there, with what
+    /// it still owed) and lingers at most `linger::exit_bound` after it. Waits for them; a
+    /// child still running [`KILL_GRACE`] past both bounds is stuck, and is killed.
+    fn drain_children(&mut self) -> io::Result<()> {
+        // Killed at our own drain deadline, a child would often die just before its own
+        // (it heard the shutdown a moment later) and its connection would count as `error`.
+        let drain_timeout = self.listeners.limits.drain_timeout;
+        let kill_at =
+            Instant::now() + drain_timeout + linger::exit_bound(drain_timeout) + KILL_GRACE;
+        let mut killed_at: Option<Instant> = None;
+        while !self.children.is_empty() {
+            self.reap()?;
+            if self.children.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if killed_at.is_none() && now >= kill_at {
+                tracing::warn!("killing {} children still draining", self.children.len());
+                for &pid in self.children.keys() {
+                    let _ = process::kill(pid, process::SIGKILL);
+                }
+                killed_at = Some(now);
+            }
+            if killed_at.is_some_and(|at| now >= at + KILL_GRACE) {
+                tracing::error!(
+                    "{} children did not exit after SIGKILL",
+                    self.children.len()
+                );
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
         }
+        Ok(())
     }
 }
 
@@ -202,56 +243,3 @@ fn run_child(work: impl FnOnce()) -> ! {
 /// `--max-conns`, its peer and its transport, so that the parent can record the close of a
 /// connection whose child was killed before it could.
 type Children = HashMap<Pid, Option<(Admission, Peer, Transport)>>;
-
-/// Reaps every child that ended, freeing its place under `--max-conns` and its counter
-/// slots (its counts are kept): a child killed before it could hand its slot back would
-/// otherwise hold it for ever. A connection whose child a signal killed is counted closed
-/// here (reason `error`), since its child never got to.
-fn reap(children: &mut Children, metrics: Metrics, log: &LoopLog) -> io::Result<()> {
-    while let Some((pid, end)) = process::reap_child()? {
-        let child = children.remove(&pid);
-        metrics.retire_process(pid);
-        if let (Some(Some((_admission, peer, transport))), ChildEnd::Killed(signal)) = (child, end)
-        {
-            let killed = io::Error::other(format!("its child {pid} was killed by signal {signal}"));
-            log.closed(&peer, transport, &CloseReason::Failed(killed));
-        }
-    }
-    Ok(())
-}
-
-/// Children heard the shutdown through the shared eventfd and drain on their own: each
-/// cuts its connection at its own drain deadline (counted `drain_cut` there, with what it
-/// still owed) and lingers at most `linger::exit_bound` after it. Waits for them; a child
-/// still running [`KILL_GRACE`] past both bounds is stuck, and is killed.
-fn drain_children(
-    children: &mut Children,
-    drain_timeout: Duration,
-    metrics: Metrics,
-    log: &LoopLog,
-) -> io::Result<()> {
-    // Killed at our own drain deadline, a child would often die just before its own
-    // (it heard the shutdown a moment later) and its connection would count as `error`.
-    let kill_at = Instant::now() + drain_timeout + linger::exit_bound(drain_timeout) + KILL_GRACE;
-    let mut killed_at: Option<Instant> = None;
-    while !children.is_empty() {
-        reap(children, metrics, log)?;
-        if children.is_empty() {
-            break;
-        }
-        let now = Instant::now();
-        if killed_at.is_none() && now >= kill_at {
-            tracing::warn!("killing {} children still draining", children.len());
-            for &pid in children.keys() {
-                let _ = process::kill(pid, process::SIGKILL);
-            }
-            killed_at = Some(now);
-        }
-        if killed_at.is_some_and(|at| now >= at + KILL_GRACE) {
-            tracing::error!("{} children did not exit after SIGKILL", children.len());
-            break;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
-}

@@ -3,7 +3,8 @@
 //! Technique: step 9 of the ladder. `--threads` runtimes, each on its own thread with its
 //! own SO_REUSEPORT listener; every connection is one task (asyncio's `start_server`)
 //! written as straight-line code: `write_all(..).await` what is owed, `ready().await` for
-//! input, read it, hand it to `Connection`.
+//! input, read it, hand it to `Connection` (those steps, shared with `tokio`, are
+//! `server::task`; this file says how this runtime waits).
 //! Cost: as `epoll`, plus a wake (a run-queue push) and a poll of the task's future per
 //! readiness event; an idle connection is a boxed future of a few hundred bytes, not a stack.
 //! Limit: Linux only; a task that computes without awaiting stalls its whole runtime.
@@ -22,9 +23,9 @@ use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::task::{TaskWaits, Woke, close_served, converse};
 use crate::server::task_buffers;
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, ConnectionCounter, DatagramReplier,
-    Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    is_per_peer_datagram_error, listener_transport, on_accept,
+    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, ConnectionCounter, DATAGRAM_BATCH,
+    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    listener_transport, on_accept,
 };
 use std::cell::Cell;
 use std::io;
@@ -249,19 +250,15 @@ async fn answer_datagrams(socket: Async<DatagramSocket>, state: Rc<Loop>) -> io:
     let mut replier = DatagramReplier::new(state.protocol.clone());
     let mut buf = vec![0u8; socket.get_ref().max_datagram_bytes()];
     let is_draining = || state.is_draining.get();
-    loop {
-        // A statement of its own: the pinned receive (and its borrow of `buf`) ends here.
-        let received = unless(is_draining, None, pin!(socket.recv_from(&mut buf))).await;
-        let Some(received) = received else {
-            break;
-        };
-        let (received, peer) = match received {
-            Ok(received) => received,
-            Err(e) if is_per_peer_datagram_error(&e) => continue,
-            Err(e) => return Err(e),
-        };
-        // A full send buffer drops this one reply, as a lost datagram would.
-        replier.answer_received(socket.get_ref(), &peer, received, &buf, &state.log);
+    while unless(is_draining, None, pin!(socket.ready(Direction::Read)))
+        .await
+        .is_some()
+    {
+        let (socket_ref, log) = (socket.get_ref(), &state.log);
+        // Emptied: wait for the next edge.
+        if replier.answer_queued(socket_ref, &mut buf, DATAGRAM_BATCH, log)? {
+            socket.clear_ready(Direction::Read);
+        }
     }
     Ok(())
 }

@@ -52,14 +52,10 @@ pub fn run(
                         // Accepted but never served before shutdown: nothing is owed.
                         continue;
                     }
-                    serve_connection(
-                        stream,
-                        peer,
-                        protocol,
-                        limits,
-                        shutdown_ref,
-                        LingerOn::LingeringThread(admission),
-                    );
+                    // A connection it closes first lingers on the lingering thread, with
+                    // its place under --max-conns, so the worker moves on at once.
+                    let linger = LingerOn::LingeringThread(admission);
+                    serve_connection(stream, peer, protocol, limits, shutdown_ref, linger);
                 }
             });
         }

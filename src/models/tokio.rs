@@ -2,7 +2,8 @@
 //!
 //! Technique: step 10 of the ladder. A current-thread runtime per loop, all accepting from
 //! the same listeners; every connection is one task in straight-line code:
-//! `write_all(..).await` what is owed, then wait for input, read it, hand it to `Connection`.
+//! `write_all(..).await` what is owed, then wait for input, read it, hand it to `Connection`
+//! (the steps `async` takes too, in `server::task`; this file says how tokio waits).
 //! Cost: a task switch and a waker per readiness on top of `epoll`'s system calls.
 //! Limit: a handler that blocks stalls every task of its loop; datagrams are served by loop 0.
 //!
@@ -21,9 +22,9 @@ use crate::server::stop_signal::{StopSignal, StopWait};
 use crate::server::task::{TaskWaits, Woke, close_served, converse};
 use crate::server::task_buffers;
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, ConnectionCounter, DatagramReplier,
-    Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown, accept_and_admit,
-    is_per_peer_datagram_error, stream_transport,
+    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, ConnectionCounter, DATAGRAM_BATCH,
+    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+    accept_and_admit, stream_transport,
 };
 use crate::sys::async_fd;
 use std::future::poll_fn;
@@ -197,14 +198,11 @@ async fn serve_socket(
             }
             Source::Datagram(socket) => {
                 buf.resize(socket.max_datagram_bytes(), 0);
-                let (received, peer) = match ready.try_io(|_| socket.recv_from(&mut buf)) {
-                    Ok(Ok(received)) => received,
-                    Ok(Err(e)) if is_per_peer_datagram_error(&e) => continue,
-                    Ok(Err(e)) => return Err(e),
-                    Err(_would_block) => continue,
-                };
-                // A full send buffer drops this one reply, as a lost datagram would.
-                state.with_log(|log| replier.answer_received(socket, &peer, received, &buf, log));
+                let answer = |log: &_| replier.answer_queued(socket, &mut buf, DATAGRAM_BATCH, log);
+                // Emptied: tokio waits for the next edge.
+                if state.with_log(answer)? {
+                    ready.clear_ready();
+                }
             }
         }
     }

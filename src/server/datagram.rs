@@ -8,6 +8,10 @@ use crate::protocol::Protocol;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
+/// Datagrams a thread or task answers per readiness of one socket before it looks at
+/// shutdown and its other work again ([`DatagramReplier::answer_queued`]'s `max`).
+pub const DATAGRAM_BATCH: usize = 64;
+
 /// Whether an echo may answer a datagram from `peer`.
 ///
 /// Spoofed sources are how echo servers become reflectors: a datagram "from" another
@@ -109,7 +113,9 @@ impl DatagramReplier {
     }
 
     /// Receives and answers up to `max` datagrams queued on the non-blocking `socket`,
-    /// using `buf` (of [`DatagramSocket::max_datagram_bytes`]) to receive.
+    /// using `buf` (of [`DatagramSocket::max_datagram_bytes`]) to receive. Returns whether
+    /// the queue was emptied (a receive found nothing), so that a runtime that caches
+    /// readiness knows to wait for the next edge; `false`: more may wait.
     ///
     /// # Errors
     ///
@@ -121,17 +127,17 @@ impl DatagramReplier {
         buf: &mut [u8],
         max: usize,
         log: &LoopLog,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         for _ in 0..max {
             let (received, peer) = match socket.recv_from(buf) {
                 Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if is_per_peer_datagram_error(&e) => continue,
                 Err(e) => return Err(e),
             };
             self.answer_received(socket, &peer, received, buf, log);
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -234,15 +240,15 @@ mod tests {
         let mut replier = DatagramReplier::new(Protocol::new(ProtocolKind::Echo, 64));
         let log = LoopLog::default();
         let mut buf = [0u8; 64];
-        replier
-            .answer_queued(&socket, &mut buf, 8, &log)
-            .expect("an empty queue is not an error");
+        let emptied = replier.answer_queued(&socket, &mut buf, 8, &log);
+        assert!(emptied.expect("an empty queue is not an error"));
         for datagram in [&b"one"[..], b"two", b"three"] {
             client.send_to(datagram, server_addr).unwrap();
         }
         // Loopback delivers at once, but give the kernel a moment on a loaded machine.
         std::thread::sleep(Duration::from_millis(50));
-        replier.answer_queued(&socket, &mut buf, 2, &log).unwrap();
+        let emptied = replier.answer_queued(&socket, &mut buf, 2, &log).unwrap();
+        assert!(!emptied, "a third datagram waits");
         let mut reply = [0u8; 64];
         for expected in [&b"one"[..], b"two"] {
             let n = client.recv(&mut reply).unwrap();

@@ -14,6 +14,7 @@ pub mod idle_wheel;
 mod lifecycle;
 pub mod linger;
 mod listeners;
+pub mod loop_clock;
 pub mod one_socket;
 pub mod readiness;
 pub mod setup_deadline;
@@ -25,7 +26,9 @@ pub mod task_buffers;
 pub use crate::protocol::Protocol;
 pub use accept::{AcceptAction, Accepted, accept_action, accept_and_admit, on_accept};
 pub use connection::{Connection, HandlerPanicked, is_in_handler};
-pub use datagram::{DatagramReplier, datagram_source_allowed, is_per_peer_datagram_error};
+pub use datagram::{
+    DATAGRAM_BATCH, DatagramReplier, datagram_source_allowed, is_per_peer_datagram_error,
+};
 pub use lifecycle::{
     CloseReason, DatagramDrop, Ending, Linger, LoopLog, close, datagram_transport, end,
     listener_transport, stream_transport,

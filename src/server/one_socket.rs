@@ -12,8 +12,8 @@ use super::accept::{Accepted, accept_and_admit};
 use super::event_loops::LoopSources;
 use super::lifecycle::{CloseReason, Linger, LoopLog, close};
 use super::{
-    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners,
-    READ_BUFFER_BYTES, Shutdown,
+    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DATAGRAM_BATCH, DatagramReplier,
+    Limits, Listeners, READ_BUFFER_BYTES, Shutdown,
 };
 use crate::metrics::Metrics;
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
@@ -23,9 +23,6 @@ use crate::sys::poll;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
-
-/// Datagrams answered per wake-up before the thread looks at shutdown again.
-const DATAGRAM_BATCH: usize = 64;
 
 /// What woke a thread that waited for one descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

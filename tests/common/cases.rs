@@ -707,24 +707,53 @@ pub fn idle_timeout(model: &str) {
     server.stop();
 }
 
+/// A server with nothing to do sleeps: with an idle connection open and `--idle-timeout`
+/// timing it, it spends next to no CPU (a wait that returns at once, or a loop that waits
+/// for a connection to become writable while it owes nothing, would spin). busy-poll spins
+/// by design.
+pub fn idle_server_sleeps(model: &str) {
+    if model == "busy-poll" {
+        return;
+    }
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--idle-timeout", "60"]);
+    let mut conn = server.connect_conn();
+    conn.write_all(b"served, then idle\n").unwrap();
+    assert_eq!(conn.read_exactly(18), b"served, then idle\n");
+    // Let the reply's bookkeeping and any start-up work settle first.
+    thread::sleep(Duration::from_millis(200));
+    let cpu_before = server.cpu_time();
+    thread::sleep(Duration::from_secs(1));
+    let spent = server.cpu_time() - cpu_before;
+    assert!(
+        spent < Duration::from_millis(50),
+        "{model}: {spent:?} of CPU in 1 s with nothing to do: spinning"
+    );
+    server.stop();
+}
+
 /// SIGTERM: replies owed for bytes already received still arrive, then EOF, and exit 0.
 pub fn shutdown_drains(model: &str) {
+    drain_what_is_owed(model, 5, &[]);
+}
+
+/// SIGTERM while a slow reader is owed 200,000 bytes; it then sends `late`, which the
+/// draining server no longer reads. Every owed byte still arrives, then EOF (never a
+/// reset), and the server exits 0.
+fn drain_what_is_owed(model: &str, seed: u64, late: &[u8]) {
     let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "5"]);
     let mut conn = server.connect_slow_reader();
     // Less than --max-buffer, so the server reads it all and owes it all.
-    let input = pattern(200_000, 5);
+    let input = pattern(200_000, seed);
     conn.write_all(&input).unwrap();
     thread::sleep(Duration::from_millis(500));
     server.terminate();
     thread::sleep(Duration::from_millis(200));
+    conn.write_all(late).unwrap();
     let (got, error) = conn.read_to_end_lossy();
-    assert!(error.is_none(), "{error:?}");
-    assert!(
-        got == input,
-        "{} of {} owed bytes arrived",
-        got.len(),
-        input.len()
-    );
+    let (got_len, owed) = (got.len(), input.len());
+    assert!(error.is_none(), "{error:?} after {got_len} of {owed} bytes");
+    assert!(got == input, "{got_len} of {owed} owed bytes arrived");
+    drop(conn);
     let mut server = server;
     let status = server.wait_exit(PATIENCE).expect("exits after draining");
     assert!(status.success(), "exit {status}; {}", server.stderr());
@@ -1178,27 +1207,7 @@ pub fn idle_close_lingers(model: &str) {
 /// SIGTERM while replies are owed and the client keeps sending: every owed reply still
 /// arrives, then EOF, never a reset (the drain closes with a lingering close).
 pub fn drain_lingers(model: &str) {
-    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "5"]);
-    let mut conn = server.connect_slow_reader();
-    let input = pattern(200_000, 21);
-    conn.write_all(&input).unwrap();
-    thread::sleep(Duration::from_millis(500));
-    server.terminate();
-    thread::sleep(Duration::from_millis(200));
-    // Bytes the draining server no longer reads.
-    conn.write_all(&[b'u'; 10_000]).unwrap();
-    let (got, error) = conn.read_to_end_lossy();
-    assert!(
-        error.is_none(),
-        "{error:?} after {} of {} bytes",
-        got.len(),
-        input.len()
-    );
-    assert!(got == input, "{} of {} owed bytes", got.len(), input.len());
-    drop(conn);
-    let mut server = server;
-    let status = server.wait_exit(PATIENCE).expect("exits after draining");
-    assert!(status.success(), "exit {status}; {}", server.stderr());
+    drain_what_is_owed(model, 21, &[b'u'; 10_000]);
 }
 
 /// `pool --threads 2`: two clients that got their reply and EOF after `quit` but keep their
