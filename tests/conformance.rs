@@ -76,6 +76,7 @@ macro_rules! with_cases {
                 many_clients,
                 max_conns,
                 idle_timeout,
+                idle_server_sleeps,
                 shutdown_drains,
                 shutdown_closes_idle_at_once,
                 drain_timeout_bounds_shutdown,

@@ -707,6 +707,30 @@ pub fn idle_timeout(model: &str) {
     server.stop();
 }
 
+/// A server with nothing to do sleeps: with an idle connection open and `--idle-timeout`
+/// timing it, it spends next to no CPU (a wait that returns at once, or a loop that waits
+/// for a connection to become writable while it owes nothing, would spin). busy-poll spins
+/// by design.
+pub fn idle_server_sleeps(model: &str) {
+    if model == "busy-poll" {
+        return;
+    }
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--idle-timeout", "60"]);
+    let mut conn = server.connect_conn();
+    conn.write_all(b"served, then idle\n").unwrap();
+    assert_eq!(conn.read_exactly(18), b"served, then idle\n");
+    // Let the reply's bookkeeping and any start-up work settle first.
+    thread::sleep(Duration::from_millis(200));
+    let cpu_before = server.cpu_time();
+    thread::sleep(Duration::from_secs(1));
+    let spent = server.cpu_time() - cpu_before;
+    assert!(
+        spent < Duration::from_millis(50),
+        "{model}: {spent:?} of CPU in 1 s with nothing to do: spinning"
+    );
+    server.stop();
+}
+
 /// SIGTERM: replies owed for bytes already received still arrive, then EOF, and exit 0.
 pub fn shutdown_drains(model: &str) {
     drain_what_is_owed(model, 5, &[]);
