@@ -11,7 +11,7 @@
 //! has one [`Token`] in the loop's slab and the ring slot of that token. A datagram reply
 //! goes out at once with a plain non-blocking `sendto`: a peer whose queue is full loses
 //! that reply and delays no one, and nothing waits in the ring for it. Idle timeouts: the
-//! coarse wheel of the scalable models ([`IdleWheel`]). Loops: each has its own SO_REUSEPORT
+//! coarse wheel of the scalable models ([`LoopClock`]). Loops: each has its own SO_REUSEPORT
 //! accept queue (`Model::accept_queues`) and a duplicate of every datagram socket.
 
 use crate::metrics::Transport;
