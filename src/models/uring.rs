@@ -282,14 +282,16 @@ impl Loop {
                 let bytes = self.ring.received(&received);
                 self.log.received(conn.connection.transport(), bytes.len());
                 // Write-through: with nothing owed and no send in flight, an echo leaves
-                // straight from the provided buffer, which the ring keeps until it is sent.
-                let is_sending = self.ring.is_sending(token);
+                // straight from the provided buffer, which the ring keeps until it is sent
+                // (if it has a buffer to spare for that: a peer that never reads would
+                // keep it for ever).
+                let may_send = self.ring.may_send_received(token);
                 conn.connection.lend_spare(&mut self.spare);
                 let through = conn
                     .connection
-                    .receive_through(bytes, |input| match is_sending {
-                        true => Err(io::ErrorKind::WouldBlock.into()),
-                        false => Ok(input.len()),
+                    .receive_through(bytes, |input| match may_send {
+                        true => Ok(input.len()),
+                        false => Err(io::ErrorKind::WouldBlock.into()),
                     });
                 match through {
                     Ok(sent) if sent > 0 => {
