@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 /// messages and left the connections that hit ENOBUFS waiting behind the others (a tail
 /// of 10 x epoll's); 128 of 32 KiB brought it near epoll's at about the same CPU per 1 KiB
 /// message (docs/benchmarks.md, fairness). Only the pages the kernel writes become resident.
-const PROVIDED_BUFFERS: u16 = 128;
+pub(super) const PROVIDED_BUFFERS: u16 = 128;
 /// Bytes per provided buffer.
 const PROVIDED_BUFFER_BYTES: usize = 32 * 1024;
 /// At most this many provided buffers are lent to sends at once. A send to a peer that does
@@ -630,7 +630,7 @@ impl Ring {
     /// slot after its last operation.
     fn settle_closed(&mut self, key: Key, op: Op, result: i32, buffer: Option<u16>, more: bool) {
         if let Some(id) = buffer {
-            self.provided.give_back(id);
+            self.provided.reclaim(id);
         }
         if op == Op::Accept && result >= 0 {
             // SAFETY: the kernel just created this descriptor for us; nobody owns it.
