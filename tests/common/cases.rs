@@ -740,10 +740,24 @@ pub fn shutdown_drains(model: &str) {
 /// draining server no longer reads. Every owed byte still arrives, then EOF (never a
 /// reset), and the server exits 0.
 fn drain_what_is_owed(model: &str, seed: u64, late: &[u8]) {
-    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "5"]);
+    drain_bytes_owed(model, seed, late, 200_000, &[]);
+}
+
+/// SIGTERM while a slow reader is owed 3 MB under `--max-buffer 4M`: more than the kernel's
+/// socket buffers hold, so the server itself still holds most of it when the drain begins,
+/// and every byte of it must still arrive.
+pub fn shutdown_drains_what_the_server_holds(model: &str) {
+    drain_bytes_owed(model, 6, &[], 3_000_000, &["--max-buffer", "4M"]);
+}
+
+/// [`drain_what_is_owed`] with `bytes` owed and `extra` flags for `serve`.
+fn drain_bytes_owed(model: &str, seed: u64, late: &[u8], bytes: usize, extra: &[&str]) {
+    let mut args = vec!["--tcp", "127.0.0.1:0", "--drain-timeout", "5"];
+    args.extend_from_slice(extra);
+    let server = Server::start(model, &args);
     let mut conn = server.connect_slow_reader();
     // Less than --max-buffer, so the server reads it all and owes it all.
-    let input = pattern(200_000, seed);
+    let input = pattern(bytes, seed);
     conn.write_all(&input).unwrap();
     thread::sleep(Duration::from_millis(500));
     server.terminate();
