@@ -59,7 +59,11 @@ pub struct Slab<T> {
     len: usize,
 }
 
+/// `repr(C)`, the generation first: every lookup reads it and then the value's first
+/// fields, and in Rust's own layout it sat after a large value, a cache line of its own
+/// (the check was the hottest load of the epoll loop's `serve`).
 #[derive(Debug)]
+#[repr(C)]
 struct Slot<T> {
     generation: u32,
     value: Option<T>,

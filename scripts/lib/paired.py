@@ -2,6 +2,7 @@
 the median of the per-window ratios, with a verdict where a target is given.
 
     paired.py RESULTS [--metric cpu|rate|p99|max] [--ratio A/B[<=X|>=X]]... [--sides A,B,...]
+    (--ratio also takes (A/B)/(C/D): how the ratio A/B moved against C/D, per window)
 
 RESULTS holds lines "GROUP REP NAME JSON" (echoload's JSON, or any JSON with msgs,
 msgs_per_s, server_cpu_s or server_cpu_pct, errors). --metric cpu (the default) compares
@@ -88,20 +89,29 @@ def main():
             print(f"  {n:12s} {unit} median {statistics.median(vals):9.3f}   per window "
                   + " ".join(f"{x:.3f}" for x in vals))
         for spec in a.ratio:
-            m = re.fullmatch(r"([^/<>=]+)/([^/<>=]+?)(?:(<=|>=)([0-9.]+))?", spec)
+            # A/B, or (A/B)/(C/D): how a ratio moved between two pairs of the same window.
+            m = re.fullmatch(r"(?:\(([^/()<>=]+)/([^/()<>=]+)\)/\(([^/()<>=]+)/([^/()<>=]+)\)"
+                             r"|([^/()<>=]+)/([^/()<>=]+?))(?:(<=|>=)([0-9.]+))?", spec)
             if not m:
-                sys.exit(f"paired.py: bad --ratio {spec!r}; expected A/B, A/B<=X or A/B>=X")
-            x, y, op, bound = m.groups()
-            if x not in names or y not in names:
+                sys.exit(f"paired.py: bad --ratio {spec!r}; expected A/B or (A/B)/(C/D), "
+                         "optionally followed by <=X or >=X")
+            x1, y1, x2, y2, x, y, op, bound = m.groups()
+            sides = [x1, y1, x2, y2] if x1 else [x, y]
+            if any(n not in names for n in sides):
                 continue
-            ratios = [w[x] / w[y] for w in full]
+            if x1:
+                x = f"({x1}/{y1})/({x2}/{y2})"
+                ratios = [(w[x1] / w[y1]) / (w[x2] / w[y2]) for w in full]
+            else:
+                ratios = [w[x] / w[y] for w in full]
             med = statistics.median(ratios)
             verdict = ""
             if op:
                 ok = med <= float(bound) if op == "<=" else med >= float(bound)
                 verdict = f"   target {op.replace('<=', '≤').replace('>=', '≥')} {bound}: " + (
                     "PASS" if ok else "FAIL")
-            print(f"  ratio {x}/{y} median {med:.3f}   per window "
+            label = x if x1 else f"{x}/{y}"
+            print(f"  ratio {label} median {med:.3f}   per window "
                   + " ".join(f"{r:.3f}" for r in ratios) + verdict)
 
 

@@ -17,12 +17,12 @@
 use crate::metrics::Transport;
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
-use crate::server::idle_wheel::IdleWheel;
+use crate::server::loop_clock::LoopClock;
 use crate::server::readiness::LoopConfig;
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, DatagramDrop, DatagramReplier,
-    Ending, Linger, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    datagram_transport, end, is_per_peer_datagram_error, listener_transport, on_accept,
+    Accepted, Admission, CloseReason, Connection, DatagramDrop, DatagramReplier, Ending, Linger,
+    Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown, datagram_transport, end,
+    is_per_peer_datagram_error, listener_transport, on_accept,
 };
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
@@ -81,10 +81,9 @@ struct Conn {
 struct Loop {
     ring: Ring,
     sources: Slab<Source>,
-    /// Listeners that ran out of descriptors, and when they accept again.
-    paused: Vec<(Instant, Token)>,
     config: LoopConfig,
-    idle: Option<IdleWheel>,
+    /// The accept pause, the idle wheel and the drain deadline.
+    clock: LoopClock,
     /// Where every connection event of this loop is logged.
     log: LoopLog,
     /// The output allocation lent to whichever connection must copy a reply, so that
@@ -92,10 +91,6 @@ struct Loop {
     spare: Vec<u8>,
     /// Connections touched by this batch of completions (see `Loop::mark`).
     dirty: Vec<Token>,
-    /// Set when shutdown fired: stop accepting, send what is owed until then.
-    drain_deadline: Option<Instant>,
-    /// The time when the last wait returned: one clock read per batch of completions.
-    now: Instant,
 }
 
 impl Loop {
@@ -120,31 +115,29 @@ impl Loop {
         Ok(Loop {
             ring,
             sources: slab,
-            paused: Vec::new(),
-            idle: config.limits.idle_timeout.map(IdleWheel::new),
+            clock: LoopClock::new(config.limits.idle_timeout),
             log: LoopLog::new(config.limits.metrics),
             config,
             spare: Vec::new(),
             dirty: Vec::new(),
-            drain_deadline: None,
-            now: Instant::now(),
         })
     }
 
     fn serve(mut self) -> io::Result<()> {
         loop {
-            self.now = Instant::now();
+            self.clock.tick();
             self.on_timers();
-            let timeout = match self.drain_deadline {
-                Some(at) if self.ring.live_slots() == 0 || self.now >= at + CANCEL_GRACE => {
+            let now = self.clock.now();
+            let timeout = match self.clock.drain_deadline() {
+                Some(at) if self.ring.live_slots() == 0 || now >= at + CANCEL_GRACE => {
                     return Ok(());
                 }
                 // Past the drain deadline every slot is closing: wait for its cancellation.
-                Some(at) if self.now >= at => Some(CANCEL_GRACE),
-                _ => self.next_timeout(),
+                Some(at) if now >= at => Some(CANCEL_GRACE),
+                _ => self.clock.timeout(),
             };
             self.ring.wait(timeout)?;
-            self.now = Instant::now();
+            self.clock.tick();
             while let Some(completion) = self.ring.next_completion() {
                 match completion {
                     Completion::Accepted {
@@ -207,37 +200,23 @@ impl Loop {
         self.ring.close(token);
     }
 
-    /// How long until a timer needs the loop: an accept pause, an idle tick, the drain.
-    fn next_timeout(&self) -> Option<Duration> {
-        let pauses = self.paused.iter().map(|(until, _)| *until);
-        let at = pauses.chain(self.drain_deadline).min();
-        let until = at.map(|at| at.saturating_duration_since(self.now));
-        let wheel = self.idle.as_ref();
-        let idle = wheel.and_then(|wheel| wheel.time_to_next_tick(self.now));
-        until.into_iter().chain(idle).min()
-    }
-
     fn on_timers(&mut self) {
-        let now = self.now;
-        while let Some(at) = self.paused.iter().position(|(until, _)| now >= *until) {
-            let (_, token) = self.paused.swap_remove(at);
-            self.ring.arm_accept(token);
+        while let Some(listener) = self.clock.resume_next() {
+            self.ring.arm_accept(listener);
         }
-        if let Some(wheel) = self.idle.as_mut() {
-            let (sources, mut idle) = (&mut self.sources, Vec::new());
-            let last_input = |token| match sources.get_mut(token)? {
-                // Not waiting for input (backpressure, flushing): not idle, look later.
-                Source::Conn(conn) if !conn.connection.wants_read() => Some(now),
-                Source::Conn(conn) => Some(conn.last_input),
-                _ => None,
-            };
-            wheel.expire_idle(now, last_input, &mut idle);
-            let timeout = self.config.limits.idle_timeout.unwrap_or_default();
-            for token in idle {
-                self.close(token, CloseReason::Idle(timeout));
-            }
+        let (sources, now, mut idle) = (&mut self.sources, self.clock.now(), Vec::new());
+        let last_input = |token| match sources.get_mut(token)? {
+            // Not waiting for input (backpressure, flushing): not idle, look later.
+            Source::Conn(conn) if !conn.connection.wants_read() => Some(now),
+            Source::Conn(conn) => Some(conn.last_input),
+            _ => None,
+        };
+        self.clock.expire_idle(last_input, &mut idle);
+        let timeout = self.config.limits.idle_timeout.unwrap_or_default();
+        for token in idle {
+            self.close(token, CloseReason::Idle(timeout));
         }
-        if self.drain_deadline.is_some_and(|deadline| now >= deadline) {
+        if self.clock.is_past_drain() {
             for token in self.sources.tokens() {
                 if let Some(conn) = self.conn(token) {
                     let owed = conn.connection.owed();
@@ -261,11 +240,11 @@ impl Loop {
         let accepted = result.and_then(|fd| Stream::from_accepted(fd, is_tcp));
         match on_accept(accepted, &name, transport, &self.config.counter, &self.log)? {
             Accepted::Connection(stream, peer, admission) => self.admit(stream, peer, admission),
-            Accepted::Paused => self.paused.push((self.now + ACCEPT_PAUSE, token)),
+            Accepted::Paused => self.clock.pause(token),
             Accepted::Again | Accepted::Empty => {}
         }
         // A multishot accept ends after any error; arm it again unless paused.
-        if !more && !self.paused.iter().any(|(_, paused)| *paused == token) {
+        if !more && !self.clock.is_paused(token) {
             self.ring.arm_accept(token);
         }
         Ok(())
@@ -274,18 +253,15 @@ impl Loop {
     fn admit(&mut self, stream: Stream, peer: Peer, admission: Admission) {
         let (config, fd) = (&self.config, stream.as_fd());
         let connection = Connection::new(&config.protocol, peer, &config.limits, fd);
-        let last_input = self.now;
         let conn = Conn {
             connection,
-            last_input,
+            last_input: self.clock.now(),
             is_dirty: false,
             _admission: admission,
         };
         let token = self.sources.insert(Source::Conn(conn));
         self.ring.add(token, OwnedFd::from(stream));
-        if let Some(wheel) = self.idle.as_mut() {
-            wheel.insert_at(token, last_input);
-        }
+        self.clock.watch(token);
         self.pump(token);
     }
 
@@ -333,7 +309,11 @@ impl Loop {
         };
         match outcome {
             Ok(has_input) => {
-                conn.last_input = if has_input { self.now } else { conn.last_input };
+                conn.last_input = if has_input {
+                    self.clock.now()
+                } else {
+                    conn.last_input
+                };
                 self.mark(token);
             }
             Err(reason) => self.close(token, reason),
@@ -394,7 +374,7 @@ impl Loop {
             self.ring.arm_receive(token, budget);
         }
         if conn.connection.is_finished() && !self.ring.is_sending(token) {
-            let reason = conn.connection.finish_reason(self.drain_deadline.is_some());
+            let reason = (conn.connection).finish_reason(self.clock.drain_deadline().is_some());
             self.close(token, reason);
         }
     }
@@ -434,10 +414,9 @@ impl Loop {
 
     /// Shutdown fired: stop accepting and receiving, keep sending what is owed.
     fn start_drain(&mut self) {
-        if self.drain_deadline.is_some() {
+        if !self.clock.start_drain(self.config.limits.drain_timeout) {
             return;
         }
-        self.drain_deadline = Some(self.now + self.config.limits.drain_timeout);
         for token in self.sources.tokens() {
             let Some(conn) = self.conn(token) else {
                 // A listener, a datagram socket, the shutdown eventfd: done with (only a

@@ -65,7 +65,9 @@ pub mod timer;
 #[cfg(test)]
 mod tests;
 
-pub use executor::{JoinHandle, Runtime, all_tasks_done, spawn, unless, wake_all, yield_now};
+pub use executor::{
+    JoinHandle, Runtime, all_tasks_done, spawn, spawn_detached, unless, wake_all, yield_now,
+};
 pub use net::{Async, TcpListener, TcpStream, UdpSocket, UnixDatagram, UnixListener, UnixStream};
 pub use reactor::Direction;
 pub use timer::{Elapsed, Timer, now, sleep, timeout};

@@ -69,6 +69,30 @@ fn spawn_and_join() {
 }
 
 #[test]
+fn a_detached_task_runs_to_its_end_and_leaves_nothing() {
+    within(Duration::from_secs(10), || {
+        let runtime = Runtime::new().unwrap();
+        let (left, right) = unix::UnixStream::pair().unwrap();
+        let got = Rc::new(Cell::new(0));
+        let seen = got.clone();
+        runtime
+            .block_on(async move {
+                let stream = Async::new(Stream::Unix(right)).unwrap();
+                // It waits for input first, so it must be woken by the reactor to finish.
+                spawn_detached(async move {
+                    let mut buf = [0; 8];
+                    seen.set(stream.read(&mut buf).await.unwrap());
+                });
+                std::io::Write::write_all(&mut &left, b"four").unwrap();
+                all_tasks_done().await;
+            })
+            .unwrap();
+        assert_eq!(got.get(), 4);
+        assert_eq!(runtime.counts(), (0, 0));
+    });
+}
+
+#[test]
 fn wake_from_another_thread_ends_the_sleep() {
     within(Duration::from_secs(10), || {
         let runtime = Runtime::new().unwrap();

@@ -14,6 +14,7 @@ pub mod idle_wheel;
 mod lifecycle;
 pub mod linger;
 mod listeners;
+pub mod loop_clock;
 pub mod one_socket;
 pub mod readiness;
 pub mod setup_deadline;

@@ -72,16 +72,21 @@ impl LoopConfig {
     }
 }
 
+/// `repr(C)`, in the order a message touches the fields: the socket, what is watched,
+/// then the connection (whose own hot fields come first), so that serving a message reads
+/// the slot's first two cache lines and not five scattered ones (the C yardstick's whole
+/// per-connection state is one line; docs/benchmarks.md has the profile).
+#[repr(C)]
 struct Entry {
     stream: Stream,
+    /// What the model's mechanism was last told to watch ([`ReadinessCore::sync`]).
+    watched: Interest,
     connection: Connection,
+    /// The turn in which the peer last sent something, for `--idle-timeout`.
+    last_input: Instant,
     /// This connection's place under `--max-conns`, held until its socket is closed
     /// (after the lingering close, if it gets one).
     place: Admission,
-    /// The turn in which the peer last sent something, for `--idle-timeout`.
-    last_input: Instant,
-    /// What the model's mechanism was last told to watch ([`ReadinessCore::sync`]).
-    watched: Interest,
 }
 
 /// One loop's sockets and connections, and everything it does with them except waiting.
@@ -495,8 +500,11 @@ impl ReadinessCore {
         if ready.readable && connection.wants_read() {
             let buf = &mut self.buf[..READ_BUFFER_BYTES];
             match connection.read_from(&entry.stream, buf, &self.log) {
-                Ok(true) => entry.last_input = self.now.unwrap_or(entry.last_input),
-                Ok(false) => {}
+                // Written only when timed: the field sits on a cold cache line.
+                Ok(true) if self.idle.is_some() => {
+                    entry.last_input = self.now.unwrap_or(entry.last_input);
+                }
+                Ok(_) => {}
                 Err(reason) => served = Err(reason),
             }
         }

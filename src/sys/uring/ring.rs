@@ -18,11 +18,16 @@ use std::mem::{self, ManuallyDrop};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-/// Receive buffers in the provided-buffer ring (a power of two), and their size: a 1 KiB
-/// echo fits one buffer, and every connection of a busy loop can have one in a batch.
+/// Receive buffers in the provided-buffer ring (a power of two), and their size. A receive
+/// takes a whole buffer however few bytes it carries, so the ring's bytes decide how much
+/// input a turn can hold before receives fail with ENOBUFS, and the buffers' size how many
+/// completions a large message costs. 128 of 8 KiB (1 MiB) ran dry under bursts of large
+/// messages and left the connections that hit ENOBUFS waiting behind the others (a tail
+/// of 10 x epoll's); 128 of 32 KiB brought it near epoll's at about the same CPU per 1 KiB
+/// message (docs/benchmarks.md, fairness). Only the pages the kernel writes become resident.
 const PROVIDED_BUFFERS: u16 = 128;
 /// Bytes per provided buffer.
-const PROVIDED_BUFFER_BYTES: usize = 8192;
+const PROVIDED_BUFFER_BYTES: usize = 32 * 1024;
 /// At most this many bytes go into one stream send; the rest waits for its completion.
 const MAX_SEND_BYTES: usize = 128 * 1024;
 /// A send buffer that grew past this is freed once its send completes.
