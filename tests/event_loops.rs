@@ -5,6 +5,7 @@ mod common;
 
 use common::{Conn, PATIENCE, Server, pattern, reverb, round_trip};
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -175,4 +176,55 @@ fn uring_three_loops() {
 #[test]
 fn uring_max_conns_across_loops() {
     max_conns_across_loops("uring");
+}
+
+/// More peers than a ring has provided buffers (128 per loop) send a trickle and never read
+/// their replies: each one's backpressure must stay its own. A reply sent straight from the
+/// provided buffer that received it keeps that buffer until the send completes, which for a
+/// peer that never reads is never; if every buffer could be lent so, every receive of every
+/// other connection would fail for want of a buffer, and a newcomer would get no answer.
+fn non_reading_peers_leave_the_others_served(model: &str) {
+    let path = common::temp_socket_path("hogs");
+    let path_arg = path.to_str().unwrap();
+    let server = Server::start(model, &["--threads", "1", "--unix", path_arg]);
+    let addr = format!("unix://{}", server.addr("unix"));
+    let mut hogs: Vec<UnixStream> = (0..160)
+        .map(|_| UnixStream::connect(&path).unwrap())
+        .collect();
+    for hog in &hogs {
+        hog.set_nonblocking(true).unwrap();
+    }
+    // Each chunk arrives alone (nothing owed yet), so its reply leaves from the buffer that
+    // received it, until the peer's queue is full. Bounded: at most 3 s of trickle.
+    let chunk = pattern(8 * 1024, 3);
+    let started = Instant::now();
+    let mut blocked = vec![false; hogs.len()];
+    while started.elapsed() < Duration::from_secs(3) && blocked.iter().any(|b| !b) {
+        for (hog, is_blocked) in hogs.iter_mut().zip(blocked.iter_mut()) {
+            if hog.write(&chunk).is_err() {
+                *is_blocked = true;
+            }
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut newcomer = Conn::connect(&addr).unwrap();
+    newcomer.write_all(b"still served?\n").unwrap();
+    assert_eq!(
+        newcomer.read_exactly(14),
+        b"still served?\n",
+        "a newcomer is answered while {} peers do not read",
+        hogs.len()
+    );
+    drop(hogs);
+    server.stop();
+}
+
+#[test]
+fn uring_non_reading_peers_leave_the_others_served() {
+    non_reading_peers_leave_the_others_served("uring");
+}
+
+#[test]
+fn epoll_non_reading_peers_leave_the_others_served() {
+    non_reading_peers_leave_the_others_served("epoll");
 }

@@ -11,17 +11,17 @@
 //! has one [`Token`] in the loop's slab and the ring slot of that token. A datagram reply
 //! goes out at once with a plain non-blocking `sendto`: a peer whose queue is full loses
 //! that reply and delays no one, and nothing waits in the ring for it. Idle timeouts: the
-//! coarse wheel of the scalable models ([`IdleWheel`]). Loops: each has its own SO_REUSEPORT
+//! coarse wheel of the scalable models ([`LoopClock`]). Loops: each has its own SO_REUSEPORT
 //! accept queue (`Model::accept_queues`) and a duplicate of every datagram socket.
 
 use crate::metrics::Transport;
-use crate::net::{Peer, Stream};
+use crate::net::{self, Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::loop_clock::LoopClock;
 use crate::server::readiness::LoopConfig;
 use crate::server::{
-    Accepted, Admission, CloseReason, Connection, DatagramDrop, DatagramReplier, Ending, Linger,
-    Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown, datagram_transport, end,
+    Accepted, Admission, CloseReason, Connection, DatagramReplier, Ending, Linger, Listeners,
+    LoopLog, Protocol, RunOptions, ServeError, Shutdown, datagram_transport, end,
     is_per_peer_datagram_error, listener_transport, on_accept,
 };
 use crate::slab::{Slab, Token};
@@ -282,14 +282,16 @@ impl Loop {
                 let bytes = self.ring.received(&received);
                 self.log.received(conn.connection.transport(), bytes.len());
                 // Write-through: with nothing owed and no send in flight, an echo leaves
-                // straight from the provided buffer, which the ring keeps until it is sent.
-                let is_sending = self.ring.is_sending(token);
+                // straight from the provided buffer, which the ring keeps until it is sent
+                // (if it has a buffer to spare for that: a peer that never reads would
+                // keep it for ever).
+                let may_send = self.ring.may_send_received(token);
                 conn.connection.lend_spare(&mut self.spare);
                 let through = conn
                     .connection
-                    .receive_through(bytes, |input| match is_sending {
-                        true => Err(io::ErrorKind::WouldBlock.into()),
-                        false => Ok(input.len()),
+                    .receive_through(bytes, |input| match may_send {
+                        true => Ok(input.len()),
+                        false => Err(io::ErrorKind::WouldBlock.into()),
                     });
                 match through {
                     Ok(sent) if sent > 0 => {
@@ -390,20 +392,16 @@ impl Loop {
             return Ok(());
         };
         match result {
-            Ok(datagram) if datagram.is_truncated => {
-                let peer = Peer::from_sock_addr(&datagram.sender);
-                let (len, max) = (datagram.full_len, datagram.len);
-                self.log.datagram_received(*transport, len);
-                let too_large = DatagramDrop::TooLarge { len, max };
-                self.log.dropped(&peer, *transport, &too_large);
-            }
             Ok(datagram) => {
                 let peer = Peer::from_sock_addr(&datagram.sender);
-                let bytes = self.ring.datagram_bytes(token, &datagram);
-                if let Some(reply) = replier.reply(&peer, *transport, bytes, &self.log) {
-                    let sent = self.ring.send_datagram(token, &datagram.sender, reply);
-                    self.log.reply_sent(&peer, *transport, &sent);
-                }
+                let received = match datagram.is_truncated {
+                    true => net::Received::Truncated(datagram.full_len),
+                    false => net::Received::Whole(datagram.len),
+                };
+                let (ring, sender) = (&self.ring, &datagram.sender);
+                let send = |reply: &[u8]| ring.send_datagram(token, sender, reply);
+                let bytes = ring.datagram_bytes(token, &datagram);
+                replier.answer_with(&peer, *transport, received, bytes, &self.log, send);
             }
             Err(e) if is_per_peer_datagram_error(&e) => {}
             Err(e) => return Err(e),

@@ -101,10 +101,30 @@ impl DatagramReplier {
         buf: &[u8],
         log: &LoopLog,
     ) {
+        let transport = datagram_transport(socket);
+        let send = |reply: &[u8]| socket.send_to(reply, peer);
+        self.answer_with(peer, transport, received, buf, log, send);
+    }
+
+    /// As [`DatagramReplier::answer_received`], for a socket of `transport` that `send`
+    /// writes the reply to with one non-blocking send (a model whose socket sits in a
+    /// ring, not in a [`DatagramSocket`] of its own).
+    pub fn answer_with(
+        &mut self,
+        peer: &Peer,
+        transport: Transport,
+        received: Received,
+        buf: &[u8],
+        log: &LoopLog,
+        send: impl FnOnce(&[u8]) -> io::Result<usize>,
+    ) {
         match received {
-            Received::Whole(len) => self.answer(socket, peer, &buf[..len], log),
+            Received::Whole(len) => {
+                if let Some(reply) = self.reply(peer, transport, &buf[..len], log) {
+                    log.reply_sent(peer, transport, &send(reply));
+                }
+            }
             Received::Truncated(len) => {
-                let transport = datagram_transport(socket);
                 log.datagram_received(transport, len);
                 let max = buf.len();
                 log.dropped(peer, transport, &DatagramDrop::TooLarge { len, max });

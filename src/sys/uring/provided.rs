@@ -126,6 +126,15 @@ impl ProvidedBuffers {
         }
     }
 
+    /// Gives back buffer `id`, which the kernel picked for a completion nobody will read
+    /// (its slot was closed): the completion handed it to us as surely as [`Self::take`]
+    /// would have, so it is claimed first, or [`Self::give_back`] would ignore it and the
+    /// ring would lose a buffer for good.
+    pub(super) fn reclaim(&mut self, id: u16) {
+        let received = self.take(id, 0);
+        self.recycle(received);
+    }
+
     /// Gives a claimed buffer back to the kernel.
     pub(super) fn recycle(&mut self, received: Received) {
         self.give_back(received.id);
@@ -133,7 +142,7 @@ impl ProvidedBuffers {
 
     /// Gives buffer `id` back to the kernel, once: a second give-back is ignored, so an
     /// entry never names a buffer the kernel already has.
-    pub(super) fn give_back(&mut self, id: u16) {
+    fn give_back(&mut self, id: u16) {
         match self.is_lent.get_mut(usize::from(id)) {
             Some(is_lent) if *is_lent => *is_lent = false,
             _ => return,

@@ -25,9 +25,15 @@ use std::time::{Duration, Instant};
 /// messages and left the connections that hit ENOBUFS waiting behind the others (a tail
 /// of 10 x epoll's); 128 of 32 KiB brought it near epoll's at about the same CPU per 1 KiB
 /// message (docs/benchmarks.md, fairness). Only the pages the kernel writes become resident.
-const PROVIDED_BUFFERS: u16 = 128;
+pub(super) const PROVIDED_BUFFERS: u16 = 128;
 /// Bytes per provided buffer.
 const PROVIDED_BUFFER_BYTES: usize = 32 * 1024;
+/// At most this many provided buffers are lent to sends at once. A send to a peer that does
+/// not read completes only when that peer reads, so a buffer lent to it may never come back;
+/// without a bound, as many such peers as the ring has buffers would leave every other
+/// receive of the loop failing with ENOBUFS. Past the bound, replies are copied instead,
+/// and three quarters of the ring always stays free for receiving.
+const MAX_LENT_TO_SENDS: u16 = PROVIDED_BUFFERS / 4;
 /// At most this many bytes go into one stream send; the rest waits for its completion.
 const MAX_SEND_BYTES: usize = 128 * 1024;
 /// A send buffer that grew past this is freed once its send completes.
@@ -126,6 +132,8 @@ pub struct Ring {
     spare_sends: Vec<Vec<u8>>,
     /// Whether multishot receives take a total limit; cleared on the first EINVAL.
     has_receive_limit: bool,
+    /// Provided buffers that sends read from now (at most `MAX_LENT_TO_SENDS`).
+    lent_to_sends: u16,
 }
 
 impl Ring {
@@ -146,6 +154,7 @@ impl Ring {
             backlog: Vec::new(),
             spare_sends: Vec::new(),
             has_receive_limit: true,
+            lent_to_sends: 0,
         })
     }
 
@@ -202,6 +211,12 @@ impl Ring {
     pub fn is_sending(&self, token: Token) -> bool {
         self.open_ref(token)
             .is_some_and(|io| io.is_in_flight(Op::Send))
+    }
+
+    /// Whether [`Ring::send_received`] would send from a provided buffer on `token` now: the
+    /// slot is open with no send in flight, and the ring has a buffer to spare for it.
+    pub fn may_send_received(&self, token: Token) -> bool {
+        self.lent_to_sends < MAX_LENT_TO_SENDS && !self.is_sending(token)
     }
 
     /// Bytes of a provided buffer that `token`'s send in flight reads
@@ -331,7 +346,8 @@ impl Ring {
     }
 
     /// Sends the bytes of `received` straight from its provided buffer (zero-copy), unless
-    /// a send is in flight or the slot is closed; then the buffer is handed back, and the
+    /// a send is in flight, the slot is closed, or `MAX_LENT_TO_SENDS` buffers are lent
+    /// already ([`Ring::may_send_received`]); then the buffer is handed back, and the
     /// caller keeps its bytes some other way. The ring holds the buffer until the send's
     /// [`Completion::Sent`], which returns it.
     ///
@@ -341,6 +357,9 @@ impl Ring {
     pub fn send_received(&mut self, token: Token, received: Received) -> Result<(), Received> {
         let bytes = self.provided.bytes(&received);
         let (pointer, len) = (bytes.as_ptr(), bytes.len() as u32);
+        if self.lent_to_sends >= MAX_LENT_TO_SENDS {
+            return Err(received);
+        }
         let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| len > 0) else {
             return Err(received);
         };
@@ -351,6 +370,7 @@ impl Ring {
             .flags(libc::MSG_NOSIGNAL)
             .build();
         self.start(token, Op::Send, entry);
+        self.lent_to_sends += 1;
         Ok(())
     }
 
@@ -438,6 +458,7 @@ impl Ring {
         if io.in_flight == 0 {
             // No send reads a provided buffer any more (its completion took it back).
             if let Some(from) = io.send_from.take() {
+                self.lent_to_sends -= 1;
                 self.provided.recycle(from);
             }
             return;
@@ -584,10 +605,14 @@ impl Ring {
                 if is_kept && self.spare_sends.len() < SPARE_SEND_BUFFERS {
                     self.spare_sends.push(send);
                 }
+                let from = io.send_from.take();
+                if from.is_some() {
+                    self.lent_to_sends -= 1;
+                }
                 Completion::Sent {
                     token,
                     result: count_result(result),
-                    from: io.send_from.take(),
+                    from,
                 }
             }
             Op::DatagramReceive => {
@@ -605,7 +630,7 @@ impl Ring {
     /// slot after its last operation.
     fn settle_closed(&mut self, key: Key, op: Op, result: i32, buffer: Option<u16>, more: bool) {
         if let Some(id) = buffer {
-            self.provided.give_back(id);
+            self.provided.reclaim(id);
         }
         if op == Op::Accept && result >= 0 {
             // SAFETY: the kernel just created this descriptor for us; nobody owns it.
@@ -621,6 +646,7 @@ impl Ring {
         if op == Op::Send {
             // The send that read this provided buffer is over: the kernel may have it back.
             if let Some(from) = io.send_from.take() {
+                self.lent_to_sends -= 1;
                 self.provided.recycle(from);
             }
         }
