@@ -17,34 +17,20 @@
 //! Idle timeout: one runtime timer per connection, moved to "now + timeout" whenever the
 //! task starts waiting for input, so waiting to send never counts as idle.
 
-use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
+use crate::net::{Peer, Stream};
 use crate::runtime::{self, Async, Direction, Runtime, unless};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
-use crate::server::task::{TaskWaits, Woke, close_served, converse};
+use crate::server::task::{SocketWaits, TaskLoop, TaskWaits, Woke, close_served, converse};
+use crate::server::task::{accept_connections, answer_datagrams};
 use crate::server::task_buffers;
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, CloseReason, Connection, ConnectionCounter, DATAGRAM_BATCH,
-    DatagramReplier, Limits, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
-    listener_transport, on_accept,
+    ACCEPT_PAUSE, Admission, CloseReason, Connection, Listeners, LoopLog, Protocol, RunOptions,
+    ServeError, Shutdown, stream_transport,
 };
-use std::cell::Cell;
 use std::io;
 use std::os::fd::AsFd;
 use std::pin::pin;
 use std::rc::Rc;
-
-/// What every task of one runtime shares.
-struct Loop {
-    protocol: Protocol,
-    limits: Limits,
-    counter: ConnectionCounter,
-    /// Shutdown fired: stop accepting and reading, send what is owed.
-    is_draining: Cell<bool>,
-    /// The drain timeout passed: stop sending too.
-    is_cut: Cell<bool>,
-    /// This runtime's log and counters: every task of the loop runs on its one thread.
-    log: LoopLog,
-}
 
 /// Serves every listener on `--threads` runtimes until `shutdown` fires, then drains.
 ///
@@ -60,19 +46,12 @@ pub fn run(
     let loops = loops.unwrap_or_else(super::default_loops).max(1);
     // Every loop also answers datagrams, from duplicates of the same sockets.
     let sources = split_sources(&mut listeners, loops, true)?;
-    let state = || Loop {
-        protocol: protocol.clone(),
-        limits: listeners.limits.clone(),
-        counter: listeners.counter.clone(),
-        is_draining: Cell::new(false),
-        is_cut: Cell::new(false),
-        log: LoopLog::new(listeners.limits.metrics),
-    };
+    let state = || Rc::new(TaskLoop::new(&protocol, &listeners));
     run_loops(
         "async",
         sources,
         &shutdown,
-        |_, sources| Ok((Runtime::new()?, sources, Rc::new(state()))),
+        |_, sources| Ok((Runtime::new()?, sources, state())),
         |(runtime, sources, state)| serve_loop(&runtime, sources, &state, &shutdown),
     )?;
     Ok(())
@@ -82,18 +61,25 @@ pub fn run(
 fn serve_loop(
     runtime: &Runtime,
     LoopSources { streams, datagrams }: LoopSources,
-    state: &Rc<Loop>,
+    state: &Rc<TaskLoop>,
     shutdown: &Shutdown,
 ) -> io::Result<()> {
     runtime.block_on(async {
         let mut servers = Vec::new();
         for listener in streams {
-            let listener = Async::new(listener)?;
-            servers.push(runtime::spawn(accept_loop(listener, state.clone())));
+            let (listener, state) = (Async::new(listener)?, state.clone());
+            servers.push(runtime::spawn(async move {
+                let adopt = |stream, peer, place, log: &_| adopt(stream, peer, place, &state, log);
+                let waits = &Watched(&listener, &state);
+                accept_connections(listener.get_ref(), &state.counter, waits, adopt).await
+            }));
         }
         for socket in datagrams {
-            let socket = Async::new(socket)?;
-            servers.push(runtime::spawn(answer_datagrams(socket, state.clone())));
+            let (socket, state) = (Async::new(socket)?, state.clone());
+            servers.push(runtime::spawn(async move {
+                let waits = &Watched(&socket, &state);
+                answer_datagrams(socket.get_ref(), &state.protocol, waits).await
+            }));
         }
         // Shutdown's eventfd becomes readable when it fires and stays so: one wait.
         let fired = Async::new(shutdown.fd())?;
@@ -103,14 +89,14 @@ fn serve_loop(
         };
         fired.read_with(is_fired).await?;
         // Accept loops end at once, connections once they have sent what they owe.
-        state.is_draining.set(true);
+        state.draining.fire();
         runtime::wake_all();
         let drain_timeout = state.limits.drain_timeout;
         if runtime::timeout(drain_timeout, runtime::all_tasks_done())
             .await
             .is_err()
         {
-            state.is_cut.set(true);
+            state.cut.fire();
             runtime::wake_all();
             runtime::all_tasks_done().await;
         }
@@ -121,33 +107,46 @@ fn serve_loop(
     })?
 }
 
-/// Accepts connections until shutdown, spawning a task for each admitted one.
-async fn accept_loop(listener: Async<StreamListener>, state: Rc<Loop>) -> io::Result<()> {
-    let is_draining = || state.is_draining.get();
-    let (name, transport) = (
-        listener.get_ref().name(),
-        listener_transport(listener.get_ref()),
-    );
-    let accept = || listener.read_with(StreamListener::accept);
-    while let Some(accepted) = unless(is_draining, None, pin!(accept())).await {
-        match on_accept(accepted, name, transport, &state.counter, &state.log)? {
-            Accepted::Connection(stream, peer, admission) => match Async::new(stream) {
-                Ok(stream) => {
-                    let task = serve_connection(stream, peer, admission, state.clone());
-                    runtime::spawn_detached(task);
-                }
-                Err(e) => {
-                    let why = CloseReason::CannotWatch(format!("cannot watch it: {e}"));
-                    state.log.closed(&peer, transport, &why);
-                }
-            },
-            Accepted::Paused => {
-                unless(is_draining, None, pin!(runtime::sleep(ACCEPT_PAUSE))).await;
-            }
-            Accepted::Again | Accepted::Empty => {}
+/// How a listener's or datagram socket's task waits under this runtime: `unless`
+/// shutdown began, for the reactor's cached readiness.
+struct Watched<'a, T: AsFd>(&'a Async<T>, &'a TaskLoop);
+
+impl<T: AsFd> SocketWaits for Watched<'_, T> {
+    async fn when_readable(
+        &self,
+        mut take: impl FnMut(&LoopLog) -> io::Result<bool>,
+    ) -> Option<io::Result<()>> {
+        let is_draining = || self.1.draining.is_fired();
+        unless(is_draining, None, pin!(self.0.ready(Direction::Read))).await?;
+        let is_emptied = self.1.with_log(&mut take);
+        // Emptied: wait for the next edge.
+        if let Ok(true) = is_emptied {
+            self.0.clear_ready(Direction::Read);
+        }
+        Some(is_emptied.map(drop))
+    }
+
+    async fn pause(&self) -> bool {
+        let is_draining = || self.1.draining.is_fired();
+        (unless(is_draining, None, pin!(runtime::sleep(ACCEPT_PAUSE))).await).is_some()
+    }
+}
+
+/// Hands an admitted connection to the reactor and spawns its task.
+fn adopt(stream: Stream, peer: Peer, place: Admission, state: &Rc<TaskLoop>, log: &LoopLog) {
+    let transport = stream_transport(&stream);
+    match Async::new(stream) {
+        Ok(stream) => drop(runtime::spawn(serve_connection(
+            stream,
+            peer,
+            place,
+            state.clone(),
+        ))),
+        Err(e) => {
+            let why = CloseReason::CannotWatch(format!("cannot watch it: {e}"));
+            log.closed(&peer, transport, &why);
         }
     }
-    Ok(())
 }
 
 /// One connection's task: the shared steps ([`converse`], [`close_served`]), waiting the
@@ -162,7 +161,7 @@ fn serve_connection(
     stream: Async<Stream>,
     peer: Peer,
     place: Admission,
-    state: Rc<Loop>,
+    state: Rc<TaskLoop>,
 ) -> impl Future<Output = ()> {
     let fd = stream.get_ref().as_fd();
     let mut connection = Connection::new(&state.protocol, peer, &state.limits, fd);
@@ -175,7 +174,7 @@ fn serve_connection(
         };
         let reason = converse(&mut task, &mut connection).await;
         let fd = stream.get_ref().as_fd();
-        close_served(fd, &mut connection, reason, &state.log, place);
+        state.with_log(|log| close_served(fd, &mut connection, reason, log, place));
     }
 }
 
@@ -183,13 +182,13 @@ fn serve_connection(
 /// stop, with one runtime timer per connection for its idle timeout.
 struct Task<'a> {
     stream: &'a Async<Stream>,
-    state: &'a Loop,
+    state: &'a TaskLoop,
     idle: Option<runtime::Timer>,
 }
 
 impl TaskWaits for Task<'_> {
     async fn send_all(&mut self, bytes: &[u8]) -> Option<io::Result<()>> {
-        let is_cut = || self.state.is_cut.get();
+        let is_cut = || self.state.cut.is_fired();
         unless(is_cut, None, pin!(self.stream.write_all(bytes))).await
     }
 
@@ -198,8 +197,8 @@ impl TaskWaits for Task<'_> {
         if let Some(timer) = &mut self.idle {
             timer.reset(runtime::now() + timeout);
         }
-        let is_draining = || self.state.is_draining.get();
-        let receive = pin!(receive(self.stream, connection, &self.state.log));
+        let is_draining = || self.state.draining.is_fired();
+        let receive = pin!(receive(self.stream, connection, self.state));
         match unless(is_draining, self.idle.as_mut(), receive).await {
             Some(received) => Woke::Received(received),
             None if is_draining() => Woke::Draining,
@@ -207,12 +206,8 @@ impl TaskWaits for Task<'_> {
         }
     }
 
-    fn is_draining(&self) -> bool {
-        self.state.is_draining.get()
-    }
-
-    fn with_log<R>(&self, f: impl FnOnce(&LoopLog) -> R) -> R {
-        f(&self.state.log)
+    fn state(&self) -> &TaskLoop {
+        self.state
     }
 }
 
@@ -220,12 +215,14 @@ impl TaskWaits for Task<'_> {
 async fn receive(
     stream: &Async<Stream>,
     connection: &mut Connection,
-    log: &LoopLog,
+    state: &TaskLoop,
 ) -> Result<(), CloseReason> {
     loop {
         stream.ready(Direction::Read).await;
+        let socket = &mut TaskSocket(stream);
+        let received = state.with_log(|log| task_buffers::receive_into(connection, log, socket));
         // `None`: readiness was cached from an earlier edge; wait for the next one.
-        if task_buffers::receive_into(connection, log, &mut TaskSocket(stream))?.is_some() {
+        if received?.is_some() {
             return Ok(());
         }
     }
@@ -243,22 +240,4 @@ impl task_buffers::SocketIo for TaskSocket<'_> {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
         self.0.get_ref().write(bytes)
     }
-}
-
-/// Answers datagrams until shutdown.
-async fn answer_datagrams(socket: Async<DatagramSocket>, state: Rc<Loop>) -> io::Result<()> {
-    let mut replier = DatagramReplier::new(state.protocol.clone());
-    let mut buf = vec![0u8; socket.get_ref().max_datagram_bytes()];
-    let is_draining = || state.is_draining.get();
-    while unless(is_draining, None, pin!(socket.ready(Direction::Read)))
-        .await
-        .is_some()
-    {
-        let (socket_ref, log) = (socket.get_ref(), &state.log);
-        // Emptied: wait for the next edge.
-        if replier.answer_queued(socket_ref, &mut buf, DATAGRAM_BATCH, log)? {
-            socket.clear_ready(Direction::Read);
-        }
-    }
-    Ok(())
 }

@@ -6,14 +6,58 @@
 //! replies, it is not read); stop reading once shutdown began; end when the connection is
 //! finished; otherwise wait for input, read it into the loop's buffer and hand it over
 //! ([`super::task_buffers`]); and at the end, one close for every reason ([`close_served`]).
+//!
+//! The loop's other tasks, one per listener and datagram socket, are written once too
+//! ([`accept_connections`], [`answer_datagrams`]); there a model says how its runtime waits
+//! for the socket ([`SocketWaits`]).
 
 use super::lifecycle::{CloseReason, Ending, LoopLog};
 use super::linger;
-use super::{Admission, Connection, task_buffers};
-use crate::net::Stream;
+use super::stop_signal::StopSignal;
+use super::{
+    Accepted, Admission, Connection, ConnectionCounter, DATAGRAM_BATCH, DatagramReplier, Limits,
+    Listeners, accept_and_admit, task_buffers,
+};
+use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
+use crate::protocol::Protocol;
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::time::Duration;
+
+/// What every task of one loop reads.
+#[derive(Debug)]
+pub struct TaskLoop {
+    /// What each connection speaks.
+    pub protocol: Protocol,
+    /// The server's limits.
+    pub limits: Limits,
+    /// Holds every connection to `--max-conns`, across loops.
+    pub counter: ConnectionCounter,
+    /// Shutdown fired: stop accepting and reading, send what is owed.
+    pub draining: StopSignal,
+    /// The drain timeout passed: stop sending too.
+    pub cut: StopSignal,
+}
+
+impl TaskLoop {
+    /// The state of one loop serving `listeners` with `protocol`.
+    pub fn new(protocol: &Protocol, listeners: &Listeners) -> TaskLoop {
+        TaskLoop {
+            protocol: protocol.clone(),
+            limits: listeners.limits.clone(),
+            counter: listeners.counter.clone(),
+            draining: StopSignal::default(),
+            cut: StopSignal::default(),
+        }
+    }
+
+    /// Runs `f` with the log of the loop on this thread: every task of a loop runs on its
+    /// one thread, and a runtime may require its tasks to be `Send` (tokio's), so the log
+    /// and its counters are the thread's own rather than the task's.
+    pub fn with_log<R>(&self, f: impl FnOnce(&LoopLog) -> R) -> R {
+        LoopLog::with_thread_log(self.limits.metrics, f)
+    }
+}
 
 /// What ended a task's wait for input.
 #[derive(Debug)]
@@ -40,11 +84,8 @@ pub trait TaskWaits {
     /// idle.
     async fn receive(&mut self, connection: &mut Connection) -> Woke;
 
-    /// Whether shutdown began.
-    fn is_draining(&self) -> bool;
-
-    /// Runs `f` with the log of the task's loop.
-    fn with_log<R>(&self, f: impl FnOnce(&LoopLog) -> R) -> R;
+    /// The loop the task belongs to.
+    fn state(&self) -> &TaskLoop;
 }
 
 /// Serves `connection` until it must close, and says why.
@@ -58,15 +99,16 @@ pub async fn converse(task: &mut impl TaskWaits, connection: &mut Connection) ->
                 Some(Err(e)) => return CloseReason::Failed(e),
                 Some(Ok(())) => {}
             }
-            task.with_log(|log| log.sent(connection.transport(), owed));
+            task.state()
+                .with_log(|log| log.sent(connection.transport(), owed));
             connection.advance(owed);
             task_buffers::return_spare(connection);
         }
-        if task.is_draining() {
+        if task.state().draining.is_fired() {
             connection.stop_reading();
         }
         if connection.is_finished() {
-            return connection.finish_reason(task.is_draining());
+            return connection.finish_reason(task.state().draining.is_fired());
         }
         match task.receive(connection).await {
             // Shutdown began: stop reading at the top of the loop.
@@ -105,4 +147,79 @@ pub fn close_served(
         Ending::Refused | Ending::Abort => {}
     }
     log.closed(connection.peer(), connection.transport(), &reason);
+}
+
+/// How a model's runtime lets a listener's or datagram socket's task wait: the one thing
+/// the task models differ in there. Implemented once per model, so these futures need no
+/// `Send` bound here.
+#[allow(async_fn_in_trait)]
+pub trait SocketWaits {
+    /// Waits until the non-blocking socket may be readable, then runs `take` (with the
+    /// loop's log) to take what is queued; when `take` says it emptied the queue, forgets
+    /// the readiness, so the next wait is for a new edge. Readiness is cached, so `take`
+    /// may find nothing. `None` once shutdown began, before or instead of `take`.
+    async fn when_readable(
+        &self,
+        take: impl FnMut(&LoopLog) -> io::Result<bool>,
+    ) -> Option<io::Result<()>>;
+
+    /// Waits [`ACCEPT_PAUSE`](super::ACCEPT_PAUSE); `false` when shutdown began first.
+    async fn pause(&self) -> bool;
+}
+
+/// Accepts connections on `listener` until shutdown began, admitting each under `counter`
+/// and handing it to `adopt` (which spawns its task), pausing after running out of
+/// descriptors.
+///
+/// # Errors
+///
+/// The listener is broken, or waiting for it failed.
+pub async fn accept_connections(
+    listener: &StreamListener,
+    counter: &ConnectionCounter,
+    waits: &impl SocketWaits,
+    mut adopt: impl FnMut(Stream, Peer, Admission, &LoopLog),
+) -> io::Result<()> {
+    loop {
+        let mut is_paused = false;
+        let accept = |log: &LoopLog| match accept_and_admit(listener, counter, log)? {
+            Accepted::Connection(stream, peer, admission) => {
+                adopt(stream, peer, admission, log);
+                Ok(false)
+            }
+            Accepted::Again => Ok(false),
+            Accepted::Empty => Ok(true),
+            Accepted::Paused => {
+                is_paused = true;
+                Ok(false)
+            }
+        };
+        match waits.when_readable(accept).await {
+            Some(accepted) => accepted?,
+            None => return Ok(()),
+        }
+        if is_paused && !waits.pause().await {
+            return Ok(());
+        }
+    }
+}
+
+/// Answers datagrams on `socket` with `protocol` until shutdown began.
+///
+/// # Errors
+///
+/// A receive error that breaks the socket ([`DatagramReplier::answer_queued`]), or
+/// waiting for it failed.
+pub async fn answer_datagrams(
+    socket: &DatagramSocket,
+    protocol: &Protocol,
+    waits: &impl SocketWaits,
+) -> io::Result<()> {
+    let mut replier = DatagramReplier::new(protocol.clone());
+    let mut buf = vec![0; socket.max_datagram_bytes()];
+    let mut answer = |log: &_| replier.answer_queued(socket, &mut buf, DATAGRAM_BATCH, log);
+    while let Some(answered) = waits.when_readable(&mut answer).await {
+        answered?;
+    }
+    Ok(())
 }

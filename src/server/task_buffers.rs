@@ -4,11 +4,15 @@
 //! A task reads into the thread's one read buffer only once its socket is ready, and hands
 //! the bytes to its `Connection` before it awaits again. The thread's spare output
 //! allocation is lent to the connection producing replies and taken back once they are sent
-//! (`Connection::lend_spare`, `return_spare`).
+//! (`Connection::lend_spare`, `return_spare`). A runtime that polls its sockets the way
+//! tokio does (`AsyncRead`) reads through [`poll_receive`].
 
 use super::{CloseReason, Connection, LoopLog, READ_BUFFER_BYTES};
 use std::cell::RefCell;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 thread_local! {
     static READ_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUFFER_BYTES]);
@@ -66,4 +70,47 @@ pub fn receive_into(
 /// `connection` sent everything it owed: its output allocation goes back to the thread.
 pub fn return_spare(connection: &mut Connection) {
     SPARE.with_borrow_mut(|spare| connection.return_spare(spare));
+}
+
+/// Reads once from `stream`, a socket polled the way tokio's are (`AsyncRead`), into this
+/// thread's read buffer and hands the bytes to `connection` ([`receive_into`]); `Pending`
+/// until the socket is readable. tokio's `poll_read` takes a short read to mean "drained",
+/// so no read ends in `EAGAIN`.
+///
+/// # Errors
+///
+/// As [`receive_into`]: why the connection must close.
+pub fn poll_receive<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+    cx: &mut Context<'_>,
+    stream: &mut S,
+    connection: &mut Connection,
+    log: &LoopLog,
+) -> Poll<Result<(), CloseReason>> {
+    match receive_into(connection, log, &mut Polled { cx, stream }) {
+        Ok(None) => Poll::Pending,
+        received => Poll::Ready(received.map(drop)),
+    }
+}
+
+/// A socket inside a task being polled: `Pending` is `WouldBlock`.
+struct Polled<'a, 'b, S: ?Sized> {
+    cx: &'a mut Context<'b>,
+    stream: &'a mut S,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + ?Sized> SocketIo for Polled<'_, '_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut input = ReadBuf::new(buf);
+        match Pin::new(&mut *self.stream).poll_read(self.cx, &mut input) {
+            Poll::Ready(read) => read.map(|()| input.filled().len()),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match Pin::new(&mut *self.stream).poll_write(self.cx, bytes) {
+            Poll::Ready(written) => written,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
 }
