@@ -134,7 +134,10 @@ run_stage() {
         echo "none of $* exists" >&2
         return 2
     fi
-    [[ $iterate == yes ]] && extra+=(--iterate)
+    # cargo-mutants takes the flag once; MUTANTS_ARGS may carry it already (a resumed run).
+    if [[ $iterate == yes && " ${MUTANTS_ARGS:-} " != *" --iterate "* ]]; then
+        extra+=(--iterate)
+    fi
     # --in-place builds in the tree itself, one mutant at a time.
     if [[ ${MUTANTS_IN_PLACE:-0} == 1 ]]; then
         extra+=(--in-place)

@@ -105,6 +105,8 @@ with_cases!(
         datagram_big_unix,
         datagram_too_large_dropped,
         streams_and_datagrams_together,
+        shutdown_drains_what_the_server_holds,
+        drain_waits_without_spinning,
     ]
 );
 
