@@ -228,3 +228,134 @@ fn uring_non_reading_peers_leave_the_others_served() {
 fn epoll_non_reading_peers_leave_the_others_served() {
     non_reading_peers_leave_the_others_served("epoll");
 }
+
+/// `reverb serve --model MODEL ARGS` as a user of its own (uid 64999, which owns no other
+/// process) allowed `nproc` processes and threads in all (RLIMIT_NPROC, setrlimit(2); root
+/// is exempt from it, hence the other user). `None`, after saying why, when `setpriv` or
+/// `prlimit` is missing or the binary is not reachable by that user.
+fn serve_with_nproc(nproc: u32, model: &str, args: &[&str]) -> Option<std::process::Command> {
+    let binary = env!("CARGO_BIN_EXE_reverb");
+    let as_user = |command: &mut std::process::Command| {
+        command.args([
+            "--reuid=64999",
+            "--regid=64999",
+            "--clear-groups",
+            "prlimit",
+        ]);
+        command.arg(format!("--nproc={nproc}")).arg(binary);
+    };
+    let mut probe = std::process::Command::new("setpriv");
+    as_user(&mut probe);
+    let reachable = probe
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if !reachable.status().is_ok_and(|status| status.success()) {
+        common::skip("setpriv/prlimit missing, or the binary is not reachable by uid 64999");
+        return None;
+    }
+    let mut command = std::process::Command::new("setpriv");
+    as_user(&mut command);
+    command.args(["serve", "--model", model]).args(args);
+    Some(command)
+}
+
+/// A thread that cannot be started (the process limit) stops the server with one line and
+/// exit status 1, rather than a panic that leaves it serving some sockets and not others.
+fn thread_that_cannot_start_stops_the_server(model: &str, nproc: u32, args: &[&str], says: &str) {
+    let Some(mut command) = serve_with_nproc(nproc, model, args) else {
+        return;
+    };
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > START_FAILURE_LIMIT {
+            child.kill().unwrap();
+            panic!("{model} still runs after a thread could not start");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(1), "{stderr}");
+    assert!(stderr.contains(says), "{stderr}");
+    assert!(!stderr.contains("panic"), "{stderr}");
+}
+
+#[test]
+fn blocking_thread_that_cannot_start() {
+    let args = [
+        "--tcp",
+        "127.0.0.1:0",
+        "--tcp",
+        "127.0.0.1:0",
+        "--udp",
+        "127.0.0.1:0",
+    ];
+    thread_that_cannot_start_stops_the_server("blocking", 2, &args, "cannot start a thread for");
+}
+
+#[test]
+fn pool_worker_that_cannot_start() {
+    let args = ["--threads", "8", "--tcp", "127.0.0.1:0"];
+    thread_that_cannot_start_stops_the_server("pool", 3, &args, "cannot start pool worker");
+}
+
+/// Out of processes, `forking` leaves the connection it cannot fork for unserved and goes on
+/// serving: once the children end, a new client is answered.
+#[test]
+fn forking_out_of_processes_goes_on_serving() {
+    let Some(mut command) = serve_with_nproc(4, "forking", &["--tcp", "127.0.0.1:0"]) else {
+        return;
+    };
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening ").unwrap().to_string();
+    // More connections than processes: some are served, the rest closed unserved.
+    let held: Vec<Conn> = (0..8)
+        .map(|_| {
+            let mut conn = Conn::connect(&addr).unwrap();
+            conn.write_all(b"x").unwrap();
+            thread::sleep(Duration::from_millis(50));
+            conn
+        })
+        .collect();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server died out of processes"
+    );
+    drop(held);
+    let started = Instant::now();
+    let answered = loop {
+        let mut conn = Conn::connect(&addr).unwrap();
+        conn.set_timeouts(Duration::from_secs(1));
+        conn.write_all(b"again\n").unwrap();
+        let mut reply = [0u8; 6];
+        if conn.read_exact(&mut reply).is_ok() {
+            break reply == *b"again\n";
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "no client served after the children ended"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(answered);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

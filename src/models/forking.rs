@@ -17,7 +17,7 @@ use crate::server::{
     ACCEPT_PAUSE, Accepted, Admission, CloseReason, DatagramReplier, Listeners, LoopLog, Protocol,
     RunOptions, ServeError, Shutdown, accept_and_admit, stream_transport,
 };
-use crate::server::{is_per_peer_datagram_error, linger};
+use crate::server::{DatagramDrop, datagram_transport, is_per_peer_datagram_error, linger};
 use crate::sys::poll::{self, POLLIN};
 use crate::sys::process::{self, ChildEnd, Forked, Pid};
 use std::collections::HashMap;
@@ -112,7 +112,17 @@ impl Parent<'_> {
                 return Ok(());
             }
         };
-        match process::fork()? {
+        let forked = match process::fork() {
+            Ok(forked) => forked,
+            Err(e) => {
+                // Out of processes (RLIMIT_NPROC, pid_max): this connection goes unserved,
+                // the others and later ones are not affected, as with a thread in `threaded`.
+                let why = CloseReason::CannotWatch(format!("cannot start a process for it: {e}"));
+                self.log.closed(&peer, stream_transport(&stream), &why);
+                return Ok(());
+            }
+        };
+        match forked {
             Forked::Child => {
                 let limits = self.listeners.limits.clone();
                 close_listeners(self.listeners);
@@ -148,7 +158,17 @@ impl Parent<'_> {
             }
             Err(e) => return Err(e),
         };
-        match process::fork()? {
+        let forked = match process::fork() {
+            Ok(forked) => forked,
+            Err(e) => {
+                let e = io::Error::other(format!("cannot start a process for it: {e}"));
+                let transport = datagram_transport(socket);
+                self.log
+                    .dropped(&peer, transport, &DatagramDrop::SendFailed(&e));
+                return Ok(());
+            }
+        };
+        match forked {
             Forked::Child => {
                 let socket = self.listeners.datagrams.swap_remove(index);
                 close_listeners(self.listeners);

@@ -16,6 +16,7 @@ use crate::server::one_socket::{
     LingerOn, accept_until_shutdown, serve_connection, serve_each_socket,
 };
 use crate::server::{Admission, Listeners, Protocol, RunOptions, ServeError, Shutdown};
+use std::io;
 use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread;
@@ -45,8 +46,8 @@ pub fn run(
     let jobs = Mutex::new(jobs);
     let (protocol, limits, shutdown_ref, jobs) = (&protocol, &limits, &shutdown, &jobs);
     thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(move || {
+        for worker in 0..workers {
+            let started = thread::Builder::new().spawn_scoped(scope, move || {
                 while let Some((stream, peer, admission)) = next_job(jobs) {
                     if shutdown_ref.is_fired() {
                         // Accepted but never served before shutdown: nothing is owed.
@@ -58,6 +59,12 @@ pub fn run(
                     serve_connection(stream, peer, protocol, limits, shutdown_ref, linger);
                 }
             });
+            if let Err(e) = started {
+                // The workers started return once `queue`, dropped here, is gone.
+                return Err(io::Error::other(format!(
+                    "cannot start pool worker {worker}: {e}"
+                )));
+            }
         }
         let served = serve_each_socket(&mut listeners, protocol, shutdown_ref, |listener| {
             let queue = queue.clone();

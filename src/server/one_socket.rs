@@ -209,7 +209,8 @@ fn drive(
 ///
 /// # Errors
 ///
-/// The first thread's error, a listener or datagram socket that broke.
+/// The first thread's error, a listener or datagram socket that broke; or a thread that
+/// could not be started (then `shutdown` is fired, so the ones started stop).
 pub fn serve_each_socket(
     listeners: &mut Listeners,
     protocol: &Protocol,
@@ -220,13 +221,29 @@ pub fn serve_each_socket(
     let metrics = listeners.limits.metrics;
     let accept_on = &accept_on;
     std::thread::scope(|scope| {
-        let accepting =
-            (sources.streams.iter()).map(|listener| scope.spawn(move || accept_on(listener)));
-        let answering = (sources.datagrams.iter()).map(|socket| {
-            scope.spawn(move || serve_datagrams(socket, protocol, shutdown, metrics))
+        let start = || std::thread::Builder::new();
+        let accepting = (sources.streams.iter()).map(|listener| {
+            let started = start().spawn_scoped(scope, move || accept_on(listener));
+            ("a listener", started)
         });
-        let threads: Vec<_> = accepting.chain(answering).collect();
+        let answering = (sources.datagrams.iter()).map(|socket| {
+            let serve = move || serve_datagrams(socket, protocol, shutdown, metrics);
+            ("a datagram socket", start().spawn_scoped(scope, serve))
+        });
         let mut outcome = Ok(());
+        let mut threads = Vec::new();
+        for (what, started) in accepting.chain(answering) {
+            match started {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    shutdown.fire();
+                    outcome = Err(io::Error::other(format!(
+                        "cannot start a thread for {what}: {e}"
+                    )));
+                    break;
+                }
+            }
+        }
         for thread in threads {
             // A panicking thread is a bug in reverb: re-raise it rather than hide it.
             let result = thread
