@@ -794,6 +794,26 @@ pub fn drain_waits_without_spinning(model: &str) {
     assert!(status.success(), "exit {status}; {}", server.stderr());
 }
 
+/// Waits until the server has read every byte `conn` wrote, so that it owes them all: over
+/// TCP, until neither the client's unacknowledged queue nor the server's unread one holds
+/// any (a fixed sleep was too short on a loaded machine); over Unix, where no such queue is
+/// listed, for half a second.
+fn wait_until_the_server_read_everything(conn: &Conn) {
+    let Conn::Tcp(stream) = conn else {
+        thread::sleep(Duration::from_millis(500));
+        return;
+    };
+    let (client, server) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        match TcpQueues::read(client, server) {
+            Some(queues) if queues.client_unacked == 0 && queues.server_unread == 0 => return,
+            _ => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    panic!("the server did not read what it was sent within {PATIENCE:?}");
+}
+
 /// [`drain_what_is_owed`] with `bytes` owed and `extra` flags for `serve`.
 fn drain_bytes_owed(model: &str, seed: u64, late: &[u8], bytes: usize, extra: &[&str]) {
     let mut args = vec!["--tcp", "127.0.0.1:0", "--drain-timeout", "5"];
@@ -803,7 +823,7 @@ fn drain_bytes_owed(model: &str, seed: u64, late: &[u8], bytes: usize, extra: &[
     // Less than --max-buffer, so the server reads it all and owes it all.
     let input = pattern(bytes, seed);
     conn.write_all(&input).unwrap();
-    thread::sleep(Duration::from_millis(500));
+    wait_until_the_server_read_everything(&conn);
     server.terminate();
     thread::sleep(Duration::from_millis(200));
     conn.write_all(late).unwrap();
