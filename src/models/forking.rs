@@ -39,7 +39,7 @@ const KILL_GRACE: Duration = Duration::from_secs(1);
 ///
 /// # Errors
 ///
-/// A listener that broke, or `fork` refusing (for example: the process has threads).
+/// A listener that broke, or `fork` refusing a parent that has threads.
 pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
@@ -87,6 +87,21 @@ pub fn run(
     Ok(())
 }
 
+/// Forks, or says why this one client goes unserved: the OS out of processes (`EAGAIN`
+/// from RLIMIT_NPROC or pid_max, `ENOMEM`: fork(2)) costs only that client, as a thread
+/// that cannot start does in `threaded`.
+///
+/// # Errors
+///
+/// Refusing to fork a parent that has threads: a bug in reverb, which ends the server.
+fn fork_or_why() -> io::Result<Result<Forked, String>> {
+    match process::fork() {
+        Ok(forked) => Ok(Ok(forked)),
+        Err(e) if e.raw_os_error().is_some() => Ok(Err(format!("cannot start a process: {e}"))),
+        Err(e) => Err(e),
+    }
+}
+
 /// The single-threaded parent: what it serves, and the children serving it.
 struct Parent<'a> {
     listeners: &'a mut Listeners,
@@ -112,25 +127,21 @@ impl Parent<'_> {
                 return Ok(());
             }
         };
-        let forked = match process::fork() {
-            Ok(forked) => forked,
-            Err(e) => {
-                // Out of processes (RLIMIT_NPROC, pid_max): this connection goes unserved,
-                // the others and later ones are not affected, as with a thread in `threaded`.
-                let why = CloseReason::CannotWatch(format!("cannot start a process for it: {e}"));
-                self.log.closed(&peer, stream_transport(&stream), &why);
-                return Ok(());
+        match fork_or_why()? {
+            Err(why) => {
+                let transport = stream_transport(&stream);
+                self.log
+                    .closed(&peer, transport, &CloseReason::CannotWatch(why));
+                Ok(())
             }
-        };
-        match forked {
-            Forked::Child => {
+            Ok(Forked::Child) => {
                 let limits = self.listeners.limits.clone();
                 close_listeners(self.listeners);
                 let (protocol, shutdown) = (self.protocol, self.shutdown);
                 let linger = LingerOn::ThisThread;
                 run_child(|| serve_connection(stream, peer, protocol, &limits, shutdown, linger))
             }
-            Forked::Parent(pid) => {
+            Ok(Forked::Parent(pid)) => {
                 tracing::debug!(peer = %peer, "child {pid} serves it");
                 // The child has its own copy; the parent's must close, or the peer would
                 // never see EOF after the child exits.
@@ -158,18 +169,14 @@ impl Parent<'_> {
             }
             Err(e) => return Err(e),
         };
-        let forked = match process::fork() {
-            Ok(forked) => forked,
-            Err(e) => {
-                let e = io::Error::other(format!("cannot start a process for it: {e}"));
-                let transport = datagram_transport(socket);
+        match fork_or_why()? {
+            Err(why) => {
+                let (transport, e) = (datagram_transport(socket), io::Error::other(why));
                 self.log
                     .dropped(&peer, transport, &DatagramDrop::SendFailed(&e));
-                return Ok(());
+                Ok(())
             }
-        };
-        match forked {
-            Forked::Child => {
+            Ok(Forked::Child) => {
                 let socket = self.listeners.datagrams.swap_remove(index);
                 close_listeners(self.listeners);
                 let (metrics, replier) = (self.listeners.limits.metrics, &mut self.replier);
@@ -180,7 +187,7 @@ impl Parent<'_> {
                     replier.answer(&socket, &peer, &self.buf[..received], &log);
                 })
             }
-            Forked::Parent(pid) => {
+            Ok(Forked::Parent(pid)) => {
                 self.children.insert(pid, None);
                 Ok(())
             }
