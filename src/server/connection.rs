@@ -1267,6 +1267,42 @@ mod tests {
         assert!(matches!(conn.finish_reason(false), CloseReason::PeerEof));
     }
 
+    /// docs/cli.md: "An idle TLS connection holds no output buffer: buffers above 16 KiB
+    /// are given back once empty."
+    #[test]
+    fn an_idle_tls_connection_gives_back_its_buffers() {
+        use std::io::Write;
+        let (mut conn, mut client, _peer) = over_tls(&echo(), 256 * 1024, Duration::from_secs(10));
+        let mut view = ClientView::default();
+        exchange(&mut conn, &mut client, 1 << 20, &mut view);
+        let input = vec![b'x'; 64 * 1024];
+        client.writer().write_all(&input).unwrap();
+        exchange(&mut conn, &mut client, 1 << 20, &mut view);
+        assert_eq!(view.plaintext.len(), input.len());
+        assert_eq!(conn.owed(), 0);
+        let wire = conn.layers.as_ref().unwrap().wire.capacity();
+        assert!(
+            conn.out.capacity() <= RELEASE_IDLE_BUFFER_BYTES,
+            "plaintext buffer kept: {} bytes",
+            conn.out.capacity()
+        );
+        assert!(
+            wire <= RELEASE_IDLE_BUFFER_BYTES,
+            "ciphertext buffer kept: {wire} bytes"
+        );
+    }
+
+    /// docs/cli.md, reverb_connections_closed_total: `rejected` is "the setup refused the
+    /// peer"; a peer that leaves during the handshake (before any deadline) was not refused.
+    #[test]
+    fn eof_during_the_handshake_is_the_peers_eof_not_a_refusal() {
+        let (mut conn, _client, _peer) = over_tls(&echo(), 64 * 1024, Duration::from_secs(10));
+        conn.receive_eof();
+        assert!(conn.is_finished());
+        let reason = conn.finish_reason(false);
+        assert!(matches!(reason, CloseReason::PeerEof), "{reason:?}");
+    }
+
     #[test]
     fn tls_bytes_owed_count_against_the_bound() {
         let (mut conn, mut client, _peer) = over_tls(&echo(), 64 * 1024, Duration::from_secs(10));
