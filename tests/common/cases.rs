@@ -1158,6 +1158,17 @@ pub fn quit_lingers(model: &str) {
     server.stop();
 }
 
+/// Connects to an `until-quit` server, sends `quit`, reads the echo and EOF, and keeps the
+/// socket open without a byte more: the server owes it a lingering close (2 s of silence).
+fn quit_and_stay(server: &Server) -> Conn {
+    let mut conn = server.connect_conn();
+    conn.write_all(b"quit\n").expect("send quit");
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(error.is_none(), "{error:?} after {got:?}");
+    assert_eq!(got, b"quit\n");
+    conn
+}
+
 /// `--max-conns 2` counts lingering connections: two clients that quit and then stay
 /// silent are still owed a lingering close (2 s without a byte), so they hold their
 /// places and a third client is refused; once their lingering ends, a client is served.
@@ -1176,14 +1187,7 @@ pub fn lingering_holds_its_place(model: &str) {
     );
     let started = Instant::now();
     let lingering: Vec<Conn> = (0..if is_serial(model) { 1 } else { 2 })
-        .map(|_| {
-            let mut conn = server.connect_conn();
-            conn.write_all(b"quit\n").expect("send quit");
-            let (got, error) = conn.read_to_end_lossy();
-            assert!(error.is_none(), "{error:?} after {got:?}");
-            assert_eq!(got, b"quit\n");
-            conn
-        })
+        .map(|_| quit_and_stay(&server))
         .collect();
     let try_one = || {
         let mut conn = server.connect_conn();
@@ -1309,16 +1313,7 @@ pub fn lingering_peers_hold_no_worker(model: &str) {
             "2",
         ],
     );
-    let lingering: Vec<Conn> = (0..2)
-        .map(|_| {
-            let mut conn = server.connect_conn();
-            conn.write_all(b"quit\n").expect("send quit");
-            let (got, error) = conn.read_to_end_lossy();
-            assert!(error.is_none(), "{error:?} after {got:?}");
-            assert_eq!(got, b"quit\n");
-            conn
-        })
-        .collect();
+    let lingering: Vec<Conn> = (0..2).map(|_| quit_and_stay(&server)).collect();
     let started = Instant::now();
     let mut third = server.connect_conn();
     // until-quit answers once `quit\n` arrives.
