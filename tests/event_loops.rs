@@ -6,7 +6,7 @@ mod common;
 use common::{Conn, PATIENCE, Server, pattern, reverb, round_trip};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -54,11 +54,35 @@ fn max_conns_across_loops(model: &str) {
 /// How long a server whose loop cannot start may take to exit.
 const START_FAILURE_LIMIT: Duration = Duration::from_secs(5);
 
+/// Waits at most [`START_FAILURE_LIMIT`] for a server that cannot start to exit (`what`
+/// names it in the failure), and returns its status and its stderr.
+fn exit_and_stderr(mut child: std::process::Child, what: &str) -> (ExitStatus, String) {
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waitpid") {
+            break status;
+        }
+        if started.elapsed() > START_FAILURE_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {START_FAILURE_LIMIT:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stderr);
+    (status, stderr)
+}
+
 /// Loop 1 of 3 cannot be set up (the loop helper's hidden test hook): the loops already
 /// built must stop, and `serve` exits 1 within [`START_FAILURE_LIMIT`] with one error line
 /// that names the loop.
 fn loop_that_cannot_start_stops_the_server(model: &str) {
-    let mut child = reverb()
+    let child = reverb()
         .args([
             "serve",
             "--model",
@@ -73,24 +97,7 @@ fn loop_that_cannot_start_stops_the_server(model: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("reverb starts");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waitpid") {
-            break status;
-        }
-        if started.elapsed() > START_FAILURE_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{model}: still running {START_FAILURE_LIMIT:?} after loop 1 failed to start");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    let _ = child
-        .stderr
-        .take()
-        .expect("piped")
-        .read_to_string(&mut stderr);
+    let (status, stderr) = exit_and_stderr(child, &format!("{model}, after loop 1 failed"));
     assert_eq!(
         status.code(),
         Some(1),
@@ -266,27 +273,13 @@ fn thread_that_cannot_start_stops_the_server(model: &str, nproc: u32, args: &[&s
     let Some(mut command) = serve_with_nproc(nproc, model, args) else {
         return;
     };
-    let mut child = command
+    let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > START_FAILURE_LIMIT {
-            child.kill().unwrap();
-            panic!("{model} still runs after a thread could not start");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(1), "{stderr}");
+    let (status, stderr) = exit_and_stderr(child, &format!("{model}, with a thread short"));
+    assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(says), "{stderr}");
     assert!(!stderr.contains("panic"), "{stderr}");
 }
