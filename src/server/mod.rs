@@ -201,3 +201,16 @@ pub enum ServeError {
     #[error("server failed: {0}")]
     Io(#[from] io::Error),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_librarys_defaults_are_the_command_lines() {
+        // docs/cli.md: `--max-buffer` defaults to 256K, `--drain-timeout` to 5 s.
+        let limits = Limits::default();
+        assert_eq!(limits.max_buffer_bytes, 256 * 1024);
+        assert_eq!(limits.drain_timeout, Duration::from_secs(5));
+    }
+}

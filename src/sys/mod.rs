@@ -9,6 +9,7 @@
 pub mod activation;
 pub mod affinity;
 pub mod async_fd;
+pub mod bind_no_port;
 pub mod datagram;
 pub mod epoll;
 pub mod errno;
@@ -20,6 +21,7 @@ pub mod rusage;
 pub mod select;
 pub mod shared_memory;
 pub mod signal;
+pub mod stream;
 pub mod uring;
 
 use std::io;
