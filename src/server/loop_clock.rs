@@ -45,14 +45,25 @@ impl LoopClock {
         self.now
     }
 
-    /// How long the loop may sleep: until an accept pause ends, the next idle tick, or
-    /// the drain deadline; `None` when no timer runs.
+    /// Whether any timer runs (an accept pause, the idle wheel, the drain): a loop with
+    /// none need not read the clock at all.
+    pub fn is_timing(&self) -> bool {
+        self.idle.is_some() || !self.paused.is_empty() || self.drain_deadline.is_some()
+    }
+
+    /// How long the loop may sleep from the last [`LoopClock::tick`]: until an accept
+    /// pause ends, the next idle tick, or the drain deadline; `None` when no timer runs.
     pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_from(self.now)
+    }
+
+    /// As [`LoopClock::timeout`], counted from `now`.
+    pub fn timeout_from(&self, now: Instant) -> Option<Duration> {
         let pauses = self.paused.iter().map(|(until, _)| *until);
         let at = pauses.chain(self.drain_deadline).min();
-        let until = at.map(|at| at.saturating_duration_since(self.now));
+        let until = at.map(|at| at.saturating_duration_since(now));
         let wheel = self.idle.as_ref();
-        let idle = wheel.and_then(|wheel| wheel.time_to_next_tick(self.now));
+        let idle = wheel.and_then(|wheel| wheel.time_to_next_tick(now));
         until.into_iter().chain(idle).min()
     }
 
@@ -64,6 +75,11 @@ impl LoopClock {
     /// Whether `listener` waits for its accept pause to end.
     pub fn is_paused(&self, listener: Token) -> bool {
         self.paused.iter().any(|(_, paused)| *paused == listener)
+    }
+
+    /// Whether any listener waits for its accept pause to end.
+    pub fn is_pausing(&self) -> bool {
+        !self.paused.is_empty()
     }
 
     /// A listener whose accept pause has ended, to accept on again; `None` once none is
