@@ -223,13 +223,18 @@ fn only_what_the_kernel_did_not_take_is_owed() {
 fn a_failed_write_through_closes_the_connection() {
     let protocol = Protocol::new(ProtocolKind::Echo, 1024);
     let mut connection = connection(&protocol, 1024);
-    let result = connection.receive_through(b"hello", |_| {
-        Err(io::Error::from(io::ErrorKind::ConnectionReset))
-    });
+    let mut calls = 0;
+    let result = connection.receive_through(
+        b"hello",
+        counted(&mut calls, |_, _| {
+            Err(io::Error::from(io::ErrorKind::ConnectionReset))
+        }),
+    );
     assert_eq!(
         result.map_err(|e| e.kind()),
         Err(io::ErrorKind::ConnectionReset)
     );
+    assert_eq!(calls, 1, "a failed write is not tried again");
 }
 
 /// A write that `f` answers, counting its calls, and failing the test past 100 of them
