@@ -19,10 +19,11 @@ use crate::net::{self, Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::loop_clock::LoopClock;
 use crate::server::readiness::LoopConfig;
+use crate::server::task::close_served;
 use crate::server::{
-    Accepted, Admission, CloseReason, Connection, DatagramReplier, Ending, Linger, Listeners,
-    LoopLog, Protocol, RunOptions, ServeError, Shutdown, datagram_transport, end,
-    is_per_peer_datagram_error, listener_transport, on_accept,
+    Accepted, Admission, CloseReason, Connection, DatagramReplier, Listeners, LoopLog, Protocol,
+    RunOptions, ServeError, Shutdown, datagram_transport, is_per_peer_datagram_error,
+    listener_transport, on_accept,
 };
 use crate::slab::{Slab, Token};
 use crate::sys::errno;
@@ -74,7 +75,8 @@ struct Conn {
     last_input: Instant,
     /// Listed in `Loop::dirty`, to be pumped after this batch.
     is_dirty: bool,
-    _admission: Admission,
+    /// Its place under `--max-conns`, held until its socket is closed.
+    place: Admission,
 }
 
 /// One thread's ring and everything it serves.
@@ -138,25 +140,15 @@ impl Loop {
             };
             self.ring.wait(timeout)?;
             self.clock.tick();
-            while let Some(completion) = self.ring.next_completion() {
+            while let Some((token, completion)) = self.ring.next_completion() {
                 match completion {
-                    Completion::Accepted {
-                        token,
-                        result,
-                        is_armed,
-                    } => {
+                    Completion::Accepted { result, is_armed } => {
                         self.on_accept(token, result, is_armed)?;
                     }
-                    Completion::Received { token, result } => self.on_receive(token, result),
-                    Completion::Sent {
-                        token,
-                        result,
-                        from,
-                    } => self.on_sent(token, result, from),
-                    Completion::DatagramReceived { token, result } => {
-                        self.on_datagram(token, result)?;
-                    }
-                    Completion::Readable { .. } => self.start_drain(),
+                    Completion::Received(result) => self.on_receive(token, result),
+                    Completion::Sent { result, from } => self.on_sent(token, result, from),
+                    Completion::DatagramReceived(result) => self.on_datagram(token, result)?,
+                    Completion::Readable => self.start_drain(),
                 }
             }
             for token in std::mem::take(&mut self.dirty) {
@@ -173,28 +165,14 @@ impl Loop {
     }
 
     /// Ends `token`'s connection for `reason` (or retires a listener or datagram socket):
-    /// the one way this loop closes. A peer that half-closed reads EOF after the last
-    /// reply; one the server ends first gets a lingering close; the ring frees its own
-    /// descriptor once its operations have completed.
+    /// the one way this loop closes. The ring frees its own descriptor once its operations
+    /// have completed; a lingering close gets a duplicate of it.
     fn close(&mut self, token: Token, reason: CloseReason) {
         if let Some(Source::Conn(mut conn)) = self.sources.remove(token) {
-            let connection = &mut conn.connection;
-            self.log
-                .closed(connection.peer(), connection.transport(), &reason);
-            match reason.ending() {
-                Ending::Eof => self.ring.shutdown_write(token),
-                Ending::Abort => {}
-                // The ring keeps its descriptor until its operations complete; the
-                // lingering close gets a duplicate of it.
-                ending => {
-                    if let Some(Ok(stream)) = self.ring.fd(token).map(Stream::duplicate) {
-                        if !connection.is_finished() && !self.ring.is_sending(token) {
-                            // An idle timeout or a drain cut: with TLS, close_notify first.
-                            connection.close_first(&stream, &self.log);
-                        }
-                        end(stream, ending, Linger::Elsewhere(Some(conn._admission)));
-                    }
-                }
+            let is_sending = self.ring.is_sending(token);
+            if let Some(fd) = self.ring.fd(token) {
+                let (connection, place) = (&mut conn.connection, conn.place);
+                close_served(fd, connection, reason, &self.log, place, is_sending);
             }
         }
         self.ring.close(token);
@@ -257,7 +235,7 @@ impl Loop {
             connection,
             last_input: self.clock.now(),
             is_dirty: false,
-            _admission: admission,
+            place: admission,
         };
         let token = self.sources.insert(Source::Conn(conn));
         self.ring.add(token, OwnedFd::from(stream));
@@ -273,36 +251,18 @@ impl Loop {
             return;
         };
         let outcome = match result {
-            // ENOBUFS: every provided buffer was in use; ECANCELED: drain stopped reading.
-            Err(e) if matches!(e.raw_os_error(), Some(errno::ENOBUFS | errno::ECANCELED)) => {
-                Ok(false)
-            }
+            // ENOBUFS: every provided buffer was in use.
+            Err(e) if e.raw_os_error() == Some(errno::ENOBUFS) => Ok(false),
             // The ring's budget was the connection's read limit, so these bytes fit.
             Ok(Some(received)) => {
-                let bytes = self.ring.received(&received);
-                self.log.received(conn.connection.transport(), bytes.len());
+                self.log
+                    .received(conn.connection.transport(), received.len());
                 // Write-through: with nothing owed and no send in flight, an echo leaves
-                // straight from the provided buffer, which the ring keeps until it is sent
-                // (if it has a buffer to spare for that: a peer that never reads would
-                // keep it for ever).
-                let may_send = self.ring.may_send_received(token);
+                // straight from the provided buffer (zero-copy).
                 conn.connection.lend_spare(&mut self.spare);
-                let through = conn
-                    .connection
-                    .receive_through(bytes, |input| match may_send {
-                        true => Ok(input.len()),
-                        false => Err(io::ErrorKind::WouldBlock.into()),
-                    });
-                match through {
-                    Ok(sent) if sent > 0 => {
-                        if let Err(received) = self.ring.send_received(token, received) {
-                            // Not sent after all (never expected): owe it as a copy.
-                            conn.connection.owe_first(self.ring.received(&received));
-                            self.ring.recycle(received);
-                        }
-                    }
-                    _ => self.ring.recycle(received),
-                }
+                let connection = &mut conn.connection;
+                let take = |bytes: &[u8], may_send| connection.receive_lent(bytes, may_send);
+                self.ring.take_received(token, received, take);
                 conn.connection.return_spare(&mut self.spare);
                 Ok(true)
             }
@@ -329,10 +289,7 @@ impl Loop {
                 // send, ahead of anything queued meanwhile.
                 Ok(written) => {
                     match &from {
-                        Some(from) => {
-                            let rest = self.ring.received(from).get(written..);
-                            conn.connection.owe_first(rest.unwrap_or_default());
-                        }
+                        Some(from) => conn.connection.owe_first(self.ring.unsent(from, written)),
                         None => conn.connection.advance(written),
                     }
                     // An idle connection keeps no output allocation.
@@ -364,7 +321,7 @@ impl Loop {
             return;
         };
         conn.is_dirty = false;
-        if conn.connection.wants_write() && !self.ring.is_sending(token) {
+        if conn.connection.wants_write() {
             self.ring.send(token, conn.connection.unsent());
         }
         // Backpressure: with no room the receive stays unarmed until a send drains.
@@ -372,7 +329,7 @@ impl Loop {
         let in_flight = self.ring.sending_received(token);
         let budget =
             (conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES)).saturating_sub(in_flight);
-        if budget > 0 && !self.ring.is_receiving(token) {
+        if budget > 0 {
             self.ring.arm_receive(token, budget);
         }
         if conn.connection.is_finished() && !self.ring.is_sending(token) {

@@ -44,50 +44,34 @@ const SPARE_SEND_BUFFERS: usize = 16;
 /// How long dropping a ring waits for cancelled operations before it leaks their buffers.
 const DROP_WAIT: Duration = Duration::from_secs(2);
 
-/// One finished operation of an open slot.
+/// One finished operation of an open slot; [`Ring::next_completion`] gives it with the
+/// slot's token.
 #[derive(Debug)]
 pub enum Completion {
-    /// A listener accepted a connection, or failed to; `is_armed` says whether the
-    /// multishot accept goes on (otherwise arm it again).
+    /// A listener accepted a connection, or failed to.
     Accepted {
-        /// The listener's token.
-        token: Token,
         /// The new connection's descriptor.
         result: io::Result<OwnedFd>,
-        /// Whether the accept is still armed.
+        /// Whether the multishot accept goes on (otherwise arm it again).
         is_armed: bool,
     },
     /// Bytes arrived, in the provided buffer the [`Received`] names; `Ok(None)` is the
-    /// peer's EOF.
-    Received {
-        /// The connection's token.
-        token: Token,
-        /// The bytes, or EOF.
-        result: io::Result<Option<Received>>,
-    },
-    /// A stream send finished; `Ok(n)`: the kernel took the first `n` bytes offered.
+    /// peer's EOF. A receive that [`Ring::cancel_receive`] ended reports nothing.
+    Received(io::Result<Option<Received>>),
+    /// A stream send finished.
     Sent {
-        /// The connection's token.
-        token: Token,
-        /// Bytes sent.
+        /// `Ok(n)`: the kernel took the first `n` bytes offered.
         result: io::Result<usize>,
-        /// For a send straight from a provided buffer ([`Ring::send_received`]): that
+        /// For a send straight from a provided buffer ([`Ring::take_received`]): that
         /// buffer, ours again, so the caller can keep what the kernel did not take
-        /// before giving it back with [`Ring::recycle`].
+        /// ([`Ring::unsent`]) before giving it back with [`Ring::recycle`].
         from: Option<Received>,
     },
-    /// A datagram arrived; its bytes wait in the socket's slot ([`Ring::datagram_bytes`]).
-    DatagramReceived {
-        /// The socket's token.
-        token: Token,
-        /// The datagram's length and sender.
-        result: io::Result<ReceivedDatagram>,
-    },
+    /// A datagram arrived: its length and sender; its bytes wait in the socket's slot
+    /// ([`Ring::datagram_bytes`]).
+    DatagramReceived(io::Result<ReceivedDatagram>),
     /// A watched descriptor became readable.
-    Readable {
-        /// The watched token.
-        token: Token,
-    },
+    Readable,
 }
 
 /// One socket and the buffers of its operations.
@@ -213,26 +197,12 @@ impl Ring {
             .is_some_and(|io| io.is_in_flight(Op::Send))
     }
 
-    /// Whether [`Ring::send_received`] would send from a provided buffer on `token` now: the
-    /// slot is open with no send in flight, and the ring has a buffer to spare for it.
-    pub fn may_send_received(&self, token: Token) -> bool {
-        self.lent_to_sends < MAX_LENT_TO_SENDS && !self.is_sending(token)
-    }
-
     /// Bytes of a provided buffer that `token`'s send in flight reads
     /// ([`Ring::send_received`]): sent input the caller no longer counts as owed.
     pub fn sending_received(&self, token: Token) -> usize {
         self.open_ref(token)
             .and_then(|io| io.send_from.as_ref())
             .map_or(0, Received::len)
-    }
-
-    /// Shuts down the sending side of an open slot's socket, so the peer reads EOF after
-    /// the bytes already sent; a peer already gone is no error.
-    pub fn shutdown_write(&self, token: Token) {
-        if let Some(io) = self.open_ref(token) {
-            let _ = SockRef::from(&io.fd).shutdown(std::net::Shutdown::Write);
-        }
     }
 
     /// The descriptor of `token`'s open socket, for work the ring does not do (the
@@ -330,9 +300,14 @@ impl Ring {
     /// bytes were offered. The kernel may take fewer: see [`Completion::Sent`].
     pub fn send(&mut self, token: Token, bytes: &[u8]) -> usize {
         let offered = bytes.len().min(MAX_SEND_BYTES);
+        let is_idle = self
+            .open_ref(token)
+            .is_some_and(|io| !io.is_in_flight(Op::Send));
+        if offered == 0 || !is_idle {
+            return 0;
+        }
         let mut send = self.spare_sends.pop().unwrap_or_default();
-        let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| offered > 0) else {
-            self.spare_sends.push(send);
+        let Some((io, fd)) = self.idle_for(token, Op::Send) else {
             return 0;
         };
         send.clear();
@@ -345,23 +320,28 @@ impl Ring {
         offered
     }
 
-    /// Sends the bytes of `received` straight from its provided buffer (zero-copy), unless
-    /// a send is in flight, the slot is closed, or `MAX_LENT_TO_SENDS` buffers are lent
-    /// already ([`Ring::may_send_received`]); then the buffer is handed back, and the
-    /// caller keeps its bytes some other way. The ring holds the buffer until the send's
-    /// [`Completion::Sent`], which returns it.
-    ///
-    /// # Errors
-    ///
-    /// `received` itself, when it was not sent.
-    pub fn send_received(&mut self, token: Token, received: Received) -> Result<(), Received> {
+    /// Hands the bytes of `received` to `take`, with whether they may leave straight from
+    /// their provided buffer now: `token` has no send in flight, and the ring has a buffer
+    /// to spare for a send (one lent to a peer that never reads is lent for ever, so at
+    /// most `MAX_LENT_TO_SENDS` are). When they may and `take` says they are the whole
+    /// reply, they are sent from there (zero-copy), and the ring keeps the buffer lent until
+    /// the send's [`Completion::Sent`] hands it back; otherwise it goes back to the kernel
+    /// now.
+    pub fn take_received(
+        &mut self,
+        token: Token,
+        received: Received,
+        take: impl FnOnce(&[u8], bool) -> bool,
+    ) {
+        let may_send = self.lent_to_sends < MAX_LENT_TO_SENDS
+            && self
+                .open_ref(token)
+                .is_some_and(|io| !io.is_in_flight(Op::Send));
         let bytes = self.provided.bytes(&received);
         let (pointer, len) = (bytes.as_ptr(), bytes.len() as u32);
-        if self.lent_to_sends >= MAX_LENT_TO_SENDS {
-            return Err(received);
-        }
-        let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| len > 0) else {
-            return Err(received);
+        let is_sent = take(bytes, may_send) && may_send && len > 0;
+        let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| is_sent) else {
+            return self.provided.recycle(received);
         };
         // The buffer stays lent, so the kernel does not hand it to a receive while this
         // send reads it; `complete` gives it back only after the send's completion.
@@ -371,7 +351,11 @@ impl Ring {
             .build();
         self.start(token, Op::Send, entry);
         self.lent_to_sends += 1;
-        Ok(())
+    }
+
+    /// The bytes of `from`, a [`Completion::Sent`]'s buffer, that its send did not take.
+    pub fn unsent(&self, from: &Received, written: usize) -> &[u8] {
+        self.provided.bytes(from).get(written..).unwrap_or_default()
     }
 
     /// Arms a receive of one datagram (no-op if armed, closed or not a datagram slot).
@@ -527,8 +511,9 @@ impl Ring {
         Ok(())
     }
 
-    /// The next completion for an open slot, or `None` when none has arrived.
-    pub fn next_completion(&mut self) -> Option<Completion> {
+    /// The next completion for an open slot, with the slot's token, or `None` when none
+    /// has arrived.
+    pub fn next_completion(&mut self) -> Option<(Token, Completion)> {
         loop {
             if self.completions.is_empty() {
                 self.completions.extend(self.ring.completion());
@@ -541,7 +526,7 @@ impl Ring {
     }
 
     /// Settles one completion: in-flight bits, buffers, stale and closing slots.
-    fn complete(&mut self, entry: &cqueue::Entry) -> Option<Completion> {
+    fn complete(&mut self, entry: &cqueue::Entry) -> Option<(Token, Completion)> {
         let (key, op) = Key::from_user_data(entry.user_data());
         let op = op.filter(|op| *op != Op::Cancel)?;
         let (result, flags) = (entry.result(), entry.flags());
@@ -559,9 +544,8 @@ impl Ring {
             io.in_flight &= !(op as u8);
         }
         let token = io.token;
-        Some(match op {
+        let completion = match op {
             Op::Accept => Completion::Accepted {
-                token,
                 // SAFETY: a non-negative accept result is a new descriptor nobody owns.
                 result: count_result(result).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as i32) }),
                 is_armed,
@@ -576,6 +560,8 @@ impl Ring {
                 self.arm_receive(token, budget);
                 return None;
             }
+            // Ended by `cancel_receive`: the caller stopped reading and expects nothing.
+            Op::Receive if result == -libc::ECANCELED => return None,
             Op::Receive => {
                 let result = count_result(result);
                 let mut received = None;
@@ -594,10 +580,7 @@ impl Ring {
                         false => received = Some(bytes),
                     }
                 }
-                Completion::Received {
-                    token,
-                    result: result.map(|_| received),
-                }
+                Completion::Received(result.map(|_| received))
             }
             Op::Send => {
                 let send = mem::take(&mut io.send);
@@ -609,21 +592,17 @@ impl Ring {
                 if from.is_some() {
                     self.lent_to_sends -= 1;
                 }
-                Completion::Sent {
-                    token,
-                    result: count_result(result),
-                    from,
-                }
+                let result = count_result(result);
+                Completion::Sent { result, from }
             }
             Op::DatagramReceive => {
                 let datagram = io.datagram.as_ref()?;
-                Completion::DatagramReceived {
-                    token,
-                    result: count_result(result).map(|len| datagram.receive.received(len)),
-                }
+                let result = count_result(result).map(|len| datagram.receive.received(len));
+                Completion::DatagramReceived(result)
             }
-            Op::Poll | Op::Cancel => Completion::Readable { token },
-        })
+            Op::Poll | Op::Cancel => Completion::Readable,
+        };
+        Some((token, completion))
     }
 
     /// A completion for a closing or stale slot: give back what it carries, and free the
