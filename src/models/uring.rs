@@ -30,11 +30,8 @@ use crate::sys::errno;
 use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// After the drain timeout, how long cancelled operations may take to complete.
-const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// The most one receive may be armed for; the output buffer's room usually decides.
 const MAX_RECEIVE_BUDGET_BYTES: usize = 1 << 30;
 
@@ -63,7 +60,7 @@ pub fn run(
 #[allow(clippy::large_enum_variant)]
 enum Source {
     Conn(Conn),
-    Listener { name: Rc<str>, transport: Transport },
+    Listener { name: String, transport: Transport },
     Datagrams(DatagramReplier, Transport),
     Shutdown,
 }
@@ -102,7 +99,7 @@ impl Loop {
         ring.add(token, config.shutdown.fd().try_clone_to_owned()?);
         ring.arm_readable(token);
         for listener in sources.streams {
-            let (name, transport) = (Rc::from(listener.name()), listener_transport(&listener));
+            let (name, transport) = (listener.name().to_string(), listener_transport(&listener));
             let token = slab.insert(Source::Listener { name, transport });
             ring.add(token, OwnedFd::from(listener));
             ring.arm_accept(token);
@@ -129,16 +126,12 @@ impl Loop {
         loop {
             self.clock.tick();
             self.on_timers();
-            let now = self.clock.now();
-            let timeout = match self.clock.drain_deadline() {
-                Some(at) if self.ring.live_slots() == 0 || now >= at + CANCEL_GRACE => {
-                    return Ok(());
-                }
-                // Past the drain deadline every slot is closing: wait for its cancellation.
-                Some(at) if now >= at => Some(CANCEL_GRACE),
-                _ => self.clock.timeout(),
-            };
-            self.ring.wait(timeout)?;
+            // Every connection drained or cut (past the deadline): done. Dropping the ring
+            // waits for the completions of what it still cancels.
+            if self.clock.drain_deadline().is_some() && self.sources.is_empty() {
+                return Ok(());
+            }
+            self.ring.wait(self.clock.timeout())?;
             self.clock.tick();
             while let Some((token, completion)) = self.ring.next_completion() {
                 match completion {
@@ -154,13 +147,6 @@ impl Loop {
             for token in std::mem::take(&mut self.dirty) {
                 self.pump(token);
             }
-        }
-    }
-
-    fn conn(&mut self, token: Token) -> Option<&mut Conn> {
-        match self.sources.get_mut(token)? {
-            Source::Conn(conn) => Some(conn),
-            _ => None,
         }
     }
 
@@ -182,25 +168,13 @@ impl Loop {
         while let Some(listener) = self.clock.resume_next() {
             self.ring.arm_accept(listener);
         }
-        let (sources, now, mut idle) = (&mut self.sources, self.clock.now(), Vec::new());
-        let last_input = |token| match sources.get_mut(token)? {
-            // Not waiting for input (backpressure, flushing): not idle, look later.
-            Source::Conn(conn) if !conn.connection.wants_read() => Some(now),
-            Source::Conn(conn) => Some(conn.last_input),
+        let sources = &self.sources;
+        let connection = |token| match sources.get(token)? {
+            Source::Conn(conn) => Some((&conn.connection, conn.last_input)),
             _ => None,
         };
-        self.clock.expire_idle(last_input, &mut idle);
-        let timeout = self.config.limits.idle_timeout.unwrap_or_default();
-        for token in idle {
-            self.close(token, CloseReason::Idle(timeout));
-        }
-        if self.clock.is_past_drain() {
-            for token in self.sources.tokens() {
-                if let Some(conn) = self.conn(token) {
-                    let owed = conn.connection.owed();
-                    self.close(token, CloseReason::DrainTimeout { owed });
-                }
-            }
+        for (token, reason) in self.clock.expired(|| sources.tokens(), connection) {
+            self.close(token, reason);
         }
     }
 
@@ -213,10 +187,9 @@ impl Loop {
         let Some(Source::Listener { name, transport }) = self.sources.get(token) else {
             return Ok(());
         };
-        let (name, transport) = (name.clone(), *transport);
-        let is_tcp = transport == Transport::Tcp;
-        let accepted = result.and_then(|fd| Stream::from_accepted(fd, is_tcp));
-        match on_accept(accepted, &name, transport, &self.config.counter, &self.log)? {
+        let accepted =
+            result.and_then(|fd| Stream::from_accepted(fd, *transport == Transport::Tcp));
+        match on_accept(accepted, name, *transport, &self.config.counter, &self.log)? {
             Accepted::Connection(stream, peer, admission) => self.admit(stream, peer, admission),
             Accepted::Paused => self.clock.pause(token),
             Accepted::Again | Accepted::Empty => {}
@@ -270,35 +243,31 @@ impl Loop {
             result => (conn.connection).on_read(result.map(|_| 0), &[], &self.log),
         };
         match outcome {
-            Ok(has_input) => {
-                conn.last_input = if has_input {
-                    self.clock.now()
-                } else {
-                    conn.last_input
-                };
+            Ok(true) => {
+                conn.last_input = self.clock.now();
                 self.mark(token);
             }
+            Ok(false) => self.mark(token),
             Err(reason) => self.close(token, reason),
         }
     }
 
     fn on_sent(&mut self, token: Token, result: io::Result<usize>, from: Option<Received>) {
-        if let Some(Source::Conn(conn)) = self.sources.get_mut(token) {
-            match result {
-                // The kernel may take fewer bytes than offered; the rest goes in the next
-                // send, ahead of anything queued meanwhile.
-                Ok(written) => {
-                    match &from {
-                        Some(from) => conn.connection.owe_first(self.ring.unsent(from, written)),
-                        None => conn.connection.advance(written),
-                    }
-                    // An idle connection keeps no output allocation.
-                    conn.connection.return_spare(&mut self.spare);
-                    self.log.sent(conn.connection.transport(), written);
-                    self.mark(token);
+        match (self.sources.get_mut(token), result) {
+            // The kernel may take fewer bytes than offered; the rest goes in the next send,
+            // ahead of anything queued meanwhile.
+            (Some(Source::Conn(conn)), Ok(written)) => {
+                match &from {
+                    Some(from) => conn.connection.owe_first(self.ring.unsent(from, written)),
+                    None => conn.connection.advance(written),
                 }
-                Err(e) => self.close(token, CloseReason::Failed(e)),
+                // An idle connection keeps no output allocation.
+                conn.connection.return_spare(&mut self.spare);
+                self.log.sent(conn.connection.transport(), written);
+                self.mark(token);
             }
+            (Some(Source::Conn(_)), Err(e)) => self.close(token, CloseReason::Failed(e)),
+            _ => {}
         }
         if let Some(from) = from {
             self.ring.recycle(from);
@@ -308,9 +277,12 @@ impl Loop {
     /// Remembers to pump `token` once this batch of completions is handled, so that all the
     /// input a batch brought leaves in one send per connection, not one per completion.
     fn mark(&mut self, token: Token) {
-        if let Some(conn) = self.conn(token).filter(|conn| !conn.is_dirty) {
-            conn.is_dirty = true;
-            self.dirty.push(token);
+        match self.sources.get_mut(token) {
+            Some(Source::Conn(conn)) if !conn.is_dirty => {
+                conn.is_dirty = true;
+                self.dirty.push(token);
+            }
+            _ => {}
         }
     }
 
@@ -325,13 +297,8 @@ impl Loop {
             self.ring.send(token, conn.connection.unsent());
         }
         // Backpressure: with no room the receive stays unarmed until a send drains.
-        // Input still being sent from a provided buffer counts against the bound too.
-        let in_flight = self.ring.sending_received(token);
-        let budget =
-            (conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES)).saturating_sub(in_flight);
-        if budget > 0 {
-            self.ring.arm_receive(token, budget);
-        }
+        let budget = conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES);
+        self.ring.arm_receive(token, budget);
         if conn.connection.is_finished() && !self.ring.is_sending(token) {
             let reason = (conn.connection).finish_reason(self.clock.drain_deadline().is_some());
             self.close(token, reason);
@@ -351,10 +318,10 @@ impl Loop {
         match result {
             Ok(datagram) => {
                 let peer = Peer::from_sock_addr(&datagram.sender);
-                let received = match datagram.is_truncated {
-                    true => net::Received::Truncated(datagram.full_len),
-                    false => net::Received::Whole(datagram.len),
-                };
+                let whole = net::Received::Whole(datagram.len);
+                let received = datagram
+                    .truncated_from
+                    .map_or(whole, net::Received::Truncated);
                 let (ring, sender) = (&self.ring, &datagram.sender);
                 let send = |reply: &[u8]| ring.send_datagram(token, sender, reply);
                 let bytes = ring.datagram_bytes(token, &datagram);
@@ -373,7 +340,7 @@ impl Loop {
             return;
         }
         for token in self.sources.tokens() {
-            let Some(conn) = self.conn(token) else {
+            let Some(Source::Conn(conn)) = self.sources.get_mut(token) else {
                 // A listener, a datagram socket, the shutdown eventfd: done with (only a
                 // connection's close is logged, so the reason goes unused).
                 self.close(token, CloseReason::Drained);

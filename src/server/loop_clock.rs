@@ -4,10 +4,11 @@
 //!
 //! The loop reads the clock once per batch of events ([`LoopClock::tick`]), asks how long
 //! it may sleep ([`LoopClock::timeout`]), and after each wait takes what came due: the
-//! listeners to accept on again, the connections idle for too long, the drain cut.
+//! listeners to accept on again ([`LoopClock::resume_next`]), and the connections to close
+//! ([`LoopClock::expired`]): those idle for too long, or all of them at the drain cut.
 
-use super::ACCEPT_PAUSE;
 use super::idle_wheel::IdleWheel;
+use super::{ACCEPT_PAUSE, CloseReason, Connection};
 use crate::slab::Token;
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,9 @@ pub struct LoopClock {
     now: Instant,
     /// Listeners that ran out of descriptors, and when they accept again.
     paused: Vec<(Instant, Token)>,
-    /// Connections by the tick at which they may be idle; `None` without `--idle-timeout`.
-    idle: Option<IdleWheel>,
+    /// Connections by the tick at which they may be idle, and `--idle-timeout`; `None`
+    /// without it.
+    idle: Option<(IdleWheel, Duration)>,
     /// Set when shutdown fired: stop accepting, send what is owed until then.
     drain_deadline: Option<Instant>,
 }
@@ -30,7 +32,7 @@ impl LoopClock {
         LoopClock {
             now: Instant::now(),
             paused: Vec::new(),
-            idle: idle_timeout.map(IdleWheel::new),
+            idle: idle_timeout.map(|timeout| (IdleWheel::new(timeout), timeout)),
             drain_deadline: None,
         }
     }
@@ -52,7 +54,7 @@ impl LoopClock {
         let at = pauses.chain(self.drain_deadline).min();
         let until = at.map(|at| at.saturating_duration_since(self.now));
         let wheel = self.idle.as_ref();
-        let idle = wheel.and_then(|wheel| wheel.time_to_next_tick(self.now));
+        let idle = wheel.and_then(|(wheel, _)| wheel.time_to_next_tick(self.now));
         until.into_iter().chain(idle).min()
     }
 
@@ -76,22 +78,45 @@ impl LoopClock {
 
     /// Watches a new connection for `--idle-timeout`, as if its input came now.
     pub fn watch(&mut self, token: Token) {
-        if let Some(wheel) = self.idle.as_mut() {
+        if let Some((wheel, _)) = self.idle.as_mut() {
             wheel.insert_at(token, self.now);
         }
     }
 
-    /// Pushes to `idle` the connections that sent nothing for `--idle-timeout`;
-    /// `last_input` says when one last had input (`None`: it is gone). See
-    /// [`IdleWheel::expire_idle`].
-    pub fn expire_idle(
+    /// The connections to close now, each with why: once the drain deadline has passed,
+    /// every one of `tokens()`, cut with what it still owes; before that, those that sent
+    /// nothing for `--idle-timeout`. `connection` finds a connection and when its input last
+    /// came (`None`: not a connection, or gone); one that does not wait for input now
+    /// (backpressure, flushing) is not idle, and is looked at again later.
+    pub fn expired<'a>(
         &mut self,
-        last_input: impl FnMut(Token) -> Option<Instant>,
-        idle: &mut Vec<Token>,
-    ) {
-        if let Some(wheel) = self.idle.as_mut() {
-            wheel.expire_idle(self.now, last_input, idle);
+        tokens: impl FnOnce() -> Vec<Token>,
+        mut connection: impl FnMut(Token) -> Option<(&'a Connection, Instant)>,
+    ) -> Vec<(Token, CloseReason)> {
+        let mut due = Vec::new();
+        if self.is_past_drain() {
+            for token in tokens() {
+                if let Some((cut, _)) = connection(token) {
+                    due.push((token, CloseReason::DrainTimeout { owed: cut.owed() }));
+                }
+            }
+        } else if let Some((wheel, timeout)) = self.idle.as_mut() {
+            let (now, mut idle) = (self.now, Vec::new());
+            let last_input = |token| {
+                let (connection, last_input) = connection(token)?;
+                Some(if connection.wants_read() {
+                    last_input
+                } else {
+                    now
+                })
+            };
+            wheel.expire_idle(now, last_input, &mut idle);
+            due.extend(
+                idle.into_iter()
+                    .map(|token| (token, CloseReason::Idle(*timeout))),
+            );
         }
+        due
     }
 
     /// Shutdown fired: the drain ends `drain_timeout` from now. Returns false if it had

@@ -197,14 +197,6 @@ impl Ring {
             .is_some_and(|io| io.is_in_flight(Op::Send))
     }
 
-    /// Bytes of a provided buffer that `token`'s send in flight reads
-    /// ([`Ring::send_received`]): sent input the caller no longer counts as owed.
-    pub fn sending_received(&self, token: Token) -> usize {
-        self.open_ref(token)
-            .and_then(|io| io.send_from.as_ref())
-            .map_or(0, Received::len)
-    }
-
     /// The descriptor of `token`'s open socket, for work the ring does not do (the
     /// lingering close duplicates it).
     pub fn fd(&self, token: Token) -> Option<BorrowedFd<'_>> {
@@ -255,7 +247,9 @@ impl Ring {
         }
     }
 
-    /// Arms a receive of at most `budget` bytes in total (no-op if armed or closed).
+    /// Arms a receive of at most `budget` bytes in total, less what a send from a provided
+    /// buffer still reads on `token` ([`Ring::take_received`]): input the caller no longer
+    /// holds, but owes until it is sent. No-op if armed, closed, or nothing is left.
     /// Completions come as [`Completion::Received`] until the budget is used up or the
     /// peer's EOF; then [`Ring::is_receiving`] turns false.
     pub fn arm_receive(&mut self, token: Token, budget: usize) {
@@ -263,7 +257,11 @@ impl Ring {
         let Some((io, fd)) = self.idle_for(token, Op::Receive) else {
             return;
         };
-        let budget = u32::try_from(budget).unwrap_or(u32::MAX).max(1);
+        let lent = io.send_from.as_ref().map_or(0, Received::len);
+        let budget = u32::try_from(budget.saturating_sub(lent)).unwrap_or(u32::MAX);
+        if budget == 0 {
+            return;
+        }
         io.budget = budget;
         io.received_since_arm = 0;
         let entry = if has_limit {
@@ -637,6 +635,13 @@ impl Ring {
 
 #[cfg(test)]
 impl Ring {
+    /// Bytes of a provided buffer that `token`'s send in flight reads.
+    pub(super) fn sending_received(&self, token: Token) -> usize {
+        self.open_ref(token)
+            .and_then(|io| io.send_from.as_ref())
+            .map_or(0, Received::len)
+    }
+
     /// Whether multishot receives take a total limit here (Linux 6.17+).
     pub(super) fn has_receive_limit(&self) -> bool {
         self.has_receive_limit
