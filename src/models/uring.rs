@@ -1,8 +1,8 @@
 //! `io_uring` (Linux 5.19+): the kernel performs the I/O and reports each finished operation.
 //!
 //! Step 11 of the ladder. Technique: a ring per loop; multishot accepts, multishot receives
-//! into buffers the kernel picks, and sends of the shared output buffer, all submitted in
-//! one system call per turn.
+//! into buffers the kernel picks, and echoes sent straight from the buffer they arrived in,
+//! all submitted in one system call per turn.
 //! Cost: a buffer lent to the kernel stays lent until its completion, even after a close
 //! (`sys/uring` keeps it), and every result arrives later, in another turn of the loop.
 //! Limit: Linux only; often disabled (sysctl kernel.io_uring_disabled, container seccomp).
@@ -26,7 +26,6 @@ use crate::server::{
     listener_transport, on_accept,
 };
 use crate::slab::{Slab, Token};
-use crate::sys::errno;
 use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -224,19 +223,16 @@ impl Loop {
             return;
         };
         let outcome = match result {
-            // ENOBUFS: every provided buffer was in use.
-            Err(e) if e.raw_os_error() == Some(errno::ENOBUFS) => Ok(false),
             // The ring's budget was the connection's read limit, so these bytes fit.
             Ok(Some(received)) => {
-                self.log
-                    .received(conn.connection.transport(), received.len());
-                // Write-through: with nothing owed and no send in flight, an echo leaves
-                // straight from the provided buffer (zero-copy).
-                conn.connection.lend_spare(&mut self.spare);
                 let connection = &mut conn.connection;
+                self.log.received(connection.transport(), received.len());
+                // Write-through: with nothing owed and no send in flight, an echo leaves
+                // straight from the provided buffer (zero-copy); anything else is copied.
+                connection.lend_spare(&mut self.spare);
                 let take = |bytes: &[u8], may_send| connection.receive_lent(bytes, may_send);
                 self.ring.take_received(token, received, take);
-                conn.connection.return_spare(&mut self.spare);
+                connection.return_spare(&mut self.spare);
                 Ok(true)
             }
             // EOF (`Ok(0)`) or an error.

@@ -41,6 +41,8 @@ const KEPT_SEND_BUFFER_BYTES: usize = 16 * 1024;
 /// At most this many send buffers wait for reuse between sends; a slot holds one only
 /// while its send is in flight, so an idle connection holds none.
 const SPARE_SEND_BUFFERS: usize = 16;
+/// At most one line per interval tells of receives that found no provided buffer.
+const RAN_OUT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// How long dropping a ring waits for cancelled operations before it leaks their buffers.
 const DROP_WAIT: Duration = Duration::from_secs(2);
 
@@ -80,7 +82,8 @@ struct SlotIo {
     fd: OwnedFd,
     /// Bits of the operations whose final completion has not arrived.
     in_flight: u8,
-    /// The budget of the receive in flight, kept to re-arm it single-shot.
+    /// The budget of the receive in flight, kept to re-arm it (single-shot, or after it
+    /// waited for a buffer).
     budget: u32,
     /// Bytes received since the receive was armed, checked against `budget`.
     received_since_arm: usize,
@@ -92,6 +95,8 @@ struct SlotIo {
     send_from: Option<Received>,
     /// Datagram sockets: one message each way.
     datagram: Option<Box<Datagram>>,
+    /// The receive ended for want of a provided buffer, and waits in `Ring::starved`.
+    is_starved: bool,
 }
 
 impl SlotIo {
@@ -118,6 +123,15 @@ pub struct Ring {
     has_receive_limit: bool,
     /// Provided buffers that sends read from now (at most `MAX_LENT_TO_SENDS`).
     lent_to_sends: u16,
+    /// Receives that ended because every provided buffer was in use (ENOBUFS), oldest
+    /// first. Each is armed again only after a buffer came back: armed at once, it would
+    /// fail the same way in every turn, and the loop would spin.
+    starved: VecDeque<Token>,
+    /// `ProvidedBuffers::given_back` when `starved` was last served.
+    given_back_seen: u64,
+    /// Receives that found no buffer: in all, as of the last line about them, and when
+    /// that line was written.
+    ran_out: (u64, u64, Option<Instant>),
 }
 
 impl Ring {
@@ -139,6 +153,9 @@ impl Ring {
             spare_sends: Vec::new(),
             has_receive_limit: true,
             lent_to_sends: 0,
+            starved: VecDeque::new(),
+            given_back_seen: 0,
+            ran_out: (0, 0, None),
         })
     }
 
@@ -171,6 +188,7 @@ impl Ring {
             send: Vec::new(),
             send_from: None,
             datagram,
+            is_starved: false,
         });
     }
 
@@ -187,8 +205,9 @@ impl Ring {
 
     /// Whether a receive is armed on `token`.
     pub fn is_receiving(&self, token: Token) -> bool {
-        self.open_ref(token)
-            .is_some_and(|io| io.is_in_flight(Op::Receive) || io.is_in_flight(Op::DatagramReceive))
+        self.open_ref(token).is_some_and(|io| {
+            io.is_in_flight(Op::Receive) || io.is_in_flight(Op::DatagramReceive) || io.is_starved
+        })
     }
 
     /// Whether a stream send on `token` has not completed.
@@ -249,19 +268,32 @@ impl Ring {
 
     /// Arms a receive of at most `budget` bytes in total, less what a send from a provided
     /// buffer still reads on `token` ([`Ring::take_received`]): input the caller no longer
-    /// holds, but owes until it is sent. No-op if armed, closed, or nothing is left.
+    /// holds, but owes until it is sent. No-op if armed, closed, or nothing is left; a
+    /// receive that waits for a provided buffer takes the new budget and stays waiting.
     /// Completions come as [`Completion::Received`] until the budget is used up or the
     /// peer's EOF; then [`Ring::is_receiving`] turns false.
     pub fn arm_receive(&mut self, token: Token, budget: usize) {
+        let Some((io, _)) = self.idle_for(token, Op::Receive) else {
+            return;
+        };
+        let lent = io.send_from.as_ref().map_or(0, Received::len);
+        io.budget = u32::try_from(budget.saturating_sub(lent)).unwrap_or(u32::MAX);
+        io.received_since_arm = 0;
+        if !io.is_starved {
+            self.submit_receive(token);
+        }
+    }
+
+    /// Submits a receive on `token`'s open slot for what is left of its budget.
+    fn submit_receive(&mut self, token: Token) {
         let has_limit = self.has_receive_limit;
         let Some((io, fd)) = self.idle_for(token, Op::Receive) else {
             return;
         };
-        let lent = io.send_from.as_ref().map_or(0, Received::len);
-        let budget = u32::try_from(budget.saturating_sub(lent)).unwrap_or(u32::MAX);
-        if budget == 0 {
+        let left = (io.budget as usize).saturating_sub(io.received_since_arm);
+        let Ok(budget @ 1..) = u32::try_from(left) else {
             return;
-        }
+        };
         io.budget = budget;
         io.received_since_arm = 0;
         let entry = if has_limit {
@@ -415,12 +447,14 @@ impl Ring {
         self.push(entry);
     }
 
-    /// Cancels the receive armed on `token`, if any; its last completion still arrives.
+    /// Cancels the receive armed on `token`, if any (or waiting for a buffer); it reports
+    /// nothing more.
     pub fn cancel_receive(&mut self, token: Token) {
-        if self
-            .open_ref(token)
-            .is_some_and(|io| io.is_in_flight(Op::Receive))
-        {
+        let Some(io) = self.open(token) else {
+            return;
+        };
+        io.is_starved = false;
+        if io.is_in_flight(Op::Receive) {
             self.cancel(Key::of(token), Op::Receive);
         }
     }
@@ -458,6 +492,7 @@ impl Ring {
     ///
     /// The OS error of `io_uring_enter`, other than an interrupted or timed-out wait.
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.serve_starved();
         self.flush_backlog()?;
         let result = match timeout {
             Some(timeout) => {
@@ -479,6 +514,51 @@ impl Ring {
                 Ok(())
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Arms again, oldest first, one receive that waits for a provided buffer for each
+    /// buffer given back since the last turn.
+    fn serve_starved(&mut self) {
+        let given_back = self.provided.given_back();
+        let mut fresh = given_back.wrapping_sub(self.given_back_seen);
+        self.given_back_seen = given_back;
+        while fresh > 0 {
+            let Some(token) = self.starved.pop_front() else {
+                break;
+            };
+            if let Some(io) = self.open(token).filter(|io| io.is_starved) {
+                io.is_starved = false;
+                self.submit_receive(token);
+                fresh -= 1;
+            }
+        }
+    }
+
+    /// A receive of `token` found every provided buffer in use: it waits in `starved`, and
+    /// the line that tells of such receives is written at most once an interval.
+    fn starve(&mut self, token: Token) {
+        self.starved.push_back(token);
+        if self.starved.len() > self.slots.len() {
+            // Entries of closed or cancelled receives: drop them (a bound on the queue).
+            let slots = &self.slots;
+            let is_waiting = |token: &Token| {
+                let io = slots.get(token.index()).and_then(Option::as_ref);
+                io.is_some_and(|io| io.token == *token && io.is_starved)
+            };
+            self.starved.retain(is_waiting);
+        }
+        let (total, logged, line) = &mut self.ran_out;
+        *total += 1;
+        let now = Instant::now();
+        if line.is_none_or(|at| now.duration_since(at) >= RAN_OUT_LOG_INTERVAL) {
+            tracing::warn!(
+                "io_uring: all {PROVIDED_BUFFERS} provided receive buffers were in use; {} \
+                 receives waited for one since the last such line (logged at most once a \
+                 second)",
+                *total - *logged
+            );
+            (*logged, *line) = (*total, Some(now));
         }
     }
 
@@ -554,8 +634,13 @@ impl Ring {
                     "io_uring: multishot receive limits unsupported; receiving single-shot"
                 );
                 self.has_receive_limit = false;
-                let budget = io.budget as usize;
-                self.arm_receive(token, budget);
+                self.submit_receive(token);
+                return None;
+            }
+            // Every provided buffer is in use: wait for one to come back (`serve_starved`).
+            Op::Receive if result == -libc::ENOBUFS => {
+                io.is_starved = true;
+                self.starve(token);
                 return None;
             }
             // Ended by `cancel_receive`: the caller stopped reading and expects nothing.
@@ -635,6 +720,11 @@ impl Ring {
 
 #[cfg(test)]
 impl Ring {
+    /// Receives that found every provided buffer in use, so far.
+    pub(super) fn starved_receives(&self) -> u64 {
+        self.ran_out.0
+    }
+
     /// Bytes of a provided buffer that `token`'s send in flight reads.
     pub(super) fn sending_received(&self, token: Token) -> usize {
         self.open_ref(token)

@@ -227,3 +227,60 @@ fn closing_with_bytes_received_keeps_every_buffer() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A receive that finds every provided buffer in use (ENOBUFS) reports nothing and waits:
+/// it is armed again only after a buffer comes back, not in every turn (which spun the
+/// loop), and then it gets its bytes.
+#[test]
+fn a_receive_without_a_buffer_waits_for_one() {
+    let mut ring = Ring::new().unwrap();
+    let mut tokens = Slab::default();
+    let mut peers = Vec::new();
+    let starving = usize::from(ring::PROVIDED_BUFFERS) + 3;
+    for _ in 0..starving {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let token = tokens.insert(());
+        ring.add(token, OwnedFd::from(ours));
+        theirs.write_all(b"0123456789").unwrap();
+        ring.arm_receive(token, 100);
+        peers.push((token, theirs));
+    }
+    // Hold every buffer the receives were given; three receives find none.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        ring.wait(Some(Duration::from_millis(10))).unwrap();
+        while let Some((token, completion)) = ring.next_completion() {
+            match completion {
+                Completion::Received(Ok(Some(received))) => held.push((token, received)),
+                other => panic!("only bytes are reported, not {other:?}"),
+            }
+        }
+    }
+    assert_eq!(held.len(), usize::from(ring::PROVIDED_BUFFERS));
+    assert_eq!(
+        ring.starved_receives(),
+        3,
+        "a receive without a buffer was armed again before one came back"
+    );
+    let is_held = |token: &Token| held.iter().any(|(t, _)| t == token);
+    let starved: Vec<Token> = (peers.iter().map(|(token, _)| *token))
+        .filter(|token| !is_held(token))
+        .collect();
+    assert_eq!(starved.len(), 3);
+    assert!(starved.iter().all(|token| ring.is_receiving(*token)));
+    // One buffer back: the oldest waiting receive is armed again and gets its bytes.
+    let (_, received) = held.pop().unwrap();
+    ring.recycle(received);
+    let (token, completion) = next_with_token(&mut ring);
+    assert!(starved.contains(&token), "{token:?} did not wait");
+    match completion {
+        Completion::Received(Ok(Some(received))) => {
+            assert_eq!(ring.received(&received), b"0123456789");
+            ring.recycle(received);
+        }
+        other => panic!("{other:?}"),
+    }
+    for (_, received) in held {
+        ring.recycle(received);
+    }
+}
