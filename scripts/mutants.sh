@@ -45,7 +45,8 @@
 # Servers a killed test left running (their test process is gone) are killed, by pid, as
 # soon as they are seen, and at the end of each stage every process started from the
 # mutants' target directory is killed. Prints each group's caught, missed, timed-out and
-# unviable counts, and the missed mutants.
+# unviable counts over all its stages, then each stage's, and the mutants still missed or
+# timed out after the last stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -181,17 +182,31 @@ run_stage() {
 
 # Runs a group: `run_group NAME "STAGE..." FILE...`, each stage the name of a test
 # selection above; the second and later stages test only what the earlier ones left.
+# Each stage's outcome lists are kept in STAGE.outcomes/ beside mutants.out, since the
+# next stage's mutants.out replaces them.
 run_group() {
     local group="$1" stages="$2"
     shift 2
-    local dir="$out/$group" started=$SECONDS iterate=no stage
+    local dir="$out/$group" started=$SECONDS iterate=no stage list
     mkdir -p "$dir"
+    rm -rf "$dir"/*.outcomes
     echo "$group:" >&2
     for stage in $stages; do
+        touch "$dir/$stage.started"
         run_stage "$dir" "$iterate" "$stage" "$@"
+        mkdir -p "$dir/$stage.outcomes"
+        # A stage left nothing to test writes no new mutants.out: it counts nothing.
+        if [[ $dir/mutants.out/outcomes.json -nt $dir/$stage.started ]]; then
+            for list in previously_caught caught missed timeout unviable; do
+                if [[ -f $dir/mutants.out/$list.txt ]]; then
+                    cp "$dir/mutants.out/$list.txt" "$dir/$stage.outcomes/"
+                fi
+            done
+        fi
+        rm -f "$dir/$stage.started"
         iterate=yes
     done
-    report "$group" "$dir/mutants.out" $((SECONDS - started))
+    report "$group" "$dir" "$stages" $((SECONDS - started))
 }
 
 # `grep -c` prints 0 itself on an empty file (and exits 1): count only when it exists.
@@ -199,24 +214,44 @@ count() {
     if [[ -f $1 ]]; then grep -c . "$1" || true; else echo 0; fi
 }
 
-# With `--iterate`, caught and unviable mutants of earlier stages are listed in
-# previously_caught.txt, and this stage's in caught.txt and unviable.txt.
+# The group's totals by outcome across its stages: a mutant a stage catches (or finds
+# unviable) is not tested again, so caught and unviable add up over the stages; what the
+# last stage missed or timed out on survived them all. Then each stage's own counts.
 report() {
-    local group="$1" dir="$2" seconds="$3"
+    local group="$1" dir="$2" stages="$3" seconds="$4"
+    local caught=0 unviable=0 stage first last before
+    read -r first _ <<<"$stages"
+    last="${stages##* }"
+    # A run resumed with --iterate starts from what an earlier run caught.
+    before="$(count "$dir/$first.outcomes/previously_caught.txt")"
+    for stage in $stages; do
+        caught=$((caught + $(count "$dir/$stage.outcomes/caught.txt")))
+        unviable=$((unviable + $(count "$dir/$stage.outcomes/unviable.txt")))
+    done
+    local missed timeout
+    missed="$(count "$dir/$last.outcomes/missed.txt")"
+    timeout="$(count "$dir/$last.outcomes/timeout.txt")"
     echo
-    echo "$group ($((seconds / 60)) min $((seconds % 60)) s):"
-    echo "  caught or unviable before the last stage: $(count "$dir/previously_caught.txt")"
-    echo "  caught:    $(count "$dir/caught.txt")"
-    echo "  missed:    $(count "$dir/missed.txt")"
-    echo "  timed out: $(count "$dir/timeout.txt")"
-    echo "  unviable:  $(count "$dir/unviable.txt")"
-    if [[ -s $dir/missed.txt ]]; then
-        echo "  missed mutants (each needs a test, or a reason in docs/testing.md):"
-        sed 's/^/    /' "$dir/missed.txt"
+    echo "$group ($((seconds / 60)) min $((seconds % 60)) s), every stage together:"
+    if [[ $before -gt 0 ]]; then
+        echo "  caught or unviable in an earlier run (--iterate): $before"
     fi
-    if [[ -s $dir/timeout.txt ]]; then
+    echo "  caught:    $caught"
+    echo "  missed:    $missed"
+    echo "  timed out: $timeout"
+    echo "  unviable:  $unviable"
+    for stage in $stages; do
+        local d="$dir/$stage.outcomes"
+        echo "  stage $stage: caught $(count "$d/caught.txt"), missed $(count "$d/missed.txt")," \
+            "timed out $(count "$d/timeout.txt"), unviable $(count "$d/unviable.txt")"
+    done
+    if [[ -s $dir/$last.outcomes/missed.txt ]]; then
+        echo "  missed mutants (each needs a test, or a reason in docs/testing.md):"
+        sed 's/^/    /' "$dir/$last.outcomes/missed.txt"
+    fi
+    if [[ -s $dir/$last.outcomes/timeout.txt ]]; then
         echo "  timed-out mutants (each needs a reason in docs/testing.md):"
-        sed 's/^/    /' "$dir/timeout.txt"
+        sed 's/^/    /' "$dir/$last.outcomes/timeout.txt"
     fi
 }
 

@@ -9,7 +9,7 @@ use clap::{CommandFactory, FromArgMatches, error::ErrorKind};
 use cli::{Cli, ClientArgs, Command, CompareArgs, LogFormat, ServeArgs};
 use reverb::addr::{Endpoint, ListenSpec};
 use reverb::models::{self, Model};
-use reverb::server::{Listeners, RunOptions, Shutdown};
+use reverb::server::{Listeners, OnServing, RunOptions, Shutdown};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -189,31 +189,38 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         },
         None => None,
     };
-    // Ready before the readiness lines, so whoever reads them finds /readyz agreeing.
     if let Some((metrics, _)) = &metrics {
         listeners.limits.metrics = *metrics;
-        metrics.set_ready(true);
     }
-    {
+    // STOPPING=1 is armed first: a manager may send SIGTERM as soon as it reads READY=1.
+    if let Err(e) = notifier.stopping_on_signals() {
+        tracing::warn!("cannot notify the service manager: {e}");
+    }
+    let mut names = listeners.names().to_vec();
+    names.extend(metrics.as_ref().map(|(_, addr)| format!("http://{addr}")));
+    let (model, metrics) = (args.model, metrics.map(|(metrics, _)| metrics));
+    // Told by the model once all its threads and loops run: a server that fails to start
+    // prints no `listening` line and never says READY=1.
+    let on_serving = OnServing::new(move || {
+        // Ready before the readiness lines, so whoever reads them finds /readyz agreeing.
+        if let Some(metrics) = metrics {
+            metrics.set_ready(true);
+        }
         let mut stdout = std::io::stdout().lock();
-        let metrics_name = metrics.as_ref().map(|(_, addr)| format!("http://{addr}"));
-        for name in listeners.names().iter().chain(&metrics_name) {
+        for name in &names {
             if writeln!(stdout, "listening {name}").is_err() {
                 break;
             }
         }
         let _ = stdout.flush();
-    }
-    // STOPPING=1 is armed first: a manager may send SIGTERM as soon as it reads READY=1.
-    if let Err(e) = notifier
-        .stopping_on_signals()
-        .and_then(|()| notifier.ready())
-    {
-        tracing::warn!("cannot notify the service manager: {e}");
-    }
-    tracing::info!("serving with model {}", args.model);
+        if let Err(e) = notifier.ready() {
+            tracing::warn!("cannot notify the service manager: {e}");
+        }
+        tracing::info!("serving with model {model}");
+    });
     let options = RunOptions {
         threads: args.threads.map(|n| n as usize),
+        on_serving,
     };
     match models::run(args.model, listeners, protocol, shutdown, options) {
         Ok(()) => {

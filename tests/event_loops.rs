@@ -5,7 +5,7 @@ mod common;
 
 use common::{Conn, PATIENCE, Server, pattern, reverb, round_trip};
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::process::{ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -78,11 +78,18 @@ fn exit_and_stderr(mut child: std::process::Child, what: &str) -> (ExitStatus, S
     (status, stderr)
 }
 
-/// Loop 1 of 3 cannot be set up (the loop helper's hidden test hook): the loops already
-/// built must stop, and `serve` exits 1 within [`START_FAILURE_LIMIT`] with one error line
-/// that names the loop.
+/// Loop 1 of 3 cannot be set up (the loop helper's hidden test hook, honoured by debug
+/// builds only): the loops already built must stop, and `serve` exits 1 within
+/// [`START_FAILURE_LIMIT`] with one error line that names the loop, having printed no
+/// `listening` line and told the service manager nothing (no `READY=1`).
 fn loop_that_cannot_start_stops_the_server(model: &str) {
-    let child = reverb()
+    if !cfg!(debug_assertions) {
+        common::skip("a release build ignores REVERB_TEST_FAIL_LOOP");
+        return;
+    }
+    let notify_path = common::temp_socket_path("notify");
+    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+    let mut child = reverb()
         .args([
             "serve",
             "--model",
@@ -93,11 +100,28 @@ fn loop_that_cannot_start_stops_the_server(model: &str) {
             "127.0.0.1:0",
         ])
         .env("REVERB_TEST_FAIL_LOOP", "1")
-        .stdout(Stdio::null())
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("reverb starts");
+    let mut stdout = child.stdout.take().expect("piped");
     let (status, stderr) = exit_and_stderr(child, &format!("{model}, after loop 1 failed"));
+    let mut printed = String::new();
+    stdout.read_to_string(&mut printed).expect("stdout");
+    assert_eq!(
+        printed, "",
+        "{model}: no readiness line from a server that did not start"
+    );
+    notify.set_nonblocking(true).unwrap();
+    let mut message = [0u8; 64];
+    let told = notify.recv(&mut message).map(|n| message[..n].to_vec());
+    assert!(
+        told.is_err(),
+        "{model}: the service manager was told {:?}",
+        told.map(|m| String::from_utf8_lossy(&m).into_owned())
+    );
+    let _ = std::fs::remove_file(&notify_path);
     assert_eq!(
         status.code(),
         Some(1),
@@ -351,4 +375,27 @@ fn forking_out_of_processes_goes_on_serving() {
     assert!(answered);
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// The hidden loop-failure hook takes a loop number; anything else is an error naming the
+/// variable, not a server started as if it were unset.
+#[test]
+fn fail_loop_hook_takes_a_loop_number() {
+    if !cfg!(debug_assertions) {
+        common::skip("a release build ignores REVERB_TEST_FAIL_LOOP");
+        return;
+    }
+    let child = reverb()
+        .args(["serve", "--model", "epoll", "--tcp", "127.0.0.1:0"])
+        .env("REVERB_TEST_FAIL_LOOP", "one")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("reverb starts");
+    let (status, stderr) = exit_and_stderr(child, "epoll, with REVERB_TEST_FAIL_LOOP=one");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("REVERB_TEST_FAIL_LOOP is \"one\": expected a loop number"),
+        "{stderr}"
+    );
 }

@@ -29,6 +29,9 @@ impl Stream {
                     Socket::new(Domain::for_address(*addr), Type::STREAM.nonblocking(), None)?;
                 socket.set_tcp_nodelay(true)?;
                 if let Some(ip) = source {
+                    // The port is chosen at connect, per destination, so a source address
+                    // is not used up by connections to other servers (ip(7)).
+                    crate::sys::bind_no_port::defer_port_to_connect(socket.as_fd())?;
                     socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
                 }
                 match socket.connect(&SockAddr::from(*addr)) {

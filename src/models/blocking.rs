@@ -28,28 +28,37 @@ pub fn run(
     shutdown: Shutdown,
     options: RunOptions,
 ) -> Result<(), ServeError> {
-    let RunOptions { threads: _ } = options;
+    let RunOptions {
+        threads: _,
+        on_serving,
+    } = options;
     let (counter, limits) = (listeners.counter.clone(), listeners.limits.clone());
-    serve_each_socket(&mut listeners, &protocol, &shutdown, |listener| {
-        let metrics = limits.metrics;
-        accept_until_shutdown(
-            listener,
-            &counter,
-            &shutdown,
-            metrics,
-            |stream, peer, _admission| {
-                // Served right here: the next accept waits until this client is done.
-                serve_connection(
-                    stream,
-                    peer,
-                    &protocol,
-                    &limits,
-                    &shutdown,
-                    LingerOn::ThisThread,
-                );
-            },
-        )
-    })?;
+    serve_each_socket(
+        &mut listeners,
+        &protocol,
+        &shutdown,
+        &on_serving,
+        |listener| {
+            let metrics = limits.metrics;
+            accept_until_shutdown(
+                listener,
+                &counter,
+                &shutdown,
+                metrics,
+                |stream, peer, _admission| {
+                    // Served right here: the next accept waits until this client is done.
+                    serve_connection(
+                        stream,
+                        peer,
+                        &protocol,
+                        &limits,
+                        &shutdown,
+                        LingerOn::ThisThread,
+                    );
+                },
+            )
+        },
+    )?;
     // Dropping the listeners removes the Unix socket files, once every thread is done.
     drop(listeners);
     Ok(())

@@ -50,7 +50,14 @@ pub fn run(
         Ok((Epoll::new()?, core))
     };
     let serve = |(epoll, core)| serve_loop(&epoll, core, loops > 1);
-    run_loops("epoll", sources, &shutdown, start, serve)?;
+    run_loops(
+        "epoll",
+        sources,
+        &shutdown,
+        &options.on_serving,
+        start,
+        serve,
+    )?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
     drop(listeners);
     Ok(())

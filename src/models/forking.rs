@@ -52,7 +52,10 @@ pub fn run(
     for socket in &listeners.datagrams {
         socket.set_nonblocking(true)?;
     }
-    let RunOptions { threads: _ } = options;
+    let RunOptions {
+        threads: _,
+        on_serving,
+    } = options;
     let most = (listeners.datagrams.iter()).map(DatagramSocket::max_datagram_bytes);
     let mut parent = Parent {
         buf: vec![0u8; most.max().unwrap_or(0)],
@@ -63,6 +66,7 @@ pub fn run(
         protocol: &protocol,
         shutdown: &shutdown,
     };
+    on_serving.serving();
     loop {
         parent.reap()?;
         let Parent { listeners, .. } = &parent;

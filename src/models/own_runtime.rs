@@ -41,7 +41,10 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    RunOptions { threads: loops, .. }: RunOptions,
+    RunOptions {
+        threads: loops,
+        on_serving,
+    }: RunOptions,
 ) -> Result<(), ServeError> {
     let loops = loops.unwrap_or_else(super::default_loops).max(1);
     // Every loop also answers datagrams, from duplicates of the same sockets.
@@ -51,6 +54,7 @@ pub fn run(
         "async",
         sources,
         &shutdown,
+        &on_serving,
         |_, sources| Ok((Runtime::new()?, sources, state())),
         |(runtime, sources, state)| serve_loop(&runtime, sources, &state, &shutdown),
     )?;

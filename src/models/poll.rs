@@ -31,8 +31,12 @@ pub fn run(
     // `entries[i]` is the descriptor of `tokens[i]`; both are rebuilt every turn.
     let mut entries: Vec<pollfd> = Vec::new();
     let mut tokens: Vec<Token> = Vec::new();
-    let RunOptions { threads: _ } = options;
     let mut core = ReadinessCore::single_loop(&mut listeners, protocol, shutdown, IdleCheck::Scan)?;
+    let RunOptions {
+        threads: _,
+        on_serving,
+    } = options;
+    on_serving.serving();
     while !core.is_finished() {
         entries.clear();
         tokens.clear();

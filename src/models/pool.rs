@@ -66,19 +66,26 @@ pub fn run(
                 )));
             }
         }
-        let served = serve_each_socket(&mut listeners, protocol, shutdown_ref, |listener| {
-            let queue = queue.clone();
-            accept_until_shutdown(
-                listener,
-                &counter,
-                shutdown_ref,
-                limits.metrics,
-                move |stream, peer, admission| {
-                    // Blocks while QUEUE_LEN connections already wait.
-                    let _ = queue.send((stream, peer, admission));
-                },
-            )
-        });
+        let on_serving = &options.on_serving;
+        let served = serve_each_socket(
+            &mut listeners,
+            protocol,
+            shutdown_ref,
+            on_serving,
+            |listener| {
+                let queue = queue.clone();
+                accept_until_shutdown(
+                    listener,
+                    &counter,
+                    shutdown_ref,
+                    limits.metrics,
+                    move |stream, peer, admission| {
+                        // Blocks while QUEUE_LEN connections already wait.
+                        let _ = queue.send((stream, peer, admission));
+                    },
+                )
+            },
+        );
         // The workers return once the queue is empty and its senders are gone; leaving
         // the scope joins them.
         drop(queue);

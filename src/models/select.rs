@@ -33,11 +33,15 @@ pub fn run(
     let (mut read, mut write) = (FdSet::new(), FdSet::new());
     // The sources watched this turn, each with its descriptor, to find them in the sets.
     let mut watched: Vec<(Token, RawFd)> = Vec::new();
-    let RunOptions { threads: _ } = options;
     let mut core = ReadinessCore::single_loop(&mut listeners, protocol, shutdown, IdleCheck::Scan)?;
     // Connections are refused at accept: passing their fd to FD_SET would write outside
     // the bitmap, and leaving them unwatched would hang their clients.
     core.refuse_fds_from(FD_SETSIZE, "FD_SETSIZE");
+    let RunOptions {
+        threads: _,
+        on_serving,
+    } = options;
+    on_serving.serving();
     while !core.is_finished() {
         read.clear();
         write.clear();

@@ -34,37 +34,46 @@ pub fn run(
     options: RunOptions,
 ) -> Result<(), ServeError> {
     let (counter, limits) = (listeners.counter.clone(), listeners.limits.clone());
-    let RunOptions { threads: _ } = options;
+    let RunOptions {
+        threads: _,
+        on_serving,
+    } = options;
     let (protocol, limits, shutdown_ref) = (&protocol, &limits, &shutdown);
-    serve_each_socket(&mut listeners, protocol, shutdown_ref, |listener| {
-        thread::scope(|connections| {
-            accept_until_shutdown(
-                listener,
-                &counter,
-                shutdown_ref,
-                limits.metrics,
-                |stream, peer, admission| {
-                    let spawned = thread::Builder::new()
-                        .stack_size(CONNECTION_STACK_BYTES)
-                        .spawn_scoped(connections, move || {
-                            serve_connection(
-                                stream,
-                                peer,
-                                protocol,
-                                limits,
-                                shutdown_ref,
-                                LingerOn::ThisThread,
-                            );
-                            drop(admission);
-                        });
-                    if let Err(e) = spawned {
-                        tracing::error!("cannot start a thread for a connection: {e}");
-                    }
-                },
-            )
-            // Leaving this scope waits for every connection thread to drain.
-        })
-    })?;
+    serve_each_socket(
+        &mut listeners,
+        protocol,
+        shutdown_ref,
+        &on_serving,
+        |listener| {
+            thread::scope(|connections| {
+                accept_until_shutdown(
+                    listener,
+                    &counter,
+                    shutdown_ref,
+                    limits.metrics,
+                    |stream, peer, admission| {
+                        let spawned = thread::Builder::new()
+                            .stack_size(CONNECTION_STACK_BYTES)
+                            .spawn_scoped(connections, move || {
+                                serve_connection(
+                                    stream,
+                                    peer,
+                                    protocol,
+                                    limits,
+                                    shutdown_ref,
+                                    LingerOn::ThisThread,
+                                );
+                                drop(admission);
+                            });
+                        if let Err(e) = spawned {
+                            tracing::error!("cannot start a thread for a connection: {e}");
+                        }
+                    },
+                )
+                // Leaving this scope waits for every connection thread to drain.
+            })
+        },
+    )?;
     // Dropping the listeners removes the Unix socket files, once every thread is done.
     drop(listeners);
     Ok(())

@@ -48,14 +48,22 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    RunOptions { threads, .. }: RunOptions,
+    RunOptions {
+        threads,
+        on_serving,
+    }: RunOptions,
 ) -> Result<(), ServeError> {
     let loops = threads.unwrap_or_else(super::default_loops);
     let sources = split_sources(&mut listeners, loops, false)?;
     let setup = |_, sources| build_loop(sources, TaskLoop::new(&protocol, &listeners), &shutdown);
-    run_loops("tokio", sources, &shutdown, setup, |(runtime, serve)| {
-        runtime.block_on(serve)
-    })?;
+    run_loops(
+        "tokio",
+        sources,
+        &shutdown,
+        &on_serving,
+        setup,
+        |(runtime, serve)| runtime.block_on(serve),
+    )?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
     drop(listeners);
     Ok(())

@@ -51,7 +51,15 @@ pub fn run(
     let sources = split_sources(&mut listeners, loops, true)?;
     let config = LoopConfig::new(&listeners, protocol, shutdown.clone());
     let setup = |_, sources| Loop::new(sources, config.clone());
-    run_loops("uring", sources, &shutdown, setup, Loop::serve).map_err(ServeError::Io)
+    run_loops(
+        "uring",
+        sources,
+        &shutdown,
+        &options.on_serving,
+        setup,
+        Loop::serve,
+    )
+    .map_err(ServeError::Io)
 }
 
 /// What a token names in a loop's slab: nearly always a connection, so that variant is

@@ -1079,6 +1079,31 @@ mod tests {
     }
 
     #[test]
+    fn closing_first_stops_reading_and_offers_what_is_owed() {
+        use std::io::Read;
+        let log = LoopLog::default();
+        let (stream, mut client) = socket_pair();
+        let mut conn = plain(&echo(), 64);
+        conn.receive(b"owed");
+        conn.close_first(&stream, &log);
+        assert!(!conn.wants_read(), "nothing more is read");
+        assert!(!conn.wants_write(), "the kernel took what was owed");
+        let mut got = [0u8; 4];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"owed");
+    }
+
+    #[test]
+    fn a_handler_runs_flagged_as_one() {
+        assert_eq!(
+            catch_handler_panic(&ip_peer(), is_in_handler).ok(),
+            Some(true),
+            "a panic hook tells a handler's panic from reverb's own"
+        );
+        assert!(!is_in_handler());
+    }
+
+    #[test]
     fn a_spare_allocation_is_lent_and_returned() {
         let mut conn = plain(&echo(), 4096);
         let mut spare = Vec::with_capacity(4096);

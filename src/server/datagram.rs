@@ -286,6 +286,47 @@ mod tests {
     }
 
     #[test]
+    fn answer_sends_the_reply_to_the_peer() {
+        use crate::protocol::ProtocolKind;
+        use std::net::UdpSocket;
+        use std::time::Duration;
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        server.set_nonblocking(true).unwrap();
+        let socket = DatagramSocket::Udp(server);
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let peer = Peer::Ip(client.local_addr().unwrap());
+        let protocol = Protocol::new(ProtocolKind::Lines, 64).with_prefix(b"> ");
+        let mut replier = DatagramReplier::new(protocol);
+        replier.answer(&socket, &peer, b"ping\n", &LoopLog::default());
+        let mut reply = [0u8; 64];
+        let n = client.recv(&mut reply).expect("the reply arrives");
+        assert_eq!(&reply[..n], b"> ping\n");
+    }
+
+    #[test]
+    fn an_error_of_the_socket_itself_stops_the_batch() {
+        use crate::protocol::ProtocolKind;
+        use std::net::{TcpListener, UdpSocket};
+        use std::os::fd::OwnedFd;
+        // A receive on a listening TCP socket fails with ENOTCONN: an error of the socket,
+        // about no peer, which must reach the model rather than be skipped `max` times.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let not_a_datagram_socket = UdpSocket::from(OwnedFd::from(listener));
+        not_a_datagram_socket.set_nonblocking(true).unwrap();
+        let socket = DatagramSocket::Udp(not_a_datagram_socket);
+        let mut replier = DatagramReplier::new(Protocol::new(ProtocolKind::Echo, 64));
+        let mut buf = [0u8; 64];
+        let result = replier.answer_queued(&socket, &mut buf, 8, &LoopLog::default());
+        assert_eq!(
+            result.map_err(|e| e.kind()),
+            Err(io::ErrorKind::NotConnected)
+        );
+    }
+
+    #[test]
     fn an_icmp_error_about_an_earlier_reply_is_skipped_and_the_next_datagram_answered() {
         use crate::protocol::ProtocolKind;
         use std::net::UdpSocket;

@@ -2,7 +2,7 @@
 //! several event loops: handing each loop its listeners, and a thread per loop behind one
 //! start gate.
 
-use super::{Listeners, Shutdown};
+use super::{Listeners, OnServing, Shutdown};
 use crate::net::{DatagramSocket, StreamListener};
 use std::io;
 use std::sync::{Condvar, Mutex, PoisonError};
@@ -81,18 +81,44 @@ pub fn listener_for_another_loop(listener: &StreamListener) -> io::Result<Stream
 
 /// Hidden, for tests only: `REVERB_TEST_FAIL_LOOP=N` makes the setup of loop `N` fail, so
 /// a test can prove that a server whose loop cannot start exits instead of hanging.
+/// Honoured by debug builds only (the tests run the debug binary): a release build never
+/// lets its environment break it.
 const FAIL_LOOP_VAR: &str = "REVERB_TEST_FAIL_LOOP";
+
+/// The loop [`FAIL_LOOP_VAR`] asks to fail, in a debug build.
+///
+/// # Errors
+///
+/// The variable is set to something other than a loop number.
+fn failing_loop() -> io::Result<Option<usize>> {
+    if !cfg!(debug_assertions) {
+        return Ok(None);
+    }
+    let Some(value) = std::env::var_os(FAIL_LOOP_VAR) else {
+        return Ok(None);
+    };
+    let number = value.to_str().and_then(|n| n.parse::<usize>().ok());
+    match number {
+        Some(n) => Ok(Some(n)),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{FAIL_LOOP_VAR} is {value:?}: expected a loop number (0, 1, ...)"),
+        )),
+    }
+}
 
 /// Starts one thread per loop, named `reverb-MODEL-INDEX`, and returns when all have
 /// returned.
 ///
 /// Each thread runs `setup(index, item)` to build its loop (epoll instance, runtime,
 /// ring, ...) and then waits at a start gate: no loop serves before every loop was built,
-/// because a busy first loop could use up the descriptors the others still need. If a
-/// thread cannot be spawned or a setup fails, the gate opens with the failure, the loops
-/// already built return without serving, and the error is returned: the server stops
-/// with one line instead of running crippled or waiting for ever. A loop that fails while
-/// serving fires `shutdown`, so the others drain and stop.
+/// because a busy first loop could use up the descriptors the others still need. Once
+/// the gate opens, the calling thread tells `on_serving`. If a thread cannot be spawned
+/// or a setup fails, the gate opens with the failure, the loops already built return
+/// without serving, `on_serving` is never told, and the error is returned: the server
+/// stops with one line instead of running crippled, waiting for ever, or announcing a
+/// readiness it does not have. A loop that fails while serving fires `shutdown`, so the
+/// others drain and stop.
 ///
 /// # Errors
 ///
@@ -101,12 +127,11 @@ pub fn run_loops<T: Send, L>(
     model: &str,
     items: Vec<T>,
     shutdown: &Shutdown,
+    on_serving: &OnServing,
     setup: impl Fn(usize, T) -> io::Result<L> + Sync,
     serve: impl Fn(L) -> io::Result<()> + Sync,
 ) -> io::Result<()> {
-    let failing_loop = std::env::var(FAIL_LOOP_VAR)
-        .ok()
-        .and_then(|n| n.parse::<usize>().ok());
+    let failing_loop = failing_loop()?;
     let gate = StartGate::new(items.len());
     let (gate, setup, serve) = (&gate, &setup, &serve);
     std::thread::scope(|scope| {
@@ -116,6 +141,8 @@ pub fn run_loops<T: Send, L>(
             let spawned = std::thread::Builder::new()
                 .name(format!("reverb-{model}-{index}"))
                 .spawn_scoped(scope, move || {
+                    // A setup that panics must open the gate too, or everyone waits.
+                    let arrival = Arrival(Some(gate));
                     let built = if failing_loop == Some(index) {
                         Err(io::Error::other(format!("{FAIL_LOOP_VAR} is {index}")))
                     } else {
@@ -124,14 +151,13 @@ pub fn run_loops<T: Send, L>(
                     let event_loop = match built {
                         Ok(event_loop) => event_loop,
                         Err(e) => {
-                            gate.fail();
                             return Err(io::Error::new(
                                 e.kind(),
                                 format!("cannot start {model} loop {index}: {e}"),
                             ));
                         }
                     };
-                    if !gate.arrive_and_wait() {
+                    if !arrival.arrive_and_wait() {
                         return Ok(());
                     }
                     let result = serve(event_loop);
@@ -152,6 +178,9 @@ pub fn run_loops<T: Send, L>(
                 }
             }
         }
+        if outcome.is_ok() && gate.wait_open() {
+            on_serving.serving();
+        }
         // Every started loop is joined before the first error is returned.
         for handle in handles {
             let result = (handle.join())
@@ -162,6 +191,25 @@ pub fn run_loops<T: Send, L>(
         }
         outcome
     })
+}
+
+/// A loop on its way to the start gate: if it leaves any other way (a failed or
+/// panicking setup), the gate opens with the failure.
+struct Arrival<'a>(Option<&'a StartGate>);
+
+impl Arrival<'_> {
+    /// This loop is built: see [`StartGate::arrive_and_wait`].
+    fn arrive_and_wait(mut self) -> bool {
+        self.0.take().is_some_and(StartGate::arrive_and_wait)
+    }
+}
+
+impl Drop for Arrival<'_> {
+    fn drop(&mut self) {
+        if let Some(gate) = self.0.take() {
+            gate.fail();
+        }
+    }
 }
 
 /// Holds every loop until all are built, or lets them all go at once when one failed.
@@ -193,6 +241,17 @@ impl StartGate {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.waiting_for = state.waiting_for.saturating_sub(1);
         self.changed.notify_all();
+        let state = self
+            .changed
+            .wait_while(state, |s| s.waiting_for > 0 && !s.has_failed)
+            .unwrap_or_else(PoisonError::into_inner);
+        !state.has_failed
+    }
+
+    /// Waits until every loop was built or one failed. Returns whether every loop was
+    /// built (the loops serve now).
+    fn wait_open(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let state = self
             .changed
             .wait_while(state, |s| s.waiting_for > 0 && !s.has_failed)

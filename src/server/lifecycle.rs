@@ -550,6 +550,149 @@ mod tests {
         assert_eq!(totals.sent_bytes(Transport::Tcp), 3);
     }
 
+    /// What `f` logs (every level), as the log's text lines.
+    fn logged(f: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl io::Write for Lines {
+            fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let text = Arc::new(Mutex::new(Vec::new()));
+        let writer = Arc::clone(&text);
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || Lines(Arc::clone(&writer)))
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = text.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    fn ip_peer() -> Peer {
+        Peer::Ip("127.0.0.1:40000".parse().unwrap())
+    }
+
+    #[test]
+    fn a_close_the_server_decides_is_logged_with_why() {
+        let log = LoopLog::default();
+        let line = |reason: CloseReason| logged(|| log.closed(&ip_peer(), Transport::Tcp, &reason));
+        for ordinary in [
+            CloseReason::PeerEof,
+            CloseReason::Quit,
+            CloseReason::Rejected,
+            CloseReason::Drained,
+            CloseReason::HandlerPanicked,
+        ] {
+            let text = line(ordinary);
+            assert!(text.is_empty(), "{text}");
+        }
+        let expected = [
+            (
+                CloseReason::Idle(Duration::from_millis(1500)),
+                "closing: idle for 1.5 s (--idle-timeout)",
+                "idle_timeout",
+            ),
+            (
+                CloseReason::OverLimit(3),
+                "refusing: already 3 connections open (--max-conns)",
+                "max_conns",
+            ),
+            (
+                CloseReason::DrainTimeout { owed: 5 },
+                "closing: drain timeout with 5 bytes still owed",
+                "drain_cut",
+            ),
+            (
+                CloseReason::CannotWatch("fd 1024 is past FD_SETSIZE".into()),
+                "closing: fd 1024 is past FD_SETSIZE",
+                "error",
+            ),
+            (
+                failed(io::ErrorKind::ConnectionReset),
+                "connection ended: ",
+                "reset",
+            ),
+        ];
+        for (reason, message, label) in expected {
+            let text = line(reason);
+            assert!(text.contains(message), "{text}");
+            assert!(text.contains(&format!("reason=\"{label}\"")), "{text}");
+            assert!(text.contains("127.0.0.1:40000"), "{text}");
+            assert_eq!(text.lines().count(), 1, "{text}");
+        }
+    }
+
+    #[test]
+    fn an_accept_pause_is_logged_with_its_length() {
+        let log = LoopLog::default();
+        let error = io::Error::from_raw_os_error(libc::EMFILE);
+        let text = logged(|| log.accept_paused("127.0.0.1:7", Transport::Tcp, &error));
+        assert!(
+            text.contains("accept failed: ") && text.contains("pausing accepts for 100 ms"),
+            "{text}"
+        );
+        assert!(text.contains("reason=\"accept_paused\""), "{text}");
+    }
+
+    #[test]
+    fn dropped_datagrams_are_logged_with_their_reason_at_most_once_a_second() {
+        let log = LoopLog::default();
+        let peer = ip_peer();
+        let text = logged(|| {
+            for _ in 0..3 {
+                log.dropped(
+                    &peer,
+                    Transport::Udp,
+                    &DatagramDrop::TooLarge {
+                        len: 70000,
+                        max: 65507,
+                    },
+                );
+            }
+        });
+        assert!(
+            text.contains("dropping a datagram of 70000 bytes: over 65507 bytes"),
+            "{text}"
+        );
+        assert!(text.contains("reason=\"too_large\""), "{text}");
+        assert_eq!(text.lines().count(), 1, "one line a second: {text}");
+        let would_block = io::Error::from(io::ErrorKind::WouldBlock);
+        let text = logged(|| {
+            log.reply_sent(&peer, Transport::Udp, &Err(would_block));
+        });
+        assert!(text.contains("cannot answer a datagram: "), "{text}");
+        assert!(
+            text.contains("reason=\"peer_not_reading\""),
+            "a full queue at the peer: {text}"
+        );
+        let unreachable = io::Error::from(io::ErrorKind::HostUnreachable);
+        let log = LoopLog::default();
+        let text = logged(|| {
+            log.dropped(
+                &peer,
+                Transport::Udp,
+                &DatagramDrop::SendFailed(&unreachable),
+            );
+        });
+        assert!(
+            text.contains("reason=\"error\""),
+            "any other failure: {text}"
+        );
+        let text = logged(|| log.reply_sent(&peer, Transport::Udp, &Ok(5)));
+        assert!(text.is_empty(), "a reply sent is no news: {text}");
+        let text = logged(|| {
+            log.dropped(&peer, Transport::Udp, &DatagramDrop::ReflectionGuard);
+        });
+        assert!(text.contains("reason=\"reflection_guard\""), "{text}");
+    }
+
     #[test]
     fn transports_are_named_by_the_socket() {
         let (stream, _other) = UnixStream::pair().unwrap();

@@ -39,6 +39,7 @@ pub use shutdown::Shutdown;
 use crate::metrics::Metrics;
 use std::io;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// Default `--max-buffer`: bytes owed to one peer before the server stops reading it.
@@ -88,6 +89,43 @@ pub struct RunOptions {
     /// `--threads`: worker threads (`pool`) or event loops (the multi-loop models);
     /// `None` is the model's default, and single-threaded models ignore it.
     pub threads: Option<usize>,
+    /// Called once every listener is being served: every thread, loop or worker the model
+    /// needs has started. Never called when the model fails to start.
+    pub on_serving: OnServing,
+}
+
+/// What to do once the server serves (print the `listening` lines, tell the service
+/// manager `READY=1`): run at most once, by the model, only after everything it needs has
+/// started, so that nobody is told "ready" by a server about to fail.
+#[derive(Clone, Default)]
+pub struct OnServing(Arc<Mutex<Option<Announcement>>>);
+
+/// What [`OnServing`] runs once.
+type Announcement = Box<dyn FnOnce() + Send>;
+
+impl OnServing {
+    /// Runs `announce` when the model serves.
+    pub fn new(announce: impl FnOnce() + Send + 'static) -> Self {
+        OnServing(Arc::new(Mutex::new(Some(Box::new(announce)))))
+    }
+
+    /// The model serves: runs the announcement, the first time only.
+    pub fn serving(&self) {
+        let announce = (self.0.lock())
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(announce) = announce {
+            announce();
+        }
+    }
+}
+
+impl std::fmt::Debug for OnServing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let lock = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = if lock.is_some() { "pending" } else { "done" };
+        f.debug_tuple("OnServing").field(&state).finish()
+    }
 }
 
 /// How the event loops of a multi-loop model take connections from one TCP address;
@@ -146,4 +184,17 @@ pub enum ServeError {
     /// The server failed while running.
     #[error("server failed: {0}")]
     Io(#[from] io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_librarys_defaults_are_the_command_lines() {
+        // docs/cli.md: `--max-buffer` defaults to 256K, `--drain-timeout` to 5 s.
+        let limits = Limits::default();
+        assert_eq!(limits.max_buffer_bytes, 256 * 1024);
+        assert_eq!(limits.drain_timeout, Duration::from_secs(5));
+    }
 }

@@ -13,7 +13,7 @@ use super::event_loops::LoopSources;
 use super::lifecycle::{CloseReason, Linger, LoopLog, close};
 use super::{
     ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DATAGRAM_BATCH, DatagramReplier,
-    Limits, Listeners, READ_BUFFER_BYTES, Shutdown,
+    Limits, Listeners, OnServing, READ_BUFFER_BYTES, Shutdown,
 };
 use crate::metrics::Metrics;
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
@@ -205,7 +205,8 @@ fn drive(
 
 /// Serves `listeners` from one thread per socket until shutdown fires: each stream
 /// listener's thread runs `accept_on(listener)`, each datagram socket's thread answers
-/// datagrams ([`serve_datagrams`]). Returns when every thread has returned.
+/// datagrams ([`serve_datagrams`]). Once every thread has started, `on_serving` is told.
+/// Returns when every thread has returned.
 ///
 /// # Errors
 ///
@@ -215,6 +216,7 @@ pub fn serve_each_socket(
     listeners: &mut Listeners,
     protocol: &Protocol,
     shutdown: &Shutdown,
+    on_serving: &OnServing,
     accept_on: impl Fn(&StreamListener) -> io::Result<()> + Sync,
 ) -> io::Result<()> {
     let sources = LoopSources::take_all(listeners);
@@ -243,6 +245,9 @@ pub fn serve_each_socket(
                     break;
                 }
             }
+        }
+        if outcome.is_ok() {
+            on_serving.serving();
         }
         for thread in threads {
             // A panicking thread is a bug in reverb: re-raise it rather than hide it.

@@ -9,6 +9,7 @@
 pub mod activation;
 pub mod affinity;
 pub mod async_fd;
+pub mod bind_no_port;
 pub mod datagram;
 pub mod epoll;
 pub mod errno;

@@ -305,6 +305,56 @@ fn sources_spread_connections() {
     assert!(bad.stderr.contains("runs backwards"), "{}", bad.stderr);
 }
 
+/// With `--source`, the local port is chosen at connect, per destination
+/// (IP_BIND_ADDRESS_NO_PORT), so one source address is not used up by connections to
+/// another server: two benches from the same address, to two servers, open more
+/// connections together than the address has ports. Runs in a network namespace of its
+/// own, whose port range is 8 ports (a plain bind to port 0 gives at most 8 in all).
+#[test]
+fn a_source_address_is_shared_between_destinations() {
+    const SCRIPT: &str = r#"
+        set -u
+        ip link set lo up
+        echo "40000 40007" > /proc/sys/net/ipv4/ip_local_port_range
+        "$1" serve --tcp 127.0.0.1:7101 --tcp 127.0.0.1:7102 >/dev/null 2>&1 & server=$!
+        trap 'kill $server' EXIT
+        for _ in $(seq 100); do
+            ss -Htln | grep -q ':7102' && break
+            sleep 0.05
+        done
+        run() { "$1" bench "127.0.0.1:$2" --json --conns 6 --duration 1 --warmup 0                     --source 127.0.0.1 2>/dev/null; }
+        run "$1" 7101 & first=$!
+        sleep 0.3
+        run "$1" 7102
+        wait $first
+    "#;
+    if !Command::new("unshare")
+        .args(["-n", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        println!("skipped: needs `unshare -n` (util-linux, as root) for a namespace of its own");
+        return;
+    }
+    let output = Command::new("timeout")
+        .args(["30", "unshare", "-n", "bash", "-c", SCRIPT, "script"])
+        .arg(super::REVERB)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run unshare");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let reports: Vec<Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {stdout}")))
+        .collect();
+    assert_eq!(reports.len(), 2, "{stdout}");
+    for report in reports {
+        assert_eq!(report["conns_established"], 6, "{report}");
+        assert_eq!(report["connect"]["errors"]["out_of_ports"], 0, "{report}");
+        assert_eq!(report["errors"], 0, "{report}");
+    }
+}
+
 #[test]
 fn every_connection_failed_reports_the_time_actually_run() {
     let port = TcpListener::bind("127.0.0.1:0")

@@ -26,6 +26,10 @@ impl Sink {
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        // A send of nothing is a wasted system call; a loop that keeps writing after the
+        // input is gone (or never counts what was taken) must fail, not hang.
+        assert!(!bytes.is_empty(), "offered a write of nothing");
+        assert!(self.next < 100_000, "still writing after 100000 writes");
         let step = self.script.get(self.next).copied();
         self.next += 1;
         let count = match step {
@@ -226,4 +230,159 @@ fn a_failed_write_through_closes_the_connection() {
         result.map_err(|e| e.kind()),
         Err(io::ErrorKind::ConnectionReset)
     );
+}
+
+/// A write that `f` answers, counting its calls, and failing the test past 100 of them
+/// (a loop that retries the same error forever).
+fn counted<'a>(
+    calls: &'a mut usize,
+    mut f: impl FnMut(usize, &[u8]) -> io::Result<usize> + 'a,
+) -> impl FnMut(&[u8]) -> io::Result<usize> + 'a {
+    move |bytes| {
+        *calls += 1;
+        assert!(*calls <= 100, "the same write retried 100 times");
+        f(*calls, bytes)
+    }
+}
+
+#[test]
+fn an_interrupted_write_through_is_tried_again() {
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    let mut calls = 0;
+    let sent = connection
+        .receive_through(
+            b"hello",
+            counted(&mut calls, |call, bytes| match call {
+                1 => Err(io::ErrorKind::Interrupted.into()),
+                _ => Ok(bytes.len()),
+            }),
+        )
+        .expect("EINTR is not a failure");
+    assert_eq!((sent, calls), (5, 2));
+    assert_eq!(connection.owed(), 0);
+}
+
+#[test]
+fn a_write_through_that_fails_is_not_tried_again() {
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    let mut calls = 0;
+    let result = connection.receive_through(
+        b"hello",
+        counted(&mut calls, |_, _| Err(io::ErrorKind::BrokenPipe.into())),
+    );
+    assert_eq!(result.map_err(|e| e.kind()), Err(io::ErrorKind::BrokenPipe));
+    assert_eq!(calls, 1);
+}
+
+#[test]
+fn a_kernel_that_takes_nothing_leaves_everything_owed() {
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    let mut calls = 0;
+    let sent = connection
+        .receive_through(b"hello", counted(&mut calls, |_, _| Ok(0)))
+        .expect("taking nothing is not a failure");
+    assert_eq!((sent, calls), (0, 1), "asked once, then left for writable");
+    assert_eq!(connection.unsent(), b"hello");
+    assert_eq!(connection.owed(), 5);
+}
+
+#[test]
+fn nothing_is_written_through_once_reading_stopped() {
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    connection.stop_reading();
+    let mut calls = 0;
+    let sent = connection
+        .receive_through(b"late", counted(&mut calls, |_, bytes| Ok(bytes.len())))
+        .expect("nothing is written");
+    assert_eq!(
+        (sent, calls),
+        (0, 0),
+        "bytes read during a drain owe nothing"
+    );
+    assert_eq!(connection.owed(), 0);
+}
+
+#[test]
+fn bytes_a_later_send_did_not_take_are_owed_first() {
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    let mut sink = Sink::new(vec![None]);
+    connection
+        .receive_through(b"cd", |bytes| sink.write(bytes))
+        .expect("WouldBlock is not a failure");
+    connection.owe_first(b"ab");
+    assert_eq!(connection.unsent(), b"abcd");
+    assert_eq!(connection.owed(), 4);
+}
+
+#[test]
+fn what_is_written_through_is_counted_as_sent() {
+    let metrics = crate::metrics::Metrics::new().expect("metrics");
+    let log = LoopLog::new(metrics);
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    let mut sink = Sink::new(vec![Some(3), None]);
+    let got = connection
+        .on_read_through(Ok(5), b"hello", &log, |bytes| sink.write(bytes))
+        .expect("the sink never fails");
+    assert!(got, "input arrived");
+    let totals = metrics.totals();
+    assert_eq!(totals.received_bytes(Transport::Tcp), 5);
+    assert_eq!(
+        totals.sent_bytes(Transport::Tcp),
+        3,
+        "only what the kernel took"
+    );
+    connection
+        .flush_with(|bytes| sink.write(bytes), &log)
+        .expect("the sink never fails");
+    assert_eq!(metrics.totals().sent_bytes(Transport::Tcp), 5);
+    assert_eq!(sink.taken, b"hello");
+}
+
+#[test]
+fn a_flush_tries_an_interrupted_write_again_and_stops_at_a_failure() {
+    let log = LoopLog::default();
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    connection.receive(b"hello");
+    let mut calls = 0;
+    connection
+        .flush_with(
+            counted(&mut calls, |call, bytes| match call {
+                1 => Err(io::ErrorKind::Interrupted.into()),
+                _ => Ok(bytes.len()),
+            }),
+            &log,
+        )
+        .expect("EINTR is not a failure");
+    assert_eq!(calls, 2);
+    assert!(!connection.wants_write());
+    connection.receive(b"again");
+    let mut calls = 0;
+    let result = connection.flush_with(
+        counted(&mut calls, |_, _| Err(io::ErrorKind::BrokenPipe.into())),
+        &log,
+    );
+    assert!(matches!(result, Err(CloseReason::Failed(_))), "{result:?}");
+    assert_eq!(calls, 1, "a failed write is not tried again");
+}
+
+#[test]
+fn the_server_ending_first_lingers_and_the_peers_eof_does_not() {
+    let log = LoopLog::default();
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    assert!(connection.needs_linger(), "the peer has not half-closed");
+    connection.stop_reading();
+    assert!(connection.needs_linger(), "a drain is the server's doing");
+    let mut connection = self::connection(&protocol, 1024);
+    connection
+        .on_read(Ok(0), &[], &log)
+        .expect("EOF is handled");
+    assert!(!connection.needs_linger(), "the peer half-closed first");
 }
