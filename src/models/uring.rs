@@ -51,15 +51,8 @@ pub fn run(
     let sources = split_sources(&mut listeners, loops, true)?;
     let config = LoopConfig::new(&listeners, protocol, shutdown.clone());
     let setup = |_, sources| Loop::new(sources, config.clone());
-    run_loops(
-        "uring",
-        sources,
-        &shutdown,
-        &options.on_serving,
-        setup,
-        Loop::serve,
-    )
-    .map_err(ServeError::Io)
+    let serving = &options.on_serving;
+    run_loops("uring", sources, &shutdown, serving, setup, Loop::serve).map_err(ServeError::Io)
 }
 
 /// What a token names in a loop's slab: nearly always a connection, so that variant is
@@ -185,17 +178,11 @@ impl Loop {
         }
     }
 
-    fn on_accept(
-        &mut self,
-        token: Token,
-        result: io::Result<OwnedFd>,
-        more: bool,
-    ) -> io::Result<()> {
+    fn on_accept(&mut self, token: Token, fd: io::Result<OwnedFd>, more: bool) -> io::Result<()> {
         let Some(Source::Listener { name, transport }) = self.sources.get(token) else {
             return Ok(());
         };
-        let accepted =
-            result.and_then(|fd| Stream::from_accepted(fd, *transport == Transport::Tcp));
+        let accepted = fd.and_then(|fd| Stream::from_accepted(fd, *transport == Transport::Tcp));
         match on_accept(accepted, name, *transport, &self.config.counter, &self.log)? {
             Accepted::Connection(stream, peer, admission) => self.admit(stream, peer, admission),
             Accepted::Paused => self.clock.pause(token),
