@@ -63,6 +63,7 @@ impl WriteBuffer {
     }
 
     /// The owed bytes, in order: what to offer the kernel next.
+    #[inline]
     pub fn unsent(&self) -> &[u8] {
         &self.bytes[self.start..]
     }
@@ -93,6 +94,7 @@ impl WriteBuffer {
     /// Lends `spare`'s allocation to this buffer while it holds none, so that the next
     /// [`WriteBuffer::push`] costs no allocation. An event loop keeps one spare and lends
     /// it to whichever connection it is serving.
+    #[inline]
     pub fn lend_spare(&mut self, spare: &mut Vec<u8>) {
         if self.bytes.capacity() == 0 {
             spare.clear();
@@ -103,6 +105,7 @@ impl WriteBuffer {
 
     /// Once nothing is owed, hands the allocation back to `spare` (or frees it when the
     /// spare already has one), so that an idle connection holds no heap bytes here.
+    #[inline]
     pub fn return_spare(&mut self, spare: &mut Vec<u8>) {
         if !self.is_empty() || self.bytes.capacity() == 0 {
             return;
@@ -117,16 +120,19 @@ impl WriteBuffer {
     }
 
     /// How many bytes are owed.
+    #[inline]
     pub fn len(&self) -> usize {
         self.bytes.len() - self.start
     }
 
     /// Whether nothing is owed.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Whether the owed bytes reached the bound: stop reading this peer until it drains.
+    #[inline]
     pub fn is_full(&self) -> bool {
         self.len() >= self.max_bytes
     }
@@ -138,11 +144,13 @@ impl WriteBuffer {
     }
 
     /// How many more bytes fit under the bound.
+    #[inline]
     pub fn room(&self) -> usize {
         self.max_bytes.saturating_sub(self.len())
     }
 
     /// Heap bytes held by this buffer, for memory accounting in tests.
+    #[inline]
     pub fn capacity(&self) -> usize {
         self.bytes.capacity()
     }

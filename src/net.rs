@@ -6,7 +6,7 @@
 
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
@@ -159,12 +159,11 @@ impl Stream {
     ///
     /// # Errors
     ///
-    /// The OS error of `read`, including `WouldBlock` on a non-blocking stream.
+    /// The OS error of `recvfrom`, including `WouldBlock` on a non-blocking stream.
+    #[inline]
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&*s).read(buf),
-            Stream::Unix(s) => (&*s).read(buf),
-        }
+        // Straight to `recvfrom`, without libc's cancellation bookkeeping (sys::stream).
+        crate::sys::stream::recv(self.as_fd(), buf)
     }
 
     /// Writes some prefix of `bytes` and returns its length; callers pass the count to
@@ -172,16 +171,15 @@ impl Stream {
     ///
     /// # Errors
     ///
-    /// The OS error of `write`, including `WouldBlock` on a non-blocking stream.
+    /// The OS error of `sendto`, including `WouldBlock` on a non-blocking stream.
+    #[inline]
     pub fn write(&self, bytes: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&*s).write(bytes),
-            Stream::Unix(s) => (&*s).write(bytes),
-        }
+        crate::sys::stream::send(self.as_fd(), bytes)
     }
 }
 
 impl AsFd for Stream {
+    #[inline]
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Stream::Tcp(s) => s.as_fd(),

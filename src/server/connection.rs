@@ -154,6 +154,7 @@ impl Connection {
 
     /// Whether to ask the kernel for input now: still reading, and the owed bytes are
     /// under the bound (backpressure: a peer that does not read stops being read).
+    #[inline]
     pub fn wants_read(&self) -> bool {
         self.is_reading
             && !self.out.is_full()
@@ -164,12 +165,14 @@ impl Connection {
     }
 
     /// Whether bytes are owed to the peer now.
+    #[inline]
     pub fn wants_write(&self) -> bool {
         !self.unsent().is_empty()
     }
 
     /// Whether everything is done: no more reading and nothing owed. The model then shuts
     /// down its write side (the peer reads EOF after the last reply) and closes.
+    #[inline]
     pub fn is_finished(&self) -> bool {
         if self.is_reading || !self.unsent().is_empty() {
             return false;
@@ -190,23 +193,26 @@ impl Connection {
     /// as fit under the bound, with the bytes the protocol holds and the ciphertext owed
     /// counted against it, once the protocol has expanded them; 0 when reading is off.
     /// TLS needs no margin: plaintext is never longer than the ciphertext carrying it.
+    #[inline]
     pub fn read_limit(&self, buf_len: usize) -> usize {
         if !self.wants_read() {
             return 0;
         }
         let wire = self.layers.as_ref().map_or(0, |layers| layers.wire.len());
-        // Echo holds nothing back and its reply is the input itself.
-        let (held, expansion) = match self.echoes_input {
-            true => (0, 1),
-            false => (self.session.held_bytes(), self.session.max_expansion()),
+        let room = self.out.room().saturating_sub(wire);
+        // Echo holds nothing back and its reply is the input itself: no division (tens of
+        // cycles) per message.
+        let room = match self.echoes_input {
+            true => room,
+            false => room.saturating_sub(self.session.held_bytes()) / self.session.max_expansion(),
         };
-        let room = self.out.room().saturating_sub(held + wire);
-        (room / expansion).clamp(1, buf_len)
+        room.clamp(1, buf_len)
     }
 
     /// Whether the reply to the next input is that input itself, owed right after what is
     /// owed now: stream `echo` with no layer, still reading. Only then may the input leave
     /// straight from the read buffer ([`Connection::receive_through`]).
+    #[inline]
     fn is_write_through(&self) -> bool {
         self.is_reading && self.layers.is_none() && self.echoes_input
     }
@@ -226,13 +232,14 @@ impl Connection {
     /// What `write` returned other than `WouldBlock` and `Interrupted` (the peer reset or
     /// went away): the connection must close. A handler panic ends reading, as with
     /// `receive`.
+    #[inline]
     pub fn receive_through(
         &mut self,
         input: &[u8],
         mut write: impl FnMut(&[u8]) -> io::Result<usize>,
     ) -> io::Result<usize> {
         let mut sent = 0;
-        if self.out.is_empty() && self.is_write_through() {
+        if self.may_write_through() {
             while sent < input.len() {
                 match write(&input[sent..]) {
                     // A kernel that takes nothing without saying WouldBlock is asked later.
@@ -566,6 +573,7 @@ impl Connection {
     /// # Errors
     ///
     /// Why the connection must close: the read or the write failed.
+    #[inline]
     pub fn on_read_through(
         &mut self,
         result: io::Result<usize>,
@@ -597,6 +605,7 @@ impl Connection {
     /// # Errors
     ///
     /// As [`Connection::on_read_through`].
+    #[inline(always)]
     pub fn read_from(
         &mut self,
         stream: &Stream,
@@ -617,7 +626,13 @@ impl Connection {
     /// # Errors
     ///
     /// The write failed (the peer reset or went away): the connection must close.
+    #[inline]
     pub fn flush_to(&mut self, stream: &Stream, log: &LoopLog) -> Result<(), CloseReason> {
+        // Checked here, inlined, because after a write-through nothing is owed: most calls
+        // then cost a compare, not a call.
+        if !self.wants_write() {
+            return Ok(());
+        }
         self.flush_with(|bytes| stream.write(bytes), log)
     }
 
@@ -677,6 +692,7 @@ impl Connection {
     }
 
     /// The owed bytes: offer them to the kernel.
+    #[inline]
     pub fn unsent(&self) -> &[u8] {
         match &self.layers {
             Some(layers) if layers.tls.is_some() => layers.wire.unsent(),
@@ -705,8 +721,19 @@ impl Connection {
         self.out.push_front(unsent);
     }
 
+    /// Whether the next input may leave straight from the read buffer
+    /// ([`Connection::receive_through`] with a real write): nothing owed, stream `echo`,
+    /// no layer. Such a connection needs no output allocation to be lent first: only
+    /// what the kernel does not take is copied, into an allocation of its own (a full send
+    /// buffer, rare), so a loop skips [`Connection::lend_spare`] and its swaps per message.
+    #[inline]
+    pub fn may_write_through(&self) -> bool {
+        self.out.is_empty() && self.is_write_through()
+    }
+
     /// Lends an event loop's spare output allocation to this connection (see
     /// [`WriteBuffer::lend_spare`]), so replies need no allocation of their own.
+    #[inline]
     pub fn lend_spare(&mut self, spare: &mut Vec<u8>) {
         if self.layers.is_none() {
             self.out.lend_spare(spare);
@@ -715,6 +742,7 @@ impl Connection {
 
     /// Gives the output allocation back once nothing is owed (see
     /// [`WriteBuffer::return_spare`]).
+    #[inline]
     pub fn return_spare(&mut self, spare: &mut Vec<u8>) {
         if self.layers.is_none() {
             self.out.return_spare(spare);

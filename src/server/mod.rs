@@ -197,4 +197,19 @@ mod tests {
         assert_eq!(limits.max_buffer_bytes, 256 * 1024);
         assert_eq!(limits.drain_timeout, Duration::from_secs(5));
     }
+
+    #[test]
+    fn the_announcement_runs_once_when_the_model_serves() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&runs);
+        let on_serving = OnServing::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(format!("{on_serving:?}"), r#"OnServing("pending")"#);
+        on_serving.clone().serving();
+        on_serving.serving();
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "a second loop says nothing");
+        assert_eq!(format!("{on_serving:?}"), r#"OnServing("done")"#);
+    }
 }

@@ -364,18 +364,29 @@ impl ReadinessCore {
     /// # Errors
     ///
     /// A listener or datagram socket that broke; a connection's error only closes it.
+    #[inline]
     pub fn handle(&mut self, token: Token, ready: Interest) -> io::Result<()> {
-        let streams = self.sources.streams.len();
         match token.reserved_index() {
-            None => self.serve(token, ready),
+            None => {
+                self.serve(token, ready);
+                Ok(())
+            }
+            Some(n) => self.handle_own(n),
+        }
+    }
+
+    /// Acts on one of the loop's own sockets found ready: reserved token `n`.
+    fn handle_own(&mut self, n: usize) -> io::Result<()> {
+        let streams = self.sources.streams.len();
+        match n {
             // Asked, not assumed: busy polling tries every source, the eventfd included.
-            Some(SHUTDOWN) if self.config.shutdown.is_fired() => self.begin_drain(),
-            Some(SHUTDOWN) => {}
+            SHUTDOWN if self.config.shutdown.is_fired() => self.begin_drain(),
+            SHUTDOWN => {}
             // Listeners and datagram sockets are no longer watched once draining; this
             // readiness came in the same turn as the shutdown.
-            Some(_) if self.is_draining() => {}
-            Some(n) if n <= streams => self.accept_ready(n - 1)?,
-            Some(n) => {
+            _ if self.is_draining() => {}
+            n if n <= streams => self.accept_ready(n - 1)?,
+            n => {
                 let index = n - 1 - streams;
                 let socket = &self.sources.datagrams[index];
                 let buf = &mut self.buf[..self.datagram_max[index]];
@@ -495,7 +506,9 @@ impl ReadinessCore {
             return;
         };
         let connection = &mut entry.connection;
-        connection.lend_spare(&mut self.spare);
+        if !connection.may_write_through() {
+            connection.lend_spare(&mut self.spare);
+        }
         let mut served = Ok(());
         if ready.readable && connection.wants_read() {
             let buf = &mut self.buf[..READ_BUFFER_BYTES];
@@ -526,6 +539,8 @@ impl ReadinessCore {
         }
     }
 
+    // Cold: once per connection, so it stays out of `serve`'s per-message path.
+    #[cold]
     fn close(&mut self, token: Token, reason: CloseReason) {
         let Some(mut entry) = self.connections.remove(token) else {
             return;

@@ -60,7 +60,9 @@ pub fn receive_into(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(_) => 0,
         };
-        SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
+        if !connection.may_write_through() {
+            SPARE.with_borrow_mut(|spare| connection.lend_spare(spare));
+        }
         let handed_over =
             connection.on_read_through(result, buf, log, |bytes| socket.write(bytes))?;
         Ok(handed_over.then_some(got))

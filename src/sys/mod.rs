@@ -21,6 +21,7 @@ pub mod rusage;
 pub mod select;
 pub mod shared_memory;
 pub mod signal;
+pub mod stream;
 pub mod uring;
 
 use std::io;

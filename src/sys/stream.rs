@@ -1,0 +1,94 @@
+//! Reading and writing a connected stream socket (TCP or Unix) with `recvfrom(2)` and
+//! `sendto(2)` made through `syscall(2)`, not through libc's `recv` and `send`.
+//!
+//! libc's `recv` and `send` are cancellation points: in a process with more than one
+//! thread (every server: its loops, its signal thread) glibc switches asynchronous
+//! cancellation on before each call and off after it, about 60 instructions per echoed
+//! message (a read and a write) that buy nothing here, since reverb never cancels a thread.
+//! A single-threaded C server skips them, and so does this file. The system calls, their
+//! flags and their errors are exactly those of `recv(fd, buf, len, 0)` and
+//! `send(fd, bytes, len, MSG_NOSIGNAL)`; `EINTR` is returned, not retried, as std does.
+
+use super::cvt;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// One `recvfrom` into `buf`: how many bytes arrived, `Ok(0)` for the peer's EOF.
+///
+/// # Errors
+///
+/// The OS error of `recvfrom`: `WouldBlock` on a non-blocking socket with nothing queued,
+/// `Interrupted`, a reset.
+#[inline]
+pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call,
+    // the two address pointers are null (no source address wanted), and `fd` is open
+    // (borrowed). The kernel writes at most `buf.len()` bytes and returns that count.
+    let n = cvt(unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            libc::c_long::from(fd.as_raw_fd()),
+            buf.as_mut_ptr(),
+            buf.len(),
+            0 as libc::c_long,
+            std::ptr::null_mut::<libc::sockaddr>(),
+            std::ptr::null_mut::<libc::socklen_t>(),
+        )
+    })?;
+    // Non-negative after cvt, and at most buf.len().
+    Ok(n as usize)
+}
+
+/// One `sendto` of `bytes` with `MSG_NOSIGNAL` (a peer that is gone is `EPIPE`, never
+/// `SIGPIPE`): how many bytes the kernel took, maybe fewer than offered.
+///
+/// # Errors
+///
+/// The OS error of `sendto`: `WouldBlock` when the send buffer is full, `Interrupted`,
+/// `EPIPE` or a reset when the peer is gone.
+#[inline]
+pub fn send(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `bytes` is valid for reads of `bytes.len()` bytes for the duration of the
+    // call, the destination address is null with length 0 (a connected socket), and `fd`
+    // is open (borrowed).
+    let n = cvt(unsafe {
+        libc::syscall(
+            libc::SYS_sendto,
+            libc::c_long::from(fd.as_raw_fd()),
+            bytes.as_ptr(),
+            bytes.len(),
+            libc::c_long::from(libc::MSG_NOSIGNAL),
+            std::ptr::null::<libc::sockaddr>(),
+            0 as libc::socklen_t,
+        )
+    })?;
+    // Non-negative after cvt, and at most bytes.len().
+    Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn bytes_sent_arrive_and_eof_and_errors_are_told_apart() {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 16];
+        let again = recv(b.as_fd(), &mut buf).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(send(a.as_fd(), b"hello").unwrap(), 5);
+        assert_eq!(recv(b.as_fd(), &mut buf[..3]).unwrap(), 3);
+        assert_eq!(&buf[..3], b"hel");
+        assert_eq!(recv(b.as_fd(), &mut buf).unwrap(), 2);
+        assert_eq!(&buf[..2], b"lo");
+        drop(a);
+        assert_eq!(recv(b.as_fd(), &mut buf).unwrap(), 0);
+        // The peer is gone: EPIPE, and no SIGPIPE kills the test.
+        let gone = send(b.as_fd(), b"x").unwrap_err();
+        assert_eq!(gone.kind(), io::ErrorKind::BrokenPipe);
+    }
+}
