@@ -17,7 +17,7 @@
 use crate::metrics::Transport;
 use crate::net::{self, Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
-use crate::server::loop_clock::LoopClock;
+use crate::server::loop_clock::{Expiring, LoopClock};
 use crate::server::readiness::LoopConfig;
 use crate::server::task::close_served;
 use crate::server::{
@@ -63,6 +63,15 @@ enum Source {
     Listener { name: String, transport: Transport },
     Datagrams(DatagramReplier, Transport),
     Shutdown,
+}
+
+impl Expiring for Source {
+    fn expiring(&mut self) -> Option<(&Connection, &mut Instant)> {
+        match self {
+            Source::Conn(conn) => Some((&conn.connection, &mut conn.last_input)),
+            _ => None,
+        }
+    }
 }
 
 /// One accepted stream and what the loop knows about it.
@@ -168,12 +177,7 @@ impl Loop {
         while let Some(listener) = self.clock.resume_next() {
             self.ring.arm_accept(listener);
         }
-        let sources = &self.sources;
-        let connection = |token| match sources.get(token)? {
-            Source::Conn(conn) => Some((&conn.connection, conn.last_input)),
-            _ => None,
-        };
-        for (token, reason) in self.clock.expired(|| sources.tokens(), connection) {
+        for (token, reason) in self.clock.expired(&mut self.sources) {
             self.close(token, reason);
         }
     }

@@ -9,8 +9,15 @@
 
 use super::idle_wheel::IdleWheel;
 use super::{ACCEPT_PAUSE, CloseReason, Connection};
-use crate::slab::Token;
+use crate::slab::{Slab, Token};
 use std::time::{Duration, Instant};
+
+/// A slab entry whose connection [`LoopClock::expired`] may close: the connection and when
+/// its input last came, or `None` for a source of another kind.
+pub trait Expiring {
+    /// The connection and when its input last came.
+    fn expiring(&mut self) -> Option<(&Connection, &mut Instant)>;
+}
 
 /// The timers of one event loop.
 #[derive(Debug)]
@@ -47,14 +54,25 @@ impl LoopClock {
         self.now
     }
 
-    /// How long the loop may sleep: until an accept pause ends, the next idle tick, or
-    /// the drain deadline; `None` when no timer runs.
+    /// Whether any timer runs (an accept pause, the idle wheel, the drain): a loop with
+    /// none need not read the clock at all.
+    pub fn is_timing(&self) -> bool {
+        self.idle.is_some() || !self.paused.is_empty() || self.drain_deadline.is_some()
+    }
+
+    /// How long the loop may sleep from the last [`LoopClock::tick`]: until an accept
+    /// pause ends, the next idle tick, or the drain deadline; `None` when no timer runs.
     pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_from(self.now)
+    }
+
+    /// As [`LoopClock::timeout`], counted from `now`.
+    pub fn timeout_from(&self, now: Instant) -> Option<Duration> {
         let pauses = self.paused.iter().map(|(until, _)| *until);
         let at = pauses.chain(self.drain_deadline).min();
-        let until = at.map(|at| at.saturating_duration_since(self.now));
+        let until = at.map(|at| at.saturating_duration_since(now));
         let wheel = self.idle.as_ref();
-        let idle = wheel.and_then(|(wheel, _)| wheel.time_to_next_tick(self.now));
+        let idle = wheel.and_then(|(wheel, _)| wheel.time_to_next_tick(now));
         until.into_iter().chain(idle).min()
     }
 
@@ -66,6 +84,11 @@ impl LoopClock {
     /// Whether `listener` waits for its accept pause to end.
     pub fn is_paused(&self, listener: Token) -> bool {
         self.paused.iter().any(|(_, paused)| *paused == listener)
+    }
+
+    /// Whether any listener waits for its accept pause to end.
+    pub fn is_pausing(&self) -> bool {
+        !self.paused.is_empty()
     }
 
     /// A listener whose accept pause has ended, to accept on again; `None` once none is
@@ -83,38 +106,33 @@ impl LoopClock {
         }
     }
 
-    /// The connections to close now, each with why: once the drain deadline has passed,
-    /// every one of `tokens()`, cut with what it still owes; before that, those that sent
-    /// nothing for `--idle-timeout`. `connection` finds a connection and when its input last
-    /// came (`None`: not a connection, or gone); one that does not wait for input now
-    /// (backpressure, flushing) is not idle, and is looked at again later.
-    pub fn expired<'a>(
-        &mut self,
-        tokens: impl FnOnce() -> Vec<Token>,
-        mut connection: impl FnMut(Token) -> Option<(&'a Connection, Instant)>,
-    ) -> Vec<(Token, CloseReason)> {
+    /// The connections of `entries` to close now, each with why: once the drain deadline
+    /// has passed, every one, cut with what it still owes; before that, those that sent
+    /// nothing for `--idle-timeout` while the loop waited for their input. One that does
+    /// not wait for input now (backpressure, flushing) is not idle: its idle time starts
+    /// again now, and it is looked at again later.
+    pub fn expired<E: Expiring>(&mut self, entries: &mut Slab<E>) -> Vec<(Token, CloseReason)> {
         let mut due = Vec::new();
         if self.is_past_drain() {
-            for token in tokens() {
-                if let Some((cut, _)) = connection(token) {
+            for token in entries.tokens() {
+                if let Some((cut, _)) = entries.get_mut(token).and_then(E::expiring) {
                     due.push((token, CloseReason::DrainTimeout { owed: cut.owed() }));
                 }
             }
         } else if let Some((wheel, timeout)) = self.idle.as_mut() {
             let (now, mut idle) = (self.now, Vec::new());
             let last_input = |token| {
-                let (connection, last_input) = connection(token)?;
-                Some(if connection.wants_read() {
-                    last_input
-                } else {
-                    now
-                })
+                let (connection, last_input) = entries.get_mut(token)?.expiring()?;
+                if !connection.wants_read() {
+                    *last_input = now;
+                }
+                Some(*last_input)
             };
             wheel.expire_idle(now, last_input, &mut idle);
-            due.extend(
-                idle.into_iter()
-                    .map(|token| (token, CloseReason::Idle(*timeout))),
-            );
+            let idle = idle
+                .into_iter()
+                .map(|token| (token, CloseReason::Idle(*timeout)));
+            due.extend(idle);
         }
         due
     }
