@@ -391,3 +391,32 @@ fn the_server_ending_first_lingers_and_the_peers_eof_does_not() {
         .expect("EOF is handled");
     assert!(!connection.needs_linger(), "the peer half-closed first");
 }
+
+#[test]
+fn an_echo_is_lent_to_a_later_send_only_when_nothing_is_owed() {
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    assert!(
+        connection.receive_lent(b"ab", true),
+        "sent from where it lies"
+    );
+    assert_eq!(connection.owed(), 0, "none of it owed here");
+    assert!(
+        !connection.receive_lent(b"cd", false),
+        "no send may start now"
+    );
+    assert_eq!(connection.unsent(), b"cd");
+    assert!(!connection.receive_lent(b"ef", true), "owed bytes go first");
+    assert_eq!(connection.unsent(), b"cdef");
+    let lines = Protocol::new(ProtocolKind::Lines, 1024).with_prefix(b"> ");
+    let mut connection = self::connection(&lines, 1024);
+    assert!(
+        !connection.receive_lent(b"x\n", true),
+        "the reply is not the input"
+    );
+    assert_eq!(connection.unsent(), b"> x\n");
+    let mut connection = self::connection(&protocol, 1024);
+    connection.stop_reading();
+    assert!(!connection.receive_lent(b"late", true), "reading is over");
+    assert_eq!(connection.owed(), 0);
+}
