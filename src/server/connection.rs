@@ -1420,6 +1420,35 @@ mod tests {
         assert!(conn.is_finished());
     }
 
+    /// Whether `peer` reads EOF within two seconds: every descriptor of the other end,
+    /// the setup deadline's duplicate too, is closed.
+    fn reads_eof(peer: &mut UnixStream) -> bool {
+        use std::io::Read;
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut byte = [0u8; 1];
+        matches!(peer.read(&mut byte), Ok(0))
+    }
+
+    #[test]
+    fn a_drain_during_setup_lets_go_of_the_deadlines_descriptor() {
+        // Behind PROXY, before the header.
+        let (socket, mut peer) = UnixStream::pair().unwrap();
+        let mut limits = limits(1024);
+        limits.layers.proxy_protocol = true;
+        let mut conn = Connection::new(&echo(), ip_peer(), &limits, socket.as_fd());
+        conn.stop_reading();
+        assert!(conn.is_finished());
+        drop((conn, socket));
+        assert!(reads_eof(&mut peer), "closed, not held until the deadline");
+        // During the TLS handshake.
+        let (mut conn, _client, (socket, mut peer)) =
+            over_tls(&echo(), 64 * 1024, Duration::from_secs(10));
+        conn.stop_reading();
+        assert!(conn.is_finished());
+        drop((conn, socket));
+        assert!(reads_eof(&mut peer), "closed, not held until the deadline");
+    }
+
     #[test]
     fn a_tls_panic_sends_the_replies_before_it_and_nothing_after() {
         use std::io::Write;
