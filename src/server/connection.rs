@@ -1175,6 +1175,12 @@ mod tests {
         assert_eq!(conn.peer().to_string(), "192.0.2.1:40001");
         assert_eq!(conn.unsent(), b"hello 192.0.2.1:40001\necho me");
         assert_eq!(conn.transport(), Transport::Tcp);
+        conn.advance(22);
+        assert_eq!(
+            conn.unsent(),
+            b"echo me",
+            "what the kernel took is not owed"
+        );
     }
 
     #[test]
