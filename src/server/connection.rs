@@ -1184,6 +1184,18 @@ mod tests {
     }
 
     #[test]
+    fn a_greeting_names_the_address_the_client_reached() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let reached = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(reached).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        let mut limits = limits(1024);
+        limits.layers.greeting = Some(Arc::new(Greeting::parse("via {local}\n").unwrap()));
+        let conn = Connection::new(&echo(), ip_peer(), &limits, socket.as_fd());
+        assert_eq!(conn.unsent(), format!("via {reached}\n").as_bytes());
+    }
+
+    #[test]
     fn a_bad_proxy_header_ends_the_connection() {
         let (mut conn, _keep) = behind_proxy(None);
         conn.receive(b"GET / HTTP/1.1\r\n\r\n");
