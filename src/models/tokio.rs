@@ -11,7 +11,8 @@
 //!
 //! Not `read(&mut buf).await`: as the `async` model explains (a buffer per waiting task),
 //! a task polls `poll_read` with its loop's one buffer and hands the bytes over at once.
-//! Idle timeout: one tokio timer per connection, reset whenever it starts waiting for input.
+//! Idle timeout: one tokio timer per connection, reset whenever input came; waiting to send
+//! counts too (`TaskWaits::receive` says why).
 //! Why one current-thread runtime per loop: docs/benchmarks.md, "Readiness ladder"; why
 //! they share one accept queue and only loop 0 answers datagrams: `AcceptQueues`, for
 //! every multi-loop model. Listeners and datagram sockets stay reverb's own types (they
@@ -21,7 +22,7 @@
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::stop_signal::StopWait;
-use crate::server::task::{SocketWaits, TaskLoop, TaskWaits, Woke};
+use crate::server::task::{Sent, SocketWaits, TaskLoop, TaskWaits, Woke};
 use crate::server::task::{accept_connections, answer_datagrams, close_served, converse};
 use crate::server::task_buffers::poll_receive;
 use crate::server::{ACCEPT_PAUSE, Admission, CloseReason, Connection, Listeners, LoopLog};
@@ -223,24 +224,30 @@ struct Task<'a> {
 }
 
 impl TaskWaits for Task<'_> {
-    async fn send_all(&mut self, bytes: &[u8]) -> Option<io::Result<()>> {
+    async fn send_all(&mut self, bytes: &[u8]) -> Sent {
+        let idle_timeout = self.state.limits.idle_timeout;
         tokio::select! {
             biased;
-            sent = self.stream.write_all(bytes) => Some(sent),
-            () = &mut self.cut => None,
+            sent = self.stream.write_all(bytes) => Sent::Done(sent),
+            () = &mut self.cut => Sent::Cut,
+            () = &mut self.idle, if idle_timeout.is_some() => {
+                Sent::Idle(idle_timeout.unwrap_or_default())
+            }
         }
     }
 
     async fn receive(&mut self, connection: &mut Connection) -> Woke {
         let idle_timeout = self.state.limits.idle_timeout;
-        if let Some(timeout) = idle_timeout {
-            self.idle.as_mut().reset(Instant::now() + timeout);
-        }
         let (stream, state) = (&mut *self.stream, self.state);
         let receive = poll_fn(|cx| state.with_log(|log| poll_receive(cx, stream, connection, log)));
         tokio::select! {
             biased;
-            received = receive => Woke::Received(received),
+            received = receive => {
+                if let Some(timeout) = idle_timeout {
+                    self.idle.as_mut().reset(Instant::now() + timeout);
+                }
+                Woke::Received(received)
+            }
             () = &mut self.draining => Woke::Draining,
             () = &mut self.idle, if idle_timeout.is_some() => {
                 Woke::Idle(idle_timeout.unwrap_or_default())

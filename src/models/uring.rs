@@ -212,10 +212,9 @@ impl Loop {
         while let Some(listener) = self.clock.resume_next() {
             self.ring.arm_accept(listener);
         }
-        let (sources, now, mut idle) = (&mut self.sources, self.clock.now(), Vec::new());
-        let last_input = |token| match sources.get_mut(token)? {
-            // Not waiting for input (backpressure, flushing): not idle, look later.
-            Source::Conn(conn) if !conn.connection.wants_read() => Some(now),
+        let (sources, mut idle) = (&self.sources, Vec::new());
+        // Replies owed to a peer that does not read them do not make it less idle.
+        let last_input = |token| match sources.get(token)? {
             Source::Conn(conn) => Some(conn.last_input),
             _ => None,
         };

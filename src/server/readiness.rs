@@ -280,7 +280,6 @@ impl ReadinessCore {
         let now = Instant::now();
         let scan = match (self.idle, self.config.limits.idle_timeout) {
             (Some(IdleCheck::Scan), Some(timeout)) => (self.connections.iter())
-                .filter(|(_, entry)| entry.connection.wants_read())
                 .map(|(_, entry)| entry.last_input + timeout)
                 .min()
                 .map(|deadline| deadline.saturating_duration_since(now)),
@@ -318,19 +317,14 @@ impl ReadinessCore {
             None => {}
             Some(IdleCheck::Scan) => idle.extend(
                 (self.connections.iter())
-                    .filter(|(_, e)| e.connection.wants_read() && now >= e.last_input + timeout)
+                    .filter(|(_, e)| now >= e.last_input + timeout)
                     .map(|(token, _)| token),
             ),
             Some(IdleCheck::Wheel) => {
-                let connections = &mut self.connections;
-                let last_input = |token| {
-                    let entry = connections.get_mut(token)?;
-                    if !entry.connection.wants_read() {
-                        // Not waiting for input (backpressure, flushing): not idle, look later.
-                        entry.last_input = now;
-                    }
-                    Some(entry.last_input)
-                };
+                // Replies owed to a peer that does not read them do not make it less
+                // idle: it would hold its place and its buffer for ever.
+                let connections = &self.connections;
+                let last_input = |token| Some(connections.get(token)?.last_input);
                 self.clock.expire_idle(last_input, &mut idle);
             }
         }
