@@ -572,6 +572,25 @@ mod tests {
         assert_eq!(totals.sent_bytes(Transport::Tcp), 3);
     }
 
+    #[test]
+    fn the_log_counts_datagram_bytes_in_and_out() {
+        let metrics = Metrics::new().expect("metrics");
+        let log = LoopLog::new(metrics);
+        let peer = ip_peer();
+        log.datagram_received(Transport::Udp, 5);
+        log.reply_sent(&peer, Transport::Udp, &Ok(7));
+        let would_block = io::Error::from(io::ErrorKind::WouldBlock);
+        log.reply_sent(&peer, Transport::Udp, &Err(would_block));
+        let totals = metrics.totals();
+        assert_eq!(totals.received_bytes(Transport::Udp), 5);
+        assert_eq!(
+            totals.sent_bytes(Transport::Udp),
+            7,
+            "a dropped reply sent nothing"
+        );
+        assert_eq!(totals.received_bytes(Transport::Tcp), 0);
+    }
+
     /// What `f` logs (every level), as the log's text lines.
     fn logged(f: impl FnOnce()) -> String {
         use std::sync::{Arc, Mutex};
