@@ -178,7 +178,7 @@ fn serve_connection(
         };
         let reason = converse(&mut task, &mut connection).await;
         let fd = stream.get_ref().as_fd();
-        state.with_log(|log| close_served(fd, &mut connection, reason, log, place));
+        state.with_log(|log| close_served(fd, &mut connection, reason, log, place, false));
     }
 }
 

@@ -210,7 +210,7 @@ async fn serve(stream: Stream, peer: Peer, place: Admission, state: Arc<TaskLoop
     let reason = converse(&mut task, &mut connection).await;
     drop(task);
     let fd = stream.as_fd();
-    state.with_log(|log| close_served(fd, &mut connection, reason, log, place));
+    state.with_log(|log| close_served(fd, &mut connection, reason, log, place, false));
 }
 
 /// How a connection's task waits under tokio: `select!` over the socket, the loop's

@@ -18,7 +18,7 @@
 use super::accept::{Accepted, accept_and_admit};
 use super::event_loops::LoopSources;
 use super::lifecycle::{CloseReason, Ending, Linger, LoopLog, close, end, stream_transport};
-use super::loop_clock::LoopClock;
+use super::loop_clock::{Expiring, LoopClock};
 use super::{
     Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners, Protocol,
     READ_BUFFER_BYTES, Shutdown,
@@ -88,6 +88,12 @@ struct Entry {
     /// This connection's place under `--max-conns`, held until its socket is closed
     /// (after the lingering close, if it gets one).
     place: Admission,
+}
+
+impl Expiring for Entry {
+    fn expiring(&mut self) -> Option<(&Connection, &mut Instant)> {
+        Some((&self.connection, &mut self.last_input))
+    }
 }
 
 /// One loop's sockets and connections, and everything it does with them except waiting.
@@ -299,37 +305,18 @@ impl ReadinessCore {
         while let Some(listener) = self.clock.resume_next() {
             self.changed.push(listener);
         }
-        if self.clock.is_past_drain() {
-            for token in self.connections.tokens() {
-                let owed = self
-                    .connections
-                    .get(token)
-                    .map_or(0, |e| e.connection.owed());
-                self.close(token, CloseReason::DrainTimeout { owed });
-            }
-            return;
-        }
-        let Some(timeout) = self.config.limits.idle_timeout else {
-            return;
-        };
-        let mut idle = Vec::new();
-        match self.idle {
-            None => {}
-            Some(IdleCheck::Scan) => idle.extend(
-                (self.connections.iter())
+        let mut due = self.clock.expired(&mut self.connections);
+        let idle_timeout = self.config.limits.idle_timeout;
+        if let (Some(IdleCheck::Scan), Some(timeout)) = (self.idle, idle_timeout) {
+            if !self.clock.is_past_drain() {
+                let idle = (self.connections.iter())
                     .filter(|(_, e)| now >= e.last_input + timeout)
-                    .map(|(token, _)| token),
-            ),
-            Some(IdleCheck::Wheel) => {
-                // Replies owed to a peer that does not read them do not make it less
-                // idle: it would hold its place and its buffer for ever.
-                let connections = &self.connections;
-                let last_input = |token| Some(connections.get(token)?.last_input);
-                self.clock.expire_idle(last_input, &mut idle);
+                    .map(|(token, _)| (token, CloseReason::Idle(timeout)));
+                due.extend(idle);
             }
         }
-        for token in idle {
-            self.close(token, CloseReason::Idle(timeout));
+        for (token, reason) in due {
+            self.close(token, reason);
         }
     }
 
