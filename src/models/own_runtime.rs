@@ -1,7 +1,7 @@
 //! `async`: reverb's own runtime (`crate::runtime`): a task per connection on our epoll reactor.
 //!
-//! Technique: step 9 of the ladder. `--threads` runtimes, each on its own thread with its
-//! own accept queue (`AcceptQueues` explains why); every connection is one task (asyncio's `start_server`)
+//! Technique: step 9 of the ladder. `--threads` runtimes, each on its own thread and accept
+//! queue (`AcceptQueues` says why); every connection is one task (asyncio's `start_server`)
 //! written as straight-line code: `write_all(..).await` what is owed, `ready().await` for
 //! input, read it, hand it to `Connection` (those steps, shared with `tokio`, are
 //! `server::task`; this file says how this runtime waits).
@@ -14,8 +14,7 @@
 //! 10,000 idle ones), and it cost 2 to 11 % more CPU per message at 50 and 500 connections
 //! in a before/after run. A task awaits `ready()`, then `try_read`s into its loop's buffer.
 //!
-//! Idle timeout: one runtime timer per connection, moved to "now + timeout" whenever input
-//! came; waiting to send counts too (`TaskWaits::receive` says why).
+//! Idle timeout: one runtime timer per connection, reset whenever input came (`TaskWaits`).
 
 use crate::net::{Peer, Stream};
 use crate::runtime::{self, Async, Direction, Runtime, unless};
@@ -41,12 +40,9 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    RunOptions {
-        threads: loops,
-        on_serving,
-    }: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = loops.unwrap_or_else(super::default_loops).max(1);
+    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
     // Every loop also answers datagrams, from duplicates of the same sockets.
     let sources = split_sources(&mut listeners, loops, true)?;
     let state = || Rc::new(TaskLoop::new(&protocol, &listeners));
@@ -54,7 +50,7 @@ pub fn run(
         "async",
         sources,
         &shutdown,
-        &on_serving,
+        &options.on_serving,
         |_, sources| Ok((Runtime::new()?, sources, state())),
         |(runtime, sources, state)| serve_loop(&runtime, sources, &state, &shutdown),
     )?;
@@ -197,7 +193,7 @@ impl TaskWaits for Task<'_> {
         match unless(is_cut, self.idle.as_mut(), sending).await {
             Some(sent) => Sent::Done(sent),
             None if is_cut() => Sent::Cut,
-            None => Sent::Idle(self.state.limits.idle_timeout.unwrap_or_default()),
+            None => Sent::Idle,
         }
     }
 
@@ -213,7 +209,7 @@ impl TaskWaits for Task<'_> {
                 Woke::Received(received)
             }
             None if is_draining() => Woke::Draining,
-            None => Woke::Idle(timeout),
+            None => Woke::Idle,
         }
     }
 

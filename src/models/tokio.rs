@@ -11,8 +11,7 @@
 //!
 //! Not `read(&mut buf).await`: as the `async` model explains (a buffer per waiting task),
 //! a task polls `poll_read` with its loop's one buffer and hands the bytes over at once.
-//! Idle timeout: one tokio timer per connection, reset whenever input came; waiting to send
-//! counts too (`TaskWaits::receive` says why).
+//! Idle timeout: one tokio timer per connection, reset whenever input came (`TaskWaits`).
 //! Why one current-thread runtime per loop: docs/benchmarks.md, "Readiness ladder"; why
 //! they share one accept queue and only loop 0 answers datagrams: `AcceptQueues`, for
 //! every multi-loop model. Listeners and datagram sockets stay reverb's own types (they
@@ -49,22 +48,14 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    RunOptions {
-        threads,
-        on_serving,
-    }: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = threads.unwrap_or_else(super::default_loops);
+    let loops = options.threads.unwrap_or_else(super::default_loops);
     let sources = split_sources(&mut listeners, loops, false)?;
     let setup = |_, sources| build_loop(sources, TaskLoop::new(&protocol, &listeners), &shutdown);
-    run_loops(
-        "tokio",
-        sources,
-        &shutdown,
-        &on_serving,
-        setup,
-        |(runtime, serve)| runtime.block_on(serve),
-    )?;
+    let serve = |(runtime, serve): (Runtime, _)| runtime.block_on(serve);
+    let on_serving = &options.on_serving;
+    run_loops("tokio", sources, &shutdown, on_serving, setup, serve)?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
     drop(listeners);
     Ok(())
@@ -225,14 +216,12 @@ struct Task<'a> {
 
 impl TaskWaits for Task<'_> {
     async fn send_all(&mut self, bytes: &[u8]) -> Sent {
-        let idle_timeout = self.state.limits.idle_timeout;
+        let is_timed = self.state.limits.idle_timeout.is_some();
         tokio::select! {
             biased;
             sent = self.stream.write_all(bytes) => Sent::Done(sent),
             () = &mut self.cut => Sent::Cut,
-            () = &mut self.idle, if idle_timeout.is_some() => {
-                Sent::Idle(idle_timeout.unwrap_or_default())
-            }
+            () = &mut self.idle, if is_timed => Sent::Idle,
         }
     }
 
@@ -249,9 +238,7 @@ impl TaskWaits for Task<'_> {
                 Woke::Received(received)
             }
             () = &mut self.draining => Woke::Draining,
-            () = &mut self.idle, if idle_timeout.is_some() => {
-                Woke::Idle(idle_timeout.unwrap_or_default())
-            }
+            () = &mut self.idle, if idle_timeout.is_some() => Woke::Idle,
         }
     }
 

@@ -22,7 +22,6 @@ use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::protocol::Protocol;
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::time::Duration;
 
 /// What every task of one loop reads.
 #[derive(Debug)]
@@ -66,9 +65,9 @@ pub enum Sent {
     Done(io::Result<()>),
     /// The drain timeout passed first.
     Cut,
-    /// The peer sent nothing for `--idle-timeout`, which is this long, while it did not
-    /// take its replies either.
-    Idle(Duration),
+    /// The peer sent nothing for `--idle-timeout`, while it did not take its replies
+    /// either.
+    Idle,
 }
 
 /// What ended a task's wait for input.
@@ -78,8 +77,8 @@ pub enum Woke {
     Received(Result<(), CloseReason>),
     /// Shutdown began: read nothing more, send what is owed.
     Draining,
-    /// Nothing came for `--idle-timeout`, which is this long.
-    Idle(Duration),
+    /// Nothing came for `--idle-timeout`.
+    Idle,
 }
 
 /// How a model's runtime lets a connection task wait: the one thing the task models differ
@@ -111,7 +110,7 @@ pub async fn converse(task: &mut impl TaskWaits, connection: &mut Connection) ->
             let owed = connection.owed();
             match task.send_all(connection.unsent()).await {
                 Sent::Cut => return CloseReason::DrainTimeout { owed },
-                Sent::Idle(timeout) => return CloseReason::Idle(timeout),
+                Sent::Idle => return idle(task),
                 Sent::Done(Err(e)) => return CloseReason::Failed(e),
                 Sent::Done(Ok(())) => {}
             }
@@ -130,9 +129,14 @@ pub async fn converse(task: &mut impl TaskWaits, connection: &mut Connection) ->
             // Shutdown began: stop reading at the top of the loop.
             Woke::Received(Ok(())) | Woke::Draining => {}
             Woke::Received(Err(reason)) => return reason,
-            Woke::Idle(timeout) => return CloseReason::Idle(timeout),
+            Woke::Idle => return idle(task),
         }
     }
+}
+
+/// Why a connection that sent nothing for `--idle-timeout` closes.
+fn idle(task: &impl TaskWaits) -> CloseReason {
+    CloseReason::Idle(task.state().limits.idle_timeout.unwrap_or_default())
 }
 
 /// Ends a connection for `reason`, and logs it: the one close of the models whose runtime
