@@ -517,20 +517,20 @@ impl Ring {
         }
     }
 
-    /// Arms again, oldest first, one receive that waits for a provided buffer for each
-    /// buffer given back since the last turn.
+    /// Arms again, oldest first, every receive that waits for a provided buffer, once a
+    /// buffer was given back since the last turn. (One receive per buffer given back left
+    /// the waiting ones behind the receives still armed, which take buffers as fast: the
+    /// tail of a burst grew by half.)
     fn serve_starved(&mut self) {
         let given_back = self.provided.given_back();
-        let mut fresh = given_back.wrapping_sub(self.given_back_seen);
+        if given_back == self.given_back_seen {
+            return;
+        }
         self.given_back_seen = given_back;
-        while fresh > 0 {
-            let Some(token) = self.starved.pop_front() else {
-                break;
-            };
+        while let Some(token) = self.starved.pop_front() {
             if let Some(io) = self.open(token).filter(|io| io.is_starved) {
                 io.is_starved = false;
                 self.submit_receive(token);
-                fresh -= 1;
             }
         }
     }

@@ -268,7 +268,8 @@ fn a_receive_without_a_buffer_waits_for_one() {
         .collect();
     assert_eq!(starved.len(), 3);
     assert!(starved.iter().all(|token| ring.is_receiving(*token)));
-    // One buffer back: the oldest waiting receive is armed again and gets its bytes.
+    // A buffer back: the waiting receives are armed again, the oldest first, and it gets
+    // its bytes.
     let (_, received) = held.pop().unwrap();
     ring.recycle(received);
     let (token, completion) = next_with_token(&mut ring);
