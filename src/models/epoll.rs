@@ -14,10 +14,8 @@
 //! lost. Level-triggered lets us read once per wake-up, as the C yardstick does, and makes
 //! backpressure a matter of dropping readable from the interest when the write buffer fills.
 //!
-//! Loops: every loop watches the same listeners and datagram sockets (one queue) with
-//! EPOLLEXCLUSIVE, so a connection wakes one idle loop, not all; after accepting, a loop
-//! re-adds the listener to move to the back of the wake-up queue, which spreads
-//! connections round the loops (`AcceptQueues`; measurements in docs/benchmarks.md).
+//! Loops: every loop watches the same listeners and datagram sockets, exclusively
+//! (`AcceptQueues` explains the choice for every multi-loop model).
 
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::readiness::{IdleCheck, Interest, LoopConfig, ReadinessCore};

@@ -5,34 +5,30 @@
 //! step 4 of the ladder). Datagrams get a child each too, as `ForkingUDPServer` does.
 //! Cost: a fork per client (page tables copied, copy-on-write faults) and a process each.
 //! Limit: processes are the heaviest unit of concurrency; the parent must reap every child
-//! (or zombies pile up) and must stay single-threaded to fork safely.
+//! (or zombies pile up; `server::children` does, and kills one stuck at shutdown) and must
+//! stay single-threaded to fork safely.
 //!
 //! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
 //! `poll` waits no longer than that connection's idle deadline.
 
-use crate::metrics::Transport;
-use crate::net::{DatagramSocket, Peer, Received};
-use crate::server::one_socket::{LingerOn, serve_connection};
+use crate::net::DatagramSocket;
+use crate::server::children::Children;
+use crate::server::one_socket::{LingerOn, pause_accepting, serve_connection};
 use crate::server::{
-    ACCEPT_PAUSE, Accepted, Admission, CloseReason, DatagramReplier, Listeners, LoopLog, Protocol,
-    RunOptions, ServeError, Shutdown, accept_and_admit, stream_transport,
+    Accepted, CloseReason, DatagramReplier, Listeners, LoopLog, Protocol, Receipt, RunOptions,
+    ServeError, Shutdown, accept_and_admit, receive_datagram, stream_transport,
 };
-use crate::server::{DatagramDrop, datagram_transport, is_per_peer_datagram_error, linger};
+use crate::server::{DatagramDrop, datagram_transport};
 use crate::sys::poll::{self, POLLIN};
-use crate::sys::process::{self, ChildEnd, Forked, Pid};
-use std::collections::HashMap;
+use crate::sys::process::{self, Forked};
 use std::io;
 use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How often the parent wakes to reap children when nothing else happens; a zombie waits
 /// at most this long.
 const REAP_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a child may outlive its drain and lingering bounds before it is killed, and
-/// then how long it gets to die after SIGKILL.
-const KILL_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves every listener with a child per connection until `shutdown` fires, then waits
 /// for the children to drain.
@@ -57,18 +53,19 @@ pub fn run(
         on_serving,
     } = options;
     let most = (listeners.datagrams.iter()).map(DatagramSocket::max_datagram_bytes);
+    let (metrics, drain_timeout) = (listeners.limits.metrics, listeners.limits.drain_timeout);
     let mut parent = Parent {
         buf: vec![0u8; most.max().unwrap_or(0)],
         replier: DatagramReplier::new(protocol.clone()),
-        log: LoopLog::new(listeners.limits.metrics),
-        children: Children::new(),
+        log: LoopLog::new(metrics),
+        children: Children::default(),
         listeners: &mut listeners,
         protocol: &protocol,
         shutdown: &shutdown,
     };
     on_serving.serving();
     loop {
-        parent.reap()?;
+        parent.children.reap(metrics, &parent.log)?;
         let Parent { listeners, .. } = &parent;
         let streams = listeners.streams.iter().map(AsFd::as_fd);
         let sockets = streams.chain(listeners.datagrams.iter().map(AsFd::as_fd));
@@ -87,7 +84,7 @@ pub fn run(
             }
         }
     }
-    parent.drain_children()?;
+    (parent.children).wait_for_drain(drain_timeout, metrics, &parent.log)?;
     Ok(())
 }
 
@@ -126,10 +123,8 @@ impl Parent<'_> {
         let (stream, peer, admission) = match accept_and_admit(listener, counter, &self.log)? {
             Accepted::Connection(stream, peer, admission) => (stream, peer, admission),
             Accepted::Again | Accepted::Empty => return Ok(()),
-            Accepted::Paused => {
-                thread::sleep(ACCEPT_PAUSE);
-                return Ok(());
-            }
+            // Shutdown ends the pause; the next poll sees it.
+            Accepted::Paused => return pause_accepting(self.shutdown).map(drop),
         };
         match fork_or_why()? {
             Err(why) => {
@@ -151,8 +146,7 @@ impl Parent<'_> {
                 // never see EOF after the child exits.
                 let transport = stream_transport(&stream);
                 drop(stream);
-                self.children
-                    .insert(pid, Some((admission, peer, transport)));
+                (self.children).serving_connection(pid, admission, peer, transport);
                 Ok(())
             }
         }
@@ -161,17 +155,9 @@ impl Parent<'_> {
     fn answer_one(&mut self, index: usize) -> io::Result<()> {
         let socket = &self.listeners.datagrams[index];
         let buf = &mut self.buf[..socket.max_datagram_bytes()];
-        let (received, peer) = match socket.recv_from(buf) {
-            Ok((Received::Whole(len), peer)) => (len, peer),
-            Ok((truncated, peer)) => {
-                // Dropped here, without a child: the parent counts it in its own slot.
-                (self.replier).answer_received(socket, &peer, truncated, buf, &self.log);
-                return Ok(());
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || is_per_peer_datagram_error(&e) => {
-                return Ok(());
-            }
-            Err(e) => return Err(e),
+        // One too large is dropped here, without a child: the parent counts it.
+        let Receipt::Datagram(received, peer) = receive_datagram(socket, buf, &self.log)? else {
+            return Ok(());
         };
         match fork_or_why()? {
             Err(why) => {
@@ -192,63 +178,10 @@ impl Parent<'_> {
                 })
             }
             Ok(Forked::Parent(pid)) => {
-                self.children.insert(pid, None);
+                self.children.serving_datagram(pid);
                 Ok(())
             }
         }
-    }
-
-    /// Reaps every child that ended, freeing its place under `--max-conns` and its counter
-    /// slots (its counts are kept): a child killed before it could hand its slot back
-    /// would otherwise hold it for ever. A connection whose child a signal killed is
-    /// counted closed here (reason `error`), since its child never got to.
-    fn reap(&mut self) -> io::Result<()> {
-        while let Some((pid, end)) = process::reap_child()? {
-            let child = self.children.remove(&pid);
-            self.listeners.limits.metrics.retire_process(pid);
-            if let (Some(Some((_, peer, transport))), ChildEnd::Killed(signal)) = (child, end) {
-                let killed = format!("its child {pid} was killed by signal {signal}");
-                let reason = CloseReason::Failed(io::Error::other(killed));
-                self.log.closed(&peer, transport, &reason);
-            }
-        }
-        Ok(())
-    }
-
-    /// Children heard the shutdown through the shared eventfd and drain on their own: each
-    /// cuts its connection at its own drain deadline (counted `drain_cut` there, with what
-    /// it still owed) and lingers at most `linger::exit_bound` after it. Waits for them; a
-    /// child still running [`KILL_GRACE`] past both bounds is stuck, and is killed.
-    fn drain_children(&mut self) -> io::Result<()> {
-        // Killed at our own drain deadline, a child would often die just before its own
-        // (it heard the shutdown a moment later) and its connection would count as `error`.
-        let drain_timeout = self.listeners.limits.drain_timeout;
-        let kill_at =
-            Instant::now() + drain_timeout + linger::exit_bound(drain_timeout) + KILL_GRACE;
-        let mut killed_at: Option<Instant> = None;
-        while !self.children.is_empty() {
-            self.reap()?;
-            if self.children.is_empty() {
-                break;
-            }
-            let now = Instant::now();
-            if killed_at.is_none() && now >= kill_at {
-                tracing::warn!("killing {} children still draining", self.children.len());
-                for &pid in self.children.keys() {
-                    let _ = process::kill(pid, process::SIGKILL);
-                }
-                killed_at = Some(now);
-            }
-            if killed_at.is_some_and(|at| now >= at + KILL_GRACE) {
-                tracing::error!(
-                    "{} children did not exit after SIGKILL",
-                    self.children.len()
-                );
-                break;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
     }
 }
 
@@ -269,8 +202,3 @@ fn run_child(work: impl FnOnce()) -> ! {
     };
     process::exit_now(code)
 }
-
-/// The children not reaped yet. A connection's child holds the connection's place under
-/// `--max-conns`, its peer and its transport, so that the parent can record the close of a
-/// connection whose child was killed before it could.
-type Children = HashMap<Pid, Option<(Admission, Peer, Transport)>>;

@@ -85,10 +85,8 @@ impl Model {
         Model::ALL.into_iter().find(|m| m.name() == name)
     }
 
-    /// How this model's event loops share a TCP address (see [`AcceptQueues`]): `async`
-    /// and `uring` take a queue per loop, because their loops would all wake for every
-    /// connection on a shared one (edge-triggered registrations, multishot accepts), and
-    /// `EPOLLEXCLUSIVE` is not available to them.
+    /// How this model's event loops share a TCP address: the choice [`AcceptQueues`]
+    /// makes and explains for every multi-loop model.
     pub fn accept_queues(self) -> AcceptQueues {
         match self {
             Model::Async | Model::Uring => AcceptQueues::OnePerLoop,

@@ -1,7 +1,7 @@
 //! `async`: reverb's own runtime (`crate::runtime`): a task per connection on our epoll reactor.
 //!
 //! Technique: step 9 of the ladder. `--threads` runtimes, each on its own thread with its
-//! own SO_REUSEPORT listener; every connection is one task (asyncio's `start_server`)
+//! own accept queue (`AcceptQueues` explains why); every connection is one task (asyncio's `start_server`)
 //! written as straight-line code: `write_all(..).await` what is owed, `ready().await` for
 //! input, read it, hand it to `Connection` (those steps, shared with `tokio`, are
 //! `server::task`; this file says how this runtime waits).
@@ -178,7 +178,7 @@ fn serve_connection(
         };
         let reason = converse(&mut task, &mut connection).await;
         let fd = stream.get_ref().as_fd();
-        state.with_log(|log| close_served(fd, &mut connection, reason, log, place));
+        state.with_log(|log| close_served(fd, &mut connection, reason, log, place, false));
     }
 }
 

@@ -12,11 +12,11 @@
 //! Not `read(&mut buf).await`: as the `async` model explains (a buffer per waiting task),
 //! a task polls `poll_read` with its loop's one buffer and hands the bytes over at once.
 //! Idle timeout: one tokio timer per connection, reset whenever it starts waiting for input.
-//! Why one current-thread runtime per loop, sharing one accept queue: docs/benchmarks.md,
-//! "Readiness ladder". Listeners and datagram sockets stay reverb's own types (they know
-//! every address kind, abstract Unix names too), watched through `AsyncFd` on a duplicate;
-//! datagrams go to loop 0 only, since tokio registers without EPOLLEXCLUSIVE and a shared
-//! socket would wake every loop per datagram.
+//! Why one current-thread runtime per loop: docs/benchmarks.md, "Readiness ladder"; why
+//! they share one accept queue and only loop 0 answers datagrams: `AcceptQueues`, for
+//! every multi-loop model. Listeners and datagram sockets stay reverb's own types (they
+//! know every address kind, abstract Unix names too), watched through `AsyncFd` on a
+//! duplicate.
 
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
@@ -209,7 +209,7 @@ async fn serve(stream: Stream, peer: Peer, place: Admission, state: Arc<TaskLoop
     let reason = converse(&mut task, &mut connection).await;
     drop(task);
     let fd = stream.as_fd();
-    state.with_log(|log| close_served(fd, &mut connection, reason, log, place));
+    state.with_log(|log| close_served(fd, &mut connection, reason, log, place, false));
 }
 
 /// How a connection's task waits under tokio: `select!` over the socket, the loop's

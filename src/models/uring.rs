@@ -1,8 +1,8 @@
 //! `io_uring` (Linux 5.19+): the kernel performs the I/O and reports each finished operation.
 //!
 //! Step 11 of the ladder. Technique: a ring per loop; multishot accepts, multishot receives
-//! into buffers the kernel picks, and sends of the shared output buffer, all submitted in
-//! one system call per turn.
+//! into buffers the kernel picks, and echoes sent straight from the buffer they arrived in,
+//! all submitted in one system call per turn.
 //! Cost: a buffer lent to the kernel stays lent until its completion, even after a close
 //! (`sys/uring` keeps it), and every result arrives later, in another turn of the loop.
 //! Limit: Linux only; often disabled (sysctl kernel.io_uring_disabled, container seccomp).
@@ -17,23 +17,20 @@
 use crate::metrics::Transport;
 use crate::net::{self, Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
-use crate::server::loop_clock::LoopClock;
+use crate::server::loop_clock::{Expiring, LoopClock};
 use crate::server::readiness::LoopConfig;
+use crate::server::task::close_served;
 use crate::server::{
-    Accepted, Admission, CloseReason, Connection, DatagramReplier, Ending, Linger, Listeners,
-    LoopLog, Protocol, RunOptions, ServeError, Shutdown, datagram_transport, end,
-    is_per_peer_datagram_error, listener_transport, on_accept,
+    Accepted, Admission, CloseReason, Connection, DatagramReplier, Listeners, LoopLog, Protocol,
+    RunOptions, ServeError, Shutdown, datagram_transport, is_per_peer_datagram_error,
+    listener_transport, on_accept,
 };
 use crate::slab::{Slab, Token};
-use crate::sys::errno;
 use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// After the drain timeout, how long cancelled operations may take to complete.
-const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// The most one receive may be armed for; the output buffer's room usually decides.
 const MAX_RECEIVE_BUDGET_BYTES: usize = 1 << 30;
 
@@ -54,15 +51,8 @@ pub fn run(
     let sources = split_sources(&mut listeners, loops, true)?;
     let config = LoopConfig::new(&listeners, protocol, shutdown.clone());
     let setup = |_, sources| Loop::new(sources, config.clone());
-    run_loops(
-        "uring",
-        sources,
-        &shutdown,
-        &options.on_serving,
-        setup,
-        Loop::serve,
-    )
-    .map_err(ServeError::Io)
+    let serving = &options.on_serving;
+    run_loops("uring", sources, &shutdown, serving, setup, Loop::serve).map_err(ServeError::Io)
 }
 
 /// What a token names in a loop's slab: nearly always a connection, so that variant is
@@ -70,9 +60,18 @@ pub fn run(
 #[allow(clippy::large_enum_variant)]
 enum Source {
     Conn(Conn),
-    Listener { name: Rc<str>, transport: Transport },
+    Listener { name: String, transport: Transport },
     Datagrams(DatagramReplier, Transport),
     Shutdown,
+}
+
+impl Expiring for Source {
+    fn expiring(&mut self) -> Option<(&Connection, &mut Instant)> {
+        match self {
+            Source::Conn(conn) => Some((&conn.connection, &mut conn.last_input)),
+            _ => None,
+        }
+    }
 }
 
 /// One accepted stream and what the loop knows about it.
@@ -82,7 +81,8 @@ struct Conn {
     last_input: Instant,
     /// Listed in `Loop::dirty`, to be pumped after this batch.
     is_dirty: bool,
-    _admission: Admission,
+    /// Its place under `--max-conns`, held until its socket is closed.
+    place: Admission,
 }
 
 /// One thread's ring and everything it serves.
@@ -108,7 +108,7 @@ impl Loop {
         ring.add(token, config.shutdown.fd().try_clone_to_owned()?);
         ring.arm_readable(token);
         for listener in sources.streams {
-            let (name, transport) = (Rc::from(listener.name()), listener_transport(&listener));
+            let (name, transport) = (listener.name().to_string(), listener_transport(&listener));
             let token = slab.insert(Source::Listener { name, transport });
             ring.add(token, OwnedFd::from(listener));
             ring.arm_accept(token);
@@ -135,36 +135,22 @@ impl Loop {
         loop {
             self.clock.tick();
             self.on_timers();
-            let now = self.clock.now();
-            let timeout = match self.clock.drain_deadline() {
-                Some(at) if self.ring.live_slots() == 0 || now >= at + CANCEL_GRACE => {
-                    return Ok(());
-                }
-                // Past the drain deadline every slot is closing: wait for its cancellation.
-                Some(at) if now >= at => Some(CANCEL_GRACE),
-                _ => self.clock.timeout(),
-            };
-            self.ring.wait(timeout)?;
+            // Every connection drained or cut (past the deadline): done. Dropping the ring
+            // waits for the completions of what it still cancels.
+            if self.clock.drain_deadline().is_some() && self.sources.is_empty() {
+                return Ok(());
+            }
+            self.ring.wait(self.clock.timeout())?;
             self.clock.tick();
-            while let Some(completion) = self.ring.next_completion() {
+            while let Some((token, completion)) = self.ring.next_completion() {
                 match completion {
-                    Completion::Accepted {
-                        token,
-                        result,
-                        is_armed,
-                    } => {
+                    Completion::Accepted { result, is_armed } => {
                         self.on_accept(token, result, is_armed)?;
                     }
-                    Completion::Received { token, result } => self.on_receive(token, result),
-                    Completion::Sent {
-                        token,
-                        result,
-                        from,
-                    } => self.on_sent(token, result, from),
-                    Completion::DatagramReceived { token, result } => {
-                        self.on_datagram(token, result)?;
-                    }
-                    Completion::Readable { .. } => self.start_drain(),
+                    Completion::Received(result) => self.on_receive(token, result),
+                    Completion::Sent { result, from } => self.on_sent(token, result, from),
+                    Completion::DatagramReceived(result) => self.on_datagram(token, result)?,
+                    Completion::Readable => self.start_drain(),
                 }
             }
             for token in std::mem::take(&mut self.dirty) {
@@ -173,36 +159,15 @@ impl Loop {
         }
     }
 
-    fn conn(&mut self, token: Token) -> Option<&mut Conn> {
-        match self.sources.get_mut(token)? {
-            Source::Conn(conn) => Some(conn),
-            _ => None,
-        }
-    }
-
     /// Ends `token`'s connection for `reason` (or retires a listener or datagram socket):
-    /// the one way this loop closes. A peer that half-closed reads EOF after the last
-    /// reply; one the server ends first gets a lingering close; the ring frees its own
-    /// descriptor once its operations have completed.
+    /// the one way this loop closes. The ring frees its own descriptor once its operations
+    /// have completed; a lingering close gets a duplicate of it.
     fn close(&mut self, token: Token, reason: CloseReason) {
         if let Some(Source::Conn(mut conn)) = self.sources.remove(token) {
-            let connection = &mut conn.connection;
-            self.log
-                .closed(connection.peer(), connection.transport(), &reason);
-            match reason.ending() {
-                Ending::Eof => self.ring.shutdown_write(token),
-                Ending::Abort => {}
-                // The ring keeps its descriptor until its operations complete; the
-                // lingering close gets a duplicate of it.
-                ending => {
-                    if let Some(Ok(stream)) = self.ring.fd(token).map(Stream::duplicate) {
-                        if !connection.is_finished() && !self.ring.is_sending(token) {
-                            // An idle timeout or a drain cut: with TLS, close_notify first.
-                            connection.close_first(&stream, &self.log);
-                        }
-                        end(stream, ending, Linger::Elsewhere(Some(conn._admission)));
-                    }
-                }
+            let is_sending = self.ring.is_sending(token);
+            if let Some(fd) = self.ring.fd(token) {
+                let (connection, place) = (&mut conn.connection, conn.place);
+                close_served(fd, connection, reason, &self.log, place, is_sending);
             }
         }
         self.ring.close(token);
@@ -212,41 +177,17 @@ impl Loop {
         while let Some(listener) = self.clock.resume_next() {
             self.ring.arm_accept(listener);
         }
-        let (sources, now, mut idle) = (&mut self.sources, self.clock.now(), Vec::new());
-        let last_input = |token| match sources.get_mut(token)? {
-            // Not waiting for input (backpressure, flushing): not idle, look later.
-            Source::Conn(conn) if !conn.connection.wants_read() => Some(now),
-            Source::Conn(conn) => Some(conn.last_input),
-            _ => None,
-        };
-        self.clock.expire_idle(last_input, &mut idle);
-        let timeout = self.config.limits.idle_timeout.unwrap_or_default();
-        for token in idle {
-            self.close(token, CloseReason::Idle(timeout));
-        }
-        if self.clock.is_past_drain() {
-            for token in self.sources.tokens() {
-                if let Some(conn) = self.conn(token) {
-                    let owed = conn.connection.owed();
-                    self.close(token, CloseReason::DrainTimeout { owed });
-                }
-            }
+        for (token, reason) in self.clock.expired(&mut self.sources) {
+            self.close(token, reason);
         }
     }
 
-    fn on_accept(
-        &mut self,
-        token: Token,
-        result: io::Result<OwnedFd>,
-        more: bool,
-    ) -> io::Result<()> {
+    fn on_accept(&mut self, token: Token, fd: io::Result<OwnedFd>, more: bool) -> io::Result<()> {
         let Some(Source::Listener { name, transport }) = self.sources.get(token) else {
             return Ok(());
         };
-        let (name, transport) = (name.clone(), *transport);
-        let is_tcp = transport == Transport::Tcp;
-        let accepted = result.and_then(|fd| Stream::from_accepted(fd, is_tcp));
-        match on_accept(accepted, &name, transport, &self.config.counter, &self.log)? {
+        let accepted = fd.and_then(|fd| Stream::from_accepted(fd, *transport == Transport::Tcp));
+        match on_accept(accepted, name, *transport, &self.config.counter, &self.log)? {
             Accepted::Connection(stream, peer, admission) => self.admit(stream, peer, admission),
             Accepted::Paused => self.clock.pause(token),
             Accepted::Again | Accepted::Empty => {}
@@ -265,7 +206,7 @@ impl Loop {
             connection,
             last_input: self.clock.now(),
             is_dirty: false,
-            _admission: admission,
+            place: admission,
         };
         let token = self.sources.insert(Source::Conn(conn));
         self.ring.add(token, OwnedFd::from(stream));
@@ -281,75 +222,47 @@ impl Loop {
             return;
         };
         let outcome = match result {
-            // ENOBUFS: every provided buffer was in use; ECANCELED: drain stopped reading.
-            Err(e) if matches!(e.raw_os_error(), Some(errno::ENOBUFS | errno::ECANCELED)) => {
-                Ok(false)
-            }
             // The ring's budget was the connection's read limit, so these bytes fit.
             Ok(Some(received)) => {
-                let bytes = self.ring.received(&received);
-                self.log.received(conn.connection.transport(), bytes.len());
+                let connection = &mut conn.connection;
+                self.log.received(connection.transport(), received.len());
                 // Write-through: with nothing owed and no send in flight, an echo leaves
-                // straight from the provided buffer, which the ring keeps until it is sent
-                // (if it has a buffer to spare for that: a peer that never reads would
-                // keep it for ever).
-                let may_send = self.ring.may_send_received(token);
-                conn.connection.lend_spare(&mut self.spare);
-                let through = conn
-                    .connection
-                    .receive_through(bytes, |input| match may_send {
-                        true => Ok(input.len()),
-                        false => Err(io::ErrorKind::WouldBlock.into()),
-                    });
-                match through {
-                    Ok(sent) if sent > 0 => {
-                        if let Err(received) = self.ring.send_received(token, received) {
-                            // Not sent after all (never expected): owe it as a copy.
-                            conn.connection.owe_first(self.ring.received(&received));
-                            self.ring.recycle(received);
-                        }
-                    }
-                    _ => self.ring.recycle(received),
-                }
-                conn.connection.return_spare(&mut self.spare);
+                // straight from the provided buffer (zero-copy); anything else is copied.
+                connection.lend_spare(&mut self.spare);
+                let take = |bytes: &[u8], may_send| connection.receive_lent(bytes, may_send);
+                self.ring.take_received(token, received, take);
+                connection.return_spare(&mut self.spare);
                 Ok(true)
             }
             // EOF (`Ok(0)`) or an error.
             result => (conn.connection).on_read(result.map(|_| 0), &[], &self.log),
         };
         match outcome {
-            Ok(has_input) => {
-                conn.last_input = if has_input {
-                    self.clock.now()
-                } else {
-                    conn.last_input
-                };
+            Ok(true) => {
+                conn.last_input = self.clock.now();
                 self.mark(token);
             }
+            Ok(false) => self.mark(token),
             Err(reason) => self.close(token, reason),
         }
     }
 
     fn on_sent(&mut self, token: Token, result: io::Result<usize>, from: Option<Received>) {
-        if let Some(Source::Conn(conn)) = self.sources.get_mut(token) {
-            match result {
-                // The kernel may take fewer bytes than offered; the rest goes in the next
-                // send, ahead of anything queued meanwhile.
-                Ok(written) => {
-                    match &from {
-                        Some(from) => {
-                            let rest = self.ring.received(from).get(written..);
-                            conn.connection.owe_first(rest.unwrap_or_default());
-                        }
-                        None => conn.connection.advance(written),
-                    }
-                    // An idle connection keeps no output allocation.
-                    conn.connection.return_spare(&mut self.spare);
-                    self.log.sent(conn.connection.transport(), written);
-                    self.mark(token);
+        match (self.sources.get_mut(token), result) {
+            // The kernel may take fewer bytes than offered; the rest goes in the next send,
+            // ahead of anything queued meanwhile.
+            (Some(Source::Conn(conn)), Ok(written)) => {
+                match &from {
+                    Some(from) => conn.connection.owe_first(self.ring.unsent(from, written)),
+                    None => conn.connection.advance(written),
                 }
-                Err(e) => self.close(token, CloseReason::Failed(e)),
+                // An idle connection keeps no output allocation.
+                conn.connection.return_spare(&mut self.spare);
+                self.log.sent(conn.connection.transport(), written);
+                self.mark(token);
             }
+            (Some(Source::Conn(_)), Err(e)) => self.close(token, CloseReason::Failed(e)),
+            _ => {}
         }
         if let Some(from) = from {
             self.ring.recycle(from);
@@ -359,9 +272,12 @@ impl Loop {
     /// Remembers to pump `token` once this batch of completions is handled, so that all the
     /// input a batch brought leaves in one send per connection, not one per completion.
     fn mark(&mut self, token: Token) {
-        if let Some(conn) = self.conn(token).filter(|conn| !conn.is_dirty) {
-            conn.is_dirty = true;
-            self.dirty.push(token);
+        match self.sources.get_mut(token) {
+            Some(Source::Conn(conn)) if !conn.is_dirty => {
+                conn.is_dirty = true;
+                self.dirty.push(token);
+            }
+            _ => {}
         }
     }
 
@@ -372,17 +288,12 @@ impl Loop {
             return;
         };
         conn.is_dirty = false;
-        if conn.connection.wants_write() && !self.ring.is_sending(token) {
+        if conn.connection.wants_write() {
             self.ring.send(token, conn.connection.unsent());
         }
         // Backpressure: with no room the receive stays unarmed until a send drains.
-        // Input still being sent from a provided buffer counts against the bound too.
-        let in_flight = self.ring.sending_received(token);
-        let budget =
-            (conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES)).saturating_sub(in_flight);
-        if budget > 0 && !self.ring.is_receiving(token) {
-            self.ring.arm_receive(token, budget);
-        }
+        let budget = conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES);
+        self.ring.arm_receive(token, budget);
         if conn.connection.is_finished() && !self.ring.is_sending(token) {
             let reason = (conn.connection).finish_reason(self.clock.drain_deadline().is_some());
             self.close(token, reason);
@@ -402,10 +313,10 @@ impl Loop {
         match result {
             Ok(datagram) => {
                 let peer = Peer::from_sock_addr(&datagram.sender);
-                let received = match datagram.is_truncated {
-                    true => net::Received::Truncated(datagram.full_len),
-                    false => net::Received::Whole(datagram.len),
-                };
+                let whole = net::Received::Whole(datagram.len);
+                let received = datagram
+                    .truncated_from
+                    .map_or(whole, net::Received::Truncated);
                 let (ring, sender) = (&self.ring, &datagram.sender);
                 let send = |reply: &[u8]| ring.send_datagram(token, sender, reply);
                 let bytes = ring.datagram_bytes(token, &datagram);
@@ -424,7 +335,7 @@ impl Loop {
             return;
         }
         for token in self.sources.tokens() {
-            let Some(conn) = self.conn(token) else {
+            let Some(Source::Conn(conn)) = self.sources.get_mut(token) else {
                 // A listener, a datagram socket, the shutdown eventfd: done with (only a
                 // connection's close is logged, so the reason goes unused).
                 self.close(token, CloseReason::Drained);

@@ -257,6 +257,20 @@ impl Connection {
         Ok(sent)
     }
 
+    /// As [`Connection::receive_through`] for a send that takes `input` from where it lies
+    /// and completes later (io_uring's, from the buffer the kernel received into): returns
+    /// true when `may_send` and the reply is all of `input`, owed right after nothing; the
+    /// caller then sends it from there, owing none of it here (what that send does not take
+    /// comes back through [`Connection::owe_first`]). Otherwise `input` is received as by
+    /// [`Connection::receive`], and false returned.
+    pub fn receive_lent(&mut self, input: &[u8], may_send: bool) -> bool {
+        let is_lent = may_send && self.out.is_empty() && self.is_write_through();
+        if !is_lent {
+            self.receive(input);
+        }
+        is_lent
+    }
+
     /// Feeds bytes the peer sent through the layers to the protocol.
     ///
     /// Nothing here closes the connection at once: a handler panic (logged here with the

@@ -90,25 +90,11 @@ impl DatagramReplier {
         }
     }
 
-    /// Answers what one receive on `socket` got into `buf` from `peer`: a whole datagram
-    /// is answered ([`DatagramReplier::answer`]); a truncated one is counted, logged and
-    /// dropped (`too_large`), never echoed short.
-    pub fn answer_received(
-        &mut self,
-        socket: &DatagramSocket,
-        peer: &Peer,
-        received: Received,
-        buf: &[u8],
-        log: &LoopLog,
-    ) {
-        let transport = datagram_transport(socket);
-        let send = |reply: &[u8]| socket.send_to(reply, peer);
-        self.answer_with(peer, transport, received, buf, log, send);
-    }
-
-    /// As [`DatagramReplier::answer_received`], for a socket of `transport` that `send`
-    /// writes the reply to with one non-blocking send (a model whose socket sits in a
-    /// ring, not in a [`DatagramSocket`] of its own).
+    /// Answers what one receive got into `buf` from `peer`, on a socket of `transport`
+    /// that `send` writes the reply to with one non-blocking send (a model whose socket
+    /// sits in a ring, not in a [`DatagramSocket`] of its own): a whole datagram is
+    /// answered; a truncated one is counted, logged and dropped (`too_large`), never
+    /// echoed short.
     pub fn answer_with(
         &mut self,
         peer: &Peer,
@@ -124,11 +110,7 @@ impl DatagramReplier {
                     log.reply_sent(peer, transport, &send(reply));
                 }
             }
-            Received::Truncated(len) => {
-                log.datagram_received(transport, len);
-                let max = buf.len();
-                log.dropped(peer, transport, &DatagramDrop::TooLarge { len, max });
-            }
+            Received::Truncated(len) => drop_too_large(peer, transport, len, buf.len(), log),
         }
     }
 
@@ -149,16 +131,58 @@ impl DatagramReplier {
         log: &LoopLog,
     ) -> io::Result<bool> {
         for _ in 0..max {
-            let (received, peer) = match socket.recv_from(buf) {
-                Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-                Err(e) if is_per_peer_datagram_error(&e) => continue,
-                Err(e) => return Err(e),
-            };
-            self.answer_received(socket, &peer, received, buf, log);
+            match receive_datagram(socket, buf, log)? {
+                Receipt::Datagram(len, peer) => self.answer(socket, &peer, &buf[..len], log),
+                Receipt::Nothing => {}
+                Receipt::Empty => return Ok(true),
+            }
         }
         Ok(false)
     }
+}
+
+/// What one receive on a datagram socket came to.
+#[derive(Debug)]
+pub enum Receipt {
+    /// A whole datagram of this many bytes from this peer, to answer.
+    Datagram(usize, Peer),
+    /// Nothing to answer: a datagram too large (counted, logged and dropped), or an
+    /// error about an earlier peer ([`is_per_peer_datagram_error`]).
+    Nothing,
+    /// Nothing is queued.
+    Empty,
+}
+
+/// Receives one datagram from the non-blocking `socket` into `buf` (of
+/// [`DatagramSocket::max_datagram_bytes`]); one read truncated is dropped here, never
+/// answered short.
+///
+/// # Errors
+///
+/// A receive error about the socket itself.
+pub fn receive_datagram(
+    socket: &DatagramSocket,
+    buf: &mut [u8],
+    log: &LoopLog,
+) -> io::Result<Receipt> {
+    match socket.recv_from(buf) {
+        Ok((Received::Whole(len), peer)) => Ok(Receipt::Datagram(len, peer)),
+        Ok((Received::Truncated(len), peer)) => {
+            let transport = datagram_transport(socket);
+            drop_too_large(&peer, transport, len, buf.len(), log);
+            Ok(Receipt::Nothing)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Receipt::Empty),
+        Err(e) if is_per_peer_datagram_error(&e) => Ok(Receipt::Nothing),
+        Err(e) => Err(e),
+    }
+}
+
+/// Counts and drops a datagram of `len` bytes that was read truncated into a buffer of
+/// `max` bytes.
+fn drop_too_large(peer: &Peer, transport: Transport, len: usize, max: usize, log: &LoopLog) {
+    log.datagram_received(transport, len);
+    log.dropped(peer, transport, &DatagramDrop::TooLarge { len, max });
 }
 
 /// Errors a datagram socket reports about one earlier peer, not about itself: Linux

@@ -118,31 +118,32 @@ pub enum DatagramDrop<'a> {
     SendFailed(&'a io::Error),
 }
 
-/// At most one line per interval tells of dropped datagrams of one kind, per loop, however
-/// many are dropped: a peer that never reads its replies, or one that sends datagrams too
-/// large, must not flood the log (nor slow the loop with logging).
-pub const DROPPED_DATAGRAM_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// At most one line per interval tells of an event of one kind that can repeat without
+/// end, per loop, however often it happens: datagrams dropped (a peer that never reads its
+/// replies, or one that sends datagrams too large) and accept pauses (the process out of
+/// descriptors) must not flood the log, nor slow the loop with logging.
+pub const REPEATED_LINE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Rate limit of one kind of drop line: drops since the last line, and when it was.
+/// Rate limit of one kind of line: events since the last line, and when it was.
 #[derive(Clone, Copy, Debug, Default)]
-struct DropLines {
+struct RepeatedLines {
     unlogged: u64,
     last_line: Option<Instant>,
 }
 
-impl DropLines {
-    /// Counts one drop; returns how many drops the line due now tells of, or `None` when
-    /// a line was written less than [`DROPPED_DATAGRAM_LOG_INTERVAL`] ago.
-    fn count(cell: &Cell<DropLines>) -> Option<u64> {
+impl RepeatedLines {
+    /// Counts one event; returns how many events the line due now tells of, or `None`
+    /// when a line was written less than [`REPEATED_LINE_INTERVAL`] ago.
+    fn count(cell: &Cell<RepeatedLines>) -> Option<u64> {
         let mut lines = cell.get();
         lines.unlogged += 1;
         let now = Instant::now();
         let is_due = lines
             .last_line
-            .is_none_or(|at| now.duration_since(at) >= DROPPED_DATAGRAM_LOG_INTERVAL);
+            .is_none_or(|at| now.duration_since(at) >= REPEATED_LINE_INTERVAL);
         let told = is_due.then_some(lines.unlogged);
         if is_due {
-            lines = DropLines {
+            lines = RepeatedLines {
                 unlogged: 0,
                 last_line: Some(now),
             };
@@ -161,9 +162,11 @@ impl DropLines {
 pub struct LoopLog {
     counters: Counters,
     /// Replies dropped because `sendto` failed, told of at most once an interval.
-    dropped_replies: Cell<DropLines>,
+    dropped_replies: Cell<RepeatedLines>,
     /// Datagrams dropped as too large, told of at most once an interval.
-    too_large: Cell<DropLines>,
+    too_large: Cell<RepeatedLines>,
+    /// Accept pauses for want of descriptors, told of at most once an interval.
+    accept_pauses: Cell<RepeatedLines>,
 }
 
 impl Default for LoopLog {
@@ -187,6 +190,7 @@ impl LoopLog {
             counters: metrics.counters(),
             dropped_replies: Cell::default(),
             too_large: Cell::default(),
+            accept_pauses: Cell::default(),
         }
     }
 
@@ -269,7 +273,7 @@ impl LoopLog {
             }
             DatagramDrop::HandlerPanicked => {}
             DatagramDrop::TooLarge { len, max } => {
-                if let Some(dropped) = DropLines::count(&self.too_large) {
+                if let Some(dropped) = RepeatedLines::count(&self.too_large) {
                     tracing::warn!(
                         peer = %peer,
                         reason = label,
@@ -280,7 +284,7 @@ impl LoopLog {
                 }
             }
             DatagramDrop::SendFailed(e) => {
-                if let Some(dropped) = DropLines::count(&self.dropped_replies) {
+                if let Some(dropped) = RepeatedLines::count(&self.dropped_replies) {
                     tracing::warn!(
                         peer = %peer,
                         reason = label,
@@ -293,10 +297,21 @@ impl LoopLog {
     }
 
     /// Accepting on the listener named `listener`, of `transport`, failed for want of
-    /// descriptors or memory; it pauses for [`ACCEPT_PAUSE`].
+    /// descriptors or memory; it pauses for [`ACCEPT_PAUSE`]. Told of at most once a
+    /// `REPEATED_LINE_INTERVAL` by each loop: while descriptors stay short, a loop pauses
+    /// again after every pause.
     pub fn accept_paused(&self, listener: &str, transport: Transport, error: &io::Error) {
-        log_accept_pause(listener, error);
         self.counters.accept_paused(transport);
+        if let Some(pauses) = RepeatedLines::count(&self.accept_pauses) {
+            tracing::warn!(
+                listener,
+                reason = "accept_paused",
+                "accept failed: {error}; pausing accepts for {} ms ({} since the last such \
+                 line, logged at most once a second)",
+                ACCEPT_PAUSE.as_millis(),
+                count_of(pauses, "pause")
+            );
+        }
     }
 }
 
@@ -318,7 +333,8 @@ pub(super) fn log_close(peer: &Peer, reason: &CloseReason) {
         CloseReason::OverLimit(max_conns) => tracing::warn!(
             peer = %peer,
             reason = label,
-            "refusing: already {max_conns} connections open (--max-conns)"
+            "refusing: already {} open (--max-conns)",
+            count_of(*max_conns as u64, "connection")
         ),
         CloseReason::DrainTimeout { owed } => tracing::warn!(
             peer = %peer,
@@ -334,14 +350,12 @@ pub(super) fn log_close(peer: &Peer, reason: &CloseReason) {
     }
 }
 
-/// The line for an accept pause on the listener named `listener`, once per pause.
-pub(super) fn log_accept_pause(listener: &str, error: &io::Error) {
-    tracing::warn!(
-        listener,
-        reason = "accept_paused",
-        "accept failed: {error}; pausing accepts for {} ms",
-        ACCEPT_PAUSE.as_millis()
-    );
+/// `1 connection`, `2 connections`: a count with its noun, for log lines.
+fn count_of(count: impl Into<u64>, noun: &str) -> String {
+    match count.into() {
+        1 => format!("1 {noun}"),
+        count => format!("{count} {noun}s"),
+    }
 }
 
 /// Ends a connection: the one way the server closes one, whatever the model.
@@ -503,27 +517,35 @@ mod tests {
 
     #[test]
     fn drop_lines_tell_of_every_drop_at_most_once_an_interval() {
-        let cell = Cell::new(DropLines::default());
+        let cell = Cell::new(RepeatedLines::default());
         assert_eq!(
-            DropLines::count(&cell),
+            RepeatedLines::count(&cell),
             Some(1),
             "the first drop is told at once"
         );
-        assert_eq!(DropLines::count(&cell), None);
-        assert_eq!(DropLines::count(&cell), None);
+        assert_eq!(RepeatedLines::count(&cell), None);
+        assert_eq!(RepeatedLines::count(&cell), None);
         // An interval later, the next line tells of the drops since the last one.
         let lines = cell.get();
-        let Some(earlier) = lines.last_line.and_then(|at| {
-            at.checked_sub(DROPPED_DATAGRAM_LOG_INTERVAL + Duration::from_millis(1))
-        }) else {
+        let Some(earlier) = lines
+            .last_line
+            .and_then(|at| at.checked_sub(REPEATED_LINE_INTERVAL + Duration::from_millis(1)))
+        else {
             return;
         };
-        cell.set(DropLines {
+        cell.set(RepeatedLines {
             last_line: Some(earlier),
             ..lines
         });
-        assert_eq!(DropLines::count(&cell), Some(3));
-        assert_eq!(DropLines::count(&cell), None);
+        assert_eq!(RepeatedLines::count(&cell), Some(3));
+        assert_eq!(RepeatedLines::count(&cell), None);
+    }
+
+    #[test]
+    fn counts_in_log_lines_agree_with_their_noun() {
+        assert_eq!(count_of(1u64, "connection"), "1 connection");
+        assert_eq!(count_of(2u64, "connection"), "2 connections");
+        assert_eq!(count_of(0u64, "pause"), "0 pauses");
     }
 
     #[test]
@@ -548,6 +570,25 @@ mod tests {
         assert_eq!(totals.open(Transport::Tcp), 1);
         assert_eq!(totals.received_bytes(Transport::Tcp), 5);
         assert_eq!(totals.sent_bytes(Transport::Tcp), 3);
+    }
+
+    #[test]
+    fn the_log_counts_datagram_bytes_in_and_out() {
+        let metrics = Metrics::new().expect("metrics");
+        let log = LoopLog::new(metrics);
+        let peer = ip_peer();
+        log.datagram_received(Transport::Udp, 5);
+        log.reply_sent(&peer, Transport::Udp, &Ok(7));
+        let would_block = io::Error::from(io::ErrorKind::WouldBlock);
+        log.reply_sent(&peer, Transport::Udp, &Err(would_block));
+        let totals = metrics.totals();
+        assert_eq!(totals.received_bytes(Transport::Udp), 5);
+        assert_eq!(
+            totals.sent_bytes(Transport::Udp),
+            7,
+            "a dropped reply sent nothing"
+        );
+        assert_eq!(totals.received_bytes(Transport::Tcp), 0);
     }
 
     /// What `f` logs (every level), as the log's text lines.

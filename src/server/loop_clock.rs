@@ -4,12 +4,20 @@
 //!
 //! The loop reads the clock once per batch of events ([`LoopClock::tick`]), asks how long
 //! it may sleep ([`LoopClock::timeout`]), and after each wait takes what came due: the
-//! listeners to accept on again, the connections idle for too long, the drain cut.
+//! listeners to accept on again ([`LoopClock::resume_next`]), and the connections to close
+//! ([`LoopClock::expired`]): those idle for too long, or all of them at the drain cut.
 
-use super::ACCEPT_PAUSE;
 use super::idle_wheel::IdleWheel;
-use crate::slab::Token;
+use super::{ACCEPT_PAUSE, CloseReason, Connection};
+use crate::slab::{Slab, Token};
 use std::time::{Duration, Instant};
+
+/// A slab entry whose connection [`LoopClock::expired`] may close: the connection and when
+/// its input last came, or `None` for a source of another kind.
+pub trait Expiring {
+    /// The connection and when its input last came.
+    fn expiring(&mut self) -> Option<(&Connection, &mut Instant)>;
+}
 
 /// The timers of one event loop.
 #[derive(Debug)]
@@ -18,8 +26,9 @@ pub struct LoopClock {
     now: Instant,
     /// Listeners that ran out of descriptors, and when they accept again.
     paused: Vec<(Instant, Token)>,
-    /// Connections by the tick at which they may be idle; `None` without `--idle-timeout`.
-    idle: Option<IdleWheel>,
+    /// Connections by the tick at which they may be idle, and `--idle-timeout`; `None`
+    /// without it.
+    idle: Option<(IdleWheel, Duration)>,
     /// Set when shutdown fired: stop accepting, send what is owed until then.
     drain_deadline: Option<Instant>,
 }
@@ -30,7 +39,7 @@ impl LoopClock {
         LoopClock {
             now: Instant::now(),
             paused: Vec::new(),
-            idle: idle_timeout.map(IdleWheel::new),
+            idle: idle_timeout.map(|timeout| (IdleWheel::new(timeout), timeout)),
             drain_deadline: None,
         }
     }
@@ -45,14 +54,25 @@ impl LoopClock {
         self.now
     }
 
-    /// How long the loop may sleep: until an accept pause ends, the next idle tick, or
-    /// the drain deadline; `None` when no timer runs.
+    /// Whether any timer runs (an accept pause, the idle wheel, the drain): a loop with
+    /// none need not read the clock at all.
+    pub fn is_timing(&self) -> bool {
+        self.idle.is_some() || !self.paused.is_empty() || self.drain_deadline.is_some()
+    }
+
+    /// How long the loop may sleep from the last [`LoopClock::tick`]: until an accept
+    /// pause ends, the next idle tick, or the drain deadline; `None` when no timer runs.
     pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_from(self.now)
+    }
+
+    /// As [`LoopClock::timeout`], counted from `now`.
+    pub fn timeout_from(&self, now: Instant) -> Option<Duration> {
         let pauses = self.paused.iter().map(|(until, _)| *until);
         let at = pauses.chain(self.drain_deadline).min();
-        let until = at.map(|at| at.saturating_duration_since(self.now));
+        let until = at.map(|at| at.saturating_duration_since(now));
         let wheel = self.idle.as_ref();
-        let idle = wheel.and_then(|wheel| wheel.time_to_next_tick(self.now));
+        let idle = wheel.and_then(|(wheel, _)| wheel.time_to_next_tick(now));
         until.into_iter().chain(idle).min()
     }
 
@@ -66,6 +86,11 @@ impl LoopClock {
         self.paused.iter().any(|(_, paused)| *paused == listener)
     }
 
+    /// Whether any listener waits for its accept pause to end.
+    pub fn is_pausing(&self) -> bool {
+        !self.paused.is_empty()
+    }
+
     /// A listener whose accept pause has ended, to accept on again; `None` once none is
     /// left.
     pub fn resume_next(&mut self) -> Option<Token> {
@@ -76,22 +101,40 @@ impl LoopClock {
 
     /// Watches a new connection for `--idle-timeout`, as if its input came now.
     pub fn watch(&mut self, token: Token) {
-        if let Some(wheel) = self.idle.as_mut() {
+        if let Some((wheel, _)) = self.idle.as_mut() {
             wheel.insert_at(token, self.now);
         }
     }
 
-    /// Pushes to `idle` the connections that sent nothing for `--idle-timeout`;
-    /// `last_input` says when one last had input (`None`: it is gone). See
-    /// [`IdleWheel::expire_idle`].
-    pub fn expire_idle(
-        &mut self,
-        last_input: impl FnMut(Token) -> Option<Instant>,
-        idle: &mut Vec<Token>,
-    ) {
-        if let Some(wheel) = self.idle.as_mut() {
-            wheel.expire_idle(self.now, last_input, idle);
+    /// The connections of `entries` to close now, each with why: once the drain deadline
+    /// has passed, every one, cut with what it still owes; before that, those that sent
+    /// nothing for `--idle-timeout` while the loop waited for their input. One that does
+    /// not wait for input now (backpressure, flushing) is not idle: its idle time starts
+    /// again now, and it is looked at again later.
+    pub fn expired<E: Expiring>(&mut self, entries: &mut Slab<E>) -> Vec<(Token, CloseReason)> {
+        let mut due = Vec::new();
+        if self.is_past_drain() {
+            for token in entries.tokens() {
+                if let Some((cut, _)) = entries.get_mut(token).and_then(E::expiring) {
+                    due.push((token, CloseReason::DrainTimeout { owed: cut.owed() }));
+                }
+            }
+        } else if let Some((wheel, timeout)) = self.idle.as_mut() {
+            let (now, mut idle) = (self.now, Vec::new());
+            let last_input = |token| {
+                let (connection, last_input) = entries.get_mut(token)?.expiring()?;
+                if !connection.wants_read() {
+                    *last_input = now;
+                }
+                Some(*last_input)
+            };
+            wheel.expire_idle(now, last_input, &mut idle);
+            let idle = idle
+                .into_iter()
+                .map(|token| (token, CloseReason::Idle(*timeout)));
+            due.extend(idle);
         }
+        due
     }
 
     /// Shutdown fired: the drain ends `drain_timeout` from now. Returns false if it had

@@ -7,6 +7,7 @@
 
 mod accept;
 mod activation;
+pub mod children;
 mod connection;
 mod datagram;
 pub mod event_loops;
@@ -27,7 +28,8 @@ pub use crate::protocol::Protocol;
 pub use accept::{AcceptAction, Accepted, accept_action, accept_and_admit, on_accept};
 pub use connection::{Connection, HandlerPanicked, is_in_handler};
 pub use datagram::{
-    DATAGRAM_BATCH, DatagramReplier, datagram_source_allowed, is_per_peer_datagram_error,
+    DATAGRAM_BATCH, DatagramReplier, Receipt, datagram_source_allowed, is_per_peer_datagram_error,
+    receive_datagram,
 };
 pub use lifecycle::{
     CloseReason, DatagramDrop, Ending, Linger, LoopLog, close, datagram_transport, end,
@@ -128,16 +130,30 @@ impl std::fmt::Debug for OnServing {
     }
 }
 
-/// How the event loops of a multi-loop model take connections from one TCP address;
-/// `Model::accept_queues` chooses, once for every model.
+/// How the event loops of a multi-loop model (`epoll`, `async`, `tokio`, `uring`) take
+/// connections from one address, and who answers datagrams: the one place this choice is
+/// made and explained for all of them (`Model::accept_queues` applies it; the model
+/// headers point here).
 ///
-/// Both spread connections evenly and cost the same per message (docs/benchmarks.md,
-/// "Accepting with several loops"). They differ when the process runs out of descriptors:
-/// with a queue per loop, a connection can wait in one loop's queue while another loop
-/// takes every freed descriptor, whereas one shared queue serves connections in arrival
-/// order. So loops share one queue wherever a connection can wake just one of them
-/// (`epoll` with `EPOLLEXCLUSIVE`) or where every loop waking costs only an `EAGAIN`
-/// (`tokio`). Unix listeners have no SO_REUSEPORT and are always shared.
+/// Both kinds of queue spread connections evenly and cost the same per message
+/// (docs/benchmarks.md, "Accepting with several loops"). They differ when the process runs
+/// out of descriptors: with a queue per loop, a connection can wait in one loop's queue
+/// while another loop takes every freed descriptor, whereas one shared queue serves
+/// connections in arrival order. So loops share one queue wherever a connection wakes
+/// just one of them, or where every loop waking costs only an `EAGAIN`:
+///
+/// - `epoll` shares: it watches the listener with `EPOLLEXCLUSIVE`, so a connection wakes
+///   one idle loop, and a loop that accepted re-adds the listener to go to the back of
+///   the wake-up queue, which spreads connections round the loops;
+/// - `tokio` shares: a loop that loses the race for a connection pays one `EAGAIN`;
+/// - `async` and `uring` take a queue per loop: on a shared one every loop would wake for
+///   every connection (edge-triggered registrations, multishot accepts), and
+///   `EPOLLEXCLUSIVE` is not available to them.
+///
+/// Unix listeners have no SO_REUSEPORT and are always shared. A datagram socket has one
+/// receive queue whatever the model: every loop watches a duplicate of it (`epoll`
+/// exclusively), except under `tokio`, which registers without `EPOLLEXCLUSIVE`, so
+/// loop 0 alone answers datagrams there rather than every loop waking per datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AcceptQueues {
     /// Every loop accepts from the one listening socket (a second descriptor of it).
@@ -196,5 +212,20 @@ mod tests {
         let limits = Limits::default();
         assert_eq!(limits.max_buffer_bytes, 256 * 1024);
         assert_eq!(limits.drain_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_announcement_runs_once_when_the_model_serves() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&runs);
+        let on_serving = OnServing::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(format!("{on_serving:?}"), r#"OnServing("pending")"#);
+        on_serving.clone().serving();
+        on_serving.serving();
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "a second loop says nothing");
+        assert_eq!(format!("{on_serving:?}"), r#"OnServing("done")"#);
     }
 }

@@ -82,13 +82,24 @@ pub fn accept_until_shutdown(
             Accepted::Connection(stream, peer, admission) => dispatch(stream, peer, admission),
             Accepted::Again | Accepted::Empty => {}
             Accepted::Paused => {
-                let pause = Some(ACCEPT_PAUSE);
-                if wait_for(shutdown.fd(), Interest::READABLE, shutdown, pause)? != Wake::Timeout {
+                if !pause_accepting(shutdown)? {
                     return Ok(());
                 }
             }
         }
     }
+}
+
+/// Pauses accepting for [`ACCEPT_PAUSE`] after the process ran out of descriptors, and
+/// wakes early when shutdown fires, so that a pause never delays the drain. Returns
+/// whether to go on accepting (`false`: shutdown fired).
+///
+/// # Errors
+///
+/// The OS error of `poll`.
+pub fn pause_accepting(shutdown: &Shutdown) -> io::Result<bool> {
+    let pause = Some(ACCEPT_PAUSE);
+    Ok(wait_for(shutdown.fd(), Interest::READABLE, shutdown, pause)? == Wake::Timeout)
 }
 
 /// Where [`serve_connection`] leaves a connection the server closes first.
@@ -284,5 +295,25 @@ pub fn serve_datagrams(
             return Ok(());
         }
         replier.answer_queued(socket, &mut buf, DATAGRAM_BATCH, &log)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_accept_pause_lasts_its_time_unless_shutdown_fires() {
+        let shutdown = Shutdown::new().expect("eventfd");
+        let started = Instant::now();
+        assert!(pause_accepting(&shutdown).expect("poll"));
+        assert!(started.elapsed() >= ACCEPT_PAUSE);
+        shutdown.fire();
+        let started = Instant::now();
+        assert!(!pause_accepting(&shutdown).expect("poll"));
+        assert!(
+            started.elapsed() < ACCEPT_PAUSE,
+            "a pause outlasted the shutdown"
+        );
     }
 }

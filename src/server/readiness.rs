@@ -17,11 +17,11 @@
 
 use super::accept::{Accepted, accept_and_admit};
 use super::event_loops::LoopSources;
-use super::idle_wheel::IdleWheel;
 use super::lifecycle::{CloseReason, Ending, Linger, LoopLog, close, end, stream_transport};
+use super::loop_clock::{Expiring, LoopClock};
 use super::{
-    ACCEPT_PAUSE, Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners,
-    Protocol, READ_BUFFER_BYTES, Shutdown,
+    Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners, Protocol,
+    READ_BUFFER_BYTES, Shutdown,
 };
 use crate::net::{DatagramSocket, Stream};
 use crate::slab::{Slab, Token};
@@ -42,7 +42,8 @@ pub enum IdleCheck {
     /// Look at every connection each turn: O(connections), which the rebuild-every-turn
     /// models pay anyway; exact to the turn.
     Scan,
-    /// A coarse timing wheel ([`IdleWheel`]): each connection is looked at about once per
+    /// A coarse timing wheel ([`IdleWheel`](super::idle_wheel::IdleWheel), kept by
+    /// [`LoopClock`]): each connection is looked at about once per
     /// timeout, so thousands of connections cost nothing per turn.
     Wheel,
 }
@@ -89,6 +90,12 @@ struct Entry {
     place: Admission,
 }
 
+impl Expiring for Entry {
+    fn expiring(&mut self) -> Option<(&Connection, &mut Instant)> {
+        Some((&self.connection, &mut self.last_input))
+    }
+}
+
 /// One loop's sockets and connections, and everything it does with them except waiting.
 pub struct ReadinessCore {
     sources: LoopSources,
@@ -108,24 +115,17 @@ pub struct ReadinessCore {
     /// message costs no allocation and an idle connection holds none.
     spare: Vec<u8>,
     log: LoopLog,
-    idle: Option<IdleTimer>,
+    /// How this loop finds connections idle past `--idle-timeout`; `None` without it.
+    idle: Option<IdleCheck>,
     /// Descriptors from this one up cannot be watched (select's FD_SETSIZE).
     fd_limit: Option<(RawFd, &'static str)>,
-    /// The time of this turn, read once after the wait, only while something is timed.
-    now: Option<Instant>,
-    /// Out of descriptors: accept nothing until then.
-    accept_paused_until: Option<Instant>,
-    /// Set when shutdown fired: connections still owing bytes are cut at this instant.
-    drain_deadline: Option<Instant>,
+    /// The accept pause, the idle wheel (with [`IdleCheck::Wheel`]) and the drain
+    /// deadline; read once after the wait, only while something is timed.
+    clock: LoopClock,
     /// Connections ended first whose sockets a kernel-kept mechanism (epoll) still
     /// watches: [`ReadinessCore::sync`] unwatches them, then hands them to the lingering
     /// close, whose descriptor would otherwise keep them in the interest list.
     unwatching: Vec<(Token, Stream, Interest, Admission)>,
-}
-
-enum IdleTimer {
-    Scan(Duration),
-    Wheel(IdleWheel),
 }
 
 impl ReadinessCore {
@@ -148,10 +148,9 @@ impl ReadinessCore {
         let buf_bytes = datagram_max
             .iter()
             .fold(READ_BUFFER_BYTES, |a, &b| a.max(b));
-        let idle = config.limits.idle_timeout.map(|timeout| match idle {
-            IdleCheck::Scan => IdleTimer::Scan(timeout),
-            IdleCheck::Wheel => IdleTimer::Wheel(IdleWheel::new(timeout)),
-        });
+        let idle_timeout = config.limits.idle_timeout;
+        let clock = LoopClock::new(idle_timeout.filter(|_| idle == IdleCheck::Wheel));
+        let idle = idle_timeout.map(|_| idle);
         let log = LoopLog::new(config.limits.metrics);
         Ok(ReadinessCore {
             replier: DatagramReplier::new(config.protocol.clone()),
@@ -166,9 +165,7 @@ impl ReadinessCore {
             log,
             idle,
             fd_limit: None,
-            now: None,
-            accept_paused_until: None,
-            drain_deadline: None,
+            clock,
             unwatching: Vec::new(),
         })
     }
@@ -283,79 +280,44 @@ impl ReadinessCore {
     /// pause or the drain deadline (`None`: until something is ready). Reads the clock
     /// only while something is timed.
     pub fn timeout(&self) -> Option<Duration> {
-        if self.idle.is_none() && self.accept_paused_until.is_none() && !self.is_draining() {
+        if !self.is_timed() {
             return None;
         }
         let now = Instant::now();
-        let idle = match &self.idle {
-            None => None,
-            Some(IdleTimer::Wheel(wheel)) => wheel.time_to_next_tick(now),
-            Some(IdleTimer::Scan(timeout)) => (self.connections.iter())
+        let scan = match (self.idle, self.config.limits.idle_timeout) {
+            (Some(IdleCheck::Scan), Some(timeout)) => (self.connections.iter())
                 .filter(|(_, entry)| entry.connection.wants_read())
-                .map(|(_, entry)| entry.last_input + *timeout)
+                .map(|(_, entry)| entry.last_input + timeout)
                 .min()
                 .map(|deadline| deadline.saturating_duration_since(now)),
+            _ => None,
         };
-        let deadlines = [self.accept_paused_until, self.drain_deadline].into_iter();
-        let until = deadlines
-            .flatten()
-            .map(|t| t.saturating_duration_since(now));
-        idle.into_iter().chain(until).min()
+        self.clock.timeout_from(now).into_iter().chain(scan).min()
     }
 
     /// Runs the clocks after a wait: closes connections idle past `--idle-timeout`, ends an
     /// accept pause, and after the drain deadline cuts every connection still open.
     pub fn expire(&mut self) {
-        let is_timed = self.idle.is_some() || self.accept_paused_until.is_some();
-        if !is_timed && !self.is_draining() {
+        if !self.is_timed() {
             return;
         }
-        let now = Instant::now();
-        self.now = Some(now);
-        if self.accept_paused_until.is_some_and(|until| now >= until) {
-            self.accept_paused_until = None;
-            self.changed
-                .extend((1..=self.sources.streams.len()).map(reserved));
+        self.clock.tick();
+        let now = self.clock.now();
+        while let Some(listener) = self.clock.resume_next() {
+            self.changed.push(listener);
         }
-        if self.drain_deadline.is_some_and(|deadline| now >= deadline) {
-            for token in self.connections.tokens() {
-                let owed = self
-                    .connections
-                    .get(token)
-                    .map_or(0, |e| e.connection.owed());
-                self.close(token, CloseReason::DrainTimeout { owed });
-            }
-            return;
-        }
-        match &mut self.idle {
-            None => {}
-            Some(IdleTimer::Scan(timeout)) => {
-                let timeout = *timeout;
-                let idle: Vec<Token> = (self.connections.iter())
+        let mut due = self.clock.expired(&mut self.connections);
+        let idle_timeout = self.config.limits.idle_timeout;
+        if let (Some(IdleCheck::Scan), Some(timeout)) = (self.idle, idle_timeout) {
+            if !self.clock.is_past_drain() {
+                let idle = (self.connections.iter())
                     .filter(|(_, e)| e.connection.wants_read() && now >= e.last_input + timeout)
-                    .map(|(token, _)| token)
-                    .collect();
-                for token in idle {
-                    self.close(token, CloseReason::Idle(timeout));
-                }
+                    .map(|(token, _)| (token, CloseReason::Idle(timeout)));
+                due.extend(idle);
             }
-            Some(IdleTimer::Wheel(wheel)) => {
-                let connections = &mut self.connections;
-                let mut idle = Vec::new();
-                let last_input = |token| {
-                    let entry = connections.get_mut(token)?;
-                    if !entry.connection.wants_read() {
-                        // Not waiting for input (backpressure, flushing): not idle, look later.
-                        entry.last_input = now;
-                    }
-                    Some(entry.last_input)
-                };
-                wheel.expire_idle(now, last_input, &mut idle);
-                let timeout = self.config.limits.idle_timeout.unwrap_or_default();
-                for token in idle {
-                    self.close(token, CloseReason::Idle(timeout));
-                }
-            }
+        }
+        for (token, reason) in due {
+            self.close(token, reason);
         }
     }
 
@@ -402,8 +364,8 @@ impl ReadinessCore {
         if self.is_draining() {
             return;
         }
-        self.drain_deadline = Some(Instant::now() + self.config.limits.drain_timeout);
-        self.accept_paused_until = None;
+        self.clock.tick();
+        self.clock.start_drain(self.config.limits.drain_timeout);
         self.changed.extend((0..self.watched.len()).map(reserved));
         for token in self.connections.tokens() {
             if let Some(entry) = self.connections.get_mut(token) {
@@ -421,11 +383,16 @@ impl ReadinessCore {
 
     /// Whether listeners are watched now: not during an accept pause or the drain.
     pub fn is_accepting(&self) -> bool {
-        self.accept_paused_until.is_none() && !self.is_draining()
+        !self.clock.is_pausing() && !self.is_draining()
     }
 
     fn is_draining(&self) -> bool {
-        self.drain_deadline.is_some()
+        self.clock.drain_deadline().is_some()
+    }
+
+    /// Whether a timer runs: without one, the loop never reads the clock.
+    fn is_timed(&self) -> bool {
+        self.idle.is_some() || self.clock.is_timing()
     }
 
     /// What a source should be watched for now.
@@ -459,9 +426,12 @@ impl ReadinessCore {
                 Accepted::Paused => {
                     // The listener stays readable while descriptors are short: stop
                     // watching it for a while, or the loop would spin.
-                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
-                    self.changed
-                        .extend((1..=self.sources.streams.len()).map(reserved));
+                    // Out of descriptors is the process's state, not this listener's.
+                    self.clock.tick();
+                    for listener in (1..=self.sources.streams.len()).map(reserved) {
+                        self.clock.pause(listener);
+                        self.changed.push(listener);
+                    }
                     return Ok(());
                 }
             }
@@ -483,7 +453,7 @@ impl ReadinessCore {
         }
         let limits = &self.config.limits;
         let connection = Connection::new(&self.config.protocol, peer, limits, stream.as_fd());
-        let now = self.now.unwrap_or_else(Instant::now);
+        let now = self.clock.now();
         let token = self.connections.insert(Entry {
             stream,
             connection,
@@ -491,9 +461,7 @@ impl ReadinessCore {
             last_input: now,
             watched: Interest::NONE,
         });
-        if let Some(IdleTimer::Wheel(wheel)) = &mut self.idle {
-            wheel.insert_at(token, now);
-        }
+        self.clock.watch(token);
         // A greeting is owed at once; the mechanism learns to wait for writable.
         self.changed.push(token);
     }
@@ -515,7 +483,7 @@ impl ReadinessCore {
             match connection.read_from(&entry.stream, buf, &self.log) {
                 // Written only when timed: the field sits on a cold cache line.
                 Ok(true) if self.idle.is_some() => {
-                    entry.last_input = self.now.unwrap_or(entry.last_input);
+                    entry.last_input = self.clock.now();
                 }
                 Ok(_) => {}
                 Err(reason) => served = Err(reason),
@@ -529,9 +497,8 @@ impl ReadinessCore {
         match served {
             Err(reason) => self.close(token, reason),
             Ok(()) if entry.connection.is_finished() => {
-                let reason = entry
-                    .connection
-                    .finish_reason(self.drain_deadline.is_some());
+                let reason =
+                    (entry.connection).finish_reason(self.clock.drain_deadline().is_some());
                 self.close(token, reason);
             }
             Ok(()) if interest_of(&entry.connection) != entry.watched => self.changed.push(token),

@@ -119,24 +119,27 @@ pub async fn converse(task: &mut impl TaskWaits, connection: &mut Connection) ->
     }
 }
 
-/// Ends a connection a task served, for `reason`, and logs it: the one close of the task
-/// models, whose runtime keeps the socket `fd` in a type of its own and closes it when the
-/// task ends. A peer that half-closed reads EOF after the last reply; one the server ends
-/// first gets (with TLS, `close_notify` and then) a lingering close on a duplicate of
-/// `fd`, which takes `place`, the connection's place under `--max-conns`, with it.
+/// Ends a connection for `reason`, and logs it: the one close of the models whose runtime
+/// (the task models) or ring (`uring`) keeps the socket `fd` in a type of its own and
+/// closes it later. A peer that half-closed reads EOF after the last reply; one the server
+/// ends first gets (with TLS, `close_notify` and then) a lingering close on a duplicate of
+/// `fd`, which takes `place`, the connection's place under `--max-conns`, with it. What is
+/// owed is offered once before that, unless `is_sending`: a send of it still in flight
+/// elsewhere (io_uring's) would then be sent twice.
 pub fn close_served(
     fd: BorrowedFd<'_>,
     connection: &mut Connection,
     reason: CloseReason,
     log: &LoopLog,
     place: Admission,
+    is_sending: bool,
 ) {
     match reason.ending() {
         // The peer may be gone already; closing is all that is left either way.
         Ending::Eof => drop(socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write)),
         Ending::Lingering => match Stream::duplicate(fd) {
             Ok(stream) => {
-                if !connection.is_finished() {
+                if !connection.is_finished() && !is_sending {
                     // An idle timeout or a drain cut: with TLS, close_notify goes out first.
                     connection.close_first(&stream, log);
                 }

@@ -223,13 +223,18 @@ fn only_what_the_kernel_did_not_take_is_owed() {
 fn a_failed_write_through_closes_the_connection() {
     let protocol = Protocol::new(ProtocolKind::Echo, 1024);
     let mut connection = connection(&protocol, 1024);
-    let result = connection.receive_through(b"hello", |_| {
-        Err(io::Error::from(io::ErrorKind::ConnectionReset))
-    });
+    let mut calls = 0;
+    let result = connection.receive_through(
+        b"hello",
+        counted(&mut calls, |_, _| {
+            Err(io::Error::from(io::ErrorKind::ConnectionReset))
+        }),
+    );
     assert_eq!(
         result.map_err(|e| e.kind()),
         Err(io::ErrorKind::ConnectionReset)
     );
+    assert_eq!(calls, 1, "a failed write is not tried again");
 }
 
 /// A write that `f` answers, counting its calls, and failing the test past 100 of them
@@ -385,4 +390,33 @@ fn the_server_ending_first_lingers_and_the_peers_eof_does_not() {
         .on_read(Ok(0), &[], &log)
         .expect("EOF is handled");
     assert!(!connection.needs_linger(), "the peer half-closed first");
+}
+
+#[test]
+fn an_echo_is_lent_to_a_later_send_only_when_nothing_is_owed() {
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = connection(&protocol, 1024);
+    assert!(
+        connection.receive_lent(b"ab", true),
+        "sent from where it lies"
+    );
+    assert_eq!(connection.owed(), 0, "none of it owed here");
+    assert!(
+        !connection.receive_lent(b"cd", false),
+        "no send may start now"
+    );
+    assert_eq!(connection.unsent(), b"cd");
+    assert!(!connection.receive_lent(b"ef", true), "owed bytes go first");
+    assert_eq!(connection.unsent(), b"cdef");
+    let lines = Protocol::new(ProtocolKind::Lines, 1024).with_prefix(b"> ");
+    let mut connection = self::connection(&lines, 1024);
+    assert!(
+        !connection.receive_lent(b"x\n", true),
+        "the reply is not the input"
+    );
+    assert_eq!(connection.unsent(), b"> x\n");
+    let mut connection = self::connection(&protocol, 1024);
+    connection.stop_reading();
+    assert!(!connection.receive_lent(b"late", true), "reading is over");
+    assert_eq!(connection.owed(), 0);
 }

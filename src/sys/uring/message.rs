@@ -11,12 +11,11 @@ use std::mem;
 pub struct ReceivedDatagram {
     /// Bytes received (at most the receive buffer's size).
     pub len: usize,
-    /// The datagram's real length: more than `len` when it was truncated.
-    pub full_len: usize,
+    /// The datagram's real length, when it was longer than the buffer (`MSG_TRUNC`):
+    /// then `len` bytes are a prefix.
+    pub truncated_from: Option<usize>,
     /// Who sent it (an unnamed Unix socket has an empty address).
     pub sender: SockAddr,
-    /// The datagram was longer than the buffer (`MSG_TRUNC`): `len` bytes are a prefix.
-    pub is_truncated: bool,
 }
 
 /// The receive message of a datagram socket, boxed (see [`Message`]).
@@ -92,11 +91,11 @@ impl Message {
         // SAFETY: the receive completed, so the kernel wrote a valid address of
         // `msg_namelen` bytes into `name` (or left it zeroed: an unnamed sender).
         let sender = unsafe { SockAddr::new(storage, self.header.msg_namelen) };
+        let is_truncated = len > self.bytes.len() || self.header.msg_flags & libc::MSG_TRUNC != 0;
         ReceivedDatagram {
             len: len.min(self.bytes.len()),
-            full_len: len,
+            truncated_from: is_truncated.then_some(len),
             sender,
-            is_truncated: len > self.bytes.len() || self.header.msg_flags & libc::MSG_TRUNC != 0,
         }
     }
 }

@@ -53,6 +53,8 @@ pub(super) struct ProvidedBuffers {
     size: usize,
     tail: u16,
     is_lent: Vec<bool>,
+    /// Buffers given back to the kernel so far (wrapping).
+    given_back: u64,
 }
 
 impl ProvidedBuffers {
@@ -98,6 +100,7 @@ impl ProvidedBuffers {
             size,
             tail: 0,
             is_lent: vec![true; usize::from(count)],
+            given_back: 0,
         };
         // SAFETY: `entries` is page-aligned and holds `count` entries, and it stays
         // allocated until unregistered (the struct's invariant; see `Ring::drop`).
@@ -156,12 +159,19 @@ impl ProvidedBuffers {
         entry.set_len(self.size as u32);
         entry.set_bid(id);
         self.tail = self.tail.wrapping_add(1);
+        self.given_back = self.given_back.wrapping_add(1);
         // SAFETY: `entries` points at the ring's first entry, initialised (zeroed) at
         // allocation, as `tail` requires.
         let tail = unsafe { types::BufRingEntry::tail(self.entries.as_ptr()) };
         // SAFETY: the tail is an aligned u16 inside our allocation that the kernel only
         // reads; AtomicU16 has u16's layout. Release publishes the entry written above.
         unsafe { (*tail.cast::<AtomicU16>()).store(self.tail, Ordering::Release) };
+    }
+
+    /// How many buffers were given back to the kernel so far (wrapping): a receive that
+    /// found none waits until this moves.
+    pub(super) fn given_back(&self) -> u64 {
+        self.given_back
     }
 
     /// The bytes `received` names.

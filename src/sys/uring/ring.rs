@@ -41,53 +41,39 @@ const KEPT_SEND_BUFFER_BYTES: usize = 16 * 1024;
 /// At most this many send buffers wait for reuse between sends; a slot holds one only
 /// while its send is in flight, so an idle connection holds none.
 const SPARE_SEND_BUFFERS: usize = 16;
+/// At most one line per interval tells of receives that found no provided buffer.
+const RAN_OUT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// How long dropping a ring waits for cancelled operations before it leaks their buffers.
 const DROP_WAIT: Duration = Duration::from_secs(2);
 
-/// One finished operation of an open slot.
+/// One finished operation of an open slot; [`Ring::next_completion`] gives it with the
+/// slot's token.
 #[derive(Debug)]
 pub enum Completion {
-    /// A listener accepted a connection, or failed to; `is_armed` says whether the
-    /// multishot accept goes on (otherwise arm it again).
+    /// A listener accepted a connection, or failed to.
     Accepted {
-        /// The listener's token.
-        token: Token,
         /// The new connection's descriptor.
         result: io::Result<OwnedFd>,
-        /// Whether the accept is still armed.
+        /// Whether the multishot accept goes on (otherwise arm it again).
         is_armed: bool,
     },
     /// Bytes arrived, in the provided buffer the [`Received`] names; `Ok(None)` is the
-    /// peer's EOF.
-    Received {
-        /// The connection's token.
-        token: Token,
-        /// The bytes, or EOF.
-        result: io::Result<Option<Received>>,
-    },
-    /// A stream send finished; `Ok(n)`: the kernel took the first `n` bytes offered.
+    /// peer's EOF. A receive that [`Ring::cancel_receive`] ended reports nothing.
+    Received(io::Result<Option<Received>>),
+    /// A stream send finished.
     Sent {
-        /// The connection's token.
-        token: Token,
-        /// Bytes sent.
+        /// `Ok(n)`: the kernel took the first `n` bytes offered.
         result: io::Result<usize>,
-        /// For a send straight from a provided buffer ([`Ring::send_received`]): that
+        /// For a send straight from a provided buffer ([`Ring::take_received`]): that
         /// buffer, ours again, so the caller can keep what the kernel did not take
-        /// before giving it back with [`Ring::recycle`].
+        /// ([`Ring::unsent`]) before giving it back with [`Ring::recycle`].
         from: Option<Received>,
     },
-    /// A datagram arrived; its bytes wait in the socket's slot ([`Ring::datagram_bytes`]).
-    DatagramReceived {
-        /// The socket's token.
-        token: Token,
-        /// The datagram's length and sender.
-        result: io::Result<ReceivedDatagram>,
-    },
+    /// A datagram arrived: its length and sender; its bytes wait in the socket's slot
+    /// ([`Ring::datagram_bytes`]).
+    DatagramReceived(io::Result<ReceivedDatagram>),
     /// A watched descriptor became readable.
-    Readable {
-        /// The watched token.
-        token: Token,
-    },
+    Readable,
 }
 
 /// One socket and the buffers of its operations.
@@ -96,7 +82,8 @@ struct SlotIo {
     fd: OwnedFd,
     /// Bits of the operations whose final completion has not arrived.
     in_flight: u8,
-    /// The budget of the receive in flight, kept to re-arm it single-shot.
+    /// The budget of the receive in flight, kept to re-arm it (single-shot, or after it
+    /// waited for a buffer).
     budget: u32,
     /// Bytes received since the receive was armed, checked against `budget`.
     received_since_arm: usize,
@@ -108,6 +95,8 @@ struct SlotIo {
     send_from: Option<Received>,
     /// Datagram sockets: one message each way.
     datagram: Option<Box<Datagram>>,
+    /// The receive ended for want of a provided buffer, and waits in `Ring::starved`.
+    is_starved: bool,
 }
 
 impl SlotIo {
@@ -134,6 +123,15 @@ pub struct Ring {
     has_receive_limit: bool,
     /// Provided buffers that sends read from now (at most `MAX_LENT_TO_SENDS`).
     lent_to_sends: u16,
+    /// Receives that ended because every provided buffer was in use (ENOBUFS), oldest
+    /// first. Each is armed again only after a buffer came back: armed at once, it would
+    /// fail the same way in every turn, and the loop would spin.
+    starved: VecDeque<Token>,
+    /// `ProvidedBuffers::given_back` when `starved` was last served.
+    given_back_seen: u64,
+    /// Receives that found no buffer: in all, as of the last line about them, and when
+    /// that line was written.
+    ran_out: (u64, u64, Option<Instant>),
 }
 
 impl Ring {
@@ -155,6 +153,9 @@ impl Ring {
             spare_sends: Vec::new(),
             has_receive_limit: true,
             lent_to_sends: 0,
+            starved: VecDeque::new(),
+            given_back_seen: 0,
+            ran_out: (0, 0, None),
         })
     }
 
@@ -187,6 +188,7 @@ impl Ring {
             send: Vec::new(),
             send_from: None,
             datagram,
+            is_starved: false,
         });
     }
 
@@ -203,36 +205,15 @@ impl Ring {
 
     /// Whether a receive is armed on `token`.
     pub fn is_receiving(&self, token: Token) -> bool {
-        self.open_ref(token)
-            .is_some_and(|io| io.is_in_flight(Op::Receive) || io.is_in_flight(Op::DatagramReceive))
+        self.open_ref(token).is_some_and(|io| {
+            io.is_in_flight(Op::Receive) || io.is_in_flight(Op::DatagramReceive) || io.is_starved
+        })
     }
 
     /// Whether a stream send on `token` has not completed.
     pub fn is_sending(&self, token: Token) -> bool {
         self.open_ref(token)
             .is_some_and(|io| io.is_in_flight(Op::Send))
-    }
-
-    /// Whether [`Ring::send_received`] would send from a provided buffer on `token` now: the
-    /// slot is open with no send in flight, and the ring has a buffer to spare for it.
-    pub fn may_send_received(&self, token: Token) -> bool {
-        self.lent_to_sends < MAX_LENT_TO_SENDS && !self.is_sending(token)
-    }
-
-    /// Bytes of a provided buffer that `token`'s send in flight reads
-    /// ([`Ring::send_received`]): sent input the caller no longer counts as owed.
-    pub fn sending_received(&self, token: Token) -> usize {
-        self.open_ref(token)
-            .and_then(|io| io.send_from.as_ref())
-            .map_or(0, Received::len)
-    }
-
-    /// Shuts down the sending side of an open slot's socket, so the peer reads EOF after
-    /// the bytes already sent; a peer already gone is no error.
-    pub fn shutdown_write(&self, token: Token) {
-        if let Some(io) = self.open_ref(token) {
-            let _ = SockRef::from(&io.fd).shutdown(std::net::Shutdown::Write);
-        }
     }
 
     /// The descriptor of `token`'s open socket, for work the ring does not do (the
@@ -285,15 +266,34 @@ impl Ring {
         }
     }
 
-    /// Arms a receive of at most `budget` bytes in total (no-op if armed or closed).
+    /// Arms a receive of at most `budget` bytes in total, less what a send from a provided
+    /// buffer still reads on `token` ([`Ring::take_received`]): input the caller no longer
+    /// holds, but owes until it is sent. No-op if armed, closed, or nothing is left; a
+    /// receive that waits for a provided buffer takes the new budget and stays waiting.
     /// Completions come as [`Completion::Received`] until the budget is used up or the
     /// peer's EOF; then [`Ring::is_receiving`] turns false.
     pub fn arm_receive(&mut self, token: Token, budget: usize) {
+        let Some((io, _)) = self.idle_for(token, Op::Receive) else {
+            return;
+        };
+        let lent = io.send_from.as_ref().map_or(0, Received::len);
+        io.budget = u32::try_from(budget.saturating_sub(lent)).unwrap_or(u32::MAX);
+        io.received_since_arm = 0;
+        if !io.is_starved {
+            self.submit_receive(token);
+        }
+    }
+
+    /// Submits a receive on `token`'s open slot for what is left of its budget.
+    fn submit_receive(&mut self, token: Token) {
         let has_limit = self.has_receive_limit;
         let Some((io, fd)) = self.idle_for(token, Op::Receive) else {
             return;
         };
-        let budget = u32::try_from(budget).unwrap_or(u32::MAX).max(1);
+        let left = (io.budget as usize).saturating_sub(io.received_since_arm);
+        let Ok(budget @ 1..) = u32::try_from(left) else {
+            return;
+        };
         io.budget = budget;
         io.received_since_arm = 0;
         let entry = if has_limit {
@@ -330,9 +330,14 @@ impl Ring {
     /// bytes were offered. The kernel may take fewer: see [`Completion::Sent`].
     pub fn send(&mut self, token: Token, bytes: &[u8]) -> usize {
         let offered = bytes.len().min(MAX_SEND_BYTES);
+        let is_idle = self
+            .open_ref(token)
+            .is_some_and(|io| !io.is_in_flight(Op::Send));
+        if offered == 0 || !is_idle {
+            return 0;
+        }
         let mut send = self.spare_sends.pop().unwrap_or_default();
-        let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| offered > 0) else {
-            self.spare_sends.push(send);
+        let Some((io, fd)) = self.idle_for(token, Op::Send) else {
             return 0;
         };
         send.clear();
@@ -345,23 +350,28 @@ impl Ring {
         offered
     }
 
-    /// Sends the bytes of `received` straight from its provided buffer (zero-copy), unless
-    /// a send is in flight, the slot is closed, or `MAX_LENT_TO_SENDS` buffers are lent
-    /// already ([`Ring::may_send_received`]); then the buffer is handed back, and the
-    /// caller keeps its bytes some other way. The ring holds the buffer until the send's
-    /// [`Completion::Sent`], which returns it.
-    ///
-    /// # Errors
-    ///
-    /// `received` itself, when it was not sent.
-    pub fn send_received(&mut self, token: Token, received: Received) -> Result<(), Received> {
+    /// Hands the bytes of `received` to `take`, with whether they may leave straight from
+    /// their provided buffer now: `token` has no send in flight, and the ring has a buffer
+    /// to spare for a send (one lent to a peer that never reads is lent for ever, so at
+    /// most `MAX_LENT_TO_SENDS` are). When they may and `take` says they are the whole
+    /// reply, they are sent from there (zero-copy), and the ring keeps the buffer lent until
+    /// the send's [`Completion::Sent`] hands it back; otherwise it goes back to the kernel
+    /// now.
+    pub fn take_received(
+        &mut self,
+        token: Token,
+        received: Received,
+        take: impl FnOnce(&[u8], bool) -> bool,
+    ) {
+        let may_send = self.lent_to_sends < MAX_LENT_TO_SENDS
+            && self
+                .open_ref(token)
+                .is_some_and(|io| !io.is_in_flight(Op::Send));
         let bytes = self.provided.bytes(&received);
         let (pointer, len) = (bytes.as_ptr(), bytes.len() as u32);
-        if self.lent_to_sends >= MAX_LENT_TO_SENDS {
-            return Err(received);
-        }
-        let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| len > 0) else {
-            return Err(received);
+        let is_sent = take(bytes, may_send) && may_send && len > 0;
+        let Some((io, fd)) = self.idle_for(token, Op::Send).filter(|_| is_sent) else {
+            return self.provided.recycle(received);
         };
         // The buffer stays lent, so the kernel does not hand it to a receive while this
         // send reads it; `complete` gives it back only after the send's completion.
@@ -371,7 +381,11 @@ impl Ring {
             .build();
         self.start(token, Op::Send, entry);
         self.lent_to_sends += 1;
-        Ok(())
+    }
+
+    /// The bytes of `from`, a [`Completion::Sent`]'s buffer, that its send did not take.
+    pub fn unsent(&self, from: &Received, written: usize) -> &[u8] {
+        self.provided.bytes(from).get(written..).unwrap_or_default()
     }
 
     /// Arms a receive of one datagram (no-op if armed, closed or not a datagram slot).
@@ -433,12 +447,14 @@ impl Ring {
         self.push(entry);
     }
 
-    /// Cancels the receive armed on `token`, if any; its last completion still arrives.
+    /// Cancels the receive armed on `token`, if any (or waiting for a buffer); it reports
+    /// nothing more.
     pub fn cancel_receive(&mut self, token: Token) {
-        if self
-            .open_ref(token)
-            .is_some_and(|io| io.is_in_flight(Op::Receive))
-        {
+        let Some(io) = self.open(token) else {
+            return;
+        };
+        io.is_starved = false;
+        if io.is_in_flight(Op::Receive) {
             self.cancel(Key::of(token), Op::Receive);
         }
     }
@@ -476,6 +492,7 @@ impl Ring {
     ///
     /// The OS error of `io_uring_enter`, other than an interrupted or timed-out wait.
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.serve_starved();
         self.flush_backlog()?;
         let result = match timeout {
             Some(timeout) => {
@@ -497,6 +514,51 @@ impl Ring {
                 Ok(())
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Arms again, oldest first, one receive that waits for a provided buffer for each
+    /// buffer given back since the last turn.
+    fn serve_starved(&mut self) {
+        let given_back = self.provided.given_back();
+        let mut fresh = given_back.wrapping_sub(self.given_back_seen);
+        self.given_back_seen = given_back;
+        while fresh > 0 {
+            let Some(token) = self.starved.pop_front() else {
+                break;
+            };
+            if let Some(io) = self.open(token).filter(|io| io.is_starved) {
+                io.is_starved = false;
+                self.submit_receive(token);
+                fresh -= 1;
+            }
+        }
+    }
+
+    /// A receive of `token` found every provided buffer in use: it waits in `starved`, and
+    /// the line that tells of such receives is written at most once an interval.
+    fn starve(&mut self, token: Token) {
+        self.starved.push_back(token);
+        if self.starved.len() > self.slots.len() {
+            // Entries of closed or cancelled receives: drop them (a bound on the queue).
+            let slots = &self.slots;
+            let is_waiting = |token: &Token| {
+                let io = slots.get(token.index()).and_then(Option::as_ref);
+                io.is_some_and(|io| io.token == *token && io.is_starved)
+            };
+            self.starved.retain(is_waiting);
+        }
+        let (total, logged, line) = &mut self.ran_out;
+        *total += 1;
+        let now = Instant::now();
+        if line.is_none_or(|at| now.duration_since(at) >= RAN_OUT_LOG_INTERVAL) {
+            tracing::warn!(
+                "io_uring: all {PROVIDED_BUFFERS} provided receive buffers were in use; {} \
+                 receives waited for one since the last such line (logged at most once a \
+                 second)",
+                *total - *logged
+            );
+            (*logged, *line) = (*total, Some(now));
         }
     }
 
@@ -527,8 +589,9 @@ impl Ring {
         Ok(())
     }
 
-    /// The next completion for an open slot, or `None` when none has arrived.
-    pub fn next_completion(&mut self) -> Option<Completion> {
+    /// The next completion for an open slot, with the slot's token, or `None` when none
+    /// has arrived.
+    pub fn next_completion(&mut self) -> Option<(Token, Completion)> {
         loop {
             if self.completions.is_empty() {
                 self.completions.extend(self.ring.completion());
@@ -541,7 +604,7 @@ impl Ring {
     }
 
     /// Settles one completion: in-flight bits, buffers, stale and closing slots.
-    fn complete(&mut self, entry: &cqueue::Entry) -> Option<Completion> {
+    fn complete(&mut self, entry: &cqueue::Entry) -> Option<(Token, Completion)> {
         let (key, op) = Key::from_user_data(entry.user_data());
         let op = op.filter(|op| *op != Op::Cancel)?;
         let (result, flags) = (entry.result(), entry.flags());
@@ -559,9 +622,8 @@ impl Ring {
             io.in_flight &= !(op as u8);
         }
         let token = io.token;
-        Some(match op {
+        let completion = match op {
             Op::Accept => Completion::Accepted {
-                token,
                 // SAFETY: a non-negative accept result is a new descriptor nobody owns.
                 result: count_result(result).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as i32) }),
                 is_armed,
@@ -572,10 +634,17 @@ impl Ring {
                     "io_uring: multishot receive limits unsupported; receiving single-shot"
                 );
                 self.has_receive_limit = false;
-                let budget = io.budget as usize;
-                self.arm_receive(token, budget);
+                self.submit_receive(token);
                 return None;
             }
+            // Every provided buffer is in use: wait for one to come back (`serve_starved`).
+            Op::Receive if result == -libc::ENOBUFS => {
+                io.is_starved = true;
+                self.starve(token);
+                return None;
+            }
+            // Ended by `cancel_receive`: the caller stopped reading and expects nothing.
+            Op::Receive if result == -libc::ECANCELED => return None,
             Op::Receive => {
                 let result = count_result(result);
                 let mut received = None;
@@ -594,10 +663,7 @@ impl Ring {
                         false => received = Some(bytes),
                     }
                 }
-                Completion::Received {
-                    token,
-                    result: result.map(|_| received),
-                }
+                Completion::Received(result.map(|_| received))
             }
             Op::Send => {
                 let send = mem::take(&mut io.send);
@@ -609,21 +675,17 @@ impl Ring {
                 if from.is_some() {
                     self.lent_to_sends -= 1;
                 }
-                Completion::Sent {
-                    token,
-                    result: count_result(result),
-                    from,
-                }
+                let result = count_result(result);
+                Completion::Sent { result, from }
             }
             Op::DatagramReceive => {
                 let datagram = io.datagram.as_ref()?;
-                Completion::DatagramReceived {
-                    token,
-                    result: count_result(result).map(|len| datagram.receive.received(len)),
-                }
+                let result = count_result(result).map(|len| datagram.receive.received(len));
+                Completion::DatagramReceived(result)
             }
-            Op::Poll | Op::Cancel => Completion::Readable { token },
-        })
+            Op::Poll | Op::Cancel => Completion::Readable,
+        };
+        Some((token, completion))
     }
 
     /// A completion for a closing or stale slot: give back what it carries, and free the
@@ -658,6 +720,18 @@ impl Ring {
 
 #[cfg(test)]
 impl Ring {
+    /// Receives that found every provided buffer in use, so far.
+    pub(super) fn starved_receives(&self) -> u64 {
+        self.ran_out.0
+    }
+
+    /// Bytes of a provided buffer that `token`'s send in flight reads.
+    pub(super) fn sending_received(&self, token: Token) -> usize {
+        self.open_ref(token)
+            .and_then(|io| io.send_from.as_ref())
+            .map_or(0, Received::len)
+    }
+
     /// Whether multishot receives take a total limit here (Linux 6.17+).
     pub(super) fn has_receive_limit(&self) -> bool {
         self.has_receive_limit

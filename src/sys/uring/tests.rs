@@ -1,13 +1,17 @@
 //! The ring against real socket pairs: budgets, sends, closing with operations in flight.
 
 use super::*;
-use crate::slab::Slab;
+use crate::slab::{Slab, Token};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 fn next(ring: &mut Ring) -> Completion {
+    next_with_token(ring).1
+}
+
+fn next_with_token(ring: &mut Ring) -> (Token, Completion) {
     for _ in 0..100 {
         if let Some(completion) = ring.next_completion() {
             return completion;
@@ -30,7 +34,7 @@ fn receive_stops_at_its_budget() {
     let mut got = 0;
     while ring.is_receiving(token) {
         match next(&mut ring) {
-            Completion::Received { result, .. } => {
+            Completion::Received(result) => {
                 let received = result.unwrap().expect("bytes, not EOF");
                 let bytes = ring.received(&received);
                 assert!(bytes.iter().all(|b| *b == bytes[0]) && !bytes.is_empty());
@@ -77,8 +81,8 @@ fn received_bytes_outlive_later_completions() {
     ring.arm_receive(b_token, 100);
     let mut held = Vec::new();
     while held.len() < 2 {
-        match next(&mut ring) {
-            Completion::Received { token, result } => {
+        match next_with_token(&mut ring) {
+            (token, Completion::Received(result)) => {
                 held.push((token, result.unwrap().expect("bytes")));
             }
             other => panic!("{other:?}"),
@@ -149,21 +153,21 @@ fn send_received_returns_its_buffer_with_the_unsent_tail() {
     theirs.write_all(&input).unwrap();
     ring.arm_receive(token, 2 * input.len());
     let received = match next(&mut ring) {
-        Completion::Received {
-            result: Ok(Some(received)),
-            ..
-        } => received,
+        Completion::Received(Ok(Some(received))) => received,
         other => panic!("{other:?}"),
     };
     let len = received.len();
     assert!(len > 4608, "one receive took only {len} bytes");
-    ring.send_received(token, received).unwrap();
+    ring.take_received(token, received, |bytes, may_send| {
+        assert_eq!(bytes.len(), len);
+        may_send
+    });
     assert!(ring.is_sending(token));
     assert_eq!(ring.sending_received(token), len);
     let (sent, from) = loop {
         match next(&mut ring) {
             Completion::Sent { result, from, .. } => break (result.unwrap(), from.unwrap()),
-            Completion::Received { result, .. } => {
+            Completion::Received(result) => {
                 if let Ok(Some(received)) = result {
                     ring.recycle(received);
                 }
@@ -177,6 +181,7 @@ fn send_received_returns_its_buffer_with_the_unsent_tail() {
         &input[..len],
         "the buffer was reused in flight"
     );
+    assert_eq!(ring.unsent(&from, sent), &input[sent..len]);
     assert_eq!(ring.sending_received(token), 0);
     let mut echoed = vec![0u8; sent];
     theirs.read_exact(&mut echoed).unwrap();
@@ -214,11 +219,68 @@ fn closing_with_bytes_received_keeps_every_buffer() {
     theirs.write_all(b"still room").unwrap();
     ring.arm_receive(token, 100);
     match next(&mut ring) {
-        Completion::Received { result, .. } => {
+        Completion::Received(result) => {
             let received = result.expect("a provided buffer left").expect("bytes");
             assert_eq!(ring.received(&received), b"still room");
             ring.recycle(received);
         }
         other => panic!("{other:?}"),
+    }
+}
+
+/// A receive that finds every provided buffer in use (ENOBUFS) reports nothing and waits:
+/// it is armed again only after a buffer comes back, not in every turn (which spun the
+/// loop), and then it gets its bytes.
+#[test]
+fn a_receive_without_a_buffer_waits_for_one() {
+    let mut ring = Ring::new().unwrap();
+    let mut tokens = Slab::default();
+    let mut peers = Vec::new();
+    let starving = usize::from(ring::PROVIDED_BUFFERS) + 3;
+    for _ in 0..starving {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let token = tokens.insert(());
+        ring.add(token, OwnedFd::from(ours));
+        theirs.write_all(b"0123456789").unwrap();
+        ring.arm_receive(token, 100);
+        peers.push((token, theirs));
+    }
+    // Hold every buffer the receives were given; three receives find none.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        ring.wait(Some(Duration::from_millis(10))).unwrap();
+        while let Some((token, completion)) = ring.next_completion() {
+            match completion {
+                Completion::Received(Ok(Some(received))) => held.push((token, received)),
+                other => panic!("only bytes are reported, not {other:?}"),
+            }
+        }
+    }
+    assert_eq!(held.len(), usize::from(ring::PROVIDED_BUFFERS));
+    assert_eq!(
+        ring.starved_receives(),
+        3,
+        "a receive without a buffer was armed again before one came back"
+    );
+    let is_held = |token: &Token| held.iter().any(|(t, _)| t == token);
+    let starved: Vec<Token> = (peers.iter().map(|(token, _)| *token))
+        .filter(|token| !is_held(token))
+        .collect();
+    assert_eq!(starved.len(), 3);
+    assert!(starved.iter().all(|token| ring.is_receiving(*token)));
+    // One buffer back: the oldest waiting receive is armed again and gets its bytes.
+    let (_, received) = held.pop().unwrap();
+    ring.recycle(received);
+    let (token, completion) = next_with_token(&mut ring);
+    assert!(starved.contains(&token), "{token:?} did not wait");
+    match completion {
+        Completion::Received(Ok(Some(received))) => {
+            assert_eq!(ring.received(&received), b"0123456789");
+            ring.recycle(received);
+        }
+        other => panic!("{other:?}"),
+    }
+    for (_, received) in held {
+        ring.recycle(received);
     }
 }
