@@ -1175,6 +1175,24 @@ mod tests {
         assert_eq!(conn.peer().to_string(), "192.0.2.1:40001");
         assert_eq!(conn.unsent(), b"hello 192.0.2.1:40001\necho me");
         assert_eq!(conn.transport(), Transport::Tcp);
+        conn.advance(22);
+        assert_eq!(
+            conn.unsent(),
+            b"echo me",
+            "what the kernel took is not owed"
+        );
+    }
+
+    #[test]
+    fn a_greeting_names_the_address_the_client_reached() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let reached = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(reached).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        let mut limits = limits(1024);
+        limits.layers.greeting = Some(Arc::new(Greeting::parse("via {local}\n").unwrap()));
+        let conn = Connection::new(&echo(), ip_peer(), &limits, socket.as_fd());
+        assert_eq!(conn.unsent(), format!("via {reached}\n").as_bytes());
     }
 
     #[test]
@@ -1418,6 +1436,35 @@ mod tests {
         conn.stop_reading();
         assert!(!conn.wants_read());
         assert!(conn.is_finished());
+    }
+
+    /// Whether `peer` reads EOF within two seconds: every descriptor of the other end,
+    /// the setup deadline's duplicate too, is closed.
+    fn reads_eof(peer: &mut UnixStream) -> bool {
+        use std::io::Read;
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut byte = [0u8; 1];
+        matches!(peer.read(&mut byte), Ok(0))
+    }
+
+    #[test]
+    fn a_drain_during_setup_lets_go_of_the_deadlines_descriptor() {
+        // Behind PROXY, before the header.
+        let (socket, mut peer) = UnixStream::pair().unwrap();
+        let mut limits = limits(1024);
+        limits.layers.proxy_protocol = true;
+        let mut conn = Connection::new(&echo(), ip_peer(), &limits, socket.as_fd());
+        conn.stop_reading();
+        assert!(conn.is_finished());
+        drop((conn, socket));
+        assert!(reads_eof(&mut peer), "closed, not held until the deadline");
+        // During the TLS handshake.
+        let (mut conn, _client, (socket, mut peer)) =
+            over_tls(&echo(), 64 * 1024, Duration::from_secs(10));
+        conn.stop_reading();
+        assert!(conn.is_finished());
+        drop((conn, socket));
+        assert!(reads_eof(&mut peer), "closed, not held until the deadline");
     }
 
     #[test]

@@ -14,6 +14,9 @@ struct Sink {
     taken: Vec<u8>,
     script: Vec<Option<usize>>,
     next: usize,
+    /// The most bytes the peer is owed: a connection that offers the same bytes twice
+    /// (never advancing past what was taken) fails at once instead of writing forever.
+    owed: usize,
 }
 
 impl Sink {
@@ -22,6 +25,7 @@ impl Sink {
             taken: Vec::new(),
             script,
             next: 0,
+            owed: usize::MAX,
         }
     }
 
@@ -37,6 +41,11 @@ impl Sink {
             Some(Some(count)) => count.min(bytes.len()),
             None => bytes.len(),
         };
+        assert!(
+            self.taken.len() + count <= self.owed,
+            "the peer got more than the {} bytes it is owed",
+            self.owed
+        );
         self.taken.extend_from_slice(&bytes[..count]);
         Ok(count)
     }
@@ -76,6 +85,7 @@ fn run(
     let log = LoopLog::default();
     let mut connection = connection(protocol, max_buffer_bytes);
     let mut sink = Sink::new(script);
+    sink.owed = owed_for_whole(protocol, input).len();
     let mut offset = 0;
     let mut step = 0;
     while offset < input.len() {
