@@ -929,3 +929,31 @@ fn man_page_and_completions_cover_every_subcommand() {
         .expect("run bash");
     assert!(syntax.success(), "the bash completion parses");
 }
+
+/// Any positive `--idle-timeout` is accepted, and what it costs does not grow with it: a
+/// timeout of a billion seconds once asked the idle wheel of epoll and uring for one slot
+/// per 250 ms tick (96 GB) and aborted the server.
+#[test]
+fn a_huge_idle_timeout_costs_no_more_than_a_short_one() {
+    for model in ["epoll", "uring", "poll"] {
+        let server = Server::start(
+            model,
+            &[
+                "--threads",
+                "2",
+                "--tcp",
+                "127.0.0.1:0",
+                "--idle-timeout",
+                "1e9",
+            ],
+        );
+        let mut stream = server.connect_tcp();
+        stream.write_all(b"still here\n").expect("write");
+        let mut got = [0; 11];
+        std::io::Read::read_exact(&mut stream, &mut got).expect("echo");
+        assert_eq!(&got, b"still here\n");
+        let rss = server.rss_kib();
+        assert!(rss < 64 * 1024, "{model}: {rss} KiB resident");
+        server.stop();
+    }
+}

@@ -1,7 +1,7 @@
 //! `async`: reverb's own runtime (`crate::runtime`): a task per connection on our epoll reactor.
 //!
-//! Technique: step 9 of the ladder. `--threads` runtimes, each on its own thread with its
-//! own accept queue (`AcceptQueues` explains why); every connection is one task (asyncio's `start_server`)
+//! Technique: step 9 of the ladder. `--threads` runtimes, each on its own thread and accept
+//! queue (`AcceptQueues` says why); every connection is one task (asyncio's `start_server`)
 //! written as straight-line code: `write_all(..).await` what is owed, `ready().await` for
 //! input, read it, hand it to `Connection` (those steps, shared with `tokio`, are
 //! `server::task`; this file says how this runtime waits).
@@ -14,13 +14,12 @@
 //! 10,000 idle ones), and it cost 2 to 11 % more CPU per message at 50 and 500 connections
 //! in a before/after run. A task awaits `ready()`, then `try_read`s into its loop's buffer.
 //!
-//! Idle timeout: one runtime timer per connection, moved to "now + timeout" whenever the
-//! task starts waiting for input, so waiting to send never counts as idle.
+//! Idle timeout: one runtime timer per connection, reset whenever input came (`TaskWaits`).
 
 use crate::net::{Peer, Stream};
 use crate::runtime::{self, Async, Direction, Runtime, unless};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
-use crate::server::task::{SocketWaits, TaskLoop, TaskWaits, Woke, close_served, converse};
+use crate::server::task::{Sent, SocketWaits, TaskLoop, TaskWaits, Woke, close_served, converse};
 use crate::server::task::{accept_connections, answer_datagrams};
 use crate::server::task_buffers;
 use crate::server::{
@@ -41,12 +40,9 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    RunOptions {
-        threads: loops,
-        on_serving,
-    }: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = loops.unwrap_or_else(super::default_loops).max(1);
+    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
     // Every loop also answers datagrams, from duplicates of the same sockets.
     let sources = split_sources(&mut listeners, loops, true)?;
     let state = || Rc::new(TaskLoop::new(&protocol, &listeners));
@@ -54,7 +50,7 @@ pub fn run(
         "async",
         sources,
         &shutdown,
-        &on_serving,
+        &options.on_serving,
         |_, sources| Ok((Runtime::new()?, sources, state())),
         |(runtime, sources, state)| serve_loop(&runtime, sources, &state, &shutdown),
     )?;
@@ -191,22 +187,29 @@ struct Task<'a> {
 }
 
 impl TaskWaits for Task<'_> {
-    async fn send_all(&mut self, bytes: &[u8]) -> Option<io::Result<()>> {
+    async fn send_all(&mut self, bytes: &[u8]) -> Sent {
         let is_cut = || self.state.cut.is_fired();
-        unless(is_cut, None, pin!(self.stream.write_all(bytes))).await
+        let sending = pin!(self.stream.write_all(bytes));
+        match unless(is_cut, self.idle.as_mut(), sending).await {
+            Some(sent) => Sent::Done(sent),
+            None if is_cut() => Sent::Cut,
+            None => Sent::Idle,
+        }
     }
 
     async fn receive(&mut self, connection: &mut Connection) -> Woke {
         let timeout = self.state.limits.idle_timeout.unwrap_or_default();
-        if let Some(timer) = &mut self.idle {
-            timer.reset(runtime::now() + timeout);
-        }
         let is_draining = || self.state.draining.is_fired();
         let receive = pin!(receive(self.stream, connection, self.state));
         match unless(is_draining, self.idle.as_mut(), receive).await {
-            Some(received) => Woke::Received(received),
+            Some(received) => {
+                if let Some(timer) = &mut self.idle {
+                    timer.reset(runtime::now() + timeout);
+                }
+                Woke::Received(received)
+            }
             None if is_draining() => Woke::Draining,
-            None => Woke::Idle(timeout),
+            None => Woke::Idle,
         }
     }
 

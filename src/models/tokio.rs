@@ -11,7 +11,7 @@
 //!
 //! Not `read(&mut buf).await`: as the `async` model explains (a buffer per waiting task),
 //! a task polls `poll_read` with its loop's one buffer and hands the bytes over at once.
-//! Idle timeout: one tokio timer per connection, reset whenever it starts waiting for input.
+//! Idle timeout: one tokio timer per connection, reset whenever input came (`TaskWaits`).
 //! Why one current-thread runtime per loop: docs/benchmarks.md, "Readiness ladder"; why
 //! they share one accept queue and only loop 0 answers datagrams: `AcceptQueues`, for
 //! every multi-loop model. Listeners and datagram sockets stay reverb's own types (they
@@ -21,7 +21,7 @@
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::stop_signal::StopWait;
-use crate::server::task::{SocketWaits, TaskLoop, TaskWaits, Woke};
+use crate::server::task::{Sent, SocketWaits, TaskLoop, TaskWaits, Woke};
 use crate::server::task::{accept_connections, answer_datagrams, close_served, converse};
 use crate::server::task_buffers::poll_receive;
 use crate::server::{ACCEPT_PAUSE, Admission, CloseReason, Connection, Listeners, LoopLog};
@@ -48,22 +48,14 @@ pub fn run(
     mut listeners: Listeners,
     protocol: Protocol,
     shutdown: Shutdown,
-    RunOptions {
-        threads,
-        on_serving,
-    }: RunOptions,
+    options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = threads.unwrap_or_else(super::default_loops);
+    let loops = options.threads.unwrap_or_else(super::default_loops);
     let sources = split_sources(&mut listeners, loops, false)?;
     let setup = |_, sources| build_loop(sources, TaskLoop::new(&protocol, &listeners), &shutdown);
-    run_loops(
-        "tokio",
-        sources,
-        &shutdown,
-        &on_serving,
-        setup,
-        |(runtime, serve)| runtime.block_on(serve),
-    )?;
+    let serve = |(runtime, serve): (Runtime, _)| runtime.block_on(serve);
+    let on_serving = &options.on_serving;
+    run_loops("tokio", sources, &shutdown, on_serving, setup, serve)?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
     drop(listeners);
     Ok(())
@@ -223,28 +215,30 @@ struct Task<'a> {
 }
 
 impl TaskWaits for Task<'_> {
-    async fn send_all(&mut self, bytes: &[u8]) -> Option<io::Result<()>> {
+    async fn send_all(&mut self, bytes: &[u8]) -> Sent {
+        let is_timed = self.state.limits.idle_timeout.is_some();
         tokio::select! {
             biased;
-            sent = self.stream.write_all(bytes) => Some(sent),
-            () = &mut self.cut => None,
+            sent = self.stream.write_all(bytes) => Sent::Done(sent),
+            () = &mut self.cut => Sent::Cut,
+            () = &mut self.idle, if is_timed => Sent::Idle,
         }
     }
 
     async fn receive(&mut self, connection: &mut Connection) -> Woke {
         let idle_timeout = self.state.limits.idle_timeout;
-        if let Some(timeout) = idle_timeout {
-            self.idle.as_mut().reset(Instant::now() + timeout);
-        }
         let (stream, state) = (&mut *self.stream, self.state);
         let receive = poll_fn(|cx| state.with_log(|log| poll_receive(cx, stream, connection, log)));
         tokio::select! {
             biased;
-            received = receive => Woke::Received(received),
-            () = &mut self.draining => Woke::Draining,
-            () = &mut self.idle, if idle_timeout.is_some() => {
-                Woke::Idle(idle_timeout.unwrap_or_default())
+            received = receive => {
+                if let Some(timeout) = idle_timeout {
+                    self.idle.as_mut().reset(Instant::now() + timeout);
+                }
+                Woke::Received(received)
             }
+            () = &mut self.draining => Woke::Draining,
+            () = &mut self.idle, if idle_timeout.is_some() => Woke::Idle,
         }
     }
 

@@ -6,6 +6,11 @@
 //! the connection's last-input tick (no wheel operation); when the slot comes round, the
 //! owner re-checks each entry lazily: idle entries are closed, the others move to the slot
 //! of their real deadline. So each connection is looked at about once per idle timeout.
+//!
+//! The wheel has at most [`MAX_SLOTS`] slots, whatever the timeout: a deadline further
+//! ahead than one turn waits in the farthest slot and is put back, one turn on, when that
+//! slot comes round (a hashed wheel's "rounds", kept lazily). A timeout of days costs the
+//! same memory as one of minutes, and a connection is looked at once per turn at most.
 
 use crate::slab::Token;
 use std::time::{Duration, Instant};
@@ -14,12 +19,20 @@ use std::time::{Duration, Instant};
 /// timeout plus two ticks after its last input, inside the contract's one second.
 pub const IDLE_TICK: Duration = Duration::from_millis(250);
 
+/// The most slots a wheel has: 4,096 ticks of [`IDLE_TICK`] are about 17 minutes, so a
+/// longer timeout re-checks each connection once every 17 minutes, and the empty wheel
+/// takes 96 KiB (a slot is an empty `Vec`, 24 bytes).
+pub const MAX_SLOTS: usize = 4096;
+
 /// A wheel of connection tokens keyed by the tick at which they may be idle.
 #[derive(Debug)]
 pub struct IdleWheel {
     start: Instant,
     /// Ticks from a last input to the tick at which that connection is surely idle.
     idle_ticks: u32,
+    /// The furthest tick ahead of the last expired one a token is put in: the timeout, or
+    /// one turn of the wheel when the timeout is longer.
+    horizon: u32,
     /// `slots[t % len]` holds the tokens due at tick `t`, for every `t` within one turn.
     slots: Vec<Vec<Token>>,
     /// Every tick up to this one has been expired.
@@ -34,10 +47,12 @@ impl IdleWheel {
         let ticks = idle_timeout.as_millis().div_ceil(tick_ms);
         // One tick more: the last input may have come at the very end of its tick.
         let idle_ticks = u32::try_from(ticks + 1).unwrap_or(u32::MAX / 2);
+        let horizon = idle_ticks.min(MAX_SLOTS as u32 - 2);
         IdleWheel {
             start: Instant::now(),
             idle_ticks,
-            slots: (0..idle_ticks as usize + 2).map(|_| Vec::new()).collect(),
+            horizon,
+            slots: (0..horizon as usize + 2).map(|_| Vec::new()).collect(),
             expired_tick: 0,
             len: 0,
         }
@@ -83,10 +98,11 @@ impl IdleWheel {
     /// Watches `token`, whose last input came during `last_input_tick` (at most the last
     /// expired tick).
     pub fn insert(&mut self, token: Token, last_input_tick: u32) {
-        // Deadlines stay within one turn ahead, so every slot holds a single tick's tokens.
+        // Deadlines stay within one turn ahead, so every slot holds a single tick's tokens;
+        // one further ahead is looked at again when the farthest slot comes round.
         let deadline = self.deadline(last_input_tick).clamp(
             self.expired_tick.saturating_add(1),
-            self.expired_tick.saturating_add(self.idle_ticks),
+            self.expired_tick.saturating_add(self.horizon),
         );
         let turn = self.slots.len();
         self.slots[deadline as usize % turn].push(token);
@@ -166,6 +182,40 @@ mod tests {
         assert_eq!(
             checks, 3,
             "one early check for the busy connection, no scans"
+        );
+    }
+
+    #[test]
+    fn a_long_timeout_takes_one_turn_of_memory_and_still_closes_at_its_deadline() {
+        // A billion seconds: one slot per tick would be 4 billion slots (96 GB).
+        assert_eq!(
+            IdleWheel::new(Duration::from_secs(1_000_000_000))
+                .slots
+                .len(),
+            MAX_SLOTS
+        );
+        // Three turns' worth of ticks: the token comes round twice before it is idle.
+        let mut wheel = IdleWheel::new(IDLE_TICK * (3 * MAX_SLOTS as u32));
+        let idle_ticks = wheel.idle_ticks;
+        assert_eq!(wheel.slots.len(), MAX_SLOTS);
+        let token = Token::reserved(0);
+        wheel.insert(token, 0);
+        let (mut closed, mut checks) = (None, 0);
+        for now in 1..=(idle_ticks + 2) {
+            wheel.expire(now, |_| {
+                checks += 1;
+                if now >= idle_ticks {
+                    closed = Some(now);
+                    None
+                } else {
+                    Some(0)
+                }
+            });
+        }
+        assert_eq!(closed, Some(idle_ticks));
+        assert_eq!(
+            checks, 4,
+            "once per turn of the wheel, then at the deadline"
         );
     }
 }

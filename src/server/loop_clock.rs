@@ -108,9 +108,8 @@ impl LoopClock {
 
     /// The connections of `entries` to close now, each with why: once the drain deadline
     /// has passed, every one, cut with what it still owes; before that, those that sent
-    /// nothing for `--idle-timeout` while the loop waited for their input. One that does
-    /// not wait for input now (backpressure, flushing) is not idle: its idle time starts
-    /// again now, and it is looked at again later.
+    /// nothing for `--idle-timeout`. Replies owed to a peer that does not read them do not
+    /// make it less idle: it would hold its place and its buffer for ever.
     pub fn expired<E: Expiring>(&mut self, entries: &mut Slab<E>) -> Vec<(Token, CloseReason)> {
         let mut due = Vec::new();
         if self.is_past_drain() {
@@ -121,13 +120,7 @@ impl LoopClock {
             }
         } else if let Some((wheel, timeout)) = self.idle.as_mut() {
             let (now, mut idle) = (self.now, Vec::new());
-            let last_input = |token| {
-                let (connection, last_input) = entries.get_mut(token)?.expiring()?;
-                if !connection.wants_read() {
-                    *last_input = now;
-                }
-                Some(*last_input)
-            };
+            let last_input = |token| Some(*entries.get_mut(token)?.expiring()?.1);
             wheel.expire_idle(now, last_input, &mut idle);
             let idle = idle
                 .into_iter()

@@ -164,9 +164,9 @@ fn drive(
         if connection.is_finished() {
             return connection.finish_reason(drain_deadline.is_some());
         }
-        let idle_deadline = (limits.idle_timeout)
-            .filter(|_| connection.wants_read())
-            .map(|idle| last_input + idle);
+        // Counted from the peer's last byte, even while replies are owed: a peer that
+        // stops reading must not hold this thread for ever.
+        let idle_deadline = limits.idle_timeout.map(|idle| last_input + idle);
         let deadline = idle_deadline.into_iter().chain(drain_deadline).min();
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let interest = Interest {

@@ -286,7 +286,6 @@ impl ReadinessCore {
         let now = Instant::now();
         let scan = match (self.idle, self.config.limits.idle_timeout) {
             (Some(IdleCheck::Scan), Some(timeout)) => (self.connections.iter())
-                .filter(|(_, entry)| entry.connection.wants_read())
                 .map(|(_, entry)| entry.last_input + timeout)
                 .min()
                 .map(|deadline| deadline.saturating_duration_since(now)),
@@ -311,7 +310,7 @@ impl ReadinessCore {
         if let (Some(IdleCheck::Scan), Some(timeout)) = (self.idle, idle_timeout) {
             if !self.clock.is_past_drain() {
                 let idle = (self.connections.iter())
-                    .filter(|(_, e)| e.connection.wants_read() && now >= e.last_input + timeout)
+                    .filter(|(_, e)| now >= e.last_input + timeout)
                     .map(|(token, _)| (token, CloseReason::Idle(timeout)));
                 due.extend(idle);
             }

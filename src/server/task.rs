@@ -22,7 +22,6 @@ use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::protocol::Protocol;
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::time::Duration;
 
 /// What every task of one loop reads.
 #[derive(Debug)]
@@ -59,6 +58,18 @@ impl TaskLoop {
     }
 }
 
+/// What ended a task's wait to send.
+#[derive(Debug)]
+pub enum Sent {
+    /// Everything was sent (`Ok`), or sending failed (`Err`).
+    Done(io::Result<()>),
+    /// The drain timeout passed first.
+    Cut,
+    /// The peer sent nothing for `--idle-timeout`, while it did not take its replies
+    /// either.
+    Idle,
+}
+
 /// What ended a task's wait for input.
 #[derive(Debug)]
 pub enum Woke {
@@ -66,8 +77,8 @@ pub enum Woke {
     Received(Result<(), CloseReason>),
     /// Shutdown began: read nothing more, send what is owed.
     Draining,
-    /// Nothing came for `--idle-timeout`, which is this long.
-    Idle(Duration),
+    /// Nothing came for `--idle-timeout`.
+    Idle,
 }
 
 /// How a model's runtime lets a connection task wait: the one thing the task models differ
@@ -75,13 +86,16 @@ pub enum Woke {
 /// `Send`, the crate's own runtime's are not.
 #[allow(async_fn_in_trait)]
 pub trait TaskWaits {
-    /// Sends all of `bytes`; `None` once the drain timeout passed first.
-    async fn send_all(&mut self, bytes: &[u8]) -> Option<io::Result<()>>;
+    /// Sends all of `bytes`, unless the drain timeout or `--idle-timeout` passes first.
+    async fn send_all(&mut self, bytes: &[u8]) -> Sent;
 
     /// Waits until input came (read and handed to `connection` with
     /// [`task_buffers::receive_into`]), shutdown began or `--idle-timeout` passed, and
-    /// says which. The idle clock starts at this call: waiting to send never counts as
-    /// idle.
+    /// says which.
+    ///
+    /// The idle clock runs from the connection's start and restarts whenever input came,
+    /// and waiting to send counts too: replies owed to a peer that does not read them do
+    /// not make it less idle, or it would hold its place and its buffer for ever.
     async fn receive(&mut self, connection: &mut Connection) -> Woke;
 
     /// The loop the task belongs to.
@@ -95,9 +109,10 @@ pub async fn converse(task: &mut impl TaskWaits, connection: &mut Connection) ->
             // While the peer does not take its replies, it is not read (backpressure).
             let owed = connection.owed();
             match task.send_all(connection.unsent()).await {
-                None => return CloseReason::DrainTimeout { owed },
-                Some(Err(e)) => return CloseReason::Failed(e),
-                Some(Ok(())) => {}
+                Sent::Cut => return CloseReason::DrainTimeout { owed },
+                Sent::Idle => return idle(task),
+                Sent::Done(Err(e)) => return CloseReason::Failed(e),
+                Sent::Done(Ok(())) => {}
             }
             task.state()
                 .with_log(|log| log.sent(connection.transport(), owed));
@@ -114,9 +129,14 @@ pub async fn converse(task: &mut impl TaskWaits, connection: &mut Connection) ->
             // Shutdown began: stop reading at the top of the loop.
             Woke::Received(Ok(())) | Woke::Draining => {}
             Woke::Received(Err(reason)) => return reason,
-            Woke::Idle(timeout) => return CloseReason::Idle(timeout),
+            Woke::Idle => return idle(task),
         }
     }
+}
+
+/// Why a connection that sent nothing for `--idle-timeout` closes.
+fn idle(task: &impl TaskWaits) -> CloseReason {
+    CloseReason::Idle(task.state().limits.idle_timeout.unwrap_or_default())
 }
 
 /// Ends a connection for `reason`, and logs it: the one close of the models whose runtime

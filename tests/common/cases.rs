@@ -707,6 +707,41 @@ pub fn idle_timeout(model: &str) {
     server.stop();
 }
 
+/// A peer that sends 4 MiB and never reads its replies, nothing more, sent nothing for
+/// `--idle-timeout`: it is closed within the timeout and one second, as idle, however much
+/// the server still owes it (or it would hold its place and `--max-buffer` bytes for
+/// ever, and with `blocking` the whole listener).
+pub fn idle_while_replies_are_owed(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--idle-timeout", "1"]);
+    let flood = server.connect_slow_reader();
+    flood.set_timeouts(Duration::from_secs(20));
+    let mut writer = flood.try_clone();
+    let started = Instant::now();
+    // Blocks once every buffer on the way is full; the lingering close after the idle
+    // close reads and discards the rest.
+    let sender = thread::spawn(move || drop(writer.write_all(&pattern(4 << 20, 5))));
+    let closed_at = loop {
+        let log = server.stderr();
+        if log.lines().any(|line| line.contains("closing: idle")) {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "a peer owed replies it does not read was never closed as idle:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    // The server read its last byte a moment after the start, when its buffer filled.
+    assert!(
+        closed_at <= Duration::from_millis(3000),
+        "closed as idle after {closed_at:?}, not within 1..2 s of its last byte"
+    );
+    server.wait_for_log_line(&["closing: idle", "idle_timeout"]);
+    drop(flood);
+    let _ = sender.join();
+    server.stop();
+}
+
 /// A server with nothing to do sleeps: with an idle connection open and `--idle-timeout`
 /// timing it, it spends next to no CPU (a wait that returns at once, or a loop that waits
 /// for a connection to become writable while it owes nothing, would spin). busy-poll spins
