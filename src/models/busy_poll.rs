@@ -31,11 +31,7 @@ pub fn run(
     options: RunOptions,
 ) -> Result<(), ServeError> {
     let mut core = ReadinessCore::single_loop(&mut listeners, protocol, shutdown, IdleCheck::Scan)?;
-    let RunOptions {
-        threads: _,
-        on_serving,
-    } = options;
-    on_serving.serving();
+    options.on_serving.serving();
     // The sources of one pass, taken before serving any: closing a connection empties its
     // slab slot, so this list is never edited while it is walked (the tutorial's
     // non-blocking server removed clients from the list it was iterating and skipped the

@@ -41,7 +41,7 @@ pub fn run(
     options: RunOptions,
 ) -> Result<(), ServeError> {
     let config = LoopConfig::new(&listeners, protocol, shutdown.clone());
-    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
+    let loops = super::loop_count(&options);
     let sources = split_sources(&mut listeners, loops, true)?;
     let start = |_, sources: LoopSources| {
         let core = ReadinessCore::new(sources, config.clone(), IdleCheck::Wheel)?;

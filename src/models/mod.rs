@@ -150,6 +150,11 @@ pub fn run(
     served
 }
 
+/// How many event loops a multi-loop model runs: `--threads`, or one per available core.
+pub fn loop_count(options: &RunOptions) -> usize {
+    options.threads.unwrap_or_else(default_loops).max(1)
+}
+
 /// The default number of event loops: one per available core.
 pub fn default_loops() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

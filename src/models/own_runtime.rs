@@ -42,9 +42,8 @@ pub fn run(
     shutdown: Shutdown,
     options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
     // Every loop also answers datagrams, from duplicates of the same sockets.
-    let sources = split_sources(&mut listeners, loops, true)?;
+    let sources = split_sources(&mut listeners, super::loop_count(&options), true)?;
     let state = || Rc::new(TaskLoop::new(&protocol, &listeners));
     run_loops(
         "async",

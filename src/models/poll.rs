@@ -32,11 +32,7 @@ pub fn run(
     let mut entries: Vec<pollfd> = Vec::new();
     let mut tokens: Vec<Token> = Vec::new();
     let mut core = ReadinessCore::single_loop(&mut listeners, protocol, shutdown, IdleCheck::Scan)?;
-    let RunOptions {
-        threads: _,
-        on_serving,
-    } = options;
-    on_serving.serving();
+    options.on_serving.serving();
     while !core.is_finished() {
         entries.clear();
         tokens.clear();

@@ -37,11 +37,7 @@ pub fn run(
     // Connections are refused at accept: passing their fd to FD_SET would write outside
     // the bitmap, and leaving them unwatched would hang their clients.
     core.refuse_fds_from(FD_SETSIZE, "FD_SETSIZE");
-    let RunOptions {
-        threads: _,
-        on_serving,
-    } = options;
-    on_serving.serving();
+    options.on_serving.serving();
     while !core.is_finished() {
         read.clear();
         write.clear();

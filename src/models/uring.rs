@@ -47,11 +47,10 @@ pub fn run(
     shutdown: Shutdown,
     options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = options.threads.unwrap_or_else(super::default_loops).max(1);
-    let sources = split_sources(&mut listeners, loops, true)?;
-    let config = LoopConfig::new(&listeners, protocol, shutdown.clone());
-    let setup = |_, sources| Loop::new(sources, config.clone());
     let serving = &options.on_serving;
+    let config = LoopConfig::new(&listeners, protocol, shutdown.clone());
+    let sources = split_sources(&mut listeners, super::loop_count(&options), true)?;
+    let setup = |_, sources| Loop::new(sources, config.clone());
     run_loops("uring", sources, &shutdown, serving, setup, Loop::serve).map_err(ServeError::Io)
 }
 
