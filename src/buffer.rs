@@ -251,6 +251,18 @@ mod tests {
     }
 
     #[test]
+    fn a_small_advance_moves_no_bytes() {
+        // The promise of `start`: after a short write, the owed bytes stay where they are
+        // until the sent prefix is at least half of the buffer.
+        let mut buffer = WriteBuffer::new(1 << 20);
+        buffer.push(&[7u8; 100]);
+        buffer.advance(10);
+        buffer.push(b"x");
+        assert_eq!(buffer.start, 10, "the owed bytes were moved to the front");
+        assert_eq!(buffer.unsent().len(), 91);
+    }
+
+    #[test]
     fn a_burst_gives_its_memory_back_once_sent() {
         let mut out = WriteBuffer::new(1024);
         out.push(&[7u8; 1 << 20]);

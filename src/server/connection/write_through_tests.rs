@@ -88,15 +88,26 @@ fn run(
     sink.owed = owed_for_whole(protocol, input).len();
     let mut offset = 0;
     let mut step = 0;
+    // Turns in a row in which backpressure let nothing be read: a flush that can never
+    // make room again must fail the test, not hang it.
+    let mut blocked_turns = 0;
     while offset < input.len() {
         let limit = connection.read_limit(64 * 1024);
         if limit == 0 {
+            blocked_turns += 1;
+            assert!(
+                blocked_turns <= 100,
+                "no room to read after 100 flushes: {} bytes owed, wants_write {}",
+                connection.owed(),
+                connection.wants_write()
+            );
             // Backpressure: the peer must take replies before it is read again.
             connection
                 .flush_with(|bytes| sink.write(bytes), &log)
                 .expect("the sink never fails");
             continue;
         }
+        blocked_turns = 0;
         let split = splits[step % splits.len()].max(1);
         let n = split.min(limit).min(input.len() - offset);
         let chunk = &input[offset..offset + n];
