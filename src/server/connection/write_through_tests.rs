@@ -430,3 +430,37 @@ fn an_echo_is_lent_to_a_later_send_only_when_nothing_is_owed() {
     assert!(!connection.receive_lent(b"late", true), "reading is over");
     assert_eq!(connection.owed(), 0);
 }
+
+#[test]
+fn only_a_plain_echo_owing_nothing_may_skip_the_lent_allocation() {
+    let echo = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut plain = connection(&echo, 1024);
+    assert!(plain.may_write_through(), "a fresh echo owes nothing");
+    let mut sink = Sink::new(vec![Some(2), None]);
+    plain
+        .receive_through(b"hello", |bytes| sink.write(bytes))
+        .expect("the sink never fails");
+    // Not lent the loop's spare: what the kernel did not take sits in an allocation of
+    // its own, and is owed first.
+    assert_eq!(plain.unsent(), b"llo");
+    assert!(!plain.may_write_through(), "bytes are owed");
+    // Once sent, the allocation goes to a loop whose spare has none, and the connection
+    // holds nothing while idle.
+    plain.advance(3);
+    let mut spare = Vec::new();
+    plain.return_spare(&mut spare);
+    assert!(
+        spare.capacity() > 0,
+        "the allocation became the loop's spare"
+    );
+    assert_eq!(plain.out.capacity(), 0);
+    assert!(plain.may_write_through(), "nothing is owed again");
+    plain.receive_eof();
+    assert!(!plain.may_write_through(), "no input comes after EOF");
+
+    let lines = Protocol::new(ProtocolKind::Lines, 1024);
+    assert!(
+        !connection(&lines, 1024).may_write_through(),
+        "a reply that is not the input itself needs the output buffer"
+    );
+}
