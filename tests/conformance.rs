@@ -108,6 +108,7 @@ with_cases!(
         shutdown_drains_what_the_server_holds,
         drain_waits_without_spinning,
         idle_while_replies_are_owed,
+        slow_steady_reader_is_not_idle,
     ]
 );
 

@@ -188,12 +188,38 @@ struct Task<'a> {
 impl TaskWaits for Task<'_> {
     async fn send_all(&mut self, bytes: &[u8]) -> Sent {
         let is_cut = || self.state.cut.is_fired();
-        let sending = pin!(self.stream.write_all(bytes));
-        match unless(is_cut, self.idle.as_mut(), sending).await {
-            Some(sent) => Sent::Done(sent),
-            None if is_cut() => Sent::Cut,
-            None => Sent::Idle,
+        let (Some(timer), Some(timeout)) = (self.idle.as_mut(), self.state.limits.idle_timeout)
+        else {
+            let sending = pin!(self.stream.write_all(bytes));
+            return unless(is_cut, None, sending)
+                .await
+                .map_or(Sent::Cut, Sent::Done);
+        };
+        // Timed: each write the kernel takes a byte of restarts the idle clock.
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let writing = pin!(self.stream.write(rest));
+            match unless(is_cut, Some(&mut *timer), writing).await {
+                Some(Ok(0)) => return Sent::Done(Err(io::ErrorKind::WriteZero.into())),
+                Some(Ok(written)) => {
+                    rest = &rest[written..];
+                    timer.reset(runtime::now() + timeout);
+                }
+                Some(Err(e)) => return Sent::Done(Err(e)),
+                None if is_cut() => return Sent::Cut,
+                // A send buffer the peer drains slowly may not turn writable for longer
+                // than the timeout (a Unix socket signals it only once three quarters are
+                // free): a peer whose replies the kernel still takes now is not idle.
+                None => match self.stream.get_ref().write(rest) {
+                    Ok(written) if written > 0 => {
+                        rest = &rest[written..];
+                        timer.reset(runtime::now() + timeout);
+                    }
+                    _ => return Sent::Idle,
+                },
+            }
         }
+        Sent::Done(Ok(()))
     }
 
     async fn receive(&mut self, connection: &mut Connection) -> Woke {

@@ -27,6 +27,7 @@ use crate::server::task_buffers::poll_receive;
 use crate::server::{ACCEPT_PAUSE, Admission, CloseReason, Connection, Listeners, LoopLog};
 use crate::server::{Protocol, RunOptions, ServeError, Shutdown, stream_transport};
 use crate::sys::async_fd;
+use crate::sys::stream as sys_stream;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -216,13 +217,40 @@ struct Task<'a> {
 
 impl TaskWaits for Task<'_> {
     async fn send_all(&mut self, bytes: &[u8]) -> Sent {
-        let is_timed = self.state.limits.idle_timeout.is_some();
-        tokio::select! {
-            biased;
-            sent = self.stream.write_all(bytes) => Sent::Done(sent),
-            () = &mut self.cut => Sent::Cut,
-            () = &mut self.idle, if is_timed => Sent::Idle,
+        let Some(timeout) = self.state.limits.idle_timeout else {
+            return tokio::select! {
+                biased;
+                sent = self.stream.write_all(bytes) => Sent::Done(sent),
+                () = &mut self.cut => Sent::Cut,
+            };
+        };
+        // Timed: each write the kernel takes a byte of restarts the idle clock.
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            tokio::select! {
+                biased;
+                written = self.stream.write(rest) => match written {
+                    Ok(0) => return Sent::Done(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(written) => {
+                        rest = &rest[written..];
+                        self.idle.as_mut().reset(Instant::now() + timeout);
+                    }
+                    Err(e) => return Sent::Done(Err(e)),
+                },
+                () = &mut self.cut => return Sent::Cut,
+                // A send buffer the peer drains slowly may not turn writable for longer
+                // than the timeout (a Unix socket signals it only once three quarters are
+                // free): a peer whose replies the kernel still takes now is not idle.
+                () = &mut self.idle => match sys_stream::send(self.stream.as_fd(), rest) {
+                    Ok(written) if written > 0 => {
+                        rest = &rest[written..];
+                        self.idle.as_mut().reset(Instant::now() + timeout);
+                    }
+                    _ => return Sent::Idle,
+                },
+            }
         }
+        Sent::Done(Ok(()))
     }
 
     async fn receive(&mut self, connection: &mut Connection) -> Woke {

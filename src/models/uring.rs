@@ -67,7 +67,7 @@ enum Source {
 impl Expiring for Source {
     fn expiring(&mut self) -> Option<(&Connection, &mut Instant)> {
         match self {
-            Source::Conn(conn) => Some((&conn.connection, &mut conn.last_input)),
+            Source::Conn(conn) => Some((&conn.connection, &mut conn.last_progress)),
             _ => None,
         }
     }
@@ -76,8 +76,9 @@ impl Expiring for Source {
 /// One accepted stream and what the loop knows about it.
 struct Conn {
     connection: Connection,
-    /// When input last arrived, for the idle wheel.
-    last_input: Instant,
+    /// When it last made progress (input arrived, or the kernel took replies), for the
+    /// idle wheel.
+    last_progress: Instant,
     /// Listed in `Loop::dirty`, to be pumped after this batch.
     is_dirty: bool,
     /// Its place under `--max-conns`, held until its socket is closed.
@@ -203,7 +204,7 @@ impl Loop {
         let connection = Connection::new(&config.protocol, peer, &config.limits, fd);
         let conn = Conn {
             connection,
-            last_input: self.clock.now(),
+            last_progress: self.clock.now(),
             is_dirty: false,
             place: admission,
         };
@@ -238,7 +239,7 @@ impl Loop {
         };
         match outcome {
             Ok(true) => {
-                conn.last_input = self.clock.now();
+                conn.last_progress = self.clock.now();
                 self.mark(token);
             }
             Ok(false) => self.mark(token),
@@ -258,6 +259,10 @@ impl Loop {
                 // An idle connection keeps no output allocation.
                 conn.connection.return_spare(&mut self.spare);
                 self.log.sent(conn.connection.transport(), written);
+                // A peer still taking its replies is not idle, however slowly it takes them.
+                if written > 0 {
+                    conn.last_progress = self.clock.now();
+                }
                 self.mark(token);
             }
             (Some(Source::Conn(_)), Err(e)) => self.close(token, CloseReason::Failed(e)),

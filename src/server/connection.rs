@@ -636,6 +636,22 @@ impl Connection {
         self.flush_with(|bytes| stream.write(bytes), log)
     }
 
+    /// As [`Connection::flush_to`], and says whether the kernel took any byte: progress
+    /// for `--idle-timeout`, which a peer still taking its replies makes however slowly.
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::flush_to`].
+    pub fn flush_progress(&mut self, stream: &Stream, log: &LoopLog) -> Result<bool, CloseReason> {
+        let mut is_taken = false;
+        let write = |bytes: &[u8]| {
+            let written = stream.write(bytes);
+            is_taken |= matches!(written, Ok(n) if n > 0);
+            written
+        };
+        self.flush_with(write, log).map(|()| is_taken)
+    }
+
     /// As [`Connection::flush_to`], with `write` as the one non-blocking write.
     ///
     /// # Errors

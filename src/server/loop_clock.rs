@@ -13,9 +13,10 @@ use crate::slab::{Slab, Token};
 use std::time::{Duration, Instant};
 
 /// A slab entry whose connection [`LoopClock::expired`] may close: the connection and when
-/// its input last came, or `None` for a source of another kind.
+/// it last made progress (input came, or the kernel took replies), or `None` for a source
+/// of another kind.
 pub trait Expiring {
-    /// The connection and when its input last came.
+    /// The connection and when it last made progress.
     fn expiring(&mut self) -> Option<(&Connection, &mut Instant)>;
 }
 
@@ -120,8 +121,8 @@ impl LoopClock {
             }
         } else if let Some((wheel, timeout)) = self.idle.as_mut() {
             let (now, mut idle) = (self.now, Vec::new());
-            let last_input = |token| Some(*entries.get_mut(token)?.expiring()?.1);
-            wheel.expire_idle(now, last_input, &mut idle);
+            let last_progress = |token| Some(*entries.get_mut(token)?.expiring()?.1);
+            wheel.expire_idle(now, last_progress, &mut idle);
             let idle = idle
                 .into_iter()
                 .map(|token| (token, CloseReason::Idle(*timeout)));

@@ -151,22 +151,25 @@ fn drive(
         return CloseReason::CannotWatch(e.to_string());
     }
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
-    let mut last_input = Instant::now();
+    let mut last_progress = Instant::now();
     let mut drain_deadline: Option<Instant> = None;
     if shutdown.is_fired() {
         connection.stop_reading();
         drain_deadline = Some(Instant::now() + limits.drain_timeout);
     }
     loop {
-        if let Err(reason) = connection.flush_to(stream, log) {
-            return reason;
+        match connection.flush_progress(stream, log) {
+            // A peer still taking its replies is not idle, however slowly it takes them.
+            Ok(true) => last_progress = Instant::now(),
+            Ok(false) => {}
+            Err(reason) => return reason,
         }
         if connection.is_finished() {
             return connection.finish_reason(drain_deadline.is_some());
         }
-        // Counted from the peer's last byte, even while replies are owed: a peer that
-        // stops reading must not hold this thread for ever.
-        let idle_deadline = limits.idle_timeout.map(|idle| last_input + idle);
+        // Counted from the last progress either way, even while replies are owed: a peer
+        // that stops reading and sending must not hold this thread for ever.
+        let idle_deadline = limits.idle_timeout.map(|idle| last_progress + idle);
         let deadline = idle_deadline.into_iter().chain(drain_deadline).min();
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let interest = Interest {
@@ -196,13 +199,22 @@ fn drive(
             return CloseReason::DrainTimeout { owed };
         }
         if idle_deadline.is_some_and(|d| now >= d) {
+            // A send buffer the peer drains slowly may not turn writable for longer than
+            // the timeout (a Unix socket signals it only once three quarters are free):
+            // a peer whose replies the kernel still takes now is not idle.
+            if connection.wants_write()
+                && matches!(connection.flush_progress(stream, log), Ok(true))
+            {
+                last_progress = now;
+                continue;
+            }
             connection.close_first(stream, log);
             return CloseReason::Idle(limits.idle_timeout.unwrap_or_default());
         }
         let ready = poll::ready_of(&entries[0]);
         if ready.readable && connection.wants_read() {
             match connection.read_from(stream, &mut buf, log) {
-                Ok(true) => last_input = now,
+                Ok(true) => last_progress = now,
                 Ok(false) => {}
                 Err(reason) => return reason,
             }

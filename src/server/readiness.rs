@@ -83,8 +83,9 @@ struct Entry {
     /// What the model's mechanism was last told to watch ([`ReadinessCore::sync`]).
     watched: Interest,
     connection: Connection,
-    /// The turn in which the peer last sent something, for `--idle-timeout`.
-    last_input: Instant,
+    /// The turn in which the connection last made progress, for `--idle-timeout`: a byte
+    /// read from the peer, or a byte of its replies taken by the kernel.
+    last_progress: Instant,
     /// This connection's place under `--max-conns`, held until its socket is closed
     /// (after the lingering close, if it gets one).
     place: Admission,
@@ -92,7 +93,7 @@ struct Entry {
 
 impl Expiring for Entry {
     fn expiring(&mut self) -> Option<(&Connection, &mut Instant)> {
-        Some((&self.connection, &mut self.last_input))
+        Some((&self.connection, &mut self.last_progress))
     }
 }
 
@@ -286,7 +287,7 @@ impl ReadinessCore {
         let now = Instant::now();
         let scan = match (self.idle, self.config.limits.idle_timeout) {
             (Some(IdleCheck::Scan), Some(timeout)) => (self.connections.iter())
-                .map(|(_, entry)| entry.last_input + timeout)
+                .map(|(_, entry)| entry.last_progress + timeout)
                 .min()
                 .map(|deadline| deadline.saturating_duration_since(now)),
             _ => None,
@@ -310,14 +311,43 @@ impl ReadinessCore {
         if let (Some(IdleCheck::Scan), Some(timeout)) = (self.idle, idle_timeout) {
             if !self.clock.is_past_drain() {
                 let idle = (self.connections.iter())
-                    .filter(|(_, e)| now >= e.last_input + timeout)
+                    .filter(|(_, e)| now >= e.last_progress + timeout)
                     .map(|(token, _)| (token, CloseReason::Idle(timeout)));
                 due.extend(idle);
             }
         }
         for (token, reason) in due {
+            if matches!(reason, CloseReason::Idle(_)) && self.is_taking_replies(token) {
+                continue;
+            }
             self.close(token, reason);
         }
+    }
+
+    /// Whether a connection due to close idle is still taking its replies: the kernel
+    /// takes some of what it owes now. A send buffer the peer drains slowly may not turn
+    /// writable for longer than the timeout (a Unix socket signals it only once three
+    /// quarters are free), so one write is tried before the close. Then the idle clock
+    /// starts again from now.
+    #[cold]
+    fn is_taking_replies(&mut self, token: Token) -> bool {
+        let Some(entry) = self.connections.get_mut(token) else {
+            return false;
+        };
+        if !entry.connection.wants_write() {
+            return false;
+        }
+        match entry.connection.flush_progress(&entry.stream, &self.log) {
+            Ok(true) => {}
+            // Closed idle all the same: the write error, if any, comes again at the close.
+            Ok(false) | Err(_) => return false,
+        }
+        entry.last_progress = self.clock.now();
+        self.clock.watch(token);
+        if interest_of(&entry.connection) != entry.watched {
+            self.changed.push(token);
+        }
+        true
     }
 
     /// Acts on a source the model found ready.
@@ -457,7 +487,7 @@ impl ReadinessCore {
             stream,
             connection,
             place: admission,
-            last_input: now,
+            last_progress: now,
             watched: Interest::NONE,
         });
         self.clock.watch(token);
@@ -482,14 +512,21 @@ impl ReadinessCore {
             match connection.read_from(&entry.stream, buf, &self.log) {
                 // Written only when timed: the field sits on a cold cache line.
                 Ok(true) if self.idle.is_some() => {
-                    entry.last_input = self.clock.now();
+                    entry.last_progress = self.clock.now();
                 }
                 Ok(_) => {}
                 Err(reason) => served = Err(reason),
             }
         }
         // Replies to what was just read go out now, without waiting for another turn.
-        if served.is_ok() {
+        if served.is_ok() && self.idle.is_some() {
+            // A peer still taking its replies is not idle, however slowly it takes them.
+            match connection.flush_progress(&entry.stream, &self.log) {
+                Ok(true) => entry.last_progress = self.clock.now(),
+                Ok(false) => {}
+                Err(reason) => served = Err(reason),
+            }
+        } else if served.is_ok() {
             served = connection.flush_to(&entry.stream, &self.log);
         }
         connection.return_spare(&mut self.spare);

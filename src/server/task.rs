@@ -65,8 +65,8 @@ pub enum Sent {
     Done(io::Result<()>),
     /// The drain timeout passed first.
     Cut,
-    /// The peer sent nothing for `--idle-timeout`, while it did not take its replies
-    /// either.
+    /// The peer sent nothing for `--idle-timeout`, and the kernel took none of its
+    /// replies either.
     Idle,
 }
 
@@ -86,16 +86,18 @@ pub enum Woke {
 /// `Send`, the crate's own runtime's are not.
 #[allow(async_fn_in_trait)]
 pub trait TaskWaits {
-    /// Sends all of `bytes`, unless the drain timeout or `--idle-timeout` passes first.
+    /// Sends all of `bytes`, unless the drain timeout or `--idle-timeout` passes first; each
+    /// write the kernel takes a byte of restarts the idle clock.
     async fn send_all(&mut self, bytes: &[u8]) -> Sent;
 
     /// Waits until input came (read and handed to `connection` with
     /// [`task_buffers::receive_into`]), shutdown began or `--idle-timeout` passed, and
     /// says which.
     ///
-    /// The idle clock runs from the connection's start and restarts whenever input came,
-    /// and waiting to send counts too: replies owed to a peer that does not read them do
-    /// not make it less idle, or it would hold its place and its buffer for ever.
+    /// The idle clock runs from the connection's start and restarts whenever input came
+    /// or the kernel took a byte of replies ([`TaskWaits::send_all`]); waiting to send
+    /// counts too: replies owed to a peer that does not read them do not make it less
+    /// idle, or it would hold its place and its buffer for ever.
     async fn receive(&mut self, connection: &mut Connection) -> Woke;
 
     /// The loop the task belongs to.

@@ -742,6 +742,57 @@ pub fn idle_while_replies_are_owed(model: &str) {
     server.stop();
 }
 
+/// A peer that keeps taking its replies, however slowly, is never idle. Over a Unix stream
+/// socket, which turns writable only once three quarters of its send buffer are free, the
+/// server meets no writable edge, and reads nothing (its output is full), for longer than
+/// the timeout while the peer steadily drains: 400,000 bytes sent at once and read 8 KiB
+/// every 100 ms under `--idle-timeout 1 --max-buffer 16K` all come back, byte-exact, before
+/// any EOF. (Once the kernel holds every reply, the server owes nothing and may close idle:
+/// its close is graceful, so those bytes still arrive first.)
+pub fn slow_steady_reader_is_not_idle(model: &str) {
+    if model == "uring" {
+        // Not yet: its send waits in the ring for that writable edge, and nothing retries
+        // it at the deadline, so such a peer is still closed idle.
+        return;
+    }
+    let path = temp_socket_path(model);
+    let path_arg = path.to_str().unwrap().to_string();
+    let args = [
+        "--unix",
+        &path_arg,
+        "--idle-timeout",
+        "1",
+        "--max-buffer",
+        "16K",
+    ];
+    let server = Server::start(model, &args);
+    let mut conn = server.connect_conn();
+    conn.set_timeouts(Duration::from_secs(5));
+    let input = pattern(400_000, 12);
+    let mut writer = conn.try_clone();
+    let sent = input.clone();
+    let sender = thread::spawn(move || writer.write_all(&sent).map_err(|e| e.to_string()));
+    let mut got = Vec::with_capacity(input.len());
+    let mut buf = [0u8; 8192];
+    while got.len() < input.len() {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("{model}: reading after {} bytes: {e}", got.len()),
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = server.stderr();
+    assert!(
+        got == input,
+        "{model}: {} of {} bytes came back before EOF, from a peer still taking its replies:\n{log}",
+        got.len(),
+        input.len()
+    );
+    assert_eq!(sender.join().unwrap(), Ok(()));
+    server.stop();
+}
+
 /// A server with nothing to do sleeps: with an idle connection open and `--idle-timeout`
 /// timing it, it spends next to no CPU (a wait that returns at once, or a loop that waits
 /// for a connection to become writable while it owes nothing, would spin). busy-poll spins
