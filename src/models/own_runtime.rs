@@ -1,10 +1,9 @@
 //! `async`: reverb's own runtime (`crate::runtime`): a task per connection on our epoll reactor.
 //!
-//! Technique: step 9 of the ladder. `--threads` runtimes, each on its own thread and accept
-//! queue (`AcceptQueues` says why); every connection is one task (asyncio's `start_server`)
-//! written as straight-line code: `write_all(..).await` what is owed, `ready().await` for
-//! input, read it, hand it to `Connection` (those steps, shared with `tokio`, are
-//! `server::task`; this file says how this runtime waits).
+//! Technique: step 9 of the ladder. `--threads` runtimes, each on its own thread and accept queue
+//! (`AcceptQueues` says why); every connection is one task (asyncio's `start_server`) written as
+//! straight-line code: `write(..).await` what is owed, `ready().await` for input, read it, hand it
+//! to `Connection`; those steps, shared with `tokio`, are `server::task`: this file only waits.
 //! Cost: as `epoll`, plus a wake (a run-queue push) and a poll of the task's future per
 //! readiness event; an idle connection is a boxed future of a few hundred bytes, not a stack.
 //! Limit: Linux only; a task that computes without awaiting stalls its whole runtime.
@@ -14,7 +13,7 @@
 //! 10,000 idle ones), and it cost 2 to 11 % more CPU per message at 50 and 500 connections
 //! in a before/after run. A task awaits `ready()`, then `try_read`s into its loop's buffer.
 //!
-//! Idle timeout: one runtime timer per connection, reset whenever input came (`TaskWaits`).
+//! Idle timeout: one runtime timer per connection, reset on progress either way (`TaskWaits`).
 
 use crate::net::{Peer, Stream};
 use crate::runtime::{self, Async, Direction, Runtime, unless};
@@ -82,10 +81,8 @@ fn serve_loop(
         }
         // Shutdown's eventfd becomes readable when it fires and stays so: one wait.
         let fired = Async::new(shutdown.fd())?;
-        let is_fired = |_: &_| match shutdown.is_fired() {
-            true => Ok(()),
-            false => Err(io::ErrorKind::WouldBlock.into()),
-        };
+        let would_block = io::ErrorKind::WouldBlock;
+        let is_fired = |_: &_| shutdown.is_fired().then_some(()).ok_or(would_block.into());
         fired.read_with(is_fired).await?;
         // Accept loops end at once, connections once they have sent what they owe.
         state.draining.fire();
@@ -186,53 +183,31 @@ struct Task<'a> {
 }
 
 impl TaskWaits for Task<'_> {
-    async fn send_all(&mut self, bytes: &[u8]) -> Sent {
+    async fn send_some(&mut self, bytes: &[u8]) -> Sent {
         let is_cut = || self.state.cut.is_fired();
-        let (Some(timer), Some(timeout)) = (self.idle.as_mut(), self.state.limits.idle_timeout)
-        else {
-            let sending = pin!(self.stream.write_all(bytes));
-            return unless(is_cut, None, sending)
-                .await
-                .map_or(Sent::Cut, Sent::Done);
-        };
-        // Timed: each write the kernel takes a byte of restarts the idle clock.
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let writing = pin!(self.stream.write(rest));
-            match unless(is_cut, Some(&mut *timer), writing).await {
-                Some(Ok(0)) => return Sent::Done(Err(io::ErrorKind::WriteZero.into())),
-                Some(Ok(written)) => {
-                    rest = &rest[written..];
-                    timer.reset(runtime::now() + timeout);
-                }
-                Some(Err(e)) => return Sent::Done(Err(e)),
-                None if is_cut() => return Sent::Cut,
-                // A send buffer the peer drains slowly may not turn writable for longer
-                // than the timeout (a Unix socket signals it only once three quarters are
-                // free): a peer whose replies the kernel still takes now is not idle.
-                None => match self.stream.get_ref().write(rest) {
-                    Ok(written) if written > 0 => {
-                        rest = &rest[written..];
-                        timer.reset(runtime::now() + timeout);
-                    }
-                    _ => return Sent::Idle,
-                },
-            }
+        let writing = pin!(self.stream.write(bytes));
+        match unless(is_cut, self.idle.as_mut(), writing).await {
+            Some(written) => Sent::Wrote(written),
+            None if is_cut() => Sent::Cut,
+            None => Sent::Idle,
         }
-        Sent::Done(Ok(()))
+    }
+
+    fn send_now(&self, bytes: &[u8]) -> io::Result<usize> {
+        self.stream.get_ref().write(bytes)
+    }
+
+    fn restart_idle(&mut self) {
+        if let (Some(timer), Some(timeout)) = (self.idle.as_mut(), self.state.limits.idle_timeout) {
+            timer.reset(runtime::now() + timeout);
+        }
     }
 
     async fn receive(&mut self, connection: &mut Connection) -> Woke {
-        let timeout = self.state.limits.idle_timeout.unwrap_or_default();
         let is_draining = || self.state.draining.is_fired();
         let receive = pin!(receive(self.stream, connection, self.state));
         match unless(is_draining, self.idle.as_mut(), receive).await {
-            Some(received) => {
-                if let Some(timer) = &mut self.idle {
-                    timer.reset(runtime::now() + timeout);
-                }
-                Woke::Received(received)
-            }
+            Some(received) => Woke::Received(received),
             None if is_draining() => Woke::Draining,
             None => Woke::Idle,
         }
@@ -261,7 +236,7 @@ async fn receive(
 }
 
 /// A connection's socket under this runtime: reads keep the reactor's readiness cache
-/// right; a write that finds no room is simply owed, and `write_all` waits for it.
+/// right; a write that finds no room is simply owed, and `send_some` waits for it.
 struct TaskSocket<'a>(&'a Async<Stream>);
 
 impl task_buffers::SocketIo for TaskSocket<'_> {

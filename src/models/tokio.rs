@@ -2,7 +2,7 @@
 //!
 //! Technique: step 10 of the ladder. A current-thread runtime per loop, all accepting from
 //! the same listeners; every connection is one task in straight-line code:
-//! `write_all(..).await` what is owed, then wait for input, read it, hand it to `Connection`.
+//! `write(..).await` what is owed, then wait for input, read it, hand it to `Connection`.
 //! Those steps, and the accept and datagram tasks, are the ones `async` takes too
 //! (`server::task`); this file says how tokio waits: `select!` over readiness, the loop's
 //! stop signals and tokio timers.
@@ -11,12 +11,11 @@
 //!
 //! Not `read(&mut buf).await`: as the `async` model explains (a buffer per waiting task),
 //! a task polls `poll_read` with its loop's one buffer and hands the bytes over at once.
-//! Idle timeout: one tokio timer per connection, reset whenever input came (`TaskWaits`).
-//! Why one current-thread runtime per loop: docs/benchmarks.md, "Readiness ladder"; why
-//! they share one accept queue and only loop 0 answers datagrams: `AcceptQueues`, for
-//! every multi-loop model. Listeners and datagram sockets stay reverb's own types (they
-//! know every address kind, abstract Unix names too), watched through `AsyncFd` on a
-//! duplicate.
+//! Idle timeout: one tokio timer per connection, reset on progress either way (`TaskWaits`).
+//! Why one current-thread runtime per loop: docs/benchmarks.md, "Readiness ladder"; why they share
+//! one accept queue and only loop 0 answers datagrams: `AcceptQueues`, for every multi-loop model.
+//! Listeners and datagram sockets stay reverb's own types (they know every address kind, abstract
+//! Unix names too), watched through `AsyncFd` on a duplicate.
 
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
@@ -27,7 +26,6 @@ use crate::server::task_buffers::poll_receive;
 use crate::server::{ACCEPT_PAUSE, Admission, CloseReason, Connection, Listeners, LoopLog};
 use crate::server::{Protocol, RunOptions, ServeError, Shutdown, stream_transport};
 use crate::sys::async_fd;
-use crate::sys::stream as sys_stream;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -51,10 +49,9 @@ pub fn run(
     shutdown: Shutdown,
     options: RunOptions,
 ) -> Result<(), ServeError> {
-    let loops = options.threads.unwrap_or_else(super::default_loops);
-    let sources = split_sources(&mut listeners, loops, false)?;
-    let setup = |_, sources| build_loop(sources, TaskLoop::new(&protocol, &listeners), &shutdown);
     let serve = |(runtime, serve): (Runtime, _)| runtime.block_on(serve);
+    let sources = split_sources(&mut listeners, super::loop_count(&options), false)?;
+    let setup = |_, sources| build_loop(sources, TaskLoop::new(&protocol, &listeners), &shutdown);
     let on_serving = &options.on_serving;
     run_loops("tokio", sources, &shutdown, on_serving, setup, serve)?;
     // Dropping the listeners removes the Unix socket files, once every loop is done.
@@ -190,11 +187,10 @@ async fn serve(stream: Stream, peer: Peer, place: Admission, state: Arc<TaskLoop
         }
     };
     let mut connection = Connection::new(&state.protocol, peer, &state.limits, stream.as_fd());
-    let idle_timeout = state.limits.idle_timeout;
     let mut task = Task {
         stream: &mut stream,
         state: &state,
-        idle: pin!(sleep(idle_timeout.unwrap_or_default())),
+        idle: pin!(sleep(state.limits.idle_timeout.unwrap_or_default())),
         // Made once: a fresh wait per message would take a lock.
         draining: state.draining.wait(),
         cut: state.cut.wait(),
@@ -216,57 +212,35 @@ struct Task<'a> {
 }
 
 impl TaskWaits for Task<'_> {
-    async fn send_all(&mut self, bytes: &[u8]) -> Sent {
-        let Some(timeout) = self.state.limits.idle_timeout else {
-            return tokio::select! {
-                biased;
-                sent = self.stream.write_all(bytes) => Sent::Done(sent),
-                () = &mut self.cut => Sent::Cut,
-            };
-        };
-        // Timed: each write the kernel takes a byte of restarts the idle clock.
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            tokio::select! {
-                biased;
-                written = self.stream.write(rest) => match written {
-                    Ok(0) => return Sent::Done(Err(io::ErrorKind::WriteZero.into())),
-                    Ok(written) => {
-                        rest = &rest[written..];
-                        self.idle.as_mut().reset(Instant::now() + timeout);
-                    }
-                    Err(e) => return Sent::Done(Err(e)),
-                },
-                () = &mut self.cut => return Sent::Cut,
-                // A send buffer the peer drains slowly may not turn writable for longer
-                // than the timeout (a Unix socket signals it only once three quarters are
-                // free): a peer whose replies the kernel still takes now is not idle.
-                () = &mut self.idle => match sys_stream::send(self.stream.as_fd(), rest) {
-                    Ok(written) if written > 0 => {
-                        rest = &rest[written..];
-                        self.idle.as_mut().reset(Instant::now() + timeout);
-                    }
-                    _ => return Sent::Idle,
-                },
-            }
+    async fn send_some(&mut self, bytes: &[u8]) -> Sent {
+        let is_timed = self.state.limits.idle_timeout.is_some();
+        tokio::select! {
+            biased;
+            written = self.stream.write(bytes) => Sent::Wrote(written),
+            () = &mut self.cut => Sent::Cut,
+            () = &mut self.idle, if is_timed => Sent::Idle,
         }
-        Sent::Done(Ok(()))
+    }
+
+    fn send_now(&self, bytes: &[u8]) -> io::Result<usize> {
+        crate::sys::stream::send(self.stream.as_fd(), bytes)
+    }
+
+    fn restart_idle(&mut self) {
+        if let Some(timeout) = self.state.limits.idle_timeout {
+            self.idle.as_mut().reset(Instant::now() + timeout);
+        }
     }
 
     async fn receive(&mut self, connection: &mut Connection) -> Woke {
-        let idle_timeout = self.state.limits.idle_timeout;
+        let is_timed = self.state.limits.idle_timeout.is_some();
         let (stream, state) = (&mut *self.stream, self.state);
         let receive = poll_fn(|cx| state.with_log(|log| poll_receive(cx, stream, connection, log)));
         tokio::select! {
             biased;
-            received = receive => {
-                if let Some(timeout) = idle_timeout {
-                    self.idle.as_mut().reset(Instant::now() + timeout);
-                }
-                Woke::Received(received)
-            }
+            received = receive => Woke::Received(received),
             () = &mut self.draining => Woke::Draining,
-            () = &mut self.idle, if idle_timeout.is_some() => Woke::Idle,
+            () = &mut self.idle, if is_timed => Woke::Idle,
         }
     }
 

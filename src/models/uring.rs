@@ -76,8 +76,7 @@ impl Expiring for Source {
 /// One accepted stream and what the loop knows about it.
 struct Conn {
     connection: Connection,
-    /// When it last made progress (input arrived, or the kernel took replies), for the
-    /// idle wheel.
+    /// When input last came or the kernel last took replies, for the idle wheel.
     last_progress: Instant,
     /// Listed in `Loop::dirty`, to be pumped after this batch.
     is_dirty: bool,
@@ -260,9 +259,7 @@ impl Loop {
                 conn.connection.return_spare(&mut self.spare);
                 self.log.sent(conn.connection.transport(), written);
                 // A peer still taking its replies is not idle, however slowly it takes them.
-                if written > 0 {
-                    conn.last_progress = self.clock.now();
-                }
+                conn.last_progress = self.clock.now();
                 self.mark(token);
             }
             (Some(Source::Conn(_)), Err(e)) => self.close(token, CloseReason::Failed(e)),

@@ -2,7 +2,7 @@
 //! once. A model says only how its runtime waits ([`TaskWaits`]): to send, and for input,
 //! shutdown or the idle timeout, whichever comes first.
 //!
-//! The steps: send what is owed (`write_all(..).await`; while the peer does not take its
+//! The steps: send what is owed (`write(..).await`; while the peer does not take its
 //! replies, it is not read); stop reading once shutdown began; end when the connection is
 //! finished; otherwise wait for input, read it into the loop's buffer and hand it over
 //! ([`super::task_buffers`]); and at the end, one close for every reason ([`close_served`]).
@@ -61,12 +61,11 @@ impl TaskLoop {
 /// What ended a task's wait to send.
 #[derive(Debug)]
 pub enum Sent {
-    /// Everything was sent (`Ok`), or sending failed (`Err`).
-    Done(io::Result<()>),
+    /// The kernel took this many bytes of what was offered (`Ok`), or sending failed.
+    Wrote(io::Result<usize>),
     /// The drain timeout passed first.
     Cut,
-    /// The peer sent nothing for `--idle-timeout`, and the kernel took none of its
-    /// replies either.
+    /// `--idle-timeout` passed first.
     Idle,
 }
 
@@ -86,16 +85,26 @@ pub enum Woke {
 /// `Send`, the crate's own runtime's are not.
 #[allow(async_fn_in_trait)]
 pub trait TaskWaits {
-    /// Sends all of `bytes`, unless the drain timeout or `--idle-timeout` passes first; each
-    /// write the kernel takes a byte of restarts the idle clock.
-    async fn send_all(&mut self, bytes: &[u8]) -> Sent;
+    /// Waits until the kernel takes some of `bytes` (one write), or the drain timeout or
+    /// `--idle-timeout` passes first.
+    async fn send_some(&mut self, bytes: &[u8]) -> Sent;
+
+    /// Offers `bytes` to the kernel once, without waiting (a non-blocking send).
+    ///
+    /// # Errors
+    ///
+    /// The OS error of the send, `WouldBlock` when the kernel took nothing.
+    fn send_now(&self, bytes: &[u8]) -> io::Result<usize>;
+
+    /// Restarts the idle clock (progress was made); nothing without `--idle-timeout`.
+    fn restart_idle(&mut self);
 
     /// Waits until input came (read and handed to `connection` with
     /// [`task_buffers::receive_into`]), shutdown began or `--idle-timeout` passed, and
     /// says which.
     ///
     /// The idle clock runs from the connection's start and restarts whenever input came
-    /// or the kernel took a byte of replies ([`TaskWaits::send_all`]); waiting to send
+    /// or the kernel took a byte of replies ([`send_all`]); waiting to send
     /// counts too: replies owed to a peer that does not read them do not make it less
     /// idle, or it would hold its place and its buffer for ever.
     async fn receive(&mut self, connection: &mut Connection) -> Woke;
@@ -110,11 +119,8 @@ pub async fn converse(task: &mut impl TaskWaits, connection: &mut Connection) ->
         if connection.wants_write() {
             // While the peer does not take its replies, it is not read (backpressure).
             let owed = connection.owed();
-            match task.send_all(connection.unsent()).await {
-                Sent::Cut => return CloseReason::DrainTimeout { owed },
-                Sent::Idle => return idle(task),
-                Sent::Done(Err(e)) => return CloseReason::Failed(e),
-                Sent::Done(Ok(())) => {}
+            if let Err(reason) = send_all(task, connection.unsent()).await {
+                return reason.unwrap_or(CloseReason::DrainTimeout { owed });
             }
             task.state()
                 .with_log(|log| log.sent(connection.transport(), owed));
@@ -128,12 +134,40 @@ pub async fn converse(task: &mut impl TaskWaits, connection: &mut Connection) ->
             return connection.finish_reason(task.state().draining.is_fired());
         }
         match task.receive(connection).await {
+            Woke::Received(Ok(())) => task.restart_idle(),
             // Shutdown began: stop reading at the top of the loop.
-            Woke::Received(Ok(())) | Woke::Draining => {}
+            Woke::Draining => {}
             Woke::Received(Err(reason)) => return reason,
             Woke::Idle => return idle(task),
         }
     }
+}
+
+/// Sends all of `bytes`, unless the drain timeout (`Err(None)`) or `--idle-timeout`
+/// passes first or sending fails (`Err(Some(why))`); each write the kernel takes a byte
+/// of restarts the idle clock, so a peer still taking its replies is not idle.
+async fn send_all(task: &mut impl TaskWaits, bytes: &[u8]) -> Result<(), Option<CloseReason>> {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let written = match task.send_some(rest).await {
+            Sent::Wrote(written) => written,
+            Sent::Cut => return Err(None),
+            // A send buffer the peer drains slowly may not turn writable for longer than
+            // the timeout (a Unix socket signals it only once three quarters are free): a
+            // peer whose replies the kernel still takes now is not idle.
+            Sent::Idle => match task.send_now(rest) {
+                Ok(written) if written > 0 => Ok(written),
+                _ => return Err(Some(idle(task))),
+            },
+        };
+        match written {
+            Ok(0) => return Err(Some(CloseReason::Failed(io::ErrorKind::WriteZero.into()))),
+            Ok(written) => rest = &rest[written..],
+            Err(e) => return Err(Some(CloseReason::Failed(e))),
+        }
+        task.restart_idle();
+    }
+    Ok(())
 }
 
 /// Why a connection that sent nothing for `--idle-timeout` closes.
