@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12's "no slowdown" check in one run: server CPU per message of this build against
+# The one-core consolidation's "no slowdown" check in one run: server CPU per message of this build against
 # a build of an older commit, for `epoll` and `uring` (each beside the C yardstick) and for
 # `async` (beside the `tokio` model of the same build, so its figure is its ratio to tokio
 # in each build), at c=50 and c=500, depth 1 and 8, 1 KiB.

@@ -104,7 +104,7 @@ pub trait TaskWaits {
     /// says which.
     ///
     /// The idle clock runs from the connection's start and restarts whenever input came
-    /// or the kernel took a byte of replies ([`send_all`]); waiting to send
+    /// or the kernel took a byte of replies ([`TaskWaits::send_some`]); waiting to send
     /// counts too: replies owed to a peer that does not read them do not make it less
     /// idle, or it would hold its place and its buffer for ever.
     async fn receive(&mut self, connection: &mut Connection) -> Woke;

@@ -18,8 +18,9 @@ pub(super) const BUFFER_GROUP: u16 = 1;
 
 /// Bytes a receive completion put in a provided buffer: which buffer, and how many.
 ///
-/// Read them with [`super::Ring::received`] and give them back with
-/// [`super::Ring::recycle`]; until then the buffer stays out of the kernel's reach.
+/// Hand them on with [`super::Ring::take_received`], which gives the buffer back (or
+/// keeps it lent to the send of the same bytes); until then the buffer stays out of the
+/// kernel's reach.
 #[derive(Debug)]
 #[must_use = "a provided buffer stays lent until given back to Ring::recycle"]
 pub struct Received {
