@@ -416,6 +416,13 @@ impl Server {
         Duration::from_millis(ticks * 10)
     }
 
+    /// CPU time the server spends while the test waits `span`.
+    pub fn cpu_spent_over(&self, span: Duration) -> Duration {
+        let before = self.cpu_time();
+        std::thread::sleep(span);
+        self.cpu_time() - before
+    }
+
     /// Resident memory of the server and all its child processes, in KiB.
     pub fn rss_kib(&self) -> u64 {
         tree_rss_kib(self.pid())
