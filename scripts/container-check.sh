@@ -17,6 +17,9 @@ server=
 cleanup() {
     [ -n "$server" ] && kill "$server" 2>/dev/null || true
     [ -n "$container" ] && podman rm -f "$container" >/dev/null 2>&1 || true
+    # The image is only checked, never kept: each run would otherwise leave a dangling
+    # layer of the binary's size in the machine's container storage.
+    podman rmi -f "$image" >/dev/null 2>&1 || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -36,7 +39,22 @@ if ldd "$binary" 2>&1 | grep -q "=>"; then
 fi
 
 echo "== podman build (FROM scratch: nothing to pull)"
-podman build --pull=never --quiet -f Containerfile -t "$image" . >/dev/null
+# Committing the layer needs room for about twice the binary in the container storage and
+# its temporary directory; a full disk surfaces there only as "read/write on closed pipe".
+storage=$(podman info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers)
+mkdir -p "$storage"
+free_kib=$(df -Pk "$storage" | awk 'NR==2 {print $4}')
+need_kib=$(( $(du -k "$binary" | cut -f1) * 4 ))
+if [ "$free_kib" -lt "$need_kib" ]; then
+    echo "only $((free_kib / 1024)) MiB free under $storage; the image build needs about $((need_kib / 1024)) MiB"
+    df -h "$storage" "${TMPDIR:-/var/tmp}"
+    exit 1
+fi
+if ! podman build --pull=never --quiet -f Containerfile -t "$image" . >/dev/null; then
+    echo "podman build failed; free space where it writes:"
+    df -h "$storage" "${TMPDIR:-/var/tmp}"
+    exit 1
+fi
 
 echo "== podman image inspect"
 inspect=$(podman image inspect "$image" --format \

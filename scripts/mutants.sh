@@ -38,6 +38,9 @@
 #                       not be edited while it runs (use a separate worktree)
 #   MUTANTS_ARGS        more cargo-mutants arguments, split on spaces (`--re read_limit`,
 #                       `--iterate` to resume a run into the same MUTANTS_OUT)
+#   MUTANTS_STAGES      the stages to run instead of each group's, in order, split on
+#                       spaces: names of the test selections below (`CONFORMANCE_EPOLL
+#                       SCALE` for mutants an earlier run's first stage already missed)
 #
 # Mutants are built without debug information (CARGO_PROFILE_*_DEBUG=0): each one is a
 # rebuild of the crate, and the debug information is most of the link time.
@@ -185,9 +188,16 @@ run_stage() {
 # Each stage's outcome lists are kept in STAGE.outcomes/ beside mutants.out, since the
 # next stage's mutants.out replaces them.
 run_group() {
-    local group="$1" stages="$2"
+    local group="$1" stages="${MUTANTS_STAGES:-$2}"
     shift 2
     local dir="$out/$group" started=$SECONDS iterate=no stage list
+    for stage in $stages; do
+        if ! declare -p "$stage" >/dev/null 2>&1 || [[ $stage != [A-Z_]* ]]; then
+            echo "unknown stage $stage: expected one of UNIT_TESTS UNIT_DATAGRAM UNIT_SERVER" \
+                "UNIT_CONNECTION CONFORMANCE CONFORMANCE_EPOLL SCALE METRICS CONFORMANCE_DATAGRAM" >&2
+            return 2
+        fi
+    done
     mkdir -p "$dir"
     rm -rf "$dir"/*.outcomes
     echo "$group:" >&2

@@ -51,12 +51,15 @@ impl Lines {
     ///
     /// On a line equal to the panic word, after the replies to the lines before it were
     /// queued in `out`.
-    pub fn on_data(&mut self, mut input: &[u8], out: &mut WriteBuffer) -> Flow {
-        while let Some(end) = memchr::memchr(b'\n', input) {
-            self.end_line(&input[..end], out);
-            input = &input[end + 1..];
+    pub fn on_data(&mut self, input: &[u8], out: &mut WriteBuffer) -> Flow {
+        // An iterator over the newlines, not a loop that cuts `input` down: a wrong cut
+        // then gives wrong lines, not a loop that never ends.
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', input) {
+            self.end_line(&input[start..end], out);
+            start = end + 1;
         }
-        self.take(input, out);
+        self.take(&input[start..], out);
         Flow::Continue
     }
 
