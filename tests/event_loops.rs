@@ -159,6 +159,72 @@ fn uring_loop_that_cannot_start() {
     loop_that_cannot_start_stops_the_server("uring");
 }
 
+/// The threads of the server process, by name, from `/proc/PID/task`.
+fn thread_names(server: &Server) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", server.pid())).expect("/proc/PID/task");
+    (tasks.map(|task| task.expect("a task").path().join("comm")))
+        .map(|comm| {
+            std::fs::read_to_string(comm)
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// With one loop (`--threads 1`) the server serves on its own thread and starts no other
+/// while no feature needs one: a process of one thread has a descriptor table nobody
+/// shares, so the kernel lends every socket call its file without counting a reference
+/// (docs/benchmarks.md). A connection the server ends itself then starts the lingering
+/// thread, and the peer still reads every reply and a clean EOF.
+fn one_loop_serves_on_the_only_thread(model: &str) {
+    let server = Server::start(
+        model,
+        &[
+            "--threads",
+            "1",
+            "--tcp",
+            "127.0.0.1:0",
+            "--idle-timeout",
+            "0.3",
+        ],
+    );
+    let mut conn = server.connect_conn();
+    conn.write_all(b"one thread\n").unwrap();
+    assert_eq!(conn.read_exactly(11), b"one thread\n");
+    assert_eq!(
+        thread_names(&server),
+        ["reverb"],
+        "{model}: one loop, no other thread"
+    );
+    let (rest, error) = conn.read_to_end_lossy();
+    assert!(
+        rest.is_empty() && error.is_none(),
+        "{model}: the idle close is a clean EOF, got {rest:?} {error:?}"
+    );
+    server.stop();
+}
+
+#[test]
+fn epoll_one_loop_serves_on_the_only_thread() {
+    one_loop_serves_on_the_only_thread("epoll");
+}
+
+#[test]
+fn async_one_loop_serves_on_the_only_thread() {
+    one_loop_serves_on_the_only_thread("async");
+}
+
+#[test]
+fn tokio_one_loop_serves_on_the_only_thread() {
+    one_loop_serves_on_the_only_thread("tokio");
+}
+
+#[test]
+fn uring_one_loop_serves_on_the_only_thread() {
+    one_loop_serves_on_the_only_thread("uring");
+}
+
 #[test]
 fn epoll_two_loops() {
     fifty_clients_over_loops("epoll", "2");

@@ -107,8 +107,9 @@ fn failing_loop() -> io::Result<Option<usize>> {
     }
 }
 
-/// Starts one thread per loop, named `reverb-MODEL-INDEX`, and returns when all have
-/// returned.
+/// Runs one event loop per item and returns when all have returned: a single loop on the
+/// calling thread itself (why: `run_one_loop`), several on one thread each, named
+/// `reverb-MODEL-INDEX`.
 ///
 /// Each thread runs `setup(index, item)` to build its loop (epoll instance, runtime,
 /// ring, ...) and then waits at a start gate: no loop serves before every loop was built,
@@ -132,6 +133,10 @@ pub fn run_loops<T: Send, L>(
     serve: impl Fn(L) -> io::Result<()> + Sync,
 ) -> io::Result<()> {
     let failing_loop = failing_loop()?;
+    if items.len() == 1 {
+        let item = items.into_iter().next().expect("one item");
+        return run_one_loop(model, item, failing_loop, on_serving, setup, serve);
+    }
     let gate = StartGate::new(items.len());
     let (gate, setup, serve) = (&gate, &setup, &serve);
     std::thread::scope(|scope| {
@@ -191,6 +196,53 @@ pub fn run_loops<T: Send, L>(
         }
         outcome
     })
+}
+
+/// One event loop, on the calling thread: [`run_loops`] for `--threads 1`.
+///
+/// Why no thread of its own: a process with one thread has a descriptor table nobody
+/// shares, and the kernel's `fdget()` (fs/file.c, `__fget_light`) then lends each system
+/// call the `struct file` without touching its reference count. As soon as a second
+/// thread shares the table (`files->count > 1`), every `recv`, `send` and `epoll_ctl`
+/// takes a reference on entry and drops it on exit (`fput`): two atomic operations per
+/// call, which no other thread could ever need here, since the loop is the only thread
+/// that serves. glibc likewise skips its cancellation bookkeeping around `epoll_wait` while
+/// the process has never had a second thread. So the loop runs where the server already
+/// is, and the process stays single-threaded until a feature needs a thread of its own
+/// (the lingering close, `--metrics`, the setup deadline of `--proxy` and `--tls`): those
+/// share the one table, so a descriptor means the same in every thread, and handing a
+/// socket to another thread stays as correct as before. Several loops keep one thread
+/// each: they share the table, and a private one per loop (`unshare(CLONE_FILES)`) would
+/// have to pass every socket handed to the lingering thread through `SCM_RIGHTS`.
+///
+/// A loop that panics is reported as an error, as a loop thread's panic is.
+///
+/// # Errors
+///
+/// The setup's or the loop's error (naming the loop), or the panic of either.
+fn run_one_loop<T, L>(
+    model: &str,
+    item: T,
+    failing_loop: Option<usize>,
+    on_serving: &OnServing,
+    setup: impl Fn(usize, T) -> io::Result<L>,
+    serve: impl Fn(L) -> io::Result<()>,
+) -> io::Result<()> {
+    let run = || {
+        let built = if failing_loop == Some(0) {
+            Err(io::Error::other(format!("{FAIL_LOOP_VAR} is 0")))
+        } else {
+            setup(0, item)
+        };
+        let event_loop = built
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {model} loop 0: {e}")))?;
+        on_serving.serving();
+        serve(event_loop)
+    };
+    // The closure owns nothing that outlives a panic: whatever it built is dropped while
+    // unwinding, and the error below is all that is left of it.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or_else(|_| Err(io::Error::other(format!("a {model} loop panicked"))))
 }
 
 /// A loop on its way to the start gate: if it leaves any other way (a failed or
