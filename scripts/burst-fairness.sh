@@ -8,7 +8,9 @@
 #   scripts/burst-fairness.sh [REPEATS] [DURATION_S]      e.g. scripts/burst-fairness.sh 5 5
 #
 # Targets: uring's p99 and max at most 1.5 x epoll's; epoll, async and tokio within 1.5 x
-# of each other (the same check). Env: CONNS (50), SIZE (262144), DEPTH (2), REVERB.
+# of each other (the same check). Env: CONNS (50), SIZE (262144), DEPTH (2), REVERB,
+# ONLY_URING (1: skip the epoll/async/tokio group), URING_BEFORE (a second uring binary, run
+# as side "before" in the uring windows, for a paired before/after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeats=${1:-5}
@@ -29,8 +31,14 @@ for rep in $(seq "$repeats"); do
     for model in epoll uring; do
         paired_server "$model" "$REVERB" serve --model "$model" --threads 1 --tcp "$PAIRED_HOST:PORT"
     done
-    paired_window "uring-vs-epoll" "$rep" "$conns" "$size" "$depth" epoll uring
+    sides=(epoll uring)
+    if [[ -n ${URING_BEFORE:-} ]]; then
+        paired_server before "$URING_BEFORE" serve --model uring --threads 1 --tcp "$PAIRED_HOST:PORT"
+        sides+=(before)
+    fi
+    paired_window "uring-vs-epoll" "$rep" "$conns" "$size" "$depth" "${sides[@]}"
     paired_stop
+    [[ -z ${ONLY_URING:-} ]] || continue
     for model in epoll async tokio; do
         paired_server "$model" "$REVERB" serve --model "$model" --threads 1 --tcp "$PAIRED_HOST:PORT"
     done
@@ -39,8 +47,8 @@ for rep in $(seq "$repeats"); do
 done
 for metric in p99 max; do
     paired_header "burst fairness: $metric latency, c=$conns s=$size depth=$depth, $repeats windows of ${DURATION}s"
-    paired_report --metric "$metric" --sides epoll,uring,async,tokio \
-        --ratio 'uring/epoll<=1.5' --ratio 'async/epoll<=1.5' --ratio 'tokio/epoll<=1.5' \
+    paired_report --metric "$metric" --sides epoll,uring,before,async,tokio \
+        --ratio 'uring/epoll<=1.5' ${URING_BEFORE:+--ratio before/epoll --ratio uring/before} --ratio 'async/epoll<=1.5' --ratio 'tokio/epoll<=1.5' \
         --ratio 'epoll/async<=1.5' --ratio 'epoll/tokio<=1.5' --ratio 'async/tokio<=1.5' \
         --ratio 'tokio/async<=1.5'
 done

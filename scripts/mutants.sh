@@ -45,6 +45,10 @@
 # Mutants are built without debug information (CARGO_PROFILE_*_DEBUG=0): each one is a
 # rebuild of the crate, and the debug information is most of the link time.
 #
+# The tests run with REVERB_TEST_FAIL_FAST=1: the first conformance case that fails ends its
+# test binary (tests/common/mod.rs), since one failure is a catch; a mutant that breaks every
+# case (the loop never watches anything) is then caught in seconds, not timed out.
+#
 # Servers a killed test left running (their test process is gone) are killed, by pid, as
 # soon as they are seen, and at the end of each stage every process started from the
 # mutants' target directory is killed. Prints each group's caught, missed, timed-out and
@@ -164,7 +168,7 @@ run_stage() {
     echo "cargo mutants on $* (tests: ${tests[*]})" >&2
     local status=0
     # shellcheck disable=SC2086 # MUTANTS_ARGS is split on purpose
-    TMPDIR="$scratch" CARGO_TARGET_DIR="$target_dir" \
+    TMPDIR="$scratch" CARGO_TARGET_DIR="$target_dir" REVERB_TEST_FAIL_FAST=1 \
         CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 cargo mutants \
         "${file_args[@]}" \
         --timeout "${MUTANTS_TIMEOUT:-150}" \

@@ -111,6 +111,10 @@ pub fn run_case(model: &str, name: &str, case: impl FnOnce(&str) + Send + 'stati
         }
         Ok(Err(payload)) => {
             let _ = worker.join();
+            let message = (payload.downcast_ref::<String>().map(String::as_str))
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            stop_if_failing_fast(model, name, message);
             std::panic::resume_unwind(payload);
         }
         Err(_) => {
@@ -121,10 +125,31 @@ pub fn run_case(model: &str, name: &str, case: impl FnOnce(&str) + Send + 'stati
                     .status();
                 logs.push_str(&format!("--- server {pid}:\n{}\n", stderr.lock().unwrap()));
             }
-            panic!(
+            let why = format!(
                 "{model}: {name} hung: not finished within {CASE_DEADLINE:?}; its servers were killed; their logs:\n{logs}"
             );
+            stop_if_failing_fast(model, name, &why);
+            panic!("{why}");
         }
+    }
+}
+
+/// Set (to anything) by `scripts/mutants.sh`: the first case that fails ends the whole
+/// test binary, since a mutant needs one failure to count as caught, and a mutant that
+/// breaks every case would otherwise cost each case its own timeouts.
+const FAIL_FAST_VAR: &str = "REVERB_TEST_FAIL_FAST";
+
+/// Under [`FAIL_FAST_VAR`], exits the test binary (status 101, as a failed test run) after
+/// writing which case failed and why to stderr itself (the test harness's capture of the
+/// case's output is never printed on this exit); the servers other cases started are left
+/// to whoever set it (`scripts/mutants.sh` kills every server whose test process is gone).
+fn stop_if_failing_fast(model: &str, name: &str, why: &str) {
+    if std::env::var_os(FAIL_FAST_VAR).is_some() {
+        let _ = writeln!(
+            io::stderr(),
+            "{model}: {name} failed: {why}\n{FAIL_FAST_VAR} is set: no other case runs"
+        );
+        std::process::exit(101);
     }
 }
 

@@ -21,19 +21,22 @@ use std::time::{Duration, Instant};
 /// Receive buffers in the provided-buffer ring (a power of two), and their size. A receive
 /// takes a whole buffer however few bytes it carries, so the ring's bytes decide how much
 /// input a turn can hold before receives fail with ENOBUFS, and the buffers' size how many
-/// completions a large message costs. 128 of 8 KiB (1 MiB) ran dry under bursts of large
-/// messages and left the connections that hit ENOBUFS waiting behind the others (a tail
-/// of 10 x epoll's); 128 of 32 KiB brought it near epoll's at about the same CPU per 1 KiB
-/// message (docs/benchmarks.md, fairness). Only the pages the kernel writes become resident.
+/// completions a large message costs: 64 KiB makes a 64 KiB message one completion and one
+/// send (32 KiB took two of each, the second copied; 64 KiB at 50 connections went from
+/// 0.73 to 0.93 x the C server's bytes/s, the same 1 KiB CPU per message). 128 of them
+/// against 64: more room under bursts (docs/benchmarks.md, fairness). Only the pages the
+/// kernel writes become resident: an idle connection holds none of them.
 pub(super) const PROVIDED_BUFFERS: u16 = 128;
 /// Bytes per provided buffer.
-const PROVIDED_BUFFER_BYTES: usize = 32 * 1024;
+pub(super) const PROVIDED_BUFFER_BYTES: usize = 64 * 1024;
 /// At most this many provided buffers are lent to sends at once. A send to a peer that does
 /// not read completes only when that peer reads, so a buffer lent to it may never come back;
 /// without a bound, as many such peers as the ring has buffers would leave every other
 /// receive of the loop failing with ENOBUFS. Past the bound, replies are copied instead,
-/// and three quarters of the ring always stays free for receiving.
-const MAX_LENT_TO_SENDS: u16 = PROVIDED_BUFFERS / 4;
+/// and half of the ring always stays free for receiving. Half, not a quarter: at 50
+/// connections of 64 KiB messages a quarter (32) copied the replies of the other 18
+/// (bytes/s 1.14 x with half, paired; 1 KiB CPU per message unchanged).
+const MAX_LENT_TO_SENDS: u16 = PROVIDED_BUFFERS / 2;
 /// At most this many bytes go into one stream send; the rest waits for its completion.
 const MAX_SEND_BYTES: usize = 128 * 1024;
 /// A send buffer that grew past this is freed once its send completes.
@@ -43,6 +46,10 @@ const KEPT_SEND_BUFFER_BYTES: usize = 16 * 1024;
 const SPARE_SEND_BUFFERS: usize = 16;
 /// At most one line per interval tells of receives that found no provided buffer.
 const RAN_OUT_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// For this many turns (waits) after a receive found no provided buffer, the ring counts as
+/// short, and each receive armed takes at most its share of the ring's bytes
+/// (`Ring::share`). Counted in turns, not time: a busy loop turns many times a millisecond.
+const SHORT_RING_TURNS: u32 = 64;
 /// How long dropping a ring waits for cancelled operations before it leaks their buffers.
 const DROP_WAIT: Duration = Duration::from_secs(2);
 
@@ -135,6 +142,11 @@ pub struct Ring {
     /// Receives that found no buffer: in all, as of the last line about them, and when
     /// that line was written.
     ran_out: (u64, u64, Option<Instant>),
+    /// Open slots (connections, listeners, datagram sockets): the divisor of a receive's
+    /// share of the ring while it is short.
+    open_slots: usize,
+    /// Turns left before the ring no longer counts as short (`SHORT_RING_TURNS`).
+    short_turns: u32,
 }
 
 impl Ring {
@@ -159,6 +171,8 @@ impl Ring {
             starved: VecDeque::new(),
             given_back_seen: 0,
             ran_out: (0, 0, None),
+            open_slots: 0,
+            short_turns: 0,
         })
     }
 
@@ -180,8 +194,10 @@ impl Ring {
         }
         if let Some(old) = self.slots[index].take() {
             // The caller reused a token it never closed here: close the old socket now.
+            self.open_slots -= 1;
             self.retire(old);
         }
+        self.open_slots += 1;
         self.slots[index] = Some(SlotIo {
             token,
             fd,
@@ -291,10 +307,12 @@ impl Ring {
     /// Submits a receive on `token`'s open slot for what is left of its budget.
     fn submit_receive(&mut self, token: Token) {
         let has_limit = self.has_receive_limit;
+        let share = self.share();
         let Some((io, fd)) = self.idle_for(token, Op::Receive) else {
             return;
         };
         let left = (io.budget as usize).saturating_sub(io.received_since_arm);
+        let left = share.map_or(left, |share| left.min(share));
         let Ok(budget @ 1..) = u32::try_from(left) else {
             return;
         };
@@ -318,6 +336,20 @@ impl Ring {
                 .flags(squeue::Flags::BUFFER_SELECT)
         };
         self.start(token, Op::Receive, entry);
+    }
+
+    /// While the ring is short (a receive found no provided buffer in the last
+    /// `SHORT_RING_TURNS` turns), the most one receive may take: the ring's bytes over the
+    /// open slots, at least one buffer. So a few connections with much to send cannot take the
+    /// whole ring in one turn and leave every other receive waiting behind them; while no
+    /// receive goes short, budgets stay whole (a share at all times cost 1.65 x the CPU per
+    /// message at 500 connections: every receive ended after a buffer or two).
+    fn share(&self) -> Option<usize> {
+        if self.short_turns == 0 {
+            return None;
+        }
+        let ring_bytes = usize::from(PROVIDED_BUFFERS) * PROVIDED_BUFFER_BYTES;
+        Some((ring_bytes / self.open_slots.max(1)).max(PROVIDED_BUFFER_BYTES))
     }
 
     /// The bytes a [`Completion::Received`] named (the loop takes them through
@@ -471,6 +503,7 @@ impl Ring {
     pub fn close(&mut self, token: Token) {
         if self.open_ref(token).is_some() {
             if let Some(io) = self.slots[token.index()].take() {
+                self.open_slots -= 1;
                 self.retire(io);
             }
         }
@@ -498,6 +531,7 @@ impl Ring {
     ///
     /// The OS error of `io_uring_enter`, other than an interrupted or timed-out wait.
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.short_turns = self.short_turns.saturating_sub(1);
         self.serve_starved();
         self.flush_backlog()?;
         let result = match timeout {
@@ -560,6 +594,7 @@ impl Ring {
         let (total, logged, line) = &mut self.ran_out;
         *total += 1;
         let now = Instant::now();
+        self.short_turns = SHORT_RING_TURNS;
         if line.is_none_or(|at| now.duration_since(at) >= RAN_OUT_LOG_INTERVAL) {
             tracing::warn!(
                 "io_uring: all {PROVIDED_BUFFERS} provided receive buffers were in use; {} \

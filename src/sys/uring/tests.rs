@@ -297,3 +297,74 @@ fn a_receive_without_a_buffer_waits_for_one() {
         ring.recycle(received);
     }
 }
+
+/// Once a receive found no provided buffer, the ring is short for a while, and each receive
+/// armed meanwhile takes at most its share of the ring (here one buffer: there are more
+/// sockets than buffers), so a connection with much to send cannot take the whole ring
+/// again in one turn and leave the others' receives without a buffer.
+#[test]
+fn a_short_ring_gives_each_receive_its_share() {
+    let mut ring = Ring::new().unwrap();
+    let mut tokens = Slab::default();
+    let mut peers = Vec::new();
+    for _ in 0..=usize::from(ring::PROVIDED_BUFFERS) {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let token = tokens.insert(());
+        ring.add(token, OwnedFd::from(ours));
+        theirs.write_all(b"x").unwrap();
+        ring.arm_receive(token, 100);
+        peers.push(theirs);
+    }
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        ring.wait(Some(Duration::from_millis(10))).unwrap();
+        while let Some((_, completion)) = ring.next_completion() {
+            match completion {
+                Completion::Received(Ok(Some(received))) => held.push(received),
+                other => panic!("only bytes are reported, not {other:?}"),
+            }
+        }
+        if ring.starved_receives() > 0 && held.len() == usize::from(ring::PROVIDED_BUFFERS) {
+            break;
+        }
+    }
+    assert!(ring.starved_receives() > 0, "the ring never ran short");
+    for received in held {
+        ring.recycle(received);
+    }
+    let (ours, mut theirs) = UnixStream::pair().unwrap();
+    let token = tokens.insert(());
+    ring.add(token, OwnedFd::from(ours));
+    theirs.set_nonblocking(true).unwrap();
+    let chunk = [9u8; 4096];
+    let mut written = 0;
+    while written < 4 * ring::PROVIDED_BUFFER_BYTES {
+        match theirs.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        written > 2 * ring::PROVIDED_BUFFER_BYTES,
+        "wrote only {written}"
+    );
+    ring.arm_receive(token, 1 << 20);
+    let mut got = 0;
+    while ring.is_receiving(token) && got <= ring::PROVIDED_BUFFER_BYTES {
+        let (from, completion) = next_with_token(&mut ring);
+        match completion {
+            Completion::Received(Ok(Some(received))) => {
+                if from == token {
+                    got += received.len();
+                }
+                ring.recycle(received);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        got > 0 && got <= ring::PROVIDED_BUFFER_BYTES,
+        "a receive on a short ring took {got} bytes, more than its share"
+    );
+}
