@@ -478,13 +478,16 @@ fn serves_while_stdout_is_blocked(model: &str) {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("echo.sock");
-    let (reader, mut writer) = std::io::pipe().unwrap();
-    // A pipe holds 64 KiB: full, so the server's first write to stdout blocks.
-    writer.write_all(&[b'.'; 65536]).unwrap();
+    // stdout is a socket whose buffers are already full, so the server's first write to
+    // stdout blocks (as on a pipe nobody reads).
+    let (mut writer, reader) = UnixStream::pair().unwrap();
+    writer.set_nonblocking(true).unwrap();
+    while writer.write(&[b'.'; 4096]).is_ok() {}
+    writer.set_nonblocking(false).unwrap();
     let mut child = reverb()
         .args(["serve", "--model", model, "--threads", "1", "--unix"])
         .arg(&path)
-        .stdout(writer)
+        .stdout(std::os::fd::OwnedFd::from(writer))
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
