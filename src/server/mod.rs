@@ -17,6 +17,7 @@ pub mod linger;
 mod listeners;
 pub mod loop_clock;
 pub mod one_socket;
+pub mod read_buffer;
 pub mod readiness;
 pub mod setup_deadline;
 mod shutdown;

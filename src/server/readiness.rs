@@ -19,6 +19,7 @@ use super::accept::{Accepted, accept_and_admit};
 use super::event_loops::LoopSources;
 use super::lifecycle::{CloseReason, Ending, Linger, LoopLog, close, end, stream_transport};
 use super::loop_clock::{Expiring, LoopClock};
+use super::read_buffer::ReadBuffer;
 use super::{
     Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners, Protocol,
     READ_BUFFER_BYTES, Shutdown,
@@ -108,7 +109,7 @@ pub struct ReadinessCore {
     changed: Vec<Token>,
     replier: DatagramReplier,
     /// One read buffer for every connection and datagram: the loop reads one at a time.
-    buf: Vec<u8>,
+    buf: ReadBuffer,
     /// The longest datagram each datagram socket answers whole: the part of `buf` it
     /// receives into, so a longer one is read truncated and dropped.
     datagram_max: Vec<usize>,
@@ -160,7 +161,7 @@ impl ReadinessCore {
             connections: Slab::default(),
             watched: vec![Interest::NONE; own_sources],
             changed: (0..own_sources).map(reserved).collect(),
-            buf: vec![0; buf_bytes],
+            buf: ReadBuffer::new(buf_bytes),
             datagram_max,
             spare: Vec::new(),
             log,
@@ -380,7 +381,7 @@ impl ReadinessCore {
             n => {
                 let index = n - 1 - streams;
                 let socket = &self.sources.datagrams[index];
-                let buf = &mut self.buf[..self.datagram_max[index]];
+                let buf = self.buf.first_mut(self.datagram_max[index]);
                 (self.replier).answer_queued(socket, buf, BATCH, &self.log)?;
             }
         }
@@ -508,7 +509,7 @@ impl ReadinessCore {
         }
         let mut served = Ok(());
         if ready.readable && connection.wants_read() {
-            let buf = &mut self.buf[..READ_BUFFER_BYTES];
+            let buf = self.buf.first_mut(READ_BUFFER_BYTES);
             match connection.read_from(&entry.stream, buf, &self.log) {
                 // Written only when timed: the field sits on a cold cache line.
                 Ok(true) if self.idle.is_some() => {

@@ -7,6 +7,7 @@
 //! (`Connection::lend_spare`, `return_spare`). A runtime that polls its sockets the way
 //! tokio does (`AsyncRead`) reads through [`poll_receive`].
 
+use super::read_buffer::ReadBuffer;
 use super::{CloseReason, Connection, LoopLog, READ_BUFFER_BYTES};
 use std::cell::RefCell;
 use std::io;
@@ -15,7 +16,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 thread_local! {
-    static READ_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUFFER_BYTES]);
+    static READ_BUFFER: RefCell<ReadBuffer> = RefCell::new(ReadBuffer::new(READ_BUFFER_BYTES));
     static SPARE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -53,6 +54,7 @@ pub fn receive_into(
     socket: &mut impl SocketIo,
 ) -> Result<Option<usize>, CloseReason> {
     READ_BUFFER.with_borrow_mut(|buf| {
+        let buf = buf.first_mut(READ_BUFFER_BYTES);
         let limit = connection.read_limit(buf.len());
         let result = socket.read(&mut buf[..limit]);
         let got = match &result {

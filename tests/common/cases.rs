@@ -279,8 +279,8 @@ pub fn short_writes_lose_nothing(model: &str) {
 
 /// A client that sends 64 MiB without reading: the server stops reading it once
 /// `--max-buffer` is owed (what it took in and did not write back stays within the bound at
-/// every sample), its memory stays bounded throughout, and afterwards every byte comes
-/// back.
+/// every sample), its memory stays bounded throughout, it sleeps while it waits for the
+/// client to read, and afterwards every byte comes back.
 pub fn unread_flood_bounded(model: &str) {
     let max_buffer = 256 * 1024;
     let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--max-buffer", "256K"]);
@@ -298,6 +298,16 @@ pub fn unread_flood_bounded(model: &str) {
         stopped.taken_in < total as u64,
         "the whole flood was absorbed without backpressure"
     );
+    // Now the server waits for the client to read. The input it left unread must not keep
+    // waking it (a readiness model that never told its mechanism to stop watching for
+    // input would spin on it); busy-poll spins by design.
+    if model != "busy-poll" {
+        let spent = server.cpu_spent_over(Duration::from_secs(1));
+        assert!(
+            spent < Duration::from_millis(100),
+            "{model}: {spent:?} of CPU in 1 s while the client read nothing: spinning"
+        );
+    }
     conn.set_timeouts(PATIENCE);
     let mut got = vec![0u8; total];
     let deadline = Instant::now() + TRANSFER_DEADLINE;
