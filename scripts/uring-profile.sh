@@ -24,11 +24,13 @@ profile() { # NAME: the server PAIRED_PID[NAME] under load, profiled
     DURATION=$((seconds + 2)) WARMUP=1 paired_load "$name" 1 "$conns" "$size" "$depth" >"$OUT/$name.load" &
     local load=$!
     sleep 1.5
-    perf stat -e task-clock,raw_syscalls:sys_enter -p "$pid" -o "$OUT/$name.stat" -- sleep "$seconds"
-    perf record -g -p "$pid" -o "$OUT/$name.data" -- sleep "$seconds" 2>/dev/null
-    wait "$load" || true
-    perf report -i "$OUT/$name.data" --no-children --sort symbol --stdio 2>/dev/null |
-        grep -E '^ +[0-9]' | head -"${TOP:-25}" >"$OUT/$name.top"
+    # Both attach to the server for the same span, well inside the load's window.
+    perf stat -e task-clock,raw_syscalls:sys_enter -p "$pid" -o "$OUT/$name.stat" -- sleep "$seconds" &
+    local stat=$!
+    perf record -g -p "$pid" -o "$OUT/$name.data" -- sleep "$seconds" 2>"$OUT/$name.record-log"
+    wait "$stat" "$load" || true
+    { perf report -i "$OUT/$name.data" --no-children --sort symbol --stdio 2>/dev/null |
+        grep -E '^ +[0-9.]+%' | sed 's/  */ /g' | head -"${TOP:-25}"; } >"$OUT/$name.top" || true
 }
 
 paired_header "uring profile: c=$conns s=$size depth=$depth, ${seconds}s each"
