@@ -192,6 +192,11 @@ fn one_loop_serves_on_the_only_thread(model: &str) {
     let mut conn = server.connect_conn();
     conn.write_all(b"one thread\n").unwrap();
     assert_eq!(conn.read_exactly(11), b"one thread\n");
+    // The announcement's thread ends once the `listening` line is written.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while thread_names(&server) != ["reverb"] && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert_eq!(
         thread_names(&server),
         ["reverb"],
@@ -464,4 +469,61 @@ fn fail_loop_hook_takes_a_loop_number() {
         stderr.contains("REVERB_TEST_FAIL_LOOP is \"one\": expected a loop number"),
         "{stderr}"
     );
+}
+
+/// With one loop the announcement must not hold up serving: a `listening` line written to
+/// a stdout pipe nobody reads blocks, and the server serves meanwhile.
+fn serves_while_stdout_is_blocked(model: &str) {
+    let dir = std::env::temp_dir().join(format!("reverb-blocked-{model}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("echo.sock");
+    // stdout is a socket whose buffers are already full, so the server's first write to
+    // stdout blocks (as on a pipe nobody reads).
+    let (mut writer, reader) = UnixStream::pair().unwrap();
+    writer.set_nonblocking(true).unwrap();
+    while writer.write(&[b'.'; 4096]).is_ok() {}
+    writer.set_nonblocking(false).unwrap();
+    let mut child = reverb()
+        .args(["serve", "--model", model, "--threads", "1", "--unix"])
+        .arg(&path)
+        .stdout(std::os::fd::OwnedFd::from(writer))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let echoed = loop {
+        if let Ok(mut stream) = UnixStream::connect(&path) {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            stream.write_all(b"still served\n").unwrap();
+            let mut reply = [0; 13];
+            break stream.read_exact(&mut reply).map(|()| reply.to_vec());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{model}: the socket never appeared"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(reader);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        echoed.ok().as_deref(),
+        Some(&b"still served\n"[..]),
+        "{model}: no echo while the listening line could not be written"
+    );
+}
+
+#[test]
+fn epoll_serves_while_stdout_is_blocked() {
+    serves_while_stdout_is_blocked("epoll");
+}
+
+#[test]
+fn uring_serves_while_stdout_is_blocked() {
+    serves_while_stdout_is_blocked("uring");
 }

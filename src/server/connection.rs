@@ -156,12 +156,7 @@ impl Connection {
     /// under the bound (backpressure: a peer that does not read stops being read).
     #[inline]
     pub fn wants_read(&self) -> bool {
-        self.is_reading
-            && !self.out.is_full()
-            && self
-                .layers
-                .as_ref()
-                .is_none_or(|layers| !layers.wire.is_full())
+        self.read_budget() > 0
     }
 
     /// Whether bytes are owed to the peer now.
@@ -195,10 +190,22 @@ impl Connection {
     /// TLS needs no margin: plaintext is never longer than the ciphertext carrying it.
     #[inline]
     pub fn read_limit(&self, buf_len: usize) -> usize {
-        if !self.wants_read() {
+        self.read_budget().min(buf_len)
+    }
+
+    /// The bytes that may be read now under `--max-buffer`; 0 stops reading, and
+    /// [`Connection::wants_read`] says the same, so a readiness model never watches for
+    /// input it would not read.
+    #[inline]
+    fn read_budget(&self) -> usize {
+        let wire = match &self.layers {
+            Some(layers) if layers.wire.is_full() => return 0,
+            Some(layers) => layers.wire.len(),
+            None => 0,
+        };
+        if !self.is_reading || self.out.is_full() {
             return 0;
         }
-        let wire = self.layers.as_ref().map_or(0, |layers| layers.wire.len());
         let room = self.out.room().saturating_sub(wire);
         // Echo holds nothing back and its reply is the input itself: no division (tens of
         // cycles) per message.
@@ -206,7 +213,15 @@ impl Connection {
             true => room,
             false => room.saturating_sub(self.session.held_bytes()) / self.session.max_expansion(),
         };
-        room.clamp(1, buf_len)
+        match room {
+            // Held input alone fills the bound and nothing is owed: one more byte makes the
+            // protocol answer what it holds (a line past the hold limit goes out in pieces,
+            // `until-quit` streams early), so the connection moves on.
+            0 if self.out.is_empty() && wire == 0 => 1,
+            // Replies are owed: more input waits until the peer takes them, or held and
+            // owed bytes together would pass the bound.
+            room => room,
+        }
     }
 
     /// Whether the reply to the next input is that input itself, owed right after what is
@@ -915,14 +930,50 @@ mod tests {
         assert_eq!(conn.read_limit(1 << 16), 98, "(1000 - 13 owed) / 10");
         conn.receive(&[b'z'; 995]);
         assert!(
+            !conn.wants_read(),
+            "held and owed fill the bound: no more input until the peer reads"
+        );
+        assert_eq!(conn.read_limit(1 << 16), 0);
+        conn.advance(13);
+        assert!(
             conn.wants_read(),
-            "held and owed are counted by read_limit, not by wants_read"
+            "nothing owed: the held line must move on"
         );
         assert_eq!(
             conn.read_limit(1 << 16),
             1,
-            "less room than one byte's reply still reads one byte"
+            "held input alone fills the bound: one byte makes it go out"
         );
+    }
+
+    /// `until-quit` collects up to the bound, and what it streams early is owed: while the
+    /// peer reads nothing, held and owed bytes together stay within `--max-buffer` (plus
+    /// the one byte that makes held input go out).
+    #[test]
+    fn held_and_owed_bytes_stay_within_the_bound_together() {
+        for kind in [ProtocolKind::UntilQuit, ProtocolKind::Lines] {
+            let protocol = Protocol::new(kind, 1000);
+            let mut conn = plain(&protocol, 1000);
+            let mut taken_by_kernel = 300;
+            for _ in 0..5000 {
+                let limit = conn.read_limit(1 << 16);
+                if limit == 0 {
+                    break;
+                }
+                conn.receive(&vec![b'y'; limit]);
+                // The kernel takes a part of the first replies, then the peer stops reading.
+                let taken = taken_by_kernel.min(conn.unsent().len());
+                conn.advance(taken);
+                taken_by_kernel -= taken;
+                let held = conn.session.held_bytes();
+                assert!(
+                    conn.owed() + held <= 1001,
+                    "{kind:?}: {} owed + {held} held past the bound of 1000",
+                    conn.owed()
+                );
+            }
+            assert!(!conn.wants_read(), "{kind:?}: reading stops at the bound");
+        }
     }
 
     #[test]

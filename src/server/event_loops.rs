@@ -206,10 +206,9 @@ pub fn run_loops<T: Send, L>(
 /// thread shares the table (`files->count > 1`), every `recv`, `send` and `epoll_ctl`
 /// takes a reference on entry and drops it on exit (`fput`): two atomic operations per
 /// call, which no other thread could ever need here, since the loop is the only thread
-/// that serves. glibc likewise skips its cancellation bookkeeping around `epoll_wait` while
-/// the process has never had a second thread. So the loop runs where the server already
-/// is, and the process stays single-threaded until a feature needs a thread of its own
-/// (the lingering close, `--metrics`, the setup deadline of `--proxy` and `--tls`): those
+/// that serves. So the loop runs where the server already is, and once its announcement
+/// is written ([`announce_aside`]) the process stays single-threaded until a feature needs
+/// a thread of its own (the lingering close, `--metrics`, the setup deadline of `--proxy` and `--tls`): those
 /// share the one table, so a descriptor means the same in every thread, and handing a
 /// socket to another thread stays as correct as before. Several loops keep one thread
 /// each: they share the table, and a private one per loop (`unshare(CLONE_FILES)`) would
@@ -236,13 +235,29 @@ fn run_one_loop<T, L>(
         };
         let event_loop = built
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start {model} loop 0: {e}")))?;
-        on_serving.serving();
+        announce_aside(on_serving);
         serve(event_loop)
     };
     // The closure owns nothing that outlives a panic: whatever it built is dropped while
     // unwinding, and the error below is all that is left of it.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
         .unwrap_or_else(|_| Err(io::Error::other(format!("a {model} loop panicked"))))
+}
+
+/// Announces the server (the `listening` lines, `READY=1`) on a short-lived thread of its
+/// own while the only loop starts serving: either may block (a stdout pipe nobody reads, a
+/// service manager's full notification queue), and the server must serve meanwhile, as it
+/// does with several loops. Once the announcement is written the thread ends, and the
+/// descriptor table is the loop's alone again. If no thread can be started, the loop
+/// announces itself.
+fn announce_aside(on_serving: &OnServing) {
+    let aside = on_serving.clone();
+    let spawned = std::thread::Builder::new()
+        .name("reverb-announce".into())
+        .spawn(move || aside.serving());
+    if spawned.is_err() {
+        on_serving.serving();
+    }
 }
 
 /// A loop on its way to the start gate: if it leaves any other way (a failed or
