@@ -141,24 +141,26 @@ fn starts_like(bytes: &[u8], prefix: &[u8]) -> bool {
 fn parse_v1(bytes: &[u8]) -> Result<Parsed, ProxyError> {
     let window = &bytes[..bytes.len().min(V1_MAX_BYTES)];
     let end = window.windows(2).position(|pair| pair == b"\r\n");
-    // The characters are checked before anything else, so a byte no header line can hold
-    // is refused as soon as it arrives, whatever pieces the header came in.
+    // The bytes are checked before anything else, in order, so a byte no header line can
+    // hold is refused as soon as it arrives, and the first such byte names the error,
+    // whatever pieces the header came in. A CR is fine only as the last byte so far (its
+    // LF may be on its way).
     let scanned = &window[..end.unwrap_or(window.len())];
-    if scanned
-        .iter()
-        .any(|&b| !(b == b'\r' || (b' '..=b'~').contains(&b)))
-    {
-        return Err(ProxyError::V1Malformed(
-            "only printable ASCII may come before the CRLF",
-        ));
-    }
     let last = if end.is_some() {
         scanned.len()
     } else {
         scanned.len().saturating_sub(1)
     };
-    if scanned[..last].contains(&b'\r') {
-        return Err(ProxyError::V1Malformed("a CR not followed by LF"));
+    for (at, &byte) in scanned.iter().enumerate() {
+        if byte == b'\r' {
+            if at < last {
+                return Err(ProxyError::V1Malformed("a CR not followed by LF"));
+            }
+        } else if !(b' '..=b'~').contains(&byte) {
+            return Err(ProxyError::V1Malformed(
+                "only printable ASCII may come before the CRLF",
+            ));
+        }
     }
     let Some(end) = end else {
         if window.len() >= V1_MAX_BYTES {

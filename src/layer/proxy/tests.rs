@@ -337,3 +337,22 @@ proptest! {
         }
     }
 }
+
+/// A stray CR before a byte no header line can hold: the first bad byte names the error,
+/// in one piece or any two cuts (the property test found the two disagreeing).
+#[test]
+fn the_first_bad_byte_names_the_error_in_any_pieces() {
+    let mut bytes = b"PROXY \r  \0".to_vec();
+    bytes.extend(std::iter::repeat_n(0u8, 40));
+    let whole = match parse(&bytes) {
+        Ok(Parsed::Complete { header, length }) => Ok((header, bytes[length..].to_vec())),
+        Ok(Parsed::Incomplete) => Err(ProxyError::V1Malformed("(test) incomplete")),
+        Err(error) => Err(error),
+    };
+    for a in 0..=bytes.len() {
+        for b in a..=bytes.len() {
+            let got = feed(&bytes, &[a, b]);
+            assert_eq!(got, whole, "cuts {a} {b}");
+        }
+    }
+}

@@ -33,10 +33,11 @@ pub(super) const PROVIDED_BUFFER_BYTES: usize = 64 * 1024;
 /// not read completes only when that peer reads, so a buffer lent to it may never come back;
 /// without a bound, as many such peers as the ring has buffers would leave every other
 /// receive of the loop failing with ENOBUFS. Past the bound, replies are copied instead,
-/// and half of the ring always stays free for receiving. Half, not a quarter: at 50
-/// connections of 64 KiB messages a quarter (32) copied the replies of the other 18
-/// (bytes/s 1.14 x with half, paired; 1 KiB CPU per message unchanged).
-const MAX_LENT_TO_SENDS: u16 = PROVIDED_BUFFERS / 2;
+/// and three quarters of the ring always stay free for receiving. Half was measured: 1.14 x
+/// the bytes/s at 50 connections of 64 KiB messages (a quarter copies the replies of all
+/// but 32), but 1.36 x the p99 and 1.58 x the maximum latency under bursts, paired
+/// (docs/benchmarks.md); fairness first.
+const MAX_LENT_TO_SENDS: u16 = PROVIDED_BUFFERS / 4;
 /// At most this many bytes go into one stream send; the rest waits for its completion.
 const MAX_SEND_BYTES: usize = 128 * 1024;
 /// A send buffer that grew past this is freed once its send completes.
