@@ -108,9 +108,11 @@ impl LoopClock {
     }
 
     /// The connections of `entries` to close now, each with why: once the drain deadline
-    /// has passed, every one, cut with what it still owes; before that, those that sent
-    /// nothing for `--idle-timeout`. Replies owed to a peer that does not read them do not
-    /// make it less idle: it would hold its place and its buffer for ever.
+    /// has passed, every one, cut with what it still owes; before that, those that made no
+    /// progress for `--idle-timeout`: no byte read from the peer and no byte of its replies
+    /// taken by the kernel (the model records either in the entry's last-progress time).
+    /// Replies owed to a peer that takes none of them do not make it less idle: it would
+    /// hold its place and its buffer for ever.
     pub fn expired<E: Expiring>(&mut self, entries: &mut Slab<E>) -> Vec<(Token, CloseReason)> {
         let mut due = Vec::new();
         if self.is_past_drain() {
