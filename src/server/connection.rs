@@ -198,14 +198,11 @@ impl Connection {
     /// input it would not read.
     #[inline]
     fn read_budget(&self) -> usize {
-        let wire = match &self.layers {
-            Some(layers) if layers.wire.is_full() => return 0,
-            Some(layers) => layers.wire.len(),
-            None => 0,
-        };
-        if !self.is_reading || self.out.is_full() {
+        if !self.is_reading {
             return 0;
         }
+        // Ciphertext owed counts against the bound too: with either buffer full, no room.
+        let wire = self.layers.as_ref().map_or(0, |layers| layers.wire.len());
         let room = self.out.room().saturating_sub(wire);
         // Echo holds nothing back and its reply is the input itself: no division (tens of
         // cycles) per message.
