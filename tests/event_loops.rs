@@ -193,9 +193,9 @@ fn one_loop_serves_on_the_only_thread(model: &str) {
     conn.write_all(b"one thread\n").unwrap();
     assert_eq!(conn.read_exactly(11), b"one thread\n");
     // The announcement's thread ends once the `listening` line is written.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while thread_names(&server) != ["reverb"] && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while thread_names(&server) != ["reverb"] && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(
         thread_names(&server),
