@@ -10,7 +10,9 @@
 # Targets: uring's p99 and max at most 1.5 x epoll's; epoll, async and tokio within 1.5 x
 # of each other (the same check). Env: CONNS (50), SIZE (262144), DEPTH (2), REVERB,
 # ONLY_URING (1: skip the epoll/async/tokio group), URING_BEFORE (a second uring binary, run
-# as side "before" in the uring windows, for a paired before/after).
+# as side "before" in the uring windows, for a paired before/after), TASKS_BEFORE (a second
+# binary whose async and tokio run as sides "async-before" and "tokio-before" in the
+# epoll/async/tokio windows), ONLY_TASKS (1: skip the uring group).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeats=${1:-5}
@@ -28,6 +30,7 @@ paired_load() { # NAME REP CONNS SIZE DEPTH: the bench's JSON
 }
 
 for rep in $(seq "$repeats"); do
+    if [[ -n ${ONLY_TASKS:-} ]]; then :; else
     for model in epoll uring; do
         paired_server "$model" "$REVERB" serve --model "$model" --threads 1 --tcp "$PAIRED_HOST:PORT"
     done
@@ -38,17 +41,27 @@ for rep in $(seq "$repeats"); do
     fi
     paired_window "uring-vs-epoll" "$rep" "$conns" "$size" "$depth" "${sides[@]}"
     paired_stop
+    fi
     [[ -z ${ONLY_URING:-} ]] || continue
     for model in epoll async tokio; do
         paired_server "$model" "$REVERB" serve --model "$model" --threads 1 --tcp "$PAIRED_HOST:PORT"
     done
-    paired_window "epoll-async-tokio" "$rep" "$conns" "$size" "$depth" epoll async tokio
+    sides=(epoll async tokio)
+    if [[ -n ${TASKS_BEFORE:-} ]]; then
+        for model in async tokio; do
+            paired_server "$model-before" "$TASKS_BEFORE" serve --model "$model" --threads 1 --tcp "$PAIRED_HOST:PORT"
+            sides+=("$model-before")
+        done
+    fi
+    paired_window "epoll-async-tokio" "$rep" "$conns" "$size" "$depth" "${sides[@]}"
     paired_stop
 done
 for metric in p99 max; do
     paired_header "burst fairness: $metric latency, c=$conns s=$size depth=$depth, $repeats windows of ${DURATION}s"
-    paired_report --metric "$metric" --sides epoll,uring,before,async,tokio \
-        --ratio 'uring/epoll<=1.5' ${URING_BEFORE:+--ratio before/epoll --ratio uring/before} --ratio 'async/epoll<=1.5' --ratio 'tokio/epoll<=1.5' \
+    paired_report --metric "$metric" --sides epoll,uring,before,async,tokio${TASKS_BEFORE:+,async-before,tokio-before} \
+        --ratio 'uring/epoll<=1.5' ${URING_BEFORE:+--ratio before/epoll --ratio uring/before} \
+        ${TASKS_BEFORE:+--ratio async/async-before --ratio tokio/tokio-before --ratio async-before/epoll --ratio tokio-before/epoll} \
+        --ratio 'async/epoll<=1.5' --ratio 'tokio/epoll<=1.5' \
         --ratio 'epoll/async<=1.5' --ratio 'epoll/tokio<=1.5' --ratio 'async/tokio<=1.5' \
         --ratio 'tokio/async<=1.5'
 done

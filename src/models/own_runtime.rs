@@ -20,7 +20,7 @@ use crate::runtime::{self, Async, Direction, Runtime, unless};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
 use crate::server::task::{Sent, SocketWaits, TaskLoop, TaskWaits, Woke, close_served, converse};
 use crate::server::task::{accept_connections, answer_datagrams};
-use crate::server::task_buffers;
+use crate::server::task_buffers::{self, Received};
 use crate::server::{
     ACCEPT_PAUSE, Admission, CloseReason, Connection, Listeners, LoopLog, Protocol, RunOptions,
     ServeError, Shutdown, stream_transport,
@@ -213,6 +213,10 @@ impl TaskWaits for Task<'_> {
         }
     }
 
+    async fn yield_turn(&mut self) {
+        runtime::yield_now().await;
+    }
+
     fn state(&self) -> &TaskLoop {
         self.state
     }
@@ -223,14 +227,14 @@ async fn receive(
     stream: &Async<Stream>,
     connection: &mut Connection,
     state: &TaskLoop,
-) -> Result<(), CloseReason> {
+) -> Result<Received, CloseReason> {
     loop {
         stream.ready(Direction::Read).await;
         let socket = &mut TaskSocket(stream);
         let received = state.with_log(|log| task_buffers::receive_into(connection, log, socket));
         // `None`: readiness was cached from an earlier edge; wait for the next one.
-        if received?.is_some() {
-            return Ok(());
+        if let Some(received) = received? {
+            return Ok(received);
         }
     }
 }

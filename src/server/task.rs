@@ -5,7 +5,8 @@
 //! The steps: send what is owed (`write(..).await`; while the peer does not take its
 //! replies, it is not read); stop reading once shutdown began; end when the connection is
 //! finished; otherwise wait for input, read it into the loop's buffer and hand it over
-//! ([`super::task_buffers`]); and at the end, one close for every reason ([`close_served`]).
+//! ([`super::task_buffers`]), and after a read that filled the buffer let the loop's other
+//! tasks run first; and at the end, one close for every reason ([`close_served`]).
 //!
 //! The loop's other tasks, one per listener and datagram socket, are written once too
 //! ([`accept_connections`], [`answer_datagrams`]); there a model says how its runtime waits
@@ -14,9 +15,10 @@
 use super::lifecycle::{CloseReason, Ending, LoopLog};
 use super::linger;
 use super::stop_signal::StopSignal;
+use super::task_buffers::{self, Received};
 use super::{
     Accepted, Admission, Connection, ConnectionCounter, DATAGRAM_BATCH, DatagramReplier, Limits,
-    Listeners, accept_and_admit, task_buffers,
+    Listeners, accept_and_admit,
 };
 use crate::net::{DatagramSocket, Peer, Stream, StreamListener};
 use crate::protocol::Protocol;
@@ -72,8 +74,9 @@ pub enum Sent {
 /// What ended a task's wait for input.
 #[derive(Debug)]
 pub enum Woke {
-    /// Input came and was handed over (`Ok`), or the connection must close (`Err`).
-    Received(Result<(), CloseReason>),
+    /// Input came and was handed over (`Ok`, with whether more may be queued), or the
+    /// connection must close (`Err`).
+    Received(Result<Received, CloseReason>),
     /// Shutdown began: read nothing more, send what is owed.
     Draining,
     /// Nothing came for `--idle-timeout`.
@@ -109,6 +112,10 @@ pub trait TaskWaits {
     /// idle, or it would hold its place and its buffer for ever.
     async fn receive(&mut self, connection: &mut Connection) -> Woke;
 
+    /// Ends the task's turn: every other task its runtime has queued runs first, then this
+    /// one goes on (`Pending` once, woken at once).
+    async fn yield_turn(&mut self);
+
     /// The loop the task belongs to.
     fn state(&self) -> &TaskLoop;
 }
@@ -134,7 +141,15 @@ pub async fn converse(task: &mut impl TaskWaits, connection: &mut Connection) ->
             return connection.finish_reason(task.state().draining.is_fired());
         }
         match task.receive(connection).await {
-            Woke::Received(Ok(())) => task.restart_idle(),
+            Woke::Received(Ok(Received::Drained)) => task.restart_idle(),
+            // A peer that keeps its socket full would otherwise keep its task reading
+            // (a runtime's budget of operations still allows a MiB or more per poll) while
+            // every other connection of the loop waits: one read buffer per turn, as a
+            // readiness loop serves one read per ready connection per wait.
+            Woke::Received(Ok(Received::Full)) => {
+                task.restart_idle();
+                task.yield_turn().await;
+            }
             // Shutdown began: stop reading at the top of the loop.
             Woke::Draining => {}
             Woke::Received(Err(reason)) => return reason,
@@ -281,4 +296,114 @@ pub async fn answer_datagrams(
         answered?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ProtocolKind;
+    use crate::server::stop_signal::StopSignal;
+    use std::cell::Cell;
+    use std::future::poll_fn;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::pin::pin;
+    use std::rc::Rc;
+    use std::task::{Context, Poll, Waker};
+
+    /// A runtime's view of a socket whose every read finds `found` (a flooding peer when
+    /// `Full`), until `reads` run out and the peer resets. Counts the reads of the poll
+    /// under way; a yield is `Pending` once, as the runtimes' are.
+    struct ScriptedPeer {
+        state: TaskLoop,
+        found: Received,
+        reads: u32,
+        reads_this_poll: Rc<Cell<u32>>,
+    }
+
+    impl TaskWaits for ScriptedPeer {
+        async fn send_some(&mut self, bytes: &[u8]) -> Sent {
+            Sent::Wrote(Ok(bytes.len()))
+        }
+
+        fn send_now(&self, bytes: &[u8]) -> io::Result<usize> {
+            Ok(bytes.len())
+        }
+
+        fn restart_idle(&mut self) {}
+
+        async fn receive(&mut self, _: &mut Connection) -> Woke {
+            if self.reads == 0 {
+                let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+                return Woke::Received(Err(CloseReason::Failed(reset)));
+            }
+            self.reads -= 1;
+            self.reads_this_poll.set(self.reads_this_poll.get() + 1);
+            Woke::Received(Ok(self.found))
+        }
+
+        async fn yield_turn(&mut self) {
+            let mut has_yielded = false;
+            poll_fn(|cx| {
+                if has_yielded {
+                    return Poll::Ready(());
+                }
+                has_yielded = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            })
+            .await;
+        }
+
+        fn state(&self) -> &TaskLoop {
+            &self.state
+        }
+    }
+
+    /// Runs `converse` over `reads` reads that each find `found`; returns the most reads
+    /// one poll made.
+    fn most_reads_in_one_poll(found: Received, reads: u32) -> u32 {
+        let protocol = Protocol::new(ProtocolKind::Echo, 64);
+        let limits = Limits::default();
+        let (socket, _other) = UnixStream::pair().unwrap();
+        let peer = crate::net::Peer::Ip("127.0.0.1:40000".parse().unwrap());
+        let mut connection = Connection::new(&protocol, peer, &limits, socket.as_fd());
+        let reads_this_poll = Rc::new(Cell::new(0));
+        let mut task = ScriptedPeer {
+            state: TaskLoop {
+                protocol,
+                limits,
+                counter: ConnectionCounter::new(None),
+                draining: StopSignal::default(),
+                cut: StopSignal::default(),
+            },
+            found,
+            reads,
+            reads_this_poll: reads_this_poll.clone(),
+        };
+        let mut conversing = pin!(converse(&mut task, &mut connection));
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut most = 0;
+        for _ in 0..=reads {
+            reads_this_poll.set(0);
+            let polled = conversing.as_mut().poll(&mut cx);
+            most = most.max(reads_this_poll.get());
+            if let Poll::Ready(reason) = polled {
+                assert!(matches!(reason, CloseReason::Failed(_)), "{reason:?}");
+                return most;
+            }
+        }
+        panic!("{reads} reads took more than {} polls", reads + 1);
+    }
+
+    #[test]
+    fn a_task_reads_one_full_buffer_per_poll() {
+        assert_eq!(most_reads_in_one_poll(Received::Full, 20), 1);
+    }
+
+    #[test]
+    fn a_task_whose_reads_drain_the_socket_does_not_yield() {
+        // Each read ends at WouldBlock's edge: the next one waits anyway, no turn is owed.
+        assert_eq!(most_reads_in_one_poll(Received::Drained, 20), 20);
+    }
 }

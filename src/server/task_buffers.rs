@@ -41,8 +41,8 @@ pub trait SocketIo {
 /// Reads from `socket` into this thread's read buffer, cut to what `connection` may take
 /// under its bound, and hands what came (bytes, counted in `log`, or EOF for `Ok(0)`) to
 /// `connection`; an echo goes straight back from the read buffer when nothing is owed
-/// (`Connection::receive_through`, counted as sent). Returns how many bytes came, or
-/// `None` when the read would block (nothing is handed over).
+/// (`Connection::receive_through`, counted as sent). Returns whether the read took all it
+/// asked for ([`Received`]), or `None` when it would block (nothing is handed over).
 ///
 /// # Errors
 ///
@@ -52,7 +52,7 @@ pub fn receive_into(
     connection: &mut Connection,
     log: &LoopLog,
     socket: &mut impl SocketIo,
-) -> Result<Option<usize>, CloseReason> {
+) -> Result<Option<Received>, CloseReason> {
     READ_BUFFER.with_borrow_mut(|buf| {
         let buf = buf.first_mut(READ_BUFFER_BYTES);
         let limit = connection.read_limit(buf.len());
@@ -67,8 +67,24 @@ pub fn receive_into(
         }
         let handed_over =
             connection.on_read_through(result, buf, log, |bytes| socket.write(bytes))?;
-        Ok(handed_over.then_some(got))
+        let received = match got {
+            0 => Received::Drained,
+            got if got < limit => Received::Drained,
+            _ => Received::Full,
+        };
+        Ok(handed_over.then_some(received))
     })
+}
+
+/// What one read of a connection's socket found, for its task's turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// Fewer bytes than asked for, or EOF: the kernel had nothing more queued.
+    Drained,
+    /// As many bytes as asked for: more may be queued. Reading on in the same poll would
+    /// serve this peer ahead of every other connection of the loop
+    /// ([`converse`](super::task::converse) yields instead).
+    Full,
 }
 
 /// `connection` sent everything it owed: its output allocation goes back to the thread.
@@ -89,10 +105,11 @@ pub fn poll_receive<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     stream: &mut S,
     connection: &mut Connection,
     log: &LoopLog,
-) -> Poll<Result<(), CloseReason>> {
+) -> Poll<Result<Received, CloseReason>> {
     match receive_into(connection, log, &mut Polled { cx, stream }) {
         Ok(None) => Poll::Pending,
-        received => Poll::Ready(received.map(drop)),
+        Ok(Some(received)) => Poll::Ready(Ok(received)),
+        Err(reason) => Poll::Ready(Err(reason)),
     }
 }
 
