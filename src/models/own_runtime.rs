@@ -213,10 +213,6 @@ impl TaskWaits for Task<'_> {
         }
     }
 
-    async fn yield_turn(&mut self) {
-        runtime::yield_now().await;
-    }
-
     fn state(&self) -> &TaskLoop {
         self.state
     }

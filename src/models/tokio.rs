@@ -244,10 +244,6 @@ impl TaskWaits for Task<'_> {
         }
     }
 
-    async fn yield_turn(&mut self) {
-        tokio::task::yield_now().await;
-    }
-
     fn state(&self) -> &TaskLoop {
         self.state
     }
