@@ -84,6 +84,8 @@ pub fn run(
             }
         }
     }
+    // While the children drain, new clients are refused rather than left in the backlog.
+    close_listeners(parent.listeners);
     (parent.children).wait_for_drain(drain_timeout, metrics, &parent.log)?;
     Ok(())
 }
@@ -138,7 +140,9 @@ impl Parent<'_> {
                 close_listeners(self.listeners);
                 let (protocol, shutdown) = (self.protocol, self.shutdown);
                 let linger = LingerOn::ThisThread;
-                run_child(|| serve_connection(stream, peer, protocol, &limits, shutdown, linger))
+                run_child(|| {
+                    serve_connection(stream, peer, protocol, &limits, shutdown, linger, || {})
+                })
             }
             Ok(Forked::Parent(pid)) => {
                 tracing::debug!(peer = %peer, "child {pid} serves it");
@@ -185,9 +189,9 @@ impl Parent<'_> {
     }
 }
 
-/// In a child: closes the inherited listeners so that only the parent holds them, and a
-/// child that outlives the parent does not keep the port bound. The Unix socket files are
-/// left alone: the parent owns them.
+/// Closes the listeners and datagram sockets, leaving the Unix socket files alone. In a
+/// child, so that only the parent holds them and a child that outlives the parent does not
+/// keep the port bound (the files are the parent's); in the parent, when the drain begins.
 fn close_listeners(listeners: &mut Listeners) {
     listeners.streams.clear();
     listeners.datagrams.clear();
