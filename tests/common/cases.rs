@@ -890,11 +890,13 @@ pub fn drain_waits_without_spinning(model: &str) {
 /// begins, so a connect fails at once instead of completing a handshake in the kernel's
 /// queue and waiting, unanswered, until the server exits.
 pub fn drain_refuses_new_clients(model: &str) {
+    // A long drain timeout: the slow reader takes its 3 MB only after the connects, and a
+    // loaded machine (busy-poll spinning beside the tests) must not cut it first.
     let args = [
         "--tcp",
         "127.0.0.1:0",
         "--drain-timeout",
-        "5",
+        "20",
         "--max-buffer",
         "4M",
     ];
