@@ -750,11 +750,15 @@ impl Connection {
         }
     }
 
-    /// Bytes that [`Connection::receive_through`] handed to a send which then took fewer
-    /// of them than offered (a send that completes later, as io_uring's does): they are
-    /// owed first, before any reply queued since.
+    /// Bytes handed to a send that completes later (io_uring's) and then took fewer of them
+    /// than offered: the owed bytes [`Connection::advance`] let go of, or the input
+    /// [`Connection::receive_lent`] lent. They are owed first, before any reply queued
+    /// since, in the buffer they came from.
     pub fn owe_first(&mut self, unsent: &[u8]) {
-        self.out.push_front(unsent);
+        match self.layers.as_deref_mut() {
+            Some(layers) if layers.tls.is_some() => layers.wire.push_front(unsent),
+            _ => self.out.push_front(unsent),
+        }
     }
 
     /// Whether the next input may leave straight from the read buffer
