@@ -121,7 +121,7 @@ impl Connection {
             (false, Some(_)) => Some(SetupStage::TlsHandshake),
             (false, None) => None,
         };
-        let watch = stage.and_then(|stage| {
+        let watch = stage.map(|stage| {
             setup_deadline::watch(
                 socket,
                 stage,
@@ -130,6 +130,14 @@ impl Connection {
                 settings.tls_handshake_timeout,
             )
         });
+        let watch = match watch.transpose() {
+            Ok(watch) => watch,
+            Err(e) => {
+                tracing::warn!(peer = %connection.peer, "closing: cannot keep its setup deadline: {e}");
+                connection.is_reading = false;
+                return connection;
+            }
+        };
         connection.layers = Some(Box::new(Layers {
             proxy: settings.proxy_protocol.then(ProxyLayer::new),
             tls,
