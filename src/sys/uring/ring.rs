@@ -15,7 +15,7 @@ use socket2::{SockAddr, SockRef};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem::{self, ManuallyDrop};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// Receive buffers in the provided-buffer ring (a power of two), and their size. A receive
@@ -51,6 +51,16 @@ const RAN_OUT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// short, and each receive armed takes at most its share of the ring's bytes
 /// (`Ring::share`). Counted in turns, not time: a busy loop turns many times a millisecond.
 const SHORT_RING_TURNS: u32 = 64;
+/// Slots of each ring's registered file table (a sparse table: Linux 5.19+). A socket whose
+/// token's index is below this is named in its sends by that index (`IOSQE_FIXED_FILE`), so
+/// a send takes no reference on the socket's file of its own (`fget`/`fput` per operation);
+/// the others send by descriptor. 4096 entries: 32 KiB of kernel memory per ring.
+const FIXED_FILES: u32 = 4096;
+/// Descriptors handed to the kernel for the table in one turn: each `FilesUpdate` reads
+/// its own cell when it is submitted, so cells are not reused before that.
+const UPDATE_CELLS: usize = 256;
+/// What a `FilesUpdate` that empties a table entry reads.
+static NO_FILE: RawFd = -1;
 /// How long dropping a ring waits for cancelled operations before it leaks their buffers.
 const DROP_WAIT: Duration = Duration::from_secs(2);
 
@@ -72,16 +82,40 @@ pub enum Completion {
     Sent {
         /// `Ok(n)`: the kernel took the first `n` bytes offered.
         result: io::Result<usize>,
-        /// For a send straight from a provided buffer ([`Ring::take_received`]): that
-        /// buffer, ours again, so the caller can keep what the kernel did not take
-        /// ([`Ring::unsent`]) before giving it back with [`Ring::recycle`].
-        from: Option<Received>,
+        /// The bytes that send read, ours again: the caller owes first what the kernel did
+        /// not take ([`Ring::unsent`]), then gives them back ([`Ring::recycle_sent`]).
+        sent: SentBytes,
     },
     /// A datagram arrived: its length and sender; its bytes wait in the socket's slot
     /// ([`Ring::datagram_bytes`]).
     DatagramReceived(io::Result<ReceivedDatagram>),
     /// A watched descriptor became readable.
     Readable,
+}
+
+/// The bytes a stream send read, handed back by its [`Completion::Sent`].
+#[derive(Debug)]
+pub struct SentBytes(Sending);
+
+/// Where the bytes of a stream send lie while the kernel reads them; they stay put until
+/// its completion.
+#[derive(Debug)]
+enum Sending {
+    /// Bytes moved out of the caller's output buffer ([`Ring::send`]), which no longer
+    /// holds them: held once, here, they count against the receive budget instead.
+    Copied(Vec<u8>),
+    /// The provided buffer the input arrived in ([`Ring::take_received`]), kept lent (out
+    /// of the kernel's ring).
+    Provided(Received),
+}
+
+impl Sending {
+    fn len(&self) -> usize {
+        match self {
+            Sending::Copied(bytes) => bytes.len(),
+            Sending::Provided(received) => received.len(),
+        }
+    }
 }
 
 /// One socket and the buffers of its operations.
@@ -95,18 +129,16 @@ struct SlotIo {
     budget: u32,
     /// Bytes received since the receive was armed, checked against `budget`.
     received_since_arm: usize,
-    /// The bytes of the stream send in flight: a copy, because the caller's output buffer
-    /// may grow and move while the kernel reads this one.
-    send: Vec<u8>,
-    /// The provided buffer the stream send in flight reads instead, kept lent (out of the
-    /// kernel's ring) until that send's completion.
-    send_from: Option<Received>,
+    /// The bytes of the stream send in flight, until its completion.
+    sending: Option<Sending>,
     /// Datagram sockets: one message each way.
     datagram: Option<Box<Datagram>>,
     /// The receive ended for want of a provided buffer, and waits in `Ring::starved`.
     is_starved: bool,
     /// `ProvidedBuffers::given_back` when a receive of this slot last found no buffer.
     no_buffer_at: Option<u64>,
+    /// Whether the registered file table names this socket at the token's index.
+    is_fixed: bool,
 }
 
 impl SlotIo {
@@ -148,6 +180,13 @@ pub struct Ring {
     open_slots: usize,
     /// Turns left before the ring no longer counts as short (`SHORT_RING_TURNS`).
     short_turns: u32,
+    /// Entries of the registered file table: `FIXED_FILES`, or 0 if the kernel refused one.
+    fixed_files: usize,
+    /// The descriptors of this turn's `FilesUpdate`s, each read by the kernel when it is
+    /// submitted; never moved (`UPDATE_CELLS`), and reused only after a submission.
+    update_cells: Box<[RawFd]>,
+    /// Cells taken since the last submission.
+    cells_used: usize,
 }
 
 impl Ring {
@@ -159,6 +198,13 @@ impl Ring {
     pub fn new() -> io::Result<Ring> {
         let ring = build_ring()?;
         let provided = ProvidedBuffers::new(&ring, PROVIDED_BUFFERS, PROVIDED_BUFFER_BYTES)?;
+        let fixed_files = match ring.submitter().register_files_sparse(FIXED_FILES) {
+            Ok(()) => FIXED_FILES as usize,
+            Err(e) => {
+                tracing::debug!("io_uring: no registered file table ({e}); sending by descriptor");
+                0
+            }
+        };
         Ok(Ring {
             ring,
             slots: Vec::new(),
@@ -174,6 +220,9 @@ impl Ring {
             ran_out: (0, 0, None),
             open_slots: 0,
             short_turns: 0,
+            fixed_files,
+            update_cells: vec![-1; UPDATE_CELLS].into_boxed_slice(),
+            cells_used: 0,
         })
     }
 
@@ -199,18 +248,55 @@ impl Ring {
             self.retire(old);
         }
         self.open_slots += 1;
+        let is_fixed = self.name_fixed(token, fd.as_raw_fd());
         self.slots[index] = Some(SlotIo {
             token,
             fd,
             in_flight: 0,
             budget: 0,
             received_since_arm: 0,
-            send: Vec::new(),
-            send_from: None,
+            sending: None,
             datagram,
             is_starved: false,
             no_buffer_at: None,
+            is_fixed,
         });
+    }
+
+    /// Points the registered file table's entry for `token` at `fd`, in order with the
+    /// operations queued around it; false if the table has no such entry or no cell is
+    /// free this turn (the socket is then named by its descriptor).
+    fn name_fixed(&mut self, token: Token, fd: RawFd) -> bool {
+        let Ok(offset @ 0..) = i32::try_from(token.index()) else {
+            return false;
+        };
+        if token.index() >= self.fixed_files || self.cells_used == UPDATE_CELLS {
+            return false;
+        }
+        let cell = &mut self.update_cells[self.cells_used];
+        *cell = fd;
+        self.cells_used += 1;
+        let pointer: *const RawFd = cell;
+        self.update_fixed(token, pointer, offset);
+        true
+    }
+
+    /// Queues a `FilesUpdate` of `token`'s table entry to the descriptor at `fd`, which
+    /// stays put (a cell or `NO_FILE`) until it is submitted. Its completion is ignored:
+    /// an entry that could not be set fails the sends that name it, which close the socket.
+    fn update_fixed(&mut self, token: Token, fd: *const RawFd, offset: i32) {
+        let entry = opcode::FilesUpdate::new(fd, 1).offset(offset).build();
+        self.push(entry.user_data(Key::of(token).user_data(Op::Cancel)));
+    }
+
+    /// A send of `len` bytes at `pointer` on the slot's socket, named by its table entry
+    /// when it has one.
+    fn send_entry(io: &SlotIo, fd: types::Fd, pointer: *const u8, len: u32) -> squeue::Entry {
+        let send = match io.is_fixed {
+            true => opcode::Send::new(types::Fixed(io.token.index() as u32), pointer, len),
+            false => opcode::Send::new(fd, pointer, len),
+        };
+        send.flags(libc::MSG_NOSIGNAL).build()
     }
 
     /// The slot of `token` while it is open.
@@ -256,7 +342,10 @@ impl Ring {
         // SAFETY: every entry built in this file points only into buffers owned by its
         // slot (or by `provided`), and a slot is freed only after the final completion of
         // each of its operations (`settle`); `Ring::drop` waits for those completions or
-        // leaks the buffers. The descriptor is the slot's own, open as long.
+        // leaks the buffers. The descriptor is the slot's own, open as long. A
+        // `FilesUpdate` points at `NO_FILE` or at an update cell, which is not written again
+        // before the kernel has taken every queued entry (`wait`), nor freed before the
+        // ring (`ring` is dropped first).
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
             self.backlog.push(entry);
         }
@@ -287,9 +376,10 @@ impl Ring {
         }
     }
 
-    /// Arms a receive of at most `budget` bytes in total, less what a send from a provided
-    /// buffer still reads on `token` ([`Ring::take_received`]): input the caller no longer
-    /// holds, but owes until it is sent. No-op if armed, closed, or nothing is left; a
+    /// Arms a receive of at most `budget` bytes in total, less what the send in flight on
+    /// `token` still holds ([`Ring::send`], [`Ring::take_received`]): bytes the caller no
+    /// longer holds, but owes until they are sent. So what the caller holds and what the
+    /// ring holds for it stay within one bound together. No-op if armed, closed, or nothing is left; a
     /// receive that waits for a provided buffer takes the new budget and stays waiting.
     /// Completions come as [`Completion::Received`] until the budget is used up or the
     /// peer's EOF; then [`Ring::is_receiving`] turns false.
@@ -297,8 +387,8 @@ impl Ring {
         let Some((io, _)) = self.idle_for(token, Op::Receive) else {
             return;
         };
-        let lent = io.send_from.as_ref().map_or(0, Received::len);
-        io.budget = u32::try_from(budget.saturating_sub(lent)).unwrap_or(u32::MAX);
+        let sending = io.sending.as_ref().map_or(0, Sending::len);
+        io.budget = u32::try_from(budget.saturating_sub(sending)).unwrap_or(u32::MAX);
         io.received_since_arm = 0;
         if !io.is_starved {
             self.submit_receive(token);
@@ -365,8 +455,10 @@ impl Ring {
         self.provided.recycle(received);
     }
 
-    /// Sends a prefix of `bytes` (copied), unless a send is in flight; returns how many
-    /// bytes were offered. The kernel may take fewer: see [`Completion::Sent`].
+    /// Sends a prefix of `bytes`, what the caller owes, unless a send is in flight; returns
+    /// how many bytes the ring took. They are copied into the send, so the caller owes
+    /// them no more and must drop them (otherwise they would be held twice, past the
+    /// bound); the kernel may send fewer, and [`Completion::Sent`] hands back the rest.
     pub fn send(&mut self, token: Token, bytes: &[u8]) -> usize {
         let offered = bytes.len().min(MAX_SEND_BYTES);
         let is_idle = self
@@ -381,10 +473,9 @@ impl Ring {
         };
         send.clear();
         send.extend_from_slice(&bytes[..offered]);
-        io.send = send;
-        let entry = opcode::Send::new(fd, io.send.as_ptr(), offered as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build();
+        // The vector's heap bytes stay put while the slot and the vector move.
+        let entry = Ring::send_entry(io, fd, send.as_ptr(), offered as u32);
+        io.sending = Some(Sending::Copied(send));
         self.start(token, Op::Send, entry);
         offered
     }
@@ -414,17 +505,45 @@ impl Ring {
         };
         // The buffer stays lent, so the kernel does not hand it to a receive while this
         // send reads it; `complete` gives it back only after the send's completion.
-        io.send_from = Some(received);
-        let entry = opcode::Send::new(fd, pointer, len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build();
+        io.sending = Some(Sending::Provided(received));
+        let entry = Ring::send_entry(io, fd, pointer, len);
         self.start(token, Op::Send, entry);
         self.lent_to_sends += 1;
     }
 
-    /// The bytes of `from`, a [`Completion::Sent`]'s buffer, that its send did not take.
-    pub fn unsent(&self, from: &Received, written: usize) -> &[u8] {
-        self.provided.bytes(from).get(written..).unwrap_or_default()
+    /// The bytes of `sent`, a [`Completion::Sent`]'s, that its send did not take.
+    pub fn unsent<'a>(&'a self, sent: &'a SentBytes, written: usize) -> &'a [u8] {
+        let bytes = match &sent.0 {
+            Sending::Copied(bytes) => bytes,
+            Sending::Provided(received) => self.provided.bytes(received),
+        };
+        bytes.get(written..).unwrap_or_default()
+    }
+
+    /// Takes back the bytes of a [`Completion::Sent`]: a provided buffer goes back to the
+    /// kernel, a small copy's allocation is kept for the next send.
+    pub fn recycle_sent(&mut self, sent: SentBytes) {
+        self.give_back(sent.0);
+    }
+
+    fn give_back(&mut self, sending: Sending) {
+        match sending {
+            Sending::Provided(received) => self.provided.recycle(received),
+            Sending::Copied(send) => {
+                let is_kept = (1..=KEPT_SEND_BUFFER_BYTES).contains(&send.capacity());
+                if is_kept && self.spare_sends.len() < SPARE_SEND_BUFFERS {
+                    self.spare_sends.push(send);
+                }
+            }
+        }
+    }
+
+    /// Bytes the send in flight on `token` holds: owed to the peer, no longer held by the
+    /// caller (the count a drain cut owes).
+    pub fn sending_bytes(&self, token: Token) -> usize {
+        let io = self.open_ref(token).filter(|io| io.is_in_flight(Op::Send));
+        io.and_then(|io| io.sending.as_ref())
+            .map_or(0, Sending::len)
     }
 
     /// Arms a receive of one datagram (no-op if armed, closed or not a datagram slot).
@@ -511,9 +630,15 @@ impl Ring {
     }
 
     fn retire(&mut self, mut io: SlotIo) {
+        if io.is_fixed {
+            // The table's reference would keep the socket open; operations in flight keep
+            // their own until they complete.
+            let offset = io.token.index() as i32;
+            self.update_fixed(io.token, &NO_FILE, offset);
+        }
         if io.in_flight == 0 {
             // No send reads a provided buffer any more (its completion took it back).
-            if let Some(from) = io.send_from.take() {
+            if let Some(Sending::Provided(from)) = io.sending.take() {
                 self.lent_to_sends -= 1;
                 self.provided.recycle(from);
             }
@@ -543,6 +668,10 @@ impl Ring {
             }
             None => self.ring.submit_and_wait(1),
         };
+        if self.backlog.is_empty() && self.ring.submission().is_empty() {
+            // The kernel has read every `FilesUpdate`'s cell.
+            self.cells_used = 0;
+        }
         match result {
             Ok(_) => Ok(()),
             // ETIME: the timeout passed; EBUSY: completions must be reaped first.
@@ -720,17 +849,15 @@ impl Ring {
                 Completion::Received(result.map(|_| received))
             }
             Op::Send => {
-                let send = mem::take(&mut io.send);
-                let is_kept = (1..=KEPT_SEND_BUFFER_BYTES).contains(&send.capacity());
-                if is_kept && self.spare_sends.len() < SPARE_SEND_BUFFERS {
-                    self.spare_sends.push(send);
-                }
-                let from = io.send_from.take();
-                if from.is_some() {
+                let sending = io.sending.take().unwrap_or(Sending::Copied(Vec::new()));
+                if matches!(sending, Sending::Provided(_)) {
                     self.lent_to_sends -= 1;
                 }
                 let result = count_result(result);
-                Completion::Sent { result, from }
+                Completion::Sent {
+                    result,
+                    sent: SentBytes(sending),
+                }
             }
             Op::DatagramReceive => {
                 let datagram = io.datagram.as_ref()?;
@@ -759,15 +886,16 @@ impl Ring {
         if !more {
             io.in_flight &= !(op as u8);
         }
-        if op == Op::Send {
-            // The send that read this provided buffer is over: the kernel may have it back.
-            if let Some(from) = io.send_from.take() {
-                self.lent_to_sends -= 1;
-                self.provided.recycle(from);
-            }
-        }
+        // The send is over: a provided buffer it read may go back to the kernel.
+        let sent = (op == Op::Send).then(|| io.sending.take()).flatten();
         if io.in_flight == 0 {
             self.closing.remove(&key);
+        }
+        if let Some(sending) = sent {
+            if matches!(sending, Sending::Provided(_)) {
+                self.lent_to_sends -= 1;
+            }
+            self.give_back(sending);
         }
     }
 }
@@ -781,9 +909,10 @@ impl Ring {
 
     /// Bytes of a provided buffer that `token`'s send in flight reads.
     pub(super) fn sending_received(&self, token: Token) -> usize {
-        self.open_ref(token)
-            .and_then(|io| io.send_from.as_ref())
-            .map_or(0, Received::len)
+        match self.open_ref(token).and_then(|io| io.sending.as_ref()) {
+            Some(Sending::Provided(received)) => received.len(),
+            _ => 0,
+        }
     }
 
     /// Whether multishot receives take a total limit here (Linux 6.17+).
