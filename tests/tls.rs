@@ -983,7 +983,8 @@ fn pool_setup_deadline_counts_from_accept() {
     busy.set_read_timeout(Some(PATIENCE)).unwrap();
     busy.write_all(b"PROXY UNKNOWN\r\nhold\n").unwrap();
     let mut echoed = [0u8; 5];
-    busy.read_exact(&mut echoed).expect("the only worker serves it");
+    busy.read_exact(&mut echoed)
+        .expect("the only worker serves it");
     let mut silent = TcpStream::connect(&addr).expect("connect");
     let start = Instant::now();
     let closed_after = seconds_until_closed(&mut silent, start, PATIENCE);
