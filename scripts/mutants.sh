@@ -15,6 +15,10 @@
 #               cases, poll's metrics tests, then all of epoll's cases
 #   server      connection, readiness and shared, one after another
 #   all         every group above
+#   task        src/server/task.rs, task_buffers.rs: the server's unit tests, tokio's
+#               quicker cases, then all of async's, tokio's and uring's cases (the task
+#               models, the only ones that run these files; uring only `close_served`);
+#               not part of `all`
 #   FILE...     the named files: the unit tests, poll's quicker cases, then all of epoll's
 #
 # Each group runs in stages, cheapest first: a later stage (`--iterate`) tests only the
@@ -62,6 +66,7 @@ DATAGRAM_FILES=(src/server/datagram.rs)
 CONNECTION_FILES=(src/server/connection.rs)
 READINESS_FILES=(src/server/readiness.rs)
 SHARED_FILES=(src/server/accept.rs src/server/lifecycle.rs src/server/mod.rs)
+TASK_FILES=(src/server/task.rs src/server/task_buffers.rs)
 
 # Test selections, as cargo test arguments (libtest filters match substrings, so `poll::`
 # needs epoll and busy-poll skipped).
@@ -84,6 +89,12 @@ SCALE=(--test scale -- 'select')
 # What poll counts (`--metrics`): the log's counters, which no conformance case reads.
 METRICS=(--test metrics -- 'counts::poll' 'reasons::poll')
 CONFORMANCE_DATAGRAM=(--test conformance -- 'poll::datagram' "${POLL_ONLY[@]}")
+# The task models (async on the crate's own runtime, tokio, uring): tokio's quicker cases
+# (it runs every function of the task files but one, `TaskWaits` aside), then every case of
+# the three over TCP (`own_runtime` is async's module; `uring::` would match the Unix and
+# 4 MiB variants too).
+CONFORMANCE_TOKIO=(--test conformance -- 'tokio::' --skip 'idle_close_lingers' --skip 'unread_flood_bounded')
+CONFORMANCE_TASK=(--test conformance -- 'own_runtime::' 'tokio::' 'uring::' --skip 'unix_stream' --skip 'tcp_4m')
 
 if ! cargo mutants --version >/dev/null 2>&1; then
     echo "installing cargo-mutants" >&2
@@ -198,7 +209,8 @@ run_group() {
     for stage in $stages; do
         if ! declare -p "$stage" >/dev/null 2>&1 || [[ $stage != [A-Z_]* ]]; then
             echo "unknown stage $stage: expected one of UNIT_TESTS UNIT_DATAGRAM UNIT_SERVER" \
-                "UNIT_CONNECTION CONFORMANCE CONFORMANCE_EPOLL SCALE METRICS CONFORMANCE_DATAGRAM" >&2
+                "UNIT_CONNECTION CONFORMANCE CONFORMANCE_EPOLL SCALE METRICS CONFORMANCE_DATAGRAM" \
+                "CONFORMANCE_TOKIO CONFORMANCE_TASK" >&2
             return 2
         fi
     done
@@ -276,6 +288,7 @@ group() {
         connection) run_group connection "UNIT_CONNECTION CONFORMANCE CONFORMANCE_EPOLL" "${CONNECTION_FILES[@]}" ;;
         readiness) run_group readiness "CONFORMANCE SCALE CONFORMANCE_EPOLL" "${READINESS_FILES[@]}" ;;
         shared) run_group shared "UNIT_SERVER CONFORMANCE METRICS CONFORMANCE_EPOLL" "${SHARED_FILES[@]}" ;;
+        task) run_group task "UNIT_SERVER CONFORMANCE_TOKIO CONFORMANCE_TASK" "${TASK_FILES[@]}" ;;
         server) group connection && group readiness && group shared ;;
         all) group small && group datagram && group server ;;
         *) run_group files "UNIT_TESTS CONFORMANCE CONFORMANCE_EPOLL" "$@" ;;

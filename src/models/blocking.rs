@@ -45,8 +45,9 @@ pub fn run(
                 &counter,
                 &shutdown,
                 metrics,
-                |stream, peer, _admission| {
+                |stream, peer, _admission, listener| {
                     // Served right here: the next accept waits until this client is done.
+                    // The drain may begin while it is served: new clients are refused then.
                     serve_connection(
                         stream,
                         peer,
@@ -54,6 +55,7 @@ pub fn run(
                         &limits,
                         &shutdown,
                         LingerOn::ThisThread,
+                        || drop(listener.take()),
                     );
                 },
             )

@@ -13,10 +13,10 @@
 
 use crate::net::DatagramSocket;
 use crate::server::children::Children;
-use crate::server::one_socket::{LingerOn, pause_accepting, serve_connection};
+use crate::server::one_socket::{LingerOn, serve_connection};
 use crate::server::{
-    Accepted, CloseReason, DatagramReplier, Listeners, LoopLog, Protocol, Receipt, RunOptions,
-    ServeError, Shutdown, accept_and_admit, receive_datagram, stream_transport,
+    ACCEPT_PAUSE, Accepted, CloseReason, DatagramReplier, Listeners, LoopLog, Protocol, Receipt,
+    RunOptions, ServeError, Shutdown, accept_and_admit, receive_datagram, stream_transport,
 };
 use crate::server::{DatagramDrop, datagram_transport};
 use crate::sys::poll::{self, POLLIN};
@@ -24,7 +24,7 @@ use crate::sys::process::{self, Forked};
 use std::io;
 use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often the parent wakes to reap children when nothing else happens; a zombie waits
 /// at most this long.
@@ -62,16 +62,28 @@ pub fn run(
         listeners: &mut listeners,
         protocol: &protocol,
         shutdown: &shutdown,
+        paused_until: None,
     };
     on_serving.serving();
     loop {
         parent.children.reap(metrics, &parent.log)?;
+        let now = Instant::now();
+        let pause = (parent.paused_until).and_then(|end| end.checked_duration_since(now));
         let Parent { listeners, .. } = &parent;
-        let streams = listeners.streams.iter().map(AsFd::as_fd);
-        let sockets = streams.chain(listeners.datagrams.iter().map(AsFd::as_fd));
+        // During an accept pause the listeners are not watched (they stay readable), but
+        // datagrams are still answered and children still reaped.
+        let listening = if pause.is_some() { 0 } else { POLLIN };
+        let streams = listeners
+            .streams
+            .iter()
+            .map(|l| poll::entry(l.as_fd(), listening));
+        let sockets = listeners.datagrams.iter().map(AsFd::as_fd);
         let fds = sockets.chain([parent.shutdown.fd()]);
-        let mut entries: Vec<_> = fds.map(|fd| poll::entry(fd, POLLIN)).collect();
-        poll::poll(&mut entries, Some(REAP_INTERVAL))?;
+        let mut entries: Vec<_> = streams
+            .chain(fds.map(|fd| poll::entry(fd, POLLIN)))
+            .collect();
+        let timeout = pause.map_or(REAP_INTERVAL, |left| left.min(REAP_INTERVAL));
+        poll::poll(&mut entries, Some(timeout))?;
         if entries.last().is_some_and(|e| e.revents != 0) {
             break;
         }
@@ -84,6 +96,8 @@ pub fn run(
             }
         }
     }
+    // While the children drain, new clients are refused rather than left in the backlog.
+    close_listeners(parent.listeners);
     (parent.children).wait_for_drain(drain_timeout, metrics, &parent.log)?;
     Ok(())
 }
@@ -115,6 +129,8 @@ struct Parent<'a> {
     buf: Vec<u8>,
     /// The parent's own counters (accepts); every child counts in a slot of its own.
     log: LoopLog,
+    /// Accepting stops until then after the process ran out of descriptors.
+    paused_until: Option<Instant>,
 }
 
 impl Parent<'_> {
@@ -123,8 +139,10 @@ impl Parent<'_> {
         let (stream, peer, admission) = match accept_and_admit(listener, counter, &self.log)? {
             Accepted::Connection(stream, peer, admission) => (stream, peer, admission),
             Accepted::Again | Accepted::Empty => return Ok(()),
-            // Shutdown ends the pause; the next poll sees it.
-            Accepted::Paused => return pause_accepting(self.shutdown).map(drop),
+            Accepted::Paused => {
+                self.paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                return Ok(());
+            }
         };
         match fork_or_why()? {
             Err(why) => {
@@ -138,7 +156,9 @@ impl Parent<'_> {
                 close_listeners(self.listeners);
                 let (protocol, shutdown) = (self.protocol, self.shutdown);
                 let linger = LingerOn::ThisThread;
-                run_child(|| serve_connection(stream, peer, protocol, &limits, shutdown, linger))
+                run_child(|| {
+                    serve_connection(stream, peer, protocol, &limits, shutdown, linger, || {})
+                })
             }
             Ok(Forked::Parent(pid)) => {
                 tracing::debug!(peer = %peer, "child {pid} serves it");
@@ -185,9 +205,9 @@ impl Parent<'_> {
     }
 }
 
-/// In a child: closes the inherited listeners so that only the parent holds them, and a
-/// child that outlives the parent does not keep the port bound. The Unix socket files are
-/// left alone: the parent owns them.
+/// Closes the listeners and datagram sockets, leaving the Unix socket files alone. In a
+/// child, so that only the parent holds them and a child that outlives the parent does not
+/// keep the port bound (the files are the parent's); in the parent, when the drain begins.
 fn close_listeners(listeners: &mut Listeners) {
     listeners.streams.clear();
     listeners.datagrams.clear();

@@ -56,7 +56,7 @@ pub fn run(
                     // A connection it closes first lingers on the lingering thread, with
                     // its place under --max-conns, so the worker moves on at once.
                     let linger = LingerOn::LingeringThread(admission);
-                    serve_connection(stream, peer, protocol, limits, shutdown_ref, linger);
+                    serve_connection(stream, peer, protocol, limits, shutdown_ref, linger, || {});
                 }
             });
             if let Err(e) = started {
@@ -79,7 +79,7 @@ pub fn run(
                     &counter,
                     shutdown_ref,
                     limits.metrics,
-                    move |stream, peer, admission| {
+                    move |stream, peer, admission, _| {
                         // Blocks while QUEUE_LEN connections already wait.
                         let _ = queue.send((stream, peer, admission));
                     },

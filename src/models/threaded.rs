@@ -51,7 +51,7 @@ pub fn run(
                     &counter,
                     shutdown_ref,
                     limits.metrics,
-                    |stream, peer, admission| {
+                    |stream, peer, admission, _| {
                         let spawned = thread::Builder::new()
                             .stack_size(CONNECTION_STACK_BYTES)
                             .spawn_scoped(connections, move || {
@@ -62,6 +62,7 @@ pub fn run(
                                     limits,
                                     shutdown_ref,
                                     LingerOn::ThisThread,
+                                    || {},
                                 );
                                 drop(admission);
                             });

@@ -59,27 +59,34 @@ pub fn wait_for(
     Ok(Wake::Ready)
 }
 
-/// Accepts connections until shutdown fires, handing each admitted one to `dispatch`.
+/// Accepts connections until shutdown fires, handing each admitted one to `dispatch`, then
+/// closes `listener`: while the connections drain, the kernel refuses new clients instead
+/// of completing handshakes in a queue nobody accepts from any more. `dispatch` also gets
+/// the listener, to close it itself when it serves the connection on this thread and the
+/// drain begins there (`blocking`); it is accepting no longer once the listener is taken.
 ///
 /// # Errors
 ///
 /// A listener error that is not about one connection (see `server::accept_action`).
 pub fn accept_until_shutdown(
-    listener: &StreamListener,
+    listener: StreamListener,
     counter: &ConnectionCounter,
     shutdown: &Shutdown,
     metrics: Metrics,
-    mut dispatch: impl FnMut(Stream, Peer, Admission),
+    mut dispatch: impl FnMut(Stream, Peer, Admission, &mut Option<StreamListener>),
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     // The accepting thread's own counters (each connection's thread has its own).
     let log = LoopLog::new(metrics);
-    loop {
+    let mut listening = Some(listener);
+    while let Some(listener) = &listening {
         if wait_for(listener.as_fd(), Interest::READABLE, shutdown, None)? == Wake::Shutdown {
             return Ok(());
         }
         match accept_and_admit(listener, counter, &log)? {
-            Accepted::Connection(stream, peer, admission) => dispatch(stream, peer, admission),
+            Accepted::Connection(stream, peer, admission) => {
+                dispatch(stream, peer, admission, &mut listening);
+            }
             Accepted::Again | Accepted::Empty => {}
             Accepted::Paused => {
                 if !pause_accepting(shutdown)? {
@@ -88,6 +95,7 @@ pub fn accept_until_shutdown(
             }
         }
     }
+    Ok(())
 }
 
 /// Pauses accepting for [`ACCEPT_PAUSE`] after the process ran out of descriptors, and
@@ -117,6 +125,7 @@ pub enum LingerOn {
 
 /// Serves one stream connection on the calling thread until the peer is done, its
 /// handler panics, it idles out, or shutdown's drain ends; errors are logged, not returned.
+/// `on_drain` runs once if the drain begins while the connection is served.
 pub fn serve_connection(
     stream: Stream,
     peer: Peer,
@@ -124,11 +133,12 @@ pub fn serve_connection(
     limits: &Limits,
     shutdown: &Shutdown,
     linger_on: LingerOn,
+    on_drain: impl FnOnce(),
 ) {
     // A counter slot for this connection's thread (or forked child), kept when it ends.
     let log = LoopLog::new(limits.metrics);
     let mut connection = Connection::new(protocol, peer, limits, stream.as_fd());
-    let reason = drive(&stream, &mut connection, limits, shutdown, &log);
+    let reason = drive(&stream, &mut connection, limits, shutdown, &log, on_drain);
     let linger = match linger_on {
         LingerOn::ThisThread => Linger::Here {
             shutdown,
@@ -146,6 +156,7 @@ fn drive(
     limits: &Limits,
     shutdown: &Shutdown,
     log: &LoopLog,
+    on_drain: impl FnOnce(),
 ) -> CloseReason {
     if let Err(e) = stream.set_nonblocking(true) {
         return CloseReason::CannotWatch(e.to_string());
@@ -153,9 +164,13 @@ fn drive(
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
     let mut last_progress = Instant::now();
     let mut drain_deadline: Option<Instant> = None;
+    let mut on_drain = Some(on_drain);
     if shutdown.is_fired() {
         connection.stop_reading();
         drain_deadline = Some(Instant::now() + limits.drain_timeout);
+        if let Some(begun) = on_drain.take() {
+            begun();
+        }
     }
     loop {
         match connection.flush_progress(stream, log) {
@@ -191,6 +206,9 @@ fn drive(
             // Shutdown: read nothing more, send what is owed within the drain timeout.
             connection.stop_reading();
             drain_deadline = Some(now + limits.drain_timeout);
+            if let Some(begun) = on_drain.take() {
+                begun();
+            }
             continue;
         }
         if drain_deadline.is_some_and(|d| now >= d) {
@@ -227,7 +245,8 @@ fn drive(
 }
 
 /// Serves `listeners` from one thread per socket until shutdown fires: each stream
-/// listener's thread runs `accept_on(listener)`, each datagram socket's thread answers
+/// listener's thread runs `accept_on(listener)`, which owns the listener so it can close
+/// it as soon as it stops accepting, each datagram socket's thread answers
 /// datagrams ([`serve_datagrams`]). Once every thread has started, `on_serving` is told.
 /// Returns when every thread has returned.
 ///
@@ -240,18 +259,18 @@ pub fn serve_each_socket(
     protocol: &Protocol,
     shutdown: &Shutdown,
     on_serving: &OnServing,
-    accept_on: impl Fn(&StreamListener) -> io::Result<()> + Sync,
+    accept_on: impl Fn(StreamListener) -> io::Result<()> + Sync,
 ) -> io::Result<()> {
-    let sources = LoopSources::take_all(listeners);
+    let LoopSources { streams, datagrams } = LoopSources::take_all(listeners);
     let metrics = listeners.limits.metrics;
     let accept_on = &accept_on;
     std::thread::scope(|scope| {
         let start = || std::thread::Builder::new();
-        let accepting = (sources.streams.iter()).map(|listener| {
+        let accepting = streams.into_iter().map(|listener| {
             let started = start().spawn_scoped(scope, move || accept_on(listener));
             ("a listener", started)
         });
-        let answering = (sources.datagrams.iter()).map(|socket| {
+        let answering = datagrams.iter().map(|socket| {
             let serve = move || serve_datagrams(socket, protocol, shutdown, metrics);
             ("a datagram socket", start().spawn_scoped(scope, serve))
         });

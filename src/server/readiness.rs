@@ -24,7 +24,7 @@ use super::{
     Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners, Protocol,
     READ_BUFFER_BYTES, Shutdown,
 };
-use crate::net::{DatagramSocket, Stream};
+use crate::net::{DatagramSocket, Stream, StreamListener};
 use crate::slab::{Slab, Token};
 pub use crate::sys::Interest;
 use std::io;
@@ -100,7 +100,13 @@ impl Expiring for Entry {
 
 /// One loop's sockets and connections, and everything it does with them except waiting.
 pub struct ReadinessCore {
-    sources: LoopSources,
+    /// Its listeners, each `None` once closed: the drain closes them as soon as the
+    /// mechanism no longer watches them, so that the kernel refuses new clients rather than
+    /// completing handshakes nobody will accept. A kernel-kept interest list (epoll) must
+    /// forget a listener first: a duplicate of it elsewhere (another loop's, systemd's)
+    /// would keep it in the list after its close, reporting events for a closed descriptor.
+    listeners: Vec<Option<StreamListener>>,
+    datagrams: Vec<DatagramSocket>,
     config: LoopConfig,
     connections: Slab<Entry>,
     /// What the mechanism watches for the shutdown eventfd, listeners and datagram sockets.
@@ -156,7 +162,8 @@ impl ReadinessCore {
         let log = LoopLog::new(config.limits.metrics);
         Ok(ReadinessCore {
             replier: DatagramReplier::new(config.protocol.clone()),
-            sources,
+            listeners: sources.streams.into_iter().map(Some).collect(),
+            datagrams: sources.datagrams,
             config,
             connections: Slab::default(),
             watched: vec![Interest::NONE; own_sources],
@@ -197,7 +204,7 @@ impl ReadinessCore {
     pub fn is_listener(&self, token: Token) -> bool {
         token
             .reserved_index()
-            .is_some_and(|n| n > SHUTDOWN && n <= self.sources.streams.len())
+            .is_some_and(|n| n > SHUTDOWN && n <= self.listeners.len())
     }
 
     /// The descriptor of a source, if it is still open.
@@ -205,11 +212,11 @@ impl ReadinessCore {
         let Some(n) = token.reserved_index() else {
             return Some(self.connections.get(token)?.stream.as_fd());
         };
-        let streams = self.sources.streams.len();
+        let streams = self.listeners.len();
         Some(match n {
             SHUTDOWN => self.config.shutdown.fd(),
-            n if n <= streams => self.sources.streams[n - 1].as_fd(),
-            n => self.sources.datagrams.get(n - 1 - streams)?.as_fd(),
+            n if n <= streams => self.listeners[n - 1].as_ref()?.as_fd(),
+            n => self.datagrams.get(n - 1 - streams)?.as_fd(),
         })
     }
 
@@ -275,6 +282,7 @@ impl ReadinessCore {
         }
         changed.clear();
         self.changed = changed;
+        self.close_unwatched_listeners();
         Ok(())
     }
 
@@ -369,7 +377,7 @@ impl ReadinessCore {
 
     /// Acts on one of the loop's own sockets found ready: reserved token `n`.
     fn handle_own(&mut self, n: usize) -> io::Result<()> {
-        let streams = self.sources.streams.len();
+        let streams = self.listeners.len();
         match n {
             // Asked, not assumed: busy polling tries every source, the eventfd included.
             SHUTDOWN if self.config.shutdown.is_fired() => self.begin_drain(),
@@ -380,7 +388,7 @@ impl ReadinessCore {
             n if n <= streams => self.accept_ready(n - 1)?,
             n => {
                 let index = n - 1 - streams;
-                let socket = &self.sources.datagrams[index];
+                let socket = &self.datagrams[index];
                 let buf = self.buf.first_mut(self.datagram_max[index]);
                 (self.replier).answer_queued(socket, buf, BATCH, &self.log)?;
             }
@@ -403,6 +411,21 @@ impl ReadinessCore {
             }
             // One that owes nothing is done now; it would never be ready again.
             self.serve(token, Interest::WRITABLE);
+        }
+        self.close_unwatched_listeners();
+    }
+
+    /// While draining, closes every listener the mechanism no longer watches: all of them
+    /// at once for a mechanism that keeps no interest in the kernel (poll, select, busy
+    /// polling never call [`ReadinessCore::sync`]), and for epoll once `sync` removed them.
+    fn close_unwatched_listeners(&mut self) {
+        if !self.is_draining() {
+            return;
+        }
+        for (n, listener) in self.listeners.iter_mut().enumerate() {
+            if self.watched[n + 1] == Interest::NONE {
+                *listener = None;
+            }
         }
     }
 
@@ -429,7 +452,7 @@ impl ReadinessCore {
     fn wanted(&self, token: Token) -> Interest {
         match token.reserved_index() {
             Some(_) if self.is_draining() => Interest::NONE,
-            Some(n) if n > SHUTDOWN && n <= self.sources.streams.len() && !self.is_accepting() => {
+            Some(n) if n > SHUTDOWN && n <= self.listeners.len() && !self.is_accepting() => {
                 Interest::NONE
             }
             Some(_) => Interest::READABLE,
@@ -446,7 +469,10 @@ impl ReadinessCore {
             return Ok(());
         }
         for _ in 0..BATCH {
-            let listener = &self.sources.streams[n];
+            // Closed only while draining, when nothing is accepted.
+            let Some(listener) = &self.listeners[n] else {
+                return Ok(());
+            };
             match accept_and_admit(listener, &self.config.counter, &self.log)? {
                 Accepted::Connection(stream, peer, admission) => {
                     self.admit(stream, peer, admission);
@@ -458,7 +484,7 @@ impl ReadinessCore {
                     // watching it for a while, or the loop would spin.
                     // Out of descriptors is the process's state, not this listener's.
                     self.clock.tick();
-                    for listener in (1..=self.sources.streams.len()).map(reserved) {
+                    for listener in (1..=self.listeners.len()).map(reserved) {
                         self.clock.pause(listener);
                         self.changed.push(listener);
                     }

@@ -282,3 +282,225 @@ pub async fn answer_datagrams(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ProtocolKind;
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+    use std::time::Duration;
+
+    const IDLE: Duration = Duration::from_secs(1);
+
+    fn task_loop(kind: ProtocolKind) -> TaskLoop {
+        let limits = Limits {
+            max_buffer_bytes: 1024,
+            idle_timeout: Some(IDLE),
+            ..Limits::default()
+        };
+        TaskLoop {
+            protocol: Protocol::new(kind, 1024),
+            limits,
+            counter: ConnectionCounter::new(None),
+            draining: StopSignal::default(),
+            cut: StopSignal::default(),
+        }
+    }
+
+    /// A connection without layers on `socket`.
+    fn connection(state: &TaskLoop, socket: &UnixStream) -> Connection {
+        let peer = Peer::Ip("127.0.0.1:40000".parse().unwrap());
+        Connection::new(&state.protocol, peer, &state.limits, socket.as_fd())
+    }
+
+    /// Runs a future that never waits (every wait of [`Scripted`] ends at once).
+    fn run<T>(future: impl Future<Output = T>) -> T {
+        let mut cx = Context::from_waker(Waker::noop());
+        match pin!(future).poll(&mut cx) {
+            Poll::Ready(output) => output,
+            Poll::Pending => panic!("a scripted task waited"),
+        }
+    }
+
+    /// A runtime whose waits end as scripted: a wait to send as `sends` says (the whole
+    /// offer taken once it is empty), a send without waiting as `sends_now` says
+    /// (`WouldBlock` once it is empty), and input is `inputs`, then EOF.
+    struct Scripted {
+        state: TaskLoop,
+        sends: VecDeque<Sent>,
+        sends_now: RefCell<VecDeque<io::Result<usize>>>,
+        inputs: VecDeque<&'static [u8]>,
+        sent: RefCell<Vec<u8>>,
+    }
+
+    impl Scripted {
+        fn new(kind: ProtocolKind, inputs: Vec<&'static [u8]>) -> Scripted {
+            Scripted {
+                state: task_loop(kind),
+                sends: VecDeque::new(),
+                sends_now: RefCell::default(),
+                inputs: inputs.into(),
+                sent: RefCell::default(),
+            }
+        }
+
+        fn take(&self, bytes: &[u8], taken: io::Result<usize>) -> io::Result<usize> {
+            let taken = taken?.min(bytes.len());
+            self.sent.borrow_mut().extend_from_slice(&bytes[..taken]);
+            Ok(taken)
+        }
+
+        /// Serves one connection on a socket nobody reads, and says why it closed.
+        fn converse(&mut self) -> CloseReason {
+            let (socket, _peer) = UnixStream::pair().unwrap();
+            let mut conn = connection(&self.state, &socket);
+            run(converse(self, &mut conn))
+        }
+    }
+
+    impl TaskWaits for Scripted {
+        async fn send_some(&mut self, bytes: &[u8]) -> Sent {
+            match self.sends.pop_front() {
+                Some(Sent::Wrote(taken)) => Sent::Wrote(self.take(bytes, taken)),
+                Some(other) => other,
+                None => Sent::Wrote(self.take(bytes, Ok(bytes.len()))),
+            }
+        }
+
+        fn send_now(&self, bytes: &[u8]) -> io::Result<usize> {
+            let taken = self.sends_now.borrow_mut().pop_front();
+            self.take(
+                bytes,
+                taken.unwrap_or(Err(io::ErrorKind::WouldBlock.into())),
+            )
+        }
+
+        fn restart_idle(&mut self) {}
+
+        async fn receive(&mut self, connection: &mut Connection) -> Woke {
+            match self.inputs.pop_front() {
+                Some(bytes) => connection.receive(bytes),
+                None => connection.receive_eof(),
+            }
+            Woke::Received(Ok(()))
+        }
+
+        fn state(&self) -> &TaskLoop {
+            &self.state
+        }
+    }
+
+    #[test]
+    fn every_reply_is_sent_however_the_kernel_takes_it() {
+        let mut task = Scripted::new(ProtocolKind::Lines, vec![b"one\ntw", b"o\n"]);
+        task.sends = [Sent::Wrote(Ok(1)), Sent::Wrote(Ok(2))].into();
+        assert!(matches!(task.converse(), CloseReason::PeerEof));
+        assert_eq!(*task.sent.borrow(), b"one\ntwo\n");
+    }
+
+    /// The idle timeout passing while a send waits is no close when the kernel takes some
+    /// of it now (a Unix socket turns writable only once three quarters of its buffer are
+    /// free, so the wait may outlast the timeout while the peer steadily reads).
+    #[test]
+    fn a_peer_still_taking_its_replies_is_not_idle() {
+        let mut task = Scripted::new(ProtocolKind::Lines, vec![b"one\n", b"two\n"]);
+        task.sends = [Sent::Wrote(Ok(2)), Sent::Idle].into();
+        task.sends_now = RefCell::new([Ok(1)].into());
+        let reason = task.converse();
+        assert!(matches!(reason, CloseReason::PeerEof), "{reason:?}");
+        assert_eq!(*task.sent.borrow(), b"one\ntwo\n");
+    }
+
+    #[test]
+    fn a_peer_taking_nothing_when_the_idle_timeout_passes_is_idle() {
+        for taken_now in [Err(io::ErrorKind::WouldBlock.into()), Ok(0)] {
+            let mut task = Scripted::new(ProtocolKind::Lines, vec![b"one\n"]);
+            task.sends = [Sent::Wrote(Ok(2)), Sent::Idle].into();
+            task.sends_now = RefCell::new([taken_now].into());
+            let reason = task.converse();
+            assert!(matches!(reason, CloseReason::Idle(IDLE)), "{reason:?}");
+            assert_eq!(*task.sent.borrow(), b"on");
+        }
+    }
+
+    #[test]
+    fn a_send_cut_by_the_drain_timeout_counts_what_was_owed() {
+        let mut task = Scripted::new(ProtocolKind::Lines, vec![b"one\n"]);
+        task.sends = [Sent::Wrote(Ok(1)), Sent::Cut].into();
+        let reason = task.converse();
+        assert!(
+            matches!(reason, CloseReason::DrainTimeout { owed: 4 }),
+            "{reason:?}"
+        );
+    }
+
+    /// What the peer of a connection `close_served` ended reads, up to EOF.
+    fn closed_with(reason: CloseReason, is_sending: bool) -> Vec<u8> {
+        let state = task_loop(ProtocolKind::Lines);
+        let (socket, mut peer) = UnixStream::pair().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut conn = connection(&state, &socket);
+        conn.receive(b"owed\n");
+        let place = state.counter.admit().unwrap();
+        close_served(
+            socket.as_fd(),
+            &mut conn,
+            reason,
+            &LoopLog::default(),
+            place,
+            is_sending,
+        );
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got)
+            .expect("the peer reads EOF within 5 s");
+        got
+    }
+
+    #[test]
+    fn a_connection_the_server_ends_is_offered_what_it_owes_once() {
+        assert_eq!(closed_with(CloseReason::Idle(IDLE), false), b"owed\n");
+        assert_eq!(
+            closed_with(CloseReason::DrainTimeout { owed: 5 }, false),
+            b"owed\n"
+        );
+        assert_eq!(
+            closed_with(CloseReason::Idle(IDLE), true),
+            b"",
+            "a send of it is in flight elsewhere: it would go twice"
+        );
+    }
+
+    #[test]
+    fn a_peer_that_half_closed_reads_eof() {
+        let state = task_loop(ProtocolKind::Echo);
+        let (socket, mut peer) = UnixStream::pair().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut conn = connection(&state, &socket);
+        conn.receive_eof();
+        let place = state.counter.admit().unwrap();
+        let log = LoopLog::default();
+        close_served(
+            socket.as_fd(),
+            &mut conn,
+            CloseReason::PeerEof,
+            &log,
+            place,
+            false,
+        );
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got)
+            .expect("the peer reads EOF within 5 s, though the socket is still open");
+        assert_eq!(got, b"");
+        assert_eq!(
+            state.counter.open(),
+            0,
+            "its place under --max-conns is free"
+        );
+    }
+}

@@ -118,3 +118,210 @@ impl<S: AsyncRead + AsyncWrite + Unpin + ?Sized> SocketIo for Polled<'_, '_, S> 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Peer;
+    use crate::protocol::{Protocol, ProtocolKind};
+    use crate::server::Limits;
+    use std::collections::VecDeque;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::task::Waker;
+
+    /// A connection without layers: its socket is never touched, so any descriptor does.
+    fn connection(kind: ProtocolKind) -> Connection {
+        let (socket, _peer) = UnixStream::pair().unwrap();
+        let limits = Limits {
+            max_buffer_bytes: 1024,
+            ..Limits::default()
+        };
+        let peer = Peer::Ip("127.0.0.1:40000".parse().unwrap());
+        Connection::new(&Protocol::new(kind, 1024), peer, &limits, socket.as_fd())
+    }
+
+    /// A socket whose reads return what is queued (`WouldBlock` once nothing is) and
+    /// whose writes take up to `room` bytes.
+    #[derive(Default)]
+    struct Scripted {
+        reads: VecDeque<io::Result<Vec<u8>>>,
+        room: usize,
+        written: Vec<u8>,
+    }
+
+    impl SocketIo for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let Some(read) = self.reads.pop_front() else {
+                return Err(io::ErrorKind::WouldBlock.into());
+            };
+            let bytes = read?;
+            assert!(bytes.len() <= buf.len(), "a read past the buffer");
+            buf[..bytes.len()].copy_from_slice(&bytes);
+            Ok(bytes.len())
+        }
+
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            let taken = bytes.len().min(self.room);
+            if taken == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.room -= taken;
+            self.written.extend_from_slice(&bytes[..taken]);
+            Ok(taken)
+        }
+    }
+
+    fn reading(reads: Vec<io::Result<Vec<u8>>>, room: usize) -> Scripted {
+        Scripted {
+            reads: reads.into(),
+            room,
+            ..Scripted::default()
+        }
+    }
+
+    /// What [`receive_into`] returned, when the connection goes on.
+    fn received(conn: &mut Connection, log: &LoopLog, socket: &mut Scripted) -> Option<usize> {
+        receive_into(conn, log, socket).unwrap_or_else(|e| panic!("closing: {e:?}"))
+    }
+
+    fn spare_capacity() -> usize {
+        SPARE.with_borrow(Vec::capacity)
+    }
+
+    #[test]
+    fn what_is_read_is_handed_over_and_counted() {
+        let log = LoopLog::default();
+        let mut conn = connection(ProtocolKind::Lines);
+        let mut socket = reading(vec![Ok(b"one\ntw".to_vec())], 0);
+        assert_eq!(received(&mut conn, &log, &mut socket), Some(6));
+        assert_eq!(conn.unsent(), b"one\n");
+        assert_eq!(
+            received(&mut conn, &log, &mut socket),
+            None,
+            "nothing queued: the read would block"
+        );
+        assert_eq!(conn.unsent(), b"one\n", "and nothing was handed over");
+    }
+
+    #[test]
+    fn an_echo_goes_straight_back_when_nothing_is_owed() {
+        let log = LoopLog::default();
+        let mut conn = connection(ProtocolKind::Echo);
+        let mut socket = reading(vec![Ok(b"hello".to_vec()), Ok(b"world".to_vec())], 7);
+        assert_eq!(received(&mut conn, &log, &mut socket), Some(5));
+        assert_eq!(socket.written, b"hello", "written from the read buffer");
+        assert_eq!(conn.owed(), 0);
+        assert_eq!(received(&mut conn, &log, &mut socket), Some(5));
+        assert_eq!(socket.written, b"hellowo", "the kernel took two bytes");
+        assert_eq!(conn.unsent(), b"rld", "the rest is owed");
+    }
+
+    #[test]
+    fn a_failed_read_closes_and_eof_is_handed_over() {
+        let log = LoopLog::default();
+        let mut conn = connection(ProtocolKind::Echo);
+        let mut socket = reading(vec![Err(io::ErrorKind::ConnectionReset.into())], 0);
+        match receive_into(&mut conn, &log, &mut socket) {
+            Err(CloseReason::Failed(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
+            other => panic!("a reset peer must close its connection, got {other:?}"),
+        }
+        let mut conn = connection(ProtocolKind::Echo);
+        let mut socket = reading(vec![Ok(Vec::new())], 0);
+        assert_eq!(received(&mut conn, &log, &mut socket), Some(0));
+        assert!(conn.is_finished(), "EOF with nothing owed: finished");
+    }
+
+    #[test]
+    fn a_connection_producing_replies_borrows_the_threads_spare_until_it_sent_them() {
+        SPARE.set(Vec::with_capacity(512));
+        let log = LoopLog::default();
+        let mut conn = connection(ProtocolKind::Lines);
+        let mut socket = reading(vec![Ok(b"a line\n".to_vec())], 0);
+        assert_eq!(received(&mut conn, &log, &mut socket), Some(7));
+        assert_eq!(
+            spare_capacity(),
+            0,
+            "the reply went into the thread's allocation"
+        );
+        return_spare(&mut conn);
+        assert_eq!(spare_capacity(), 0, "still owed: kept");
+        conn.advance(conn.owed());
+        return_spare(&mut conn);
+        assert!(
+            spare_capacity() >= 512,
+            "everything sent: the allocation is the thread's again, so an idle connection \
+             holds none"
+        );
+    }
+
+    /// A stream polled as tokio's are: reads give what is queued, then `Pending`.
+    struct Polling {
+        input: VecDeque<Vec<u8>>,
+        is_at_eof: bool,
+        written: Vec<u8>,
+    }
+
+    impl AsyncRead for Polling {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.input.pop_front() {
+                Some(bytes) => {
+                    buf.put_slice(&bytes);
+                    Poll::Ready(Ok(()))
+                }
+                None if self.is_at_eof => Poll::Ready(Ok(())),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    impl AsyncWrite for Polling {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            bytes: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.written.extend_from_slice(bytes);
+            Poll::Ready(Ok(bytes.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_polled_stream_is_read_once_and_pending_when_empty() {
+        let log = LoopLog::default();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut stream = Polling {
+            input: [b"ping".to_vec()].into(),
+            is_at_eof: false,
+            written: Vec::new(),
+        };
+        let mut conn = connection(ProtocolKind::Echo);
+        let polled = poll_receive(&mut cx, &mut stream, &mut conn, &log);
+        assert!(matches!(polled, Poll::Ready(Ok(()))), "{polled:?}");
+        assert_eq!(stream.written, b"ping", "the echo went straight back");
+        assert_eq!(conn.owed(), 0);
+        let polled = poll_receive(&mut cx, &mut stream, &mut conn, &log);
+        assert!(
+            matches!(polled, Poll::Pending),
+            "nothing to read: {polled:?}"
+        );
+        assert!(!conn.is_finished());
+        stream.is_at_eof = true;
+        let polled = poll_receive(&mut cx, &mut stream, &mut conn, &log);
+        assert!(matches!(polled, Poll::Ready(Ok(()))), "{polled:?}");
+        assert!(conn.is_finished(), "an empty read is EOF");
+        assert_eq!(stream.written, b"ping", "nothing more");
+    }
+}

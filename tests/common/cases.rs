@@ -886,6 +886,52 @@ pub fn drain_waits_without_spinning(model: &str) {
     assert!(status.success(), "exit {status}; {}", server.stderr());
 }
 
+/// While it drains, the server refuses new clients: its listeners are closed when the drain
+/// begins, so a connect fails at once instead of completing a handshake in the kernel's
+/// queue and waiting, unanswered, until the server exits.
+pub fn drain_refuses_new_clients(model: &str) {
+    // A long drain timeout: the slow reader takes its 3 MB only after the connects, and a
+    // loaded machine (busy-poll spinning beside the tests) must not cut it first.
+    let args = [
+        "--tcp",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "20",
+        "--max-buffer",
+        "4M",
+    ];
+    let server = Server::start(model, &args);
+    // A slow reader owed more than the kernel's buffers take holds the drain open.
+    let mut conn = server.connect_slow_reader();
+    let input = pattern(3_000_000, 9);
+    conn.write_all(&input).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    server.terminate();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut accepted = 0;
+    let refused = loop {
+        match Conn::connect(&server.addrs[0]) {
+            Err(e) => break Some(e),
+            Ok(_) if Instant::now() >= deadline => break None,
+            Ok(_) => {
+                accepted += 1;
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let kind = refused.as_ref().map(io::Error::kind);
+    assert_eq!(
+        kind,
+        Some(io::ErrorKind::ConnectionRefused),
+        "{model}: {accepted} connects still completed during 3 s of the drain"
+    );
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(error.is_none() && got == input, "{} bytes back", got.len());
+    let mut server = server;
+    let status = server.wait_exit(PATIENCE).expect("exits after draining");
+    assert!(status.success(), "exit {status}; {}", server.stderr());
+}
+
 /// Waits until the server has read every byte `conn` wrote, so that it owes them all: over
 /// TCP, until neither the client's unacknowledged queue nor the server's unread one holds
 /// any (a fixed sleep was too short on a loaded machine); over Unix, where no such queue is
