@@ -909,3 +909,56 @@ fn haproxy_in_front_of_tls() {
     server.wait_for_log("TLS established");
     server.stop();
 }
+
+/// Out of descriptors, a connection whose setup deadline cannot be watched (the watcher's
+/// duplicate of its socket cannot be made) is refused rather than served without one:
+/// every client that sends no PROXY header is closed within a few `--proxy-timeout`s,
+/// however the server's descriptors fall. Two limits one apart, so that in one of them an
+/// accept takes the last descriptor and the duplicate fails.
+#[test]
+fn proxy_deadline_is_kept_out_of_descriptors() {
+    for model in ["epoll", "poll", "async", "tokio", "uring", "threaded"] {
+        for limit in [40, 41] {
+            proxy_deadline_kept_at(model, limit);
+        }
+    }
+}
+
+fn proxy_deadline_kept_at(model: &str, limit: u32) {
+    {
+        let args = [
+            "--tcp",
+            "127.0.0.1:0",
+            "--proxy-protocol",
+            "--proxy-timeout",
+            "1",
+        ];
+        let server = Server::start_with_fd_limit(model, &args, limit);
+        let addr = server.addr("tcp");
+        let clients: Vec<TcpStream> = (0..30)
+            .map(|_| TcpStream::connect(&addr).expect("connect"))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (n, mut client) in clients.into_iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            client
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let open = match client.read(&mut buf) {
+                Ok(0) => false,
+                Ok(_) => true,
+                Err(e) => matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+            };
+            assert!(
+                !open,
+                "{model}, limit {limit}: client {n} still open 10 s after connecting with no PROXY \
+                 header and --proxy-timeout 1; {}",
+                server.stderr()
+            );
+        }
+    }
+}

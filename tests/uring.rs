@@ -4,10 +4,10 @@
 mod common;
 
 use common::{Conn, PATIENCE, Server, TcpQueues, pattern};
-use std::io::Write;
-use std::net::SocketAddr;
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A peer that reads nothing until the end, with a 4 KiB receive buffer and 536-byte
 /// segments, so the server's fresh socket holds only about 96 KB, sends 60,000 bytes three
@@ -59,4 +59,67 @@ fn connect_small(addr: SocketAddr) -> (Conn, SocketAddr) {
     let conn = Conn::Tcp(socket.into());
     conn.set_timeouts(PATIENCE);
     (conn, local)
+}
+
+/// Peers that send without reading hold at most `--max-buffer` each of the server's memory:
+/// what a send in flight holds counts against the bound together with what the connection
+/// still owes. (A send that copied the owed bytes while the connection kept them held both:
+/// about twice the bound per peer: 73 MiB here.) 300 such peers at 128 KiB each may cost
+/// 37.5 MiB; the server may grow by that, two fifths more for the allocator (freed chunks
+/// between live ones: 52-54 MiB in all was measured), and its 8 MiB of provided buffers,
+/// but not by twice the bound.
+#[test]
+fn unread_peers_hold_at_most_max_buffer_each() {
+    const PEERS: usize = 300;
+    const MAX_BUFFER_KIB: u64 = 128;
+    let args = [
+        "--threads",
+        "1",
+        "--tcp",
+        "127.0.0.1:0",
+        "--max-buffer",
+        "128K",
+    ];
+    let server = Server::start("uring", &args);
+    let addr: SocketAddr = server.addr("tcp").parse().unwrap();
+    let before = server.rss_kib();
+    let peers: Vec<TcpStream> = (0..PEERS)
+        .map(|_| {
+            let (conn, _) = connect_small(addr);
+            let Conn::Tcp(stream) = conn else {
+                unreachable!("connect_small connects over TCP")
+            };
+            stream.set_nonblocking(true).expect("O_NONBLOCK");
+            stream
+        })
+        .collect();
+    // Write to every peer until no write has been taken for a second: the server stopped
+    // reading each of them (its bound reached) and the kernel's queues are full.
+    let chunk = vec![b'u'; 64 * 1024];
+    let (start, mut last_taken) = (Instant::now(), Instant::now());
+    while last_taken.elapsed() < Duration::from_secs(1) {
+        assert!(
+            start.elapsed() < 4 * PATIENCE,
+            "the server kept reading peers that read nothing"
+        );
+        for mut peer in &peers {
+            match peer.write(&chunk) {
+                Ok(n) if n > 0 => last_taken = Instant::now(),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("a peer's write failed: {e}"),
+            }
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let grown = server.rss_kib().saturating_sub(before);
+    let bound = PEERS as u64 * MAX_BUFFER_KIB * 7 / 5 + 8 * 1024;
+    eprintln!("uring: {PEERS} unread peers at --max-buffer 128K: RSS grew by {grown} KiB");
+    assert!(
+        grown <= bound,
+        "RSS grew by {grown} KiB for {PEERS} unread peers: more than {bound} KiB, the bound \
+         of {MAX_BUFFER_KIB} KiB each with room for the allocator and the provided buffers"
+    );
+    drop(peers);
+    server.stop();
 }

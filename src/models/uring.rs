@@ -26,7 +26,7 @@ use crate::server::{
     listener_transport, on_accept,
 };
 use crate::slab::{Slab, Token};
-use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring};
+use crate::sys::uring::{Completion, Received, ReceivedDatagram, Ring, SentBytes};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
@@ -147,7 +147,7 @@ impl Loop {
                         self.on_accept(token, result, is_armed)?;
                     }
                     Completion::Received(result) => self.on_receive(token, result),
-                    Completion::Sent { result, from } => self.on_sent(token, result, from),
+                    Completion::Sent { result, sent } => self.on_sent(token, result, sent),
                     Completion::DatagramReceived(result) => self.on_datagram(token, result)?,
                     Completion::Readable => self.start_drain(),
                 }
@@ -161,7 +161,10 @@ impl Loop {
     /// Ends `token`'s connection for `reason` (or retires a listener or datagram socket):
     /// the one way this loop closes. The ring frees its own descriptor once its operations
     /// have completed; a lingering close gets a duplicate of it.
-    fn close(&mut self, token: Token, reason: CloseReason) {
+    fn close(&mut self, token: Token, mut reason: CloseReason) {
+        if let CloseReason::DrainTimeout { owed } = &mut reason {
+            *owed += self.ring.sending_bytes(token);
+        }
         if let Some(Source::Conn(mut conn)) = self.sources.remove(token) {
             let is_sending = self.ring.is_sending(token);
             if let Some(fd) = self.ring.fd(token) {
@@ -246,15 +249,12 @@ impl Loop {
         }
     }
 
-    fn on_sent(&mut self, token: Token, result: io::Result<usize>, from: Option<Received>) {
+    fn on_sent(&mut self, token: Token, result: io::Result<usize>, sent: SentBytes) {
         match (self.sources.get_mut(token), result) {
             // The kernel may take fewer bytes than offered; the rest goes in the next send,
             // ahead of anything queued meanwhile.
             (Some(Source::Conn(conn)), Ok(written)) => {
-                match &from {
-                    Some(from) => conn.connection.owe_first(self.ring.unsent(from, written)),
-                    None => conn.connection.advance(written),
-                }
+                conn.connection.owe_first(self.ring.unsent(&sent, written));
                 // An idle connection keeps no output allocation.
                 conn.connection.return_spare(&mut self.spare);
                 self.log.sent(conn.connection.transport(), written);
@@ -265,9 +265,7 @@ impl Loop {
             (Some(Source::Conn(_)), Err(e)) => self.close(token, CloseReason::Failed(e)),
             _ => {}
         }
-        if let Some(from) = from {
-            self.ring.recycle(from);
-        }
+        self.ring.recycle_sent(sent);
     }
 
     /// Remembers to pump `token` once this batch of completions is handled, so that all the
@@ -282,15 +280,17 @@ impl Loop {
         }
     }
 
-    /// Starts what the connection needs next: a send of what is owed, a receive of what
-    /// fits under `--max-buffer`, or, once it is finished, the close.
+    /// Starts what the connection needs next: a send of what is owed (held by the ring, not
+    /// twice), a receive of what fits under `--max-buffer`, or, once finished, the close.
     fn pump(&mut self, token: Token) {
         let Some(Source::Conn(conn)) = self.sources.get_mut(token) else {
             return;
         };
         conn.is_dirty = false;
         if conn.connection.wants_write() {
-            self.ring.send(token, conn.connection.unsent());
+            let taken = self.ring.send(token, conn.connection.unsent());
+            conn.connection.advance(taken);
+            conn.connection.return_spare(&mut self.spare);
         }
         // Backpressure: with no room the receive stays unarmed until a send drains.
         let budget = conn.connection.read_limit(MAX_RECEIVE_BUDGET_BYTES);

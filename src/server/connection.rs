@@ -121,7 +121,7 @@ impl Connection {
             (false, Some(_)) => Some(SetupStage::TlsHandshake),
             (false, None) => None,
         };
-        let watch = stage.and_then(|stage| {
+        let watch = stage.map(|stage| {
             setup_deadline::watch(
                 socket,
                 stage,
@@ -130,6 +130,14 @@ impl Connection {
                 settings.tls_handshake_timeout,
             )
         });
+        let watch = match watch.transpose() {
+            Ok(watch) => watch,
+            Err(e) => {
+                tracing::warn!(peer = %connection.peer, "closing: cannot keep its setup deadline: {e}");
+                connection.is_reading = false;
+                return connection;
+            }
+        };
         connection.layers = Some(Box::new(Layers {
             proxy: settings.proxy_protocol.then(ProxyLayer::new),
             tls,
@@ -742,11 +750,15 @@ impl Connection {
         }
     }
 
-    /// Bytes that [`Connection::receive_through`] handed to a send which then took fewer
-    /// of them than offered (a send that completes later, as io_uring's does): they are
-    /// owed first, before any reply queued since.
+    /// Bytes handed to a send that completes later (io_uring's) and then took fewer of them
+    /// than offered: the owed bytes [`Connection::advance`] let go of, or the input
+    /// [`Connection::receive_lent`] lent. They are owed first, before any reply queued
+    /// since, in the buffer they came from.
     pub fn owe_first(&mut self, unsent: &[u8]) {
-        self.out.push_front(unsent);
+        match self.layers.as_deref_mut() {
+            Some(layers) if layers.tls.is_some() => layers.wire.push_front(unsent),
+            _ => self.out.push_front(unsent),
+        }
     }
 
     /// Whether the next input may leave straight from the read buffer

@@ -520,6 +520,15 @@ impl ReadinessCore {
         self.clock.watch(token);
         // A greeting is owed at once; the mechanism learns to wait for writable.
         self.changed.push(token);
+        // Refused at birth (its setup cannot be watched, TLS cannot start): it would never
+        // be ready for anything it waits for, so it is closed now.
+        if self
+            .connections
+            .get(token)
+            .is_some_and(|e| e.connection.is_finished())
+        {
+            self.serve(token, Interest::WRITABLE);
+        }
     }
 
     /// One readiness of a connection: one read if it is readable and wants input, then

@@ -13,6 +13,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -97,7 +98,12 @@ struct Watcher {
 }
 
 /// The process's watcher; after `fork` the child has no threads, so it keys on the pid.
-fn watcher() -> Arc<Watcher> {
+///
+/// # Errors
+///
+/// The thread cannot be started (the process or its cgroup is out of threads); the next
+/// call tries again.
+fn watcher() -> io::Result<Arc<Watcher>> {
     static WATCHER: Mutex<Option<(u32, Arc<Watcher>)>> = Mutex::new(None);
     let pid = std::process::id();
     let mut slot = WATCHER
@@ -106,43 +112,37 @@ fn watcher() -> Arc<Watcher> {
     if let Some((owner, watcher)) = slot.as_ref()
         && *owner == pid
     {
-        return watcher.clone();
+        return Ok(watcher.clone());
     }
     let watcher = Arc::new(Watcher {
         heap: Mutex::new(BinaryHeap::new()),
         wake: Condvar::new(),
     });
     let running = watcher.clone();
-    let spawned = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("setup-deadline".into())
-        .spawn(move || run(&running));
-    if let Err(e) = spawned {
-        // Without the thread, setup has no deadline; connections still work.
-        tracing::error!("cannot start the setup-deadline thread: {e}");
-    }
+        .spawn(move || run(&running))?;
     *slot = Some((pid, watcher.clone()));
-    watcher
+    Ok(watcher)
 }
 
 /// Watches a connection whose setup starts at `stage`: the PROXY header is due
 /// `proxy_timeout` after now, the TLS handshake `handshake_timeout` after now.
 ///
-/// Returns `None` (no deadline) if the descriptor cannot be duplicated, which happens only
-/// when the process is out of descriptors; that is logged.
+/// # Errors
+///
+/// The descriptor cannot be duplicated (the process is out of descriptors), or the
+/// watcher thread cannot be started. The deadline cannot be kept then, so the caller
+/// refuses the connection: serving it without one would let a slowloris hold it.
 pub fn watch(
     socket: BorrowedFd<'_>,
     stage: SetupStage,
     peer: String,
     proxy_timeout: Duration,
     handshake_timeout: Duration,
-) -> Option<Arc<SetupWatch>> {
-    let fd = match socket.try_clone_to_owned() {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::warn!(peer = %peer, "no setup deadline: {e}");
-            return None;
-        }
-    };
+) -> io::Result<Arc<SetupWatch>> {
+    let watcher = watcher()?;
+    let fd = socket.try_clone_to_owned()?;
     let watch = Arc::new(SetupWatch {
         state: Mutex::new(WatchState {
             fd: Some(fd),
@@ -155,7 +155,6 @@ pub fn watch(
         SetupStage::ProxyHeader => proxy_timeout,
         SetupStage::TlsHandshake => handshake_timeout,
     };
-    let watcher = watcher();
     let mut heap = watcher
         .heap
         .lock()
@@ -170,7 +169,7 @@ pub fn watch(
     }));
     drop(heap);
     watcher.wake.notify_one();
-    Some(watch)
+    Ok(watch)
 }
 
 fn run(watcher: &Watcher) {

@@ -255,6 +255,18 @@ mod tests {
         );
     }
 
+    /// A task waiting for input holds no buffer of the thread's: a read that would block
+    /// lends it nothing.
+    #[test]
+    fn a_read_that_would_block_lends_nothing() {
+        SPARE.set(Vec::with_capacity(512));
+        let log = LoopLog::default();
+        let mut conn = connection(ProtocolKind::Lines);
+        let mut socket = reading(Vec::new(), 0);
+        assert_eq!(received(&mut conn, &log, &mut socket), None);
+        assert_eq!(spare_capacity(), 512, "the spare stays the thread's");
+    }
+
     /// A stream polled as tokio's are: reads give what is queued, then `Pending`.
     struct Polling {
         input: VecDeque<Vec<u8>>,

@@ -31,7 +31,7 @@ mod setup;
 
 pub use message::ReceivedDatagram;
 pub use provided::Received;
-pub use ring::{Completion, Ring};
+pub use ring::{Completion, Ring, SentBytes};
 pub use setup::{explain_setup_error, probe};
 
 #[cfg(test)]

@@ -72,16 +72,40 @@ pub enum Completion {
     Sent {
         /// `Ok(n)`: the kernel took the first `n` bytes offered.
         result: io::Result<usize>,
-        /// For a send straight from a provided buffer ([`Ring::take_received`]): that
-        /// buffer, ours again, so the caller can keep what the kernel did not take
-        /// ([`Ring::unsent`]) before giving it back with [`Ring::recycle`].
-        from: Option<Received>,
+        /// The bytes that send read, ours again: the caller owes first what the kernel did
+        /// not take ([`Ring::unsent`]), then gives them back ([`Ring::recycle_sent`]).
+        sent: SentBytes,
     },
     /// A datagram arrived: its length and sender; its bytes wait in the socket's slot
     /// ([`Ring::datagram_bytes`]).
     DatagramReceived(io::Result<ReceivedDatagram>),
     /// A watched descriptor became readable.
     Readable,
+}
+
+/// The bytes a stream send read, handed back by its [`Completion::Sent`].
+#[derive(Debug)]
+pub struct SentBytes(Sending);
+
+/// Where the bytes of a stream send lie while the kernel reads them; they stay put until
+/// its completion.
+#[derive(Debug)]
+enum Sending {
+    /// Bytes moved out of the caller's output buffer ([`Ring::send`]), which no longer
+    /// holds them: held once, here, they count against the receive budget instead.
+    Copied(Vec<u8>),
+    /// The provided buffer the input arrived in ([`Ring::take_received`]), kept lent (out
+    /// of the kernel's ring).
+    Provided(Received),
+}
+
+impl Sending {
+    fn len(&self) -> usize {
+        match self {
+            Sending::Copied(bytes) => bytes.len(),
+            Sending::Provided(received) => received.len(),
+        }
+    }
 }
 
 /// One socket and the buffers of its operations.
@@ -95,12 +119,8 @@ struct SlotIo {
     budget: u32,
     /// Bytes received since the receive was armed, checked against `budget`.
     received_since_arm: usize,
-    /// The bytes of the stream send in flight: a copy, because the caller's output buffer
-    /// may grow and move while the kernel reads this one.
-    send: Vec<u8>,
-    /// The provided buffer the stream send in flight reads instead, kept lent (out of the
-    /// kernel's ring) until that send's completion.
-    send_from: Option<Received>,
+    /// The bytes of the stream send in flight, until its completion.
+    sending: Option<Sending>,
     /// Datagram sockets: one message each way.
     datagram: Option<Box<Datagram>>,
     /// The receive ended for want of a provided buffer, and waits in `Ring::starved`.
@@ -205,8 +225,7 @@ impl Ring {
             in_flight: 0,
             budget: 0,
             received_since_arm: 0,
-            send: Vec::new(),
-            send_from: None,
+            sending: None,
             datagram,
             is_starved: false,
             no_buffer_at: None,
@@ -287,9 +306,10 @@ impl Ring {
         }
     }
 
-    /// Arms a receive of at most `budget` bytes in total, less what a send from a provided
-    /// buffer still reads on `token` ([`Ring::take_received`]): input the caller no longer
-    /// holds, but owes until it is sent. No-op if armed, closed, or nothing is left; a
+    /// Arms a receive of at most `budget` bytes in total, less what the send in flight on
+    /// `token` still holds ([`Ring::send`], [`Ring::take_received`]): bytes the caller no
+    /// longer holds, but owes until they are sent. So what the caller holds and what the
+    /// ring holds for it stay within one bound together. No-op if armed, closed, or nothing is left; a
     /// receive that waits for a provided buffer takes the new budget and stays waiting.
     /// Completions come as [`Completion::Received`] until the budget is used up or the
     /// peer's EOF; then [`Ring::is_receiving`] turns false.
@@ -297,8 +317,8 @@ impl Ring {
         let Some((io, _)) = self.idle_for(token, Op::Receive) else {
             return;
         };
-        let lent = io.send_from.as_ref().map_or(0, Received::len);
-        io.budget = u32::try_from(budget.saturating_sub(lent)).unwrap_or(u32::MAX);
+        let sending = io.sending.as_ref().map_or(0, Sending::len);
+        io.budget = u32::try_from(budget.saturating_sub(sending)).unwrap_or(u32::MAX);
         io.received_since_arm = 0;
         if !io.is_starved {
             self.submit_receive(token);
@@ -365,8 +385,10 @@ impl Ring {
         self.provided.recycle(received);
     }
 
-    /// Sends a prefix of `bytes` (copied), unless a send is in flight; returns how many
-    /// bytes were offered. The kernel may take fewer: see [`Completion::Sent`].
+    /// Sends a prefix of `bytes`, what the caller owes, unless a send is in flight; returns
+    /// how many bytes the ring took. They are copied into the send, so the caller owes
+    /// them no more and must drop them (otherwise they would be held twice, past the
+    /// bound); the kernel may send fewer, and [`Completion::Sent`] hands back the rest.
     pub fn send(&mut self, token: Token, bytes: &[u8]) -> usize {
         let offered = bytes.len().min(MAX_SEND_BYTES);
         let is_idle = self
@@ -381,10 +403,11 @@ impl Ring {
         };
         send.clear();
         send.extend_from_slice(&bytes[..offered]);
-        io.send = send;
-        let entry = opcode::Send::new(fd, io.send.as_ptr(), offered as u32)
+        // The vector's heap bytes stay put while the slot and the vector move.
+        let entry = opcode::Send::new(fd, send.as_ptr(), offered as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build();
+        io.sending = Some(Sending::Copied(send));
         self.start(token, Op::Send, entry);
         offered
     }
@@ -414,7 +437,7 @@ impl Ring {
         };
         // The buffer stays lent, so the kernel does not hand it to a receive while this
         // send reads it; `complete` gives it back only after the send's completion.
-        io.send_from = Some(received);
+        io.sending = Some(Sending::Provided(received));
         let entry = opcode::Send::new(fd, pointer, len)
             .flags(libc::MSG_NOSIGNAL)
             .build();
@@ -422,9 +445,39 @@ impl Ring {
         self.lent_to_sends += 1;
     }
 
-    /// The bytes of `from`, a [`Completion::Sent`]'s buffer, that its send did not take.
-    pub fn unsent(&self, from: &Received, written: usize) -> &[u8] {
-        self.provided.bytes(from).get(written..).unwrap_or_default()
+    /// The bytes of `sent`, a [`Completion::Sent`]'s, that its send did not take.
+    pub fn unsent<'a>(&'a self, sent: &'a SentBytes, written: usize) -> &'a [u8] {
+        let bytes = match &sent.0 {
+            Sending::Copied(bytes) => bytes,
+            Sending::Provided(received) => self.provided.bytes(received),
+        };
+        bytes.get(written..).unwrap_or_default()
+    }
+
+    /// Takes back the bytes of a [`Completion::Sent`]: a provided buffer goes back to the
+    /// kernel, a small copy's allocation is kept for the next send.
+    pub fn recycle_sent(&mut self, sent: SentBytes) {
+        self.give_back(sent.0);
+    }
+
+    fn give_back(&mut self, sending: Sending) {
+        match sending {
+            Sending::Provided(received) => self.provided.recycle(received),
+            Sending::Copied(send) => {
+                let is_kept = (1..=KEPT_SEND_BUFFER_BYTES).contains(&send.capacity());
+                if is_kept && self.spare_sends.len() < SPARE_SEND_BUFFERS {
+                    self.spare_sends.push(send);
+                }
+            }
+        }
+    }
+
+    /// Bytes the send in flight on `token` holds: owed to the peer, no longer held by the
+    /// caller (the count a drain cut owes).
+    pub fn sending_bytes(&self, token: Token) -> usize {
+        let io = self.open_ref(token).filter(|io| io.is_in_flight(Op::Send));
+        io.and_then(|io| io.sending.as_ref())
+            .map_or(0, Sending::len)
     }
 
     /// Arms a receive of one datagram (no-op if armed, closed or not a datagram slot).
@@ -513,7 +566,7 @@ impl Ring {
     fn retire(&mut self, mut io: SlotIo) {
         if io.in_flight == 0 {
             // No send reads a provided buffer any more (its completion took it back).
-            if let Some(from) = io.send_from.take() {
+            if let Some(Sending::Provided(from)) = io.sending.take() {
                 self.lent_to_sends -= 1;
                 self.provided.recycle(from);
             }
@@ -720,17 +773,15 @@ impl Ring {
                 Completion::Received(result.map(|_| received))
             }
             Op::Send => {
-                let send = mem::take(&mut io.send);
-                let is_kept = (1..=KEPT_SEND_BUFFER_BYTES).contains(&send.capacity());
-                if is_kept && self.spare_sends.len() < SPARE_SEND_BUFFERS {
-                    self.spare_sends.push(send);
-                }
-                let from = io.send_from.take();
-                if from.is_some() {
+                let sending = io.sending.take().unwrap_or(Sending::Copied(Vec::new()));
+                if matches!(sending, Sending::Provided(_)) {
                     self.lent_to_sends -= 1;
                 }
                 let result = count_result(result);
-                Completion::Sent { result, from }
+                Completion::Sent {
+                    result,
+                    sent: SentBytes(sending),
+                }
             }
             Op::DatagramReceive => {
                 let datagram = io.datagram.as_ref()?;
@@ -759,15 +810,16 @@ impl Ring {
         if !more {
             io.in_flight &= !(op as u8);
         }
-        if op == Op::Send {
-            // The send that read this provided buffer is over: the kernel may have it back.
-            if let Some(from) = io.send_from.take() {
-                self.lent_to_sends -= 1;
-                self.provided.recycle(from);
-            }
-        }
+        // The send is over: a provided buffer it read may go back to the kernel.
+        let sent = (op == Op::Send).then(|| io.sending.take()).flatten();
         if io.in_flight == 0 {
             self.closing.remove(&key);
+        }
+        if let Some(sending) = sent {
+            if matches!(sending, Sending::Provided(_)) {
+                self.lent_to_sends -= 1;
+            }
+            self.give_back(sending);
         }
     }
 }
@@ -781,9 +833,10 @@ impl Ring {
 
     /// Bytes of a provided buffer that `token`'s send in flight reads.
     pub(super) fn sending_received(&self, token: Token) -> usize {
-        self.open_ref(token)
-            .and_then(|io| io.send_from.as_ref())
-            .map_or(0, Received::len)
+        match self.open_ref(token).and_then(|io| io.sending.as_ref()) {
+            Some(Sending::Provided(received)) => received.len(),
+            _ => 0,
+        }
     }
 
     /// Whether multishot receives take a total limit here (Linux 6.17+).

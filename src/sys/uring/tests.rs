@@ -166,7 +166,7 @@ fn send_received_returns_its_buffer_with_the_unsent_tail() {
     assert_eq!(ring.sending_received(token), len);
     let (sent, from) = loop {
         match next(&mut ring) {
-            Completion::Sent { result, from, .. } => break (result.unwrap(), from.unwrap()),
+            Completion::Sent { result, sent } => break (result.unwrap(), sent),
             Completion::Received(result) => {
                 if let Ok(Some(received)) = result {
                     ring.recycle(received);
@@ -177,7 +177,7 @@ fn send_received_returns_its_buffer_with_the_unsent_tail() {
     };
     assert!(0 < sent && sent < len, "sent {sent} of {len} bytes at once");
     assert_eq!(
-        ring.received(&from),
+        ring.unsent(&from, 0),
         &input[..len],
         "the buffer was reused in flight"
     );
@@ -186,7 +186,7 @@ fn send_received_returns_its_buffer_with_the_unsent_tail() {
     let mut echoed = vec![0u8; sent];
     theirs.read_exact(&mut echoed).unwrap();
     assert_eq!(echoed, input[..sent]);
-    ring.recycle(from);
+    ring.recycle_sent(from);
 }
 
 /// A receive that completes with bytes after its slot was closed still gives its buffer back
@@ -367,4 +367,54 @@ fn a_short_ring_gives_each_receive_its_share() {
         got > 0 && got <= ring::PROVIDED_BUFFER_BYTES,
         "a receive on a short ring took {got} bytes, more than its share"
     );
+}
+
+/// A copied send holds the bytes it took until its completion, and the caller no longer
+/// does: a receive armed meanwhile gets its budget less those bytes, so the two together
+/// stay within it. The completion hands back what the kernel did not send, in order.
+#[test]
+fn a_copied_send_counts_against_the_receive_budget() {
+    let mut ring = Ring::new().unwrap();
+    let mut tokens = Slab::default();
+    let (ours, mut theirs) = UnixStream::pair().unwrap();
+    // The kernel's minimum send buffer: the send can only go out in part.
+    socket2::SockRef::from(&ours)
+        .set_send_buffer_size(1)
+        .unwrap();
+    let token = tokens.insert(());
+    ring.add(token, OwnedFd::from(ours));
+    let output: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(ring.send(token, &output), output.len());
+    assert_eq!(ring.sending_bytes(token), output.len());
+    theirs.write_all(&[9u8; 30_000]).unwrap();
+    let budget = 25_000;
+    ring.arm_receive(token, budget);
+    let (mut got, mut sent) = (0, None);
+    while ring.is_receiving(token) || sent.is_none() {
+        match next(&mut ring) {
+            Completion::Received(result) => {
+                let received = result.unwrap().expect("bytes, not EOF");
+                got += received.len();
+                ring.recycle(received);
+            }
+            Completion::Sent {
+                result,
+                sent: bytes,
+            } => sent = Some((result.unwrap(), bytes)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        0 < got && got <= budget - output.len(),
+        "received {got} bytes with {} of a {budget}-byte budget in flight",
+        output.len()
+    );
+    let (written, sent) = sent.unwrap();
+    assert!(
+        written < output.len(),
+        "the kernel took all {written} bytes at once"
+    );
+    assert_eq!(ring.unsent(&sent, written), &output[written..]);
+    assert_eq!(ring.sending_bytes(token), 0);
+    ring.recycle_sent(sent);
 }
