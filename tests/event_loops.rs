@@ -527,3 +527,28 @@ fn epoll_serves_while_stdout_is_blocked() {
 fn uring_serves_while_stdout_is_blocked() {
     serves_while_stdout_is_blocked("uring");
 }
+
+/// `pool` at shutdown: a client accepted but still waiting for a worker when the drain
+/// begins, and that already sent bytes the server never read, reads EOF (a lingering
+/// close), not a reset, and the server still exits 0.
+#[test]
+fn pool_queued_client_reads_eof_at_shutdown() {
+    let server = Server::start("pool", &["--threads", "1", "--tcp", "127.0.0.1:0"]);
+    let addr = format!("tcp://{}", server.addr("tcp"));
+    let mut busy = Conn::connect(&addr).unwrap();
+    busy.write_all(b"hold").unwrap();
+    assert_eq!(busy.read_exactly(4), b"hold");
+    let mut queued = Conn::connect(&addr).unwrap();
+    queued.write_all(b"queued\n").unwrap();
+    // Accepted, and waiting in the pool's queue behind the busy worker.
+    thread::sleep(Duration::from_millis(300));
+    server.terminate();
+    let (got, error) = queued.read_to_end_lossy();
+    assert!(
+        error.is_none() && got.is_empty(),
+        "the queued client read {got:?} then {error:?}"
+    );
+    let mut server = server;
+    let status = server.wait_exit(PATIENCE).expect("exits");
+    assert!(status.success(), "exit {status}; {}", server.stderr());
+}

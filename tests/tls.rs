@@ -962,3 +962,35 @@ fn proxy_deadline_kept_at(model: &str, limit: u32) {
         }
     }
 }
+
+/// `pool` with every worker busy: a silent client waiting in the queue is still cut
+/// `--proxy-timeout` after accept (the deadline counts from accept, not from when a worker
+/// takes it), so silent peers cannot hold the workers one after another.
+#[test]
+fn pool_setup_deadline_counts_from_accept() {
+    let args = [
+        "--tcp",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--proxy-protocol",
+        "--proxy-timeout",
+        "1",
+    ];
+    let server = Server::start("pool", &args);
+    let addr = server.addr("tcp");
+    let mut busy = TcpStream::connect(&addr).expect("connect");
+    busy.set_read_timeout(Some(PATIENCE)).unwrap();
+    busy.write_all(b"PROXY UNKNOWN\r\nhold\n").unwrap();
+    let mut echoed = [0u8; 5];
+    busy.read_exact(&mut echoed).expect("the only worker serves it");
+    let mut silent = TcpStream::connect(&addr).expect("connect");
+    let start = Instant::now();
+    let closed_after = seconds_until_closed(&mut silent, start, PATIENCE);
+    assert!(
+        closed_after < 4.0,
+        "a queued silent client was cut {closed_after:.1} s after connecting, with \
+         --proxy-timeout 1 and the only worker busy"
+    );
+    drop(busy);
+}

@@ -11,12 +11,13 @@
 //! Idle timeouts: the scan, over the one connection a thread (or child) serves: its
 //! `poll` waits no longer than that connection's idle deadline.
 
-use crate::net::{Peer, Stream};
+use crate::net::Stream;
 use crate::server::one_socket::{
-    LingerOn, accept_until_shutdown, serve_connection, serve_each_socket,
+    LingerOn, accept_until_shutdown, close_unserved, serve_accepted, serve_each_socket,
 };
-use crate::server::{Admission, Listeners, Protocol, RunOptions, ServeError, Shutdown};
+use crate::server::{Admission, Connection, Listeners, Protocol, RunOptions, ServeError, Shutdown};
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread;
@@ -27,7 +28,8 @@ pub const DEFAULT_THREADS: usize = 16;
 /// new clients wait in the kernel's backlog instead.
 pub const QUEUE_LEN: usize = 1024;
 
-type Job = (Stream, Peer, Admission);
+/// A connection is made at accept, so its setup deadline runs while it waits for a worker.
+type Job = (Stream, Connection, Admission);
 
 /// Serves every listener with `threads` workers until `shutdown` fires and they drained.
 ///
@@ -48,15 +50,15 @@ pub fn run(
     thread::scope(|scope| {
         for worker in 0..workers {
             let started = thread::Builder::new().spawn_scoped(scope, move || {
-                while let Some((stream, peer, admission)) = next_job(jobs) {
+                while let Some((stream, connection, admission)) = next_job(jobs) {
                     if shutdown_ref.is_fired() {
-                        // Accepted but never served before shutdown: nothing is owed.
+                        close_unserved(stream, &connection, admission, limits);
                         continue;
                     }
                     // A connection it closes first lingers on the lingering thread, with
                     // its place under --max-conns, so the worker moves on at once.
                     let linger = LingerOn::LingeringThread(admission);
-                    serve_connection(stream, peer, protocol, limits, shutdown_ref, linger, || {});
+                    serve_accepted(stream, connection, limits, shutdown_ref, linger, || {});
                 }
             });
             if let Err(e) = started {
@@ -80,8 +82,9 @@ pub fn run(
                     shutdown_ref,
                     limits.metrics,
                     move |stream, peer, admission, _| {
+                        let connection = Connection::new(protocol, peer, limits, stream.as_fd());
                         // Blocks while QUEUE_LEN connections already wait.
-                        let _ = queue.send((stream, peer, admission));
+                        let _ = queue.send((stream, connection, admission));
                     },
                 )
             },

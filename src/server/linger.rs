@@ -14,10 +14,14 @@
 //! Bounded, so that no peer can hold a descriptor:
 //!
 //! - [`LINGER_TIME`]: 5 s in all;
-//! - [`LINGER_TIMEOUT`]: 2 s without a byte from the peer;
-//! - [`LINGER_MAX_BYTES`]: 1 MiB thrown away.
+//! - [`LINGER_TIMEOUT`]: 2 s without progress: no byte from the peer, and no byte of the
+//!   replies still queued taken by it;
+//! - [`LINGER_MAX_BYTES`]: 1 MiB thrown away. Past it nothing more is read, but the close
+//!   still waits (within the time bounds) until the peer has taken every reply queued: a
+//!   peer that sent megabytes before the server stopped reading (a drain) would otherwise
+//!   lose the replies still in the send queue to the reset its unread bytes cause.
 //!
-//! Past any bound the socket is closed as it is. nginx's defaults are `lingering_time 30s`
+//! Past a time bound the socket is closed as it is. nginx's defaults are `lingering_time 30s`
 //! and `lingering_timeout 5s`, sized for HTTP request bodies still arriving over slow
 //! links; an echo peer only has to notice our EOF and stop, so reverb waits a sixth of
 //! that in all and less than half between bytes. nginx bounds no byte count; reverb does,
@@ -65,8 +69,12 @@ const DISCARD_CHUNK_BYTES: usize = 16 * 1024;
 #[derive(Debug)]
 struct Lingering {
     since: Instant,
+    /// The last byte from the peer, or of ours it took (see [`LINGER_TIMEOUT`]).
     last_input: Instant,
     discarded: usize,
+    /// Past [`LINGER_MAX_BYTES`]: reads nothing more, and closes once nothing we sent is
+    /// left untaken; the bytes still untaken when last looked.
+    untaken: Option<usize>,
 }
 
 /// What a look at a lingering socket found.
@@ -84,11 +92,48 @@ impl Lingering {
             since: now,
             last_input: now,
             discarded: 0,
+            untaken: None,
         }
+    }
+
+    /// What to wait for on the socket: its input, until the byte bound passed.
+    fn events(&self) -> i16 {
+        if self.untaken.is_some() { 0 } else { POLLIN }
+    }
+
+    /// How long to sleep at most: past the byte bound, emptying the send queue wakes no
+    /// `poll`, so it is looked at again every [`EXIT_RECHECK`].
+    fn next_look(&self, now: Instant) -> Duration {
+        let left = self.deadline().saturating_duration_since(now);
+        match self.untaken {
+            Some(_) => left.min(EXIT_RECHECK),
+            None => left,
+        }
+    }
+
+    /// Looks at the socket without reading: past the byte bound, closes once the peer has
+    /// taken everything we sent, and counts each byte it takes as progress.
+    fn look(&mut self, stream: &Stream, now: Instant) -> Step {
+        if let Some(untaken) = self.untaken {
+            let Ok(queued) = queues::queued(stream.as_fd()) else {
+                return Step::Close;
+            };
+            if queued.unsent == 0 {
+                return Step::Close;
+            }
+            if queued.unsent < untaken {
+                self.last_input = now;
+            }
+            self.untaken = Some(queued.unsent);
+        }
+        self.check(now)
     }
 
     /// Reads and throws away what the non-blocking `stream` holds.
     fn discard(&mut self, stream: &Stream, now: Instant) -> Step {
+        if self.untaken.is_some() {
+            return self.look(stream, now);
+        }
         let mut buf = [0u8; DISCARD_CHUNK_BYTES];
         loop {
             match stream.read(&mut buf) {
@@ -97,7 +142,8 @@ impl Lingering {
                     self.discarded += n;
                     self.last_input = now;
                     if self.discarded > LINGER_MAX_BYTES {
-                        return Step::Close;
+                        self.untaken = Some(usize::MAX);
+                        return self.look(stream, now);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return self.check(now),
@@ -153,7 +199,7 @@ pub fn linger_here(stream: &Stream, shutdown: &Shutdown, drain_timeout: Duration
         if exit_deadline.is_none() && shutdown.is_fired() {
             exit_deadline = Some(now + exit_bound(drain_timeout));
         }
-        let mut timeout = lingering.deadline().saturating_duration_since(now);
+        let mut timeout = lingering.next_look(now);
         if let Some(exit_deadline) = exit_deadline {
             if now >= exit_deadline || is_settled(stream) {
                 return;
@@ -161,7 +207,7 @@ pub fn linger_here(stream: &Stream, shutdown: &Shutdown, drain_timeout: Duration
             timeout = timeout.min(EXIT_RECHECK);
         }
         let mut entries = [
-            poll::entry(stream.as_fd(), POLLIN),
+            poll::entry(stream.as_fd(), lingering.events()),
             if exit_deadline.is_none() {
                 poll::entry(shutdown.fd(), POLLIN)
             } else {
@@ -322,7 +368,7 @@ impl Lingerer {
             entries.extend(
                 lingering
                     .iter()
-                    .map(|(h, _)| poll::entry(h.stream.as_fd(), POLLIN)),
+                    .map(|(h, l)| poll::entry(h.stream.as_fd(), l.events())),
             );
             if let Err(e) = poll::poll(&mut entries, timeout) {
                 // Only a lack of kernel memory gets here; closing is what is left.
@@ -338,7 +384,7 @@ impl Lingerer {
                     if entry.revents != 0 {
                         state.discard(&handed.stream, now)
                     } else {
-                        state.check(now)
+                        state.look(&handed.stream, now)
                     }
                 })
                 .collect();
@@ -363,8 +409,7 @@ impl Lingerer {
                 self.settled.notify_all();
             }
             drop(state);
-            let next = lingering.iter().map(|(_, l)| l.deadline()).min();
-            timeout = next.map(|deadline| deadline.saturating_duration_since(now));
+            timeout = lingering.iter().map(|(_, l)| l.next_look(now)).min();
             if is_exiting && !lingering.is_empty() {
                 timeout = Some(timeout.map_or(EXIT_RECHECK, |t| t.min(EXIT_RECHECK)));
             }
@@ -421,6 +466,54 @@ mod tests {
         drop(ours);
         let sent = flood.join().unwrap();
         assert!(sent >= LINGER_MAX_BYTES, "cut after {sent} bytes");
+    }
+
+    /// A peer that sent far more than the byte bound before the server stopped reading (a
+    /// drain with a peer that does not read) still gets every reply the server queued: the
+    /// close waits for the send queue to empty instead of resetting it away.
+    #[test]
+    fn past_the_byte_bound_every_queued_reply_still_arrives() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut theirs = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let ours = Stream::Tcp(listener.accept().unwrap().0);
+        ours.set_nonblocking(true).unwrap();
+        // Replies owed: as many as the kernel queues while the peer reads nothing.
+        let mut owed = 0;
+        let chunk = [7u8; 64 * 1024];
+        while let Ok(n) = ours.write(&chunk) {
+            owed += n;
+        }
+        assert!(owed > 0);
+        // The peer's input: more than the bound, in flight before the close.
+        let mut writer = theirs.try_clone().unwrap();
+        let flood = std::thread::spawn(move || {
+            let chunk = [1u8; 64 * 1024];
+            for _ in 0..48 {
+                if writer.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let closer = std::thread::spawn(move || {
+            linger_here(&ours, &Shutdown::new().unwrap(), Duration::from_secs(5));
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let mut got = 0;
+        let mut buf = [0u8; 64 * 1024];
+        let ended = loop {
+            match theirs.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got += n,
+                Err(e) => break Err(e),
+            }
+        };
+        closer.join().unwrap();
+        drop(theirs);
+        let _ = flood.join();
+        assert_eq!(got, owed, "{ended:?} after {got} of {owed} owed bytes");
     }
 
     #[test]

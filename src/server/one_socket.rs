@@ -135,9 +135,41 @@ pub fn serve_connection(
     linger_on: LingerOn,
     on_drain: impl FnOnce(),
 ) {
+    let connection = Connection::new(protocol, peer, limits, stream.as_fd());
+    serve_accepted(stream, connection, limits, shutdown, linger_on, on_drain);
+}
+
+/// Closes a connection accepted before shutdown and never served (it waited for a pooled
+/// worker): nothing it sent was read, so nothing is owed but an EOF (a greeting owed is
+/// cut, and counted so). Closed with a lingering close, never a reset, and counted.
+pub fn close_unserved(stream: Stream, connection: &Connection, place: Admission, limits: &Limits) {
+    let log = LoopLog::new(limits.metrics);
+    let reason = match connection.owed() {
+        0 => CloseReason::Drained,
+        owed => CloseReason::DrainTimeout { owed },
+    };
+    close(
+        stream,
+        connection.peer(),
+        reason,
+        &log,
+        Linger::Elsewhere(Some(place)),
+    );
+}
+
+/// [`serve_connection`] for a connection made at accept, before it waited for this thread:
+/// its setup deadline (`--proxy-timeout`, `--tls-handshake-timeout`) counts from accept,
+/// not from when a pooled worker took it.
+pub fn serve_accepted(
+    stream: Stream,
+    mut connection: Connection,
+    limits: &Limits,
+    shutdown: &Shutdown,
+    linger_on: LingerOn,
+    on_drain: impl FnOnce(),
+) {
     // A counter slot for this connection's thread (or forked child), kept when it ends.
     let log = LoopLog::new(limits.metrics);
-    let mut connection = Connection::new(protocol, peer, limits, stream.as_fd());
     let reason = drive(&stream, &mut connection, limits, shutdown, &log, on_drain);
     let linger = match linger_on {
         LingerOn::ThisThread => Linger::Here {

@@ -16,7 +16,9 @@
 //! - `message.rs`: datagram message headers, which point into themselves and must not
 //!   move while the kernel holds them;
 //! - `setup.rs`: the probe before anything is bound, and the ring's set-up;
-//! - `ring.rs`: the slots, their operations in flight, and the completions.
+//! - `ring.rs`: the slots, their operations in flight, and the completions; and the
+//!   registered file table that names each socket in its sends, kept in step with the
+//!   slots by updates queued in order with the operations.
 //!
 //! A receive is armed with a byte *budget* (multishot, with the budget as its total limit,
 //! on Linux 6.17+; single-shot, with the budget as its length, before that), so the kernel

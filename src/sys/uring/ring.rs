@@ -15,7 +15,7 @@ use socket2::{SockAddr, SockRef};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem::{self, ManuallyDrop};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// Receive buffers in the provided-buffer ring (a power of two), and their size. A receive
@@ -51,6 +51,16 @@ const RAN_OUT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// short, and each receive armed takes at most its share of the ring's bytes
 /// (`Ring::share`). Counted in turns, not time: a busy loop turns many times a millisecond.
 const SHORT_RING_TURNS: u32 = 64;
+/// Slots of each ring's registered file table (a sparse table: Linux 5.19+). A socket whose
+/// token's index is below this is named in its sends by that index (`IOSQE_FIXED_FILE`), so
+/// a send takes no reference on the socket's file of its own (`fget`/`fput` per operation);
+/// the others send by descriptor. 4096 entries: 32 KiB of kernel memory per ring.
+const FIXED_FILES: u32 = 4096;
+/// Descriptors handed to the kernel for the table in one turn: each `FilesUpdate` reads
+/// its own cell when it is submitted, so cells are not reused before that.
+const UPDATE_CELLS: usize = 256;
+/// What a `FilesUpdate` that empties a table entry reads.
+static NO_FILE: RawFd = -1;
 /// How long dropping a ring waits for cancelled operations before it leaks their buffers.
 const DROP_WAIT: Duration = Duration::from_secs(2);
 
@@ -127,6 +137,8 @@ struct SlotIo {
     is_starved: bool,
     /// `ProvidedBuffers::given_back` when a receive of this slot last found no buffer.
     no_buffer_at: Option<u64>,
+    /// Whether the registered file table names this socket at the token's index.
+    is_fixed: bool,
 }
 
 impl SlotIo {
@@ -168,6 +180,13 @@ pub struct Ring {
     open_slots: usize,
     /// Turns left before the ring no longer counts as short (`SHORT_RING_TURNS`).
     short_turns: u32,
+    /// Entries of the registered file table: `FIXED_FILES`, or 0 if the kernel refused one.
+    fixed_files: usize,
+    /// The descriptors of this turn's `FilesUpdate`s, each read by the kernel when it is
+    /// submitted; never moved (`UPDATE_CELLS`), and reused only after a submission.
+    update_cells: Box<[RawFd]>,
+    /// Cells taken since the last submission.
+    cells_used: usize,
 }
 
 impl Ring {
@@ -179,6 +198,13 @@ impl Ring {
     pub fn new() -> io::Result<Ring> {
         let ring = build_ring()?;
         let provided = ProvidedBuffers::new(&ring, PROVIDED_BUFFERS, PROVIDED_BUFFER_BYTES)?;
+        let fixed_files = match ring.submitter().register_files_sparse(FIXED_FILES) {
+            Ok(()) => FIXED_FILES as usize,
+            Err(e) => {
+                tracing::debug!("io_uring: no registered file table ({e}); sending by descriptor");
+                0
+            }
+        };
         Ok(Ring {
             ring,
             slots: Vec::new(),
@@ -194,6 +220,9 @@ impl Ring {
             ran_out: (0, 0, None),
             open_slots: 0,
             short_turns: 0,
+            fixed_files,
+            update_cells: vec![-1; UPDATE_CELLS].into_boxed_slice(),
+            cells_used: 0,
         })
     }
 
@@ -219,6 +248,7 @@ impl Ring {
             self.retire(old);
         }
         self.open_slots += 1;
+        let is_fixed = self.name_fixed(token, fd.as_raw_fd());
         self.slots[index] = Some(SlotIo {
             token,
             fd,
@@ -229,7 +259,44 @@ impl Ring {
             datagram,
             is_starved: false,
             no_buffer_at: None,
+            is_fixed,
         });
+    }
+
+    /// Points the registered file table's entry for `token` at `fd`, in order with the
+    /// operations queued around it; false if the table has no such entry or no cell is
+    /// free this turn (the socket is then named by its descriptor).
+    fn name_fixed(&mut self, token: Token, fd: RawFd) -> bool {
+        let Ok(offset @ 0..) = i32::try_from(token.index()) else {
+            return false;
+        };
+        if token.index() >= self.fixed_files || self.cells_used == UPDATE_CELLS {
+            return false;
+        }
+        let cell = &mut self.update_cells[self.cells_used];
+        *cell = fd;
+        self.cells_used += 1;
+        let pointer: *const RawFd = cell;
+        self.update_fixed(token, pointer, offset);
+        true
+    }
+
+    /// Queues a `FilesUpdate` of `token`'s table entry to the descriptor at `fd`, which
+    /// stays put (a cell or `NO_FILE`) until it is submitted. Its completion is ignored:
+    /// an entry that could not be set fails the sends that name it, which close the socket.
+    fn update_fixed(&mut self, token: Token, fd: *const RawFd, offset: i32) {
+        let entry = opcode::FilesUpdate::new(fd, 1).offset(offset).build();
+        self.push(entry.user_data(Key::of(token).user_data(Op::Cancel)));
+    }
+
+    /// A send of `len` bytes at `pointer` on the slot's socket, named by its table entry
+    /// when it has one.
+    fn send_entry(io: &SlotIo, fd: types::Fd, pointer: *const u8, len: u32) -> squeue::Entry {
+        let send = match io.is_fixed {
+            true => opcode::Send::new(types::Fixed(io.token.index() as u32), pointer, len),
+            false => opcode::Send::new(fd, pointer, len),
+        };
+        send.flags(libc::MSG_NOSIGNAL).build()
     }
 
     /// The slot of `token` while it is open.
@@ -275,7 +342,10 @@ impl Ring {
         // SAFETY: every entry built in this file points only into buffers owned by its
         // slot (or by `provided`), and a slot is freed only after the final completion of
         // each of its operations (`settle`); `Ring::drop` waits for those completions or
-        // leaks the buffers. The descriptor is the slot's own, open as long.
+        // leaks the buffers. The descriptor is the slot's own, open as long. A
+        // `FilesUpdate` points at `NO_FILE` or at an update cell, which is not written again
+        // before the kernel has taken every queued entry (`wait`), nor freed before the
+        // ring (`ring` is dropped first).
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
             self.backlog.push(entry);
         }
@@ -404,9 +474,7 @@ impl Ring {
         send.clear();
         send.extend_from_slice(&bytes[..offered]);
         // The vector's heap bytes stay put while the slot and the vector move.
-        let entry = opcode::Send::new(fd, send.as_ptr(), offered as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build();
+        let entry = Ring::send_entry(io, fd, send.as_ptr(), offered as u32);
         io.sending = Some(Sending::Copied(send));
         self.start(token, Op::Send, entry);
         offered
@@ -438,9 +506,7 @@ impl Ring {
         // The buffer stays lent, so the kernel does not hand it to a receive while this
         // send reads it; `complete` gives it back only after the send's completion.
         io.sending = Some(Sending::Provided(received));
-        let entry = opcode::Send::new(fd, pointer, len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build();
+        let entry = Ring::send_entry(io, fd, pointer, len);
         self.start(token, Op::Send, entry);
         self.lent_to_sends += 1;
     }
@@ -564,6 +630,12 @@ impl Ring {
     }
 
     fn retire(&mut self, mut io: SlotIo) {
+        if io.is_fixed {
+            // The table's reference would keep the socket open; operations in flight keep
+            // their own until they complete.
+            let offset = io.token.index() as i32;
+            self.update_fixed(io.token, &NO_FILE, offset);
+        }
         if io.in_flight == 0 {
             // No send reads a provided buffer any more (its completion took it back).
             if let Some(Sending::Provided(from)) = io.sending.take() {
@@ -596,6 +668,10 @@ impl Ring {
             }
             None => self.ring.submit_and_wait(1),
         };
+        if self.backlog.is_empty() && self.ring.submission().is_empty() {
+            // The kernel has read every `FilesUpdate`'s cell.
+            self.cells_used = 0;
+        }
         match result {
             Ok(_) => Ok(()),
             // ETIME: the timeout passed; EBUSY: completions must be reaped first.

@@ -418,3 +418,49 @@ fn a_copied_send_counts_against_the_receive_budget() {
     assert_eq!(ring.sending_bytes(token), 0);
     ring.recycle_sent(sent);
 }
+
+/// Sends name their socket by its entry in the registered file table. A socket closed in
+/// the turn it was opened, its slot given to another at once, sends nothing to the other
+/// (each table update reads a descriptor of its own); and a closed socket's entry no
+/// longer holds it open: its peer sees EOF.
+#[test]
+fn sends_by_table_entry_reach_their_own_socket() {
+    let mut ring = Ring::new().unwrap();
+    let mut tokens = Slab::default();
+    let (a, mut a_peer) = UnixStream::pair().unwrap();
+    let (b, mut b_peer) = UnixStream::pair().unwrap();
+    for peer in [&a_peer, &b_peer] {
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    let a_token = tokens.insert(());
+    ring.add(a_token, OwnedFd::from(a));
+    assert_eq!(ring.send(a_token, b"to a"), 4);
+    ring.close(a_token);
+    tokens.remove(a_token);
+    let b_token = tokens.insert(());
+    assert_eq!(b_token.index(), a_token.index());
+    ring.add(b_token, OwnedFd::from(b));
+    assert_eq!(ring.send(b_token, b"to b"), 4);
+    match next(&mut ring) {
+        Completion::Sent { result, sent } => {
+            assert_eq!(result.unwrap(), 4);
+            ring.recycle_sent(sent);
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut got = [0u8; 4];
+    b_peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"to b");
+    let mut rest = Vec::new();
+    a_peer
+        .read_to_end(&mut rest)
+        .expect("EOF on the closed socket");
+    assert!(rest.is_empty() || rest == b"to a", "{rest:?}");
+    ring.close(b_token);
+    ring.wait(Some(Duration::from_millis(10))).unwrap();
+    let mut after = Vec::new();
+    b_peer
+        .read_to_end(&mut after)
+        .expect("EOF once the slot is closed");
+    assert!(after.is_empty(), "{after:?}");
+}
