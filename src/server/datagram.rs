@@ -268,7 +268,8 @@ mod tests {
         assert!(!is_own_address(&ip("10.1.2.3:17008"), any));
         assert!(!is_own_address(&ip("127.0.0.1:17007"), None));
         let log = LoopLog::default();
-        let mut replier = DatagramReplier::new(Protocol::new(crate::protocol::ProtocolKind::Echo, 64));
+        let mut replier =
+            DatagramReplier::new(Protocol::new(crate::protocol::ProtocolKind::Echo, 64));
         replier.local = local;
         let own = replier.reply(&ip("127.0.0.1:17007"), Transport::Udp, b"loop", &log);
         assert_eq!(own, None);
