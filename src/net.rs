@@ -426,6 +426,15 @@ impl DatagramSocket {
         Ok(())
     }
 
+    /// The UDP address the socket is bound to (`None` for a Unix socket, whose sender the
+    /// kernel names: it cannot be forged).
+    pub fn local_ip(&self) -> Option<SocketAddr> {
+        match self {
+            DatagramSocket::Udp(socket) => socket.local_addr().ok(),
+            DatagramSocket::Unix(_) => None,
+        }
+    }
+
     /// The longest datagram this socket receives and answers whole, so the size of its
     /// receive buffer: [`MAX_UDP_DATAGRAM_BYTES`] for UDP; for Unix datagrams, what its
     /// send buffer lets it send back (`SO_SNDBUF - 32`; after

@@ -552,3 +552,46 @@ fn pool_queued_client_reads_eof_at_shutdown() {
     let status = server.wait_exit(PATIENCE).expect("exits");
     assert!(status.success(), "exit {status}; {}", server.stderr());
 }
+
+/// CPU ticks (utime + stime) of each of the server's threads named `reverb-{model}-N`.
+fn loop_ticks(server: &Server, model: &str) -> Vec<(String, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap();
+    let mut loops: Vec<(String, u64)> = tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let name = stat[stat.find('(')? + 1..stat.rfind(')')?].to_string();
+            let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+            let ticks = fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?;
+            name.starts_with(&format!("reverb-{model}-"))
+                .then_some((name, ticks))
+        })
+        .collect();
+    loops.sort();
+    loops
+}
+
+/// `epoll --threads 2` on a Unix stream socket, whose one accept queue both loops watch
+/// with EPOLLEXCLUSIVE: connections made one after another go round the loops (a loop
+/// that accepted moves to the back of the listener's wait queue), so both loops do work.
+/// Without the move the kernel wakes the same loop every time and the other stays idle.
+#[test]
+fn epoll_loops_take_turns_on_a_shared_listener() {
+    let path = common::temp_socket_path("turns");
+    let unix = format!("unix://{}", path.display());
+    let server = Server::start(
+        "epoll",
+        &["--threads", "2", "--unix", &path.to_string_lossy()],
+    );
+    // Enough bytes that each loop's share costs it many scheduler ticks (10 ms each).
+    for n in 0..16 {
+        let conn = Conn::connect(&unix).unwrap();
+        let input = pattern(16 << 20, n);
+        assert!(round_trip(conn, input.clone()) == input, "connection {n}");
+    }
+    let loops = loop_ticks(&server, "epoll");
+    assert_eq!(loops.len(), 2, "{loops:?}");
+    assert!(
+        loops.iter().all(|(_, ticks)| *ticks > 0),
+        "a loop did no work: {loops:?}"
+    );
+}

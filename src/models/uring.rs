@@ -113,7 +113,7 @@ impl Loop {
             ring.arm_accept(token);
         }
         for socket in sources.datagrams {
-            let replier = DatagramReplier::new(config.protocol.clone());
+            let replier = DatagramReplier::for_socket(config.protocol.clone(), &socket);
             let token = slab.insert(Source::Datagrams(replier, datagram_transport(&socket)));
             let max_datagram_bytes = socket.max_datagram_bytes();
             ring.add_datagram(token, OwnedFd::from(socket), max_datagram_bytes);

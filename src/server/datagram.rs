@@ -39,19 +39,48 @@ fn is_ip_source_allowed(addr: &SocketAddr) -> bool {
     }
 }
 
+/// Whether `peer` is the socket's own address, `local`: a datagram forged "from" it would
+/// have the socket answer itself for ever. A socket bound to every address (`0.0.0.0`,
+/// `::`) cannot tell which of the host's addresses is its own, so there any source with
+/// its port is taken as its own; that also keeps two echoes on the same port, one per
+/// host, from answering each other.
+fn is_own_address(peer: &Peer, local: Option<SocketAddr>) -> bool {
+    let (Peer::Ip(source), Some(local)) = (peer, local) else {
+        return false;
+    };
+    let canonical = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    source.port() == local.port()
+        && (local.ip().is_unspecified() || canonical(source.ip()) == canonical(local.ip()))
+}
+
 /// Turns datagrams into replies for one socket, reusing one reply buffer.
 #[derive(Debug)]
 pub struct DatagramReplier {
     protocol: Protocol,
     reply: Vec<u8>,
+    /// The UDP address of the socket answered now, for the guard against its own address.
+    local: Option<SocketAddr>,
 }
 
 impl DatagramReplier {
-    /// A replier speaking `protocol`.
+    /// A replier speaking `protocol`, for sockets it is handed with each call.
     pub fn new(protocol: Protocol) -> Self {
         DatagramReplier {
             protocol,
             reply: Vec::new(),
+            local: None,
+        }
+    }
+
+    /// A replier speaking `protocol` for `socket` alone, for [`DatagramReplier::answer_with`]
+    /// (which is not handed the socket).
+    pub fn for_socket(protocol: Protocol, socket: &DatagramSocket) -> Self {
+        DatagramReplier {
+            local: socket.local_ip(),
+            ..DatagramReplier::new(protocol)
         }
     }
 
@@ -67,11 +96,13 @@ impl DatagramReplier {
         log: &LoopLog,
     ) -> Option<&[u8]> {
         log.datagram_received(transport, datagram.len());
-        if !datagram_source_allowed(peer) {
+        if !datagram_source_allowed(peer) || is_own_address(peer, self.local) {
             log.dropped(peer, transport, &DatagramDrop::ReflectionGuard);
             return None;
         }
-        let DatagramReplier { protocol, reply } = self;
+        let DatagramReplier {
+            protocol, reply, ..
+        } = self;
         match catch_datagram_panic(peer, || protocol.reply_to_datagram(datagram, reply)) {
             Ok(()) => Some(&self.reply),
             Err(HandlerPanicked) => {
@@ -84,7 +115,13 @@ impl DatagramReplier {
     /// Answers one datagram `peer` sent to the non-blocking `socket`; a reply that cannot
     /// be sent at once is logged and dropped, and the socket keeps serving others.
     pub fn answer(&mut self, socket: &DatagramSocket, peer: &Peer, datagram: &[u8], log: &LoopLog) {
-        let transport = datagram_transport(socket);
+        self.local = socket.local_ip();
+        self.answer_known(socket, peer, datagram, log);
+    }
+
+    /// [`DatagramReplier::answer`] with the socket's address already known.
+    fn answer_known(&mut self, socket: &DatagramSocket, peer: &Peer, data: &[u8], log: &LoopLog) {
+        let (transport, datagram) = (datagram_transport(socket), data);
         if let Some(reply) = self.reply(peer, transport, datagram, log) {
             log.reply_sent(peer, transport, &socket.send_to(reply, peer));
         }
@@ -130,9 +167,11 @@ impl DatagramReplier {
         max: usize,
         log: &LoopLog,
     ) -> io::Result<bool> {
+        // Looked up once a batch: a system call per datagram would cost more than the echo.
+        self.local = socket.local_ip();
         for _ in 0..max {
             match receive_datagram(socket, buf, log)? {
-                Receipt::Datagram(len, peer) => self.answer(socket, &peer, &buf[..len], log),
+                Receipt::Datagram(len, peer) => self.answer_known(socket, &peer, &buf[..len], log),
                 Receipt::Nothing => {}
                 Receipt::Empty => return Ok(true),
             }
@@ -214,6 +253,28 @@ mod tests {
         assert!(!allowed("[::ffff:255.255.255.255]:40000"));
         assert!(!allowed("0.0.0.0:40000"));
         assert!(!allowed("[::]:40000"));
+    }
+
+    #[test]
+    fn a_datagram_from_the_sockets_own_address_is_not_answered() {
+        let ip = |s: &str| Peer::Ip(s.parse().unwrap());
+        let local = Some("127.0.0.1:17007".parse().unwrap());
+        assert!(is_own_address(&ip("127.0.0.1:17007"), local));
+        assert!(is_own_address(&ip("[::ffff:127.0.0.1]:17007"), local));
+        assert!(!is_own_address(&ip("127.0.0.1:17008"), local));
+        assert!(!is_own_address(&ip("127.0.0.2:17007"), local));
+        let any = Some("0.0.0.0:17007".parse().unwrap());
+        assert!(is_own_address(&ip("10.1.2.3:17007"), any));
+        assert!(!is_own_address(&ip("10.1.2.3:17008"), any));
+        assert!(!is_own_address(&ip("127.0.0.1:17007"), None));
+        let log = LoopLog::default();
+        let mut replier =
+            DatagramReplier::new(Protocol::new(crate::protocol::ProtocolKind::Echo, 64));
+        replier.local = local;
+        let own = replier.reply(&ip("127.0.0.1:17007"), Transport::Udp, b"loop", &log);
+        assert_eq!(own, None);
+        let other = replier.reply(&ip("127.0.0.1:17008"), Transport::Udp, b"hi", &log);
+        assert_eq!(other, Some(&b"hi"[..]));
     }
 
     #[test]

@@ -156,6 +156,93 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ticks_count_whole_ticks_from_the_start() {
+        let wheel = IdleWheel::new(Duration::from_secs(1));
+        let start = wheel.start;
+        assert_eq!(wheel.tick_at(start), 0);
+        assert_eq!(wheel.tick_at(start + IDLE_TICK / 2), 0);
+        assert_eq!(wheel.tick_at(start + IDLE_TICK * 5 / 2), 2);
+        assert_eq!(wheel.tick_at(start + IDLE_TICK * 7), 7);
+    }
+
+    #[test]
+    fn the_loop_sleeps_until_the_next_tick_only_while_something_is_watched() {
+        let mut wheel = IdleWheel::new(Duration::from_secs(1));
+        let start = wheel.start;
+        let mid_tick = start + IDLE_TICK * 5 / 2;
+        assert_eq!(wheel.time_to_next_tick(mid_tick), None, "nothing watched");
+        wheel.insert(Token::reserved(0), 0);
+        assert_eq!(wheel.time_to_next_tick(mid_tick), Some(IDLE_TICK / 2));
+        assert_eq!(wheel.time_to_next_tick(start), Some(IDLE_TICK));
+        // Once its only connection is closed, nothing wakes the loop.
+        wheel.expire(wheel.idle_ticks, |_| None);
+        assert_eq!(wheel.time_to_next_tick(mid_tick), None, "all closed");
+    }
+
+    #[test]
+    fn a_connection_is_idle_once_the_timeout_passed_since_its_last_input() {
+        let timeout = Duration::from_secs(1);
+        let mut wheel = IdleWheel::new(timeout);
+        let start = wheel.start;
+        let (a, b) = (Token::reserved(0), Token::reserved(1));
+        wheel.insert_at(a, start);
+        wheel.insert_at(b, start);
+        // `b` had input half a second in; `a` none since it was watched.
+        let b_input = start + Duration::from_millis(500);
+        let last_input = |token: Token| Some(if token == a { start } else { b_input });
+        let mut idle = Vec::new();
+        let mut now = start;
+        let mut closed = Vec::new();
+        while now < start + timeout * 3 {
+            now += IDLE_TICK;
+            wheel.expire_idle(now, last_input, &mut idle);
+            closed.extend(idle.drain(..).map(|token| (token, now - start)));
+        }
+        let (idle_ticks, b_tick) = (wheel.idle_ticks, wheel.tick_at(b_input));
+        assert_eq!(
+            closed,
+            vec![
+                (a, IDLE_TICK * idle_ticks),
+                (b, IDLE_TICK * (b_tick + idle_ticks))
+            ]
+        );
+        for (_, after) in &closed {
+            assert!(*after >= timeout, "closed {after:?} after the last input");
+        }
+        assert_eq!(wheel.time_to_next_tick(now), None);
+    }
+
+    #[test]
+    fn after_a_long_stall_each_slot_is_looked_at_once() {
+        let mut wheel = IdleWheel::new(Duration::from_secs(1));
+        let (idle_ticks, turn) = (wheel.idle_ticks, wheel.slots.len() as u32);
+        let token = Token::reserved(0);
+        wheel.insert(token, 0);
+        // The loop slept through a thousand turns of the wheel and wakes in the tick of
+        // the token's slot. The connection had input just now: it is put back in a slot
+        // this pass has already looked at, and looked at again only at its deadline.
+        let now = 1000 * turn + idle_ticks;
+        let mut checks = 0;
+        wheel.expire(now, |_| {
+            checks += 1;
+            Some(now - 1)
+        });
+        assert_eq!(checks, 1, "one check in one pass over the wheel");
+        let mut rechecked = Vec::new();
+        for tick in now + 1..=now + idle_ticks {
+            wheel.expire(tick, |token| {
+                rechecked.push((token, tick));
+                None
+            });
+        }
+        assert_eq!(
+            rechecked,
+            vec![(token, now - 1 + idle_ticks)],
+            "at its deadline"
+        );
+    }
+
+    #[test]
     fn closes_only_after_the_deadline_and_rechecks_lazily() {
         let mut wheel = IdleWheel::new(Duration::from_secs(1));
         let idle_ticks = wheel.idle_ticks;

@@ -155,7 +155,111 @@ impl LoopClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::Peer;
+    use crate::protocol::{Protocol, ProtocolKind};
+    use crate::server::Limits;
+    use crate::server::idle_wheel::IDLE_TICK;
     use crate::slab::Slab;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    /// A loop's slab entry: a connection, or a source of another kind (a listener).
+    struct Entry {
+        connection: Option<Connection>,
+        last_progress: Instant,
+    }
+
+    impl Expiring for Entry {
+        fn expiring(&mut self) -> Option<(&Connection, &mut Instant)> {
+            let connection = self.connection.as_ref()?;
+            Some((connection, &mut self.last_progress))
+        }
+    }
+
+    /// A listener's entry and a connection's that owes `greeting`, last active at `now`.
+    fn listener_and_connection(greeting: &[u8], now: Instant) -> (Slab<Entry>, Token, Token) {
+        let protocol = Protocol::new(ProtocolKind::Echo, 1024).with_greeting(greeting);
+        let (socket, _) = UnixStream::pair().expect("a socket pair");
+        let peer = Peer::Ip("127.0.0.1:9".parse().expect("an address"));
+        let connection = Connection::new(&protocol, peer, &Limits::default(), socket.as_fd());
+        let mut entries = Slab::default();
+        let listener = entries.insert(Entry {
+            connection: None,
+            last_progress: now,
+        });
+        let connection = entries.insert(Entry {
+            connection: Some(connection),
+            last_progress: now,
+        });
+        (entries, listener, connection)
+    }
+
+    #[test]
+    fn a_tick_reads_the_clock() {
+        let mut clock = LoopClock::new(None);
+        let before = clock.now();
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(clock.now(), before, "only a tick reads the clock");
+        clock.tick();
+        assert!(clock.now() > before);
+    }
+
+    #[test]
+    fn a_loop_times_only_while_a_timer_runs() {
+        let mut tokens = Slab::default();
+        let listener = tokens.insert(());
+        assert!(!LoopClock::new(None).is_timing(), "no timer");
+        assert!(
+            LoopClock::new(Some(Duration::from_secs(1))).is_timing(),
+            "idle"
+        );
+        let mut clock = LoopClock::new(None);
+        assert!(!clock.is_pausing());
+        clock.pause(listener);
+        assert!(clock.is_pausing());
+        assert!(clock.is_timing(), "an accept pause");
+        let mut clock = LoopClock::new(None);
+        clock.start_drain(Duration::from_secs(1));
+        assert!(clock.is_timing(), "the drain");
+    }
+
+    #[test]
+    fn a_connection_without_progress_for_the_idle_timeout_expires() {
+        let timeout = Duration::from_secs(1);
+        let mut clock = LoopClock::new(Some(timeout));
+        let (mut entries, _, connection) = listener_and_connection(b"", clock.now());
+        clock.watch(connection);
+        clock.now += timeout / 2;
+        assert!(clock.expired(&mut entries).is_empty(), "not idle yet");
+        // Closed within two ticks after the timeout.
+        clock.now += timeout / 2 + IDLE_TICK * 2;
+        let expired = clock.expired(&mut entries);
+        assert!(
+            matches!(expired[..], [(token, CloseReason::Idle(t))] if token == connection && t == timeout),
+            "{expired:?}"
+        );
+    }
+
+    #[test]
+    fn past_the_drain_deadline_every_connection_is_cut_with_what_it_owes() {
+        let mut clock = LoopClock::new(Some(Duration::from_secs(60)));
+        let (mut entries, _, connection) = listener_and_connection(b"hello\n", clock.now());
+        let drain_timeout = Duration::from_secs(5);
+        assert_eq!(clock.drain_deadline(), None);
+        assert!(clock.start_drain(drain_timeout));
+        assert_eq!(clock.drain_deadline(), Some(clock.now() + drain_timeout));
+        clock.now += drain_timeout / 2;
+        assert!(
+            clock.expired(&mut entries).is_empty(),
+            "before the deadline"
+        );
+        clock.now += drain_timeout / 2;
+        let expired = clock.expired(&mut entries);
+        assert!(
+            matches!(expired[..], [(token, CloseReason::DrainTimeout { owed: 6 })] if token == connection),
+            "{expired:?}"
+        );
+    }
 
     #[test]
     fn a_paused_listener_resumes_after_the_pause() {
@@ -165,7 +269,11 @@ mod tests {
         clock.pause(listener);
         assert!(clock.is_paused(listener));
         assert_eq!(clock.resume_next(), None);
-        assert!(clock.timeout().is_some_and(|t| t <= ACCEPT_PAUSE));
+        assert!(
+            clock
+                .timeout()
+                .is_some_and(|t| t <= ACCEPT_PAUSE && !t.is_zero())
+        );
         clock.now += ACCEPT_PAUSE;
         assert_eq!(clock.resume_next(), Some(listener));
         assert!(!clock.is_paused(listener));

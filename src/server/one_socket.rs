@@ -196,14 +196,9 @@ fn drive(
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
     let mut last_progress = Instant::now();
     let mut drain_deadline: Option<Instant> = None;
+    // A shutdown that fired before this connection was served is seen by the first poll:
+    // the eventfd stays readable once fired.
     let mut on_drain = Some(on_drain);
-    if shutdown.is_fired() {
-        connection.stop_reading();
-        drain_deadline = Some(Instant::now() + limits.drain_timeout);
-        if let Some(begun) = on_drain.take() {
-            begun();
-        }
-    }
     loop {
         match connection.flush_progress(stream, log) {
             // A peer still taking its replies is not idle, however slowly it takes them.
