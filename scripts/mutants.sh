@@ -254,9 +254,26 @@ report() {
         caught=$((caught + $(count "$dir/$stage.outcomes/caught.txt")))
         unviable=$((unviable + $(count "$dir/$stage.outcomes/unviable.txt")))
     done
+    # A mutant that timed out in a stage goes on to the next, whose tests may not reach
+    # its code at all: missed there, it is still a timeout (a test that noticed too
+    # slowly, often on a loaded machine), not a mutant no test notices.
+    local earlier="$dir/timed-out-earlier.txt" missed_list="$dir/missed.txt"
+    local late_list="$dir/timed-out-then-missed.txt"
+    : >"$earlier"
+    for stage in $stages; do
+        if [[ $stage != "$last" && -f $dir/$stage.outcomes/timeout.txt ]]; then
+            cat "$dir/$stage.outcomes/timeout.txt" >>"$earlier"
+        fi
+    done
+    : >"$missed_list"
+    : >"$late_list"
+    if [[ -f $dir/$last.outcomes/missed.txt ]]; then
+        grep -vxFf "$earlier" "$dir/$last.outcomes/missed.txt" >"$missed_list" || true
+        grep -xFf "$earlier" "$dir/$last.outcomes/missed.txt" >"$late_list" || true
+    fi
     local missed timeout
-    missed="$(count "$dir/$last.outcomes/missed.txt")"
-    timeout="$(count "$dir/$last.outcomes/timeout.txt")"
+    missed="$(count "$missed_list")"
+    timeout=$(($(count "$dir/$last.outcomes/timeout.txt") + $(count "$late_list")))
     echo
     echo "$group ($((seconds / 60)) min $((seconds % 60)) s), every stage together:"
     if [[ $before -gt 0 ]]; then
@@ -271,9 +288,14 @@ report() {
         echo "  stage $stage: caught $(count "$d/caught.txt"), missed $(count "$d/missed.txt")," \
             "timed out $(count "$d/timeout.txt"), unviable $(count "$d/unviable.txt")"
     done
-    if [[ -s $dir/$last.outcomes/missed.txt ]]; then
+    if [[ -s $missed_list ]]; then
         echo "  missed mutants (each needs a test, or a reason in docs/testing.md):"
-        sed 's/^/    /' "$dir/$last.outcomes/missed.txt"
+        sed 's/^/    /' "$missed_list"
+    fi
+    if [[ -s $late_list ]]; then
+        echo "  timed out in an earlier stage, then missed by stages that may not reach them"
+        echo "  (re-run them with a larger MUTANTS_TIMEOUT before writing a test):"
+        sed 's/^/    /' "$late_list"
     fi
     if [[ -s $dir/$last.outcomes/timeout.txt ]]; then
         echo "  timed-out mutants (each needs a reason in docs/testing.md):"

@@ -108,6 +108,7 @@ with_cases!(
         shutdown_drains_what_the_server_holds,
         drain_waits_without_spinning,
         drain_refuses_new_clients,
+        idle_timeout_counts_during_the_drain,
         idle_while_replies_are_owed,
         slow_steady_reader_is_not_idle,
     ]

@@ -656,6 +656,22 @@ pub fn max_conns(model: &str) {
             third.sees_close_within(PATIENCE),
             "the third connection is refused"
         );
+        // Refused without a lingering close (it is owed nothing): closed at once, so what
+        // it sends next is answered with a reset, not read and thrown away for seconds.
+        let refused_at = Instant::now();
+        let is_closed = loop {
+            if third.write_all(b"late").is_err() {
+                break true;
+            }
+            if refused_at.elapsed() > Duration::from_millis(1500) {
+                break false;
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            is_closed,
+            "the refused connection still took bytes 1.5 s after its EOF: it lingered"
+        );
         server.wait_for_log("max-conns");
     }
     drop(first);
@@ -996,6 +1012,40 @@ pub fn shutdown_closes_idle_at_once(model: &str) {
         took < Duration::from_secs(2),
         "took {took:?} with nothing owed and a 5 s drain"
     );
+}
+
+/// `--idle-timeout` counts during the drain as well: a peer that stops reading its replies
+/// and sends nothing is closed as idle, long before a long `--drain-timeout` ends.
+pub fn idle_timeout_counts_during_the_drain(model: &str) {
+    let args = [
+        "--tcp",
+        "127.0.0.1:0",
+        "--idle-timeout",
+        "1",
+        "--drain-timeout",
+        "20",
+        "--max-buffer",
+        "4M",
+    ];
+    let server = Server::start(model, &args);
+    let mut conn = server.connect_slow_reader();
+    // More than the kernel's buffers take: the server owes most of it, and the peer
+    // takes none of it.
+    conn.write_all(&pattern(3_000_000, 10)).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    server.terminate();
+    let mut server = server;
+    let status = server
+        .wait_exit(PATIENCE)
+        .expect("exits long before the drain timeout");
+    assert!(status.success(), "exit {status}; {}", server.stderr());
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "{model}: exited {took:?} after SIGTERM with --idle-timeout 1 and a peer taking nothing"
+    );
+    drop(conn);
 }
 
 /// SIGTERM with a client that never reads: the server gives up after --drain-timeout.
