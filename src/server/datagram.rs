@@ -61,12 +61,15 @@ fn is_own_address(peer: &Peer, local: Option<SocketAddr>) -> bool {
 pub struct DatagramReplier {
     protocol: Protocol,
     reply: Vec<u8>,
-    /// The UDP address of the socket answered now, for the guard against its own address.
+    /// The UDP address of the socket answered, for the guard against its own address:
+    /// looked up once, when the replier is made for its socket, not per datagram.
     local: Option<SocketAddr>,
 }
 
 impl DatagramReplier {
-    /// A replier speaking `protocol`, for sockets it is handed with each call.
+    /// A replier speaking `protocol` that learns its socket's address with each
+    /// [`DatagramReplier::answer`] (a process per datagram, as `forking`, answers each
+    /// datagram of every socket with one replier).
     pub fn new(protocol: Protocol) -> Self {
         DatagramReplier {
             protocol,
@@ -75,8 +78,8 @@ impl DatagramReplier {
         }
     }
 
-    /// A replier speaking `protocol` for `socket` alone, for [`DatagramReplier::answer_with`]
-    /// (which is not handed the socket).
+    /// A replier speaking `protocol` for `socket` alone: the one
+    /// [`DatagramReplier::answer_queued`] and [`DatagramReplier::answer_with`] need.
     pub fn for_socket(protocol: Protocol, socket: &DatagramSocket) -> Self {
         DatagramReplier {
             local: socket.local_ip(),
@@ -116,12 +119,12 @@ impl DatagramReplier {
     /// be sent at once is logged and dropped, and the socket keeps serving others.
     pub fn answer(&mut self, socket: &DatagramSocket, peer: &Peer, datagram: &[u8], log: &LoopLog) {
         self.local = socket.local_ip();
-        self.answer_known(socket, peer, datagram, log);
+        self.answer_own(socket, peer, datagram, log);
     }
 
-    /// [`DatagramReplier::answer`] with the socket's address already known.
-    fn answer_known(&mut self, socket: &DatagramSocket, peer: &Peer, data: &[u8], log: &LoopLog) {
-        let (transport, datagram) = (datagram_transport(socket), data);
+    /// [`DatagramReplier::answer`] by the replier made for `socket`, which knows its address.
+    fn answer_own(&mut self, socket: &DatagramSocket, peer: &Peer, datagram: &[u8], log: &LoopLog) {
+        let transport = datagram_transport(socket);
         if let Some(reply) = self.reply(peer, transport, datagram, log) {
             log.reply_sent(peer, transport, &socket.send_to(reply, peer));
         }
@@ -151,7 +154,8 @@ impl DatagramReplier {
         }
     }
 
-    /// Receives and answers up to `max` datagrams queued on the non-blocking `socket`,
+    /// Receives and answers up to `max` datagrams queued on the non-blocking `socket`, the
+    /// one this replier was made for ([`DatagramReplier::for_socket`]),
     /// using `buf` (of [`DatagramSocket::max_datagram_bytes`]) to receive. Returns whether
     /// the queue was emptied (a receive found nothing), so that a runtime that caches
     /// readiness knows to wait for the next edge; `false`: more may wait.
@@ -167,11 +171,9 @@ impl DatagramReplier {
         max: usize,
         log: &LoopLog,
     ) -> io::Result<bool> {
-        // Looked up once a batch: a system call per datagram would cost more than the echo.
-        self.local = socket.local_ip();
         for _ in 0..max {
             match receive_datagram(socket, buf, log)? {
-                Receipt::Datagram(len, peer) => self.answer_known(socket, &peer, &buf[..len], log),
+                Receipt::Datagram(len, peer) => self.answer_own(socket, &peer, &buf[..len], log),
                 Receipt::Nothing => {}
                 Receipt::Empty => return Ok(true),
             }

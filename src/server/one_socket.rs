@@ -346,7 +346,7 @@ pub fn serve_datagrams(
 ) -> io::Result<()> {
     socket.set_nonblocking(true)?;
     let log = LoopLog::new(metrics);
-    let mut replier = DatagramReplier::new(protocol.clone());
+    let mut replier = DatagramReplier::for_socket(protocol.clone(), socket);
     let mut buf = vec![0u8; socket.max_datagram_bytes()];
     loop {
         if wait_for(socket.as_fd(), Interest::READABLE, shutdown, None)? == Wake::Shutdown {

@@ -113,7 +113,8 @@ pub struct ReadinessCore {
     watched: Vec<Interest>,
     /// Sources whose interest may differ from what the mechanism watches.
     changed: Vec<Token>,
-    replier: DatagramReplier,
+    /// One per datagram socket, in the same order.
+    repliers: Vec<DatagramReplier>,
     /// One read buffer for every connection and datagram: the loop reads one at a time.
     buf: ReadBuffer,
     /// The longest datagram each datagram socket answers whole: the part of `buf` it
@@ -161,7 +162,9 @@ impl ReadinessCore {
         let idle = idle_timeout.map(|_| idle);
         let log = LoopLog::new(config.limits.metrics);
         Ok(ReadinessCore {
-            replier: DatagramReplier::new(config.protocol.clone()),
+            repliers: (sources.datagrams.iter())
+                .map(|socket| DatagramReplier::for_socket(config.protocol.clone(), socket))
+                .collect(),
             listeners: sources.streams.into_iter().map(Some).collect(),
             datagrams: sources.datagrams,
             config,
@@ -390,7 +393,7 @@ impl ReadinessCore {
                 let index = n - 1 - streams;
                 let socket = &self.datagrams[index];
                 let buf = self.buf.first_mut(self.datagram_max[index]);
-                (self.replier).answer_queued(socket, buf, BATCH, &self.log)?;
+                self.repliers[index].answer_queued(socket, buf, BATCH, &self.log)?;
             }
         }
         Ok(())

@@ -309,7 +309,7 @@ pub async fn answer_datagrams(
     protocol: &Protocol,
     waits: &impl SocketWaits,
 ) -> io::Result<()> {
-    let mut replier = DatagramReplier::new(protocol.clone());
+    let mut replier = DatagramReplier::for_socket(protocol.clone(), socket);
     let mut buf = vec![0; socket.max_datagram_bytes()];
     let mut answer = |log: &_| replier.answer_queued(socket, &mut buf, DATAGRAM_BATCH, log);
     while let Some(answered) = waits.when_readable(&mut answer).await {
