@@ -219,10 +219,12 @@ impl Connection {
             false => room.saturating_sub(self.session.held_bytes()) / self.session.max_expansion(),
         };
         match room {
-            // Held input alone fills the bound and nothing is owed: one more byte makes the
-            // protocol answer what it holds (a line past the hold limit goes out in pieces,
-            // `until-quit` streams early), so the connection moves on.
-            0 if self.out.is_empty() && wire == 0 => 1,
+            // The bound is reached and nothing can be sent: one more byte moves the
+            // connection on. Either the protocol's held input alone fills it (a line past the
+            // hold limit then goes out in pieces, `until-quit` streams early), or plaintext
+            // owed before the TLS handshake ended (a greeting) does, which cannot be
+            // encrypted until the peer's next handshake bytes are read.
+            0 if self.unsent().is_empty() => 1,
             // Replies are owed: more input waits until the peer takes them, or held and
             // owed bytes together would pass the bound.
             room => room,
