@@ -444,9 +444,21 @@ mod tests {
         let mut got = Vec::new();
         theirs.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"owed");
-        theirs.write_all(&[0u8; 100_000]).unwrap();
-        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        // Just under the 1 MiB bound: all of it is read and thrown away, and then the EOF,
+        // so the close leaves nothing unread and the peer reads no reset.
+        let mut writer = theirs.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            writer.write_all(&vec![0u8; 1_000_000]).unwrap();
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        sender.join().unwrap();
         closer.join().unwrap();
+        let mut rest = [0u8; 1];
+        let after = theirs.read(&mut rest);
+        assert!(
+            matches!(after, Ok(0)),
+            "{after:?} after sending 1,000,000 bytes to a lingering close"
+        );
     }
 
     #[test]
