@@ -223,6 +223,27 @@ fn unix_path_rules() {
 }
 
 #[test]
+fn unix_path_replaced_while_serving_is_left_at_exit() {
+    // The server removes its socket file at exit only while the file is still its own:
+    // another server that took the path over meanwhile keeps it.
+    let path = temp_socket_path("replaced");
+    let path_arg = path.to_str().unwrap();
+    let server = Server::start("threaded", &["--unix", path_arg]);
+    // Bound beside it and renamed over it, so the new file is a different inode (one
+    // bound after an unlink may reuse the old inode's number).
+    let other_path = temp_socket_path("replacement");
+    let other = UnixListener::bind(&other_path).unwrap();
+    std::fs::rename(&other_path, &path).unwrap();
+    server.stop();
+    assert!(
+        exists(&path),
+        "the socket file that replaced the server's is not the server's to remove"
+    );
+    drop(other);
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
 fn sigint_also_stops_cleanly() {
     let server = Server::start("pool", &["--tcp", "127.0.0.1:0"]);
     let pid = server.pid().to_string();
@@ -635,6 +656,71 @@ fn forking_reaps_every_child() {
         std::thread::sleep(Duration::from_millis(50));
     }
     server.stop();
+}
+
+/// A `forking` child that does not end when shutdown's drain and lingering bounds have
+/// passed (stopped here with SIGSTOP) is killed, a second after both and not sooner, and
+/// its connection is counted closed (reason `error`); the server then exits 0.
+#[test]
+fn forking_kills_a_child_stuck_past_the_drain() {
+    let mut server = Server::start(
+        "forking",
+        &["--tcp", "127.0.0.1:0", "--drain-timeout", "1", "--verbose"],
+    );
+    let before = children_of(server.pid());
+    let mut stream = server.connect_tcp();
+    stream.write_all(b"stuck").unwrap();
+    let mut back = [0u8; 5];
+    std::io::Read::read_exact(&mut stream, &mut back).unwrap();
+    let child = children_of(server.pid())
+        .into_iter()
+        .find(|pid| !before.contains(pid))
+        .expect("the connection's child");
+    let signal = |name: &str| {
+        std::process::Command::new("kill")
+            .args([name, &child])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(signal("-STOP"), "stop child {child}");
+    let terminated_at = Instant::now();
+    server.terminate();
+    let status = server.wait_exit(PATIENCE);
+    let waited = terminated_at.elapsed();
+    // Whatever happened, the stopped child must not outlive the test.
+    let _ = signal("-KILL");
+    let status = status.expect("the server exits once its stuck child is killed");
+    let log = server.stderr();
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert!(
+        log.contains("killing 1 children still draining"),
+        "the stuck child is killed:\n{log}"
+    );
+    assert!(
+        log.lines().any(|line| line.contains("reason=\"error\"")
+            && line.contains(&format!("its child {child} was killed by signal 9"))),
+        "its connection is counted closed, reason error:\n{log}"
+    );
+    assert!(
+        !log.contains("did not exit"),
+        "the killed child is reaped:\n{log}"
+    );
+    // The drain (1 s) and the lingering bound after it (1 s) are the child's, then a
+    // second of grace: killed at 3 s, so certainly not before 2 s.
+    assert!(
+        waited >= Duration::from_secs(2),
+        "the child was killed {waited:?} after SIGTERM, inside its drain and lingering bounds"
+    );
+}
+
+/// The pids of `parent`'s children, from `/proc`.
+fn children_of(parent: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 /// An IPv4-mapped IPv6 address binds as written, TCP and UDP, and the readiness lines
