@@ -26,8 +26,9 @@
 #                 case, then poll's quicker cases
 #     activation  src/server/activation.rs: tests/systemd.rs, with the real
 #                 `systemd-socket-activate`
-#     children    src/server/children.rs: every `forking` test (its conformance cases,
-#                 the reaping, metrics and out-of-processes tests)
+#     children    src/server/children.rs: `forking`'s process tests (reaping, a stuck
+#                 child killed, its metrics), then every `forking` test (its conformance
+#                 cases and running out of processes as well)
 #     signals     src/server/stop_signal.rs, shutdown.rs: the server's unit tests, tokio's
 #                 quicker cases, then poll's quicker cases
 #               (each also a group of its own); not part of `all`
@@ -119,8 +120,10 @@ CLI_LISTENERS=(--test cli -- 'unix_path' 'readiness_' 'address_in_use')
 MAX_CONNS=(--test conformance -- 'max_conns')
 # Socket activation: the real `systemd-socket-activate` passes the sockets.
 SYSTEMD=(--test systemd)
-# Every test of `forking`, the only model with children: its conformance cases (the
-# filter matches `forking::`), reaping, its metrics, and running out of processes.
+# `forking`, the only model with children: first the tests of the children themselves
+# (reaped, a stuck one killed, what its killed children counted), then every test of the
+# model: its conformance cases (the filter matches `forking::`) and running out of processes.
+FORKING_CHILDREN=(--test cli --test metrics -- 'forking')
 FORKING=(--test conformance --test cli --test metrics --test event_loops -- 'forking')
 
 if ! cargo mutants --version >/dev/null 2>&1; then
@@ -237,7 +240,8 @@ run_group() {
         if ! declare -p "$stage" >/dev/null 2>&1 || [[ $stage != [A-Z_]* ]]; then
             echo "unknown stage $stage: expected one of UNIT_TESTS UNIT_DATAGRAM UNIT_SERVER" \
                 "UNIT_CONNECTION CONFORMANCE CONFORMANCE_EPOLL SCALE METRICS CONFORMANCE_DATAGRAM" \
-                "CONFORMANCE_TOKIO CONFORMANCE_TASK CLI_LISTENERS MAX_CONNS SYSTEMD FORKING" >&2
+                "CONFORMANCE_TOKIO CONFORMANCE_TASK CLI_LISTENERS MAX_CONNS SYSTEMD FORKING_CHILDREN" \
+                "FORKING" >&2
             return 2
         fi
     done
@@ -340,7 +344,7 @@ group() {
         task) run_group task "UNIT_SERVER CONFORMANCE_TOKIO CONFORMANCE_TASK" "${TASK_FILES[@]}" ;;
         listeners) run_group listeners "CLI_LISTENERS MAX_CONNS CONFORMANCE" "${LISTENERS_FILES[@]}" ;;
         activation) run_group activation SYSTEMD "${ACTIVATION_FILES[@]}" ;;
-        children) run_group children FORKING "${CHILDREN_FILES[@]}" ;;
+        children) run_group children "FORKING_CHILDREN FORKING" "${CHILDREN_FILES[@]}" ;;
         signals) run_group signals "UNIT_SERVER CONFORMANCE_TOKIO CONFORMANCE" "${SIGNALS_FILES[@]}" ;;
         process) group listeners && group activation && group children && group signals ;;
         server) group connection && group readiness && group shared ;;
