@@ -23,7 +23,8 @@
 #               reach it (none of the groups above runs them):
 #     listeners   src/server/listeners.rs: the command line's listener tests (Unix socket
 #                 paths, readiness lines, an address in use), every model's `max_conns`
-#                 case, then poll's quicker cases
+#                 case, the server's unit tests (places held by lingering sockets), then
+#                 poll's quicker cases
 #     activation  src/server/activation.rs: tests/systemd.rs, with the real
 #                 `systemd-socket-activate`
 #     children    src/server/children.rs: `forking`'s process tests (reaping, a stuck
@@ -342,7 +343,7 @@ group() {
         readiness) run_group readiness "CONFORMANCE SCALE CONFORMANCE_EPOLL" "${READINESS_FILES[@]}" ;;
         shared) run_group shared "UNIT_SERVER CONFORMANCE METRICS CONFORMANCE_EPOLL" "${SHARED_FILES[@]}" ;;
         task) run_group task "UNIT_SERVER CONFORMANCE_TOKIO CONFORMANCE_TASK" "${TASK_FILES[@]}" ;;
-        listeners) run_group listeners "CLI_LISTENERS MAX_CONNS CONFORMANCE" "${LISTENERS_FILES[@]}" ;;
+        listeners) run_group listeners "CLI_LISTENERS MAX_CONNS UNIT_SERVER CONFORMANCE" "${LISTENERS_FILES[@]}" ;;
         activation) run_group activation SYSTEMD "${ACTIVATION_FILES[@]}" ;;
         children) run_group children "FORKING_CHILDREN FORKING" "${CHILDREN_FILES[@]}" ;;
         signals) run_group signals "UNIT_SERVER CONFORMANCE_TOKIO CONFORMANCE" "${SIGNALS_FILES[@]}" ;;
