@@ -18,6 +18,32 @@ fn run(args: &[&str]) -> Output {
         .expect("run reverb")
 }
 
+/// As [`run`], for a command that must exit by itself (a refused start): one that is still
+/// running after `PATIENCE` (serving, say, where it should have refused) is killed and the
+/// test fails, rather than waiting for ever.
+fn run_bounded(args: &[&str]) -> Output {
+    let mut child = reverb()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run reverb");
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("reap");
+            panic!(
+                "{args:?} still running after {PATIENCE:?}, where it should have exited: {}",
+                stderr_of(&output)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
 fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -188,7 +214,7 @@ fn unix_path_rules() {
     let path = temp_socket_path("file");
     std::fs::write(&path, b"precious").unwrap();
     let path_arg = path.to_str().unwrap();
-    let output = run(&["serve", "--model", "threaded", "--unix", path_arg]);
+    let output = run_bounded(&["serve", "--model", "threaded", "--unix", path_arg]);
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
@@ -200,7 +226,7 @@ fn unix_path_rules() {
 
     // A live socket is in use.
     let live = UnixListener::bind(&path).unwrap();
-    let output = run(&["serve", "--model", "threaded", "--unix", path_arg]);
+    let output = run_bounded(&["serve", "--model", "threaded", "--unix", path_arg]);
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
@@ -220,6 +246,31 @@ fn unix_path_rules() {
     assert_eq!(got, b"stale replaced");
     server.stop();
     assert!(!exists(&path), "removed at exit");
+}
+
+#[test]
+fn unix_path_live_of_the_other_kind_is_in_use() {
+    // A live socket of the other kind (the probe's connect says EPROTOTYPE) is in use too,
+    // and left alone, either way round.
+    let path = temp_socket_path("other-kind");
+    let path_arg = path.to_str().unwrap();
+    for (live_kind, serve_flag) in [("datagram", "--unix"), ("stream", "--unix-dgram")] {
+        let live: Box<dyn std::any::Any> = if live_kind == "datagram" {
+            Box::new(std::os::unix::net::UnixDatagram::bind(&path).unwrap())
+        } else {
+            Box::new(UnixListener::bind(&path).unwrap())
+        };
+        let output = run_bounded(&["serve", "--model", "threaded", serve_flag, path_arg]);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{serve_flag}: {stderr}");
+        assert!(
+            stderr.contains(path_arg) && stderr.contains("in use"),
+            "a live {live_kind} socket is in use for {serve_flag}: {stderr}"
+        );
+        assert!(exists(&path), "a live {live_kind} socket is left alone");
+        drop(live);
+        std::fs::remove_file(&path).unwrap();
+    }
 }
 
 #[test]
