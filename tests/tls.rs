@@ -37,7 +37,7 @@ tls_cases! {
     cases: [python_payload_half_close, python_unread_flood_bounded, openssl_s_client_until_quit,
             garbage_handshake_closes_only_that_connection, haproxy_send_proxy_v1_and_v2,
             proxy_header_refusals_and_deadline, tls_handshake_deadline,
-            idle_and_drain_send_close_notify, refusals_linger],
+            idle_and_drain_send_close_notify, refusals_linger, greeting_past_max_buffer],
 }
 
 /// The `--model` value for a module name: `own_runtime` is `async` (a keyword in Rust).
@@ -622,6 +622,39 @@ fn tls_handshake_deadline(model: &str) {
         1
     );
     server.stop();
+}
+
+/// A greeting over TLS is owed before the handshake ends and cannot be sent until it does:
+/// the client gets the greeting, then its bytes back. Once with a short greeting (what is
+/// owed then is more than what can be sent), once with one longer than `--max-buffer`: the
+/// server must go on reading the handshake (the bound counts what can be sent) instead of
+/// waiting, reading nothing, for the handshake deadline.
+fn greeting_past_max_buffer(model: &str) {
+    let long = format!("{}\n", "g".repeat(300));
+    for (greeting, max_buffer) in [("hello\n", "256K"), (long.as_str(), "64")] {
+        let server = start_tls(
+            model,
+            &[
+                "--greeting",
+                greeting,
+                "--max-buffer",
+                max_buffer,
+                "--tls-handshake-timeout",
+                "3",
+            ],
+        );
+        let port = server.addr("tcp").rsplit(':').next().unwrap().to_string();
+        let target = format!("tls://127.0.0.1:{port}");
+        let (code, out, err) = run_reverb(&["client", &target, "--insecure"], b"past the bound\n");
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            format!("{greeting}past the bound\n"),
+            "{model}, --max-buffer {max_buffer}: exit {code:?}; client said: {err}\nserver log:\n{}",
+            server.stderr()
+        );
+        assert_eq!(code, Some(0), "{model}: {err}");
+        server.stop();
+    }
 }
 
 /// Runs `reverb serve ARGS` expecting it to exit at once; returns (code, stderr).

@@ -219,10 +219,12 @@ impl Connection {
             false => room.saturating_sub(self.session.held_bytes()) / self.session.max_expansion(),
         };
         match room {
-            // Held input alone fills the bound and nothing is owed: one more byte makes the
-            // protocol answer what it holds (a line past the hold limit goes out in pieces,
-            // `until-quit` streams early), so the connection moves on.
-            0 if self.out.is_empty() && wire == 0 => 1,
+            // The bound is reached and nothing can be sent: one more byte moves the
+            // connection on. Either the protocol's held input alone fills it (a line past the
+            // hold limit then goes out in pieces, `until-quit` streams early), or plaintext
+            // owed before the TLS handshake ended (a greeting) does, which cannot be
+            // encrypted until the peer's next handshake bytes are read.
+            0 if self.unsent().is_empty() => 1,
             // Replies are owed: more input waits until the peer takes them, or held and
             // owed bytes together would pass the bound.
             room => room,
@@ -1259,6 +1261,23 @@ mod tests {
         );
     }
 
+    /// Bytes a send that completes later did not take are owed first again, in the
+    /// buffer [`Connection::unsent`] offers: the plaintext one when the layers are there
+    /// for a greeting and TLS is not.
+    #[test]
+    fn what_a_send_did_not_take_is_owed_first_again() {
+        let (socket, _peer) = UnixStream::pair().unwrap();
+        let mut limits = limits(1024);
+        limits.layers.greeting = Some(Arc::new(Greeting::parse("hello\n").unwrap()));
+        let mut conn = Connection::new(&echo(), ip_peer(), &limits, socket.as_fd());
+        conn.receive(b"more");
+        assert_eq!(conn.unsent(), b"hello\nmore");
+        conn.advance(10);
+        conn.receive(b" and");
+        conn.owe_first(b"lo\nmore");
+        assert_eq!(conn.unsent(), b"lo\nmore and");
+    }
+
     #[test]
     fn a_greeting_names_the_address_the_client_reached() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1487,6 +1506,52 @@ mod tests {
         conn.receive(&hello);
         assert!(!conn.wants_read(), "the flight alone fills the bound");
         assert_eq!(conn.read_limit(1 << 20), 0);
+    }
+
+    /// Plaintext owed before the handshake ends (a greeting) cannot be sent until it does:
+    /// when it alone fills the bound, the handshake's bytes must still be read, as little
+    /// as the bound allows, or the handshake could never end.
+    #[test]
+    fn plaintext_held_for_the_handshake_leaves_it_read() {
+        use std::io::Read;
+        let greeting = [b'g'; 100];
+        let protocol = echo().with_greeting(&greeting);
+        let (mut conn, mut client, _peer) = over_tls(&protocol, 64, Duration::from_secs(10));
+        assert_eq!(
+            conn.owed(),
+            greeting.len(),
+            "the greeting waits for the handshake"
+        );
+        assert!(!conn.wants_write(), "and nothing can be sent yet");
+        let (mut pending, mut plaintext) = (Vec::new(), Vec::new());
+        for _ in 0..10_000 {
+            while client.wants_write() {
+                client.write_tls(&mut pending).unwrap();
+            }
+            // Only what the server asks for, as a model reads.
+            let limit = conn.read_limit(pending.len());
+            assert!(
+                limit > 0 || pending.is_empty() || conn.wants_write(),
+                "the server reads nothing, sends nothing, and the handshake waits for it"
+            );
+            conn.receive(&pending[..limit]);
+            pending.drain(..limit);
+            let mut unsent = conn.unsent();
+            let sent = unsent.len();
+            while !unsent.is_empty() {
+                client.read_tls(&mut unsent).unwrap();
+            }
+            conn.advance(sent);
+            client.process_new_packets().unwrap();
+            let mut buf = [0u8; 256];
+            while let Ok(n) = client.reader().read(&mut buf) {
+                plaintext.extend_from_slice(&buf[..n]);
+            }
+            if plaintext.len() >= greeting.len() {
+                break;
+            }
+        }
+        assert_eq!(plaintext, greeting);
     }
 
     #[test]

@@ -280,6 +280,19 @@ mod tests {
     }
 
     #[test]
+    fn a_replier_made_for_a_socket_knows_its_address() {
+        let (socket, local) = DatagramSocket::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let protocol = Protocol::new(crate::protocol::ProtocolKind::Echo, 64);
+        let mut replier = DatagramReplier::for_socket(protocol, &socket);
+        let log = LoopLog::default();
+        let own = replier.reply(&Peer::Ip(local), Transport::Udp, b"loop", &log);
+        assert_eq!(own, None, "a datagram from the socket's own address");
+        let other = Peer::Ip(SocketAddr::new(local.ip(), local.port() ^ 1));
+        let answered = replier.reply(&other, Transport::Udp, b"hi", &log);
+        assert_eq!(answered, Some(&b"hi"[..]));
+    }
+
+    #[test]
     fn the_guard_starts_at_port_1024() {
         let allowed = |s: &str| datagram_source_allowed(&Peer::Ip(s.parse().unwrap()));
         assert!(

@@ -333,3 +333,178 @@ impl StartGate {
         self.changed.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    /// How long one `run_loops` under test may take: a gate that never opens fails the
+    /// test within this instead of hanging it.
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    /// How long the last loop's setup takes, so the others reach the gate well before it.
+    const SLOW_SETUP: Duration = Duration::from_millis(200);
+
+    /// What a loop's setup does.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Setup {
+        Builds,
+        Fails,
+        Panics,
+    }
+
+    /// What one `run_loops` did.
+    #[derive(Default)]
+    struct Outcome {
+        /// `run_loops`'s error, as text (`None`: it returned `Ok`).
+        error: Option<String>,
+        /// Each loop that served: its item, how many loops were built when it began, the
+        /// name of its thread, and whether it saw the shutdown fire.
+        served: Vec<(usize, usize, String, bool)>,
+        /// How many loops were built at each announcement.
+        announced: Vec<usize>,
+    }
+
+    /// Runs `run_loops` over `loops` items on a thread named `caller`, the last loop's
+    /// setup slow, loop `odd` set up (or, when `serve_fails`, served) as `setup` says;
+    /// fails the test if it does not return within [`LIMIT`].
+    fn run(loops: usize, odd: usize, setup: Setup, serve_fails: bool) -> Outcome {
+        let outcome = Arc::new(Mutex::new(Outcome::default()));
+        let built = Arc::new(AtomicUsize::new(0));
+        let (done, finished) = mpsc::channel();
+        let (log, count) = (Arc::clone(&outcome), Arc::clone(&built));
+        let on_serving = OnServing::new(move || {
+            let built = count.load(Ordering::SeqCst);
+            log.lock().unwrap().announced.push(built);
+        });
+        let (log, count) = (Arc::clone(&outcome), Arc::clone(&built));
+        thread::Builder::new()
+            .name("caller".into())
+            .spawn(move || {
+                let shutdown = Shutdown::new().expect("an eventfd");
+                let build = |index: usize, item: usize| {
+                    assert_eq!(index, item, "each loop gets its own item");
+                    if index == loops - 1 {
+                        thread::sleep(SLOW_SETUP);
+                    }
+                    match (index == odd && !serve_fails, setup) {
+                        (true, Setup::Fails) => Err(io::Error::other("no ring")),
+                        (true, Setup::Panics) => panic!("a setup panicked"),
+                        _ => {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            Ok(item)
+                        }
+                    }
+                };
+                let serve = |item: usize| {
+                    let built = count.load(Ordering::SeqCst);
+                    let name = thread::current().name().unwrap_or_default().to_owned();
+                    if serve_fails && item == odd {
+                        log.lock().unwrap().served.push((item, built, name, false));
+                        return Err(io::Error::other("lost the ring"));
+                    }
+                    // The others serve until the shutdown (bounded: a test never hangs).
+                    let started = Instant::now();
+                    while serve_fails && !shutdown.is_fired() && started.elapsed() < LIMIT {
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                    let saw = shutdown.is_fired();
+                    log.lock().unwrap().served.push((item, built, name, saw));
+                    Ok(())
+                };
+                let items = (0..loops).collect();
+                let result = run_loops("test", items, &shutdown, &on_serving, build, serve);
+                let _ = done.send(result.err().map(|e| e.to_string()));
+            })
+            .expect("a thread");
+        let error = finished
+            .recv_timeout(LIMIT)
+            .expect("run_loops returns (a start gate that never opens hangs it)");
+        // One loop is announced from a thread of its own, which may end after the loop.
+        let started = Instant::now();
+        while error.is_none()
+            && outcome.lock().unwrap().announced.is_empty()
+            && started.elapsed() < LIMIT
+        {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let mut outcome = std::mem::take(&mut *outcome.lock().unwrap());
+        outcome.error = error;
+        outcome.served.sort();
+        outcome
+    }
+
+    fn served(loops: &[(usize, usize, &str, bool)]) -> Vec<(usize, usize, String, bool)> {
+        (loops.iter())
+            .map(|&(item, built, name, saw)| (item, built, name.to_owned(), saw))
+            .collect()
+    }
+
+    #[test]
+    fn several_loops_serve_and_are_announced_once_every_loop_is_built() {
+        let outcome = run(3, 0, Setup::Builds, false);
+        assert_eq!(outcome.error, None);
+        assert_eq!(
+            outcome.served,
+            served(&[
+                (0, 3, "reverb-test-0", false),
+                (1, 3, "reverb-test-1", false),
+                (2, 3, "reverb-test-2", false),
+            ]),
+            "every loop serves on its own thread, none before the slow one is built"
+        );
+        assert_eq!(
+            outcome.announced,
+            [3],
+            "one announcement, after every setup"
+        );
+    }
+
+    #[test]
+    fn one_loop_serves_on_the_calling_thread_and_is_announced() {
+        let outcome = run(1, 0, Setup::Builds, false);
+        assert_eq!(outcome.error, None);
+        assert_eq!(outcome.served, served(&[(0, 1, "caller", false)]));
+        assert_eq!(outcome.announced, [1]);
+    }
+
+    #[test]
+    fn a_loop_that_cannot_be_built_lets_the_others_go_unannounced() {
+        for odd in [0, 2] {
+            let outcome = run(3, odd, Setup::Fails, false);
+            assert_eq!(
+                outcome.error.as_deref(),
+                Some(format!("cannot start test loop {odd}: no ring").as_str())
+            );
+            assert!(outcome.served.is_empty(), "loop {odd}: a loop served");
+            assert!(outcome.announced.is_empty(), "loop {odd}: announced");
+        }
+    }
+
+    #[test]
+    fn a_setup_that_panics_lets_the_others_go_unannounced() {
+        let outcome = run(3, 2, Setup::Panics, false);
+        assert_eq!(outcome.error.as_deref(), Some("a test loop panicked"));
+        assert!(outcome.served.is_empty(), "a loop served");
+        assert!(outcome.announced.is_empty(), "announced");
+    }
+
+    #[test]
+    fn a_loop_that_fails_while_serving_shuts_the_others_down() {
+        let outcome = run(3, 1, Setup::Builds, true);
+        assert_eq!(outcome.error.as_deref(), Some("lost the ring"));
+        assert_eq!(
+            outcome.served,
+            served(&[
+                (0, 3, "reverb-test-0", true),
+                (1, 3, "reverb-test-1", false),
+                (2, 3, "reverb-test-2", true),
+            ])
+        );
+    }
+}

@@ -147,8 +147,9 @@ impl Lingering {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return self.check(now),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Reset or gone: nothing is left to protect.
+                // Reset or gone: nothing is left to protect. (Not `Interrupted`: the socket
+                // is non-blocking, and only a call that sleeps is interrupted by a signal,
+                // signal(7).)
                 Err(_) => return Step::Close,
             }
         }
@@ -443,9 +444,21 @@ mod tests {
         let mut got = Vec::new();
         theirs.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"owed");
-        theirs.write_all(&[0u8; 100_000]).unwrap();
-        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        // Just under the 1 MiB bound: all of it is read and thrown away, and then the EOF,
+        // so the close leaves nothing unread and the peer reads no reset.
+        let mut writer = theirs.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            writer.write_all(&vec![0u8; 1_000_000]).unwrap();
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        sender.join().unwrap();
         closer.join().unwrap();
+        let mut rest = [0u8; 1];
+        let after = theirs.read(&mut rest);
+        assert!(
+            matches!(after, Ok(0)),
+            "{after:?} after sending 1,000,000 bytes to a lingering close"
+        );
     }
 
     #[test]
@@ -526,6 +539,170 @@ mod tests {
         assert_eq!(lingering.check(start + LINGER_TIMEOUT), Step::Wait);
         lingering.last_input = start + LINGER_TIME;
         assert_eq!(lingering.check(start + LINGER_TIME), Step::Close);
+    }
+
+    /// The byte bound is exact: exactly [`LINGER_MAX_BYTES`] thrown away is still within
+    /// it, so the socket is still read; one byte more and nothing more is read.
+    #[test]
+    fn the_byte_bound_is_exact() {
+        let (ours, mut theirs) = pair();
+        ours.set_nonblocking(true).unwrap();
+        // Something owed that the peer has not taken, so that past the bound the close
+        // waits instead of ending.
+        ours.write(b"owed").unwrap();
+        let now = Instant::now();
+        let mut lingering = Lingering::new(now);
+        let chunk = [1u8; 64 * 1024];
+        let mut fed = 0;
+        while fed < LINGER_MAX_BYTES {
+            let n = chunk.len().min(LINGER_MAX_BYTES - fed);
+            theirs.write_all(&chunk[..n]).unwrap();
+            fed += n;
+            assert_eq!(
+                lingering.discard(&ours, now),
+                Step::Wait,
+                "after {fed} bytes"
+            );
+        }
+        assert_eq!(lingering.discarded, LINGER_MAX_BYTES);
+        assert_eq!(
+            lingering.events(),
+            POLLIN,
+            "exactly at the bound: still reading"
+        );
+        theirs.write_all(&[1, 2]).unwrap();
+        assert_eq!(lingering.discard(&ours, now), Step::Wait);
+        assert_eq!(lingering.events(), 0, "past the bound: waits for no input");
+        assert_eq!(lingering.next_look(now), EXIT_RECHECK);
+        theirs.write_all(&[3]).unwrap();
+        assert_eq!(lingering.discard(&ours, now), Step::Wait);
+        assert_eq!(
+            lingering.discarded,
+            LINGER_MAX_BYTES + 2,
+            "nothing more is read past the bound"
+        );
+    }
+
+    /// Before the byte bound the close sleeps until its deadline (input wakes it); past
+    /// it, it looks at the send queue every [`EXIT_RECHECK`], never less.
+    #[test]
+    fn a_lingering_close_sleeps_until_its_deadline() {
+        let start = Instant::now();
+        let mut lingering = Lingering::new(start);
+        assert_eq!(lingering.events(), POLLIN);
+        assert_eq!(lingering.next_look(start), LINGER_TIMEOUT);
+        let later = start + Duration::from_millis(500);
+        assert_eq!(lingering.next_look(later), LINGER_TIMEOUT - (later - start));
+        lingering.untaken = Some(1);
+        assert_eq!(lingering.next_look(start), EXIT_RECHECK);
+    }
+
+    /// Past the byte bound, only replies the peer takes count as progress: a look that
+    /// finds the send queue as it was leaves the inactivity deadline where it was.
+    #[test]
+    fn past_the_byte_bound_only_taken_replies_are_progress() {
+        let (ours, mut theirs) = pair();
+        // Two writes, two buffers in the queue: reading the first frees it.
+        ours.write(b"first").unwrap();
+        ours.write(b"second").unwrap();
+        let start = Instant::now();
+        let mut lingering = Lingering::new(start);
+        lingering.untaken = Some(usize::MAX);
+        assert_eq!(lingering.look(&ours, start), Step::Wait);
+        let second = start + Duration::from_secs(1);
+        assert_eq!(lingering.look(&ours, second), Step::Wait);
+        assert_eq!(lingering.last_input, start, "nothing taken is no progress");
+        assert_eq!(
+            lingering.look(&ours, start + LINGER_TIMEOUT),
+            Step::Close,
+            "{LINGER_TIMEOUT:?} without progress"
+        );
+        let mut lingering = Lingering::new(start);
+        lingering.untaken = Some(usize::MAX);
+        assert_eq!(lingering.look(&ours, start), Step::Wait);
+        let mut first = [0u8; 5];
+        theirs.read_exact(&mut first).unwrap();
+        assert_eq!(lingering.look(&ours, second), Step::Wait);
+        assert_eq!(lingering.last_input, second, "a reply taken is progress");
+        assert_eq!(lingering.look(&ours, start + LINGER_TIMEOUT), Step::Wait);
+        assert_eq!(lingering.look(&ours, second + LINGER_TIMEOUT), Step::Close);
+    }
+
+    /// Runs `linger_here` on a thread, with shutdown firing `fire_after` later; returns
+    /// the thread and the shutdown.
+    fn linger_here_until_shutdown(
+        ours: Stream,
+        drain_timeout: Duration,
+    ) -> (std::thread::JoinHandle<()>, Shutdown) {
+        let shutdown = Shutdown::new().unwrap();
+        let theirs = shutdown.clone();
+        let closer = std::thread::spawn(move || linger_here(&ours, &theirs, drain_timeout));
+        (closer, shutdown)
+    }
+
+    /// Waits up to `limit` for `closer` to end; how long it took.
+    fn ends_within(closer: &std::thread::JoinHandle<()>, limit: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while !closer.is_finished() {
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Some(start.elapsed())
+    }
+
+    /// At shutdown, a lingering close whose peer has taken everything and left nothing
+    /// unread ends at once, even while the peer keeps sending (which, without shutdown,
+    /// keeps it lingering up to [`LINGER_TIME`]).
+    #[test]
+    fn at_shutdown_a_settled_linger_ends_at_once() {
+        let (ours, mut theirs) = pair();
+        let (closer, shutdown) = linger_here_until_shutdown(ours, Duration::from_secs(30));
+        for _ in 0..5 {
+            theirs.write_all(b"x").unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(!closer.is_finished(), "a peer that sends is lingered on");
+        shutdown.fire();
+        let mut sender = theirs.try_clone().unwrap();
+        let chatter = std::thread::spawn(move || {
+            for _ in 0..30 {
+                if sender.write_all(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let took = ends_within(&closer, LINGER_TIME);
+        chatter.join().unwrap();
+        let took = took.expect("still lingering");
+        assert!(
+            took < Duration::from_millis(1200),
+            "a settled lingering close ended {took:?} after shutdown, not at once"
+        );
+    }
+
+    /// At shutdown, a lingering close whose peer has not taken every reply goes on, up to
+    /// [`exit_bound`] after shutdown, and the peer still gets those replies.
+    #[test]
+    fn at_shutdown_an_unsettled_linger_waits_up_to_the_exit_bound() {
+        let (ours, mut theirs) = pair();
+        ours.write(b"owed").unwrap();
+        let drain_timeout = Duration::from_secs(1);
+        let (closer, shutdown) = linger_here_until_shutdown(ours, drain_timeout);
+        std::thread::sleep(Duration::from_millis(100));
+        shutdown.fire();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            !closer.is_finished(),
+            "closed within 0.5 s of shutdown with a reply untaken"
+        );
+        theirs.write_all(b"late").expect("still lingering");
+        ends_within(&closer, LINGER_TIME).expect("still lingering past every bound");
+        let mut got = Vec::new();
+        theirs.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"owed");
     }
 
     #[test]

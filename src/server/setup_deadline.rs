@@ -232,3 +232,129 @@ fn expire(due: Due) -> Option<Due> {
     let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    const LONG: Duration = Duration::from_secs(60);
+
+    /// A connection `ours` and its peer, watched from `stage` with the two timeouts.
+    fn watched(
+        stage: SetupStage,
+        proxy_timeout: Duration,
+        handshake_timeout: Duration,
+    ) -> (Arc<SetupWatch>, UnixStream, UnixStream) {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let watch = watch(
+            ours.as_fd(),
+            stage,
+            "peer".into(),
+            proxy_timeout,
+            handshake_timeout,
+        )
+        .unwrap();
+        (watch, ours, peer)
+    }
+
+    /// Whether the watcher has shut `ours` down: its peer reads EOF.
+    fn is_cut(peer: &mut UnixStream) -> bool {
+        peer.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        matches!(peer.read(&mut byte), Ok(0))
+    }
+
+    /// Waits up to `limit` for the watcher to shut `ours` down.
+    fn is_cut_within(peer: &mut UnixStream, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if is_cut(peer) {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn the_process_has_one_watcher() {
+        assert!(Arc::ptr_eq(&watcher().unwrap(), &watcher().unwrap()));
+    }
+
+    /// A connection whose PROXY header came in time is due at the handshake's deadline,
+    /// counted from accept, not at the header's.
+    #[test]
+    fn a_later_stage_is_due_at_its_own_deadline() {
+        let (watch, _ours, mut peer) = watched(
+            SetupStage::ProxyHeader,
+            Duration::from_millis(100),
+            Duration::from_millis(1500),
+        );
+        watch.set_stage(SetupStage::TlsHandshake);
+        thread::sleep(Duration::from_millis(600));
+        assert!(!is_cut(&mut peer), "cut at the PROXY header's deadline");
+        assert!(!watch.has_fired());
+        assert!(is_cut_within(&mut peer, Duration::from_secs(5)));
+        assert!(watch.has_fired());
+    }
+
+    /// A connection that finished its setup is never cut.
+    #[test]
+    fn a_finished_setup_is_not_cut() {
+        let (watch, _ours, mut peer) =
+            watched(SetupStage::TlsHandshake, LONG, Duration::from_millis(100));
+        watch.finish();
+        thread::sleep(Duration::from_millis(400));
+        assert!(!is_cut(&mut peer));
+        assert!(!watch.has_fired());
+    }
+
+    /// The earliest deadline is kept first, whichever order the connections came in.
+    #[test]
+    fn deadlines_fire_in_order_of_time_whatever_order_they_came_in() {
+        let short = Duration::from_millis(200);
+        // A long one, then a short one.
+        let (long_first, _a, _a_peer) = watched(SetupStage::ProxyHeader, LONG, LONG);
+        let (_, _b, mut b_peer) = watched(SetupStage::ProxyHeader, short, LONG);
+        assert!(
+            is_cut_within(&mut b_peer, Duration::from_secs(3)),
+            "a deadline after a later one was late"
+        );
+        // A short one, then a long one.
+        let (_, _c, mut c_peer) = watched(SetupStage::ProxyHeader, short, LONG);
+        let (long_last, _d, _d_peer) = watched(SetupStage::ProxyHeader, LONG, LONG);
+        assert!(
+            is_cut_within(&mut c_peer, Duration::from_secs(3)),
+            "a deadline before a later one was late"
+        );
+        long_first.finish();
+        long_last.finish();
+    }
+
+    /// While a deadline is pending (and after it moved on to a later stage), the watcher
+    /// sleeps until it is due: a new connection is watched at once, not held up on the
+    /// watcher's lock until the pending deadline passes.
+    #[test]
+    fn a_pending_deadline_holds_up_no_new_watch() {
+        let (pending, _ours, _peer) = watched(
+            SetupStage::ProxyHeader,
+            Duration::from_millis(100),
+            Duration::from_secs(3),
+        );
+        pending.set_stage(SetupStage::TlsHandshake);
+        thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        let (next, _next_ours, _next_peer) = watched(SetupStage::ProxyHeader, LONG, LONG);
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "a new watch waited {took:?} for a pending deadline"
+        );
+        pending.finish();
+        next.finish();
+    }
+}

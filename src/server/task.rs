@@ -130,12 +130,15 @@ pub async fn converse(task: &mut impl TaskWaits, connection: &mut Connection) ->
         if connection.wants_write() {
             // While the peer does not take its replies, it is not read (backpressure).
             let owed = connection.owed();
+            // What can be sent now: with TLS, plaintext owed before the handshake ended (a
+            // greeting) is owed too, but is no byte of `unsent` until it is encrypted.
+            let sending = connection.unsent().len();
             if let Err(reason) = send_all(task, connection.unsent()).await {
                 return reason.unwrap_or(CloseReason::DrainTimeout { owed });
             }
             task.state()
-                .with_log(|log| log.sent(connection.transport(), owed));
-            connection.advance(owed);
+                .with_log(|log| log.sent(connection.transport(), sending));
+            connection.advance(sending);
             task_buffers::return_spare(connection);
         }
         if task.state().draining.is_fired() {

@@ -1,0 +1,178 @@
+//! The closes that protect what a peer is owed, seen from the peer: a connection refused by
+//! `--max-conns` that already sent bytes reads EOF, not a reset; a lingering close past
+//! its byte bound waits without spinning and ends at its inactivity bound; the lingering
+//! thread sleeps once nothing lingers. `cargo test --test linger epoll::` runs one model.
+
+mod common;
+
+use common::{Conn, PATIENCE, Server};
+use std::io::{self, Read, Write};
+use std::process::Command;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+macro_rules! linger_cases {
+    ($($case:ident: [$($model:ident),* $(,)?]),* $(,)?) => {
+        $(
+            mod $case {
+                $(
+                    #[test]
+                    fn $model() {
+                        super::$case(&super::cli_name(stringify!($model)));
+                    }
+                )*
+            }
+        )*
+    };
+}
+
+linger_cases! {
+    refused_peer_that_sent_first_reads_eof:
+        [threaded, pool, forking, select, poll, epoll, own_runtime, tokio, uring],
+    past_the_byte_bound_no_spin_and_the_inactivity_bound:
+        [threaded, epoll, tokio],
+}
+
+/// The `--model` value for a module name: `own_runtime` is `async` (a keyword in Rust).
+fn cli_name(module: &str) -> String {
+    match module {
+        "own_runtime" => "async".to_string(),
+        other => other.replace('_', "-"),
+    }
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to the server process.
+fn signal(server: &Server, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &server.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal}");
+}
+
+/// A client refused by `--max-conns` that sent bytes before the server took it from the
+/// listen queue reads EOF: the refusal throws away what it sent before closing, so the
+/// kernel does not answer the close with a reset. The server is stopped (SIGSTOP) while
+/// the client connects and sends, so the bytes are surely there when it accepts.
+fn refused_peer_that_sent_first_reads_eof(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--max-conns", "1"]);
+    let mut held = server.connect_conn();
+    held.write_all(b"1").unwrap();
+    assert_eq!(held.read_exactly(1), b"1");
+    signal(&server, "-STOP");
+    let mut refused = server.connect_conn();
+    let sent = refused.write_all(b"sent before the refusal");
+    signal(&server, "-CONT");
+    sent.expect("send");
+    let mut buf = [0u8; 64];
+    match refused.read(&mut buf) {
+        Ok(0) => {}
+        other => panic!("{model}: the refused client that sent first read {other:?}, not EOF"),
+    }
+    server.wait_for_log("--max-conns");
+    drop(held);
+    server.stop();
+}
+
+/// `--idle-timeout 1` cuts a client that floods the server and reads nothing; the
+/// lingering close then throws away 1 MiB of the flood and stops reading, waiting only for
+/// the client to take the replies still queued. While it waits, the server must not spin
+/// (the socket stays readable: it must not be watched for input any more), and since the
+/// client takes nothing, the close ends 2 s (the inactivity bound) after the last byte,
+/// not at the 5 s bound in all: the client's blocked send then fails.
+fn past_the_byte_bound_no_spin_and_the_inactivity_bound(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--idle-timeout", "1"]);
+    let conn = server.connect_slow_reader();
+    let mut writer = conn.try_clone();
+    let (failed_tx, failed) = mpsc::channel();
+    let flood = thread::spawn(move || {
+        let chunk = [b'f'; 64 * 1024];
+        let start = Instant::now();
+        let mut sent = 0usize;
+        // Bounded in bytes and time; a send blocks at most PATIENCE (the socket's timeout).
+        while sent < 64 << 20 && start.elapsed() < Duration::from_secs(20) {
+            match writer.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = failed_tx.send((Instant::now(), e));
+                    return sent;
+                }
+            }
+        }
+        sent
+    });
+    server.wait_for_log("closing: idle for");
+    let cut_at = Instant::now();
+    // Long enough for the lingering close to read past its byte bound.
+    thread::sleep(Duration::from_millis(300));
+    let spent = server.cpu_spent_over(Duration::from_secs(1));
+    assert!(
+        spent < Duration::from_millis(250),
+        "{model}: {spent:?} of CPU in 1 s of a lingering close that waits for its peer: \
+         spinning"
+    );
+    let (failed_at, error) = failed
+        .recv_timeout(PATIENCE)
+        .unwrap_or_else(|_| panic!("{model}: the lingering close never ended"));
+    let ended = failed_at - cut_at;
+    assert!(
+        (Duration::from_millis(1000)..Duration::from_millis(3800)).contains(&ended),
+        "{model}: the lingering close of a peer that takes nothing ended {ended:?} after the \
+         idle cut ({error}), not about 2 s after"
+    );
+    let sent = flood.join().unwrap();
+    assert!(sent > 1 << 20, "{model}: only {sent} bytes sent");
+    drop(conn);
+    server.stop();
+}
+
+/// Voluntary context switches of the process's thread named `name`, or `None` if no
+/// thread has that name.
+fn thread_wakeups(pid: u32, name: &str) -> Option<u64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).ok()?;
+        return status
+            .lines()
+            .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|n| n.trim().parse().ok());
+    }
+    None
+}
+
+/// The lingering thread of an event-loop model sleeps once nothing lingers: after a client
+/// quits, stays a moment (so its close is handed to the thread) and leaves, the thread
+/// wakes at most a few times a second, not every few milliseconds.
+#[test]
+fn epoll_lingering_thread_sleeps_once_nothing_lingers() {
+    let server = Server::start(
+        "epoll",
+        &["--tcp", "127.0.0.1:0", "--protocol", "until-quit"],
+    );
+    let mut conn: Conn = server.connect_conn();
+    conn.write_all(b"quit\n").unwrap();
+    let (got, error) = conn.read_to_end_lossy();
+    assert!(error.is_none() && got == b"quit\n", "{got:?} {error:?}");
+    thread::sleep(Duration::from_millis(200));
+    let pid = server.pid();
+    assert!(
+        thread_wakeups(pid, "reverb-linger").is_some(),
+        "no lingering thread: the close was not handed to it"
+    );
+    drop(conn);
+    thread::sleep(Duration::from_millis(300));
+    let before = thread_wakeups(pid, "reverb-linger").unwrap();
+    thread::sleep(Duration::from_secs(1));
+    let woke = thread_wakeups(pid, "reverb-linger").unwrap() - before;
+    assert!(
+        woke <= 10,
+        "the lingering thread woke {woke} times in 1 s with nothing lingering"
+    );
+    server.stop();
+}
