@@ -118,6 +118,22 @@ fn address_in_use_exits_1_naming_it() {
 }
 
 #[test]
+fn address_in_use_by_a_shared_queue_server_exits_1() {
+    // The models with one shared accept queue bind without SO_REUSEPORT, so a second
+    // server on a port one of them serves is refused, not let in to take a share.
+    let first = Server::start("threaded", &["--tcp", "127.0.0.1:0"]);
+    let addr = first.addr("tcp");
+    let output = run_bounded(&["serve", "--model", "threaded", "--tcp", &addr]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("tcp://{addr}")) && stderr.to_lowercase().contains("in use"),
+        "{stderr}"
+    );
+    first.stop();
+}
+
+#[test]
 fn readiness_lines_in_flag_order_and_nothing_else() {
     let path = temp_socket_path("order");
     let path_arg = path.to_str().unwrap();
@@ -271,6 +287,22 @@ fn unix_path_live_of_the_other_kind_is_in_use() {
         drop(live);
         std::fs::remove_file(&path).unwrap();
     }
+}
+
+#[test]
+fn unix_path_with_a_name_too_long_is_refused_saying_so() {
+    // A file name past the kernel's 255 bytes: the path rules' own look at the path fails,
+    // and its reason is the one reported (binding would say something else).
+    let path = std::env::temp_dir().join(format!("{}.sock", "n".repeat(300)));
+    let path_arg = path.to_str().unwrap();
+    let output = run_bounded(&["serve", "--model", "threaded", "--unix", path_arg]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot bind unix://{path_arg}"))
+            && stderr.contains("File name too long"),
+        "{stderr}"
+    );
 }
 
 #[test]
