@@ -118,19 +118,32 @@ fn address_in_use_exits_1_naming_it() {
 }
 
 #[test]
-fn address_in_use_by_a_shared_queue_server_exits_1() {
-    // The models with one shared accept queue bind without SO_REUSEPORT, so a second
-    // server on a port one of them serves is refused, not let in to take a share.
-    let first = Server::start("threaded", &["--tcp", "127.0.0.1:0"]);
-    let addr = first.addr("tcp");
-    let output = run_bounded(&["serve", "--model", "threaded", "--tcp", &addr]);
-    let stderr = stderr_of(&output);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!("tcp://{addr}")) && stderr.to_lowercase().contains("in use"),
-        "{stderr}"
-    );
-    first.stop();
+fn address_in_use_for_a_reuseport_socket_unless_the_model_has_a_queue_per_loop() {
+    // Only the models with an accept queue per loop set SO_REUSEPORT on their TCP
+    // listeners, and so let another socket of the same user that sets it join the port;
+    // the others refuse it (EADDRINUSE).
+    use socket2::{Domain, SockAddr, Socket, Type};
+    for (model, joins) in [("threaded", false), ("epoll", false), ("async", true)] {
+        let server = Server::start(model, &["--tcp", "127.0.0.1:0"]);
+        let addr: std::net::SocketAddr = server.addr("tcp").parse().unwrap();
+        let other = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        other.set_reuse_port(true).unwrap();
+        let bound = other.bind(&SockAddr::from(addr));
+        if joins {
+            assert!(bound.is_ok(), "{model}: {bound:?}");
+        } else {
+            let Err(error) = bound else {
+                panic!("{model}: a reuseport socket joined the port");
+            };
+            assert_eq!(
+                error.kind(),
+                std::io::ErrorKind::AddrInUse,
+                "{model}: {error}"
+            );
+        }
+        drop(other);
+        server.stop();
+    }
 }
 
 #[test]
