@@ -429,6 +429,10 @@ mod tests {
         theirs
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
+        // A close that stopped reading too early must fail a test, not hang its writes.
+        theirs
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         (Stream::Unix(ours), theirs)
     }
 
@@ -563,6 +567,7 @@ mod tests {
                 Step::Wait,
                 "after {fed} bytes"
             );
+            assert_eq!(lingering.events(), POLLIN, "stopped reading at {fed} bytes");
         }
         assert_eq!(lingering.discarded, LINGER_MAX_BYTES);
         assert_eq!(

@@ -249,6 +249,32 @@ mod tests {
         assert!(conn.is_finished(), "EOF with nothing owed: finished");
     }
 
+    /// A read that took all it asked for may have left more queued, so the task lets the
+    /// others go first; a short read or EOF found the queue empty, so it need not.
+    #[test]
+    fn a_read_is_full_when_it_took_all_it_asked_for() {
+        let log = LoopLog::default();
+        let full = |conn: &mut Connection, socket: &mut Scripted| {
+            let received = receive_into(conn, &log, socket).expect("no close");
+            received.expect("handed over").is_full
+        };
+        let mut conn = connection(ProtocolKind::Lines);
+        let limit = conn.read_limit(READ_BUFFER_BYTES);
+        assert!(limit > 1);
+        let mut socket = reading(vec![Ok(vec![b'\n'; limit]), Ok(vec![b'\n'; 1])], 0);
+        assert!(full(&mut conn, &mut socket), "{limit} bytes of {limit}");
+        conn.advance(conn.owed());
+        assert!(!full(&mut conn, &mut socket), "a short read");
+        let mut socket = reading(vec![Ok(Vec::new())], 0);
+        assert!(!full(&mut conn, &mut socket), "EOF");
+        // A connection that reads nothing more asks for 0 bytes and gets 0: not full either.
+        let mut conn = connection(ProtocolKind::Lines);
+        conn.stop_reading();
+        assert_eq!(conn.read_limit(READ_BUFFER_BYTES), 0);
+        let mut socket = reading(vec![Ok(Vec::new())], 0);
+        assert!(!full(&mut conn, &mut socket), "0 bytes of 0");
+    }
+
     #[test]
     fn a_connection_producing_replies_borrows_the_threads_spare_until_it_sent_them() {
         SPARE.set(Vec::with_capacity(512));
