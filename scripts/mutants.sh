@@ -19,6 +19,20 @@
 #               quicker cases, then all of async's, tokio's and uring's cases (the task
 #               models, the only ones that run these files; uring only `close_served`);
 #               not part of `all`
+#   process     the server's process around its loops, each file against the tests that
+#               reach it (none of the groups above runs them):
+#     listeners   src/server/listeners.rs: the command line's listener tests (Unix socket
+#                 paths, readiness lines, an address in use), every model's `max_conns`
+#                 case, the server's unit tests (places held by lingering sockets), then
+#                 poll's quicker cases
+#     activation  src/server/activation.rs: tests/systemd.rs, with the real
+#                 `systemd-socket-activate`
+#     children    src/server/children.rs: `forking`'s process tests (reaping, a stuck
+#                 child killed, its metrics), then every `forking` test (its conformance
+#                 cases and running out of processes as well)
+#     signals     src/server/stop_signal.rs, shutdown.rs: the server's unit tests, tokio's
+#                 quicker cases, then poll's quicker cases
+#               (each also a group of its own); not part of `all`
 #   FILE...     the named files: the unit tests, poll's quicker cases, then all of epoll's
 #
 # Each group runs in stages, cheapest first: a later stage (`--iterate`) tests only the
@@ -67,6 +81,10 @@ CONNECTION_FILES=(src/server/connection.rs)
 READINESS_FILES=(src/server/readiness.rs)
 SHARED_FILES=(src/server/accept.rs src/server/lifecycle.rs src/server/mod.rs)
 TASK_FILES=(src/server/task.rs src/server/task_buffers.rs)
+LISTENERS_FILES=(src/server/listeners.rs)
+ACTIVATION_FILES=(src/server/activation.rs)
+CHILDREN_FILES=(src/server/children.rs)
+SIGNALS_FILES=(src/server/stop_signal.rs src/server/shutdown.rs)
 
 # Test selections, as cargo test arguments (libtest filters match substrings, so `poll::`
 # needs epoll and busy-poll skipped).
@@ -95,6 +113,19 @@ CONFORMANCE_DATAGRAM=(--test conformance -- 'poll::datagram' "${POLL_ONLY[@]}")
 # 4 MiB variants too).
 CONFORMANCE_TOKIO=(--test conformance -- 'tokio::' --skip 'idle_close_lingers' --skip 'unread_flood_bounded')
 CONFORMANCE_TASK=(--test conformance -- 'own_runtime::' 'tokio::' 'uring::' --skip 'unix_stream' --skip 'tcp_4m')
+# What binding shows users: the Unix path rules (a stale socket replaced, a live one or a
+# file refused, the file removed at exit unless replaced), the readiness lines, an address
+# in use.
+CLI_LISTENERS=(--test cli -- 'unix_path' 'readiness_' 'address_in_use')
+# `--max-conns` in every model (async and uring bind with SO_REUSEPORT, the others not).
+MAX_CONNS=(--test conformance -- 'max_conns')
+# Socket activation: the real `systemd-socket-activate` passes the sockets.
+SYSTEMD=(--test systemd)
+# `forking`, the only model with children: first the tests of the children themselves
+# (reaped, a stuck one killed, what its killed children counted), then every test of the
+# model: its conformance cases (the filter matches `forking::`) and running out of processes.
+FORKING_CHILDREN=(--test cli --test metrics -- 'forking')
+FORKING=(--test conformance --test cli --test metrics --test event_loops -- 'forking')
 
 if ! cargo mutants --version >/dev/null 2>&1; then
     echo "installing cargo-mutants" >&2
@@ -210,7 +241,8 @@ run_group() {
         if ! declare -p "$stage" >/dev/null 2>&1 || [[ $stage != [A-Z_]* ]]; then
             echo "unknown stage $stage: expected one of UNIT_TESTS UNIT_DATAGRAM UNIT_SERVER" \
                 "UNIT_CONNECTION CONFORMANCE CONFORMANCE_EPOLL SCALE METRICS CONFORMANCE_DATAGRAM" \
-                "CONFORMANCE_TOKIO CONFORMANCE_TASK" >&2
+                "CONFORMANCE_TOKIO CONFORMANCE_TASK CLI_LISTENERS MAX_CONNS SYSTEMD FORKING_CHILDREN" \
+                "FORKING" >&2
             return 2
         fi
     done
@@ -311,6 +343,11 @@ group() {
         readiness) run_group readiness "CONFORMANCE SCALE CONFORMANCE_EPOLL" "${READINESS_FILES[@]}" ;;
         shared) run_group shared "UNIT_SERVER CONFORMANCE METRICS CONFORMANCE_EPOLL" "${SHARED_FILES[@]}" ;;
         task) run_group task "UNIT_SERVER CONFORMANCE_TOKIO CONFORMANCE_TASK" "${TASK_FILES[@]}" ;;
+        listeners) run_group listeners "CLI_LISTENERS MAX_CONNS UNIT_SERVER CONFORMANCE" "${LISTENERS_FILES[@]}" ;;
+        activation) run_group activation SYSTEMD "${ACTIVATION_FILES[@]}" ;;
+        children) run_group children "FORKING_CHILDREN FORKING" "${CHILDREN_FILES[@]}" ;;
+        signals) run_group signals "UNIT_SERVER CONFORMANCE_TOKIO CONFORMANCE" "${SIGNALS_FILES[@]}" ;;
+        process) group listeners && group activation && group children && group signals ;;
         server) group connection && group readiness && group shared ;;
         all) group small && group datagram && group server ;;
         *) run_group files "UNIT_TESTS CONFORMANCE CONFORMANCE_EPOLL" "$@" ;;

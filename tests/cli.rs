@@ -18,6 +18,32 @@ fn run(args: &[&str]) -> Output {
         .expect("run reverb")
 }
 
+/// As [`run`], for a command that must exit by itself (a refused start): one that is still
+/// running after `PATIENCE` (serving, say, where it should have refused) is killed and the
+/// test fails, rather than waiting for ever.
+fn run_bounded(args: &[&str]) -> Output {
+    let mut child = reverb()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run reverb");
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("reap");
+            panic!(
+                "{args:?} still running after {PATIENCE:?}, where it should have exited: {}",
+                stderr_of(&output)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
 fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -89,6 +115,35 @@ fn address_in_use_exits_1_naming_it() {
         output.stdout.is_empty(),
         "no listening line for a failed start"
     );
+}
+
+#[test]
+fn address_in_use_for_a_reuseport_socket_unless_the_model_has_a_queue_per_loop() {
+    // Only the models with an accept queue per loop set SO_REUSEPORT on their TCP
+    // listeners, and so let another socket of the same user that sets it join the port;
+    // the others refuse it (EADDRINUSE).
+    use socket2::{Domain, SockAddr, Socket, Type};
+    for (model, joins) in [("threaded", false), ("epoll", false), ("async", true)] {
+        let server = Server::start(model, &["--tcp", "127.0.0.1:0"]);
+        let addr: std::net::SocketAddr = server.addr("tcp").parse().unwrap();
+        let other = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        other.set_reuse_port(true).unwrap();
+        let bound = other.bind(&SockAddr::from(addr));
+        if joins {
+            assert!(bound.is_ok(), "{model}: {bound:?}");
+        } else {
+            let Err(error) = bound else {
+                panic!("{model}: a reuseport socket joined the port");
+            };
+            assert_eq!(
+                error.kind(),
+                std::io::ErrorKind::AddrInUse,
+                "{model}: {error}"
+            );
+        }
+        drop(other);
+        server.stop();
+    }
 }
 
 #[test]
@@ -188,7 +243,7 @@ fn unix_path_rules() {
     let path = temp_socket_path("file");
     std::fs::write(&path, b"precious").unwrap();
     let path_arg = path.to_str().unwrap();
-    let output = run(&["serve", "--model", "threaded", "--unix", path_arg]);
+    let output = run_bounded(&["serve", "--model", "threaded", "--unix", path_arg]);
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
@@ -200,7 +255,7 @@ fn unix_path_rules() {
 
     // A live socket is in use.
     let live = UnixListener::bind(&path).unwrap();
-    let output = run(&["serve", "--model", "threaded", "--unix", path_arg]);
+    let output = run_bounded(&["serve", "--model", "threaded", "--unix", path_arg]);
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
@@ -220,6 +275,68 @@ fn unix_path_rules() {
     assert_eq!(got, b"stale replaced");
     server.stop();
     assert!(!exists(&path), "removed at exit");
+}
+
+#[test]
+fn unix_path_live_of_the_other_kind_is_in_use() {
+    // A live socket of the other kind (the probe's connect says EPROTOTYPE) is in use too,
+    // and left alone, either way round.
+    let path = temp_socket_path("other-kind");
+    let path_arg = path.to_str().unwrap();
+    for (live_kind, serve_flag) in [("datagram", "--unix"), ("stream", "--unix-dgram")] {
+        let live: Box<dyn std::any::Any> = if live_kind == "datagram" {
+            Box::new(std::os::unix::net::UnixDatagram::bind(&path).unwrap())
+        } else {
+            Box::new(UnixListener::bind(&path).unwrap())
+        };
+        let output = run_bounded(&["serve", "--model", "threaded", serve_flag, path_arg]);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{serve_flag}: {stderr}");
+        assert!(
+            stderr.contains(path_arg) && stderr.contains("in use"),
+            "a live {live_kind} socket is in use for {serve_flag}: {stderr}"
+        );
+        assert!(exists(&path), "a live {live_kind} socket is left alone");
+        drop(live);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+#[test]
+fn unix_path_with_a_name_too_long_is_refused_saying_so() {
+    // A file name past the kernel's 255 bytes: the path rules' own look at the path fails,
+    // and its reason is the one reported (binding would say something else).
+    let path = std::env::temp_dir().join(format!("{}.sock", "n".repeat(300)));
+    let path_arg = path.to_str().unwrap();
+    let output = run_bounded(&["serve", "--model", "threaded", "--unix", path_arg]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot bind unix://{path_arg}"))
+            && stderr.contains("File name too long"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unix_path_replaced_while_serving_is_left_at_exit() {
+    // The server removes its socket file at exit only while the file is still its own:
+    // another server that took the path over meanwhile keeps it.
+    let path = temp_socket_path("replaced");
+    let path_arg = path.to_str().unwrap();
+    let server = Server::start("threaded", &["--unix", path_arg]);
+    // Bound beside it and renamed over it, so the new file is a different inode (one
+    // bound after an unlink may reuse the old inode's number).
+    let other_path = temp_socket_path("replacement");
+    let other = UnixListener::bind(&other_path).unwrap();
+    std::fs::rename(&other_path, &path).unwrap();
+    server.stop();
+    assert!(
+        exists(&path),
+        "the socket file that replaced the server's is not the server's to remove"
+    );
+    drop(other);
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[test]
@@ -635,6 +752,71 @@ fn forking_reaps_every_child() {
         std::thread::sleep(Duration::from_millis(50));
     }
     server.stop();
+}
+
+/// A `forking` child that does not end when shutdown's drain and lingering bounds have
+/// passed (stopped here with SIGSTOP) is killed, a second after both and not sooner, and
+/// its connection is counted closed (reason `error`); the server then exits 0.
+#[test]
+fn forking_kills_a_child_stuck_past_the_drain() {
+    let mut server = Server::start(
+        "forking",
+        &["--tcp", "127.0.0.1:0", "--drain-timeout", "1", "--verbose"],
+    );
+    let before = children_of(server.pid());
+    let mut stream = server.connect_tcp();
+    stream.write_all(b"stuck").unwrap();
+    let mut back = [0u8; 5];
+    std::io::Read::read_exact(&mut stream, &mut back).unwrap();
+    let child = children_of(server.pid())
+        .into_iter()
+        .find(|pid| !before.contains(pid))
+        .expect("the connection's child");
+    let signal = |name: &str| {
+        std::process::Command::new("kill")
+            .args([name, &child])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(signal("-STOP"), "stop child {child}");
+    let terminated_at = Instant::now();
+    server.terminate();
+    let status = server.wait_exit(PATIENCE);
+    let waited = terminated_at.elapsed();
+    // Whatever happened, the stopped child must not outlive the test.
+    let _ = signal("-KILL");
+    let status = status.expect("the server exits once its stuck child is killed");
+    let log = server.stderr();
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert!(
+        log.contains("killing 1 children still draining"),
+        "the stuck child is killed:\n{log}"
+    );
+    assert!(
+        log.lines().any(|line| line.contains("reason=\"error\"")
+            && line.contains(&format!("its child {child} was killed by signal 9"))),
+        "its connection is counted closed, reason error:\n{log}"
+    );
+    assert!(
+        !log.contains("did not exit"),
+        "the killed child is reaped:\n{log}"
+    );
+    // The drain (1 s) and the lingering bound after it (1 s) are the child's, then a
+    // second of grace: killed at 3 s, so certainly not before 2 s.
+    assert!(
+        waited >= Duration::from_secs(2),
+        "the child was killed {waited:?} after SIGTERM, inside its drain and lingering bounds"
+    );
+}
+
+/// The pids of `parent`'s children, from `/proc`.
+fn children_of(parent: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 /// An IPv4-mapped IPv6 address binds as written, TCP and UDP, and the readiness lines

@@ -196,6 +196,35 @@ fn unix_is_served_and_its_file_left_to_the_manager() {
 }
 
 #[test]
+fn unix_datagram_is_served_and_named_as_datagram() {
+    if !has_activate() {
+        return;
+    }
+    let path = temp_socket_path("activated-d");
+    let path_text = path.to_str().unwrap().to_string();
+    let mut activated = Activated::start(&["--datagram", "-l", &path_text], &["--model", "poll"]);
+    // A datagram client needs an address of its own for the reply to reach it.
+    let client_path = temp_socket_path("activated-d-client");
+    let client = UnixDatagram::bind(&client_path).expect("client socket");
+    client.set_read_timeout(Some(PATIENCE)).unwrap();
+    client.send_to(b"unix datagram", &path).expect("send");
+    let mut reply = [0u8; 64];
+    let n = client.recv(&mut reply).expect("echo");
+    assert_eq!(&reply[..n], b"unix datagram");
+    assert_eq!(
+        activated.readiness_lines(1),
+        [format!("listening unix-dgram://{path_text}")]
+    );
+    activated.terminate_and_wait();
+    assert!(
+        path.exists(),
+        "the service manager's socket file is not ours to remove"
+    );
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&client_path);
+}
+
+#[test]
 fn ready_and_stopping_reach_the_notify_socket() {
     if !has_activate() {
         return;
