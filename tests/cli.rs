@@ -339,7 +339,10 @@ fn unix_path_the_server_may_not_probe_is_refused_with_its_reason() {
         eprintln!("SKIPPED: needs root and setpriv (util-linux) to run the server as nobody");
         return;
     }
-    let path = temp_socket_path("not-ours");
+    // In /tmp itself, which nobody can search: TMPDIR may be a directory of root's own,
+    // where looking at the path would fail before the probe does.
+    let name = temp_socket_path("not-ours");
+    let path = std::path::Path::new("/tmp").join(name.file_name().unwrap());
     let path_arg = path.to_str().unwrap();
     let live = UnixListener::bind(&path).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
