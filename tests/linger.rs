@@ -146,11 +146,12 @@ fn thread_wakeups(pid: u32, name: &str) -> Option<u64> {
     None
 }
 
-/// The lingering thread of an event-loop model sleeps once nothing lingers: after a client
-/// quits, stays a moment (so its close is handed to the thread) and leaves, the thread
+/// The lingering thread of an event-loop model sleeps while a silent peer lingers (until
+/// that peer's deadline: input wakes it) and once nothing lingers: after a client quits
+/// and stays (so its close is handed to the thread), and again after it leaves, the thread
 /// wakes at most a few times a second, not every few milliseconds.
 #[test]
-fn epoll_lingering_thread_sleeps_once_nothing_lingers() {
+fn epoll_lingering_thread_sleeps_while_a_silent_peer_lingers_and_after() {
     let server = Server::start(
         "epoll",
         &["--tcp", "127.0.0.1:0", "--protocol", "until-quit"],
@@ -161,9 +162,14 @@ fn epoll_lingering_thread_sleeps_once_nothing_lingers() {
     assert!(error.is_none() && got == b"quit\n", "{got:?} {error:?}");
     thread::sleep(Duration::from_millis(200));
     let pid = server.pid();
+    let before = thread_wakeups(pid, "reverb-linger")
+        .expect("no lingering thread: the close was not handed to it");
+    // Within the 2 s the silent peer may linger.
+    thread::sleep(Duration::from_secs(1));
+    let woke = thread_wakeups(pid, "reverb-linger").unwrap() - before;
     assert!(
-        thread_wakeups(pid, "reverb-linger").is_some(),
-        "no lingering thread: the close was not handed to it"
+        woke <= 10,
+        "the lingering thread woke {woke} times in 1 s while a silent peer lingered"
     );
     drop(conn);
     thread::sleep(Duration::from_millis(300));
@@ -175,4 +181,48 @@ fn epoll_lingering_thread_sleeps_once_nothing_lingers() {
         "the lingering thread woke {woke} times in 1 s with nothing lingering"
     );
     server.stop();
+}
+
+/// At shutdown, the lingering thread of an event-loop model closes a lingering connection
+/// as soon as its peer has taken every reply queued (which wakes no `poll`, so the thread
+/// looks again every few milliseconds while the server exits), and the server exits then,
+/// not when the linger's own deadline (2 s after the peer's last byte) comes.
+#[test]
+fn epoll_exits_as_soon_as_the_last_lingering_peer_takes_its_replies() {
+    let args = [
+        "--tcp",
+        "127.0.0.1:0",
+        "--protocol",
+        "until-quit",
+        "--drain-timeout",
+        "10",
+    ];
+    let server = Server::start("epoll", &args);
+    let mut conn = server.connect_slow_reader();
+    let mut input = vec![b'x'; 100_000];
+    input.extend_from_slice(b"quit\n");
+    conn.write_all(&input).unwrap();
+    // The reply goes to the kernel's queues, where the client leaves most of it, and the
+    // close to the lingering thread; a byte more keeps it lingering 2 s from now.
+    thread::sleep(Duration::from_millis(500));
+    conn.write_all(b"!").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    server.terminate();
+    thread::sleep(Duration::from_millis(300));
+    let (got, error) = conn.read_to_end_lossy();
+    let took_all = Instant::now();
+    assert!(
+        error.is_none() && got == input,
+        "{error:?} after {} of {} bytes",
+        got.len(),
+        input.len()
+    );
+    let mut server = server;
+    let status = server.wait_exit(PATIENCE).expect("exits");
+    let after = took_all.elapsed();
+    assert!(status.success(), "exit {status}; {}", server.stderr());
+    assert!(
+        after < Duration::from_secs(1),
+        "the server exited {after:?} after its last lingering peer took every reply"
+    );
 }

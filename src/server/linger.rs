@@ -719,7 +719,12 @@ mod tests {
         let mut got = Vec::new();
         theirs.read_to_end(&mut got).unwrap();
         assert!(got.is_empty());
+        // Settled (the peer has everything, nothing is unread) but not at shutdown: the
+        // lingering thread keeps it until the peer's EOF or a bound.
+        std::thread::sleep(Duration::from_millis(200));
         assert_eq!(counter.open(), 1, "a lingering socket holds its place");
+        // Bytes that reach the lingering thread itself: it reads them, then the EOF.
+        theirs.write_all(b"later").unwrap();
         theirs.shutdown(std::net::Shutdown::Write).unwrap();
         // The lingering thread takes the peer's EOF, closes our end, frees the place.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -727,5 +732,11 @@ mod tests {
             assert!(Instant::now() < deadline, "still lingering");
             std::thread::sleep(Duration::from_millis(20));
         }
+        let mut rest = [0u8; 1];
+        let after = theirs.read(&mut rest);
+        assert!(
+            matches!(after, Ok(0)),
+            "{after:?}: closed with the peer's bytes unread"
+        );
     }
 }
