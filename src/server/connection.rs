@@ -27,6 +27,18 @@ use std::sync::Arc;
 /// idle TLS connection holds little memory (its plaintext was already encrypted).
 const RELEASE_IDLE_BUFFER_BYTES: usize = 16 * 1024;
 
+/// What one read of a peer's socket did ([`Connection::read_some`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOutcome {
+    /// Input or the peer's EOF arrived.
+    pub has_arrived: bool,
+    /// The socket may still hold input this read did not take: the read filled all it
+    /// asked for, was interrupted, or was not made (the bound allowed none). A loop that
+    /// is told of input only when more arrives (edge-triggered epoll) must read again
+    /// without waiting; one told while any is queued (level-triggered) need not care.
+    pub may_hold_more: bool,
+}
+
 /// The connection's handler panicked; it was logged, and the model should close it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HandlerPanicked;
@@ -634,12 +646,42 @@ impl Connection {
         buf: &mut [u8],
         log: &LoopLog,
     ) -> Result<bool, CloseReason> {
+        self.read_some(stream, buf, log)
+            .map(|read| read.has_arrived)
+    }
+
+    /// As [`Connection::read_from`], and also says whether the socket may still hold input
+    /// this read did not take ([`ReadOutcome::may_hold_more`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::on_read_through`].
+    #[inline(always)]
+    pub fn read_some(
+        &mut self,
+        stream: &Stream,
+        buf: &mut [u8],
+        log: &LoopLog,
+    ) -> Result<ReadOutcome, CloseReason> {
         let limit = self.read_limit(buf.len());
         if limit == 0 {
-            return Ok(false);
+            return Ok(ReadOutcome {
+                has_arrived: false,
+                may_hold_more: true,
+            });
         }
         let result = stream.read(&mut buf[..limit]);
-        self.on_read_through(result, buf, log, |bytes| stream.write(bytes))
+        // A read that filled what it asked for may have left more; a short one took all
+        // the socket held (TCP and Unix stream reads copy until the queue is empty).
+        let may_hold_more = match &result {
+            Ok(n) => *n == limit,
+            Err(e) => e.kind() == io::ErrorKind::Interrupted,
+        };
+        let has_arrived = self.on_read_through(result, buf, log, |bytes| stream.write(bytes))?;
+        Ok(ReadOutcome {
+            has_arrived,
+            may_hold_more,
+        })
     }
 
     /// Writes owed bytes to the non-blocking `stream` until none are left or the kernel's
@@ -1154,6 +1196,44 @@ mod tests {
             "EOF"
         );
         assert!(!conn.wants_read());
+    }
+
+    #[test]
+    fn read_some_says_when_the_socket_may_still_hold_input() {
+        use std::io::{Read, Write};
+        let log = LoopLog::default();
+        let (stream, mut client) = socket_pair();
+        let mut conn = plain(&echo(), 4);
+        let mut buf = [0u8; 64];
+        let outcome = |has_arrived, may_hold_more| {
+            Some(ReadOutcome {
+                has_arrived,
+                may_hold_more,
+            })
+        };
+        let nothing = conn.read_some(&stream, &mut buf, &log).ok();
+        assert_eq!(nothing, outcome(false, false), "WouldBlock: nothing queued");
+        client.write_all(b"abcdef").unwrap();
+        let full = conn.read_some(&stream, &mut buf, &log).ok();
+        assert_eq!(
+            full,
+            outcome(true, true),
+            "the bound (4) filled: 2 bytes left"
+        );
+        let short = conn.read_some(&stream, &mut buf, &log).ok();
+        assert_eq!(short, outcome(true, false), "2 of 4: all that was queued");
+        let mut echoed = [0u8; 6];
+        client.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"abcdef");
+        // A reply the peer does not take fills the bound: no read is made, and whatever
+        // is queued is still there.
+        conn.receive(b"wxyz");
+        let none = conn.read_some(&stream, &mut buf, &log).ok();
+        assert_eq!(none, outcome(false, true), "no room: not read");
+        drop(client);
+        conn.advance(4);
+        let eof = conn.read_some(&stream, &mut buf, &log).ok();
+        assert_eq!(eof, outcome(true, false), "EOF");
     }
 
     #[test]

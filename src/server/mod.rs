@@ -27,7 +27,7 @@ pub mod task_buffers;
 
 pub use crate::protocol::Protocol;
 pub use accept::{AcceptAction, Accepted, accept_action, accept_and_admit, on_accept};
-pub use connection::{Connection, HandlerPanicked, is_in_handler};
+pub use connection::{Connection, HandlerPanicked, ReadOutcome, is_in_handler};
 pub use datagram::{
     DATAGRAM_BATCH, DatagramReplier, Receipt, datagram_source_allowed, is_per_peer_datagram_error,
     receive_datagram,

@@ -83,6 +83,9 @@ struct Entry {
     stream: Stream,
     /// What the model's mechanism was last told to watch ([`ReadinessCore::sync`]).
     watched: Interest,
+    /// `Some` while kept to be served again next turn ([`ReadinessCore::serve_again`]),
+    /// with whether the peer's EOF is still to be read.
+    again: Option<bool>,
     connection: Connection,
     /// The turn in which the connection last made progress, for `--idle-timeout`: a byte
     /// read from the peer, or a byte of its replies taken by the kernel.
@@ -135,6 +138,10 @@ pub struct ReadinessCore {
     /// watches: [`ReadinessCore::sync`] unwatches them, then hands them to the lingering
     /// close, whose descriptor would otherwise keep them in the interest list.
     unwatching: Vec<(Token, Stream, Interest, Admission)>,
+    /// Connections to serve again next turn without waiting, for a mechanism that reports
+    /// input only when more arrives ([`ReadinessCore::handle_edge`]): their last read may
+    /// have left input, or their peer's EOF is still to be read (`Entry::again`).
+    again: Vec<Token>,
 }
 
 impl ReadinessCore {
@@ -179,6 +186,7 @@ impl ReadinessCore {
             fd_limit: None,
             clock,
             unwatching: Vec::new(),
+            again: Vec::new(),
         })
     }
 
@@ -293,6 +301,10 @@ impl ReadinessCore {
     /// pause or the drain deadline (`None`: until something is ready). Reads the clock
     /// only while something is timed.
     pub fn timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() {
+            // Input is already waiting: look for more without sleeping, then serve it.
+            return Some(Duration::ZERO);
+        }
         if !self.is_timed() {
             return None;
         }
@@ -375,6 +387,82 @@ impl ReadinessCore {
                 Ok(())
             }
             Some(n) => self.handle_own(n),
+        }
+    }
+
+    /// As [`ReadinessCore::handle`], for a mechanism that reports a connection only when
+    /// something new arrives (epoll's `EPOLLET`), not while input stays queued:
+    /// `is_read_closed` says the peer's EOF (or an error) has arrived. A connection whose
+    /// read may have left input, or that still has the EOF to read, is kept and served
+    /// again next turn ([`ReadinessCore::serve_again`]) instead of waiting for a report
+    /// that would never come; one already kept is served then, not twice in a turn. The
+    /// loop's own sockets are handled as by `handle` (the mechanism keeps them
+    /// level-triggered).
+    ///
+    /// # Errors
+    ///
+    /// As [`ReadinessCore::handle`].
+    #[inline]
+    pub fn handle_edge(
+        &mut self,
+        token: Token,
+        ready: Interest,
+        is_read_closed: bool,
+    ) -> io::Result<()> {
+        if token.reserved_index().is_some() {
+            return self.handle(token, ready);
+        }
+        if let Some(entry) = self.connections.get_mut(token)
+            && let Some(was_read_closed) = entry.again
+        {
+            entry.again = Some(was_read_closed || is_read_closed);
+            return Ok(());
+        }
+        if self.serve(token, ready) || is_read_closed {
+            self.serve_again_later(token, is_read_closed);
+        }
+        Ok(())
+    }
+
+    /// Serves once more, as if found readable, every connection
+    /// [`ReadinessCore::handle_edge`] kept in the turns before; those that may still hold
+    /// input are kept for the next. Called once a turn, before the turn's events.
+    #[inline]
+    pub fn serve_again(&mut self) {
+        if !self.again.is_empty() {
+            self.serve_again_now();
+        }
+    }
+
+    fn serve_again_now(&mut self) {
+        let mut again = std::mem::take(&mut self.again);
+        for token in again.drain(..) {
+            let Some(is_read_closed) =
+                (self.connections.get_mut(token)).and_then(|e| e.again.take())
+            else {
+                continue;
+            };
+            if self.serve(token, Interest::READABLE) || is_read_closed {
+                self.serve_again_later(token, is_read_closed);
+            }
+        }
+        if self.again.is_empty() {
+            // Keeps the allocation for the next turn.
+            self.again = again;
+        }
+    }
+
+    /// Keeps `token` for [`ReadinessCore::serve_again`] if it is still open and reading:
+    /// one that stopped reading is watched for input again when it resumes, and the
+    /// mechanism then reports whatever is queued.
+    #[cold]
+    fn serve_again_later(&mut self, token: Token, is_read_closed: bool) {
+        let Some(entry) = self.connections.get_mut(token) else {
+            return;
+        };
+        if entry.again.is_none() && entry.connection.wants_read() {
+            entry.again = Some(is_read_closed);
+            self.again.push(token);
         }
     }
 
@@ -519,6 +607,7 @@ impl ReadinessCore {
             place: admission,
             last_progress: now,
             watched: Interest::NONE,
+            again: None,
         });
         self.clock.watch(token);
         // A greeting is owed at once; the mechanism learns to wait for writable.
@@ -537,23 +626,30 @@ impl ReadinessCore {
     /// One readiness of a connection: one read if it is readable and wants input, then
     /// write what is owed until the kernel's send buffer is full; closes it when finished
     /// or failed. A stale token (closed earlier in the turn) finds nothing.
-    fn serve(&mut self, token: Token, ready: Interest) {
+    ///
+    /// Returns whether the socket may still hold input that was reported readable and not
+    /// read ([`ReadOutcome::may_hold_more`](super::ReadOutcome::may_hold_more), or no
+    /// read made): only an edge-triggered mechanism needs to know.
+    fn serve(&mut self, token: Token, ready: Interest) -> bool {
         let Some(entry) = self.connections.get_mut(token) else {
-            return;
+            return false;
         };
         let connection = &mut entry.connection;
         if !connection.may_write_through() {
             connection.lend_spare(&mut self.spare);
         }
         let mut served = Ok(());
+        let mut may_hold_more = ready.readable;
         if ready.readable && connection.wants_read() {
             let buf = self.buf.first_mut(READ_BUFFER_BYTES);
-            match connection.read_from(&entry.stream, buf, &self.log) {
-                // Written only when timed: the field sits on a cold cache line.
-                Ok(true) if self.idle.is_some() => {
-                    entry.last_progress = self.clock.now();
+            match connection.read_some(&entry.stream, buf, &self.log) {
+                Ok(read) => {
+                    may_hold_more = read.may_hold_more;
+                    // Written only when timed: the field sits on a cold cache line.
+                    if read.has_arrived && self.idle.is_some() {
+                        entry.last_progress = self.clock.now();
+                    }
                 }
-                Ok(_) => {}
                 Err(reason) => served = Err(reason),
             }
         }
@@ -570,15 +666,20 @@ impl ReadinessCore {
         }
         connection.return_spare(&mut self.spare);
         match served {
-            Err(reason) => self.close(token, reason),
+            Err(reason) => {
+                self.close(token, reason);
+                return false;
+            }
             Ok(()) if entry.connection.is_finished() => {
                 let reason =
                     (entry.connection).finish_reason(self.clock.drain_deadline().is_some());
                 self.close(token, reason);
+                return false;
             }
             Ok(()) if interest_of(&entry.connection) != entry.watched => self.changed.push(token),
             Ok(()) => {}
         }
+        may_hold_more
     }
 
     // Cold: once per connection, so it stays out of `serve`'s per-message path.
