@@ -115,11 +115,14 @@ CONFORMANCE_TOKIO=(--test conformance -- 'tokio::' --skip 'idle_close_lingers' -
 CONFORMANCE_TASK=(--test conformance -- 'own_runtime::' 'tokio::' 'uring::' --skip 'unix_stream' --skip 'tcp_4m')
 # What binding shows users: the Unix path rules (a stale socket replaced, a live one or a
 # file refused, the file removed at exit unless replaced), the readiness lines, an address
-# in use.
+# in use. Run as root: one test runs the server as nobody (skipped otherwise, and the
+# mutant it kills shows as missed).
 CLI_LISTENERS=(--test cli -- 'unix_path' 'readiness_' 'address_in_use')
 # `--max-conns` in every model (async and uring bind with SO_REUSEPORT, the others not).
 MAX_CONNS=(--test conformance -- 'max_conns')
-# Socket activation: the real `systemd-socket-activate` passes the sockets.
+# Socket activation: the real `systemd-socket-activate` passes the sockets. Without it
+# (outside CI) every test skips and every mutant shows as missed: install the systemd
+# package first, as `.ci/run` does.
 SYSTEMD=(--test systemd)
 # `forking`, the only model with children: first the tests of the children themselves
 # (reaped, a stuck one killed, what its killed children counted), then every test of the

@@ -22,8 +22,14 @@ fn run(args: &[&str]) -> Output {
 /// running after `PATIENCE` (serving, say, where it should have refused) is killed and the
 /// test fails, rather than waiting for ever.
 fn run_bounded(args: &[&str]) -> Output {
-    let mut child = reverb()
-        .args(args)
+    let mut command = reverb();
+    command.args(args);
+    run_command_bounded(command, args)
+}
+
+/// As [`run_bounded`], for `command`, whose reverb arguments are `args`.
+fn run_command_bounded(mut command: std::process::Command, args: &[&str]) -> Output {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -316,6 +322,51 @@ fn unix_path_with_a_name_too_long_is_refused_saying_so() {
             && stderr.contains("File name too long"),
         "{stderr}"
     );
+}
+
+#[test]
+fn unix_path_the_server_may_not_probe_is_refused_with_its_reason() {
+    // A live socket whose file the server may not write to (connect says EACCES) is
+    // refused with that reason, neither called in use nor replaced. The server runs as
+    // nobody (uid 65534): root is never refused.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let has_setpriv = std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !is_root || !has_setpriv {
+        eprintln!("SKIPPED: needs root and setpriv (util-linux) to run the server as nobody");
+        return;
+    }
+    // In /tmp itself, which nobody can search: TMPDIR may be a directory of root's own,
+    // where looking at the path would fail before the probe does.
+    let name = temp_socket_path("not-ours");
+    let path = std::path::Path::new("/tmp").join(name.file_name().unwrap());
+    let path_arg = path.to_str().unwrap();
+    let live = UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let args = ["serve", "--model", "threaded", "--unix", path_arg];
+    let mut command = std::process::Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_reverb"))
+        .args(args);
+    let output = run_command_bounded(command, &args);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot bind unix://{path_arg}"))
+            && stderr.contains("Permission denied")
+            && !stderr.contains("in use"),
+        "{stderr}"
+    );
+    assert!(
+        exists(&path),
+        "a socket the server may not probe is left alone"
+    );
+    drop(live);
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[test]
