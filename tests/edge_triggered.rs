@@ -95,3 +95,89 @@ fn an_eof_queued_behind_the_last_bytes_is_seen() {
         eof_queued_behind_the_last_bytes_is_seen(model);
     }
 }
+
+/// Sends all of `bytes` on `socket` with `flags`, or fails the test.
+fn send_flags(socket: &impl std::os::fd::AsFd, bytes: &[u8], flags: libc::c_int) {
+    let sent = socket2::SockRef::from(socket).send_with_flags(bytes, flags);
+    assert_eq!(
+        sent.ok(),
+        Some(bytes.len()),
+        "send {bytes:?} with flags {flags}"
+    );
+}
+
+/// Urgent data queued in the middle of the input: a read stops at the urgent mark (tcp(7)),
+/// short although more is queued behind it, so what follows the mark must still be read
+/// without more arriving. The urgent byte itself is out of band (no `SO_OOBINLINE`): the
+/// in-band bytes come back.
+fn input_behind_an_urgent_mark_is_answered(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0"]);
+    let tcp = server.connect_tcp();
+    let mut conn = Conn::Tcp(tcp.try_clone().expect("clone"));
+    conn.write_all(b"x").expect("send");
+    assert_eq!(conn.read_exactly(1), b"x");
+    signal_and_wait(server.pid(), "STOP");
+    send_flags(&tcp, b"abc", 0);
+    send_flags(&tcp, b"!", libc::MSG_OOB);
+    send_flags(&tcp, b"def", 0);
+    signal_and_wait(server.pid(), "CONT");
+    assert_eq!(conn.read_exactly(6), b"abcdef", "{model}");
+    server.stop();
+}
+
+/// A Unix stream read stops after a message that carried descriptors (unix(7),
+/// `SCM_RIGHTS`; the server reads without taking them, so the kernel closes them): the
+/// bytes sent after it must still be read without more arriving.
+fn input_behind_passed_descriptors_is_answered(model: &str) {
+    use std::os::fd::AsRawFd;
+    let dir = std::env::temp_dir();
+    let name = format!("reverb-edge-{}-{model}.sock", std::process::id());
+    let server = Server::start_in_dir(&dir, model, &["--unix", &name]);
+    let unix = std::os::unix::net::UnixStream::connect(server.addr("unix")).expect("connect");
+    unix.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut conn = Conn::Unix(unix.try_clone().expect("clone"));
+    conn.write_all(b"x").expect("send");
+    assert_eq!(conn.read_exactly(1), b"x");
+    signal_and_wait(server.pid(), "STOP");
+    send_with_descriptor(&unix, b"ab", unix.as_raw_fd());
+    conn.write_all(b"cd").expect("send");
+    signal_and_wait(server.pid(), "CONT");
+    assert_eq!(conn.read_exactly(4), b"abcd", "{model}");
+    server.stop();
+}
+
+/// Sends `bytes` with the descriptor `passed` attached (`SCM_RIGHTS`).
+fn send_with_descriptor(socket: &impl std::os::fd::AsFd, bytes: &[u8], passed: libc::c_int) {
+    // One control message, laid out as cmsg(3) says: its length (the header, aligned to
+    // a word, and one descriptor: CMSG_LEN), level and type, then the descriptor, padded
+    // to a word (CMSG_SPACE).
+    let word = std::mem::size_of::<usize>();
+    let align = |n: usize| n.div_ceil(word) * word;
+    let header = align(std::mem::size_of::<libc::cmsghdr>());
+    let int = std::mem::size_of::<libc::c_int>();
+    let mut control = vec![0u8; header + align(int)];
+    control[..word].copy_from_slice(&(header + int).to_ne_bytes());
+    control[word..word + 4].copy_from_slice(&libc::SOL_SOCKET.to_ne_bytes());
+    control[word + 4..word + 8].copy_from_slice(&libc::SCM_RIGHTS.to_ne_bytes());
+    control[header..header + int].copy_from_slice(&passed.to_ne_bytes());
+    let buffers = [std::io::IoSlice::new(bytes)];
+    let msg = socket2::MsgHdr::new()
+        .with_buffers(&buffers)
+        .with_control(&control);
+    let sent = socket2::SockRef::from(socket).sendmsg(&msg, 0);
+    assert_eq!(sent.ok(), Some(bytes.len()), "sendmsg with a descriptor");
+}
+
+#[test]
+fn input_behind_an_urgent_mark_is_all_answered() {
+    for model in MODELS {
+        input_behind_an_urgent_mark_is_answered(model);
+    }
+}
+
+#[test]
+fn input_behind_passed_descriptors_is_all_answered() {
+    for model in MODELS {
+        input_behind_passed_descriptors_is_answered(model);
+    }
+}

@@ -16,10 +16,13 @@
 //! epoll does not make (4-5 % of `epoll`'s server CPU per message at 1 KiB, paired
 //! windows in docs/benchmarks.md). Edge-triggered, a connection is reported only when
 //! something new arrives, so a read must not leave input behind unseen: the loop still
-//! reads once per report, and a read that filled all it asked for, or a peer whose EOF
-//! came with its last bytes, is served again next turn without waiting
-//! (`ReadinessCore::handle_edge`); a short read took everything queued (TCP and Unix
-//! stream reads copy until the queue is empty). Backpressure stays a matter of dropping
+//! reads once per report, and a read that filled all it asked for is served again next
+//! turn without waiting (`ReadinessCore::handle_edge`); a short TCP read took everything
+//! queued (tcp_recvmsg copies until the queue is empty). Where a short read proves
+//! nothing, the connection is served again until a read finds nothing: after the peer's
+//! EOF came (`EPOLLRDHUP`: the EOF is still to be read), when urgent data is queued
+//! (`EPOLLPRI`: a read stops at the urgent mark), and on Unix stream sockets (a read stops
+//! after a message that carried descriptors). Backpressure stays a matter of dropping
 //! readable from the interest when the write buffer fills: adding it back (`EPOLL_CTL_MOD`)
 //! makes the kernel look again and report the input that waited.
 //!
@@ -79,7 +82,12 @@ fn serve_loop(epoll: &Epoll, mut core: ReadinessCore, is_sharing: bool) -> io::R
         core.expire();
         core.serve_again();
         for event in events.iter() {
-            core.handle_edge(event.token, event.ready(), event.is_read_closed)?;
+            core.handle_edge(
+                event.token,
+                event.ready(),
+                event.is_read_closed,
+                event.has_urgent,
+            )?;
             if is_sharing && core.is_listener(event.token) && core.is_accepting() {
                 // EPOLLEXCLUSIVE wakes the first idle epoll on the listener's wait queue;
                 // re-adding moves this loop to the back, so new connections go round the

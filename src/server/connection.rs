@@ -671,10 +671,13 @@ impl Connection {
             });
         }
         let result = stream.read(&mut buf[..limit]);
-        // A read that filled what it asked for may have left more; a short one took all
-        // the socket held (TCP and Unix stream reads copy until the queue is empty).
+        // A read that filled what it asked for may have left more; a short TCP read took
+        // all the socket held (tcp_recvmsg copies until the queue is empty; the urgent
+        // mark, where it also stops, is reported apart as EPOLLPRI). A Unix stream read
+        // also stops after a message that carried descriptors or other credentials
+        // (unix_stream_read_generic), so only a read that found nothing proves it empty.
         let may_hold_more = match &result {
-            Ok(n) => *n == limit,
+            Ok(n) => *n == limit || (*n > 0 && matches!(stream, Stream::Unix(_))),
             Err(e) => e.kind() == io::ErrorKind::Interrupted,
         };
         let has_arrived = self.on_read_through(result, buf, log, |bytes| stream.write(bytes))?;
@@ -1198,11 +1201,23 @@ mod tests {
         assert!(!conn.wants_read());
     }
 
+    /// A connected TCP pair over loopback: the server's side non-blocking.
+    fn tcp_pair() -> (Stream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (Stream::Tcp(server), client)
+    }
+
     #[test]
     fn read_some_says_when_the_socket_may_still_hold_input() {
         use std::io::{Read, Write};
         let log = LoopLog::default();
-        let (stream, mut client) = socket_pair();
+        let (stream, mut client) = tcp_pair();
         let mut conn = plain(&echo(), 4);
         let mut buf = [0u8; 64];
         let outcome = |has_arrived, may_hold_more| {
@@ -1234,6 +1249,28 @@ mod tests {
         conn.advance(4);
         let eof = conn.read_some(&stream, &mut buf, &log).ok();
         assert_eq!(eof, outcome(true, false), "EOF");
+    }
+
+    /// A short read of a Unix stream socket does not prove it empty: the read stops after
+    /// a message that carried descriptors. Only a read that finds nothing does.
+    #[test]
+    fn a_short_unix_read_may_still_leave_input() {
+        use std::io::Write;
+        let log = LoopLog::default();
+        let (stream, mut client) = socket_pair();
+        let mut conn = plain(&echo(), 64);
+        let mut buf = [0u8; 64];
+        client.write_all(b"ab").unwrap();
+        let short = conn.read_some(&stream, &mut buf, &log).ok();
+        let outcome = |has_arrived, may_hold_more| {
+            Some(ReadOutcome {
+                has_arrived,
+                may_hold_more,
+            })
+        };
+        assert_eq!(short, outcome(true, true), "short, yet maybe more");
+        let nothing = conn.read_some(&stream, &mut buf, &log).ok();
+        assert_eq!(nothing, outcome(false, false), "found nothing: empty");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::loop_clock::{Expiring, LoopClock};
 use super::read_buffer::ReadBuffer;
 use super::{
     Admission, Connection, ConnectionCounter, DatagramReplier, Limits, Listeners, Protocol,
-    READ_BUFFER_BYTES, Shutdown,
+    READ_BUFFER_BYTES, ReadOutcome, Shutdown,
 };
 use crate::net::{DatagramSocket, Stream, StreamListener};
 use crate::slab::{Slab, Token};
@@ -84,7 +84,8 @@ struct Entry {
     /// What the model's mechanism was last told to watch ([`ReadinessCore::sync`]).
     watched: Interest,
     /// `Some` while kept to be served again next turn ([`ReadinessCore::serve_again`]),
-    /// with whether the peer's EOF is still to be read.
+    /// with whether to keep it until a read finds nothing (the peer's EOF or urgent data
+    /// arrived), not only until a read is short.
     again: Option<bool>,
     connection: Connection,
     /// The turn in which the connection last made progress, for `--idle-timeout`: a byte
@@ -392,12 +393,14 @@ impl ReadinessCore {
 
     /// As [`ReadinessCore::handle`], for a mechanism that reports a connection only when
     /// something new arrives (epoll's `EPOLLET`), not while input stays queued:
-    /// `is_read_closed` says the peer's EOF (or an error) has arrived. A connection whose
-    /// read may have left input, or that still has the EOF to read, is kept and served
-    /// again next turn ([`ReadinessCore::serve_again`]) instead of waiting for a report
-    /// that would never come; one already kept is served then, not twice in a turn. The
-    /// loop's own sockets are handled as by `handle` (the mechanism keeps them
-    /// level-triggered).
+    /// `is_read_closed` says the peer's EOF (or an error) has arrived, `has_urgent` that
+    /// urgent data is queued. A connection whose read may have left input is kept and
+    /// served again next turn ([`ReadinessCore::serve_again`]) instead of waiting for a
+    /// report that would never come; one already kept is served then, not twice in a
+    /// turn. After an EOF or urgent data, a short read no longer proves the queue empty
+    /// (the EOF is still to be read; a read stops at the urgent mark, tcp(7)), so such a
+    /// connection is kept until a read finds nothing. The loop's own sockets are handled
+    /// as by `handle` (the mechanism keeps them level-triggered).
     ///
     /// # Errors
     ///
@@ -408,18 +411,21 @@ impl ReadinessCore {
         token: Token,
         ready: Interest,
         is_read_closed: bool,
+        has_urgent: bool,
     ) -> io::Result<()> {
         if token.reserved_index().is_some() {
             return self.handle(token, ready);
         }
+        let until_empty = is_read_closed || has_urgent;
         if let Some(entry) = self.connections.get_mut(token)
-            && let Some(was_read_closed) = entry.again
+            && let Some(was_until_empty) = entry.again
         {
-            entry.again = Some(was_read_closed || is_read_closed);
+            entry.again = Some(was_until_empty || until_empty);
             return Ok(());
         }
-        if self.serve(token, ready) || is_read_closed {
-            self.serve_again_later(token, is_read_closed);
+        let served = self.serve(token, ready);
+        if served.may_hold_more || (until_empty && served.has_arrived) {
+            self.serve_again_later(token, until_empty);
         }
         Ok(())
     }
@@ -437,13 +443,13 @@ impl ReadinessCore {
     fn serve_again_now(&mut self) {
         let mut again = std::mem::take(&mut self.again);
         for token in again.drain(..) {
-            let Some(is_read_closed) =
-                (self.connections.get_mut(token)).and_then(|e| e.again.take())
+            let Some(until_empty) = (self.connections.get_mut(token)).and_then(|e| e.again.take())
             else {
                 continue;
             };
-            if self.serve(token, Interest::READABLE) || is_read_closed {
-                self.serve_again_later(token, is_read_closed);
+            let served = self.serve(token, Interest::READABLE);
+            if served.may_hold_more || (until_empty && served.has_arrived) {
+                self.serve_again_later(token, until_empty);
             }
         }
         if self.again.is_empty() {
@@ -454,14 +460,15 @@ impl ReadinessCore {
 
     /// Keeps `token` for [`ReadinessCore::serve_again`] if it is still open and reading:
     /// one that stopped reading is watched for input again when it resumes, and the
-    /// mechanism then reports whatever is queued.
+    /// mechanism then reports whatever is queued. `until_empty`: keep it until a read
+    /// finds nothing, not only until a read is short.
     #[cold]
-    fn serve_again_later(&mut self, token: Token, is_read_closed: bool) {
+    fn serve_again_later(&mut self, token: Token, until_empty: bool) {
         let Some(entry) = self.connections.get_mut(token) else {
             return;
         };
         if entry.again.is_none() && entry.connection.wants_read() {
-            entry.again = Some(is_read_closed);
+            entry.again = Some(until_empty);
             self.again.push(token);
         }
     }
@@ -627,24 +634,32 @@ impl ReadinessCore {
     /// write what is owed until the kernel's send buffer is full; closes it when finished
     /// or failed. A stale token (closed earlier in the turn) finds nothing.
     ///
-    /// Returns whether the socket may still hold input that was reported readable and not
-    /// read ([`ReadOutcome::may_hold_more`](super::ReadOutcome::may_hold_more), or no
-    /// read made): only an edge-triggered mechanism needs to know.
-    fn serve(&mut self, token: Token, ready: Interest) -> bool {
+    /// Returns what the read did: whether anything arrived, and whether the socket may
+    /// still hold input that was reported readable and not read
+    /// ([`ReadOutcome::may_hold_more`], or no read made); only an edge-triggered mechanism
+    /// needs to know. Nothing, for a connection closed or not found.
+    fn serve(&mut self, token: Token, ready: Interest) -> ReadOutcome {
+        const CLOSED: ReadOutcome = ReadOutcome {
+            has_arrived: false,
+            may_hold_more: false,
+        };
         let Some(entry) = self.connections.get_mut(token) else {
-            return false;
+            return CLOSED;
         };
         let connection = &mut entry.connection;
         if !connection.may_write_through() {
             connection.lend_spare(&mut self.spare);
         }
         let mut served = Ok(());
-        let mut may_hold_more = ready.readable;
+        let mut outcome = ReadOutcome {
+            has_arrived: false,
+            may_hold_more: ready.readable,
+        };
         if ready.readable && connection.wants_read() {
             let buf = self.buf.first_mut(READ_BUFFER_BYTES);
             match connection.read_some(&entry.stream, buf, &self.log) {
                 Ok(read) => {
-                    may_hold_more = read.may_hold_more;
+                    outcome = read;
                     // Written only when timed: the field sits on a cold cache line.
                     if read.has_arrived && self.idle.is_some() {
                         entry.last_progress = self.clock.now();
@@ -668,18 +683,18 @@ impl ReadinessCore {
         match served {
             Err(reason) => {
                 self.close(token, reason);
-                return false;
+                return CLOSED;
             }
             Ok(()) if entry.connection.is_finished() => {
                 let reason =
                     (entry.connection).finish_reason(self.clock.drain_deadline().is_some());
                 self.close(token, reason);
-                return false;
+                return CLOSED;
             }
             Ok(()) if interest_of(&entry.connection) != entry.watched => self.changed.push(token),
             Ok(()) => {}
         }
-        may_hold_more
+        outcome
     }
 
     // Cold: once per connection, so it stays out of `serve`'s per-message path.

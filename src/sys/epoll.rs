@@ -13,7 +13,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use libc::{
-    EPOLLERR, EPOLLET, EPOLLEXCLUSIVE, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, epoll_event,
+    EPOLLERR, EPOLLET, EPOLLEXCLUSIVE, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLPRI, EPOLLRDHUP,
+    epoll_event,
 };
 
 /// When a registration reports readiness.
@@ -42,6 +43,11 @@ pub struct Event {
     pub is_read_closed: bool,
     /// The connection hung up or failed: writes fail from now on.
     pub is_write_closed: bool,
+    /// Urgent data is queued (`EPOLLPRI`: TCP's urgent pointer, or a Unix stream's
+    /// `MSG_OOB` byte). A stream read stops short at the urgent mark (tcp(7), unix(7)), so
+    /// a short read no longer means the queue is empty; an edge-triggered waiter must read
+    /// again.
+    pub has_urgent: bool,
 }
 
 impl Event {
@@ -62,6 +68,7 @@ impl Event {
             writable: failed || flags & EPOLLOUT != 0,
             is_read_closed: failed || flags & EPOLLRDHUP != 0,
             is_write_closed: failed,
+            has_urgent: flags & EPOLLPRI != 0,
         }
     }
 }
@@ -75,6 +82,11 @@ fn flags_of(interest: Interest, trigger: Trigger) -> u32 {
     // so on its own, which an edge-triggered waiter needs. EPOLLEXCLUSIVE refuses it.
     if interest.readable && trigger != Trigger::Exclusive {
         flags |= EPOLLRDHUP;
+    }
+    // Edge-triggered, a read that stopped at an urgent mark would leave the rest of the
+    // queue unseen until more arrives; EPOLLPRI says a mark is there.
+    if interest.readable && trigger == Trigger::Edge {
+        flags |= EPOLLPRI;
     }
     if interest.writable {
         flags |= EPOLLOUT;
