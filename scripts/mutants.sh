@@ -5,10 +5,12 @@
 # Usage: scripts/mutants.sh [GROUP|FILE...]   (default: small)
 #   small       src/buffer.rs, src/protocol/, src/addr.rs: the library's unit tests
 #   datagram    src/server/datagram.rs: its unit tests, then the datagram cases of poll
-#   connection  src/server/connection.rs: its unit tests, poll's quicker cases, then all
+#   connection  src/server/connection.rs: its unit tests, poll's quicker cases, input
+#               queued before an edge-triggered wake (tests/edge_triggered.rs), then all
 #               of epoll's
 #   readiness   src/server/readiness.rs: poll's quicker cases, select past FD_SETSIZE,
-#               then all of epoll's cases (poll rebuilds its interest each turn and scans
+#               input queued before an edge-triggered wake, then all of epoll's cases
+#               (poll rebuilds its interest each turn and scans
 #               for idle connections; epoll keeps interest in the kernel, `sync`, and uses
 #               the idle wheel)
 #   shared      src/server/accept.rs, lifecycle.rs, mod.rs: the unit tests, poll's quicker
@@ -33,6 +35,12 @@
 #     signals     src/server/stop_signal.rs, shutdown.rs: the server's unit tests, tokio's
 #                 quicker cases, then poll's quicker cases
 #               (each also a group of its own); not part of `all`
+#   lingering   src/server/linger.rs: the server's unit tests, tests/linger.rs (a refused
+#               peer's clean close, a lingering close that must not spin), then all of
+#               epoll's cases; not part of `all`
+#   loops       src/server/event_loops.rs, one_socket.rs: the server's unit tests,
+#               tests/event_loops.rs (several loops sharing listeners, pool's queue at
+#               shutdown), then poll's quicker cases; not part of `all`
 #   FILE...     the named files: the unit tests, poll's quicker cases, then all of epoll's
 #
 # Each group runs in stages, cheapest first: a later stage (`--iterate`) tests only the
@@ -85,6 +93,8 @@ LISTENERS_FILES=(src/server/listeners.rs)
 ACTIVATION_FILES=(src/server/activation.rs)
 CHILDREN_FILES=(src/server/children.rs)
 SIGNALS_FILES=(src/server/stop_signal.rs src/server/shutdown.rs)
+LINGER_FILES=(src/server/linger.rs)
+LOOPS_FILES=(src/server/event_loops.rs src/server/one_socket.rs)
 
 # Test selections, as cargo test arguments (libtest filters match substrings, so `poll::`
 # needs epoll and busy-poll skipped).
@@ -129,6 +139,12 @@ SYSTEMD=(--test systemd)
 # model: its conformance cases (the filter matches `forking::`) and running out of processes.
 FORKING_CHILDREN=(--test cli --test metrics -- 'forking')
 FORKING=(--test conformance --test cli --test metrics --test event_loops -- 'forking')
+# Input already queued when an edge-triggered loop wakes (epoll), and the same for every
+# readiness model: a few seconds.
+EDGE=(--test edge_triggered)
+# The lingering close over the binary, and the tests of several loops and of pool's queue.
+LINGER=(--test linger)
+EVENT_LOOPS=(--test event_loops)
 
 if ! cargo mutants --version >/dev/null 2>&1; then
     echo "installing cargo-mutants" >&2
@@ -342,14 +358,16 @@ group() {
     case "$1" in
         small) run_group small UNIT_TESTS "${SMALL_FILES[@]}" ;;
         datagram) run_group datagram "UNIT_DATAGRAM CONFORMANCE_DATAGRAM" "${DATAGRAM_FILES[@]}" ;;
-        connection) run_group connection "UNIT_CONNECTION CONFORMANCE CONFORMANCE_EPOLL" "${CONNECTION_FILES[@]}" ;;
-        readiness) run_group readiness "CONFORMANCE SCALE CONFORMANCE_EPOLL" "${READINESS_FILES[@]}" ;;
+        connection) run_group connection "UNIT_CONNECTION CONFORMANCE EDGE CONFORMANCE_EPOLL" "${CONNECTION_FILES[@]}" ;;
+        readiness) run_group readiness "CONFORMANCE SCALE EDGE CONFORMANCE_EPOLL" "${READINESS_FILES[@]}" ;;
         shared) run_group shared "UNIT_SERVER CONFORMANCE METRICS CONFORMANCE_EPOLL" "${SHARED_FILES[@]}" ;;
         task) run_group task "UNIT_SERVER CONFORMANCE_TOKIO CONFORMANCE_TASK" "${TASK_FILES[@]}" ;;
         listeners) run_group listeners "CLI_LISTENERS MAX_CONNS UNIT_SERVER CONFORMANCE" "${LISTENERS_FILES[@]}" ;;
         activation) run_group activation SYSTEMD "${ACTIVATION_FILES[@]}" ;;
         children) run_group children "FORKING_CHILDREN FORKING" "${CHILDREN_FILES[@]}" ;;
         signals) run_group signals "UNIT_SERVER CONFORMANCE_TOKIO CONFORMANCE" "${SIGNALS_FILES[@]}" ;;
+        lingering) run_group lingering "UNIT_SERVER LINGER CONFORMANCE_EPOLL" "${LINGER_FILES[@]}" ;;
+        loops) run_group loops "UNIT_SERVER EVENT_LOOPS CONFORMANCE" "${LOOPS_FILES[@]}" ;;
         process) group listeners && group activation && group children && group signals ;;
         server) group connection && group readiness && group shared ;;
         all) group small && group datagram && group server ;;
