@@ -122,7 +122,53 @@ fn input_behind_an_urgent_mark_is_answered(model: &str) {
     send_flags(&tcp, b"def", 0);
     signal_and_wait(server.pid(), "CONT");
     assert_eq!(conn.read_exactly(6), b"abcdef", "{model}");
+    // Read on past the mark until a read finds nothing, and then no more: the connection
+    // stays open and quiet, and the loop sleeps (busy-poll never does).
+    if model == "busy-poll" {
+        server.stop();
+        return;
+    }
+    let (spent, spinning) = server.cpu_and_spinning_threads_over(Duration::from_secs(1));
+    assert!(
+        spinning.is_empty() && spent < Duration::from_millis(250),
+        "{model}: {spent:?} of CPU in 1 s after urgent data, threads {spinning:?} never \
+         slept: spinning"
+    );
+    drop(conn);
     server.stop();
+}
+
+/// A connection under backpressure (its client sends and reads nothing, so replies fill
+/// `--max-buffer`) stops being read, and the loop sleeps: it is not served again and again
+/// for input it will not take.
+fn backpressure_does_not_spin(model: &str) {
+    let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--max-buffer", "4096"]);
+    let conn = server.connect_slow_reader();
+    let mut writer = conn.try_clone();
+    let flood = thread::spawn(move || {
+        let chunk = [b'b'; 64 * 1024];
+        let start = Instant::now();
+        let mut sent = 0usize;
+        // Until the kernel's buffers are full and a send times out (PATIENCE), bounded.
+        while sent < 64 << 20 && start.elapsed() < Duration::from_secs(20) {
+            match writer.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        sent
+    });
+    // Long enough for the client's and the server's buffers to fill.
+    thread::sleep(Duration::from_millis(500));
+    let (spent, spinning) = server.cpu_and_spinning_threads_over(Duration::from_secs(1));
+    assert!(
+        spinning.is_empty() && spent < Duration::from_millis(250),
+        "{model}: {spent:?} of CPU in 1 s under backpressure, threads {spinning:?} never \
+         slept: spinning"
+    );
+    drop(conn);
+    server.stop();
+    let _ = flood.join();
 }
 
 /// A Unix stream read stops after a message that carried descriptors (unix(7),
@@ -179,5 +225,12 @@ fn input_behind_an_urgent_mark_is_all_answered() {
 fn input_behind_passed_descriptors_is_all_answered() {
     for model in MODELS {
         input_behind_passed_descriptors_is_answered(model);
+    }
+}
+
+#[test]
+fn backpressure_does_not_spin_the_loop() {
+    for model in ["epoll", "poll", "select"] {
+        backpressure_does_not_spin(model);
     }
 }

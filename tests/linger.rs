@@ -120,18 +120,12 @@ fn past_the_byte_bound_no_spin_and_the_inactivity_bound(model: &str) {
     // Spinning, whatever the machine's load: a thread that used CPU in that second
     // without sleeping once (a loaded machine may give a spinner little CPU, but never a
     // sleep), or more CPU than a waiting close could use.
-    let before = thread_cpu_and_sleeps(server.pid());
-    let spent = server.cpu_spent_over(Duration::from_secs(1));
-    let after = thread_cpu_and_sleeps(server.pid());
-    for (tid, (ticks, sleeps)) in &after {
-        let (ticks_before, sleeps_before) = before.get(tid).copied().unwrap_or_default();
-        let (ticks, sleeps) = (ticks - ticks_before, sleeps - sleeps_before);
-        assert!(
-            ticks < 3 || sleeps > 0,
-            "{model}: thread {tid} used {ticks} ticks of CPU in 1 s without sleeping, in a \
-             lingering close that waits for its peer: spinning"
-        );
-    }
+    let (spent, spinning) = server.cpu_and_spinning_threads_over(Duration::from_secs(1));
+    assert!(
+        spinning.is_empty(),
+        "{model}: threads {spinning:?} used CPU for 1 s without sleeping, in a lingering \
+         close that waits for its peer: spinning"
+    );
     assert!(
         spent < Duration::from_millis(250),
         "{model}: {spent:?} of CPU in 1 s of a lingering close that waits for its peer: \
@@ -150,42 +144,6 @@ fn past_the_byte_bound_no_spin_and_the_inactivity_bound(model: &str) {
     assert!(sent > 1 << 20, "{model}: only {sent} bytes sent");
     drop(conn);
     server.stop();
-}
-
-/// For each thread of process `pid`: the CPU it used (user and system, in clock ticks,
-/// proc(5)) and how many times it went to sleep (voluntary context switches).
-fn thread_cpu_and_sleeps(pid: u32) -> std::collections::HashMap<String, (u64, u64)> {
-    let mut threads = std::collections::HashMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return threads;
-    };
-    for task in tasks.flatten() {
-        let dir = task.path();
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        // The fields after the command name, which is in parentheses: utime and stime are
-        // the 14th and 15th of the line, the 12th and 13th after it.
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let tick = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        let sleeps = status
-            .lines()
-            .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0);
-        let name = task.file_name().to_string_lossy().into_owned();
-        threads.insert(name, (tick(11) + tick(12), sleeps));
-    }
-    threads
 }
 
 /// Voluntary context switches of the process's thread named `name`, or `None` if no

@@ -454,6 +454,61 @@ impl Server {
     }
 }
 
+impl Server {
+    /// The CPU the server used over `span`, and the threads (by id) that used CPU in that
+    /// span (3 ticks or more) without sleeping once: spinning, whatever the machine's load
+    /// (a loaded machine may give a spinning thread little CPU, but never a sleep).
+    pub fn cpu_and_spinning_threads_over(&self, span: Duration) -> (Duration, Vec<String>) {
+        let before = thread_cpu_and_sleeps(self.pid());
+        let spent = self.cpu_spent_over(span);
+        let after = thread_cpu_and_sleeps(self.pid());
+        let mut spinning = Vec::new();
+        for (tid, (ticks, sleeps)) in after {
+            let (ticks_before, sleeps_before) = before.get(&tid).copied().unwrap_or_default();
+            if ticks - ticks_before >= 3 && sleeps == sleeps_before {
+                spinning.push(tid);
+            }
+        }
+        (spent, spinning)
+    }
+}
+
+/// For each thread of process `pid`: the CPU it used (user and system, in clock ticks,
+/// proc(5)) and how many times it went to sleep (voluntary context switches).
+pub fn thread_cpu_and_sleeps(pid: u32) -> std::collections::HashMap<String, (u64, u64)> {
+    let mut threads = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return threads;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // The fields after the command name, which is in parentheses: utime and stime are
+        // the 14th and 15th of the line, the 12th and 13th after it.
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let tick = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let sleeps = status
+            .lines()
+            .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        let name = task.file_name().to_string_lossy().into_owned();
+        threads.insert(name, (tick(11) + tick(12), sleeps));
+    }
+    threads
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
