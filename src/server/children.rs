@@ -107,3 +107,29 @@ impl Children {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child answering a datagram is among those [`Children::wait_for_drain`] waits for,
+    /// as a connection's child is, with no place, peer or transport to record. The
+    /// binary's `forking` tests show the wait for a connection's child; a datagram's
+    /// child lives for microseconds, too short to hold alive from outside.
+    #[test]
+    fn a_datagram_child_is_waited_for_like_a_connection_child() {
+        // Above any pid the kernel hands out (pid_max is at most 2^22); nothing signals it.
+        const CHILD: Pid = 1 << 23;
+        let mut children = Children::default();
+        children.serving_datagram(CHILD);
+        assert_eq!(
+            children.running.len(),
+            1,
+            "the datagram's child is not waited for"
+        );
+        assert!(
+            children.running.get(&CHILD).is_some_and(Option::is_none),
+            "a datagram's child holds no connection's place"
+        );
+    }
+}
