@@ -141,7 +141,7 @@ pub struct ReadinessCore {
     unwatching: Vec<(Token, Stream, Interest, Admission)>,
     /// Connections to serve again next turn without waiting, for a mechanism that reports
     /// input only when more arrives ([`ReadinessCore::handle_edge`]): their last read may
-    /// have left input, or their peer's EOF is still to be read (`Entry::again`).
+    /// have left input, or their peer's EOF or urgent data was reported (`Entry::again`).
     again: Vec<Token>,
 }
 
@@ -423,11 +423,18 @@ impl ReadinessCore {
             entry.again = Some(was_until_empty || until_empty);
             return Ok(());
         }
+        self.serve_edge(token, ready, until_empty);
+        Ok(())
+    }
+
+    /// Serves `token` once, and keeps it for the next turn if its read may have left input
+    /// (or, `until_empty`, if the read found anything at all).
+    #[inline]
+    fn serve_edge(&mut self, token: Token, ready: Interest, until_empty: bool) {
         let served = self.serve(token, ready);
         if served.may_hold_more || (until_empty && served.has_arrived) {
             self.serve_again_later(token, until_empty);
         }
-        Ok(())
     }
 
     /// Serves once more, as if found readable, every connection
@@ -447,10 +454,7 @@ impl ReadinessCore {
             else {
                 continue;
             };
-            let served = self.serve(token, Interest::READABLE);
-            if served.may_hold_more || (until_empty && served.has_arrived) {
-                self.serve_again_later(token, until_empty);
-            }
+            self.serve_edge(token, Interest::READABLE, until_empty);
         }
         if self.again.is_empty() {
             // Keeps the allocation for the next turn.
