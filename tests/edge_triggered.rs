@@ -112,10 +112,11 @@ fn send_flags(socket: &impl std::os::fd::AsFd, bytes: &[u8], flags: libc::c_int)
 /// in-band bytes come back.
 fn input_behind_an_urgent_mark_is_answered(model: &str) {
     let server = Server::start(model, &["--tcp", "127.0.0.1:0"]);
-    let tcp = server.connect_tcp();
-    let mut conn = Conn::Tcp(tcp.try_clone().expect("clone"));
-    conn.write_all(b"x").expect("send");
-    assert_eq!(conn.read_exactly(1), b"x");
+    let mut conn = watched_connection(&server);
+    let Conn::Tcp(tcp) = &conn else {
+        unreachable!("a TCP listener")
+    };
+    let tcp = tcp.try_clone().expect("clone");
     signal_and_wait(server.pid(), "STOP");
     send_flags(&tcp, b"abc", 0);
     send_flags(&tcp, b"!", libc::MSG_OOB);
@@ -179,11 +180,11 @@ fn input_behind_passed_descriptors_is_answered(model: &str) {
     let dir = std::env::temp_dir();
     let name = format!("reverb-edge-{}-{model}.sock", std::process::id());
     let server = Server::start_in_dir(&dir, model, &["--unix", &name]);
-    let unix = std::os::unix::net::UnixStream::connect(server.addr("unix")).expect("connect");
-    unix.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut conn = Conn::Unix(unix.try_clone().expect("clone"));
-    conn.write_all(b"x").expect("send");
-    assert_eq!(conn.read_exactly(1), b"x");
+    let mut conn = watched_connection(&server);
+    let Conn::Unix(unix) = &conn else {
+        unreachable!("a Unix listener")
+    };
+    let unix = unix.try_clone().expect("clone");
     signal_and_wait(server.pid(), "STOP");
     send_with_descriptor(&unix, b"ab", unix.as_raw_fd());
     conn.write_all(b"cd").expect("send");
