@@ -309,6 +309,65 @@ fn unix_path_live_of_the_other_kind_is_in_use() {
 }
 
 #[test]
+fn unix_path_of_a_connected_datagram_socket_is_in_use() {
+    // A live datagram socket connected to another peer takes datagrams from that peer
+    // only, so the probe's connect is refused with EPERM: it is live all the same.
+    let path = temp_socket_path("dgram-connected");
+    let peer_path = temp_socket_path("dgram-peer");
+    let path_arg = path.to_str().unwrap();
+    let live = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let peer = std::os::unix::net::UnixDatagram::bind(&peer_path).unwrap();
+    live.connect(&peer_path).unwrap();
+    for serve_flag in ["--unix-dgram", "--unix"] {
+        let output = run_bounded(&["serve", "--model", "threaded", serve_flag, path_arg]);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{serve_flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path_arg}: address in use (a live socket"))
+                && stderr.contains("  tip:")
+                && !stderr.contains("not permitted"),
+            "{serve_flag}: names the path as in use and says what to do: {stderr}"
+        );
+        assert!(exists(&path), "{serve_flag}: a live socket is left alone");
+    }
+    drop((live, peer));
+    std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(&peer_path).unwrap();
+}
+
+#[test]
+fn unix_path_of_a_listener_with_a_full_queue_is_in_use_at_once() {
+    // A live listener that never accepts, its queue full: a blocking probe would wait for
+    // a place in the queue for ever; the server must call it in use instead.
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let path = temp_socket_path("full-queue");
+    let path_arg = path.to_str().unwrap();
+    let live = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+    live.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+    live.listen(1).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let client = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).unwrap();
+        match client.connect(&SockAddr::unix(&path).unwrap()) {
+            Ok(()) => queued.push(client),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the queue: {e}"),
+        }
+        assert!(queued.len() < 64, "the queue of listen(1) never filled");
+    }
+    let output = run_bounded(&["serve", "--model", "threaded", "--unix", path_arg]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{path_arg}: address in use")) && stderr.contains("  tip:"),
+        "{stderr}"
+    );
+    assert!(exists(&path), "a live socket is left alone");
+    drop((live, queued));
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
 fn unix_path_with_a_name_too_long_is_refused_saying_so() {
     // A file name past the kernel's 255 bytes: the path rules' own look at the path fails,
     // and its reason is the one reported (binding would say something else).
