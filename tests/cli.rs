@@ -153,6 +153,53 @@ fn address_in_use_for_a_reuseport_socket_unless_the_model_has_a_queue_per_loop()
 }
 
 #[test]
+fn a_second_reverb_on_a_reuseport_port_is_refused_and_another_program_joins() {
+    // `async` sets SO_REUSEPORT on its TCP listeners, but reverb binds each port once
+    // without it first: a second reverb, whatever its model, is refused as "in use",
+    // while a program that sets SO_REUSEPORT itself (as the same user) joins the port and
+    // takes some of its connections.
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let server = Server::start("async", &["--threads", "2", "--tcp", "127.0.0.1:0"]);
+    let addr = server.addr("tcp");
+    for model in ["async", "epoll"] {
+        let output = run_bounded(&["serve", "--model", model, "--tcp", &addr]);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{model}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot bind tcp://{addr}"))
+                && stderr.to_lowercase().contains("in use")
+                && stderr.contains("  tip:"),
+            "{model}: {stderr}"
+        );
+        assert!(output.stdout.is_empty(), "{model}: no listening line");
+    }
+    let other = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    other.set_reuse_port(true).unwrap();
+    let target: std::net::SocketAddr = addr.parse().unwrap();
+    other
+        .bind(&SockAddr::from(target))
+        .expect("a reuseport socket joins");
+    other.listen(64).unwrap();
+    other.set_nonblocking(true).unwrap();
+    // The kernel spreads connections by a hash of their addresses over the server's two
+    // loops and this socket: 32 connections all missing it would be a 1 in 400,000 chance.
+    let clients: Vec<_> = (0..32)
+        .map(|_| std::net::TcpStream::connect(target).expect("connect"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut taken = 0;
+    while taken == 0 && Instant::now() < deadline {
+        while other.accept().is_ok() {
+            taken += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(taken > 0, "the joined socket took no connection of 32");
+    drop((clients, other));
+    server.stop();
+}
+
+#[test]
 fn readiness_lines_in_flag_order_and_nothing_else() {
     let path = temp_socket_path("order");
     let path_arg = path.to_str().unwrap();
