@@ -213,6 +213,13 @@ impl Server {
         Server::spawn(command, model, args)
     }
 
+    /// Starts the server with the environment variables `env` set.
+    pub fn start_with_env(model: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut command = reverb();
+        command.envs(env.iter().copied());
+        Server::spawn(command, model, args)
+    }
+
     /// Starts the server in the working directory `dir` (for relative paths).
     pub fn start_in_dir(dir: &Path, model: &str, args: &[&str]) -> Server {
         let mut command = reverb();
