@@ -672,7 +672,9 @@ impl ReadinessCore {
             has_arrived: false,
             may_hold_more: ready.readable,
         };
-        if ready.readable && connection.wants_read() {
+        // Whether it wants input is read_some's first question: with no room it reads
+        // nothing and says the socket may still hold input, as for one found readable.
+        if ready.readable {
             let buf = self.buf.first_mut(READ_BUFFER_BYTES);
             match connection.read_some(&entry.stream, buf, &self.log) {
                 Ok(read) => {
