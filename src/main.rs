@@ -165,13 +165,23 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
             Ok(listeners) => listeners,
             Err(e) => {
                 let code = fail(&e);
-                if let reverb::server::ServeError::Bind { source, .. } = &e {
-                    if source.kind() == std::io::ErrorKind::AddrInUse {
+                match &e {
+                    reverb::server::ServeError::Bind { source, .. }
+                        if source.kind() == std::io::ErrorKind::AddrInUse =>
+                    {
                         eprintln!(
                             "  tip: another program holds it (a reverb serve still running?); \
                              stop it, or serve elsewhere: --tcp 127.0.0.1:0 picks a free port"
                         );
                     }
+                    reverb::server::ServeError::UnixPathInUse { .. } => {
+                        eprintln!(
+                            "  tip: another program serves on it (a reverb serve still running?); \
+                             stop it, or give another path (reverb replaces a socket file only \
+                             once nothing is bound to it)"
+                        );
+                    }
+                    _ => {}
                 }
                 return code;
             }

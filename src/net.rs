@@ -511,6 +511,50 @@ impl AsFd for DatagramSocket {
     }
 }
 
+/// What a connect to a Unix socket file found behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnixPathState {
+    /// No socket is bound to the file any more (`ECONNREFUSED`): it outlived its server.
+    Stale,
+    /// A live socket is bound to it.
+    Live,
+}
+
+/// Finds out whether the socket file at `path` belongs to a live socket, with a connect of
+/// the kind `datagram` says that never waits, so a live listener whose accept queue is
+/// full cannot hold up the caller. Every answer of connect(2) on a Unix socket
+/// (`unix_stream_connect` and `unix_dgram_connect` in Linux's `net/unix/af_unix.c`) that
+/// can only come from a live socket counts as live:
+///
+/// - it connected;
+/// - `EPROTOTYPE`: a live socket of the other kind;
+/// - `EAGAIN`: a stream listener whose accept queue is full (a blocking connect would wait
+///   until it accepts, possibly for ever);
+/// - `EPERM`, for a datagram connect: a datagram socket connected to another peer, which
+///   takes datagrams from that peer only.
+///
+/// # Errors
+///
+/// Any other OS error of `socket` or `connect`, e.g. `EACCES` when the caller may not
+/// write to the file: then whether it is live is unknown.
+pub fn probe_unix_path(path: &std::path::Path, datagram: bool) -> io::Result<UnixPathState> {
+    let kind = if datagram { Type::DGRAM } else { Type::STREAM };
+    let socket = Socket::new(Domain::UNIX, kind.nonblocking().cloexec(), None)?;
+    let connected = socket.connect(&SockAddr::unix(path)?);
+    // The probe's connection, if any, closes here: a live server sees a client that left.
+    drop(socket);
+    match connected {
+        Ok(()) => Ok(UnixPathState::Live),
+        Err(e) => match e.raw_os_error() {
+            Some(crate::sys::errno::ECONNREFUSED) => Ok(UnixPathState::Stale),
+            Some(crate::sys::errno::EPROTOTYPE) => Ok(UnixPathState::Live),
+            Some(crate::sys::errno::EPERM) if datagram => Ok(UnixPathState::Live),
+            _ if e.kind() == io::ErrorKind::WouldBlock => Ok(UnixPathState::Live),
+            _ => Err(e),
+        },
+    }
+}
+
 fn domain_of(addr: &SocketAddr) -> Domain {
     if addr.is_ipv6() {
         Domain::IPV6

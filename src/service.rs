@@ -21,6 +21,9 @@ pub fn passed_listeners(limits: Limits) -> Result<Option<Listeners>, ServeError>
     passed.map(|fds| Listeners::adopt(fds, limits)).transpose()
 }
 
+/// What sd_notify(3) calls a service that finished starting up.
+const READY_MESSAGE: &[u8] = b"READY=1";
+
 /// The service manager's notification socket, when `NOTIFY_SOCKET` names one.
 #[derive(Debug)]
 pub struct Notifier {
@@ -44,16 +47,27 @@ impl Notifier {
         Notifier { socket: None }
     }
 
-    /// Tells the service manager the server is serving (`READY=1`).
+    /// Tells the service manager the server is serving (`READY=1`), without waiting: the
+    /// caller may be the thread that serves, which a manager slow to read its queue must
+    /// not hold up.
     ///
     /// # Errors
     ///
-    /// The OS error of sending.
+    /// The OS error of sending; a manager whose notification queue is full fails with
+    /// `WouldBlock`, saying that `READY=1` was not sent.
     pub fn ready(&self) -> io::Result<()> {
-        if let Some(socket) = &self.socket {
-            socket.send(b"READY=1")?;
+        let Some(socket) = &self.socket else {
+            return Ok(());
+        };
+        match socket.send(READY_MESSAGE) {
+            // A datagram is sent whole or not at all.
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+                e.kind(),
+                "its notification queue is full, READY=1 not sent",
+            )),
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 
     /// Makes SIGTERM and SIGINT also send `STOPPING=1` as the drain starts; the signal

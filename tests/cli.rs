@@ -153,6 +153,53 @@ fn address_in_use_for_a_reuseport_socket_unless_the_model_has_a_queue_per_loop()
 }
 
 #[test]
+fn a_second_reverb_on_a_reuseport_port_is_refused_and_another_program_joins() {
+    // `async` sets SO_REUSEPORT on its TCP listeners, but reverb binds each port once
+    // without it first: a second reverb, whatever its model, is refused as "in use",
+    // while a program that sets SO_REUSEPORT itself (as the same user) joins the port and
+    // takes some of its connections.
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let server = Server::start("async", &["--threads", "2", "--tcp", "127.0.0.1:0"]);
+    let addr = server.addr("tcp");
+    for model in ["async", "epoll"] {
+        let output = run_bounded(&["serve", "--model", model, "--tcp", &addr]);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{model}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot bind tcp://{addr}"))
+                && stderr.to_lowercase().contains("in use")
+                && stderr.contains("  tip:"),
+            "{model}: {stderr}"
+        );
+        assert!(output.stdout.is_empty(), "{model}: no listening line");
+    }
+    let other = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    other.set_reuse_port(true).unwrap();
+    let target: std::net::SocketAddr = addr.parse().unwrap();
+    other
+        .bind(&SockAddr::from(target))
+        .expect("a reuseport socket joins");
+    other.listen(64).unwrap();
+    other.set_nonblocking(true).unwrap();
+    // The kernel spreads connections by a hash of their addresses over the server's two
+    // loops and this socket: 32 connections all missing it would be a 1 in 400,000 chance.
+    let clients: Vec<_> = (0..32)
+        .map(|_| std::net::TcpStream::connect(target).expect("connect"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut taken = 0;
+    while taken == 0 && Instant::now() < deadline {
+        while other.accept().is_ok() {
+            taken += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(taken > 0, "the joined socket took no connection of 32");
+    drop((clients, other));
+    server.stop();
+}
+
+#[test]
 fn readiness_lines_in_flag_order_and_nothing_else() {
     let path = temp_socket_path("order");
     let path_arg = path.to_str().unwrap();
@@ -306,6 +353,65 @@ fn unix_path_live_of_the_other_kind_is_in_use() {
         drop(live);
         std::fs::remove_file(&path).unwrap();
     }
+}
+
+#[test]
+fn unix_path_of_a_connected_datagram_socket_is_in_use() {
+    // A live datagram socket connected to another peer takes datagrams from that peer
+    // only, so the probe's connect is refused with EPERM: it is live all the same.
+    let path = temp_socket_path("dgram-connected");
+    let peer_path = temp_socket_path("dgram-peer");
+    let path_arg = path.to_str().unwrap();
+    let live = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let peer = std::os::unix::net::UnixDatagram::bind(&peer_path).unwrap();
+    live.connect(&peer_path).unwrap();
+    for serve_flag in ["--unix-dgram", "--unix"] {
+        let output = run_bounded(&["serve", "--model", "threaded", serve_flag, path_arg]);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{serve_flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path_arg}: address in use (a live socket"))
+                && stderr.contains("  tip:")
+                && !stderr.contains("not permitted"),
+            "{serve_flag}: names the path as in use and says what to do: {stderr}"
+        );
+        assert!(exists(&path), "{serve_flag}: a live socket is left alone");
+    }
+    drop((live, peer));
+    std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(&peer_path).unwrap();
+}
+
+#[test]
+fn unix_path_of_a_listener_with_a_full_queue_is_in_use_at_once() {
+    // A live listener that never accepts, its queue full: a blocking probe would wait for
+    // a place in the queue for ever; the server must call it in use instead.
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let path = temp_socket_path("full-queue");
+    let path_arg = path.to_str().unwrap();
+    let live = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+    live.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+    live.listen(1).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let client = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).unwrap();
+        match client.connect(&SockAddr::unix(&path).unwrap()) {
+            Ok(()) => queued.push(client),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the queue: {e}"),
+        }
+        assert!(queued.len() < 64, "the queue of listen(1) never filled");
+    }
+    let output = run_bounded(&["serve", "--model", "threaded", "--unix", path_arg]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{path_arg}: address in use")) && stderr.contains("  tip:"),
+        "{stderr}"
+    );
+    assert!(exists(&path), "a live socket is left alone");
+    drop((live, queued));
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Conn, PATIENCE, Server, pattern};
+use common::{Conn, FloodWriter, PATIENCE, Server, pattern};
 use std::io::Write;
 use std::process::Command;
 use std::thread;
@@ -145,20 +145,8 @@ fn input_behind_an_urgent_mark_is_answered(model: &str) {
 fn backpressure_does_not_spin(model: &str) {
     let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--max-buffer", "4096"]);
     let conn = server.connect_slow_reader();
-    let mut writer = conn.try_clone();
-    let flood = thread::spawn(move || {
-        let chunk = [b'b'; 64 * 1024];
-        let start = Instant::now();
-        let mut sent = 0usize;
-        // Until the kernel's buffers are full and a send times out (PATIENCE), bounded.
-        while sent < 64 << 20 && start.elapsed() < Duration::from_secs(20) {
-            match writer.write(&chunk) {
-                Ok(n) => sent += n,
-                Err(_) => break,
-            }
-        }
-        sent
-    });
+    // Until the kernel's buffers are full and a send times out (PATIENCE), bounded.
+    let flood = FloodWriter::start(conn.try_clone(), b'b');
     // Long enough for the client's and the server's buffers to fill.
     thread::sleep(Duration::from_millis(500));
     let (spent, spinning) = server.cpu_and_spinning_threads_over(Duration::from_secs(1));
@@ -169,7 +157,7 @@ fn backpressure_does_not_spin(model: &str) {
     );
     drop(conn);
     server.stop();
-    let _ = flood.join();
+    flood.join();
 }
 
 /// A Unix stream read stops after a message that carried descriptors (unix(7),

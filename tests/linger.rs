@@ -5,10 +5,9 @@
 
 mod common;
 
-use common::{Conn, PATIENCE, Server};
-use std::io::{self, Read, Write};
+use common::{Conn, FloodWriter, PATIENCE, Server};
+use std::io::{Read, Write};
 use std::process::Command;
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -94,25 +93,8 @@ fn refused_peer_that_sent_first_reads_eof(model: &str) {
 fn past_the_byte_bound_no_spin_and_the_inactivity_bound(model: &str) {
     let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--idle-timeout", "1"]);
     let conn = server.connect_slow_reader();
-    let mut writer = conn.try_clone();
-    let (failed_tx, failed) = mpsc::channel();
-    let flood = thread::spawn(move || {
-        let chunk = [b'f'; 64 * 1024];
-        let start = Instant::now();
-        let mut sent = 0usize;
-        // Bounded in bytes and time; a send blocks at most PATIENCE (the socket's timeout).
-        while sent < 64 << 20 && start.elapsed() < Duration::from_secs(20) {
-            match writer.write(&chunk) {
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let _ = failed_tx.send((Instant::now(), e));
-                    return sent;
-                }
-            }
-        }
-        sent
-    });
+    // Bounded in bytes and time; a send blocks at most PATIENCE (the socket's timeout).
+    let flood = FloodWriter::start(conn.try_clone(), b'f');
     server.wait_for_log("closing: idle for");
     let cut_at = Instant::now();
     // Long enough for the lingering close to read past its byte bound.
@@ -131,16 +113,16 @@ fn past_the_byte_bound_no_spin_and_the_inactivity_bound(model: &str) {
         "{model}: {spent:?} of CPU in 1 s of a lingering close that waits for its peer: \
          spinning"
     );
-    let (failed_at, error) = failed
-        .recv_timeout(PATIENCE)
-        .unwrap_or_else(|_| panic!("{model}: the lingering close never ended"));
+    let (failed_at, error) = flood
+        .failure_within(PATIENCE)
+        .unwrap_or_else(|| panic!("{model}: the lingering close never ended"));
     let ended = failed_at - cut_at;
     assert!(
         (Duration::from_millis(1000)..Duration::from_millis(3800)).contains(&ended),
         "{model}: the lingering close of a peer that takes nothing ended {ended:?} after the \
          idle cut ({error}), not about 2 s after"
     );
-    let sent = flood.join().unwrap();
+    let sent = flood.join();
     assert!(sent > 1 << 20, "{model}: only {sent} bytes sent");
     drop(conn);
     server.stop();

@@ -698,6 +698,66 @@ counting_models! {
     uring => "uring",
 }
 
+/// A pool worker counts every connection it serves once, whether the peer ends it or the
+/// server does (a lingering close on the lingering thread), while scrapes run alongside:
+/// many connections through few workers, each worker serving one after another.
+#[test]
+fn pool_workers_count_each_connection_once_while_scraped() {
+    const EACH_WAY: usize = 30;
+    let server = Server::start(
+        "pool",
+        &[
+            "--threads",
+            "2",
+            "--protocol",
+            "until-quit",
+            "--tcp",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let is_done = std::sync::atomic::AtomicBool::new(false);
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            // Bounded: the clients below finish well within PATIENCE.
+            let deadline = Instant::now() + PATIENCE;
+            while !is_done.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                get(&server, "/metrics");
+            }
+        });
+        for index in 0..2 * EACH_WAY {
+            let mut conn = server.connect_tcp();
+            // Every other client half-closes (the peer ends it); the others send `quit`, and
+            // the server closes first.
+            let ends_itself = index % 2 == 0;
+            let input: &[u8] = if ends_itself { b"hey" } else { b"quit\n" };
+            conn.write_all(input).unwrap();
+            if ends_itself {
+                conn.shutdown(std::net::Shutdown::Write).unwrap();
+            }
+            let mut reply = Vec::new();
+            conn.read_to_end(&mut reply).unwrap();
+            assert_eq!(reply, input, "connection {index}");
+        }
+        is_done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let count = EACH_WAY as f64;
+    let bytes = count * (3.0 + 5.0);
+    let expected = Expected::default()
+        .series("connections_accepted_total", "tcp", 2.0 * count)
+        .series("connections_open", "tcp", 0.0)
+        .closed("peer_eof", "tcp", count)
+        .closed("quit", "tcp", count)
+        .closed("error", "tcp", 0.0)
+        .series("received_bytes_total", "tcp", bytes)
+        .series("sent_bytes_total", "tcp", bytes);
+    if !wait_for_counts(&server, "pool", &expected) {
+        return;
+    }
+    server.stop();
+}
+
 /// The value of the sample line starting with `sample` in the scrape `body`.
 fn sample(body: &str, sample: &str) -> Option<f64> {
     body.lines()

@@ -245,3 +245,40 @@ fn ready_and_stopping_reach_the_notify_socket() {
     assert_eq!(&message[..n], b"STOPPING=1");
     let _ = std::fs::remove_file(&notify_path);
 }
+
+#[test]
+fn a_full_notify_queue_never_holds_up_serving_or_stopping() {
+    // A manager that does not read its notification socket: its queue is filled before
+    // the server starts, so READY=1 (and later STOPPING=1) cannot be sent. The server
+    // must say so and serve anyway; `poll` announces itself from the thread that serves.
+    let notify_path = temp_socket_path("notify-full");
+    let manager = UnixDatagram::bind(&notify_path).expect("notify socket");
+    let filler = UnixDatagram::unbound().expect("filler");
+    filler
+        .connect(&notify_path)
+        .expect("connect to the notify socket");
+    filler.set_nonblocking(true).unwrap();
+    let mut queued = 0;
+    loop {
+        match filler.send(b"STATUS=filling") {
+            Ok(_) => queued += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the notify queue: {e}"),
+        }
+        assert!(queued < 100_000, "the notify queue never filled");
+    }
+    let notify_env = notify_path.to_str().unwrap();
+    let server = common::Server::start_with_env(
+        "poll",
+        &["--tcp", "127.0.0.1:0"],
+        &[("NOTIFY_SOCKET", notify_env)],
+    );
+    let conn = common::Conn::connect(&server.addrs[0]).expect("connect");
+    let got = common::round_trip(conn, b"served meanwhile".to_vec());
+    assert_eq!(got, b"served meanwhile");
+    server.wait_for_log("READY=1 not sent");
+    // SIGTERM and an exit 0 within its patience: STOPPING=1 cannot wait either.
+    server.stop();
+    drop(manager);
+    let _ = std::fs::remove_file(&notify_path);
+}

@@ -15,7 +15,9 @@ use crate::net::Stream;
 use crate::server::one_socket::{
     LingerOn, accept_until_shutdown, close_unserved, serve_accepted, serve_each_socket,
 };
-use crate::server::{Admission, Connection, Listeners, Protocol, RunOptions, ServeError, Shutdown};
+use crate::server::{
+    Admission, Connection, Listeners, LoopLog, Protocol, RunOptions, ServeError, Shutdown,
+};
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::Mutex;
@@ -50,15 +52,27 @@ pub fn run(
     thread::scope(|scope| {
         for worker in 0..workers {
             let started = thread::Builder::new().spawn_scoped(scope, move || {
+                // One counter slot for the worker's life, as an event loop has: a slot per
+                // connection would scan the slot table at every start and, at every end,
+                // fold its counts under the lock every scrape takes.
+                let log = LoopLog::new(limits.metrics);
                 while let Some((stream, connection, admission)) = next_job(jobs) {
                     if shutdown_ref.is_fired() {
-                        close_unserved(stream, &connection, admission, limits);
+                        close_unserved(stream, &connection, admission, &log);
                         continue;
                     }
                     // A connection it closes first lingers on the lingering thread, with
                     // its place under --max-conns, so the worker moves on at once.
                     let linger = LingerOn::LingeringThread(admission);
-                    serve_accepted(stream, connection, limits, shutdown_ref, linger, || {});
+                    serve_accepted(
+                        stream,
+                        connection,
+                        limits,
+                        shutdown_ref,
+                        linger,
+                        &log,
+                        || {},
+                    );
                 }
             });
             if let Err(e) = started {

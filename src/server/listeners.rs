@@ -4,12 +4,11 @@
 
 use super::{AcceptQueues, Limits, ServeError};
 use crate::addr::ListenSpec;
-use crate::net::{DatagramSocket, StreamListener};
-use crate::sys::errno::{ECONNREFUSED, EPROTOTYPE};
+use crate::net::{DatagramSocket, StreamListener, UnixPathState, probe_unix_path};
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -190,8 +189,9 @@ fn absolute_or_as_typed(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// Applies the Unix path rules: a stale socket is replaced, a live one is in use, and a
-/// path that is not a socket is never touched.
+/// Applies the Unix path rules: a stale socket is replaced, a live one is in use (whatever
+/// its kind, and however busy: see [`probe_unix_path`]), and a path that is not a socket
+/// is never touched.
 fn prepare_unix_path(addr: &str, path: &Path, datagram: bool) -> Result<(), ServeError> {
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
@@ -209,25 +209,15 @@ fn prepare_unix_path(addr: &str, path: &Path, datagram: bool) -> Result<(), Serv
             path: path.to_path_buf(),
         });
     }
-    let probe = if datagram {
-        UnixDatagram::unbound().and_then(|s| s.connect(path))
-    } else {
-        UnixStream::connect(path).map(drop)
-    };
-    match probe {
-        Err(e) if e.raw_os_error() == Some(ECONNREFUSED) => {
+    match probe_unix_path(path, datagram) {
+        Ok(UnixPathState::Stale) => {
             tracing::info!("replacing stale socket {}", path.display());
             fs::remove_file(path).map_err(|source| ServeError::Bind {
                 addr: addr.to_string(),
                 source,
             })
         }
-        // A live socket of either type (EPROTOTYPE: alive, but the other kind).
-        Ok(()) => Err(ServeError::UnixPathInUse {
-            addr: addr.to_string(),
-            path: path.to_path_buf(),
-        }),
-        Err(e) if e.raw_os_error() == Some(EPROTOTYPE) => Err(ServeError::UnixPathInUse {
+        Ok(UnixPathState::Live) => Err(ServeError::UnixPathInUse {
             addr: addr.to_string(),
             path: path.to_path_buf(),
         }),

@@ -174,8 +174,8 @@ pub enum ServeError {
         /// The OS error.
         source: io::Error,
     },
-    /// Another server is listening on this Unix socket path.
-    #[error("cannot bind {addr}: address in use (a server is listening on {})", path.display())]
+    /// A live socket (a listener, or a datagram socket) is bound to this Unix socket path.
+    #[error("cannot bind {addr}: address in use (a live socket is bound to {})", path.display())]
     UnixPathInUse {
         /// The address as the user wrote it.
         addr: String,

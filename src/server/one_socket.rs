@@ -136,14 +136,18 @@ pub fn serve_connection(
     on_drain: impl FnOnce(),
 ) {
     let connection = Connection::new(protocol, peer, limits, stream.as_fd());
-    serve_accepted(stream, connection, limits, shutdown, linger_on, on_drain);
+    // A counter slot for this connection's thread (or forked child), kept when it ends.
+    let log = LoopLog::new(limits.metrics);
+    serve_accepted(
+        stream, connection, limits, shutdown, linger_on, &log, on_drain,
+    );
 }
 
 /// Closes a connection accepted before shutdown and never served (it waited for a pooled
 /// worker): nothing it sent was read, so nothing is owed but an EOF (a greeting owed is
-/// cut, and counted so). Closed with a lingering close, never a reset, and counted.
-pub fn close_unserved(stream: Stream, connection: &Connection, place: Admission, limits: &Limits) {
-    let log = LoopLog::new(limits.metrics);
+/// cut, and counted so). Closed with a lingering close, never a reset, and counted in
+/// `log`, the worker's own.
+pub fn close_unserved(stream: Stream, connection: &Connection, place: Admission, log: &LoopLog) {
     let reason = match connection.owed() {
         0 => CloseReason::Drained,
         owed => CloseReason::DrainTimeout { owed },
@@ -152,25 +156,25 @@ pub fn close_unserved(stream: Stream, connection: &Connection, place: Admission,
         stream,
         connection.peer(),
         reason,
-        &log,
+        log,
         Linger::Elsewhere(Some(place)),
     );
 }
 
 /// [`serve_connection`] for a connection made at accept, before it waited for this thread:
 /// its setup deadline (`--proxy-timeout`, `--tls-handshake-timeout`) counts from accept,
-/// not from when a pooled worker took it.
+/// not from when a pooled worker took it. It counts in `log`, the calling thread's: a
+/// pooled worker keeps one counter slot for every connection it serves.
 pub fn serve_accepted(
     stream: Stream,
     mut connection: Connection,
     limits: &Limits,
     shutdown: &Shutdown,
     linger_on: LingerOn,
+    log: &LoopLog,
     on_drain: impl FnOnce(),
 ) {
-    // A counter slot for this connection's thread (or forked child), kept when it ends.
-    let log = LoopLog::new(limits.metrics);
-    let reason = drive(&stream, &mut connection, limits, shutdown, &log, on_drain);
+    let reason = drive(&stream, &mut connection, limits, shutdown, log, on_drain);
     let linger = match linger_on {
         LingerOn::ThisThread => Linger::Here {
             shutdown,
@@ -178,7 +182,7 @@ pub fn serve_accepted(
         },
         LingerOn::LingeringThread(place) => Linger::Elsewhere(Some(place)),
     };
-    close(stream, connection.peer(), reason, &log, linger);
+    close(stream, connection.peer(), reason, log, linger);
 }
 
 /// Serves `connection` until it must close, and says why.

@@ -83,7 +83,11 @@ pub fn take_listen_fds() -> io::Result<Option<Vec<PassedFd>>> {
 }
 
 /// The datagram socket `NOTIFY_SOCKET` names (a path, or `@name` in the abstract
-/// namespace), connected; `None` when the variable is not set.
+/// namespace), connected and non-blocking; `None` when the variable is not set.
+///
+/// Non-blocking, because a send to a manager whose receive queue is full would otherwise
+/// wait until it reads, and the server sends from the thread that serves (and from its
+/// signal handler): a notification that does not fit at once fails with `WouldBlock`.
 ///
 /// # Errors
 ///
@@ -100,5 +104,6 @@ pub fn notify_socket() -> io::Result<Option<std::os::unix::net::UnixDatagram>> {
         Some(name) => socket.connect_addr(&SocketAddr::from_abstract_name(name)?)?,
         None => socket.connect(&target)?,
     }
+    socket.set_nonblocking(true)?;
     Ok(Some(socket))
 }

@@ -1059,17 +1059,10 @@ pub fn idle_timeout_counts_during_the_drain(model: &str) {
 pub fn drain_timeout_bounds_shutdown(model: &str) {
     let server = Server::start(model, &["--tcp", "127.0.0.1:0", "--drain-timeout", "1"]);
     let mut conn = server.connect_conn();
-    let mut writer = conn.try_clone();
+    let writer = conn.try_clone();
     writer.set_timeouts(Duration::from_secs(5));
-    let sender = thread::spawn(move || {
-        let chunk = vec![7u8; 64 * 1024];
-        // Stops when the server goes away or the write times out.
-        for _ in 0..1024 {
-            if writer.write_all(&chunk).is_err() {
-                break;
-            }
-        }
-    });
+    // Stops when the server goes away or a write times out.
+    let flood = FloodWriter::start(writer, 7);
     thread::sleep(Duration::from_millis(700));
     let start = Instant::now();
     server.terminate();
@@ -1082,7 +1075,7 @@ pub fn drain_timeout_bounds_shutdown(model: &str) {
         "took {took:?} with a 1 s drain"
     );
     let _ = conn.read_to_end_lossy();
-    let _ = sender.join();
+    flood.join();
 }
 
 impl Server {

@@ -213,6 +213,13 @@ impl Server {
         Server::spawn(command, model, args)
     }
 
+    /// Starts the server with the environment variables `env` set.
+    pub fn start_with_env(model: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut command = reverb();
+        command.envs(env.iter().copied());
+        Server::spawn(command, model, args)
+    }
+
     /// Starts the server in the working directory `dir` (for relative paths).
     pub fn start_in_dir(dir: &Path, model: &str, args: &[&str]) -> Server {
         let mut command = reverb();
@@ -806,6 +813,54 @@ impl FloodSample {
             taken_in: sent.saturating_sub(queues.client_unacked + queues.server_unread),
             written: queues.server_unacked + queues.client_unread,
         })
+    }
+}
+
+/// The most a [`FloodWriter`] sends, in bytes and in time: a server that keeps reading cannot
+/// keep a test running.
+const FLOOD_MAX_BYTES: usize = 64 << 20;
+const FLOOD_MAX_TIME: Duration = Duration::from_secs(20);
+
+/// A client that sends without end and reads nothing, from a thread of its own.
+pub struct FloodWriter {
+    thread: thread::JoinHandle<usize>,
+    failed: mpsc::Receiver<(Instant, io::Error)>,
+}
+
+impl FloodWriter {
+    /// Writes `byte` in 64 KiB chunks on `writer` until a send fails (the peer is gone, or
+    /// the kernel's buffers stayed full past the writer's timeout), [`FLOOD_MAX_BYTES`]
+    /// went out, or [`FLOOD_MAX_TIME`] passed.
+    pub fn start(mut writer: Conn, byte: u8) -> FloodWriter {
+        let (failed_tx, failed) = mpsc::channel();
+        let thread = thread::spawn(move || {
+            let chunk = [byte; 64 * 1024];
+            let start = Instant::now();
+            let mut sent = 0usize;
+            while sent < FLOOD_MAX_BYTES && start.elapsed() < FLOOD_MAX_TIME {
+                match writer.write(&chunk) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = failed_tx.send((Instant::now(), e));
+                        break;
+                    }
+                }
+            }
+            sent
+        });
+        FloodWriter { thread, failed }
+    }
+
+    /// The send failure that ended the flood and when it happened, waiting up to
+    /// `timeout` for it; `None` if none came.
+    pub fn failure_within(&self, timeout: Duration) -> Option<(Instant, io::Error)> {
+        self.failed.recv_timeout(timeout).ok()
+    }
+
+    /// Waits for the flood to end; the bytes the kernel took.
+    pub fn join(self) -> usize {
+        self.thread.join().expect("the flood thread")
     }
 }
 
