@@ -10,12 +10,17 @@
 //! Limit: a handler that blocks stalls every task of its loop; datagrams are served by loop 0.
 //!
 //! Not `read(&mut buf).await`: as the `async` model explains (a buffer per waiting task),
-//! a task polls `poll_read` with its loop's one buffer and hands the bytes over at once.
+//! a task waits for the reactor's readiness of its socket, then reads into its loop's one
+//! buffer and hands the bytes over at once (`task_buffers::poll_receive`).
+//! Not tokio's `TcpStream` either: a connection is reverb's own `Stream` watched through
+//! `AsyncFd`, read and written with the crate's own system calls (`sys::stream`), keeping
+//! tokio's readiness rules; tokio's streams go through libc's `recv` and `send`, which in a
+//! process of several threads pay for thread cancellation on every call.
 //! Idle timeout: one tokio timer per connection, reset on progress either way (`TaskWaits`).
 //! Why one current-thread runtime per loop: docs/benchmarks.md, "Readiness ladder"; why they share
 //! one accept queue and only loop 0 answers datagrams: `AcceptQueues`, for every multi-loop model.
-//! Listeners and datagram sockets stay reverb's own types (they know every address kind, abstract
-//! Unix names too), watched through `AsyncFd` on a duplicate.
+//! Listeners and datagram sockets stay reverb's own types too (they know every address kind,
+//! abstract Unix names too), watched through `AsyncFd` on a duplicate.
 
 use crate::net::{Peer, Stream};
 use crate::server::event_loops::{LoopSources, run_loops, split_sources};
@@ -31,8 +36,8 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, unix::AsyncFd};
-use tokio::net::{TcpStream, UnixStream};
+use std::task::{Context, Poll, ready};
+use tokio::io::{Interest, unix::AsyncFd};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -166,29 +171,51 @@ impl SocketWaits for Watched<'_> {
     }
 }
 
-/// A connected tokio stream, TCP or Unix.
-trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send {}
-impl<S: AsyncRead + AsyncWrite + AsFd + Unpin + Send> Socket for S {}
+/// A connected stream, TCP or Unix, watched by tokio's reactor (the crate's own reads and
+/// writes, not tokio's `TcpStream`: [`poll_receive`]).
+struct Socket(AsyncFd<OwnedFd>);
+
+impl Socket {
+    /// Writes a prefix of `bytes` once the socket may be writable; clears tokio's
+    /// readiness as [`poll_receive`] does for reads.
+    fn poll_write(&self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            let mut readiness = ready!(self.0.poll_write_ready(cx))?;
+            match crate::sys::stream::send(self.0.get_ref().as_fd(), bytes) {
+                Ok(n) => {
+                    // Edge-triggered: a short write filled the kernel's send buffer.
+                    if 0 < n && n < bytes.len() {
+                        readiness.clear_ready();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => readiness.clear_ready(),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
 
 /// One connection's task: the shared steps ([`converse`], [`close_served`]), waiting the
 /// way tokio does ([`Task`]). How it ended is logged and counted here; it ends only this
 /// connection.
 async fn serve(stream: Stream, peer: Peer, place: Admission, state: Arc<TaskLoop>, _done: Done) {
     let transport = stream_transport(&stream);
-    let adopted = stream.set_nonblocking(true).and_then(|()| match stream {
-        Stream::Tcp(s) => Ok(Box::new(TcpStream::from_std(s)?) as Box<dyn Socket>),
-        Stream::Unix(s) => Ok(Box::new(UnixStream::from_std(s)?) as Box<dyn Socket>),
+    let adopted = stream.set_nonblocking(true).and_then(|()| {
+        let stream = async_fd::watch(stream.into(), Interest::READABLE | Interest::WRITABLE)?;
+        Ok(Socket(stream))
     });
-    let mut stream = match adopted {
-        Ok(stream) => stream,
+    let socket = match adopted {
+        Ok(socket) => socket,
         Err(e) => {
             let why = CloseReason::CannotWatch(format!("tokio cannot watch it: {e}"));
             return state.with_log(|log| log.closed(&peer, transport, &why));
         }
     };
-    let mut connection = Connection::new(&state.protocol, peer, &state.limits, stream.as_fd());
+    let fd = socket.0.get_ref().as_fd();
+    let mut connection = Connection::new(&state.protocol, peer, &state.limits, fd);
     let mut task = Task {
-        stream: &mut stream,
+        socket: &socket,
         state: &state,
         idle: pin!(sleep(state.limits.idle_timeout.unwrap_or_default())),
         // Made once: a fresh wait per message would take a lock.
@@ -197,14 +224,13 @@ async fn serve(stream: Stream, peer: Peer, place: Admission, state: Arc<TaskLoop
     };
     let reason = converse(&mut task, &mut connection).await;
     drop(task);
-    let fd = stream.as_fd();
     state.with_log(|log| close_served(fd, &mut connection, reason, log, place, false));
 }
 
 /// How a connection's task waits under tokio: `select!` over the socket, the loop's
 /// signals and one tokio timer per connection for its idle timeout.
 struct Task<'a> {
-    stream: &'a mut Box<dyn Socket>,
+    socket: &'a Socket,
     state: &'a TaskLoop,
     idle: Pin<&'a mut Sleep>,
     draining: StopWait<'a>,
@@ -216,14 +242,14 @@ impl TaskWaits for Task<'_> {
         let is_timed = self.state.limits.idle_timeout.is_some();
         tokio::select! {
             biased;
-            written = self.stream.write(bytes) => Sent::Wrote(written),
+            written = poll_fn(|cx| self.socket.poll_write(cx, bytes)) => Sent::Wrote(written),
             () = &mut self.cut => Sent::Cut,
             () = &mut self.idle, if is_timed => Sent::Idle,
         }
     }
 
     fn send_now(&self, bytes: &[u8]) -> io::Result<usize> {
-        crate::sys::stream::send(self.stream.as_fd(), bytes)
+        crate::sys::stream::send(self.socket.0.get_ref().as_fd(), bytes)
     }
 
     fn restart_idle(&mut self) {
@@ -234,8 +260,8 @@ impl TaskWaits for Task<'_> {
 
     async fn receive(&mut self, connection: &mut Connection) -> Woke {
         let is_timed = self.state.limits.idle_timeout.is_some();
-        let (stream, state) = (&mut *self.stream, self.state);
-        let receive = poll_fn(|cx| state.with_log(|log| poll_receive(cx, stream, connection, log)));
+        let (socket, state) = (&self.socket.0, self.state);
+        let receive = poll_fn(|cx| poll_receive(cx, socket, connection, state));
         tokio::select! {
             biased;
             received = receive => Woke::Received(received),

@@ -5,15 +5,17 @@
 //! the bytes to its `Connection` before it awaits again. The thread's spare output
 //! allocation is lent to the connection producing replies and taken back once they are sent
 //! (`Connection::lend_spare`, `return_spare`). A runtime that polls its sockets the way
-//! tokio does (`AsyncRead`) reads through [`poll_receive`].
+//! tokio does (a reactor's readiness, `AsyncFd`) reads through [`poll_receive`].
 
 use super::read_buffer::ReadBuffer;
+use super::task::TaskLoop;
 use super::{CloseReason, Connection, LoopLog, READ_BUFFER_BYTES};
+use crate::sys::stream;
 use std::cell::RefCell;
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::os::fd::{AsFd, OwnedFd};
+use std::task::{Context, Poll, ready};
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
 thread_local! {
     static READ_BUFFER: RefCell<ReadBuffer> = RefCell::new(ReadBuffer::new(READ_BUFFER_BYTES));
@@ -91,47 +93,58 @@ pub fn return_spare(connection: &mut Connection) {
     SPARE.with_borrow_mut(|spare| connection.return_spare(spare));
 }
 
-/// Reads once from `stream`, a socket polled the way tokio's are (`AsyncRead`), into this
-/// thread's read buffer and hands the bytes to `connection` ([`receive_into`]); `Pending`
-/// until the socket is readable. tokio's `poll_read` takes a short read to mean "drained",
-/// so no read ends in `EAGAIN`.
+/// Waits until tokio's reactor says `socket` may be readable, then reads it once into this
+/// thread's read buffer and hands the bytes to `connection` ([`receive_into`], with the
+/// log of `state`'s loop); `Pending` until a read finds something. Readiness comes
+/// first, so a task polled with nothing queued (once per message) touches neither the
+/// read buffer nor the log. The socket is read and written with the crate's own
+/// `recvfrom` and `sendto` (`sys::stream`), and tokio's readiness kept as its own streams
+/// keep it: a read the kernel cut short, or one that would block, clears it, so the next
+/// one waits for an edge (the reactor is edge-triggered) instead of failing with `EAGAIN`.
+/// An echo written straight back from the read buffer is one `sendto`, without waiting for
+/// write readiness: a full send buffer leaves the rest owed, and waiting to send it finds
+/// out.
 ///
 /// # Errors
 ///
-/// As [`receive_into`]: why the connection must close.
-pub fn poll_receive<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+/// As [`receive_into`]: why the connection must close; or the reactor failed.
+pub fn poll_receive(
     cx: &mut Context<'_>,
-    stream: &mut S,
+    socket: &AsyncFd<OwnedFd>,
     connection: &mut Connection,
-    log: &LoopLog,
+    state: &TaskLoop,
 ) -> Poll<Result<Received, CloseReason>> {
-    match receive_into(connection, log, &mut Polled { cx, stream }) {
-        Ok(None) => Poll::Pending,
-        Ok(Some(received)) => Poll::Ready(Ok(received)),
-        Err(reason) => Poll::Ready(Err(reason)),
+    loop {
+        let mut readiness = match ready!(socket.poll_read_ready(cx)) {
+            Ok(readiness) => readiness,
+            Err(e) => return Poll::Ready(Err(CloseReason::Failed(e))),
+        };
+        let socket = &mut Ready(&mut readiness);
+        let received = state.with_log(|log| receive_into(connection, log, socket));
+        // `None`: the read would have blocked, and readiness is cleared: poll it again, to
+        // wait for the next edge.
+        if let Some(received) = received.transpose() {
+            return Poll::Ready(received);
+        }
     }
 }
 
-/// A socket inside a task being polled: `Pending` is `WouldBlock`.
-struct Polled<'a, 'b, S: ?Sized> {
-    cx: &'a mut Context<'b>,
-    stream: &'a mut S,
-}
+/// A socket tokio's reactor said may be readable.
+struct Ready<'a, 'b>(&'a mut AsyncFdReadyGuard<'b, OwnedFd>);
 
-impl<S: AsyncRead + AsyncWrite + Unpin + ?Sized> SocketIo for Polled<'_, '_, S> {
+impl SocketIo for Ready<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut input = ReadBuf::new(buf);
-        match Pin::new(&mut *self.stream).poll_read(self.cx, &mut input) {
-            Poll::Ready(read) => read.map(|()| input.filled().len()),
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        let read = stream::recv(self.0.get_inner().as_fd(), buf);
+        match &read {
+            Ok(n) if 0 < *n && *n < buf.len() => self.0.clear_ready(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.0.clear_ready(),
+            _ => {}
         }
+        read
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        match Pin::new(&mut *self.stream).poll_write(self.cx, bytes) {
-            Poll::Ready(written) => written,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
+        stream::send(self.0.get_inner().as_fd(), bytes)
     }
 }
 
@@ -140,11 +153,15 @@ mod tests {
     use super::*;
     use crate::net::Peer;
     use crate::protocol::{Protocol, ProtocolKind};
+    use crate::server::ConnectionCounter;
     use crate::server::Limits;
+    use crate::server::stop_signal::StopSignal;
     use std::collections::VecDeque;
-    use std::os::fd::AsFd;
+    use std::future::poll_fn;
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::task::Waker;
+    use std::time::Duration;
 
     /// A connection without layers: its socket is never touched, so any descriptor does.
     fn connection(kind: ProtocolKind) -> Connection {
@@ -310,73 +327,67 @@ mod tests {
         assert_eq!(spare_capacity(), 512, "the spare stays the thread's");
     }
 
-    /// A stream polled as tokio's are: reads give what is queued, then `Pending`.
-    struct Polling {
-        input: VecDeque<Vec<u8>>,
-        is_at_eof: bool,
-        written: Vec<u8>,
-    }
-
-    impl AsyncRead for Polling {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            match self.input.pop_front() {
-                Some(bytes) => {
-                    buf.put_slice(&bytes);
-                    Poll::Ready(Ok(()))
-                }
-                None if self.is_at_eof => Poll::Ready(Ok(())),
-                None => Poll::Pending,
-            }
-        }
-    }
-
-    impl AsyncWrite for Polling {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            bytes: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.written.extend_from_slice(bytes);
-            Poll::Ready(Ok(bytes.len()))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
+    /// A socket watched by a runtime's reactor, with the loop state to read it with.
+    fn watched_pair(runtime: &tokio::runtime::Runtime) -> (AsyncFd<OwnedFd>, UnixStream, TaskLoop) {
+        let (socket, peer) = UnixStream::pair().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _entered = runtime.enter();
+        let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
+        let socket = crate::sys::async_fd::watch(socket.into(), interest).unwrap();
+        let state = TaskLoop {
+            protocol: Protocol::new(ProtocolKind::Echo, 1024),
+            limits: Limits::default(),
+            counter: ConnectionCounter::new(None),
+            draining: StopSignal::default(),
+            cut: StopSignal::default(),
+        };
+        (socket, peer, state)
     }
 
     #[test]
-    fn a_polled_stream_is_read_once_and_pending_when_empty() {
-        let log = LoopLog::default();
-        let mut cx = Context::from_waker(Waker::noop());
-        let mut stream = Polling {
-            input: [b"ping".to_vec()].into(),
-            is_at_eof: false,
-            written: Vec::new(),
+    fn a_watched_socket_is_read_once_it_is_ready_and_pending_when_empty() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (socket, mut peer, state) = watched_pair(&runtime);
+        let peer_address = Peer::Ip("127.0.0.1:40000".parse().unwrap());
+        let mut conn =
+            Connection::new(&state.protocol, peer_address, &state.limits, socket.as_fd());
+        let receive = |conn: &mut Connection| {
+            let polled = poll_fn(|cx| poll_receive(cx, &socket, conn, &state));
+            let within = async { tokio::time::timeout(Duration::from_secs(5), polled).await };
+            runtime.block_on(within).expect("input within 5 s")
         };
-        let mut conn = connection(ProtocolKind::Echo);
-        let polled = poll_receive(&mut cx, &mut stream, &mut conn, &log);
-        assert!(matches!(polled, Poll::Ready(Ok(_))), "{polled:?}");
-        assert_eq!(stream.written, b"ping", "the echo went straight back");
+        let mut cx = Context::from_waker(Waker::noop());
+        let polled = poll_receive(&mut cx, &socket, &mut conn, &state);
+        assert!(
+            matches!(polled, Poll::Pending),
+            "nothing sent yet: {polled:?}"
+        );
+        peer.write_all(b"ping").unwrap();
+        let received = receive(&mut conn);
+        assert!(
+            matches!(received, Ok(Received { bytes: 4, .. })),
+            "{received:?}"
+        );
+        let mut echoed = [0; 4];
+        peer.read_exact(&mut echoed).expect("the echo within 5 s");
+        assert_eq!(&echoed, b"ping", "the echo went straight back");
         assert_eq!(conn.owed(), 0);
-        let polled = poll_receive(&mut cx, &mut stream, &mut conn, &log);
+        let polled = poll_receive(&mut cx, &socket, &mut conn, &state);
         assert!(
             matches!(polled, Poll::Pending),
             "nothing to read: {polled:?}"
         );
         assert!(!conn.is_finished());
-        stream.is_at_eof = true;
-        let polled = poll_receive(&mut cx, &mut stream, &mut conn, &log);
-        assert!(matches!(polled, Poll::Ready(Ok(_))), "{polled:?}");
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        let received = receive(&mut conn);
+        assert!(
+            matches!(received, Ok(Received { bytes: 0, .. })),
+            "{received:?}"
+        );
         assert!(conn.is_finished(), "an empty read is EOF");
-        assert_eq!(stream.written, b"ping", "nothing more");
     }
 }
