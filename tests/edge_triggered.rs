@@ -4,7 +4,7 @@
 //! the last bytes without the EOF queued behind them, would never hear of the rest. The
 //! server is stopped (SIGSTOP) while the client queues everything, so the whole of it is
 //! waiting before the loop's next wait returns; the other readiness models are checked
-//! the same way.
+//! the same way, and so are `async` and `tokio`, whose reactors are edge-triggered too.
 
 mod common;
 
@@ -14,7 +14,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const MODELS: [&str; 4] = ["epoll", "poll", "select", "busy-poll"];
+const MODELS: [&str; 6] = ["epoll", "poll", "select", "busy-poll", "async", "tokio"];
 
 /// Sends `signal` (`STOP` or `CONT`) to `pid` and waits until the process is stopped or
 /// running again, as `/proc/PID/stat` tells.
@@ -219,7 +219,7 @@ fn input_behind_passed_descriptors_is_all_answered() {
 
 #[test]
 fn backpressure_does_not_spin_the_loop() {
-    for model in ["epoll", "poll", "select"] {
+    for model in ["epoll", "poll", "select", "async", "tokio"] {
         backpressure_does_not_spin(model);
     }
 }

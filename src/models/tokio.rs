@@ -173,7 +173,8 @@ impl SocketWaits for Watched<'_> {
 
 /// A connected stream, TCP or Unix, watched by tokio's reactor (the crate's own reads and
 /// writes, not tokio's `TcpStream`: [`poll_receive`]).
-struct Socket(AsyncFd<OwnedFd>);
+/// The flag: a Unix stream (see [`poll_receive`]).
+struct Socket(AsyncFd<OwnedFd>, bool);
 
 impl Socket {
     /// Writes a prefix of `bytes` once the socket may be writable; clears tokio's
@@ -202,8 +203,11 @@ impl Socket {
 async fn serve(stream: Stream, peer: Peer, place: Admission, state: Arc<TaskLoop>, _done: Done) {
     let transport = stream_transport(&stream);
     let adopted = stream.set_nonblocking(true).and_then(|()| {
-        let stream = async_fd::watch(stream.into(), Interest::READABLE | Interest::WRITABLE)?;
-        Ok(Socket(stream))
+        let is_unix = matches!(stream, Stream::Unix(_));
+        // PRIORITY: urgent data, after which a short read proves nothing (`poll_receive`).
+        let interest = Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY;
+        let stream = async_fd::watch(stream.into(), interest)?;
+        Ok(Socket(stream, is_unix))
     });
     let socket = match adopted {
         Ok(socket) => socket,
@@ -260,8 +264,8 @@ impl TaskWaits for Task<'_> {
 
     async fn receive(&mut self, connection: &mut Connection) -> Woke {
         let is_timed = self.state.limits.idle_timeout.is_some();
-        let (socket, state) = (&self.socket.0, self.state);
-        let receive = poll_fn(|cx| poll_receive(cx, socket, connection, state));
+        let (socket, is_unix, state) = (&self.socket.0, self.socket.1, self.state);
+        let receive = poll_fn(|cx| poll_receive(cx, socket, is_unix, connection, state));
         tokio::select! {
             biased;
             received = receive => Woke::Received(received),

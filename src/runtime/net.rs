@@ -102,6 +102,16 @@ impl<T: AsFd> Async<T> {
         self.core.reactor.clear_ready(self.key, direction);
     }
 
+    /// A read took less than it asked for: forgets read readiness when that proves the
+    /// kernel has nothing more. It does not on a Unix stream (a read stops after a message
+    /// that carried descriptors, unix_stream_read_generic), nor after urgent data (a TCP
+    /// read stops at the urgent mark, tcp(7)): there only `WouldBlock` proves it.
+    fn clear_after_short_read(&self, is_unix: bool) {
+        if !is_unix {
+            self.core.reactor.clear_after_short_read(self.key);
+        }
+    }
+
     /// Waits until `op` stops saying `WouldBlock` for reading.
     ///
     /// # Errors
@@ -139,9 +149,10 @@ impl<T: AsFd> Drop for Async<T> {
 impl Async<Stream> {
     /// Reads into `buf`; `Ok(0)` is the peer's EOF.
     ///
-    /// A read that fills less than `buf` took everything the kernel had queued, so the
-    /// next one waits for the next edge instead of making a system call that can only
-    /// say `WouldBlock` (one system call saved per message; tokio does the same).
+    /// A TCP read that fills less than `buf` took everything the kernel had queued (unless
+    /// urgent data stopped it at its mark), so the next one waits for the next edge instead
+    /// of making a system call that can only say `WouldBlock` (one system call saved per
+    /// message; tokio does the same).
     ///
     /// # Errors
     ///
@@ -150,7 +161,7 @@ impl Async<Stream> {
         let asked = buf.len();
         let got = self.read_with(|stream| stream.read(buf)).await?;
         if 0 < got && got < asked {
-            self.clear_ready(Direction::Read);
+            self.clear_after_short_read(matches!(self.io, Stream::Unix(_)));
         }
         Ok(got)
     }
@@ -166,7 +177,7 @@ impl Async<Stream> {
         match self.io.read(buf) {
             Ok(got) if got == 0 || got == buf.len() => Ok(got),
             Ok(got) => {
-                self.clear_ready(Direction::Read);
+                self.clear_after_short_read(matches!(self.io, Stream::Unix(_)));
                 Ok(got)
             }
             Err(e) => {

@@ -49,6 +49,10 @@ struct Interest {
     /// The peer closed or the socket failed: every later call returns at once (EOF or the
     /// error), so the flag stays set; there will be no further edge to set it again.
     is_final: bool,
+    /// Urgent data was reported (`EPOLLPRI`) since a call last said `WouldBlock`: a TCP
+    /// read stops at the urgent mark (tcp(7)), so a short read no longer proves the queue
+    /// empty.
+    has_urgent: bool,
 }
 
 impl Reactor {
@@ -124,6 +128,18 @@ impl Reactor {
         if let Some(source) = self.sources.borrow_mut().get_mut(key) {
             let interest = &mut source[direction as usize];
             interest.is_ready = interest.is_final;
+            interest.has_urgent = false;
+        }
+    }
+
+    /// A read took less than it asked for: as [`Reactor::clear_ready`] for reading, unless
+    /// urgent data was reported, where the read may have stopped at its mark.
+    pub(crate) fn clear_after_short_read(&self, key: Token) {
+        if let Some(source) = self.sources.borrow_mut().get_mut(key) {
+            let interest = &mut source[Direction::Read as usize];
+            if !interest.has_urgent {
+                interest.is_ready = interest.is_final;
+            }
         }
     }
 
@@ -153,6 +169,7 @@ impl Reactor {
             // remembered apart from "ready" (a short read must not hide the EOF after it).
             let [read, write] = source;
             read.is_final |= event.is_read_closed;
+            read.has_urgent |= event.has_urgent;
             write.is_final |= event.is_write_closed;
             if event.readable {
                 wake(read);

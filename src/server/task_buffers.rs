@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::task::{Context, Poll, ready};
+use tokio::io::Interest;
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
 thread_local! {
@@ -101,6 +102,8 @@ pub fn return_spare(connection: &mut Connection) {
 /// `recvfrom` and `sendto` (`sys::stream`), and tokio's readiness kept as its own streams
 /// keep it: a read the kernel cut short, or one that would block, clears it, so the next
 /// one waits for an edge (the reactor is edge-triggered) instead of failing with `EAGAIN`.
+/// A short read proves nothing on a Unix stream (`is_unix`) or after urgent data, where
+/// only a read that would block clears it.
 /// An echo written straight back from the read buffer is one `sendto`, without waiting for
 /// write readiness: a full send buffer leaves the rest owed, and waiting to send it finds
 /// out.
@@ -111,6 +114,7 @@ pub fn return_spare(connection: &mut Connection) {
 pub fn poll_receive(
     cx: &mut Context<'_>,
     socket: &AsyncFd<OwnedFd>,
+    is_unix: bool,
     connection: &mut Connection,
     state: &TaskLoop,
 ) -> Poll<Result<Received, CloseReason>> {
@@ -119,7 +123,10 @@ pub fn poll_receive(
             Ok(readiness) => readiness,
             Err(e) => return Poll::Ready(Err(CloseReason::Failed(e))),
         };
-        let socket = &mut Ready(&mut readiness);
+        let socket = &mut Ready {
+            guard: &mut readiness,
+            is_unix,
+        };
         let received = state.with_log(|log| receive_into(connection, log, socket));
         // `None`: the read would have blocked, and readiness is cleared: poll it again, to
         // wait for the next edge.
@@ -129,22 +136,56 @@ pub fn poll_receive(
     }
 }
 
-/// A socket tokio's reactor said may be readable.
-struct Ready<'a, 'b>(&'a mut AsyncFdReadyGuard<'b, OwnedFd>);
+/// A socket tokio's reactor said may be readable, registered with
+/// `Interest::PRIORITY` as well (`EPOLLPRI`: urgent data is queued).
+struct Ready<'a, 'b> {
+    guard: &'a mut AsyncFdReadyGuard<'b, OwnedFd>,
+    /// A Unix stream: a read stops after a message that carried descriptors
+    /// (unix_stream_read_generic), so a short read proves nothing.
+    is_unix: bool,
+}
+
+impl Ready<'_, '_> {
+    /// Whether urgent data was reported since a read last found nothing: a TCP read stops
+    /// at the urgent mark (tcp(7)), so until then only a read that would block proves the
+    /// queue empty.
+    fn has_urgent(&self) -> bool {
+        self.guard
+            .get_ref()
+            .try_io(Interest::PRIORITY, |_| Ok(()))
+            .is_ok()
+    }
+
+    /// The kernel said `WouldBlock`: forget readable, and urgent data with it (the read
+    /// passed the mark), so both wait for their next edge.
+    fn clear_all(&mut self) {
+        self.guard.clear_ready();
+        let would_block = || Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock));
+        drop(
+            self.guard
+                .get_ref()
+                .try_io(Interest::PRIORITY, |_| would_block()),
+        );
+    }
+}
 
 impl SocketIo for Ready<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let read = stream::recv(self.0.get_inner().as_fd(), buf);
+        let read = stream::recv(self.guard.get_inner().as_fd(), buf);
         match &read {
-            Ok(n) if 0 < *n && *n < buf.len() => self.0.clear_ready(),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.0.clear_ready(),
+            // A short TCP read took all the socket held (tcp_recvmsg copies until the
+            // queue is empty), unless it stopped at an urgent mark.
+            Ok(n) if 0 < *n && *n < buf.len() && !self.is_unix && !self.has_urgent() => {
+                self.guard.clear_ready();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.clear_all(),
             _ => {}
         }
         read
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        stream::send(self.0.get_inner().as_fd(), bytes)
+        stream::send(self.guard.get_inner().as_fd(), bytes)
     }
 }
 
@@ -356,12 +397,12 @@ mod tests {
         let mut conn =
             Connection::new(&state.protocol, peer_address, &state.limits, socket.as_fd());
         let receive = |conn: &mut Connection| {
-            let polled = poll_fn(|cx| poll_receive(cx, &socket, conn, &state));
+            let polled = poll_fn(|cx| poll_receive(cx, &socket, true, conn, &state));
             let within = async { tokio::time::timeout(Duration::from_secs(5), polled).await };
             runtime.block_on(within).expect("input within 5 s")
         };
         let mut cx = Context::from_waker(Waker::noop());
-        let polled = poll_receive(&mut cx, &socket, &mut conn, &state);
+        let polled = poll_receive(&mut cx, &socket, true, &mut conn, &state);
         assert!(
             matches!(polled, Poll::Pending),
             "nothing sent yet: {polled:?}"
@@ -376,7 +417,7 @@ mod tests {
         peer.read_exact(&mut echoed).expect("the echo within 5 s");
         assert_eq!(&echoed, b"ping", "the echo went straight back");
         assert_eq!(conn.owed(), 0);
-        let polled = poll_receive(&mut cx, &socket, &mut conn, &state);
+        let polled = poll_receive(&mut cx, &socket, true, &mut conn, &state);
         assert!(
             matches!(polled, Poll::Pending),
             "nothing to read: {polled:?}"
