@@ -887,7 +887,7 @@ pub fn drain_waits_without_spinning(model: &str) {
     // More than the kernel's buffers take (see shutdown_drains_what_the_server_holds).
     let input = pattern(3_000_000, 8);
     conn.write_all(&input).unwrap();
-    thread::sleep(Duration::from_millis(300));
+    wait_until_the_server_read_everything(&conn);
     server.terminate();
     thread::sleep(Duration::from_millis(200));
     // A datagram the draining server no longer answers: its socket must not stay watched.
@@ -920,11 +920,13 @@ pub fn drain_refuses_new_clients(model: &str) {
         "4M",
     ];
     let server = Server::start(model, &args);
-    // A slow reader owed more than the kernel's buffers take holds the drain open.
+    // A slow reader owed more than the kernel's buffers take holds the drain open; the
+    // signal comes only once the server has read all of it, since what is unread then is
+    // never answered (reading stops at the signal).
     let mut conn = server.connect_slow_reader();
     let input = pattern(3_000_000, 9);
     conn.write_all(&input).unwrap();
-    thread::sleep(Duration::from_millis(300));
+    wait_until_the_server_read_everything(&conn);
     server.terminate();
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut accepted = 0;
@@ -1039,7 +1041,7 @@ pub fn idle_timeout_counts_during_the_drain(model: &str) {
     // More than the kernel's buffers take: the server owes most of it, and the peer
     // takes none of it.
     conn.write_all(&pattern(3_000_000, 10)).unwrap();
-    thread::sleep(Duration::from_millis(300));
+    wait_until_the_server_read_everything(&conn);
     let start = Instant::now();
     server.terminate();
     let mut server = server;
