@@ -416,22 +416,16 @@ impl ReadinessCore {
         if token.reserved_index().is_some() {
             return self.handle(token, ready);
         }
-        let until_empty = is_read_closed || has_urgent;
-        if let Some(entry) = self.connections.get_mut(token)
-            && let Some(was_until_empty) = entry.again
-        {
-            entry.again = Some(was_until_empty || until_empty);
-            return Ok(());
-        }
-        self.serve_edge(token, ready, until_empty);
+        self.serve_edge(token, ready, is_read_closed || has_urgent);
         Ok(())
     }
 
     /// Serves `token` once, and keeps it for the next turn if its read may have left input
-    /// (or, `until_empty`, if the read found anything at all).
+    /// (or, `until_empty`, if the read found anything at all); one already kept is only
+    /// marked, with `until_empty` added, and served next turn.
     #[inline]
     fn serve_edge(&mut self, token: Token, ready: Interest, until_empty: bool) {
-        let served = self.serve(token, ready);
+        let served = self.serve_unless_kept(token, ready, Some(until_empty));
         if served.may_hold_more || (until_empty && served.has_arrived) {
             self.serve_again_later(token, until_empty);
         }
@@ -643,6 +637,20 @@ impl ReadinessCore {
     /// ([`ReadOutcome::may_hold_more`], or no read made); only an edge-triggered mechanism
     /// needs to know. Nothing, for a connection closed or not found.
     fn serve(&mut self, token: Token, ready: Interest) -> ReadOutcome {
+        self.serve_unless_kept(token, ready, None)
+    }
+
+    /// As [`ReadinessCore::serve`]; with `edge` (`Some(until_empty)`, from
+    /// [`ReadinessCore::serve_edge`]), a connection already kept for the next turn is not
+    /// served now but marked, its `until_empty` added: the same slab lookup decides both,
+    /// one per message.
+    #[inline(always)]
+    fn serve_unless_kept(
+        &mut self,
+        token: Token,
+        ready: Interest,
+        edge: Option<bool>,
+    ) -> ReadOutcome {
         const CLOSED: ReadOutcome = ReadOutcome {
             has_arrived: false,
             may_hold_more: false,
@@ -650,6 +658,11 @@ impl ReadinessCore {
         let Some(entry) = self.connections.get_mut(token) else {
             return CLOSED;
         };
+        if let (Some(until_empty), Some(was_until_empty)) = (edge, entry.again) {
+            entry.again = Some(was_until_empty || until_empty);
+            // Served next turn; nothing to keep now.
+            return CLOSED;
+        }
         let connection = &mut entry.connection;
         if !connection.may_write_through() {
             connection.lend_spare(&mut self.spare);
@@ -659,7 +672,9 @@ impl ReadinessCore {
             has_arrived: false,
             may_hold_more: ready.readable,
         };
-        if ready.readable && connection.wants_read() {
+        // Whether it wants input is read_some's first question: with no room it reads
+        // nothing and says the socket may still hold input, as for one found readable.
+        if ready.readable {
             let buf = self.buf.first_mut(READ_BUFFER_BYTES);
             match connection.read_some(&entry.stream, buf, &self.log) {
                 Ok(read) => {
@@ -738,6 +753,7 @@ impl Drop for ReadinessCore {
 
 /// The interest of a connection: input while it reads and has room, output while bytes
 /// are owed.
+#[inline]
 fn interest_of(connection: &Connection) -> Interest {
     Interest {
         readable: connection.wants_read(),
