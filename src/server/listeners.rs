@@ -5,6 +5,7 @@
 use super::{AcceptQueues, Limits, ServeError};
 use crate::addr::ListenSpec;
 use crate::net::{DatagramSocket, StreamListener, UnixPathState, probe_unix_path};
+use crate::sys::dir_lock;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -115,6 +116,7 @@ impl Listeners {
         limits: Limits,
         queues: AcceptQueues,
     ) -> Result<Self, ServeError> {
+        refuse_a_path_given_twice(specs)?;
         let mut listeners = Listeners::empty(limits);
         for spec in specs {
             let addr = spec.to_string();
@@ -137,6 +139,8 @@ impl Listeners {
                     listeners.datagrams.push(socket);
                 }
                 ListenSpec::Unix(path) => {
+                    check_length(&addr, path)?;
+                    let _lock = lock_parent(path);
                     prepare_unix_path(&addr, path, false)?;
                     let listener = UnixListener::bind(path).map_err(bind_error)?;
                     listeners
@@ -149,6 +153,8 @@ impl Listeners {
                         .push(StreamListener::from_unix(listener, name));
                 }
                 ListenSpec::UnixDatagram(path) => {
+                    check_length(&addr, path)?;
+                    let _lock = lock_parent(path);
                     prepare_unix_path(&addr, path, true)?;
                     let socket = UnixDatagram::bind(path).map_err(bind_error)?;
                     listeners
@@ -189,6 +195,14 @@ fn absolute_or_as_typed(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
+/// Refuses a path longer than `sun_path` holds, before anything is locked or bound.
+fn check_length(addr: &str, path: &Path) -> Result<(), ServeError> {
+    crate::addr::check_unix_path_length(path).map_err(|reason| ServeError::Bind {
+        addr: addr.to_string(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, reason),
+    })
+}
+
 /// Applies the Unix path rules: a stale socket is replaced, a live one is in use (whatever
 /// its kind, and however busy: see [`probe_unix_path`]), and a path that is not a socket
 /// is never touched.
@@ -226,6 +240,40 @@ fn prepare_unix_path(addr: &str, path: &Path, datagram: bool) -> Result<(), Serv
             source,
         }),
     }
+}
+
+/// Refuses two Unix listeners on one path (as typed or made absolute): the second would
+/// find the first one's live socket there and be told another program serves on it.
+fn refuse_a_path_given_twice(specs: &[ListenSpec]) -> Result<(), ServeError> {
+    let mut seen: Vec<(PathBuf, &ListenSpec)> = Vec::new();
+    for spec in specs {
+        let (ListenSpec::Unix(path) | ListenSpec::UnixDatagram(path)) = spec else {
+            continue;
+        };
+        let absolute = absolute_or_as_typed(path);
+        if let Some((_, first)) = seen.iter().find(|(other, _)| *other == absolute) {
+            return Err(ServeError::UnixPathTwice {
+                addr: spec.to_string(),
+                first: first.to_string(),
+            });
+        }
+        seen.push((absolute, spec));
+    }
+    Ok(())
+}
+
+/// Locks the directory of a Unix socket path while the server checks, replaces and binds
+/// it (see [`dir_lock`]), so that two servers starting at once over one stale file do not
+/// both bind it: the second waits, then finds the first one's live socket. A directory
+/// that cannot be locked (one the server may search but not read) is bound unlocked.
+fn lock_parent(path: &Path) -> Option<dir_lock::DirLock> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    dir_lock::lock_exclusive(dir)
+        .inspect_err(|e| tracing::debug!("binding {} unlocked: {e}", path.display()))
+        .ok()
 }
 
 fn guard_for(path: &Path) -> io::Result<UnixPathGuard> {

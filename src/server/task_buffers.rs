@@ -170,6 +170,7 @@ impl Ready<'_, '_> {
 }
 
 impl SocketIo for Ready<'_, '_> {
+    #[inline]
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let read = stream::recv(self.guard.get_inner().as_fd(), buf);
         match &read {
