@@ -211,7 +211,13 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
     let (model, metrics) = (args.model, metrics.map(|(metrics, _)| metrics));
     // Told by the model once all its threads and loops run: a server that fails to start
     // prints no `listening` line and never says READY=1.
+    let draining = shutdown.clone();
     let on_serving = OnServing::new(move || {
+        // A drain that began while the model was starting: nobody may be told it serves.
+        if draining.is_fired() {
+            tracing::info!("stopping before serving: not announced");
+            return;
+        }
         // Ready before the readiness lines, so whoever reads them finds /readyz agreeing.
         if let Some(metrics) = metrics {
             metrics.set_ready(true);

@@ -51,6 +51,9 @@ impl Notifier {
     /// caller may be the thread that serves, which a manager slow to read its queue must
     /// not hold up.
     ///
+    /// Call it only while shutdown has not fired. `STOPPING=1` always follows it: a
+    /// SIGTERM/SIGINT before this call has its `STOPPING=1` sent here, right after.
+    ///
     /// # Errors
     ///
     /// The OS error of sending; a manager whose notification queue is full fails with
@@ -59,7 +62,10 @@ impl Notifier {
         let Some(socket) = &self.socket else {
             return Ok(());
         };
-        match socket.send(READY_MESSAGE) {
+        let sent = socket.send(READY_MESSAGE);
+        // A SIGTERM that came meanwhile left STOPPING=1 to be sent after READY=1.
+        crate::sys::signal::ready_announced();
+        match sent {
             // A datagram is sent whole or not at all.
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(

@@ -282,3 +282,68 @@ fn a_full_notify_queue_never_holds_up_serving_or_stopping() {
     drop(manager);
     let _ = std::fs::remove_file(&notify_path);
 }
+
+#[test]
+fn a_sigterm_during_startup_never_announces_after_the_drain_began() {
+    // 4096 pool threads take a while to start, so the SIGTERM lands while the model is
+    // still starting: the manager must never hear READY=1 after STOPPING=1, and nothing
+    // may print `listening` once the drain began (STOPPING=1 first says it began first).
+    for round in 0..3 {
+        let notify_path = temp_socket_path("notify-early-term");
+        let manager = UnixDatagram::bind(&notify_path).expect("notify socket");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_reverb"))
+            .args(["serve", "--model", "pool", "--threads", "4096"])
+            .args(["--tcp", "127.0.0.1:0"])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start reverb");
+        thread::sleep(Duration::from_millis(100 + 50 * round));
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = Instant::now() + PATIENCE * 3;
+        let exit = loop {
+            if let Some(exit) = child.try_wait().expect("wait") {
+                break exit;
+            }
+            assert!(Instant::now() < deadline, "no exit after SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            exit.success(),
+            "reverb exit {exit} after a SIGTERM during startup"
+        );
+        let mut stdout = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut stdout)
+            .expect("stdout");
+        manager.set_nonblocking(true).unwrap();
+        let mut heard = Vec::new();
+        let mut message = [0u8; 256];
+        while let Ok(n) = manager.recv(&mut message) {
+            heard.push(String::from_utf8_lossy(&message[..n]).into_owned());
+        }
+        let _ = std::fs::remove_file(&notify_path);
+        eprintln!("round {round}: heard {heard:?}, stdout {stdout:?}");
+        let ready = heard.iter().position(|m| m == "READY=1");
+        let stopping = heard.iter().position(|m| m == "STOPPING=1");
+        if let (Some(ready), Some(stopping)) = (ready, stopping) {
+            assert!(ready < stopping, "READY=1 after STOPPING=1: {heard:?}");
+        }
+        assert!(heard.len() <= 2, "a notification twice: {heard:?}");
+        if ready.is_none() {
+            assert!(
+                !stdout.contains("listening"),
+                "`listening` printed by a server never announced ready: {stdout:?}"
+            );
+        }
+    }
+}

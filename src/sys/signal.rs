@@ -32,6 +32,13 @@ static STOPPING_FD: AtomicI32 = AtomicI32::new(-1);
 static STOPPING_PID: AtomicI32 = AtomicI32::new(0);
 /// Whether the message went out already: one per process, however many signals come.
 static STOPPING_SENT: AtomicBool = AtomicBool::new(false);
+/// Whether the server has told the manager `READY=1` (or tried to). `STOPPING=1` must
+/// never come before it: a handler that runs first leaves it to [`ready_announced`].
+static READY_ANNOUNCED: AtomicBool = AtomicBool::new(false);
+/// Whether SIGTERM or SIGINT has come. With [`READY_ANNOUNCED`] it decides, without a
+/// lock (a handler cannot take one), who sends `STOPPING=1`: each side stores its own flag
+/// and then loads the other's, all `SeqCst`, so at least one of them sees both set.
+static TERMINATED: AtomicBool = AtomicBool::new(false);
 /// What sd_notify(3) calls the start of a shutdown.
 const STOPPING_MESSAGE: &[u8] = b"STOPPING=1";
 
@@ -47,10 +54,21 @@ extern "C" fn on_terminate(_signal: libc::c_int) {
     // process (invariant of SHUTDOWN_FD). A failed write is harmless: the counter is
     // already non-zero then.
     let _ = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    TERMINATED.store(true, Ordering::SeqCst);
+    if READY_ANNOUNCED.load(Ordering::SeqCst) {
+        send_stopping_once();
+    }
+    // SAFETY: restores this thread's errno so the interrupted code sees its own value.
+    unsafe { *libc::__errno_location() = saved_errno };
+}
+
+/// Sends `STOPPING=1` unless it went out already or this is not the server's process.
+/// Async-signal-safe: atomics, getpid(2) and send(2) only.
+fn send_stopping_once() {
     let notify_fd = STOPPING_FD.load(Ordering::Relaxed);
     // SAFETY: getpid is async-signal-safe and takes no pointers.
     let is_server = STOPPING_PID.load(Ordering::Relaxed) == unsafe { libc::getpid() };
-    if notify_fd >= 0 && is_server && !STOPPING_SENT.swap(true, Ordering::Relaxed) {
+    if notify_fd >= 0 && is_server && !STOPPING_SENT.swap(true, Ordering::SeqCst) {
         // SAFETY: the message is a static byte string valid for its length; the fd stays
         // open for the life of the process (invariant of STOPPING_FD); send(2) is
         // async-signal-safe, and MSG_DONTWAIT keeps a full socket from blocking a handler.
@@ -63,8 +81,15 @@ extern "C" fn on_terminate(_signal: libc::c_int) {
             )
         };
     }
-    // SAFETY: restores this thread's errno so the interrupted code sees its own value.
-    unsafe { *libc::__errno_location() = saved_errno };
+}
+
+/// Records that `READY=1` was announced; a SIGTERM/SIGINT that came before this sends
+/// `STOPPING=1` now, so the manager always hears `READY=1` first and `STOPPING=1` once.
+pub fn ready_announced() {
+    READY_ANNOUNCED.store(true, Ordering::SeqCst);
+    if TERMINATED.load(Ordering::SeqCst) {
+        send_stopping_once();
+    }
 }
 
 /// Makes SIGTERM and SIGINT notify the eventfd `fd`.
