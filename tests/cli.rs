@@ -1296,3 +1296,76 @@ fn a_huge_idle_timeout_costs_no_more_than_a_short_one() {
         server.stop();
     }
 }
+
+#[test]
+fn two_servers_starting_over_one_stale_file_never_both_serve() {
+    // Probe, unlink and bind are three steps: without the directory lock two servers
+    // could both find the file stale and both bind, one left holding a path nobody
+    // reaches. Exactly one must serve; the other exits 1, "in use". Bounded rounds.
+    let started = Instant::now();
+    for round in 0..60 {
+        if round > 3 && started.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        let path = temp_socket_path("stale-race");
+        drop(UnixListener::bind(&path).expect("a stale socket file"));
+        let start = || {
+            reverb()
+                .args(["serve", "--model", "blocking", "--unix"])
+                .arg(&path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start reverb")
+        };
+        let mut servers = [start(), start()];
+        let deadline = Instant::now() + PATIENCE;
+        let loser = loop {
+            if let Some(i) = (0..2).find(|&i| servers[i].try_wait().expect("wait").is_some()) {
+                break i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: both servers serve {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let winner = 1 - loser;
+        let status = servers[loser].wait().expect("wait");
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(
+            &mut servers[loser].stderr.take().expect("stderr"),
+            &mut stderr,
+        )
+        .expect("stderr");
+        let still_serving = servers[winner].try_wait().expect("wait").is_none();
+        let _ = servers[winner].kill();
+        let _ = servers[winner].wait();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(status.code(), Some(1), "round {round}: {stderr}");
+        assert!(stderr.contains("in use"), "round {round}: {stderr}");
+        assert!(still_serving, "round {round}: the other server stopped too");
+    }
+}
+
+#[test]
+fn one_unix_path_given_twice_is_named_as_given_twice() {
+    let path = temp_socket_path("twice");
+    for second in ["--unix", "--unix-dgram"] {
+        let out = reverb()
+            .args(["serve", "--unix"])
+            .arg(&path)
+            .arg(second)
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run reverb");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("given twice"), "{stderr}");
+        assert!(!stderr.contains("another program"), "{stderr}");
+        assert!(!path.exists(), "the first socket file was left behind");
+    }
+}

@@ -4,8 +4,8 @@
 //! the same listeners; every connection is one task in straight-line code:
 //! `write(..).await` what is owed, then wait for input, read it, hand it to `Connection`.
 //! Those steps, and the accept and datagram tasks, are the ones `async` takes too
-//! (`server::task`); this file says how tokio waits: `select!` over readiness, the loop's
-//! stop signals and tokio timers.
+//! (`server::task`); this file says how tokio waits: for the first of readiness, the
+//! loop's stop signals and tokio timers.
 //! Cost: a task switch and a waker per readiness on top of `epoll`'s system calls.
 //! Limit: a handler that blocks stalls every task of its loop; datagrams are served by loop 0.
 //!
@@ -227,7 +227,7 @@ async fn serve(stream: Stream, peer: Peer, place: Admission, state: Arc<TaskLoop
     state.with_log(|log| close_served(fd, &mut connection, reason, log, place, false));
 }
 
-/// How a connection's task waits under tokio: `select!` over the socket, the loop's
+/// How a connection's task waits under tokio: for the first of the socket, the loop's
 /// signals and one tokio timer per connection for its idle timeout.
 struct Task<'a> {
     socket: &'a Socket,
@@ -261,13 +261,22 @@ impl TaskWaits for Task<'_> {
     async fn receive(&mut self, connection: &mut Connection) -> Woke {
         let is_timed = self.state.limits.idle_timeout.is_some();
         let (socket, state) = (&self.socket.0, self.state);
-        let receive = poll_fn(|cx| poll_receive(cx, socket, connection, state));
-        tokio::select! {
-            biased;
-            received = receive => Woke::Received(received),
-            () = &mut self.draining => Woke::Draining,
-            () = &mut self.idle, if is_timed => Woke::Idle,
-        }
+        let (draining, idle) = (&mut self.draining, &mut self.idle);
+        // What `select!` with `biased` does, in that order (input, shutdown, idle timeout),
+        // written out: this wait ends every message, and the macro's bookkeeping of which
+        // branch is done cost about 35 instructions per message more (callgrind).
+        poll_fn(|cx| {
+            if let Poll::Ready(received) = poll_receive(cx, socket, connection, state) {
+                Poll::Ready(Woke::Received(received))
+            } else if Pin::new(&mut *draining).poll(cx).is_ready() {
+                Poll::Ready(Woke::Draining)
+            } else if is_timed && idle.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Woke::Idle)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     fn state(&self) -> &TaskLoop {

@@ -5,6 +5,7 @@
 use super::{AcceptQueues, Limits, ServeError};
 use crate::addr::ListenSpec;
 use crate::net::{DatagramSocket, StreamListener, UnixPathState, probe_unix_path};
+use crate::sys::dir_lock;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -115,6 +116,7 @@ impl Listeners {
         limits: Limits,
         queues: AcceptQueues,
     ) -> Result<Self, ServeError> {
+        refuse_a_path_given_twice(specs)?;
         let mut listeners = Listeners::empty(limits);
         for spec in specs {
             let addr = spec.to_string();
@@ -137,6 +139,7 @@ impl Listeners {
                     listeners.datagrams.push(socket);
                 }
                 ListenSpec::Unix(path) => {
+                    let _lock = lock_parent(path);
                     prepare_unix_path(&addr, path, false)?;
                     let listener = UnixListener::bind(path).map_err(bind_error)?;
                     listeners
@@ -149,6 +152,7 @@ impl Listeners {
                         .push(StreamListener::from_unix(listener, name));
                 }
                 ListenSpec::UnixDatagram(path) => {
+                    let _lock = lock_parent(path);
                     prepare_unix_path(&addr, path, true)?;
                     let socket = UnixDatagram::bind(path).map_err(bind_error)?;
                     listeners
@@ -226,6 +230,40 @@ fn prepare_unix_path(addr: &str, path: &Path, datagram: bool) -> Result<(), Serv
             source,
         }),
     }
+}
+
+/// Refuses two Unix listeners on one path (as typed or made absolute): the second would
+/// find the first one's live socket there and be told another program serves on it.
+fn refuse_a_path_given_twice(specs: &[ListenSpec]) -> Result<(), ServeError> {
+    let mut seen: Vec<(PathBuf, &ListenSpec)> = Vec::new();
+    for spec in specs {
+        let (ListenSpec::Unix(path) | ListenSpec::UnixDatagram(path)) = spec else {
+            continue;
+        };
+        let absolute = absolute_or_as_typed(path);
+        if let Some((_, first)) = seen.iter().find(|(other, _)| *other == absolute) {
+            return Err(ServeError::UnixPathTwice {
+                addr: spec.to_string(),
+                first: first.to_string(),
+            });
+        }
+        seen.push((absolute, spec));
+    }
+    Ok(())
+}
+
+/// Locks the directory of a Unix socket path while the server checks, replaces and binds
+/// it (see [`dir_lock`]), so that two servers starting at once over one stale file do not
+/// both bind it: the second waits, then finds the first one's live socket. A directory
+/// that cannot be locked (one the server may search but not read) is bound unlocked.
+fn lock_parent(path: &Path) -> Option<dir_lock::DirLock> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    dir_lock::lock_exclusive(dir)
+        .inspect_err(|e| tracing::debug!("binding {} unlocked: {e}", path.display()))
+        .ok()
 }
 
 fn guard_for(path: &Path) -> io::Result<UnixPathGuard> {

@@ -133,6 +133,7 @@ pub fn poll_receive(
 struct Ready<'a, 'b>(&'a mut AsyncFdReadyGuard<'b, OwnedFd>);
 
 impl SocketIo for Ready<'_, '_> {
+    #[inline]
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let read = stream::recv(self.0.get_inner().as_fd(), buf);
         match &read {

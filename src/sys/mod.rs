@@ -11,6 +11,7 @@ pub mod affinity;
 pub mod async_fd;
 pub mod bind_no_port;
 pub mod datagram;
+pub mod dir_lock;
 pub mod epoll;
 pub mod errno;
 pub mod eventfd;
