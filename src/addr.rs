@@ -190,8 +190,30 @@ impl Endpoint {
     }
 }
 
+/// The longest Unix socket path, in bytes: `sun_path` holds 108 bytes, the last one the
+/// closing NUL (unix(7)).
+pub const MAX_UNIX_PATH_BYTES: usize = 107;
+
+/// Refuses a Unix socket path longer than [`MAX_UNIX_PATH_BYTES`], saying how long it is
+/// and what is accepted.
+///
+/// # Errors
+///
+/// The path is too long for `sun_path`.
+pub fn check_unix_path_length(path: &std::path::Path) -> Result<(), String> {
+    let bytes = path.as_os_str().len();
+    if bytes > MAX_UNIX_PATH_BYTES {
+        return Err(format!(
+            "the path is {bytes} bytes long; a Unix socket path takes at most \
+             {MAX_UNIX_PATH_BYTES} bytes (sun_path, unix(7))"
+        ));
+    }
+    Ok(())
+}
+
 fn absolute_path(text: &str, path: &str) -> Result<PathBuf, AddrError> {
     if path.starts_with('/') {
+        check_unix_path_length(path.as_ref()).map_err(|reason| addr_error(text, reason))?;
         Ok(PathBuf::from(path))
     } else {
         Err(addr_error(

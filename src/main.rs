@@ -189,7 +189,7 @@ fn serve(args: ServeArgs, specs: Vec<ListenSpec>) -> ExitCode {
         Err(e) => return fail(e),
     };
     let notifier = reverb::service::Notifier::from_env().unwrap_or_else(|e| {
-        tracing::warn!("cannot reach the service manager's NOTIFY_SOCKET: {e}");
+        tracing::warn!("cannot reach the service manager: {e}");
         reverb::service::Notifier::disconnected()
     });
     let metrics = match args.metrics {

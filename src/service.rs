@@ -28,6 +28,8 @@ const READY_MESSAGE: &[u8] = b"READY=1";
 #[derive(Debug)]
 pub struct Notifier {
     socket: Option<UnixDatagram>,
+    /// `NOTIFY_SOCKET` as set, for the errors.
+    target: String,
 }
 
 impl Notifier {
@@ -39,12 +41,19 @@ impl Notifier {
     pub fn from_env() -> io::Result<Self> {
         Ok(Notifier {
             socket: activation::notify_socket()?,
+            target: std::env::var_os("NOTIFY_SOCKET")
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
         })
     }
 
     /// A notifier that sends nothing.
     pub fn disconnected() -> Self {
-        Notifier { socket: None }
+        Notifier {
+            socket: None,
+            target: String::new(),
+        }
     }
 
     /// Tells the service manager the server is serving (`READY=1`), without waiting: the
@@ -70,9 +79,15 @@ impl Notifier {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
                 e.kind(),
-                "its notification queue is full, READY=1 not sent",
+                format!(
+                    "NOTIFY_SOCKET={}: its notification queue is full, READY=1 not sent",
+                    self.target
+                ),
             )),
-            Err(e) => Err(e),
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("NOTIFY_SOCKET={}: {e}", self.target),
+            )),
         }
     }
 

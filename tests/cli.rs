@@ -416,8 +416,8 @@ fn unix_path_of_a_listener_with_a_full_queue_is_in_use_at_once() {
 
 #[test]
 fn unix_path_with_a_name_too_long_is_refused_saying_so() {
-    // A file name past the kernel's 255 bytes: the path rules' own look at the path fails,
-    // and its reason is the one reported (binding would say something else).
+    // A file name past the kernel's 255 bytes is also past what sun_path holds: that is
+    // checked first, saying how long the path is and what is accepted.
     let path = std::env::temp_dir().join(format!("{}.sock", "n".repeat(300)));
     let path_arg = path.to_str().unwrap();
     let output = run_bounded(&["serve", "--model", "threaded", "--unix", path_arg]);
@@ -425,7 +425,8 @@ fn unix_path_with_a_name_too_long_is_refused_saying_so() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!("cannot bind unix://{path_arg}"))
-            && stderr.contains("File name too long"),
+            && stderr.contains("bytes long")
+            && stderr.contains("at most 107 bytes"),
         "{stderr}"
     );
 }
@@ -1368,4 +1369,32 @@ fn one_unix_path_given_twice_is_named_as_given_twice() {
         assert!(!stderr.contains("another program"), "{stderr}");
         assert!(!path.exists(), "the first socket file was left behind");
     }
+}
+
+#[test]
+fn a_unix_path_longer_than_sun_path_says_how_long_and_what_is_accepted() {
+    let long = format!("/tmp/{}", "x".repeat(103));
+    let at_most = "at most 107 bytes";
+    let serve = reverb()
+        .args(["serve", "--unix", &long])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run reverb serve");
+    let stderr = String::from_utf8_lossy(&serve.stderr);
+    assert_eq!(serve.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("108 bytes long") && stderr.contains(at_most),
+        "{stderr}"
+    );
+    let client = reverb()
+        .args(["client", &format!("unix://{long}")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run reverb client");
+    let stderr = String::from_utf8_lossy(&client.stderr);
+    assert_eq!(client.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("108 bytes long") && stderr.contains(at_most),
+        "{stderr}"
+    );
 }

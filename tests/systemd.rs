@@ -347,3 +347,19 @@ fn a_sigterm_during_startup_never_announces_after_the_drain_began() {
         }
     }
 }
+
+#[test]
+fn an_unreachable_notify_socket_is_named_in_the_warning() {
+    // A regular file: connect(2) says "Connection refused", which hides what is wrong.
+    let not_a_socket = temp_socket_path("notify-plain");
+    std::fs::write(&not_a_socket, b"").expect("a regular file");
+    let value = not_a_socket.to_str().unwrap();
+    let server = common::Server::start_with_env(
+        "poll",
+        &["--tcp", "127.0.0.1:0"],
+        &[("NOTIFY_SOCKET", value)],
+    );
+    server.wait_for_log(&format!("NOTIFY_SOCKET={value}: not a socket"));
+    server.stop();
+    let _ = std::fs::remove_file(&not_a_socket);
+}

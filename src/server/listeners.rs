@@ -139,6 +139,7 @@ impl Listeners {
                     listeners.datagrams.push(socket);
                 }
                 ListenSpec::Unix(path) => {
+                    check_length(&addr, path)?;
                     let _lock = lock_parent(path);
                     prepare_unix_path(&addr, path, false)?;
                     let listener = UnixListener::bind(path).map_err(bind_error)?;
@@ -152,6 +153,7 @@ impl Listeners {
                         .push(StreamListener::from_unix(listener, name));
                 }
                 ListenSpec::UnixDatagram(path) => {
+                    check_length(&addr, path)?;
                     let _lock = lock_parent(path);
                     prepare_unix_path(&addr, path, true)?;
                     let socket = UnixDatagram::bind(path).map_err(bind_error)?;
@@ -191,6 +193,14 @@ impl Listeners {
 /// script can hand it to `reverb client` (errors still name the path as typed).
 fn absolute_or_as_typed(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Refuses a path longer than `sun_path` holds, before anything is locked or bound.
+fn check_length(addr: &str, path: &Path) -> Result<(), ServeError> {
+    crate::addr::check_unix_path_length(path).map_err(|reason| ServeError::Bind {
+        addr: addr.to_string(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, reason),
+    })
 }
 
 /// Applies the Unix path rules: a stale socket is replaced, a live one is in use (whatever

@@ -91,18 +91,31 @@ pub fn take_listen_fds() -> io::Result<Option<Vec<PassedFd>>> {
 ///
 /// # Errors
 ///
-/// The OS error of connecting to it.
+/// The OS error of connecting to it, after `NOTIFY_SOCKET=VALUE: `.
 pub fn notify_socket() -> io::Result<Option<std::os::unix::net::UnixDatagram>> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};
     let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
         return Ok(None);
     };
+    let named = |e: io::Error| {
+        let target = target.to_string_lossy();
+        // connect(2) says ECONNREFUSED for a file that is not a socket: say what it is.
+        let is_other_file = std::fs::metadata(&*target)
+            .is_ok_and(|meta| !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()));
+        if is_other_file && !target.starts_with('@') {
+            io::Error::new(e.kind(), format!("NOTIFY_SOCKET={target}: not a socket"))
+        } else {
+            io::Error::new(e.kind(), format!("NOTIFY_SOCKET={target}: {e}"))
+        }
+    };
     let socket = UnixDatagram::unbound()?;
     let bytes = std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str());
     match bytes.strip_prefix(b"@") {
-        Some(name) => socket.connect_addr(&SocketAddr::from_abstract_name(name)?)?,
-        None => socket.connect(&target)?,
+        Some(name) => SocketAddr::from_abstract_name(name)
+            .and_then(|addr| socket.connect_addr(&addr))
+            .map_err(named)?,
+        None => socket.connect(&target).map_err(named)?,
     }
     socket.set_nonblocking(true)?;
     Ok(Some(socket))
