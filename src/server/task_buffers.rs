@@ -432,4 +432,99 @@ mod tests {
         );
         assert!(conn.is_finished(), "an empty read is EOF");
     }
+
+    /// Runs `test` on a thread of its own and fails if it has not ended within 10 s: a
+    /// task that never yields (a read loop that spins) hangs its thread, not the suite.
+    fn within_10_s(test: impl FnOnce() + Send + 'static) {
+        let (done, finished) = std::sync::mpsc::channel();
+        let runner = std::thread::spawn(move || {
+            test();
+            let _ = done.send(());
+        });
+        match finished.recv_timeout(Duration::from_secs(10)) {
+            Ok(()) => runner.join().unwrap(),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                std::panic::resume_unwind(runner.join().unwrap_err())
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("still polling after 10 s: the read loop never gave up its turn")
+            }
+        }
+    }
+
+    /// `payload` bytes queued at once, then read by polling the watched socket until all of
+    /// them came; the echo is read back whole. Returns the sizes of the reads.
+    fn read_all_queued(payload: usize) -> Vec<usize> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (socket, mut peer, state) = watched_pair(&runtime);
+        peer.set_write_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let peer_address = Peer::Ip("127.0.0.1:40000".parse().unwrap());
+        let mut conn =
+            Connection::new(&state.protocol, peer_address, &state.limits, socket.as_fd());
+        let sent: Vec<u8> = (0..payload).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&sent).expect("queued within 5 s");
+        let mut reads = Vec::new();
+        while reads.iter().sum::<usize>() < payload {
+            let polled = poll_fn(|cx| poll_receive(cx, &socket, &mut conn, &state));
+            let within = async { tokio::time::timeout(Duration::from_secs(5), polled).await };
+            let received = runtime
+                .block_on(within)
+                .unwrap_or_else(|_| {
+                    panic!("{reads:?} read of {payload} bytes, the rest not in 5 s")
+                })
+                .expect("the connection goes on");
+            reads.push(received.bytes);
+        }
+        let mut echoed = vec![0; payload];
+        peer.read_exact(&mut echoed).expect("the echo within 5 s");
+        assert!(echoed == sent, "the echo is the input");
+        reads
+    }
+
+    #[test]
+    fn a_full_read_keeps_the_readiness_so_what_is_still_queued_is_read() {
+        // One read takes at most the read buffer: the rest is queued, and no new edge will
+        // come for it.
+        within_10_s(|| {
+            let reads = read_all_queued(READ_BUFFER_BYTES + 1000);
+            assert_eq!(reads, [READ_BUFFER_BYTES, 1000]);
+        });
+    }
+
+    #[test]
+    fn a_read_that_would_block_clears_the_readiness_and_the_poll_is_pending() {
+        // A full read drained the socket exactly: the next read would block, and the task
+        // must wait for an edge instead of reading again and again.
+        within_10_s(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let (socket, mut peer, state) = watched_pair(&runtime);
+            let peer_address = Peer::Ip("127.0.0.1:40000".parse().unwrap());
+            let mut conn =
+                Connection::new(&state.protocol, peer_address, &state.limits, socket.as_fd());
+            peer.write_all(&vec![7; READ_BUFFER_BYTES]).unwrap();
+            let polled = poll_fn(|cx| poll_receive(cx, &socket, &mut conn, &state));
+            let within = async { tokio::time::timeout(Duration::from_secs(5), polled).await };
+            let received = runtime.block_on(within).expect("input within 5 s");
+            assert!(
+                matches!(received, Ok(Received { is_full: true, .. })),
+                "{received:?}"
+            );
+            let _entered = runtime.enter();
+            let mut cx = Context::from_waker(Waker::noop());
+            let polled = poll_receive(&mut cx, &socket, &mut conn, &state);
+            assert!(
+                matches!(polled, Poll::Pending),
+                "nothing queued: {polled:?}"
+            );
+            let mut echoed = vec![0; READ_BUFFER_BYTES];
+            peer.read_exact(&mut echoed).expect("the echo within 5 s");
+        });
+    }
 }
