@@ -453,7 +453,8 @@ mod tests {
     }
 
     /// `payload` bytes queued at once, then read by polling the watched socket until all of
-    /// them came; the echo is read back whole. Returns the sizes of the reads.
+    /// them came; the echo is read back whole. Returns the sizes of the reads. The pair is
+    /// read with TCP's rule (`is_unix` false): no descriptors pass, so a short read took all.
     fn read_all_queued(payload: usize) -> Vec<usize> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -469,7 +470,7 @@ mod tests {
         peer.write_all(&sent).expect("queued within 5 s");
         let mut reads = Vec::new();
         while reads.iter().sum::<usize>() < payload {
-            let polled = poll_fn(|cx| poll_receive(cx, &socket, &mut conn, &state));
+            let polled = poll_fn(|cx| poll_receive(cx, &socket, false, &mut conn, &state));
             let within = async { tokio::time::timeout(Duration::from_secs(5), polled).await };
             let received = runtime
                 .block_on(within)
@@ -509,7 +510,7 @@ mod tests {
             let mut conn =
                 Connection::new(&state.protocol, peer_address, &state.limits, socket.as_fd());
             peer.write_all(&vec![7; READ_BUFFER_BYTES]).unwrap();
-            let polled = poll_fn(|cx| poll_receive(cx, &socket, &mut conn, &state));
+            let polled = poll_fn(|cx| poll_receive(cx, &socket, false, &mut conn, &state));
             let within = async { tokio::time::timeout(Duration::from_secs(5), polled).await };
             let received = runtime.block_on(within).expect("input within 5 s");
             assert!(
@@ -518,7 +519,7 @@ mod tests {
             );
             let _entered = runtime.enter();
             let mut cx = Context::from_waker(Waker::noop());
-            let polled = poll_receive(&mut cx, &socket, &mut conn, &state);
+            let polled = poll_receive(&mut cx, &socket, false, &mut conn, &state);
             assert!(
                 matches!(polled, Poll::Pending),
                 "nothing queued: {polled:?}"
