@@ -387,16 +387,28 @@ mod tests {
         (socket, peer, state)
     }
 
-    #[test]
-    fn a_watched_socket_is_read_once_it_is_ready_and_pending_when_empty() {
+    /// A current-thread runtime, a socket it watches, the peer's end, the loop state and a
+    /// connection on the socket.
+    fn watched_connection() -> (
+        tokio::runtime::Runtime,
+        AsyncFd<OwnedFd>,
+        UnixStream,
+        TaskLoop,
+        Connection,
+    ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let (socket, mut peer, state) = watched_pair(&runtime);
+        let (socket, peer, state) = watched_pair(&runtime);
         let peer_address = Peer::Ip("127.0.0.1:40000".parse().unwrap());
-        let mut conn =
-            Connection::new(&state.protocol, peer_address, &state.limits, socket.as_fd());
+        let conn = Connection::new(&state.protocol, peer_address, &state.limits, socket.as_fd());
+        (runtime, socket, peer, state, conn)
+    }
+
+    #[test]
+    fn a_watched_socket_is_read_once_it_is_ready_and_pending_when_empty() {
+        let (runtime, socket, mut peer, state, mut conn) = watched_connection();
         let receive = |conn: &mut Connection| {
             let polled = poll_fn(|cx| poll_receive(cx, &socket, true, conn, &state));
             let within = async { tokio::time::timeout(Duration::from_secs(5), polled).await };
@@ -456,16 +468,9 @@ mod tests {
     /// them came; the echo is read back whole. Returns the sizes of the reads. The pair is
     /// read with TCP's rule (`is_unix` false): no descriptors pass, so a short read took all.
     fn read_all_queued(payload: usize) -> Vec<usize> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let (socket, mut peer, state) = watched_pair(&runtime);
+        let (runtime, socket, mut peer, state, mut conn) = watched_connection();
         peer.set_write_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        let peer_address = Peer::Ip("127.0.0.1:40000".parse().unwrap());
-        let mut conn =
-            Connection::new(&state.protocol, peer_address, &state.limits, socket.as_fd());
         let sent: Vec<u8> = (0..payload).map(|i| (i % 251) as u8).collect();
         peer.write_all(&sent).expect("queued within 5 s");
         let mut reads = Vec::new();
@@ -501,14 +506,7 @@ mod tests {
         // A full read drained the socket exactly: the next read would block, and the task
         // must wait for an edge instead of reading again and again.
         within_10_s(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let (socket, mut peer, state) = watched_pair(&runtime);
-            let peer_address = Peer::Ip("127.0.0.1:40000".parse().unwrap());
-            let mut conn =
-                Connection::new(&state.protocol, peer_address, &state.limits, socket.as_fd());
+            let (runtime, socket, mut peer, state, mut conn) = watched_connection();
             peer.write_all(&vec![7; READ_BUFFER_BYTES]).unwrap();
             let polled = poll_fn(|cx| poll_receive(cx, &socket, false, &mut conn, &state));
             let within = async { tokio::time::timeout(Duration::from_secs(5), polled).await };
