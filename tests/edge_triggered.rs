@@ -177,8 +177,33 @@ fn input_behind_passed_descriptors_is_answered(model: &str) {
     send_with_descriptor(&unix, b"ab", unix.as_raw_fd());
     conn.write_all(b"cd").expect("send");
     signal_and_wait(server.pid(), "CONT");
+    // Wait for the whole reply without taking any of it: a read of the first part would
+    // free room in the server's send buffer and so wake the server again, which would
+    // hide a loop that stopped reading after the descriptors.
+    assert!(
+        queued_within(&unix, 4, Duration::from_secs(3)),
+        "{model}: the bytes after the descriptors were not answered"
+    );
     assert_eq!(conn.read_exactly(4), b"abcd", "{model}");
     server.stop();
+}
+
+/// Whether `bytes` bytes are queued for reading on `socket` within `patience`, looked at
+/// with `MSG_PEEK`, so nothing is taken.
+fn queued_within(socket: &impl std::os::fd::AsFd, bytes: usize, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); bytes];
+    loop {
+        let peeked = socket2::SockRef::from(socket)
+            .recv_with_flags(&mut buf, libc::MSG_PEEK | libc::MSG_DONTWAIT);
+        if matches!(peeked, Ok(n) if n >= bytes) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Sends `bytes` with the descriptor `passed` attached (`SCM_RIGHTS`).
