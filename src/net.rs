@@ -91,6 +91,17 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// Whether a read that took less than it asked for may still have left input queued,
+    /// so that only a read that finds nothing proves the socket empty: a Unix stream read
+    /// stops after a message that carried descriptors or other credentials
+    /// (unix_stream_read_generic). A TCP read copies until the queue is empty
+    /// (tcp_recvmsg), except at an urgent mark, which the readiness mechanism reports
+    /// apart (`EPOLLPRI`).
+    #[inline]
+    pub fn reads_may_stop_short(&self) -> bool {
+        matches!(self, Stream::Unix(_))
+    }
+
     /// A connection accepted on a TCP (`is_tcp`) or Unix listener by other means than
     /// [`StreamListener::accept`] (an io_uring completion), set up the same way, with its
     /// peer's address.

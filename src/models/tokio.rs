@@ -173,16 +173,19 @@ impl SocketWaits for Watched<'_> {
 
 /// A connected stream, TCP or Unix, watched by tokio's reactor (the crate's own reads and
 /// writes, not tokio's `TcpStream`: [`poll_receive`]).
-/// The flag: a Unix stream (see [`poll_receive`]).
-struct Socket(AsyncFd<OwnedFd>, bool);
+struct Socket {
+    fd: AsyncFd<OwnedFd>,
+    /// [`Stream::reads_may_stop_short`], for [`poll_receive`].
+    reads_may_stop_short: bool,
+}
 
 impl Socket {
     /// Writes a prefix of `bytes` once the socket may be writable; clears tokio's
     /// readiness as [`poll_receive`] does for reads.
     fn poll_write(&self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
         loop {
-            let mut readiness = ready!(self.0.poll_write_ready(cx))?;
-            match crate::sys::stream::send(self.0.get_ref().as_fd(), bytes) {
+            let mut readiness = ready!(self.fd.poll_write_ready(cx))?;
+            match crate::sys::stream::send(self.fd.get_ref().as_fd(), bytes) {
                 Ok(n) => {
                     // Edge-triggered: a short write filled the kernel's send buffer.
                     if 0 < n && n < bytes.len() {
@@ -203,11 +206,14 @@ impl Socket {
 async fn serve(stream: Stream, peer: Peer, place: Admission, state: Arc<TaskLoop>, _done: Done) {
     let transport = stream_transport(&stream);
     let adopted = stream.set_nonblocking(true).and_then(|()| {
-        let is_unix = matches!(stream, Stream::Unix(_));
+        let reads_may_stop_short = stream.reads_may_stop_short();
         // PRIORITY: urgent data, after which a short read proves nothing (`poll_receive`).
         let interest = Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY;
-        let stream = async_fd::watch(stream.into(), interest)?;
-        Ok(Socket(stream, is_unix))
+        let fd = async_fd::watch(stream.into(), interest)?;
+        Ok(Socket {
+            fd,
+            reads_may_stop_short,
+        })
     });
     let socket = match adopted {
         Ok(socket) => socket,
@@ -216,7 +222,7 @@ async fn serve(stream: Stream, peer: Peer, place: Admission, state: Arc<TaskLoop
             return state.with_log(|log| log.closed(&peer, transport, &why));
         }
     };
-    let fd = socket.0.get_ref().as_fd();
+    let fd = socket.fd.get_ref().as_fd();
     let mut connection = Connection::new(&state.protocol, peer, &state.limits, fd);
     let mut task = Task {
         socket: &socket,
@@ -253,7 +259,7 @@ impl TaskWaits for Task<'_> {
     }
 
     fn send_now(&self, bytes: &[u8]) -> io::Result<usize> {
-        crate::sys::stream::send(self.socket.0.get_ref().as_fd(), bytes)
+        crate::sys::stream::send(self.socket.fd.get_ref().as_fd(), bytes)
     }
 
     fn restart_idle(&mut self) {
@@ -264,13 +270,19 @@ impl TaskWaits for Task<'_> {
 
     async fn receive(&mut self, connection: &mut Connection) -> Woke {
         let is_timed = self.state.limits.idle_timeout.is_some();
-        let (socket, is_unix, state) = (&self.socket.0, self.socket.1, self.state);
+        let (socket, state) = (self.socket, self.state);
         let (draining, idle) = (&mut self.draining, &mut self.idle);
         // What `select!` with `biased` does, in that order (input, shutdown, idle timeout),
         // written out: this wait ends every message, and the macro's bookkeeping of which
         // branch is done cost about 35 instructions per message more (callgrind).
         poll_fn(|cx| {
-            if let Poll::Ready(received) = poll_receive(cx, socket, is_unix, connection, state) {
+            if let Poll::Ready(received) = poll_receive(
+                cx,
+                &socket.fd,
+                socket.reads_may_stop_short,
+                connection,
+                state,
+            ) {
                 Poll::Ready(Woke::Received(received))
             } else if Pin::new(&mut *draining).poll(cx).is_ready() {
                 Poll::Ready(Woke::Draining)

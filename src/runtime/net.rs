@@ -102,16 +102,6 @@ impl<T: AsFd> Async<T> {
         self.core.reactor.clear_ready(self.key, direction);
     }
 
-    /// A read took less than it asked for: forgets read readiness when that proves the
-    /// kernel has nothing more. It does not on a Unix stream (a read stops after a message
-    /// that carried descriptors, unix_stream_read_generic), nor after urgent data (a TCP
-    /// read stops at the urgent mark, tcp(7)): there only `WouldBlock` proves it.
-    fn clear_after_short_read(&self, is_unix: bool) {
-        if !is_unix {
-            self.core.reactor.clear_after_short_read(self.key);
-        }
-    }
-
     /// Waits until `op` stops saying `WouldBlock` for reading.
     ///
     /// # Errors
@@ -147,6 +137,16 @@ impl<T: AsFd> Drop for Async<T> {
 }
 
 impl Async<Stream> {
+    /// A read took less than it asked for: forgets read readiness when that proves the
+    /// kernel has nothing more. It does not where reads stop short
+    /// ([`Stream::reads_may_stop_short`]), nor after urgent data (a TCP read stops at the
+    /// urgent mark, tcp(7)): there only `WouldBlock` proves it.
+    fn clear_after_short_read(&self) {
+        if !self.io.reads_may_stop_short() {
+            self.core.reactor.clear_after_short_read(self.key);
+        }
+    }
+
     /// Reads into `buf`; `Ok(0)` is the peer's EOF.
     ///
     /// A TCP read that fills less than `buf` took everything the kernel had queued (unless
@@ -161,7 +161,7 @@ impl Async<Stream> {
         let asked = buf.len();
         let got = self.read_with(|stream| stream.read(buf)).await?;
         if 0 < got && got < asked {
-            self.clear_after_short_read(matches!(self.io, Stream::Unix(_)));
+            self.clear_after_short_read();
         }
         Ok(got)
     }
@@ -177,7 +177,7 @@ impl Async<Stream> {
         match self.io.read(buf) {
             Ok(got) if got == 0 || got == buf.len() => Ok(got),
             Ok(got) => {
-                self.clear_after_short_read(matches!(self.io, Stream::Unix(_)));
+                self.clear_after_short_read();
                 Ok(got)
             }
             Err(e) => {

@@ -687,13 +687,10 @@ impl Connection {
             });
         }
         let result = stream.read(&mut buf[..limit]);
-        // A read that filled what it asked for may have left more; a short TCP read took
-        // all the socket held (tcp_recvmsg copies until the queue is empty; the urgent
-        // mark, where it also stops, is reported apart as EPOLLPRI). A Unix stream read
-        // also stops after a message that carried descriptors or other credentials
-        // (unix_stream_read_generic), so only a read that found nothing proves it empty.
+        // A read that filled what it asked for may have left more, and so may a short one
+        // where reads stop short (`Stream::reads_may_stop_short`).
         let may_hold_more = match &result {
-            Ok(n) => *n == limit || (*n > 0 && matches!(stream, Stream::Unix(_))),
+            Ok(n) => *n == limit || (*n > 0 && stream.reads_may_stop_short()),
             Err(e) => e.kind() == io::ErrorKind::Interrupted,
         };
         let has_arrived = self.on_read_through(result, buf, log, |bytes| stream.write(bytes))?;

@@ -102,8 +102,9 @@ pub fn return_spare(connection: &mut Connection) {
 /// `recvfrom` and `sendto` (`sys::stream`), and tokio's readiness kept as its own streams
 /// keep it: a read the kernel cut short, or one that would block, clears it, so the next
 /// one waits for an edge (the reactor is edge-triggered) instead of failing with `EAGAIN`.
-/// A short read proves nothing on a Unix stream (`is_unix`) or after urgent data, where
-/// only a read that would block clears it.
+/// A short read proves nothing where reads stop short (`reads_may_stop_short`,
+/// [`Stream::reads_may_stop_short`](crate::net::Stream::reads_may_stop_short)) or after
+/// urgent data, where only a read that would block clears it.
 /// An echo written straight back from the read buffer is one `sendto`, without waiting for
 /// write readiness: a full send buffer leaves the rest owed, and waiting to send it finds
 /// out.
@@ -114,7 +115,7 @@ pub fn return_spare(connection: &mut Connection) {
 pub fn poll_receive(
     cx: &mut Context<'_>,
     socket: &AsyncFd<OwnedFd>,
-    is_unix: bool,
+    reads_may_stop_short: bool,
     connection: &mut Connection,
     state: &TaskLoop,
 ) -> Poll<Result<Received, CloseReason>> {
@@ -125,7 +126,7 @@ pub fn poll_receive(
         };
         let socket = &mut Ready {
             guard: &mut readiness,
-            is_unix,
+            reads_may_stop_short,
         };
         let received = state.with_log(|log| receive_into(connection, log, socket));
         // `None`: the read would have blocked, and readiness is cleared: poll it again, to
@@ -140,9 +141,8 @@ pub fn poll_receive(
 /// `Interest::PRIORITY` as well (`EPOLLPRI`: urgent data is queued).
 struct Ready<'a, 'b> {
     guard: &'a mut AsyncFdReadyGuard<'b, OwnedFd>,
-    /// A Unix stream: a read stops after a message that carried descriptors
-    /// (unix_stream_read_generic), so a short read proves nothing.
-    is_unix: bool,
+    /// A short read proves nothing ([`Stream::reads_may_stop_short`](crate::net::Stream::reads_may_stop_short)).
+    reads_may_stop_short: bool,
 }
 
 impl Ready<'_, '_> {
@@ -176,7 +176,9 @@ impl SocketIo for Ready<'_, '_> {
         match &read {
             // A short TCP read took all the socket held (tcp_recvmsg copies until the
             // queue is empty), unless it stopped at an urgent mark.
-            Ok(n) if 0 < *n && *n < buf.len() && !self.is_unix && !self.has_urgent() => {
+            Ok(n)
+                if 0 < *n && *n < buf.len() && !self.reads_may_stop_short && !self.has_urgent() =>
+            {
                 self.guard.clear_ready();
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.clear_all(),
@@ -466,7 +468,7 @@ mod tests {
 
     /// `payload` bytes queued at once, then read by polling the watched socket until all of
     /// them came; the echo is read back whole. Returns the sizes of the reads. The pair is
-    /// read with TCP's rule (`is_unix` false): no descriptors pass, so a short read took all.
+    /// read with TCP's rule (`reads_may_stop_short` false): no descriptors pass, so a short read took all.
     fn read_all_queued(payload: usize) -> Vec<usize> {
         let (runtime, socket, mut peer, state, mut conn) = watched_connection();
         peer.set_write_timeout(Some(Duration::from_secs(5)))
