@@ -4,10 +4,11 @@
 //! The value parsers return a `String` error: clap prints it after the flag and the value,
 //! so it says only what was wrong and what is accepted.
 
-use crate::addr::ListenSpec;
+use crate::addr::{ListenSpec, check_unix_path_length};
 use crate::models::Model;
 use crate::protocol::ProtocolKind;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// A rule between flags was broken: the contract's usage error (exit 2).
@@ -46,8 +47,10 @@ pub struct ServeFlags<'a> {
 ///
 /// `--prefix` with `--protocol echo` while a stream listener is served (the kernel's
 /// segmentation would decide where the prefixes go); `--panic-on` with a protocol other
-/// than `lines`; an empty `--panic-on` word or one holding a newline.
+/// than `lines`; an empty `--panic-on` word or one holding a newline; a Unix listener path
+/// too long for `sun_path`, or one path given to two Unix listeners.
 pub fn check_serve(flags: &ServeFlags<'_>) -> Result<(), UsageError> {
+    check_unix_paths(flags.listeners)?;
     let has_stream = flags
         .listeners
         .iter()
@@ -76,6 +79,34 @@ pub fn check_serve(flags: &ServeFlags<'_>) -> Result<(), UsageError> {
                 hint: "use a word such as --panic-on boom".to_string(),
             });
         }
+    }
+    Ok(())
+}
+
+/// Each Unix listener's path fits `sun_path`, and no two name one file (as typed, or made
+/// absolute): the second would find the first one's socket there and call it in use.
+fn check_unix_paths(listeners: &[ListenSpec]) -> Result<(), UsageError> {
+    // Each path made absolute, with its flag and path as typed.
+    let mut seen: Vec<(PathBuf, String)> = Vec::new();
+    for spec in listeners {
+        let (flag, path) = match spec {
+            ListenSpec::Unix(path) => ("--unix", path),
+            ListenSpec::UnixDatagram(path) => ("--unix-dgram", path),
+            _ => continue,
+        };
+        let typed = format!("{flag} {}", path.display());
+        check_unix_path_length(path).map_err(|reason| UsageError {
+            message: format!("{typed}: {reason}"),
+            hint: "give a shorter path (a relative one counts as typed)".to_string(),
+        })?;
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+        if let Some((_, first)) = seen.iter().find(|(other, _)| *other == absolute) {
+            return Err(UsageError {
+                message: format!("{typed}: the path is given twice (also {first})"),
+                hint: "each --unix and --unix-dgram needs a path of its own".to_string(),
+            });
+        }
+        seen.push((absolute, typed));
     }
     Ok(())
 }

@@ -422,9 +422,10 @@ fn unix_path_with_a_name_too_long_is_refused_saying_so() {
     let path_arg = path.to_str().unwrap();
     let output = run_bounded(&["serve", "--model", "threaded", "--unix", path_arg]);
     let stderr = stderr_of(&output);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    // A value no socket can take: a usage error, as for any bad value.
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains(&format!("cannot bind unix://{path_arg}"))
+        stderr.contains(&format!("--unix {path_arg}: the path is"))
             && stderr.contains("bytes long")
             && stderr.contains("at most 107 bytes"),
         "{stderr}"
@@ -1364,7 +1365,8 @@ fn one_unix_path_given_twice_is_named_as_given_twice() {
             .output()
             .expect("run reverb");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        // Two flags that cannot both hold: a usage error, found before anything is bound.
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains("given twice"), "{stderr}");
         assert!(!stderr.contains("another program"), "{stderr}");
         assert!(!path.exists(), "the first socket file was left behind");
@@ -1381,7 +1383,7 @@ fn a_unix_path_longer_than_sun_path_says_how_long_and_what_is_accepted() {
         .output()
         .expect("run reverb serve");
     let stderr = String::from_utf8_lossy(&serve.stderr);
-    assert_eq!(serve.status.code(), Some(1), "{stderr}");
+    assert_eq!(serve.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("108 bytes long") && stderr.contains(at_most),
         "{stderr}"

@@ -116,7 +116,6 @@ impl Listeners {
         limits: Limits,
         queues: AcceptQueues,
     ) -> Result<Self, ServeError> {
-        refuse_a_path_given_twice(specs)?;
         let mut listeners = Listeners::empty(limits);
         for spec in specs {
             let addr = spec.to_string();
@@ -139,7 +138,6 @@ impl Listeners {
                     listeners.datagrams.push(socket);
                 }
                 ListenSpec::Unix(path) => {
-                    check_length(&addr, path)?;
                     let _lock = lock_parent(path);
                     prepare_unix_path(&addr, path, false)?;
                     let listener = UnixListener::bind(path).map_err(bind_error)?;
@@ -153,7 +151,6 @@ impl Listeners {
                         .push(StreamListener::from_unix(listener, name));
                 }
                 ListenSpec::UnixDatagram(path) => {
-                    check_length(&addr, path)?;
                     let _lock = lock_parent(path);
                     prepare_unix_path(&addr, path, true)?;
                     let socket = UnixDatagram::bind(path).map_err(bind_error)?;
@@ -195,14 +192,6 @@ fn absolute_or_as_typed(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// Refuses a path longer than `sun_path` holds, before anything is locked or bound.
-fn check_length(addr: &str, path: &Path) -> Result<(), ServeError> {
-    crate::addr::check_unix_path_length(path).map_err(|reason| ServeError::Bind {
-        addr: addr.to_string(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, reason),
-    })
-}
-
 /// Applies the Unix path rules: a stale socket is replaced, a live one is in use (whatever
 /// its kind, and however busy: see [`probe_unix_path`]), and a path that is not a socket
 /// is never touched.
@@ -240,26 +229,6 @@ fn prepare_unix_path(addr: &str, path: &Path, datagram: bool) -> Result<(), Serv
             source,
         }),
     }
-}
-
-/// Refuses two Unix listeners on one path (as typed or made absolute): the second would
-/// find the first one's live socket there and be told another program serves on it.
-fn refuse_a_path_given_twice(specs: &[ListenSpec]) -> Result<(), ServeError> {
-    let mut seen: Vec<(PathBuf, &ListenSpec)> = Vec::new();
-    for spec in specs {
-        let (ListenSpec::Unix(path) | ListenSpec::UnixDatagram(path)) = spec else {
-            continue;
-        };
-        let absolute = absolute_or_as_typed(path);
-        if let Some((_, first)) = seen.iter().find(|(other, _)| *other == absolute) {
-            return Err(ServeError::UnixPathTwice {
-                addr: spec.to_string(),
-                first: first.to_string(),
-            });
-        }
-        seen.push((absolute, spec));
-    }
-    Ok(())
 }
 
 /// Locks the directory of a Unix socket path while the server checks, replaces and binds

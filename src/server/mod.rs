@@ -182,16 +182,6 @@ pub enum ServeError {
         /// The socket path.
         path: PathBuf,
     },
-    /// Two Unix listeners (stream or datagram) were given one path.
-    #[error(
-        "cannot bind {addr}: its path is given twice (also {first}); each --unix and --unix-dgram needs a path of its own"
-    )]
-    UnixPathTwice {
-        /// The second address as the user wrote it.
-        addr: String,
-        /// The first address with that path, as the user wrote it.
-        first: String,
-    },
     /// The path exists and is not a socket; it is never deleted.
     #[error("cannot bind {addr}: {} exists and is not a socket (not removing it)", path.display())]
     NotASocket {
