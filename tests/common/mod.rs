@@ -744,7 +744,7 @@ pub fn round_trip(mut conn: Conn, input: Vec<u8>) -> Vec<u8> {
 }
 
 /// Kernel queues of the two ends of one loopback TCP connection, from `/proc/net/tcp`.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpQueues {
     /// Bytes the client wrote that the server's kernel has not acknowledged yet.
     pub client_unacked: u64,
@@ -757,8 +757,35 @@ pub struct TcpQueues {
 }
 
 impl TcpQueues {
+    /// The queues of `conn`'s connection ([`TcpQueues::read_listed`]); `None` over a Unix
+    /// socket, whose queues are not listed, or once the connection is gone.
+    pub fn of_conn(conn: &Conn) -> Option<TcpQueues> {
+        let Conn::Tcp(stream) = conn else {
+            return None;
+        };
+        let (client, server) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
+        TcpQueues::read_listed(client, server)
+    }
+
+    /// [`TcpQueues::read`], again while an end is missing: the kernel lists the table in
+    /// pieces, so a socket can be missed while other sockets come and go; only a
+    /// connection missing again and again (`None`) is gone.
+    pub fn read_listed(client: SocketAddr, server: SocketAddr) -> Option<TcpQueues> {
+        (0..50).find_map(|_| {
+            TcpQueues::read(client, server).or_else(|| {
+                thread::sleep(Duration::from_millis(2));
+                None
+            })
+        })
+    }
+
     /// Reads both ends of the IPv4 connection `client` -> `server` (`None` if either end
-    /// is not listed, e.g. after it closed).
+    /// is not listed, e.g. after it closed, or is listed twice).
+    ///
+    /// The kernel writes the table in pieces, one `read` at a time, and resumes each piece
+    /// by position: a socket that opens or closes meanwhile shifts the rest, so a line can
+    /// be listed twice while another is missed. Counting lines, two copies of one end
+    /// would pass for both ends, with the other end's queues read as zero.
     pub fn read(client: SocketAddr, server: SocketAddr) -> Option<TcpQueues> {
         let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
         let hex = |addr: SocketAddr| match addr {
@@ -771,7 +798,7 @@ impl TcpQueues {
         };
         let (client, server) = (hex(client), hex(server));
         let mut queues = TcpQueues::default();
-        let mut found = 0;
+        let (mut client_lines, mut server_lines) = (0, 0);
         for line in table.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let [_, local, remote, _, tx_rx, ..] = fields[..] else {
@@ -784,13 +811,13 @@ impl TcpQueues {
             );
             if local == client && remote == server {
                 (queues.client_unacked, queues.client_unread) = (tx, rx);
-                found += 1;
+                client_lines += 1;
             } else if local == server && remote == client {
                 (queues.server_unacked, queues.server_unread) = (tx, rx);
-                found += 1;
+                server_lines += 1;
             }
         }
-        (found == 2).then_some(queues)
+        (client_lines == 1 && server_lines == 1).then_some(queues)
     }
 }
 
