@@ -478,6 +478,34 @@ impl Server {
         }
         (spent, spinning)
     }
+
+    /// As [`Server::cpu_and_spinning_threads_over`], over a span in which nothing the
+    /// server serves moved: `look` (the queues of its connection, say) gives the same
+    /// before and after. A fixed wait before the span cannot promise that the server has
+    /// done its last work (filled the buffers, read to its bound): a loaded machine may
+    /// hold a server back for seconds, and the work it then catches up on is not
+    /// spinning. A span in which something moved is measured again; fails if nothing
+    /// stays still for a whole span within twice [`PATIENCE`].
+    pub fn cpu_and_spinning_threads_while_still<T: PartialEq + std::fmt::Debug>(
+        &self,
+        span: Duration,
+        look: impl Fn() -> T,
+    ) -> (Duration, Vec<String>) {
+        let start = Instant::now();
+        loop {
+            let before = look();
+            let measured = self.cpu_and_spinning_threads_over(span);
+            let after = look();
+            if after == before {
+                return measured;
+            }
+            assert!(
+                start.elapsed() < 2 * PATIENCE,
+                "nothing stayed still for {span:?} in {:?}: {before:?}, then {after:?}",
+                2 * PATIENCE
+            );
+        }
+    }
 }
 
 /// For each thread of process `pid`: the CPU it used (user and system, in clock ticks,
@@ -824,9 +852,12 @@ impl TcpQueues {
 /// What a server took in from one client that reads nothing, and what it wrote back, from
 /// the client's count of bytes written and the kernel's queues at both ends.
 ///
-/// Both counts err low while bytes are in flight (a byte both in one end's unacked queue
-/// and the other's unread queue counts once less), so "owed" (taken in and not yet
-/// written) never overstates what the server holds.
+/// A byte in flight sits both in one end's unacked queue and in the other's unread queue:
+/// it makes `taken_in` low and `written` high, so "owed" (taken in and not yet written)
+/// never overstates what the server holds. That holds only for a count taken while no
+/// write is under way (a blocked write may have handed the kernel bytes it has not counted
+/// yet) and queues read while nothing moves (the kernel lists the two ends at slightly
+/// different moments).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FloodSample {
     /// Bytes the server's process read from the socket.
@@ -836,14 +867,12 @@ pub struct FloodSample {
 }
 
 impl FloodSample {
-    /// Samples the connection `client` -> `server`, after the client wrote `sent` bytes
-    /// (read `sent` before calling, so a write racing this sample is counted low).
-    pub fn read(client: SocketAddr, server: SocketAddr, sent: u64) -> Option<FloodSample> {
-        let queues = TcpQueues::read(client, server)?;
-        Some(FloodSample {
+    /// The sample that `queues`, read after the client wrote `sent` bytes, give.
+    pub fn of(queues: TcpQueues, sent: u64) -> FloodSample {
+        FloodSample {
             taken_in: sent.saturating_sub(queues.client_unacked + queues.server_unread),
             written: queues.server_unacked + queues.client_unread,
-        })
+        }
     }
 }
 
