@@ -1030,26 +1030,34 @@ fn wait_until_the_server_read_all_it_will(conn: &Conn, model: &str, sent: usize)
     };
     let (client, server) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
     let deadline = Instant::now() + PATIENCE;
-    let mut still_since: Option<(u64, Instant)> = None;
-    let mut last = None;
+    let mut still_since: Option<(TcpQueues, Instant)> = None;
+    let mut last: Option<TcpQueues> = None;
+    let unread = |queues: TcpQueues| queues.client_unacked + queues.server_unread;
     while Instant::now() < deadline {
-        last = TcpQueues::read(client, server);
-        if let Some(queues) = last {
-            let unread = queues.client_unacked + queues.server_unread;
-            if unread == 0 {
+        let queues = TcpQueues::read(client, server);
+        if let Some(queues) = queues {
+            // The kernel lists the two ends at slightly different moments: bytes that reach
+            // the server after its line is listed, and are acknowledged before the client's
+            // is, are in neither queue. Two empty looks in a row rule that out: the first
+            // saw every byte acknowledged, so the second saw the server's queue after all
+            // of them had reached it.
+            if unread(queues) == 0 && last.is_some_and(|last| unread(last) == 0) {
                 return sent;
             }
+            // Only queues that all stay as they were count as still: bytes in flight sit
+            // in both ends' queues, and the sum alone can stay equal while they move.
             if reads_only_when_nothing_is_owed(model) {
                 match still_since {
-                    Some((before, since)) if before == unread => {
+                    Some((before, since)) if before == queues => {
                         if since.elapsed() >= Duration::from_millis(500) {
-                            return sent - usize::try_from(unread).unwrap();
+                            return sent - usize::try_from(unread(queues)).unwrap();
                         }
                     }
-                    _ => still_since = Some((unread, Instant::now())),
+                    _ => still_since = Some((queues, Instant::now())),
                 }
             }
         }
+        last = queues;
         thread::sleep(Duration::from_millis(20));
     }
     panic!("{model}: the server did not read what it was sent within {PATIENCE:?}: {last:?}");
