@@ -877,7 +877,7 @@ pub fn idle_server_sleeps(model: &str) {
     conn.write_all(b"served, then idle\n").unwrap();
     assert_eq!(conn.read_exactly(18), b"served, then idle\n");
     // Let the reply's bookkeeping and any start-up work settle first.
-    thread::sleep(Duration::from_millis(200));
+    server.wait_until_asleep();
     let spent = server.cpu_spent_over(Duration::from_secs(1));
     assert!(
         spent < Duration::from_millis(50),

@@ -508,6 +508,51 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Waits until no thread of the server runs or waits for a CPU (proc(5) state `R`),
+    /// all at one look, so that a span measured next holds no work left over from before
+    /// it: after a reply, say, a loaded machine may run the rest of the server's turn
+    /// (and its start-up) only much later. Fails after [`PATIENCE`], naming the threads
+    /// that never slept: a thread that spins never does.
+    pub fn wait_until_asleep(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let running = running_threads(self.pid());
+            if running.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "threads {running:?} of the server never all slept within {PATIENCE:?}: \
+                 spinning"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The threads (by id) of process `pid` that run or wait for a CPU (state `R`, proc(5)).
+fn running_threads(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut running = Vec::new();
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // The state is the first field after the command name, which is in parentheses.
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        if state == Some("R") {
+            running.push(task.file_name().to_string_lossy().into_owned());
+        }
+    }
+    running
+}
+
 /// For each thread of process `pid`: the CPU it used (user and system, in clock ticks,
 /// proc(5)) and how many times it went to sleep (voluntary context switches).
 pub fn thread_cpu_and_sleeps(pid: u32) -> std::collections::HashMap<String, (u64, u64)> {
