@@ -435,11 +435,13 @@ impl Counters {
     }
 
     /// `bytes` were read from a peer (stream bytes or a datagram's payload).
+    #[inline]
     pub fn received(&self, transport: Transport, bytes: usize) {
         self.add(transport, RECEIVED_BYTES, bytes as u64);
     }
 
     /// `bytes` were taken by the kernel for a peer.
+    #[inline]
     pub fn sent(&self, transport: Transport, bytes: usize) {
         self.add(transport, SENT_BYTES, bytes as u64);
     }

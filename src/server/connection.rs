@@ -225,12 +225,18 @@ impl Connection {
         // to three times per message, so it is inlined and costs a few instructions (the
         // rest below, with neither held bytes nor ciphertext, gives the same answer).
         if self.echoes_input && self.layers.is_none() {
-            return match self.out.room() {
-                0 if self.out.is_empty() => 1,
-                room => room,
-            };
+            return self.echo_budget();
         }
         self.read_budget_layered()
+    }
+
+    /// [`Connection::read_budget`] of stream echo with no layer, still reading.
+    #[inline(always)]
+    fn echo_budget(&self) -> usize {
+        match self.out.room() {
+            0 if self.out.is_empty() => 1,
+            room => room,
+        }
     }
 
     /// [`Connection::read_budget`] of a protocol that holds input back or expands it, or
@@ -282,29 +288,28 @@ impl Connection {
     /// What `write` returned other than `WouldBlock` and `Interrupted` (the peer reset or
     /// went away): the connection must close. A handler panic ends reading, as with
     /// `receive`.
-    #[inline]
+    // Inlined into the read that feeds it: once per message, and the rare rest (owing
+    // what the kernel did not take) is a call of its own.
+    #[inline(always)]
     pub fn receive_through(
         &mut self,
         input: &[u8],
-        mut write: impl FnMut(&[u8]) -> io::Result<usize>,
+        write: impl FnMut(&[u8]) -> io::Result<usize>,
     ) -> io::Result<usize> {
         let mut sent = 0;
         if self.may_write_through() {
-            while sent < input.len() {
-                match write(&input[sent..]) {
-                    // A kernel that takes nothing without saying WouldBlock is asked later.
-                    Ok(0) => break,
-                    Ok(written) => sent += written,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            sent = write_through(input, write)?;
         }
         if sent < input.len() {
-            self.receive(&input[sent..]);
+            self.receive_rest(&input[sent..]);
         }
         Ok(sent)
+    }
+
+    /// [`Connection::receive`], out of line for [`Connection::receive_through`].
+    #[inline(never)]
+    fn receive_rest(&mut self, input: &[u8]) {
+        self.receive(input);
     }
 
     /// As [`Connection::receive_through`] for a send that takes `input` from where it lies
@@ -687,13 +692,119 @@ impl Connection {
             });
         }
         let result = stream.read(&mut buf[..limit]);
+        let stops_short = stream.reads_may_stop_short();
+        self.took_read(
+            result,
+            limit,
+            stops_short,
+            |bytes| stream.write(bytes),
+            buf,
+            log,
+        )
+    }
+
+    /// As [`Connection::read_some`], for a connection that
+    /// [`Connection::may_write_through`]: nearly every message a busy echo server reads,
+    /// where knowing it spares asking again. Also says whether the connection is as it was
+    /// before the read: every byte read went back out (or nothing came), so it still reads
+    /// and owes nothing, and its interest is unchanged.
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::on_read_through`].
+    #[inline(always)]
+    pub fn read_through(
+        &mut self,
+        stream: &Stream,
+        buf: &mut [u8],
+        log: &LoopLog,
+    ) -> Result<(ReadOutcome, bool), CloseReason> {
+        self.read_through_with(
+            |buf| stream.read(buf),
+            |bytes| stream.write(bytes),
+            || stream.reads_may_stop_short(),
+            buf,
+            log,
+        )
+    }
+
+    /// [`Connection::read_through`] with `read` and `write` as the socket's one
+    /// non-blocking read and write, and `stops_short` as [`Stream::reads_may_stop_short`]:
+    /// the same steps without a socket, so tests can split reads and shorten writes at will.
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::on_read_through`].
+    #[inline(always)]
+    pub fn read_through_with(
+        &mut self,
+        read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+        mut write: impl FnMut(&[u8]) -> io::Result<usize>,
+        stops_short: impl Fn() -> bool,
+        buf: &mut [u8],
+        log: &LoopLog,
+    ) -> Result<(ReadOutcome, bool), CloseReason> {
+        debug_assert!(self.may_write_through());
+        // Nothing is owed, so the bound's whole room is `read_budget`'s echo case.
+        let limit = self.echo_budget().min(buf.len());
+        let result = read(&mut buf[..limit]);
+        let n = match result {
+            Ok(n) if n > 0 => n,
+            // EOF, nothing yet, an error: once per connection or per empty wake-up.
+            result => {
+                return self.took_read_rarely(result, limit, stops_short(), write, buf, log);
+            }
+        };
+        log.received(self.transport, n);
+        let sent = write_through(&buf[..n], &mut write).map_err(CloseReason::Failed)?;
+        if sent > 0 {
+            log.sent(self.transport, sent);
+        }
+        if sent < n {
+            self.receive_rest(&buf[sent..n]);
+        }
+        let read = ReadOutcome {
+            has_arrived: true,
+            // As in `took_read`.
+            may_hold_more: n == limit || stops_short(),
+        };
+        Ok((read, sent == n))
+    }
+
+    /// [`Connection::took_read`] out of line, for [`Connection::read_through_with`].
+    #[inline(never)]
+    fn took_read_rarely(
+        &mut self,
+        result: io::Result<usize>,
+        limit: usize,
+        stops_short: bool,
+        write: impl FnMut(&[u8]) -> io::Result<usize>,
+        buf: &[u8],
+        log: &LoopLog,
+    ) -> Result<(ReadOutcome, bool), CloseReason> {
+        let read = self.took_read(result, limit, stops_short, write, buf, log)?;
+        Ok((read, self.may_write_through()))
+    }
+
+    /// The rest of [`Connection::read_some`], once a read of at most `limit` bytes into
+    /// `buf` returned `result`; `stops_short` is [`Stream::reads_may_stop_short`].
+    #[inline(always)]
+    fn took_read(
+        &mut self,
+        result: io::Result<usize>,
+        limit: usize,
+        stops_short: bool,
+        write: impl FnMut(&[u8]) -> io::Result<usize>,
+        buf: &[u8],
+        log: &LoopLog,
+    ) -> Result<ReadOutcome, CloseReason> {
         // A read that filled what it asked for may have left more, and so may a short one
         // where reads stop short (`Stream::reads_may_stop_short`).
         let may_hold_more = match &result {
-            Ok(n) => *n == limit || (*n > 0 && stream.reads_may_stop_short()),
+            Ok(n) => *n == limit || (*n > 0 && stops_short),
             Err(e) => e.kind() == io::ErrorKind::Interrupted,
         };
-        let has_arrived = self.on_read_through(result, buf, log, |bytes| stream.write(bytes))?;
+        let has_arrived = self.on_read_through(result, buf, log, write)?;
         Ok(ReadOutcome {
             has_arrived,
             may_hold_more,
@@ -853,6 +964,31 @@ impl Connection {
     pub fn owed(&self) -> usize {
         self.out.len() + self.layers.as_ref().map_or(0, |layers| layers.wire.len())
     }
+}
+
+/// Offers `input` to the one non-blocking `write` until the kernel has taken all of it or
+/// takes no more now; returns how many bytes it took.
+///
+/// # Errors
+///
+/// What `write` returned other than `WouldBlock` and `Interrupted`.
+#[inline(always)]
+fn write_through(
+    input: &[u8],
+    mut write: impl FnMut(&[u8]) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < input.len() {
+        match write(&input[sent..]) {
+            // A kernel that takes nothing without saying WouldBlock is asked later.
+            Ok(0) => break,
+            Ok(written) => sent += written,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sent)
 }
 
 /// Errors after which the same read simply comes again later.

@@ -109,12 +109,33 @@ fn run(
         }
         blocked_turns = 0;
         let split = splits[step % splits.len()].max(1);
-        let n = split.min(limit).min(input.len() - offset);
-        let chunk = &input[offset..offset + n];
-        connection
-            .on_read_through(Ok(n), chunk, &log, |bytes| sink.write(bytes))
-            .expect("the sink never fails");
-        offset += n;
+        if step % 2 == 0 && connection.may_write_through() {
+            // Every other read takes the readiness loops' path for a connection owing
+            // nothing; the read gets what the bound lets it ask for, as a socket would.
+            let mut buf = vec![0u8; 64 * 1024];
+            let rest = &input[offset..];
+            let mut n = 0;
+            let read = |buf: &mut [u8]| {
+                n = split.min(buf.len()).min(rest.len());
+                buf[..n].copy_from_slice(&rest[..n]);
+                Ok(n)
+            };
+            let (outcome, is_unchanged) = connection
+                .read_through_with(read, |bytes| sink.write(bytes), || false, &mut buf, &log)
+                .expect("the sink never fails");
+            assert!(outcome.has_arrived);
+            // Unchanged means still reading and owing nothing: the loop asks nothing more.
+            assert_eq!(is_unchanged, connection.may_write_through());
+            assert_eq!(is_unchanged, connection.owed() == 0);
+            offset += n;
+        } else {
+            let n = split.min(limit).min(input.len() - offset);
+            let chunk = &input[offset..offset + n];
+            connection
+                .on_read_through(Ok(n), chunk, &log, |bytes| sink.write(bytes))
+                .expect("the sink never fails");
+            offset += n;
+        }
         // Echo owes at most the bound; `lines` may pass it by a prefixed piece of a line
         // (the hold limit's answer), which write-through does not touch.
         let bound = match connection.session.echoes_input() {
