@@ -61,7 +61,19 @@ fn refused_peer_that_sent_first_reads_eof(model: &str) {
     assert_eq!(held.read_exactly(1), b"1");
     signal(&server, "-STOP");
     let mut refused = server.connect_conn();
-    let sent = refused.write_all(b"sent before the refusal");
+    let first = b"sent before the refusal";
+    let sent = refused.write_all(first);
+    // A write returns once the client's kernel holds the bytes; on a loaded machine they
+    // may reach the server's socket later, after the refusal read what was there. Resumed
+    // only once the server's socket holds them all, so the refusal surely finds them.
+    let deadline = Instant::now() + PATIENCE;
+    while TcpQueues::of_conn(&refused).is_none_or(|q| q.server_unread < first.len() as u64) {
+        if Instant::now() >= deadline {
+            signal(&server, "-CONT");
+            panic!("{model}: the refused client's bytes never reached the server's socket");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
     signal(&server, "-CONT");
     sent.expect("send");
     let mut buf = [0u8; 64];

@@ -1,6 +1,7 @@
 //! Reading and writing a connected stream socket (TCP or Unix) with `recvfrom(2)` and
-//! `sendto(2)`, made by rustix straight with the `syscall` instruction, not through libc's
-//! `recv` and `send`.
+//! `sendto(2)`, made by rustix, not through libc's `recv` and `send`. On Linux rustix's
+//! default backend (`linux_raw`) makes them with an inlined `syscall` instruction; built
+//! with its `use-libc` feature, it would go through libc again.
 //!
 //! libc's `recv` and `send` are cancellation points: in a process with more than one
 //! thread (every server: its loops, its signal thread) glibc switches asynchronous
