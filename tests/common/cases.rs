@@ -6,6 +6,7 @@
 use super::*;
 use std::net::UdpSocket;
 use std::os::unix::net::UnixDatagram;
+use std::sync::PoisonError;
 
 /// Models that serve one client at a time per listener.
 fn is_serial(model: &str) -> bool {
@@ -302,10 +303,12 @@ pub fn unread_flood_bounded(model: &str) {
     // waking it (a readiness model that never told its mechanism to stop watching for
     // input would spin on it); busy-poll spins by design.
     if model != "busy-poll" {
-        let spent = server.cpu_spent_over(Duration::from_secs(1));
+        let (spent, spinning) =
+            server.cpu_and_spinning_threads_while_still(Duration::from_secs(1), || flood.look());
         assert!(
-            spent < Duration::from_millis(100),
-            "{model}: {spent:?} of CPU in 1 s while the client read nothing: spinning"
+            spent < Duration::from_millis(100) && spinning.is_empty(),
+            "{model}: {spent:?} of CPU in 1 s while the client read nothing, threads \
+             {spinning:?} never slept: spinning"
         );
     }
     conn.set_timeouts(PATIENCE);
@@ -320,6 +323,9 @@ pub fn unread_flood_bounded(model: &str) {
         match conn.read(&mut got[filled..]) {
             Ok(0) => panic!("EOF after {filled} of {total} bytes"),
             Ok(n) => filled += n,
+            // A stop and continue of the test (a debugger, a loaded machine's job control)
+            // ends a read with a timeout early.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => panic!("reading the flood back after {filled} bytes: {e}"),
         }
     }
@@ -370,9 +376,41 @@ struct Flood {
     /// The TCP connection's two ends, whose kernel queues are visible; `None` over a
     /// Unix socket, where only the client's count and the server's memory are.
     tcp_ends: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
-    sent: Arc<AtomicUsize>,
+    /// What the kernel took from the writer. The writer holds the lock through each write
+    /// and the count that follows it: a write blocked on a full socket may already have
+    /// handed part of its bytes to the kernel, which its count does not show until the
+    /// write returns, so only a holder of the lock sees a count that matches the kernel's.
+    sent: Arc<Mutex<u64>>,
+    /// Set while [`Flood::look`] waits for the lock: the writer lets it in before writing
+    /// again.
+    is_look_waiting: Arc<std::sync::atomic::AtomicBool>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     writer: thread::JoinHandle<()>,
+}
+
+/// The most one write of the flood blocks: the longest [`Flood::look`] waits for the writer.
+const FLOOD_WRITE_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// One look at a flood: the writer's count and, over TCP, the kernel's queues at both ends,
+/// read while no write is under way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FloodLook {
+    sent: u64,
+    queues: Option<TcpQueues>,
+}
+
+impl FloodLook {
+    /// What the server took in and wrote back; over a Unix socket, what the client sent
+    /// stands for what the server took in.
+    fn sample(&self) -> FloodSample {
+        match self.queues {
+            Some(queues) => FloodSample::of(queues, self.sent),
+            None => FloodSample {
+                taken_in: self.sent,
+                written: 0,
+            },
+        }
+    }
 }
 
 impl Flood {
@@ -384,19 +422,26 @@ impl Flood {
             Conn::Unix(_) => None,
         };
         let mut writer = conn.try_clone();
-        // Short write timeouts, so the thread notices `stop` while the server is not reading.
-        writer.set_timeouts(Duration::from_millis(200));
-        let sent = Arc::new(AtomicUsize::new(0));
+        // Short write timeouts, so the thread notices `stop` while the server is not
+        // reading, and a look waits for the lock no longer than one write.
+        writer.set_timeouts(FLOOD_WRITE_TIMEOUT);
+        let sent = Arc::new(Mutex::new(0));
+        let is_look_waiting = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (progress, stopping) = (sent.clone(), stop.clone());
+        let (progress, look_waiting, stopping) =
+            (sent.clone(), is_look_waiting.clone(), stop.clone());
         let writer = thread::spawn(move || {
             let mut at = 0;
             while at < input.len() && !stopping.load(Ordering::Relaxed) {
+                while look_waiting.load(Ordering::SeqCst) && !stopping.load(Ordering::Relaxed) {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                let mut sent = progress.lock().unwrap_or_else(PoisonError::into_inner);
                 let end = (at + 64 * 1024).min(input.len());
                 match writer.write(&input[at..end]) {
                     Ok(n) => {
                         at += n;
-                        progress.fetch_add(n, Ordering::SeqCst);
+                        *sent += n as u64;
                     }
                     Err(e)
                         if matches!(
@@ -415,18 +460,34 @@ impl Flood {
         Flood {
             tcp_ends,
             sent,
+            is_look_waiting,
             stop,
             writer,
         }
     }
 
+    /// The writer's count and the connection's queues, read while the writer waits
+    /// between two writes, so that the count is what the client's kernel took.
+    fn look(&self) -> FloodLook {
+        self.is_look_waiting.store(true, Ordering::SeqCst);
+        let held = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        let queues = (self.tcp_ends).map(|(client, server)| TcpQueues::read_listed(client, server));
+        let sent = *held;
+        drop(held);
+        self.is_look_waiting.store(false, Ordering::SeqCst);
+        let queues = queues.map(|queues| queues.expect("the connection left /proc/net/tcp"));
+        FloodLook { sent, queues }
+    }
+
     /// Samples the connection every 50 ms until the server has taken in nothing more for
-    /// 500 ms; fails if the server is still reading after [`PATIENCE`]. `within_bound` is
-    /// asserted on every sample taken while nothing moved (equal to the one before): the
-    /// kernel lists the two ends at slightly different moments, so only a still connection
-    /// gives exact counts, and a server that reads past its bound and then stops is still
-    /// seen. Over a Unix socket the kernel's queues are not visible: what the client sent
-    /// stands for what the server took in, and the bound is not checked (the server's
+    /// 500 ms; fails if the server is still reading after twice [`PATIENCE`] (a loaded
+    /// machine may take seconds to settle). `within_bound` is asserted on every look equal
+    /// to the one before, the writer's count and all four queues: the kernel lists the two
+    /// ends at slightly different moments, so only a look at a still connection gives
+    /// exact counts (a count equal to the one before is not enough: the queues of a
+    /// connection in motion can shift bytes from one end to the other and leave it equal),
+    /// and a server that reads past its bound and then stops is still seen. Over a Unix
+    /// socket the kernel's queues are not visible: the bound is not checked (the server's
     /// memory still is, by the caller). Returns the last sample.
     fn wait_until_server_stops_reading(
         &self,
@@ -434,44 +495,27 @@ impl Flood {
         within_bound: impl Fn(&FloodSample) -> bool,
     ) -> FloodSample {
         let start = Instant::now();
-        let mut previous: Option<FloodSample> = None;
+        let mut previous: Option<FloodLook> = None;
         let mut taken_in_since = Instant::now();
         loop {
             thread::sleep(Duration::from_millis(50));
-            let sent = self.sent.load(Ordering::SeqCst) as u64;
-            let sample = match self.tcp_ends {
-                // The kernel lists the table in pieces, so a socket can be missed while
-                // other sockets come and go; only a connection missing again and again is
-                // gone.
-                Some((client, server)) => (0..50)
-                    .find_map(|_| {
-                        FloodSample::read(client, server, sent).or_else(|| {
-                            thread::sleep(Duration::from_millis(2));
-                            None
-                        })
-                    })
-                    .unwrap_or_else(|| panic!("{model}: the connection left /proc/net/tcp")),
-                None => FloodSample {
-                    taken_in: sent,
-                    written: 0,
-                },
-            };
-            let is_still = previous == Some(sample);
+            let look = self.look();
+            let sample = look.sample();
+            let is_still = previous == Some(look);
             if is_still && self.tcp_ends.is_some() {
                 assert!(
                     within_bound(&sample),
                     "{model}: the server read past its bound from a client that reads \
-                     nothing: took in {} bytes, wrote back {}",
+                     nothing: took in {} bytes, wrote back {} ({look:?})",
                     sample.taken_in,
                     sample.written
                 );
             }
-            if previous.is_none_or(|p| p.taken_in != sample.taken_in) {
+            if previous.is_none_or(|p| p.sample().taken_in != sample.taken_in) {
                 taken_in_since = Instant::now();
             } else if is_still && taken_in_since.elapsed() >= Duration::from_millis(500) {
                 return sample;
             }
-            // Twice the patience: on a loaded machine a server may take seconds to settle.
             assert!(
                 start.elapsed() < 2 * PATIENCE,
                 "{model}: the server kept reading a client that reads nothing for \
@@ -480,7 +524,7 @@ impl Flood {
                 sample.taken_in,
                 sample.written
             );
-            previous = Some(sample);
+            previous = Some(look);
         }
     }
 
@@ -833,7 +877,7 @@ pub fn idle_server_sleeps(model: &str) {
     conn.write_all(b"served, then idle\n").unwrap();
     assert_eq!(conn.read_exactly(18), b"served, then idle\n");
     // Let the reply's bookkeeping and any start-up work settle first.
-    thread::sleep(Duration::from_millis(200));
+    server.wait_until_asleep();
     let spent = server.cpu_spent_over(Duration::from_secs(1));
     assert!(
         spent < Duration::from_millis(50),
@@ -893,10 +937,14 @@ pub fn drain_waits_without_spinning(model: &str) {
     // A datagram the draining server no longer answers: its socket must not stay watched.
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     let _ = udp.send_to(b"late", server.addr("udp"));
-    let spent = server.cpu_spent_over(Duration::from_secs(1));
+    // Measured while the replies stand still: a server that a loaded machine held back may
+    // still be handing the kernel what fits after the wait above.
+    let (spent, spinning) = server
+        .cpu_and_spinning_threads_while_still(Duration::from_secs(1), || TcpQueues::of_conn(&conn));
     assert!(
-        spent < Duration::from_millis(100),
-        "{model}: {spent:?} of CPU in 1 s of draining: spinning"
+        spent < Duration::from_millis(100) && spinning.is_empty(),
+        "{model}: {spent:?} of CPU in 1 s of draining, threads {spinning:?} never slept: \
+         spinning"
     );
     let (got, error) = conn.read_to_end_lossy();
     assert!(
@@ -986,26 +1034,34 @@ fn wait_until_the_server_read_all_it_will(conn: &Conn, model: &str, sent: usize)
     };
     let (client, server) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
     let deadline = Instant::now() + PATIENCE;
-    let mut still_since: Option<(u64, Instant)> = None;
-    let mut last = None;
+    let mut still_since: Option<(TcpQueues, Instant)> = None;
+    let mut last: Option<TcpQueues> = None;
+    let unread = |queues: TcpQueues| queues.client_unacked + queues.server_unread;
     while Instant::now() < deadline {
-        last = TcpQueues::read(client, server);
-        if let Some(queues) = last {
-            let unread = queues.client_unacked + queues.server_unread;
-            if unread == 0 {
+        let queues = TcpQueues::read(client, server);
+        if let Some(queues) = queues {
+            // The kernel lists the two ends at slightly different moments: bytes that reach
+            // the server after its line is listed, and are acknowledged before the client's
+            // is, are in neither queue. Two empty looks in a row rule that out: the first
+            // saw every byte acknowledged, so the second saw the server's queue after all
+            // of them had reached it.
+            if unread(queues) == 0 && last.is_some_and(|last| unread(last) == 0) {
                 return sent;
             }
+            // Only queues that all stay as they were count as still: bytes in flight sit
+            // in both ends' queues, and the sum alone can stay equal while they move.
             if reads_only_when_nothing_is_owed(model) {
                 match still_since {
-                    Some((before, since)) if before == unread => {
+                    Some((before, since)) if before == queues => {
                         if since.elapsed() >= Duration::from_millis(500) {
-                            return sent - usize::try_from(unread).unwrap();
+                            return sent - usize::try_from(unread(queues)).unwrap();
                         }
                     }
-                    _ => still_since = Some((unread, Instant::now())),
+                    _ => still_since = Some((queues, Instant::now())),
                 }
             }
         }
+        last = queues;
         thread::sleep(Duration::from_millis(20));
     }
     panic!("{model}: the server did not read what it was sent within {PATIENCE:?}: {last:?}");

@@ -478,6 +478,79 @@ impl Server {
         }
         (spent, spinning)
     }
+
+    /// As [`Server::cpu_and_spinning_threads_over`], over a span in which nothing the
+    /// server serves moved: `look` (the queues of its connection, say) gives the same
+    /// before and after. A fixed wait before the span cannot promise that the server has
+    /// done its last work (filled the buffers, read to its bound): a loaded machine may
+    /// hold a server back for seconds, and the work it then catches up on is not
+    /// spinning. A span in which something moved is measured again; fails if nothing
+    /// stays still for a whole span within twice [`PATIENCE`].
+    pub fn cpu_and_spinning_threads_while_still<T: PartialEq + std::fmt::Debug>(
+        &self,
+        span: Duration,
+        look: impl Fn() -> T,
+    ) -> (Duration, Vec<String>) {
+        let start = Instant::now();
+        loop {
+            let before = look();
+            let measured = self.cpu_and_spinning_threads_over(span);
+            let after = look();
+            if after == before {
+                return measured;
+            }
+            assert!(
+                start.elapsed() < 2 * PATIENCE,
+                "nothing stayed still for {span:?} in {:?}: {before:?}, then {after:?}",
+                2 * PATIENCE
+            );
+        }
+    }
+}
+
+impl Server {
+    /// Waits until no thread of the server runs or waits for a CPU (proc(5) state `R`),
+    /// all at one look, so that a span measured next holds no work left over from before
+    /// it: after a reply, say, a loaded machine may run the rest of the server's turn
+    /// (and its start-up) only much later. Fails after [`PATIENCE`], naming the threads
+    /// that never slept: a thread that spins never does.
+    pub fn wait_until_asleep(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let running = running_threads(self.pid());
+            if running.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "threads {running:?} of the server never all slept within {PATIENCE:?}: \
+                 spinning"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The threads (by id) of process `pid` that run or wait for a CPU (state `R`, proc(5)).
+fn running_threads(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut running = Vec::new();
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // The state is the first field after the command name, which is in parentheses.
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        if state == Some("R") {
+            running.push(task.file_name().to_string_lossy().into_owned());
+        }
+    }
+    running
 }
 
 /// For each thread of process `pid`: the CPU it used (user and system, in clock ticks,
@@ -580,16 +653,20 @@ pub fn tree_rss_kib(pid: u32) -> u64 {
 }
 
 /// Deterministic pseudo-random bytes (xorshift), different per seed.
+///
+/// Eight bytes a step: the tests are built without optimisation, and at a byte a step the
+/// 64 MiB of a flood case took most of the CPU the case used, which on a loaded machine
+/// stretched the case past [`CASE_DEADLINE`].
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
+    let mut bytes = vec![0u8; len];
+    for word in bytes.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+    }
+    bytes
 }
 
 /// A stream to a server, TCP or Unix, with timeouts set.
@@ -740,7 +817,7 @@ pub fn round_trip(mut conn: Conn, input: Vec<u8>) -> Vec<u8> {
 }
 
 /// Kernel queues of the two ends of one loopback TCP connection, from `/proc/net/tcp`.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpQueues {
     /// Bytes the client wrote that the server's kernel has not acknowledged yet.
     pub client_unacked: u64,
@@ -753,8 +830,35 @@ pub struct TcpQueues {
 }
 
 impl TcpQueues {
+    /// The queues of `conn`'s connection ([`TcpQueues::read_listed`]); `None` over a Unix
+    /// socket, whose queues are not listed, or once the connection is gone.
+    pub fn of_conn(conn: &Conn) -> Option<TcpQueues> {
+        let Conn::Tcp(stream) = conn else {
+            return None;
+        };
+        let (client, server) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
+        TcpQueues::read_listed(client, server)
+    }
+
+    /// [`TcpQueues::read`], again while an end is missing: the kernel lists the table in
+    /// pieces, so a socket can be missed while other sockets come and go; only a
+    /// connection missing again and again (`None`) is gone.
+    pub fn read_listed(client: SocketAddr, server: SocketAddr) -> Option<TcpQueues> {
+        (0..50).find_map(|_| {
+            TcpQueues::read(client, server).or_else(|| {
+                thread::sleep(Duration::from_millis(2));
+                None
+            })
+        })
+    }
+
     /// Reads both ends of the IPv4 connection `client` -> `server` (`None` if either end
-    /// is not listed, e.g. after it closed).
+    /// is not listed, e.g. after it closed, or is listed twice).
+    ///
+    /// The kernel writes the table in pieces, one `read` at a time, and resumes each piece
+    /// by position: a socket that opens or closes meanwhile shifts the rest, so a line can
+    /// be listed twice while another is missed. Counting lines, two copies of one end
+    /// would pass for both ends, with the other end's queues read as zero.
     pub fn read(client: SocketAddr, server: SocketAddr) -> Option<TcpQueues> {
         let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
         let hex = |addr: SocketAddr| match addr {
@@ -767,7 +871,7 @@ impl TcpQueues {
         };
         let (client, server) = (hex(client), hex(server));
         let mut queues = TcpQueues::default();
-        let mut found = 0;
+        let (mut client_lines, mut server_lines) = (0, 0);
         for line in table.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let [_, local, remote, _, tx_rx, ..] = fields[..] else {
@@ -780,22 +884,25 @@ impl TcpQueues {
             );
             if local == client && remote == server {
                 (queues.client_unacked, queues.client_unread) = (tx, rx);
-                found += 1;
+                client_lines += 1;
             } else if local == server && remote == client {
                 (queues.server_unacked, queues.server_unread) = (tx, rx);
-                found += 1;
+                server_lines += 1;
             }
         }
-        (found == 2).then_some(queues)
+        (client_lines == 1 && server_lines == 1).then_some(queues)
     }
 }
 
 /// What a server took in from one client that reads nothing, and what it wrote back, from
 /// the client's count of bytes written and the kernel's queues at both ends.
 ///
-/// Both counts err low while bytes are in flight (a byte both in one end's unacked queue
-/// and the other's unread queue counts once less), so "owed" (taken in and not yet
-/// written) never overstates what the server holds.
+/// A byte in flight sits both in one end's unacked queue and in the other's unread queue:
+/// it makes `taken_in` low and `written` high, so "owed" (taken in and not yet written)
+/// never overstates what the server holds. That holds only for a count taken while no
+/// write is under way (a blocked write may have handed the kernel bytes it has not counted
+/// yet) and queues read while nothing moves (the kernel lists the two ends at slightly
+/// different moments).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FloodSample {
     /// Bytes the server's process read from the socket.
@@ -805,14 +912,12 @@ pub struct FloodSample {
 }
 
 impl FloodSample {
-    /// Samples the connection `client` -> `server`, after the client wrote `sent` bytes
-    /// (read `sent` before calling, so a write racing this sample is counted low).
-    pub fn read(client: SocketAddr, server: SocketAddr, sent: u64) -> Option<FloodSample> {
-        let queues = TcpQueues::read(client, server)?;
-        Some(FloodSample {
+    /// The sample that `queues`, read after the client wrote `sent` bytes, give.
+    pub fn of(queues: TcpQueues, sent: u64) -> FloodSample {
+        FloodSample {
             taken_in: sent.saturating_sub(queues.client_unacked + queues.server_unread),
             written: queues.server_unacked + queues.client_unread,
-        })
+        }
     }
 }
 
