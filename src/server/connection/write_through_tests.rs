@@ -496,3 +496,142 @@ fn only_a_plain_echo_owing_nothing_may_skip_the_lent_allocation() {
         "a reply that is not the input itself needs the output buffer"
     );
 }
+
+/// One `read_through_with` on a fresh echo connection under a bound of `max_buffer_bytes`,
+/// whose read gives `read` what it asked for (the length of the slice it is handed) and
+/// returns `result`, with the read's bytes `b'a'`, `b'b'`, ... and the writes to `sink`.
+/// Returns what it returned, the length the read was offered, and the connection.
+fn read_once(
+    max_buffer_bytes: usize,
+    result: io::Result<usize>,
+    stops_short: bool,
+    sink: &mut Sink,
+    log: &LoopLog,
+) -> (Result<(ReadOutcome, bool), CloseReason>, usize, Connection) {
+    let protocol = Protocol::new(ProtocolKind::Echo, max_buffer_bytes);
+    let mut connection = connection(&protocol, max_buffer_bytes);
+    let mut buf = vec![0u8; 64];
+    let mut offered = 0;
+    let read = |buf: &mut [u8]| {
+        offered = buf.len();
+        for (i, byte) in buf.iter_mut().enumerate() {
+            *byte = b'a' + (i % 26) as u8;
+        }
+        result
+    };
+    let got = connection.read_through_with(
+        read,
+        |bytes| sink.write(bytes),
+        || stops_short,
+        &mut buf,
+        log,
+    );
+    (got, offered, connection)
+}
+
+fn outcome(has_arrived: bool, may_hold_more: bool) -> ReadOutcome {
+    ReadOutcome {
+        has_arrived,
+        may_hold_more,
+    }
+}
+
+/// The readiness loops' path for a connection owing nothing says what `read_some` says:
+/// a read that filled the bound may have left more, and so may a short one where reads
+/// stop short; a short one elsewhere took all that was queued. And the read asks for the
+/// whole bound, no more.
+#[test]
+fn reading_through_says_when_the_socket_may_still_hold_input() {
+    let log = LoopLog::default();
+    for (n, stops_short, may_hold_more) in [
+        (4, false, true),
+        (2, false, false),
+        (2, true, true),
+        (4, true, true),
+    ] {
+        let mut sink = Sink::new(Vec::new());
+        let (got, offered, connection) = read_once(4, Ok(n), stops_short, &mut sink, &log);
+        let (read, is_unchanged) = got.expect("the sink never fails");
+        assert_eq!(offered, 4, "the read asks for the bound, not the buffer");
+        assert_eq!(
+            read,
+            outcome(true, may_hold_more),
+            "{n} of 4 read, reads stop short: {stops_short}"
+        );
+        assert!(is_unchanged, "all of it went back out");
+        assert_eq!(&sink.taken[..], &b"abcd"[..n]);
+        assert_eq!(connection.owed(), 0);
+    }
+}
+
+/// EOF, nothing queued, an interrupted read and a failed one take `read_some`'s path:
+/// only EOF changes the connection (it reads no more), and only a failure closes it.
+#[test]
+fn reading_through_tells_eof_retry_and_failure_apart() {
+    let log = LoopLog::default();
+    let mut sink = Sink::new(Vec::new());
+    let (got, _, connection) = read_once(4, Ok(0), false, &mut sink, &log);
+    assert_eq!(
+        got.ok(),
+        Some((outcome(true, false), false)),
+        "EOF is news, and the connection is no longer as it was"
+    );
+    assert!(!connection.wants_read(), "nothing is read after EOF");
+    for (kind, may_hold_more) in [
+        (io::ErrorKind::WouldBlock, false),
+        (io::ErrorKind::Interrupted, true),
+    ] {
+        let (got, _, connection) = read_once(4, Err(kind.into()), false, &mut sink, &log);
+        assert_eq!(
+            got.ok(),
+            Some((outcome(false, may_hold_more), true)),
+            "{kind:?}: nothing happened"
+        );
+        assert!(connection.wants_read());
+    }
+    let (got, _, _) = read_once(
+        4,
+        Err(io::ErrorKind::ConnectionReset.into()),
+        false,
+        &mut sink,
+        &log,
+    );
+    assert!(matches!(got, Err(CloseReason::Failed(_))), "{got:?}");
+    assert!(sink.taken.is_empty(), "nothing was read, nothing echoed");
+}
+
+/// What the kernel does not take is owed, in order, and the connection says it changed;
+/// the counters have every byte read and only the bytes the kernel took.
+#[test]
+fn reading_through_owes_and_counts_what_the_kernel_did_not_take() {
+    let metrics = crate::metrics::Metrics::new().expect("metrics");
+    let log = LoopLog::new(metrics);
+    let mut sink = Sink::new(vec![Some(3), None]);
+    let (got, _, connection) = read_once(1024, Ok(5), false, &mut sink, &log);
+    let (read, is_unchanged) = got.expect("WouldBlock is not a failure");
+    assert_eq!(read, outcome(true, false));
+    assert!(!is_unchanged, "bytes are owed now");
+    assert_eq!(sink.taken, b"abc");
+    assert_eq!(connection.unsent(), b"de");
+    let totals = metrics.totals();
+    assert_eq!(totals.received_bytes(Transport::Tcp), 5);
+    assert_eq!(totals.sent_bytes(Transport::Tcp), 3, "only what it took");
+    // All of it taken: all of it counted.
+    let mut sink = Sink::new(Vec::new());
+    let (got, _, _) = read_once(1024, Ok(5), false, &mut sink, &log);
+    assert_eq!(got.ok(), Some((outcome(true, false), true)));
+    assert_eq!(metrics.totals().sent_bytes(Transport::Tcp), 8);
+    // A failed write closes the connection.
+    let mut calls = 0;
+    let protocol = Protocol::new(ProtocolKind::Echo, 1024);
+    let mut connection = self::connection(&protocol, 1024);
+    let got = connection.read_through_with(
+        |_| Ok(5),
+        counted(&mut calls, |_, _| Err(io::ErrorKind::BrokenPipe.into())),
+        || false,
+        &mut [0u8; 64],
+        &log,
+    );
+    assert!(matches!(got, Err(CloseReason::Failed(_))), "{got:?}");
+    assert_eq!(calls, 1, "a failed write is not tried again");
+}
