@@ -684,23 +684,20 @@ impl ReadinessCore {
                 }
             };
             match read {
-                // Nearly every message of a busy echo server: nothing was owed, and every
-                // byte read went straight back out (or nothing came). The connection is as
-                // it was, still reading and owing nothing, so nothing is left to write or
-                // give back, and its interest and its finishing are unchanged: none of the
-                // questions below needs asking.
-                Ok((read, true)) => {
-                    if read.has_arrived && self.idle.is_some() {
-                        entry.last_progress = self.clock.now();
-                    }
-                    return read;
-                }
-                Ok((read, false)) => {
-                    outcome = read;
+                Ok((read, is_unchanged)) => {
                     // Written only when timed: the field sits on a cold cache line.
                     if read.has_arrived && self.idle.is_some() {
                         entry.last_progress = self.clock.now();
                     }
+                    // Nearly every message of a busy echo server: nothing was owed, and
+                    // every byte read went straight back out (or nothing came). The
+                    // connection is as it was, still reading and owing nothing, so nothing
+                    // is left to write or give back, and its interest and its finishing
+                    // are unchanged: none of the questions below needs asking.
+                    if is_unchanged {
+                        return read;
+                    }
+                    outcome = read;
                 }
                 Err(reason) => served = Err(reason),
             }
