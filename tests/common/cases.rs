@@ -579,14 +579,15 @@ pub fn panic_is_isolated(model: &str) {
     );
     let concurrent = !is_serial(model);
     let mut calm = server.connect_conn();
-    if concurrent {
-        calm.write_all(b"before\n").unwrap();
-        assert_eq!(calm.read_exactly(7), b"before\n");
-    }
+    // Settled by its echo before the victim connects: a returned `connect` is not an
+    // accepted connection (its final ACK may wait in a busy CPU's backlog while the next
+    // handshake completes), and a serial model that took the victim first would wait on
+    // it while the test waits on `calm`.
+    calm.write_all(b"before\n").unwrap();
+    assert_eq!(calm.read_exactly(7), b"before\n");
     let mut victim = server.connect_conn();
     if !concurrent {
-        calm.write_all(b"before\n").unwrap();
-        assert_eq!(calm.read_exactly(7), b"before\n");
+        // The victim waits in the backlog until `calm` leaves.
         calm.shutdown_write();
         assert!(calm.sees_close_within(PATIENCE));
     }
