@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Conn, PATIENCE, Server, pattern, reverb, round_trip};
+use common::{Conn, PATIENCE, Server, TcpQueues, pattern, reverb, round_trip};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::process::{ExitStatus, Stdio};
@@ -533,15 +533,35 @@ fn uring_serves_while_stdout_is_blocked() {
 /// close), not a reset, and the server still exits 0.
 #[test]
 fn pool_queued_client_reads_eof_at_shutdown() {
-    let server = Server::start("pool", &["--threads", "1", "--tcp", "127.0.0.1:0"]);
+    // Verbose, for the line that says a connection was accepted.
+    let args = ["--threads", "1", "--tcp", "127.0.0.1:0", "--verbose"];
+    let server = Server::start("pool", &args);
     let addr = format!("tcp://{}", server.addr("tcp"));
     let mut busy = Conn::connect(&addr).unwrap();
     busy.write_all(b"hold").unwrap();
     assert_eq!(busy.read_exactly(4), b"hold");
     let mut queued = Conn::connect(&addr).unwrap();
-    queued.write_all(b"queued\n").unwrap();
-    // Accepted, and waiting in the pool's queue behind the busy worker.
-    thread::sleep(Duration::from_millis(300));
+    let sent = b"queued\n";
+    queued.write_all(sent).unwrap();
+    // Accepted, and waiting in the pool's queue behind the busy worker, before the drain
+    // begins: a returned `connect` is not an accepted connection (its final ACK may wait in
+    // a busy CPU's backlog), and one still in the kernel's backlog when the drain closes
+    // the listener is reset, which is not what this test is about. So the signal waits
+    // for the acceptor's line naming this peer, and for its bytes to wait unread at the
+    // server, where a close that does not linger would answer them with a reset.
+    let Conn::Tcp(stream) = &queued else {
+        unreachable!("a TCP listener")
+    };
+    let peer = format!("peer={}", stream.local_addr().unwrap());
+    server.wait_for_log_line(&["accepted", &peer]);
+    let deadline = Instant::now() + PATIENCE;
+    while TcpQueues::of_conn(&queued).is_none_or(|q| q.server_unread < sent.len() as u64) {
+        assert!(
+            Instant::now() < deadline,
+            "the queued client's bytes never reached the server's socket"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
     server.terminate();
     let (got, error) = queued.read_to_end_lossy();
     assert!(
