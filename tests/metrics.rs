@@ -150,6 +150,19 @@ fn scrape_parses_with_the_prometheus_parser() {
     assert!(samples[r#"process_open_fds{}"#] >= 3.0);
 }
 
+/// A connection the server has accepted: one byte went there and back. A returned
+/// `connect` is not an accepted connection (the client's final ACK may wait in a busy
+/// CPU's backlog), and one still in the kernel's backlog at SIGTERM is never served, so
+/// it owes nothing to drain.
+fn accepted_connection(server: &Server) -> TcpStream {
+    let mut stream = server.connect_tcp();
+    stream.write_all(b"a").expect("send");
+    let mut echo = [0u8; 1];
+    stream.read_exact(&mut echo).expect("the echo of one byte");
+    assert_eq!(echo, *b"a");
+    stream
+}
+
 /// A client that sends and never reads leaves replies owed, so the drain lasts until
 /// `--drain-timeout`; meanwhile the endpoint still answers, and `/readyz` says draining.
 #[test]
@@ -165,7 +178,7 @@ fn readyz_fails_while_draining() {
             "3",
         ],
     );
-    let mut stuck = server.connect_tcp();
+    let mut stuck = accepted_connection(&server);
     stuck
         .set_write_timeout(Some(Duration::from_millis(500)))
         .unwrap();
@@ -625,7 +638,7 @@ fn counts_reasons(model: &str) {
 fn counts_drain_cut(model: &str) {
     let args = ["--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0"];
     let mut server = Server::start(model, &[&args[..], &["--drain-timeout", "1"]].concat());
-    let mut stuck = server.connect_tcp();
+    let mut stuck = accepted_connection(&server);
     let chunk = vec![b'x'; 64 * 1024];
     // Until the kernel's buffers both ways are full and the server stopped reading, so
     // replies are still owed when the drain timeout passes.
