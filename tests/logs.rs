@@ -10,7 +10,13 @@ fn json_logs_are_one_object_per_line() {
         "epoll",
         &["--tcp", "127.0.0.1:0", "--log-format", "json", "--verbose"],
     );
-    drop(server.connect_tcp());
+    let stream = server.connect_tcp();
+    let peer = stream.local_addr().unwrap();
+    drop(stream);
+    // The connection's line must be there to be checked: a returned `connect` is not an
+    // accepted connection (the client's final ACK may wait in a busy CPU's backlog), and
+    // one still in the kernel's backlog at SIGTERM is never accepted, nor logged.
+    server.wait_for_log_line(&[r#""message":"accepted""#, &format!(r#""peer":"{peer}""#)]);
     server.terminate();
     assert!(server.wait_exit(PATIENCE).expect("exit").success());
     server.wait_for_log(r#""message":"stopped""#);
