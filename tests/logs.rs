@@ -3,6 +3,15 @@
 mod common;
 
 use common::{PATIENCE, Server};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Whether one line of `server`'s log holds every one of `needles`.
+fn stderr_has_line(server: &Server, needles: &[String]) -> bool {
+    let log = server.stderr();
+    log.lines()
+        .any(|line| needles.iter().all(|needle| line.contains(needle)))
+}
 
 #[test]
 fn json_logs_are_one_object_per_line() {
@@ -67,6 +76,25 @@ fn json_logs_carry_peer_listener_and_reason_as_fields() {
     let held_peer = held.local_addr().unwrap().to_string();
     let mut refused = server.connect_tcp();
     let refused_peer = refused.local_addr().unwrap().to_string();
+    // `held` must still hold the only place when the server accepts `refused`, which may
+    // be later than its `connect` returned (its final ACK may wait in a busy CPU's
+    // backlog): so `held` keeps talking, and its idle timer restarting, until the refusal
+    // is logged.
+    let refusal = [
+        r#""reason":"max_conns""#.to_string(),
+        format!(r#""peer":"{refused_peer}""#),
+    ];
+    let deadline = Instant::now() + PATIENCE;
+    while !stderr_has_line(&server, &refusal) {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal of {refused_peer}:\n{}",
+            server.stderr()
+        );
+        held.write_all(b"hi\n").unwrap();
+        held.read_exact(&mut back).unwrap();
+        thread::sleep(Duration::from_millis(100));
+    }
     let mut rest = Vec::new();
     let _ = refused.read_to_end(&mut rest);
     // The held connection is closed for idleness within 2 s.
