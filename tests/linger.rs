@@ -216,6 +216,15 @@ fn epoll_exits_as_soon_as_the_last_lingering_peer_takes_its_replies() {
     let mut input = vec![b'x'; 100_000];
     input.extend_from_slice(b"quit\n");
     conn.write_all(&input).unwrap();
+    // until-quit replies only once `quit` is read, so the first reply bytes at the client
+    // say the server accepted the connection and read it all: a returned `connect` is not
+    // an accepted connection (the client's final ACK may wait in a busy CPU's backlog),
+    // and one still in the kernel's backlog at SIGTERM would be reset, never answered.
+    let deadline = Instant::now() + PATIENCE;
+    while TcpQueues::of_conn(&conn).is_none_or(|q| q.client_unread == 0) {
+        assert!(Instant::now() < deadline, "no reply within {PATIENCE:?}");
+        thread::sleep(Duration::from_millis(5));
+    }
     // The reply goes to the kernel's queues, where the client leaves most of it, and the
     // close to the lingering thread; a byte more keeps it lingering 2 s from now.
     thread::sleep(Duration::from_millis(500));
