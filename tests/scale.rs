@@ -111,6 +111,20 @@ fn select_closes_connections_past_fd_setsize_and_serves_the_rest() {
         );
         server.wait_for_log("fd 1024 >= FD_SETSIZE (1024)");
 
+        // With every place below 1,024 taken, order no longer matters, so connections may
+        // wait in the backlog together again, as they did before this test went one at a
+        // time: each is closed, none left hanging and none watched past the cap.
+        let mut burst: Vec<TcpStream> = (0..20).map(|_| server.connect_tcp()).collect();
+        for (n, stream) in burst.iter_mut().enumerate() {
+            assert_eq!(
+                echo_or_close(stream, 1_100 + n),
+                Outcome::Closed,
+                "connection {} of a burst past the cap",
+                1_100 + n
+            );
+        }
+        drop(burst);
+
         // The server goes on: once early clients leave, a new one is served.
         served.drain(..20);
         let deadline = Instant::now() + Duration::from_secs(5);
