@@ -1026,7 +1026,8 @@ fn reads_only_when_nothing_is_owed(model: &str) -> bool {
 /// (within `--max-buffer`) for a model that reads while it owes, checked over TCP until
 /// neither the client's unacknowledged queue nor the server's unread one holds any (a
 /// fixed sleep was too short on a loaded machine); for a task model, whatever it read
-/// before the kernel refused its replies, once the queues stay still for half a second.
+/// before the kernel refused its replies, once replies have come back and the queues stay
+/// still for half a second.
 /// Over Unix, where no such queue is listed: half a second, and everything.
 fn wait_until_the_server_read_all_it_will(conn: &Conn, model: &str, sent: usize) -> usize {
     let Conn::Tcp(stream) = conn else {
@@ -1050,8 +1051,11 @@ fn wait_until_the_server_read_all_it_will(conn: &Conn, model: &str, sent: usize)
                 return sent;
             }
             // Only queues that all stay as they were count as still: bytes in flight sit
-            // in both ends' queues, and the sum alone can stay equal while they move.
-            if reads_only_when_nothing_is_owed(model) {
+            // in both ends' queues, and the sum alone can stay equal while they move. And
+            // only once a reply came back: a connection still in the kernel's backlog (a
+            // returned `connect` is not an accepted connection) has still queues too, and
+            // would be reset at the signal, never drained.
+            if reads_only_when_nothing_is_owed(model) && queues.client_unread > 0 {
                 match still_since {
                     Some((before, since)) if before == queues => {
                         if since.elapsed() >= Duration::from_millis(500) {
