@@ -8,6 +8,7 @@ mod common;
 use common::Server;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,15 @@ fn assert_all_echo(connections: &mut [TcpStream]) {
             .unwrap_or_else(|e| panic!("connection {n}: no echo: {e}"));
         assert_eq!(reply, *format!("{n:07}\n").as_bytes(), "connection {n}");
     }
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to `server`.
+fn signal(server: &Server, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &server.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal}");
 }
 
 /// Each test must finish well within this, debug build included.
@@ -55,14 +65,24 @@ enum Outcome {
 
 /// Sends connection `n`'s line on `stream` and says whether the server echoed or closed it.
 fn echo_or_close(stream: &mut TcpStream, n: usize) -> Outcome {
-    let line = format!("{n:07}\n");
-    if let Err(e) = stream.write_all(line.as_bytes()) {
+    if let Err(e) = stream.write_all(line_of(n).as_bytes()) {
         assert!(
             matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
             "connection {n}: write failed: {e}"
         );
         return Outcome::Closed;
     }
+    echoed_or_closed(stream, n)
+}
+
+/// Connection `n`'s line.
+fn line_of(n: usize) -> String {
+    format!("{n:07}\n")
+}
+
+/// Whether the server echoed connection `n`'s line, already sent on `stream`, or closed it.
+fn echoed_or_closed(stream: &mut TcpStream, n: usize) -> Outcome {
+    let line = line_of(n);
     let mut reply = [0u8; 8];
     match stream.read_exact(&mut reply) {
         Ok(()) => {
@@ -111,19 +131,28 @@ fn select_closes_connections_past_fd_setsize_and_serves_the_rest() {
         );
         server.wait_for_log("fd 1024 >= FD_SETSIZE (1024)");
 
-        // With every place below 1,024 taken, order no longer matters, so connections may
-        // wait in the backlog together again, as they did before this test went one at a
-        // time: each is closed, none left hanging and none watched past the cap.
-        let mut burst: Vec<TcpStream> = (0..20).map(|_| server.connect_tcp()).collect();
-        for (n, stream) in burst.iter_mut().enumerate() {
+        // With every descriptor below 1,024 taken, order no longer matters, so a backlog may
+        // build again, as it did before this test went one at a time: while the server is
+        // stopped, 20 clients connect and send their line. Once it runs on, it takes them
+        // from the backlog one after another, and each is closed: none left hanging behind
+        // a refused neighbour, none watched past the cap.
+        signal(server, "-STOP");
+        let burst: Vec<_> = (1_100..1_120)
+            .map(|n| {
+                let mut stream = server.connect_tcp();
+                let sent = stream.write_all(line_of(n).as_bytes());
+                (n, stream, sent)
+            })
+            .collect();
+        signal(server, "-CONT");
+        for (n, mut stream, sent) in burst {
+            sent.unwrap_or_else(|e| panic!("connection {n}: send to a stopped server: {e}"));
             assert_eq!(
-                echo_or_close(stream, 1_100 + n),
+                echoed_or_closed(&mut stream, n),
                 Outcome::Closed,
-                "connection {} of a burst past the cap",
-                1_100 + n
+                "connection {n}, of a burst past the cap"
             );
         }
-        drop(burst);
 
         // The server goes on: once early clients leave, a new one is served.
         served.drain(..20);
