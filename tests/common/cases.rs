@@ -480,7 +480,10 @@ impl Flood {
     }
 
     /// Samples the connection every 50 ms until the server has taken in nothing more for
-    /// 500 ms; fails if the server is still reading after twice [`PATIENCE`] (a loaded
+    /// 500 ms and, over TCP, has written something back: a connection still in the
+    /// kernel's backlog (a returned `connect` is not an accepted connection) takes in
+    /// nothing either, and would meet every bound without being served. Fails if the
+    /// server is still reading, or never wrote back, after twice [`PATIENCE`] (a loaded
     /// machine may take seconds to settle). `within_bound` is asserted on every look equal
     /// to the one before, the writer's count and all four queues: the kernel lists the two
     /// ends at slightly different moments, so only a look at a still connection gives
@@ -513,13 +516,16 @@ impl Flood {
             }
             if previous.is_none_or(|p| p.sample().taken_in != sample.taken_in) {
                 taken_in_since = Instant::now();
-            } else if is_still && taken_in_since.elapsed() >= Duration::from_millis(500) {
+            } else if is_still
+                && taken_in_since.elapsed() >= Duration::from_millis(500)
+                && (self.tcp_ends.is_none() || sample.written > 0)
+            {
                 return sample;
             }
             assert!(
                 start.elapsed() < 2 * PATIENCE,
-                "{model}: the server kept reading a client that reads nothing for \
-                 {:?} (took in {} bytes, wrote back {})",
+                "{model}: the server kept reading a client that reads nothing, or never \
+                 answered it, for {:?} (took in {} bytes, wrote back {})",
                 2 * PATIENCE,
                 sample.taken_in,
                 sample.written
