@@ -147,6 +147,17 @@ fn backpressure_does_not_spin(model: &str) {
     let conn = server.connect_slow_reader();
     // Until the kernel's buffers are full and a send times out (PATIENCE), bounded.
     let flood = FloodWriter::start(conn.try_clone(), b'b');
+    // Replies at the client say the server accepted and serves it: a returned `connect` is
+    // not an accepted connection (its final ACK may wait in a busy CPU's backlog), and one
+    // still in the kernel's backlog would hold still queues and cost no CPU, spinning or not.
+    let deadline = Instant::now() + PATIENCE;
+    while TcpQueues::of_conn(&conn).is_none_or(|q| q.client_unread == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "{model}: no reply within {PATIENCE:?}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
     // Usually long enough for the client's and the server's buffers to fill; a span in
     // which they were still filling (a loaded machine) is measured again.
     thread::sleep(Duration::from_millis(500));
