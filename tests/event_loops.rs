@@ -554,14 +554,10 @@ fn pool_queued_client_reads_eof_at_shutdown() {
     };
     let peer = format!("peer={}", stream.local_addr().unwrap());
     server.wait_for_log_line(&["accepted", &peer]);
-    let deadline = Instant::now() + PATIENCE;
-    while TcpQueues::of_conn(&queued).is_none_or(|q| q.server_unread < sent.len() as u64) {
-        assert!(
-            Instant::now() < deadline,
-            "the queued client's bytes never reached the server's socket"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    assert!(
+        TcpQueues::wait_server_unread(&queued, sent.len()),
+        "the queued client's bytes never reached the server's socket"
+    );
     server.terminate();
     let (got, error) = queued.read_to_end_lossy();
     assert!(

@@ -7,7 +7,6 @@ mod common;
 
 use common::{Conn, FloodWriter, PATIENCE, Server, TcpQueues};
 use std::io::{Read, Write};
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -41,15 +40,6 @@ fn cli_name(module: &str) -> String {
     }
 }
 
-/// Sends `signal` (`-STOP`, `-CONT`) to the server process.
-fn signal(server: &Server, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &server.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {signal}");
-}
-
 /// A client refused by `--max-conns` that sent bytes before the server took it from the
 /// listen queue reads EOF: the refusal throws away what it sent before closing, so the
 /// kernel does not answer the close with a reset. The server is stopped (SIGSTOP) while
@@ -59,22 +49,18 @@ fn refused_peer_that_sent_first_reads_eof(model: &str) {
     let mut held = server.connect_conn();
     held.write_all(b"1").unwrap();
     assert_eq!(held.read_exactly(1), b"1");
-    signal(&server, "-STOP");
+    server.signal("-STOP");
     let mut refused = server.connect_conn();
     let first = b"sent before the refusal";
     let sent = refused.write_all(first);
     // A write returns once the client's kernel holds the bytes; on a loaded machine they
     // may reach the server's socket later, after the refusal read what was there. Resumed
     // only once the server's socket holds them all, so the refusal surely finds them.
-    let deadline = Instant::now() + PATIENCE;
-    while TcpQueues::of_conn(&refused).is_none_or(|q| q.server_unread < first.len() as u64) {
-        if Instant::now() >= deadline {
-            signal(&server, "-CONT");
-            panic!("{model}: the refused client's bytes never reached the server's socket");
-        }
-        thread::sleep(Duration::from_millis(5));
+    if !TcpQueues::wait_server_unread(&refused, first.len()) {
+        server.signal("-CONT");
+        panic!("{model}: the refused client's bytes never reached the server's socket");
     }
-    signal(&server, "-CONT");
+    server.signal("-CONT");
     sent.expect("send");
     let mut buf = [0u8; 64];
     match refused.read(&mut buf) {

@@ -6,13 +6,6 @@ use common::{PATIENCE, Server};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Whether one line of `server`'s log holds every one of `needles`.
-fn stderr_has_line(server: &Server, needles: &[String]) -> bool {
-    let log = server.stderr();
-    log.lines()
-        .any(|line| needles.iter().all(|needle| line.contains(needle)))
-}
-
 #[test]
 fn json_logs_are_one_object_per_line() {
     let mut server = Server::start(
@@ -80,12 +73,10 @@ fn json_logs_carry_peer_listener_and_reason_as_fields() {
     // be later than its `connect` returned (its final ACK may wait in a busy CPU's
     // backlog): so `held` keeps talking, and its idle timer restarting, until the refusal
     // is logged.
-    let refusal = [
-        r#""reason":"max_conns""#.to_string(),
-        format!(r#""peer":"{refused_peer}""#),
-    ];
+    let refused_field = format!(r#""peer":"{refused_peer}""#);
+    let refusal = [r#""reason":"max_conns""#, refused_field.as_str()];
     let deadline = Instant::now() + PATIENCE;
-    while !stderr_has_line(&server, &refusal) {
+    while !server.has_log_line(&refusal) {
         assert!(
             Instant::now() < deadline,
             "no refusal of {refused_peer}:\n{}",

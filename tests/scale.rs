@@ -8,7 +8,6 @@ mod common;
 use common::Server;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,15 +23,6 @@ fn assert_all_echo(connections: &mut [TcpStream]) {
             .unwrap_or_else(|e| panic!("connection {n}: no echo: {e}"));
         assert_eq!(reply, *format!("{n:07}\n").as_bytes(), "connection {n}");
     }
-}
-
-/// Sends `signal` (`-STOP`, `-CONT`) to `server`.
-fn signal(server: &Server, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &server.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {signal}");
 }
 
 /// Each test must finish well within this, debug build included.
@@ -136,7 +126,7 @@ fn select_closes_connections_past_fd_setsize_and_serves_the_rest() {
         // stopped, 20 clients connect and send their line. Once it runs on, it takes them
         // from the backlog one after another, and each is closed: none left hanging behind
         // a refused neighbour, none watched past the cap.
-        signal(server, "-STOP");
+        server.signal("-STOP");
         let burst: Vec<_> = (1_100..1_120)
             .map(|n| {
                 let mut stream = server.connect_tcp();
@@ -144,7 +134,7 @@ fn select_closes_connections_past_fd_setsize_and_serves_the_rest() {
                 (n, stream, sent)
             })
             .collect();
-        signal(server, "-CONT");
+        server.signal("-CONT");
         for (n, mut stream, sent) in burst {
             sent.unwrap_or_else(|e| panic!("connection {n}: send to a stopped server: {e}"));
             assert_eq!(

@@ -379,12 +379,7 @@ impl Server {
     /// and its fields, such as `peer=127.0.0.1:4000`); fails the test after `PATIENCE`.
     pub fn wait_for_log_line(&self, needles: &[&str]) {
         let deadline = Instant::now() + PATIENCE;
-        let has_line = || {
-            let log = self.stderr();
-            log.lines()
-                .any(|line| needles.iter().all(|needle| line.contains(needle)))
-        };
-        while !has_line() {
+        while !self.has_log_line(needles) {
             assert!(
                 Instant::now() < deadline,
                 "no log line said all of {needles:?}:\n{}",
@@ -394,13 +389,26 @@ impl Server {
         }
     }
 
+    /// Whether one line of the server's log so far holds every one of `needles`.
+    pub fn has_log_line(&self, needles: &[&str]) -> bool {
+        let log = self.stderr();
+        log.lines()
+            .any(|line| needles.iter().all(|needle| line.contains(needle)))
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Sends `signal` (`-TERM`, `-STOP`, `-CONT`) to the server, without waiting for it
+    /// to take effect.
+    pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([signal, &self.pid().to_string()])
             .status()
             .expect("kill");
-        assert!(status.success());
+        assert!(status.success(), "kill {signal}");
     }
 
     /// Waits up to `timeout` for the server to exit.
@@ -838,6 +846,20 @@ impl TcpQueues {
         };
         let (client, server) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
         TcpQueues::read_listed(client, server)
+    }
+
+    /// Waits up to [`PATIENCE`] until at least `bytes` sent on `conn` wait unread in the
+    /// server's socket, where a close that does not linger would answer them with a reset;
+    /// `false` if they never do (always over a Unix socket, whose queues are not listed).
+    pub fn wait_server_unread(conn: &Conn, bytes: usize) -> bool {
+        let deadline = Instant::now() + PATIENCE;
+        while TcpQueues::of_conn(conn).is_none_or(|q| q.server_unread < bytes as u64) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 
     /// [`TcpQueues::read`], again while an end is missing: the kernel lists the table in
